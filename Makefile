@@ -1,0 +1,43 @@
+# The README's commands. Everything runs offline from PyPI pins; nothing needs to be installed by hand.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+UV := .tools/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+export UV_NO_PROGRESS := 1
+
+.PHONY: setup demo test lint typecheck ui sample-data clean
+
+$(UV):
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools "uv==$(UV_VERSION)"
+
+$(BIN)/imgpipe: $(UV) pyproject.toml requirements.lock
+	$(UV) venv --quiet --seed --python $(PYTHON) $(VENV)
+	$(UV) pip install --quiet --python $(BIN)/python -c requirements.lock -e ".[dev]"
+	@touch $@
+
+setup: $(BIN)/imgpipe  ## a uv-managed .venv with the project installed
+
+sample-data: setup  ## the offline ELPV sample data in data/ (matches data.dvc)
+	$(BIN)/imgpipe sample-data data
+
+demo: sample-data  ## set up, get the sample data, run the DVC pipeline end to end
+	$(BIN)/dvc repro
+	$(BIN)/imgpipe summary
+
+test: setup  ## the whole test suite, offline
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+ui: setup  ## MLflow UI on 127.0.0.1 to compare runs
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 --port 5000
+
+clean:  ## remove pipeline outputs (not the venv, not the data)
+	rm -rf outputs mlflow.db mlartifacts

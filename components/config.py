@@ -1,0 +1,120 @@
+"""Typed views of ``params.yaml``: the single home of every tunable number.
+
+Each stage reads only its own section. Unknown or mistyped keys are errors that name the key,
+so a typo in ``params.yaml`` never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """A params.yaml section is missing, has an unknown key or a value of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    """Where the raw images are."""
+
+    source: str = "data"
+    """A folder of class folders (``<source>/<label>/<image>``) or a CSV manifest
+    (``filepath,label[,metadata...]``, paths relative to the CSV's folder)."""
+    metadata_csv: str | None = None
+    """Optional CSV with ``filepath`` plus metadata columns, joined on ``filepath`` (relative
+    to the source folder). Used with a folder source."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestParams:
+    seed: int = 42
+    val_fraction: float = 0.15
+    test_fraction: float = 0.25
+    stratify_by: tuple[str, ...] = ("label",)
+    max_pixels: int = 50_000_000
+    """Images whose header claims more pixels are quarantined as decompression bombs."""
+    images_per_shard: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ParamsError(f"ingest.{name} must be in [0, 1), got {value}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ParamsError(
+                "ingest.val_fraction + ingest.test_fraction must leave images for training, "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        if "label" not in self.stratify_by:
+            raise ParamsError(f"ingest.stratify_by must include 'label', got {list(self.stratify_by)}")
+        if self.images_per_shard < 1 or self.max_pixels < 1:
+            raise ParamsError("ingest.images_per_shard and ingest.max_pixels must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateParams:
+    labels: tuple[str, ...] = ()
+    """The expected label set; empty accepts whatever labels the data has."""
+    min_images_per_class: int = 10
+    """Error level: a class with fewer images in any split stops the pipeline."""
+    min_side: int = 32
+    max_side: int = 8192
+    max_imbalance_ratio: float = 20.0
+    """Warning level: largest class count / smallest class count."""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ParamsError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ParamsError(f"{where} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def section(cls: type[T], name: str, params: dict[str, Any]) -> T:
+    """Build the dataclass ``cls`` from ``params[name]``, checking every key and type."""
+    raw = params.get(name) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params section '{name}' must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"unknown key(s) in params section '{name}': {', '.join(unknown)}; "
+                          f"expected some of: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
+    return cls(**values)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"params file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections")
+    return params

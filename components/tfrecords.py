@@ -1,0 +1,99 @@
+"""The one home of the TFRecord schema that ingest writes and later stages read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+SPLITS = ("train", "val", "test")
+
+
+class ShardRecord(NamedTuple):
+    encoded: bytes
+    encoded_format: str
+    label_index: int
+    label: str
+    sha256: str
+    filepath: str
+    height: int
+    width: int
+
+
+def shard_names(split: str, count: int) -> list[str]:
+    return [f"{split}-{i:05d}-of-{count:05d}.tfrecord" for i in range(count)]
+
+
+def _example(record: ShardRecord) -> Any:
+    import tensorflow as tf
+
+    def b(value: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def i(value: int) -> tf.train.Feature:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+    return tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                "image/encoded": b(record.encoded),
+                "image/format": b(record.encoded_format.encode()),
+                "image/class/label": i(record.label_index),
+                "image/class/text": b(record.label.encode()),
+                "image/sha256": b(record.sha256.encode()),
+                "image/filepath": b(record.filepath.encode()),
+                "image/height": i(record.height),
+                "image/width": i(record.width),
+            }
+        )
+    )
+
+
+def write_split(directory: Path, split: str, records: Sequence[ShardRecord], per_shard: int,
+                progress: Any = None) -> list[str]:
+    """Write ``records`` as ``<split>-NNNNN-of-MMMMM.tfrecord`` files; return their names."""
+    import tensorflow as tf
+
+    count = max(1, -(-len(records) // per_shard))
+    names = shard_names(split, count)
+    for index, name in enumerate(names):
+        with tf.io.TFRecordWriter(str(directory / name)) as writer:
+            for record in records[index * per_shard : (index + 1) * per_shard]:
+                writer.write(_example(record).SerializeToString())
+                if progress is not None:
+                    progress.update(1)
+    return names
+
+
+def feature_spec() -> dict[str, Any]:
+    import tensorflow as tf
+
+    return {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/format": tf.io.FixedLenFeature([], tf.string),
+        "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+        "image/class/text": tf.io.FixedLenFeature([], tf.string),
+        "image/sha256": tf.io.FixedLenFeature([], tf.string),
+        "image/filepath": tf.io.FixedLenFeature([], tf.string),
+        "image/height": tf.io.FixedLenFeature([], tf.int64),
+        "image/width": tf.io.FixedLenFeature([], tf.int64),
+    }
+
+
+def split_files(shards_dir: Path, split: str) -> list[str]:
+    files = sorted(str(p) for p in Path(shards_dir).glob(f"{split}-*.tfrecord"))
+    if not files:
+        raise FileNotFoundError(f"no {split} shards in {shards_dir}")
+    return files
+
+
+def read_records(files: Iterable[str]) -> list[dict[str, Any]]:
+    """Parse every example of ``files`` eagerly (tests and small tools; training uses tf.data)."""
+    import tensorflow as tf
+
+    spec = feature_spec()
+    out = []
+    for raw in tf.data.TFRecordDataset(list(files)):
+        parsed = tf.io.parse_single_example(raw, spec)
+        out.append({k: v.numpy() for k, v in parsed.items()})
+    return out

@@ -1,0 +1,223 @@
+"""validate: a Great Expectations suite over the ingest manifest; stops the pipeline on bad data.
+
+Two batches are checked: the manifest itself (one row per image) and a class table (one row per
+class and split). Expectations carry GX severities: ``critical`` failures raise
+:class:`DataValidationError`, naming the expectation and the offending rows; ``warning`` failures
+are reported and logged but let the pipeline go on. Data Docs HTML is written either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from components.config import ValidateParams
+from components.fileio import atomic_path, write_json_atomic
+from components.ingest import MANIFEST_COLUMNS
+from components.tfrecords import SPLITS
+
+log = logging.getLogger(__name__)
+
+SHA256_REGEX = r"^[0-9a-f]{64}$"
+MAX_ROWS_IN_MESSAGE = 10
+
+
+class DataValidationError(RuntimeError):
+    """An error-level (critical) expectation failed."""
+
+
+DATA_DOCS, RESULTS = "data_docs", "validation_results.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateOutputs:
+    directory: Path
+    """Receives data_docs/ (the Data Docs site) and validation_results.json (every outcome)."""
+    summary: Path
+    """Pass/fail counts (a small JSON that DVC tracks as metrics)."""
+
+
+def class_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """One row per (label, split), zeros included, with each class's ratio to the smallest class."""
+    labels = sorted(manifest["label"].dropna().unique())
+    index = pd.MultiIndex.from_product([labels, list(SPLITS)], names=["label", "split"])
+    counts = manifest.groupby(["label", "split"]).size().reindex(index, fill_value=0)
+    table = counts.rename("images").reset_index()
+    totals = manifest["label"].value_counts()
+    table["class_total"] = table["label"].map(totals).astype("int64")
+    table["ratio_to_smallest_class"] = table["class_total"] / max(int(totals.min()), 1)
+    table["key"] = table["label"] + "/" + table["split"]
+    return table
+
+
+def manifest_frame(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest plus the derived column that split disjointness is checked on."""
+    frame = manifest.copy()
+    frame["splits_per_image"] = frame.groupby("sha256")["split"].transform("nunique")
+    return frame
+
+
+def manifest_expectations(params: ValidateParams) -> list[Any]:
+    from great_expectations import expectations as gxe
+
+    critical: dict[str, Any] = {"severity": "critical"}
+    core = ["filepath", "label", "label_index", "split", "sha256", "width", "height", "bytes"]
+    exps = [
+        gxe.ExpectTableColumnsToMatchSet(column_set=list(MANIFEST_COLUMNS), exact_match=False,
+                                         **critical),
+        *[gxe.ExpectColumnValuesToNotBeNull(column=c, **critical) for c in core],
+        *[gxe.ExpectColumnValuesToBeOfType(column=c, type_="int64", **critical)
+          for c in ("label_index", "width", "height", "bytes")],
+        gxe.ExpectColumnValuesToMatchRegex(column="sha256", regex=SHA256_REGEX, **critical),
+        gxe.ExpectColumnValuesToBeUnique(column="sha256", **critical),
+        gxe.ExpectColumnValuesToBeUnique(column="filepath", **critical),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS), **critical),
+        gxe.ExpectColumnValuesToBeBetween(column="splits_per_image", min_value=1, max_value=1,
+                                          description="split disjointness: no image in two splits",
+                                          **critical),
+        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=params.min_side,
+                                          max_value=params.max_side, **critical),
+        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=params.min_side,
+                                          max_value=params.max_side, **critical),
+        gxe.ExpectColumnValuesToBeBetween(column="bytes", min_value=1, **critical),
+    ]
+    if params.labels:
+        exps += [
+            gxe.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=list(params.labels),
+                                                     **critical),
+            gxe.ExpectColumnValuesToBeBetween(column="label_index", min_value=0,
+                                              max_value=len(params.labels) - 1, **critical),
+        ]
+    return exps
+
+
+def class_expectations(params: ValidateParams) -> list[Any]:
+    from great_expectations import expectations as gxe
+
+    return [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="images", min_value=params.min_images_per_class, severity="critical",
+            description=f"every class has at least {params.min_images_per_class} images in each split"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="ratio_to_smallest_class", max_value=params.max_imbalance_ratio, severity="warning",
+            description=f"class imbalance: no class more than {params.max_imbalance_ratio}x the smallest"),
+    ]
+
+
+def _offending(result: Any) -> list[str]:
+    rows = result.result.get("unexpected_index_list") or []
+    keys = [next((str(r[k]) for k in ("filepath", "key") if k in r), str(r)) if isinstance(r, dict)
+            else str(r) for r in rows]
+    if not keys:
+        observed = result.result.get("observed_value")
+        if observed is not None:
+            keys = [f"observed {observed}"]
+    return keys
+
+
+def _outcome(batch: str, result: Any) -> dict[str, Any]:
+    config = result.expectation_config
+    column = config.kwargs.get("column")
+    return {
+        "batch": batch,
+        "expectation": config.type,
+        "column": column,
+        "severity": str(getattr(config.severity, "value", config.severity)),
+        "success": bool(result.success),
+        "unexpected_count": result.result.get("unexpected_count"),
+        "offending": _offending(result)[:100],
+    }
+
+
+def _describe(outcome: dict[str, Any]) -> str:
+    where = f"[{outcome['batch']}] {outcome['expectation']}"
+    if outcome["column"]:
+        where += f" on column '{outcome['column']}'"
+    rows = outcome["offending"]
+    shown = ", ".join(rows[:MAX_ROWS_IN_MESSAGE]) + (" ..." if len(rows) > MAX_ROWS_IN_MESSAGE else "")
+    count = outcome["unexpected_count"]
+    return f"{where}: {count if count is not None else 'some'} offending row(s): {shown or '(table level)'}"
+
+
+def run(manifest_csv: Path, outputs: ValidateOutputs, params: ValidateParams) -> dict[str, Any]:
+    """Validate the manifest; write Data Docs and the summary; raise on critical failures."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    manifest = pd.read_csv(manifest_csv, keep_default_na=True)
+    batches = {
+        "manifest": (manifest_frame(manifest), manifest_expectations(params), ["filepath"]),
+        "classes": (class_table(manifest), class_expectations(params), ["key"]),
+    }
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False}
+    outcomes: list[dict[str, Any]] = []
+    with atomic_path(outputs.directory) as out:
+        docs = out / DATA_DOCS
+        context.add_data_docs_site("imgpipe", {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(docs.resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
+        source = context.data_sources.add_pandas("ingest")
+        for name, (frame, expectations, id_columns) in batches.items():
+            definition = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+            suite = context.suites.add(gx.ExpectationSuite(name=f"imgpipe_{name}"))
+            for expectation in expectations:
+                suite.add_expectation(expectation)
+            validation = context.validation_definitions.add(
+                gx.ValidationDefinition(name=f"validate_{name}", data=definition, suite=suite))
+            checkpoint = context.checkpoints.add(gx.Checkpoint(
+                name=f"checkpoint_{name}", validation_definitions=[validation],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["imgpipe"])],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": id_columns},
+            ))
+            result = checkpoint.run(batch_parameters={"dataframe": frame})
+            for run_result in result.run_results.values():
+                outcomes += [_outcome(name, r) for r in run_result.results]
+        write_json_atomic(out / RESULTS, outcomes)
+
+    errors = [o for o in outcomes if not o["success"] and o["severity"] == "critical"]
+    warnings = [o for o in outcomes if not o["success"] and o["severity"] != "critical"]
+    summary = {
+        "success": not errors,
+        "expectations": len(outcomes),
+        "failed_errors": len(errors),
+        "failed_warnings": len(warnings),
+    }
+    write_json_atomic(outputs.summary, summary)
+    for outcome in warnings:
+        log.warning("data validation warning: %s", _describe(outcome))
+    if errors:
+        raise DataValidationError(
+            f"{len(errors)} error-level expectation(s) failed on {manifest_csv} "
+            f"(Data Docs: {outputs.directory / DATA_DOCS / 'index.html'}):\n"
+            + "\n".join(f"  - {_describe(o)}" for o in errors))
+    return summary
+
+
+def log_to_mlflow(outputs: ValidateOutputs, params: ValidateParams) -> None:
+    """Log params, pass/fail counts, the Data Docs and every outcome to the active MLflow run."""
+    import json
+
+    import mlflow
+
+    from components.tracking import log_params
+
+    log_params("validate", params)
+    if outputs.summary.is_file():
+        summary = json.loads(outputs.summary.read_text())
+        mlflow.log_metrics({"validate.success": float(summary["success"]),
+                            "validate.failed_errors": summary["failed_errors"],
+                            "validate.failed_warnings": summary["failed_warnings"]})
+        mlflow.log_artifact(str(outputs.summary), "validate")
+    if (outputs.directory / RESULTS).is_file():
+        mlflow.log_artifact(str(outputs.directory / RESULTS), "validate")
+    if (outputs.directory / DATA_DOCS).is_dir():
+        mlflow.log_artifacts(str(outputs.directory / DATA_DOCS), "validate/data_docs")

@@ -1,0 +1,1 @@
+"""imgpipe: the command line over the pipeline's components, pipelines and serving."""
