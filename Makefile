@@ -1,11 +1,17 @@
 # The README's commands. Everything runs offline from PyPI pins; nothing needs to be installed by hand.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The interpreter the venv is made from, resolved before the venv goes on PATH.
+ifndef PYTHON
+PYTHON := $(shell command -v python3.11 || command -v python3)
+endif
 UV_VERSION := 0.13.8
 UV := .tools/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
+# dvc.yaml's stage commands are `imgpipe <stage>`: the venv's bin comes first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
 export UV_NO_PROGRESS := 1
 
 .PHONY: setup demo test lint typecheck ui sample-data clean
@@ -14,7 +20,7 @@ $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools "uv==$(UV_VERSION)"
 
 $(BIN)/imgpipe: $(UV) pyproject.toml requirements.lock
-	$(UV) venv --quiet --seed --python $(PYTHON) $(VENV)
+	$(UV) venv --quiet --clear --seed --python $(PYTHON) $(VENV)
 	$(UV) pip install --quiet --python $(BIN)/python -c requirements.lock -e ".[dev]"
 	@touch $@
 
@@ -41,3 +47,6 @@ ui: setup  ## MLflow UI on 127.0.0.1 to compare runs
 
 clean:  ## remove pipeline outputs (not the venv, not the data)
 	rm -rf outputs mlflow.db mlartifacts
+
+print-%:
+	@echo '$($*)'

@@ -56,7 +56,9 @@ class IngestParams:
                 f"got {self.val_fraction} + {self.test_fraction}"
             )
         if "label" not in self.stratify_by:
-            raise ParamsError(f"ingest.stratify_by must include 'label', got {list(self.stratify_by)}")
+            raise ParamsError(
+                f"ingest.stratify_by must include 'label', got {list(self.stratify_by)}"
+            )
         if self.images_per_shard < 1 or self.max_pixels < 1:
             raise ParamsError("ingest.images_per_shard and ingest.max_pixels must be positive")
 
@@ -100,8 +102,10 @@ def section(cls: type[T], name: str, params: dict[str, Any]) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ParamsError(f"unknown key(s) in params section '{name}': {', '.join(unknown)}; "
-                          f"expected some of: {', '.join(fields)}")
+        raise ParamsError(
+            f"unknown key(s) in params section '{name}': {', '.join(unknown)}; "
+            f"expected some of: {', '.join(fields)}"
+        )
     hints = typing.get_type_hints(cls)
     values = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
     return cls(**values)

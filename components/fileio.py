@@ -1,4 +1,5 @@
-"""File helpers shared by every step: hashing and atomic writes (a stage never leaves half an output)."""
+"""File helpers shared by every step: hashing, and atomic writes so a stage never leaves half
+an output."""
 
 from __future__ import annotations
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 EXIF_ORIENTATION = 0x0112  # EXIF tag number of Orientation (EXIF 2.3, table 4)
+# The values that ImageOps.exif_transpose acts on; 0 ("unknown", written by some software) and
+# other out-of-range values leave the pixels as stored.
+_TRANSPOSING_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_GRAY, _PNG_RGB = 0, 2  # PNG IHDR colour types that TensorFlow decodes as-is
 
@@ -47,9 +49,15 @@ class CheckedImage:
 
 def _is_clean_png(data: bytes) -> bool:
     # IHDR is the first chunk: bytes 24 and 25 are bit depth and colour type.
-    return data.startswith(_PNG_SIGNATURE) and len(data) > 25 and data[24] == 8 and data[25] in (
-        _PNG_GRAY,
-        _PNG_RGB,
+    return (
+        data.startswith(_PNG_SIGNATURE)
+        and len(data) > 25
+        and data[24] == 8
+        and data[25]
+        in (
+            _PNG_GRAY,
+            _PNG_RGB,
+        )
     )
 
 
@@ -66,7 +74,8 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode in ("1", "LA"):
         return image.convert("L")
-    # P, PA, RGBA, CMYK, YCbCr, LAB, HSV: to RGB like tf.io.decode_image(channels=3), dropping alpha.
+    # P, PA, RGBA, CMYK, YCbCr, LAB, HSV: to RGB, dropping alpha like
+    # tf.io.decode_image(channels=3) does.
     return image.convert("RGB")
 
 
@@ -79,37 +88,42 @@ def check_image(data: bytes, *, max_pixels: int) -> CheckedImage:
     """
     if not data:
         raise ImageRejected("empty_file", "the file has zero bytes")
-    with warnings.catch_warnings():
-        # Our own max_pixels check below decides; Pillow's warning would only add noise.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
-            raise ImageRejected("decompression_bomb", str(exc)) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ImageRejected("not_an_image", f"Pillow cannot identify it ({exc})") from None
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageRejected(
-                "decompression_bomb",
-                f"header claims {width}x{height} = {width * height} pixels, "
-                f"more than ingest.max_pixels = {max_pixels}",
-            )
-        if width == 0 or height == 0:
-            raise ImageRejected("decode_error", f"header claims an empty image {width}x{height}")
-        source_format, source_mode = image.format or "unknown", image.mode
-        try:
-            image.load()
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-            if orientation not in (1, None):
-                image = ImageOps.exif_transpose(image)
-            normalised = _to_8bit(image)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise ImageRejected("decode_error", f"{source_format} data does not decode ({exc})") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected("decompression_bomb", str(exc)) from None
+    except UnidentifiedImageError:
+        # Not "({exc})": Pillow's message holds the BytesIO's memory address, which would make
+        # the quarantine report differ from run to run.
+        raise ImageRejected("not_an_image", "Pillow cannot identify it as an image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected("not_an_image", f"Pillow cannot identify it ({exc})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageRejected(
+            "decompression_bomb",
+            f"header claims {width}x{height} = {width * height} pixels, "
+            f"more than ingest.max_pixels = {max_pixels}",
+        )
+    if width == 0 or height == 0:
+        raise ImageRejected("decode_error", f"header claims an empty image {width}x{height}")
+    source_format, source_mode = image.format or "unknown", image.mode
+    try:
+        image.load()
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        if orientation in _TRANSPOSING_ORIENTATIONS:
+            image = ImageOps.exif_transpose(image)
+        normalised = _to_8bit(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageRejected(
+            "decode_error", f"{source_format} data does not decode ({exc})"
+        ) from None
 
-    transposed = orientation not in (1, None)
-    clean = not transposed and source_mode in ("L", "RGB") and (
-        source_format == "JPEG" or (source_format == "PNG" and _is_clean_png(data))
+    transposed = orientation in _TRANSPOSING_ORIENTATIONS
+    clean = (
+        not transposed
+        and source_mode in ("L", "RGB")
+        and (source_format == "JPEG" or (source_format == "PNG" and _is_clean_png(data)))
     )
     if clean:
         encoded, encoded_format = data, source_format.lower()

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from components.config import DataParams, IngestParams, ParamsError
@@ -31,10 +33,26 @@ from components.tfrecords import SPLITS, ShardRecord, write_split
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("filepath", "label", "label_index", "split", "sha256", "width", "height",
-                    "mode", "format", "bytes", "exif_transposed")
+MANIFEST_COLUMNS = (
+    "filepath",
+    "label",
+    "label_index",
+    "split",
+    "sha256",
+    "width",
+    "height",
+    "mode",
+    "format",
+    "bytes",
+    "exif_transposed",
+)
 QUARANTINE_COLUMNS = ("filepath", "label", "reason", "detail")
-MANIFEST, QUARANTINE, LABELS, SHARDS = "manifest.csv", "quarantine_report.csv", "labels.txt", "shards"
+MANIFEST, QUARANTINE, LABELS, SHARDS = (
+    "manifest.csv",
+    "quarantine_report.csv",
+    "labels.txt",
+    "shards",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +85,20 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _is_utf8(name: str) -> bool:
+    """False for names holding bytes that are not UTF-8 (``os`` decodes them as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """A name for the reports: undecodable bytes shown as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _inside(path: Path, root: Path) -> bool:
     try:
         path.resolve().relative_to(root)
@@ -93,8 +125,9 @@ def _read_metadata(path: Path | None) -> tuple[dict[str, dict[str, str]], list[s
     return table, extra
 
 
-def discover_folder(root: Path, metadata_csv: Path | None = None
-                    ) -> tuple[list[Candidate], list[Rejection], list[str]]:
+def discover_folder(
+    root: Path, metadata_csv: Path | None = None
+) -> tuple[list[Candidate], list[Rejection], list[str]]:
     """A folder of class folders: ``root/<label>/**/<image>``. Returns candidates, rejections
     (files outside class folders, symlinks leaving the root, empty class folders) and the
     metadata column names."""
@@ -110,12 +143,19 @@ def discover_folder(root: Path, metadata_csv: Path | None = None
         if _is_hidden(entry.name) or Path(entry.path).resolve() in skip:
             continue
         if entry.is_symlink() and not _inside(Path(entry.path), root):
-            rejections.append(Rejection(rel, "", "symlink_outside_root",
-                                        f"points to {os.readlink(entry.path)}"))
+            rejections.append(
+                Rejection(rel, "", "symlink_outside_root", f"points to {os.readlink(entry.path)}")
+            )
             continue
         if not entry.is_dir():
-            rejections.append(Rejection(rel, "", "outside_class_folder",
-                                        "images must sit in a folder named after their class"))
+            rejections.append(
+                Rejection(
+                    rel,
+                    "",
+                    "outside_class_folder",
+                    "images must sit in a folder named after their class",
+                )
+            )
             continue
         label, found = entry.name, 0
         for dirpath, dirnames, filenames in os.walk(entry.path):
@@ -124,9 +164,17 @@ def discover_folder(root: Path, metadata_csv: Path | None = None
                 sub = Path(dirpath, name)
                 if sub.is_symlink():  # os.walk does not follow it: report instead of ignoring
                     dirnames.remove(name)
-                    reason = "symlink_outside_root" if not _inside(sub, root) else "symlinked_folder"
-                    rejections.append(Rejection(sub.relative_to(root).as_posix(), label, reason,
-                                                f"points to {os.readlink(sub)}"))
+                    reason = (
+                        "symlink_outside_root" if not _inside(sub, root) else "symlinked_folder"
+                    )
+                    rejections.append(
+                        Rejection(
+                            sub.relative_to(root).as_posix(),
+                            label,
+                            reason,
+                            f"points to {os.readlink(sub)}",
+                        )
+                    )
             for name in sorted(filenames):
                 if _is_hidden(name):
                     continue
@@ -134,13 +182,32 @@ def discover_folder(root: Path, metadata_csv: Path | None = None
                 rel = path.relative_to(root).as_posix()
                 found += 1
                 if path.is_symlink() and not _inside(path, root):
-                    rejections.append(Rejection(rel, label, "symlink_outside_root",
-                                                f"points to {os.readlink(path)}"))
+                    rejections.append(
+                        Rejection(
+                            rel, label, "symlink_outside_root", f"points to {os.readlink(path)}"
+                        )
+                    )
+                    continue
+                if not _is_utf8(rel):  # its name could not go into the UTF-8 manifest and shards
+                    rejections.append(
+                        Rejection(
+                            _printable(rel),
+                            _printable(label),
+                            "name_not_utf8",
+                            "the file or folder name is not valid UTF-8",
+                        )
+                    )
                     continue
                 candidates.append(Candidate(path, rel, label, metadata.get(rel, {})))
         if found == 0:
-            rejections.append(Rejection(f"{label}/", label, "empty_class_folder",
-                                        "the class folder holds no files; it is not a class"))
+            rejections.append(
+                Rejection(
+                    f"{label}/",
+                    label,
+                    "empty_class_folder",
+                    "the class folder holds no files; it is not a class",
+                )
+            )
     return candidates, rejections, columns
 
 
@@ -152,8 +219,10 @@ def discover_csv(manifest: Path) -> tuple[list[Candidate], list[Rejection], list
         columns = list(reader.fieldnames or [])
         missing = [c for c in ("filepath", "label") if c not in columns]
         if missing:
-            raise ValueError(f"{manifest}: CSV manifest needs columns filepath,label; "
-                             f"missing {missing}, found {columns}")
+            raise ValueError(
+                f"{manifest}: CSV manifest needs columns filepath,label; "
+                f"missing {missing}, found {columns}"
+            )
         extra = [c for c in columns if c not in ("filepath", "label")]
         clash = sorted(set(extra) & set(MANIFEST_COLUMNS))
         if clash:
@@ -162,15 +231,24 @@ def discover_csv(manifest: Path) -> tuple[list[Candidate], list[Rejection], list
         for line, row in enumerate(reader, start=2):
             filepath, label = (row.get("filepath") or "").strip(), (row.get("label") or "").strip()
             if not filepath or not label:
-                rejections.append(Rejection(filepath or f"{manifest.name}:{line}", label,
-                                            "missing_field", f"line {line} lacks filepath or label"))
+                rejections.append(
+                    Rejection(
+                        filepath or f"{manifest.name}:{line}",
+                        label,
+                        "missing_field",
+                        f"line {line} lacks filepath or label",
+                    )
+                )
                 continue
             path = base / filepath
             if not _inside(path, base):
-                rejections.append(Rejection(filepath, label, "outside_root",
-                                            f"resolves outside {base}"))
+                rejections.append(
+                    Rejection(filepath, label, "outside_root", f"resolves outside {base}")
+                )
             elif not path.is_file():
-                rejections.append(Rejection(filepath, label, "missing_file", f"{path} does not exist"))
+                rejections.append(
+                    Rejection(filepath, label, "missing_file", f"{path} does not exist")
+                )
             else:
                 meta = {c: (row.get(c) or "") for c in extra}
                 candidates.append(Candidate(path, Path(filepath).as_posix(), label, meta))
@@ -178,6 +256,13 @@ def discover_csv(manifest: Path) -> tuple[list[Candidate], list[Rejection], list
 
 
 def _check(candidate: Candidate, max_pixels: int) -> dict[str, Any] | Rejection:
+    if not candidate.path.is_file():  # a FIFO or device would block or never end
+        return Rejection(
+            candidate.filepath,
+            candidate.label,
+            "not_a_regular_file",
+            "only regular files (or symlinks to them) are read",
+        )
     try:
         data = candidate.path.read_bytes()
     except OSError as exc:
@@ -204,7 +289,9 @@ def _check(candidate: Candidate, max_pixels: int) -> dict[str, Any] | Rejection:
     }
 
 
-def remove_duplicates(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Rejection]]:
+def remove_duplicates(
+    rows: Sequence[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[Rejection]]:
     """Keep one file per sha256. Copies under one label: the first by path stays. One image under
     two or more labels: every copy is quarantined, since no label can be trusted."""
     by_hash: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -215,13 +302,23 @@ def remove_duplicates(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, An
         labels = sorted({r["label"] for r in group})
         if len(labels) > 1:
             where = "; ".join(f"{r['filepath']} ({r['label']})" for r in group)
-            rejections += [Rejection(r["filepath"], r["label"], "label_conflict",
-                                     f"the same image carries labels {labels}: {where}")
-                           for r in group]
+            rejections += [
+                Rejection(
+                    r["filepath"],
+                    r["label"],
+                    "label_conflict",
+                    f"the same image carries labels {labels}: {where}",
+                )
+                for r in group
+            ]
             continue
         kept.append(group[0])
-        rejections += [Rejection(r["filepath"], r["label"], "duplicate",
-                                 f"exact copy of {group[0]['filepath']}") for r in group[1:]]
+        rejections += [
+            Rejection(
+                r["filepath"], r["label"], "duplicate", f"exact copy of {group[0]['filepath']}"
+            )
+            for r in group[1:]
+        ]
     return kept, rejections
 
 
@@ -230,8 +327,14 @@ def _group_seed(seed: int, key: tuple[str, ...]) -> list[int]:
     return [seed, int.from_bytes(digest[:8], "little")]
 
 
-def stratified_split(ids: Sequence[str], strata: Sequence[tuple[str, ...]], *, val_fraction: float,
-                     test_fraction: float, seed: int) -> list[str]:
+def stratified_split(
+    ids: Sequence[str],
+    strata: Sequence[tuple[str, ...]],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> list[str]:
     """Assign each id to train/val/test, stratum by stratum, reproducibly.
 
     Within a stratum, ids are sorted then shuffled by a generator seeded with ``seed`` and the
@@ -270,9 +373,11 @@ def summarise(rows: Sequence[dict[str, Any]], rejections: Sequence[Rejection]) -
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore",
-                                lineterminator="\n")
+    # backslashreplace: a rejected file's odd name (or symlink target) must not stop the report.
+    with open(path, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+        writer = csv.DictWriter(
+            f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n"
+        )
         writer.writeheader()
         writer.writerows(rows)
 
@@ -282,13 +387,29 @@ def _shard_record(row: dict[str, Any]) -> ShardRecord:
     if encoded is None:
         encoded = row["_path"].read_bytes()
         if sha256_bytes(encoded) != row["sha256"]:
-            raise RuntimeError(f"{row['filepath']} changed while it was being ingested; rerun ingest")
-    return ShardRecord(encoded, row["_encoded_format"], row["label_index"], row["label"],
-                       row["sha256"], row["filepath"], row["height"], row["width"])
+            raise RuntimeError(
+                f"{row['filepath']} changed while it was being ingested; rerun ingest"
+            )
+    return ShardRecord(
+        encoded,
+        row["_encoded_format"],
+        row["label_index"],
+        row["label"],
+        row["sha256"],
+        row["filepath"],
+        row["height"],
+        row["width"],
+    )
 
 
-def run(source: Path, outputs: IngestOutputs, data: DataParams, params: IngestParams,
-        *, progress: bool = True) -> dict[str, Any]:
+def run(
+    source: Path,
+    outputs: IngestOutputs,
+    data: DataParams,
+    params: IngestParams,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Ingest ``source`` (folder of class folders or CSV manifest); return the summary."""
     source = Path(source)
     if source.is_file():
@@ -300,38 +421,58 @@ def run(source: Path, outputs: IngestOutputs, data: DataParams, params: IngestPa
         candidates, rejections, columns = discover_folder(source, metadata)
     unknown = [c for c in params.stratify_by if c != "label" and c not in columns]
     if unknown:
-        raise ParamsError(f"ingest.stratify_by names {unknown}, which the source does not have; "
-                          f"its metadata columns are {columns}")
+        raise ParamsError(
+            f"ingest.stratify_by names {unknown}, which the source does not have; "
+            f"its metadata columns are {columns}"
+        )
 
     rows: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+    with (
+        warnings.catch_warnings(),
+        ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool,
+    ):
+        # Our own max_pixels check decides on big images; Pillow's warning would only add noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         checks = pool.map(lambda c: _check(c, params.max_pixels), candidates)
-        for result in tqdm(checks, total=len(candidates), desc="ingest: check images",
-                           unit="img", disable=not progress):
+        for result in tqdm(
+            checks,
+            total=len(candidates),
+            desc="ingest: check images",
+            unit="img",
+            disable=not progress,
+        ):
             (rejections.append if isinstance(result, Rejection) else rows.append)(result)
     rows, duplicates = remove_duplicates(rows)
     rejections += duplicates
     if not rows:
         reasons = Counter(r.reason for r in rejections).most_common()
-        raise ValueError(f"no usable image in {source}: {len(rejections)} file(s) rejected {reasons}")
+        raise ValueError(
+            f"no usable image in {source}: {len(rejections)} file(s) rejected {reasons}"
+        )
 
     index = label_map(r["label"] for r in rows)
-    splits = stratified_split([r["sha256"] for r in rows],
-                              [tuple(str(r.get(c, "")) for c in params.stratify_by) for r in rows],
-                              val_fraction=params.val_fraction, test_fraction=params.test_fraction,
-                              seed=params.seed)
+    splits = stratified_split(
+        [r["sha256"] for r in rows],
+        [tuple(str(r.get(c, "")) for c in params.stratify_by) for r in rows],
+        val_fraction=params.val_fraction,
+        test_fraction=params.test_fraction,
+        seed=params.seed,
+    )
     for row, split in zip(rows, splits, strict=True):
         row["split"], row["label_index"] = split, index[row["label"]]
     rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["sha256"]))
     rejections.sort(key=lambda r: r.filepath)
+
+    import tensorflow  # noqa: F401  (loaded here so the shard progress bar measures writing only)
 
     with atomic_path(outputs.directory) as out:
         (out / SHARDS).mkdir(parents=True)
         _write_csv(out / MANIFEST, [*MANIFEST_COLUMNS, *columns], rows)
         _write_csv(out / QUARANTINE, QUARANTINE_COLUMNS, map(dataclasses.asdict, rejections))
         write_labels(out / LABELS, index)
-        with tqdm(total=len(rows), desc="ingest: write shards", unit="img",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=len(rows), desc="ingest: write shards", unit="img", disable=not progress
+        ) as bar:
             for split in SPLITS:
                 records = [_shard_record(r) for r in rows if r["split"] == split]
                 if records:

@@ -65,11 +65,14 @@ def run(target: Path, *, force: bool = False, progress: bool = True) -> int:
             print(f"sample-data: {target}/ already holds the {len(files)} ELPV images")
             return len(files)
         if not force:
-            raise FileExistsError(f"{target}/ exists and is not the ELPV sample data; move it "
-                                  "away or pass --force to replace it")
+            raise FileExistsError(
+                f"{target}/ exists and is not the ELPV sample data; move it "
+                "away or pass --force to replace it"
+            )
     with atomic_path(target) as out:
-        for rel, src in tqdm(sorted(files.items()), desc="sample-data: ELPV", unit="img",
-                             disable=not progress):
+        for rel, src in tqdm(
+            sorted(files.items()), desc="sample-data: ELPV", unit="img", disable=not progress
+        ):
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, out / rel)
         (out / METADATA).write_text(metadata)

@@ -49,8 +49,13 @@ def _example(record: ShardRecord) -> Any:
     )
 
 
-def write_split(directory: Path, split: str, records: Sequence[ShardRecord], per_shard: int,
-                progress: Any = None) -> list[str]:
+def write_split(
+    directory: Path,
+    split: str,
+    records: Sequence[ShardRecord],
+    per_shard: int,
+    progress: Any = None,
+) -> list[str]:
     """Write ``records`` as ``<split>-NNNNN-of-MMMMM.tfrecord`` files; return their names."""
     import tensorflow as tf
 

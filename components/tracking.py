@@ -70,10 +70,16 @@ def execution_key() -> str | None:
 
 def git_commit(root: Path) -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
@@ -158,5 +164,9 @@ def log_params(prefix: str, params: Any) -> None:
     import mlflow
 
     values = dataclasses.asdict(params)
-    mlflow.log_params({f"{prefix}.{k}": (",".join(map(str, v)) if isinstance(v, list | tuple) else v)
-                       for k, v in values.items()})
+    mlflow.log_params(
+        {
+            f"{prefix}.{k}": (",".join(map(str, v)) if isinstance(v, list | tuple) else v)
+            for k, v in values.items()
+        }
+    )

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SHA256_REGEX = r"^[0-9a-f]{64}$"
 MAX_ROWS_IN_MESSAGE = 10
+TEXT_COLUMNS = ("filepath", "label", "split", "sha256", "mode", "format")
 
 
 class DataValidationError(RuntimeError):
@@ -68,30 +69,41 @@ def manifest_expectations(params: ValidateParams) -> list[Any]:
     critical: dict[str, Any] = {"severity": "critical"}
     core = ["filepath", "label", "label_index", "split", "sha256", "width", "height", "bytes"]
     exps = [
-        gxe.ExpectTableColumnsToMatchSet(column_set=list(MANIFEST_COLUMNS), exact_match=False,
-                                         **critical),
+        gxe.ExpectTableColumnsToMatchSet(
+            column_set=list(MANIFEST_COLUMNS), exact_match=False, **critical
+        ),
         *[gxe.ExpectColumnValuesToNotBeNull(column=c, **critical) for c in core],
-        *[gxe.ExpectColumnValuesToBeOfType(column=c, type_="int64", **critical)
-          for c in ("label_index", "width", "height", "bytes")],
+        *[
+            gxe.ExpectColumnValuesToBeOfType(column=c, type_="int64", **critical)
+            for c in ("label_index", "width", "height", "bytes")
+        ],
         gxe.ExpectColumnValuesToMatchRegex(column="sha256", regex=SHA256_REGEX, **critical),
         gxe.ExpectColumnValuesToBeUnique(column="sha256", **critical),
         gxe.ExpectColumnValuesToBeUnique(column="filepath", **critical),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS), **critical),
-        gxe.ExpectColumnValuesToBeBetween(column="splits_per_image", min_value=1, max_value=1,
-                                          description="split disjointness: no image in two splits",
-                                          **critical),
-        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=params.min_side,
-                                          max_value=params.max_side, **critical),
-        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=params.min_side,
-                                          max_value=params.max_side, **critical),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="splits_per_image",
+            min_value=1,
+            max_value=1,
+            description="split disjointness: no image in two splits",
+            **critical,
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="width", min_value=params.min_side, max_value=params.max_side, **critical
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="height", min_value=params.min_side, max_value=params.max_side, **critical
+        ),
         gxe.ExpectColumnValuesToBeBetween(column="bytes", min_value=1, **critical),
     ]
     if params.labels:
         exps += [
-            gxe.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=list(params.labels),
-                                                     **critical),
-            gxe.ExpectColumnValuesToBeBetween(column="label_index", min_value=0,
-                                              max_value=len(params.labels) - 1, **critical),
+            gxe.ExpectColumnDistinctValuesToEqualSet(
+                column="label", value_set=list(params.labels), **critical
+            ),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="label_index", min_value=0, max_value=len(params.labels) - 1, **critical
+            ),
         ]
     return exps
 
@@ -101,18 +113,34 @@ def class_expectations(params: ValidateParams) -> list[Any]:
 
     return [
         gxe.ExpectColumnValuesToBeBetween(
-            column="images", min_value=params.min_images_per_class, severity="critical",
-            description=f"every class has at least {params.min_images_per_class} images in each split"),
+            column="images",
+            min_value=params.min_images_per_class,
+            severity="critical",
+            description=f"each class has >= {params.min_images_per_class} images in every split",
+        ),
         gxe.ExpectColumnValuesToBeBetween(
-            column="ratio_to_smallest_class", max_value=params.max_imbalance_ratio, severity="warning",
-            description=f"class imbalance: no class more than {params.max_imbalance_ratio}x the smallest"),
+            column="ratio_to_smallest_class",
+            max_value=params.max_imbalance_ratio,
+            severity="warning",
+            description=f"imbalance: no class over {params.max_imbalance_ratio}x the smallest",
+        ),
     ]
 
 
 def _offending(result: Any) -> list[str]:
     rows = result.result.get("unexpected_index_list") or []
-    keys = [next((str(r[k]) for k in ("filepath", "key") if k in r), str(r)) if isinstance(r, dict)
-            else str(r) for r in rows]
+    keys = [
+        next((str(r[k]) for k in ("filepath", "key") if k in r), str(r))
+        if isinstance(r, dict)
+        else str(r)
+        for r in rows
+    ]
+    if not keys:  # aggregate expectations (e.g. distinct values) list values, not rows
+        unexpected = result.result.get("partial_unexpected_list") or []
+        missing = result.result.get("partial_missing_list") or []
+        keys = [f"unexpected value {v!r}" for v in unexpected] + [
+            f"missing value {v!r}" for v in missing
+        ]
     if not keys:
         observed = result.result.get("observed_value")
         if observed is not None:
@@ -139,9 +167,11 @@ def _describe(outcome: dict[str, Any]) -> str:
     if outcome["column"]:
         where += f" on column '{outcome['column']}'"
     rows = outcome["offending"]
-    shown = ", ".join(rows[:MAX_ROWS_IN_MESSAGE]) + (" ..." if len(rows) > MAX_ROWS_IN_MESSAGE else "")
-    count = outcome["unexpected_count"]
-    return f"{where}: {count if count is not None else 'some'} offending row(s): {shown or '(table level)'}"
+    shown = ", ".join(rows[:MAX_ROWS_IN_MESSAGE]) + (
+        " ..." if len(rows) > MAX_ROWS_IN_MESSAGE else ""
+    )
+    count = outcome["unexpected_count"] if outcome["unexpected_count"] is not None else "some"
+    return f"{where}: {count} offending row(s): {shown or '(table level)'}"
 
 
 def run(manifest_csv: Path, outputs: ValidateOutputs, params: ValidateParams) -> dict[str, Any]:
@@ -149,7 +179,11 @@ def run(manifest_csv: Path, outputs: ValidateOutputs, params: ValidateParams) ->
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
-    manifest = pd.read_csv(manifest_csv, keep_default_na=True)
+    # Text columns stay text (class folders "0", "1" or "NA" are labels, not numbers or nulls);
+    # only empty cells are missing values.
+    manifest = pd.read_csv(
+        manifest_csv, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False, na_values=[""]
+    )
     batches = {
         "manifest": (manifest_frame(manifest), manifest_expectations(params), ["filepath"]),
         "classes": (class_table(manifest), class_expectations(params), ["key"]),
@@ -159,12 +193,17 @@ def run(manifest_csv: Path, outputs: ValidateOutputs, params: ValidateParams) ->
     outcomes: list[dict[str, Any]] = []
     with atomic_path(outputs.directory) as out:
         docs = out / DATA_DOCS
-        context.add_data_docs_site("imgpipe", {
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(docs.resolve())},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
+        context.add_data_docs_site(
+            "imgpipe",
+            {
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs.resolve()),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
         source = context.data_sources.add_pandas("ingest")
         for name, (frame, expectations, id_columns) in batches.items():
             definition = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
@@ -172,12 +211,21 @@ def run(manifest_csv: Path, outputs: ValidateOutputs, params: ValidateParams) ->
             for expectation in expectations:
                 suite.add_expectation(expectation)
             validation = context.validation_definitions.add(
-                gx.ValidationDefinition(name=f"validate_{name}", data=definition, suite=suite))
-            checkpoint = context.checkpoints.add(gx.Checkpoint(
-                name=f"checkpoint_{name}", validation_definitions=[validation],
-                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["imgpipe"])],
-                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": id_columns},
-            ))
+                gx.ValidationDefinition(name=f"validate_{name}", data=definition, suite=suite)
+            )
+            checkpoint = context.checkpoints.add(
+                gx.Checkpoint(
+                    name=f"checkpoint_{name}",
+                    validation_definitions=[validation],
+                    actions=[
+                        gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["imgpipe"])
+                    ],
+                    result_format={
+                        "result_format": "COMPLETE",
+                        "unexpected_index_column_names": id_columns,
+                    },
+                )
+            )
             result = checkpoint.run(batch_parameters={"dataframe": frame})
             for run_result in result.run_results.values():
                 outcomes += [_outcome(name, r) for r in run_result.results]
@@ -198,7 +246,8 @@ def run(manifest_csv: Path, outputs: ValidateOutputs, params: ValidateParams) ->
         raise DataValidationError(
             f"{len(errors)} error-level expectation(s) failed on {manifest_csv} "
             f"(Data Docs: {outputs.directory / DATA_DOCS / 'index.html'}):\n"
-            + "\n".join(f"  - {_describe(o)}" for o in errors))
+            + "\n".join(f"  - {_describe(o)}" for o in errors)
+        )
     return summary
 
 
@@ -213,9 +262,13 @@ def log_to_mlflow(outputs: ValidateOutputs, params: ValidateParams) -> None:
     log_params("validate", params)
     if outputs.summary.is_file():
         summary = json.loads(outputs.summary.read_text())
-        mlflow.log_metrics({"validate.success": float(summary["success"]),
-                            "validate.failed_errors": summary["failed_errors"],
-                            "validate.failed_warnings": summary["failed_warnings"]})
+        mlflow.log_metrics(
+            {
+                "validate.success": float(summary["success"]),
+                "validate.failed_errors": summary["failed_errors"],
+                "validate.failed_warnings": summary["failed_warnings"],
+            }
+        )
         mlflow.log_artifact(str(outputs.summary), "validate")
     if (outputs.directory / RESULTS).is_file():
         mlflow.log_artifact(str(outputs.directory / RESULTS), "validate")

@@ -38,14 +38,19 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     from components.tracking import stage_run
 
     params = _params(args)
-    data, ingest_params = section(DataParams, "data", params), section(IngestParams, "ingest", params)
+    data, ingest_params = (
+        section(DataParams, "data", params),
+        section(IngestParams, "ingest", params),
+    )
     outputs = ingest.IngestOutputs(Path(args.out), Path(args.summary))
     with stage_run("ingest"):
         summary = ingest.run(Path(args.source or data.source), outputs, data, ingest_params)
         ingest.log_to_mlflow(outputs, data, ingest_params)
     splits = ", ".join(f"{s} {c['total']}" for s, c in summary["splits"].items())
-    print(f"ingest: {summary['images']} images ({splits}); {summary['quarantined']} quarantined "
-          f"(see {outputs.directory / ingest.QUARANTINE})")
+    print(
+        f"ingest: {summary['images']} images ({splits}); {summary['quarantined']} quarantined "
+        f"(see {outputs.directory / ingest.QUARANTINE})"
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -60,8 +65,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
             summary = validate.run(Path(args.manifest), outputs, params)
         finally:
             validate.log_to_mlflow(outputs, params)
-    print(f"validate: {summary['expectations']} expectations, {summary['failed_warnings']} "
-          f"warning(s); Data Docs: {outputs.directory / validate.DATA_DOCS / 'index.html'}")
+    print(
+        f"validate: {summary['expectations']} expectations, {summary['failed_warnings']} "
+        f"warning(s); Data Docs: {outputs.directory / validate.DATA_DOCS / 'index.html'}"
+    )
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -79,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, func: Callable[[argparse.Namespace], None], help: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         return p
@@ -90,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("ingest", cmd_ingest, "check, deduplicate and split the raw images; write shards")
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--source", help="folder of class folders or CSV manifest (default: data.source)")
+    p.add_argument(
+        "--source", help="folder of class folders or CSV manifest (default: data.source)"
+    )
     p.add_argument("--out", default="outputs/ingest")
     p.add_argument("--summary", default="metrics/ingest.json")
 
@@ -106,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format=f"imgpipe {args.command}: %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"imgpipe {args.command}: %(levelname)s %(message)s",
+    )
     for noisy in ("alembic", "mlflow", "great_expectations", "tensorflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

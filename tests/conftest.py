@@ -1,0 +1,216 @@
+"""Shared test helpers: small synthetic images written with Pillow and numpy.
+
+Tests import the plain functions (``from conftest import make_class_folders``); pytest puts this
+folder on ``sys.path``. Every helper writes real, decodable files unless its name says otherwise,
+and images made from different seeds never share bytes, so ingest never sees accidental duplicates.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import struct
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Keep TensorFlow's start-up chatter out of the test output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EXIF_ORIENTATION = 0x0112
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _size(size: int | Sequence[int]) -> tuple[int, int]:
+    """``64`` or ``(width, height)`` -> ``(width, height)``."""
+    if isinstance(size, int):
+        return size, size
+    width, height = size
+    return int(width), int(height)
+
+
+def class_pattern(class_index: int, size: int | Sequence[int] = 64, seed: int = 0) -> np.ndarray:
+    """An ``HxWx3`` uint8 image whose look depends on ``class_index`` (a learnable signal) and whose
+    exact pixels depend on ``seed`` (so no two images are equal).
+
+    Classes differ by stripe orientation and frequency and by colour tint; the seed shifts the
+    stripes' phase and adds a little noise.
+    """
+    width, height = _size(size)
+    rng = np.random.default_rng([class_index, seed])
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    angle = np.pi * ((class_index * 0.38) % 1.0)
+    period = 6.0 + 3.0 * (class_index % 4)
+    phase = rng.uniform(0, 2 * np.pi)
+    along = xx * np.cos(angle) + yy * np.sin(angle)
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * along / period + phase)
+    tint = (
+        np.array(
+            [
+                (class_index * 97) % 256,
+                (class_index * 57 + 80) % 256,
+                (class_index * 151 + 160) % 256,
+            ],
+            dtype=np.float64,
+        )
+        / 255.0
+    )
+    image = stripes[..., None] * (0.35 + 0.65 * tint) * 255.0
+    image += rng.normal(0.0, 6.0, size=image.shape)
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+
+
+def write_image(
+    path: str | os.PathLike[str],
+    image: Image.Image | np.ndarray,
+    format: str | None = None,
+    **save_kwargs: Any,
+) -> Path:
+    """Save ``image`` (a Pillow image or a numpy array) to ``path``, creating parent folders.
+
+    ``format`` defaults to what the suffix says; ``save_kwargs`` go to ``Image.save``
+    (``quality=``, ``exif=``, ``transparency=``...).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image.save(path, format=format, **save_kwargs)
+    return path
+
+
+def encode_image(image: Image.Image | np.ndarray, format: str = "PNG", **save_kwargs: Any) -> bytes:
+    """The bytes ``write_image`` would write, without touching the disk."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save_kwargs)
+    return buffer.getvalue()
+
+
+def make_png(
+    path: str | os.PathLike[str],
+    size: int | Sequence[int] = (64, 64),
+    color: int | Sequence[int] = (200, 60, 30),
+    mode: str = "RGB",
+    *,
+    seed: int | None = None,
+) -> Path:
+    """A PNG filled with ``color`` in Pillow ``mode`` (``RGB``, ``L``, ``RGBA``...).
+
+    With ``seed``, a few pixels are perturbed so that images of the same colour still differ.
+    """
+    width, height = _size(size)
+    image = Image.new(mode, (width, height), color if isinstance(color, int) else tuple(color))
+    if seed is not None:
+        rng = np.random.default_rng(seed)
+        for _ in range(4):
+            xy = (int(rng.integers(width)), int(rng.integers(height)))
+            pixel = image.getpixel(xy)
+            if isinstance(pixel, tuple):
+                image.putpixel(xy, tuple(int(v) ^ int(rng.integers(1, 256)) for v in pixel))
+            else:
+                image.putpixel(xy, int(pixel) ^ int(rng.integers(1, 256)))
+    return write_image(path, image, format="PNG")
+
+
+def make_class_folders(
+    root: str | os.PathLike[str],
+    classes: Mapping[str, int] | None = None,
+    size: int | Sequence[int] = 64,
+    seed: int = 0,
+    ext: str = "png",
+) -> dict[str, list[Path]]:
+    """Write ``root/<class>/<class>_NNN.<ext>`` images, ``classes[name]`` of each; return the paths.
+
+    Each class gets its own pattern (see :func:`class_pattern`), each image its own seed, so every
+    file is distinct. ``ext`` is ``png`` or ``jpg``.
+    """
+    root = Path(root)
+    classes = {"a": 12, "b": 12} if classes is None else dict(classes)
+    fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}[ext.lower()]
+    written: dict[str, list[Path]] = {}
+    for class_index, (name, count) in enumerate(sorted(classes.items())):
+        paths = []
+        for i in range(count):
+            pixels = class_pattern(class_index, size, seed=seed * 100_003 + i)
+            paths.append(write_image(root / name / f"{name}_{i:03d}.{ext}", pixels, format=fmt))
+        (root / name).mkdir(parents=True, exist_ok=True)  # a class with 0 images: empty folder
+        written[name] = paths
+    return written
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+    )
+
+
+def png_claiming_size(path: str | os.PathLike[str], width: int, height: int) -> Path:
+    """A tiny (well under 1 KiB) PNG whose IHDR claims ``width x height`` pixels, with valid CRCs.
+
+    Built from a real 4x4 PNG by rewriting IHDR, so parsers reach their size checks (a
+    decompression bomb test) without anything large ever being allocated or written.
+    """
+    data = encode_image(np.zeros((4, 4, 3), np.uint8), "PNG")
+    assert data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR"
+    ihdr = struct.pack(">II", width, height) + data[24:29]  # keep depth, colour type, methods
+    patched = PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + data[33:]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(patched)
+    return path
+
+
+def jpeg_with_orientation(
+    path: str | os.PathLike[str], pixels: np.ndarray, orientation: int, **save_kwargs: Any
+) -> Path:
+    """A JPEG of ``pixels`` (stored as-is) carrying EXIF Orientation ``orientation`` (1..8)."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    return write_image(path, pixels, format="JPEG", exif=exif.tobytes(), **save_kwargs)
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tree_digests(root: str | os.PathLike[str]) -> dict[str, str]:
+    """Every entry under ``root`` (relative POSIX path) -> the sha256 of a file's bytes,
+    ``"dir"`` for a folder, ``"link:<target>"`` for a symlink (not followed)."""
+    root = Path(root)
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                out[rel] = f"link:{os.readlink(path)}"
+            elif path.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = sha256_of(path)
+    return out
+
+
+def read_csv_rows(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The rows of a UTF-8 CSV report as dicts."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def class_folders(tmp_path: Path) -> tuple[Path, dict[str, list[Path]]]:
+    """A fresh folder of two class folders (``a``, ``b``; 12 distinct 64x64 PNGs each)."""
+    root = tmp_path / "data"
+    return root, make_class_folders(root)

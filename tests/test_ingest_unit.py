@@ -1,0 +1,352 @@
+"""Fast unit tests of ingest's pure parts: the split, hashing, de-duplication, atomic writes,
+params checking and a few image checks. Nothing here imports TensorFlow or touches real data."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import jpeg_with_orientation
+
+from components import fileio
+from components.config import DataParams, IngestParams, ParamsError, ValidateParams, section
+from components.images import ImageRejected, check_image
+from components.ingest import remove_duplicates, stratified_split
+
+
+def _ids(prefix: str, n: int) -> list[str]:
+    return [hashlib.sha256(f"{prefix}-{i}".encode()).hexdigest() for i in range(n)]
+
+
+def _half_up(x: float) -> int:
+    """What the split documents as ``round(n * fraction)``: halves round up, not to even."""
+    return math.floor(x + 0.5)
+
+
+def _split_map(ids, strata, **kw) -> dict[str, str]:
+    return dict(zip(ids, stratified_split(ids, strata, **kw), strict=True))
+
+
+# ---------------------------------------------------------------- stratified_split
+
+SIZES = {"a": 1, "b": 2, "c": 3, "d": 7, "e": 10, "f": 13, "g": 40, "h": 101}
+
+
+@pytest.mark.parametrize(
+    ("val_fraction", "test_fraction"),
+    [(0.2, 0.2), (0.15, 0.25), (0.1, 0.3), (0.0, 0.5), (0.3, 0.0), (0.45, 0.45)],
+)
+def test_split_counts_per_stratum(val_fraction, test_fraction):
+    """Each stratum sends round(n*test_fraction) ids to test and round(n*val_fraction) to val
+    (val capped so that test+val never exceed the stratum), the rest to train."""
+    ids, strata = [], []
+    for name, n in SIZES.items():
+        ids += _ids(name, n)
+        strata += [(name,)] * n
+    splits = stratified_split(
+        ids, strata, val_fraction=val_fraction, test_fraction=test_fraction, seed=7
+    )
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for stratum, split in zip(strata, splits, strict=True):
+        counts[stratum[0]][split] += 1
+    for name, n in SIZES.items():
+        n_test = _half_up(n * test_fraction)
+        n_val = min(_half_up(n * val_fraction), n - n_test)
+        assert counts[name]["test"] == n_test, (name, counts[name])
+        assert counts[name]["val"] == n_val, (name, counts[name])
+        assert counts[name]["train"] == n - n_test - n_val, (name, counts[name])
+
+
+def test_split_gives_every_id_exactly_one_known_split():
+    """The result is one split per input, each one of train/val/test, so splits are disjoint and
+    together cover every id."""
+    ids = _ids("x", 57) + _ids("y", 31)
+    strata = [("x",)] * 57 + [("y",)] * 31
+    splits = stratified_split(ids, strata, val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert len(splits) == len(ids)
+    assert set(splits) == {"train", "val", "test"}
+    by_split = {s: {i for i, sp in zip(ids, splits, strict=True) if sp == s} for s in set(splits)}
+    assert sum(len(v) for v in by_split.values()) == len(set(ids))
+    assert not (
+        by_split["train"] & by_split["val"]
+        or by_split["train"] & by_split["test"]
+        or by_split["val"] & by_split["test"]
+    )
+
+
+def test_split_same_seed_same_result():
+    """Same ids, strata and seed give the identical assignment (reproducible splits)."""
+    ids = _ids("s", 80)
+    strata = [("cat",) if i % 3 else ("dog",) for i in range(80)]
+    kw = dict(val_fraction=0.15, test_fraction=0.25, seed=42)
+    assert stratified_split(ids, strata, **kw) == stratified_split(list(ids), list(strata), **kw)
+
+
+def test_split_different_seed_different_result():
+    """Another seed reshuffles: the assignment changes (but the per-split counts do not)."""
+    ids = _ids("s", 100)
+    strata = [("only",)] * 100
+    a = stratified_split(ids, strata, val_fraction=0.2, test_fraction=0.2, seed=1)
+    b = stratified_split(ids, strata, val_fraction=0.2, test_fraction=0.2, seed=2)
+    assert a != b
+    assert Counter(a) == Counter(b)
+
+
+def test_split_does_not_depend_on_input_order():
+    """Shuffling the (id, stratum) pairs does not change which split each id gets."""
+    ids = _ids("o", 60) + _ids("p", 45)
+    strata = [("o",)] * 60 + [("p",)] * 45
+    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=3)
+    reference = _split_map(ids, strata, **kw)
+    pairs = list(zip(ids, strata, strict=True))
+    for shuffle_seed in range(3):
+        random.Random(shuffle_seed).shuffle(pairs)
+        shuffled_ids, shuffled_strata = zip(*pairs, strict=True)
+        assert list(shuffled_ids) != ids
+        assert _split_map(list(shuffled_ids), list(shuffled_strata), **kw) == reference
+
+
+def test_split_new_stratum_leaves_existing_assignment_alone():
+    """Adding a class (a new stratum) does not reshuffle the classes that were already there."""
+    ids = _ids("old1", 30) + _ids("old2", 22)
+    strata = [("old1",)] * 30 + [("old2",)] * 22
+    kw = dict(val_fraction=0.2, test_fraction=0.2, seed=5)
+    before = _split_map(ids, strata, **kw)
+    new_ids = _ids("new", 17)
+    after = _split_map(new_ids + ids, [("new",)] * 17 + strata, **kw)
+    assert {i: after[i] for i in ids} == before
+    assert set(after) == set(ids) | set(new_ids)
+
+
+def test_split_multi_column_strata_are_separate():
+    """Strata are tuples (label, metadata...): ('cat','mono') and ('cat','poly') are split
+    independently, each getting its own round(n*fraction)."""
+    ids = _ids("m", 10) + _ids("q", 10)
+    strata = [("cat", "mono")] * 10 + [("cat", "poly")] * 10
+    splits = stratified_split(ids, strata, val_fraction=0.2, test_fraction=0.3, seed=0)
+    assert Counter(splits[:10]) == {"train": 5, "test": 3, "val": 2}
+    assert Counter(splits[10:]) == {"train": 5, "test": 3, "val": 2}
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def test_sha256_file_matches_hashlib(tmp_path):
+    """sha256_file streams the file in chunks; the digest must equal hashlib's over all bytes,
+    including for a file larger than one chunk and for an empty file."""
+    big = tmp_path / "big.bin"
+    data = os.urandom((1 << 20) * 2 + 12345)
+    big.write_bytes(data)
+    assert fileio.sha256_file(big) == hashlib.sha256(data).hexdigest()
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert fileio.sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+    assert fileio.sha256_file(str(big)) == fileio.sha256_bytes(data)
+
+
+def test_sha256_bytes_matches_hashlib():
+    """sha256_bytes is the hex sha256 of its argument."""
+    for data in (b"", b"abc", bytes(range(256)) * 100):
+        assert fileio.sha256_bytes(data) == hashlib.sha256(data).hexdigest()
+    assert fileio.sha256_bytes(b"abc") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+
+
+# ---------------------------------------------------------------- remove_duplicates
+
+
+def _row(filepath: str, label: str, sha: str) -> dict:
+    return {"filepath": filepath, "label": label, "sha256": sha, "width": 8, "height": 8}
+
+
+def test_remove_duplicates_keeps_first_by_filepath():
+    """Two copies under one label: the first by filepath stays (whatever the input order), the
+    other is quarantined as 'duplicate' with a detail naming the kept file."""
+    rows = [
+        _row("cat/z_copy.png", "cat", "h1"),
+        _row("cat/other.png", "cat", "h2"),
+        _row("cat/a_orig.png", "cat", "h1"),
+    ]
+    kept, rejected = remove_duplicates(rows)
+    assert sorted(r["filepath"] for r in kept) == ["cat/a_orig.png", "cat/other.png"]
+    assert len(rejected) == 1
+    (dup,) = rejected
+    assert (dup.filepath, dup.label, dup.reason) == ("cat/z_copy.png", "cat", "duplicate")
+    assert "cat/a_orig.png" in dup.detail
+
+
+def test_remove_duplicates_label_conflict_rejects_every_copy():
+    """The same bytes under two labels: no label can be trusted, so every copy is quarantined as
+    'label_conflict' and none is kept; unrelated rows are untouched."""
+    rows = [
+        _row("cat/x.png", "cat", "same"),
+        _row("dog/x.png", "dog", "same"),
+        _row("dog/y.png", "dog", "same"),
+        _row("dog/fine.png", "dog", "other"),
+    ]
+    kept, rejected = remove_duplicates(rows)
+    assert [r["filepath"] for r in kept] == ["dog/fine.png"]
+    assert sorted(r.filepath for r in rejected) == ["cat/x.png", "dog/x.png", "dog/y.png"]
+    assert {r.reason for r in rejected} == {"label_conflict"}
+    assert all("cat" in r.detail and "dog" in r.detail for r in rejected)
+    assert "same" not in {r["sha256"] for r in kept}
+
+
+def test_remove_duplicates_no_duplicates_is_identity():
+    """Distinct hashes: everything is kept, nothing is rejected."""
+    rows = [_row(f"c/{i}.png", "c", f"h{i}") for i in range(5)]
+    kept, rejected = remove_duplicates(rows)
+    assert rejected == []
+    assert sorted(r["filepath"] for r in kept) == sorted(r["filepath"] for r in rows)
+
+
+# ---------------------------------------------------------------- atomic_path
+
+
+def _leftovers(parent: Path, keep: set[str]) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name not in keep)
+
+
+def test_atomic_path_error_leaves_old_file_and_no_temp(tmp_path):
+    """An exception inside the block: the old target keeps its content and no temporary is left
+    next to it."""
+    target = tmp_path / "report.csv"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError, match="boom"), fileio.atomic_path(target) as tmp:
+        tmp.write_text("half written")
+        raise RuntimeError("boom")
+    assert target.read_text() == "old\n"
+    assert _leftovers(tmp_path, {"report.csv"}) == []
+
+
+def test_atomic_path_error_leaves_old_folder_and_no_temp(tmp_path):
+    """Same for a folder output (ingest's output directory): the old folder stays whole."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "manifest.csv").write_text("old")
+    with pytest.raises(ValueError), fileio.atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "manifest.csv").write_text("new")
+        raise ValueError("stage failed")
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.csv"]
+    assert (target / "manifest.csv").read_text() == "old"
+    assert _leftovers(tmp_path, {"out"}) == []
+
+
+def test_atomic_path_success_replaces_target(tmp_path):
+    """On success the new content replaces the old (file and folder), with no temp left over."""
+    target = tmp_path / "report.csv"
+    target.write_text("old\n")
+    with fileio.atomic_path(target) as tmp:
+        tmp.write_text("new\n")
+        assert target.read_text() == "old\n"  # readers still see the old one meanwhile
+    assert target.read_text() == "new\n"
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "stale.txt").write_text("stale")
+    with fileio.atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "fresh.txt").write_text("fresh")
+    assert sorted(p.name for p in folder.iterdir()) == ["fresh.txt"]
+    assert _leftovers(tmp_path, {"report.csv", "out"}) == []
+
+
+def test_atomic_path_creates_missing_parents_and_requires_output(tmp_path):
+    """A new target in a missing folder is created; writing nothing is an error, not an empty
+    output, and the missing target stays missing."""
+    target = tmp_path / "a" / "b" / "x.json"
+    fileio.write_json_atomic(target, {"k": 1})
+    assert target.read_text() == '{\n  "k": 1\n}\n'
+    other = tmp_path / "a" / "nothing.txt"
+    with pytest.raises(FileNotFoundError), fileio.atomic_path(other):
+        pass
+    assert not other.exists()
+    assert _leftovers(tmp_path / "a", {"b"}) == []
+
+
+# ---------------------------------------------------------------- config.section
+
+
+def test_section_unknown_key_is_named():
+    """A typo in params.yaml is an error naming the key and the section, never ignored."""
+    with pytest.raises(ParamsError, match=r"val_fractoin") as excinfo:
+        section(IngestParams, "ingest", {"ingest": {"val_fractoin": 0.1}})
+    assert "'ingest'" in str(excinfo.value)
+
+
+def test_section_wrong_type_is_named():
+    """A value of the wrong type names 'section.key'; bools are not accepted as ints."""
+    with pytest.raises(ParamsError, match=r"ingest\.seed must be int"):
+        section(IngestParams, "ingest", {"ingest": {"seed": "42"}})
+    with pytest.raises(ParamsError, match=r"ingest\.max_pixels must be int"):
+        section(IngestParams, "ingest", {"ingest": {"max_pixels": True}})
+    with pytest.raises(ParamsError, match=r"ingest\.stratify_by"):
+        section(IngestParams, "ingest", {"ingest": {"stratify_by": "label"}})
+    with pytest.raises(ParamsError, match=r"validate\.min_side must be int"):
+        section(ValidateParams, "validate", {"validate": {"min_side": 3.5}})
+
+
+def test_section_rejects_fractions_leaving_no_training_data():
+    """val_fraction + test_fraction >= 1 would leave train empty: rejected."""
+    for val, test in ((0.5, 0.5), (0.6, 0.45)):
+        with pytest.raises(ParamsError, match="leave images for training"):
+            section(
+                IngestParams, "ingest", {"ingest": {"val_fraction": val, "test_fraction": test}}
+            )
+    with pytest.raises(ParamsError, match="test_fraction"):
+        section(IngestParams, "ingest", {"ingest": {"test_fraction": 1.0}})
+
+
+def test_section_valid_values_are_coerced():
+    """Happy path: ints are accepted for floats, lists become tuples, missing sections give
+    defaults."""
+    params = section(
+        IngestParams,
+        "ingest",
+        {"ingest": {"val_fraction": 0, "stratify_by": ["label", "module_type"]}},
+    )
+    assert params.val_fraction == 0.0 and isinstance(params.val_fraction, float)
+    assert params.stratify_by == ("label", "module_type")
+    assert section(DataParams, "data", {}) == DataParams()
+
+
+# ---------------------------------------------------------------- images.check_image
+
+
+def test_check_image_orientation_outside_2_to_8_is_not_a_transposition(tmp_path):
+    """EXIF Orientation 0 (written by some software), 1 or 9 leaves pixels as stored: the
+    manifest must not claim exif_transposed, and a clean JPEG is kept byte for byte.
+    Orientations 5..8 swap width and height, 2..4 do not."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 200
+    for orientation in range(10):
+        path = jpeg_with_orientation(tmp_path / f"o{orientation}.jpg", pixels, orientation)
+        data = path.read_bytes()
+        checked = check_image(data, max_pixels=10_000)
+        if orientation in (0, 1, 9):
+            assert (checked.width, checked.height, checked.exif_transposed) == (40, 20, False)
+            assert checked.encoded is data and checked.encoded_format == "jpeg"
+        else:
+            assert checked.exif_transposed and checked.encoded_format == "png"
+            assert (checked.width, checked.height) == ((20, 40) if orientation >= 5 else (40, 20))
+
+
+def test_check_image_rejection_detail_is_reproducible():
+    """The quarantine report is a DVC output: the same unreadable bytes must give the same
+    detail text every time (no object addresses in it)."""
+    details = set()
+    for _ in range(3):
+        with pytest.raises(ImageRejected) as excinfo:
+            check_image(b"not a picture\n", max_pixels=100)
+        assert excinfo.value.reason == "not_an_image"
+        details.add(excinfo.value.detail)
+    assert len(details) == 1
+    assert " at 0x" not in details.pop()
