@@ -75,6 +75,73 @@ class ValidateParams:
     """Warning level: largest class count / smallest class count."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    """Shared by augment, train, finetune and export: what the network sees."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = "imagenet"
+    """``imagenet``, a local weights file, or null for random initialisation (tests)."""
+    image_size: int | None = None
+    """Square input size in pixels; null takes the backbone's native size."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+    seed: int = 7
+    views_per_image: int = 1
+    """K augmented views per training image, beside the original."""
+    balance_classes: bool = True
+    """Oversample smaller classes (each copy freshly augmented) up to the largest class."""
+    flip_horizontal: bool = True
+    flip_vertical: bool = True
+    rotate_90: bool = True
+    """Random multiples of 90 degrees (label-preserving for square, symmetric subjects)."""
+    rotation_degrees: float = 5.0
+    zoom: float = 0.1
+    """Largest relative zoom in (crop) or out (pad), e.g. 0.1 = +-10%."""
+    brightness: float = 0.1
+    """Largest brightness change as a fraction of the range."""
+    contrast: float = 0.1
+    preview_images: int = 8
+    images_per_shard: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.views_per_image < 0 or not 0 <= self.zoom < 0.5:
+            raise ParamsError("augment.views_per_image must be >= 0 and augment.zoom in [0, 0.5)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    """Frozen-base phase: the head trains on cached base features."""
+
+    seed: int = 42
+    batch_size: int = 64
+    epochs: int = 40
+    learning_rate: float = 1e-3
+    dropout: float = 0.2
+    hidden_units: int = 0
+    """0: GAP -> Dropout -> Dense; >0 adds Dense(hidden_units, relu) -> Dropout before it."""
+    class_weights: bool = True
+    early_stopping_patience: int = 6
+    reduce_lr_patience: int = 3
+    reduce_lr_factor: float = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneParams:
+    seed: int = 42
+    batch_size: int = 32
+    epochs: int = 4
+    learning_rate: float = 1e-5
+    """Peak learning rate; cosine decay to ``learning_rate * final_lr_fraction``."""
+    final_lr_fraction: float = 0.1
+    unfreeze_layers: int = 30
+    """Top N layers of the base become trainable (rounded up to a block boundary);
+    BatchNormalization layers stay frozen, in inference mode."""
+    early_stopping_patience: int = 2
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

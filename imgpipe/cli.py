@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from components.config import ParamsError
 
@@ -71,10 +72,90 @@ def cmd_validate(args: argparse.Namespace) -> None:
     )
 
 
+def _model_params(params: dict) -> Any:
+    from components.config import ModelParams, section
+
+    return section(ModelParams, "model", params)
+
+
+def cmd_augment(args: argparse.Namespace) -> None:
+    from components import augment, backbones
+    from components.config import AugmentParams, section
+    from components.tracking import stage_run
+
+    params = _params(args)
+    aug = section(AugmentParams, "augment", params)
+    size = backbones.image_size(_model_params(params))
+    outputs = augment.AugmentOutputs(Path(args.out), Path(args.summary))
+    with stage_run("augment"):
+        summary = augment.run(Path(args.shards), outputs, size, aug)
+        augment.log_to_mlflow(outputs, aug)
+    print(
+        f"augment: {summary['materialised_images']} training images at {size}px "
+        f"({summary['augmented_views']} augmented views) {summary['classes']}; "
+        f"preview: {outputs.directory / augment.PREVIEW}"
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from components import train
+    from components.config import TrainParams, section
+    from components.tracking import stage_run
+
+    params = _params(args)
+    model, train_params = _model_params(params), section(TrainParams, "train", params)
+    outputs = train.TrainOutputs(
+        Path(args.out), Path(args.metrics), Path(args.history), Path(args.feature_cache)
+    )
+    with stage_run("train"):
+        metrics = train.run(Path(args.augmented), Path(args.ingest), outputs, model, train_params)
+        train.log_to_mlflow(outputs, model, train_params)
+    frozen = metrics["frozen"]
+    print(
+        f"train: frozen {model.backbone} base, head val accuracy {frozen['val_accuracy']:.4f} "
+        f"after {frozen['epochs']} epochs; model: {outputs.directory / train.MODEL}"
+    )
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from components import finetune
+    from components.config import FinetuneParams, section
+    from components.datasets import image_dataset
+    from components.tfrecords import split_files
+    from components.tracking import stage_run
+
+    params = _params(args)
+    model, ft = _model_params(params), section(FinetuneParams, "finetune", params)
+    outputs = finetune.FinetuneOutputs(
+        Path(args.out), Path(args.metrics), Path(args.history), Path(args.checkpoints)
+    )
+    with stage_run("finetune"):
+        metrics = finetune.run(
+            Path(args.train),
+            Path(args.augmented),
+            Path(args.ingest),
+            Path(args.frozen_history),
+            outputs,
+            model,
+            ft,
+        )
+        from components import backbones
+
+        val = split_files(Path(args.ingest) / "shards", "val")
+        example = next(iter(image_dataset(val, backbones.image_size(model), 2)))[0].numpy()
+        finetune.log_to_mlflow(outputs, model, ft, example)
+    result = metrics["finetune"]
+    print(
+        f"finetune: val accuracy {result['val_accuracy']:.4f} after {result['epochs']} epochs "
+        f"({result['trainable_base_layers']} base layers trained); "
+        f"model: {outputs.directory / finetune.MODEL}"
+    )
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     from components.tracking import tracking_uri
 
-    for name in ("ingest", "validate"):
+    for name in ("ingest", "validate", "augment", "train", "finetune"):
         path = Path("metrics") / f"{name}.json"
         if path.is_file():
             print(f"{name}: {json.dumps(json.loads(path.read_text()), sort_keys=True)}")
@@ -110,6 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default="outputs/ingest/manifest.csv")
     p.add_argument("--out", default="outputs/validate")
     p.add_argument("--summary", default="metrics/validate.json")
+
+    p = add("augment", cmd_augment, "materialise the balanced, augmented training set")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--shards", default="outputs/ingest/shards")
+    p.add_argument("--out", default="outputs/augment")
+    p.add_argument("--summary", default="metrics/augment.json")
+
+    p = add("train", cmd_train, "frozen-base phase: train the head on cached base features")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--augmented", default="outputs/augment/shards")
+    p.add_argument("--ingest", default="outputs/ingest")
+    p.add_argument("--out", default="outputs/train")
+    p.add_argument("--metrics", default="metrics/train.json")
+    p.add_argument("--history", default="metrics/train_history.csv")
+    p.add_argument("--feature-cache", default="outputs/cache/features")
+
+    p = add("finetune", cmd_finetune, "unfreeze the top of the base and fine-tune; resumable")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--train", default="outputs/train")
+    p.add_argument("--augmented", default="outputs/augment/shards")
+    p.add_argument("--ingest", default="outputs/ingest")
+    p.add_argument("--frozen-history", default="metrics/train_history.csv")
+    p.add_argument("--out", default="outputs/finetune")
+    p.add_argument("--metrics", default="metrics/finetune.json")
+    p.add_argument("--history", default="metrics/finetune_history.csv")
+    p.add_argument("--checkpoints", default="outputs/finetune_checkpoints")
 
     add("summary", cmd_summary, "print the pipeline's metrics and where MLflow is")
     return parser

@@ -1,0 +1,268 @@
+"""finetune: unfreeze the top of the base and train the whole classifier at a low learning rate.
+
+BatchNormalization layers stay frozen and in inference mode (their statistics would be ruined by
+small batches). The learning rate follows a cosine decay. After every epoch the model, with its
+optimizer state, is checkpointed together with the early-stopping state, so a run killed at any
+moment (even ``kill -9`` mid-epoch) continues from the last finished epoch when rerun with the same
+inputs and params, instead of starting over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from components import backbones
+from components.config import FinetuneParams, ModelParams
+from components.datasets import image_dataset
+from components.fileio import atomic_path, sha256_file, write_json_atomic
+from components.tfrecords import split_files
+from components.train import MODEL, count_records
+from components.training import EpochLogger, base_of, plot_curves, read_history, write_history
+
+log = logging.getLogger(__name__)
+
+CURVES = "curves.png"
+STATE = "state.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneOutputs:
+    directory: Path
+    """Receives model.keras (the best epoch) and curves.png (both phases)."""
+    metrics: Path
+    history: Path
+    checkpoints: Path
+    """epoch-NNN.keras (the last and the best epoch) and state.json; kept across runs (DVC
+    ``persist``) for resuming."""
+
+
+def unfreeze_top(model: keras.Model, backbone: str, layers: int) -> int:
+    """Make the top ``layers`` layers of the base trainable, moving the cut down to the start of
+    its block so no block is half frozen; BatchNormalization stays frozen. Returns the number
+    of base layers made trainable."""
+    base = base_of(model)
+    inner = backbones.inner_base(base)
+    cuts = backbones.cut_points(backbones.get(backbone), base)
+    wanted = len(inner.layers) - layers
+    start = max([c for c in cuts if c <= wanted], default=cuts[0] if cuts else 0)
+    base.trainable = True
+    for layer in base.layers:
+        if layer is not inner:
+            layer.trainable = False  # the wrappers' preprocessing layers
+    inner.trainable = True
+    trainable = 0
+    for index, layer in enumerate(inner.layers):
+        layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
+        trainable += int(layer.trainable and bool(layer.weights))
+    return trainable
+
+
+def fingerprint(
+    train_model: Path, files: list[str], model: ModelParams, params: FinetuneParams
+) -> str:
+    """What a checkpoint must match to be resumed: the starting model, the data and the params."""
+    digest = hashlib.sha256(
+        json.dumps([dataclasses.asdict(model), dataclasses.asdict(params)], sort_keys=True).encode()
+    )
+    for path in [str(train_model), *files]:
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+class ResumableCheckpoint(keras.callbacks.Callback):
+    """A checkpoint each epoch plus early stopping on ``val_loss``, both resumable: the epoch's
+    model (with optimizer state), the best model and the stopping state survive the process.
+
+    Order makes it crash-safe: the epoch's model is written first, then ``state.json`` (one
+    atomic rename) points to it, then older files go. A kill at any point leaves a state that
+    names files which exist.
+    """
+
+    def __init__(self, directory: Path, key: str, patience: int, state: dict[str, Any]) -> None:
+        super().__init__()
+        self.directory, self.key, self.patience = directory, key, patience
+        self.best = state.get("best", math.inf)
+        self.wait = state.get("wait", 0)
+        self.best_file = state.get("best_checkpoint")
+        self.rows: list[dict[str, Any]] = state.get("history", [])
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        val_loss = float((logs or {}).get("val_loss", math.inf))
+        last = f"epoch-{epoch:03d}.keras"
+        with atomic_path(self.directory / last) as tmp:
+            self.model.save(tmp)
+        if val_loss < self.best:
+            self.best, self.wait, self.best_file = val_loss, 0, last
+        else:
+            self.wait += 1
+        stop = self.wait >= self.patience
+        write_json_atomic(
+            self.directory / STATE,
+            {
+                "fingerprint": self.key,
+                "epoch": epoch,
+                "checkpoint": last,
+                "best_checkpoint": self.best_file,
+                "best": self.best,
+                "wait": self.wait,
+                "stopped_early": stop,
+                "history": self.rows,
+            },
+        )
+        for old in self.directory.glob("epoch-*.keras"):
+            if old.name not in (last, self.best_file):
+                old.unlink()
+        if stop:
+            self.model.stop_training = True
+
+
+def _load_state(directory: Path, key: str) -> dict[str, Any]:
+    state_file = directory / STATE
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") == key and (directory / state["checkpoint"]).is_file():
+            return state
+        log.info(
+            "finetune: checkpoints in %s are for other inputs or params; starting over", directory
+        )
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return {}
+
+
+def run(
+    train_dir: Path,
+    augment_shards: Path,
+    ingest_dir: Path,
+    frozen_history: Path,
+    outputs: FinetuneOutputs,
+    model_params: ModelParams,
+    params: FinetuneParams,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune the frozen-phase model; resume from checkpoints when they match."""
+    size = backbones.image_size(model_params)
+    train_files = split_files(augment_shards, "train")
+    val_files = split_files(ingest_dir / "shards", "val")
+    key = fingerprint(train_dir / MODEL, train_files, model_params, params)
+    state = _load_state(outputs.checkpoints, key)
+    frozen_rows = read_history(frozen_history)
+    offset = int(max((r["step"] for r in frozen_rows), default=-1)) + 1
+
+    keras.utils.set_random_seed(params.seed)
+    steps = math.ceil(count_records(train_files) / params.batch_size)
+    if state:
+        initial_epoch = int(state["epoch"]) + 1
+        log.info(
+            "finetune: resuming after epoch %d from %s", initial_epoch - 1, outputs.checkpoints
+        )
+        model = keras.models.load_model(outputs.checkpoints / state["checkpoint"])
+        trainable = sum(
+            int(layer.trainable and bool(layer.weights))
+            for layer in backbones.inner_base(base_of(model)).layers
+        )
+    else:
+        initial_epoch = 0
+        model = keras.models.load_model(train_dir / MODEL, compile=False)
+        trainable = unfreeze_top(model, model_params.backbone, params.unfreeze_layers)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            params.learning_rate,
+            decay_steps=max(1, params.epochs * steps),
+            alpha=params.final_lr_fraction,
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(schedule),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+
+    checkpoint = ResumableCheckpoint(
+        outputs.checkpoints, key, params.early_stopping_patience, state
+    )
+    logger = EpochLogger("finetune", offset, params.epochs, checkpoint.rows, progress)
+    started = time.perf_counter()
+    if initial_epoch < params.epochs and not state.get("stopped_early"):
+        model.fit(
+            image_dataset(train_files, size, params.batch_size, shuffle_seed=params.seed),
+            validation_data=image_dataset(val_files, size, params.batch_size),
+            epochs=params.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=[logger, checkpoint],
+            verbose=0,
+        )
+    seconds = time.perf_counter() - started
+    rows = checkpoint.rows
+
+    # The served model needs no optimizer state: load without it, compile for evaluation only.
+    best = keras.models.load_model(outputs.checkpoints / checkpoint.best_file, compile=False)
+    best.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    val_loss, val_accuracy = best.evaluate(image_dataset(val_files, size, 64), verbose=0)
+    with atomic_path(outputs.directory) as out:
+        out.mkdir()
+        best.save(out / MODEL)
+        plot_curves(
+            [*frozen_rows, *rows],
+            out / CURVES,
+            f"{model_params.backbone} {size}px: frozen phase, then fine-tuning",
+        )
+    write_history(outputs.history, rows)
+    epochs_run = len(rows) - sum(1 for r in rows if r["epoch"] < initial_epoch)
+    metrics = {
+        "finetune": {
+            "val_accuracy": round(float(val_accuracy), 6),
+            "val_loss": round(float(val_loss), 6),
+            "epochs": len(rows),
+            "best_epoch": int(np.argmin([r["val_loss"] for r in rows])) if rows else -1,
+            "resumed_from_epoch": initial_epoch,
+            "trainable_base_layers": trainable,
+            "seconds": round(seconds, 2),
+            "images_per_second": round(epochs_run * steps * params.batch_size / seconds, 1)
+            if epochs_run and seconds
+            else None,
+        }
+    }
+    write_json_atomic(outputs.metrics, metrics)
+    return metrics
+
+
+def log_to_mlflow(
+    outputs: FinetuneOutputs, model_params: ModelParams, params: FinetuneParams, example: np.ndarray
+) -> None:
+    """Params, final metrics, the curves of both phases and the model with its signature."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from components.tracking import log_params
+
+    log_params("finetune", params)
+    metrics = json.loads(outputs.metrics.read_text())["finetune"]
+    mlflow.log_metrics({f"finetune.{k}": v for k, v in metrics.items() if v is not None})
+    mlflow.log_artifact(str(outputs.directory / CURVES), "finetune")
+    mlflow.log_artifact(str(outputs.history), "finetune")
+    model = keras.models.load_model(outputs.directory / MODEL)
+    signature = infer_signature(example, model.predict(example, verbose=0))
+    mlflow.tensorflow.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=example,
+        pip_requirements=[f"tensorflow=={_version('tensorflow')}", f"keras=={keras.__version__}"],
+    )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)

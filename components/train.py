@@ -1,0 +1,252 @@
+"""train: the frozen-base phase. The base's pooled features are computed once per materialised
+image (and cached on disk by content), the head trains on them, and the stage writes the full
+model (base + head), so no later stage needs the cache.
+
+Training the head on cached features is the same math as ``fit`` through the frozen base: the
+base runs in inference mode either way, so each image's features are a constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from components import backbones
+from components.config import ModelParams, TrainParams
+from components.datasets import image_dataset
+from components.fileio import atomic_path, sha256_file, write_json_atomic
+from components.labels import read_labels
+from components.tfrecords import split_files
+from components.training import (
+    EpochLogger,
+    assemble,
+    build_head,
+    class_weights,
+    plot_curves,
+    write_history,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL, CURVES = "model.keras", "curves.png"
+EXTRACT_BATCH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOutputs:
+    directory: Path
+    """Receives model.keras (base + head), head.best.weights.h5 (the best epoch's head, saved
+    by ModelCheckpoint) and curves.png."""
+    metrics: Path
+    history: Path
+    """Per-epoch CSV that DVC plots."""
+    feature_cache: Path
+    """Folder of cached features, keyed by content; kept across runs, never a stage output."""
+
+
+def feature_key(files: Sequence[str], model: ModelParams, size: int) -> str:
+    digest = hashlib.sha256(json.dumps([model.backbone, model.weights, size]).encode())
+    if model.weights and Path(model.weights).is_file():
+        digest.update(sha256_file(model.weights).encode())
+    for name in files:
+        digest.update(sha256_file(name).encode())
+    return digest.hexdigest()[:24]
+
+
+def extract_features(
+    base: keras.Model, dataset: Any, total: int, desc: str, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled base features (inference mode) and labels for every example of ``dataset``."""
+    import tensorflow as tf
+
+    pool = keras.layers.GlobalAveragePooling2D()
+
+    @tf.function(reduce_retracing=True)
+    def forward(images: Any) -> Any:
+        return pool(base(images, training=False))
+
+    features, labels = [], []
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+        for images, y in dataset:
+            features.append(forward(images).numpy())
+            labels.append(y.numpy())
+            bar.update(int(y.shape[0]))
+    return np.concatenate(features).astype(np.float32), np.concatenate(labels).astype(np.int32)
+
+
+def cached_features(
+    cache_dir: Path,
+    files: Sequence[str],
+    base: keras.Model,
+    model: ModelParams,
+    size: int,
+    desc: str,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(cache_dir) / f"{feature_key(files, model, size)}.npz"
+    if path.is_file():
+        with np.load(path) as cached:
+            log.info("%s: %d cached feature vectors from %s", desc, len(cached["labels"]), path)
+            return cached["features"], cached["labels"]
+    total = count_records(files)
+    x, y = extract_features(base, image_dataset(files, size, EXTRACT_BATCH), total, desc, progress)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, features=x, labels=y)
+    return x, y
+
+
+def count_records(files: Sequence[str]) -> int:
+    import tensorflow as tf
+
+    return sum(1 for _ in tf.data.TFRecordDataset(list(files)))
+
+
+def fit(
+    model: keras.Model,
+    x: Any,
+    y: np.ndarray,
+    validation: tuple[Any, np.ndarray],
+    params: TrainParams,
+    num_classes: int,
+    callbacks: Sequence[Any] = (),
+    epochs: int | None = None,
+) -> keras.callbacks.History:
+    """Compile and fit ``model`` on in-memory ``x`` (cached features or images): Adam, sparse
+    categorical cross-entropy, class weights, a seeded per-epoch shuffle. The same function
+    trains the head on features and, in tests, the whole frozen model on images."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(params.seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(params.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    train = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(y), seed=params.seed, reshuffle_each_iteration=True)
+        .batch(params.batch_size)
+    )
+    val = tf.data.Dataset.from_tensor_slices(validation).batch(params.batch_size)
+    weights = class_weights(y, num_classes) if params.class_weights else None
+    return model.fit(
+        train,
+        validation_data=val,
+        epochs=epochs or params.epochs,
+        class_weight=weights,
+        callbacks=list(callbacks),
+        verbose=0,
+    )
+
+
+def standard_callbacks(params: TrainParams, checkpoint: Path) -> list[Any]:
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
+        ),
+        keras.callbacks.ModelCheckpoint(
+            str(checkpoint), monitor="val_loss", save_best_only=True, save_weights_only=True
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss",
+            factor=params.reduce_lr_factor,
+            patience=params.reduce_lr_patience,
+            min_lr=1e-6,
+        ),
+    ]
+
+
+def run(
+    augment_shards: Path,
+    ingest_dir: Path,
+    outputs: TrainOutputs,
+    model_params: ModelParams,
+    params: TrainParams,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Frozen-base training; returns the metrics written to ``outputs.metrics``."""
+    labels = read_labels(ingest_dir / "labels.txt")
+    size = backbones.image_size(model_params)
+    base = backbones.create(model_params)
+    base.trainable = False
+
+    started = time.perf_counter()
+    train_files = split_files(augment_shards, "train")
+    val_files = split_files(ingest_dir / "shards", "val")
+    x, y = cached_features(
+        outputs.feature_cache,
+        train_files,
+        base,
+        model_params,
+        size,
+        "train: base features (train)",
+        progress,
+    )
+    vx, vy = cached_features(
+        outputs.feature_cache,
+        val_files,
+        base,
+        model_params,
+        size,
+        "train: base features (val)",
+        progress,
+    )
+    features_seconds = time.perf_counter() - started
+
+    head = build_head(x.shape[1], len(labels), params.dropout, params.hidden_units, params.seed)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    outputs.directory.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(outputs.directory) as out:
+        out.mkdir()
+        callbacks = [
+            *standard_callbacks(params, out / "head.best.weights.h5"),
+            EpochLogger("frozen", 0, params.epochs, rows, progress),
+        ]
+        fit(head, x, y, (vx, vy), params, len(labels), callbacks)
+        head_seconds = time.perf_counter() - started
+        val_loss, val_accuracy = head.evaluate(vx, vy, batch_size=256, verbose=0)
+        model = assemble(base, head)
+        model.save(out / MODEL)
+        plot_curves(rows, out / CURVES, f"frozen {model_params.backbone} base, {size}px")
+    write_history(outputs.history, rows)
+    best = int(np.argmin([r["val_loss"] for r in rows]))
+    metrics = {
+        "frozen": {
+            "val_accuracy": round(float(val_accuracy), 6),
+            "val_loss": round(float(val_loss), 6),
+            "epochs": len(rows),
+            "best_epoch": best,
+            "train_images": int(len(y)),
+            "image_size": size,
+            "feature_seconds": round(features_seconds, 2),
+            "head_seconds": round(head_seconds, 2),
+        }
+    }
+    write_json_atomic(outputs.metrics, metrics)
+    return metrics
+
+
+def log_to_mlflow(outputs: TrainOutputs, model_params: ModelParams, params: TrainParams) -> None:
+    import mlflow
+
+    from components.tracking import log_params
+
+    log_params("model", model_params)
+    log_params("train", params)
+    metrics = json.loads(outputs.metrics.read_text())["frozen"]
+    mlflow.log_metrics({f"frozen.{k}": v for k, v in metrics.items()})
+    mlflow.set_tag("backbone", model_params.backbone)
+    mlflow.log_artifact(str(outputs.directory / CURVES), "train")
+    mlflow.log_artifact(str(outputs.history), "train")

@@ -1,0 +1,179 @@
+"""What the two training phases share: the classifier's shape, class weights, per-epoch MLflow
+logging, progress, the history file DVC plots and the curves figure."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from components.backbones import BASE_NAME
+
+HISTORY_COLUMNS = (
+    "step",
+    "phase",
+    "epoch",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "learning_rate",
+    "seconds",
+)
+HEAD_NAME = "head"
+
+
+def build_head(
+    feature_dim: int, num_classes: int, dropout: float, hidden_units: int, seed: int
+) -> keras.Model:
+    """Dropout -> [Dense(hidden, relu) -> Dropout] -> Dense(num_classes, softmax), on pooled
+    base features; the same layers serve the cached-feature and the end-to-end model."""
+    inputs = keras.Input((feature_dim,), name="pooled_features")
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(inputs)
+    if hidden_units:
+        x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
+        x = keras.layers.Dropout(dropout, seed=seed + 1, name="hidden_dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=HEAD_NAME)
+
+
+def assemble(base: keras.Model, head: keras.Model) -> keras.Model:
+    """image -> base (frozen in inference mode unless unfrozen later) -> GAP -> head."""
+    inputs = keras.Input(base.input_shape[1:], name="image")
+    features = base(inputs, training=False)
+    pooled = keras.layers.GlobalAveragePooling2D(name="gap")(features)
+    return keras.Model(inputs, head(pooled), name="classifier")
+
+
+def base_of(model: keras.Model) -> keras.Model:
+    return model.get_layer(BASE_NAME)
+
+
+def class_weights(labels: Sequence[int], num_classes: int) -> dict[int, float]:
+    """Inverse-frequency weights, mean 1 over the examples: n / (classes * n_class)."""
+    counts = Counter(int(y) for y in labels)
+    total = len(labels)
+    return {c: total / (num_classes * counts[c]) if counts[c] else 0.0 for c in range(num_classes)}
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch loss, accuracy and learning rate of one phase on the shared step axis, to the
+    history rows (and MLflow when a run is active); a tqdm bar over epochs."""
+
+    def __init__(
+        self,
+        phase: str,
+        step_offset: int,
+        epochs: int,
+        rows: list[dict[str, Any]],
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.phase, self.step_offset, self.rows = phase, step_offset, rows
+        self.bar = tqdm(total=epochs, desc=f"{phase}: epochs", unit="epoch", disable=not progress)
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+        if self.bar.n == 0 and epoch:
+            self.bar.update(epoch)  # resumed: show the epochs already done
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = dict(logs or {})
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        row = {
+            "step": self.step_offset + epoch,
+            "phase": self.phase,
+            "epoch": epoch,
+            **{
+                k: float(logs[k])
+                for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+                if k in logs
+            },
+            "learning_rate": lr,
+            "seconds": round(time.perf_counter() - self._start, 3),
+        }
+        self.rows.append(row)
+        log_epoch(row)
+        self.bar.set_postfix(val_acc=f"{row.get('val_accuracy', float('nan')):.3f}")
+        self.bar.update(1)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.bar.close()
+
+
+def log_epoch(row: dict[str, Any]) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    metrics = {
+        k: row[k]
+        for k in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+        if k in row
+    }
+    mlflow.log_metrics(metrics, step=int(row["step"]))
+
+
+def write_history(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    from components.fileio import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(
+            f, fieldnames=list(HISTORY_COLUMNS), lineterminator="\n", restval=""
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [
+            {k: (v if k == "phase" else float(v) if v else np.nan) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Loss and accuracy of every phase on one step axis, a line where each phase starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    steps = [r["step"] for r in rows]
+    for ax, (key, label) in zip(
+        axes,
+        (("loss", "loss"), ("accuracy", "accuracy"), ("learning_rate", "learning rate")),
+        strict=True,
+    ):
+        ax.plot(steps, [r.get(key, np.nan) for r in rows], "o-", ms=3, label=f"train {label}")
+        if key != "learning_rate":
+            ax.plot(
+                steps, [r.get(f"val_{key}", np.nan) for r in rows], "o-", ms=3, label=f"val {label}"
+            )
+        else:
+            ax.set_yscale("log")
+        for r0, r1 in zip(rows, rows[1:], strict=False):
+            if r1["phase"] != r0["phase"]:
+                ax.axvline((r0["step"] + r1["step"]) / 2, color="grey", ls="--", lw=1)
+        ax.set_xlabel("epoch (both phases)")
+        ax.set_title(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    from components.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
