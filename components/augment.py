@@ -62,7 +62,7 @@ def plan_views(labels: Sequence[str], views_per_image: int, balance: bool) -> li
         members: dict[str, list[int]] = defaultdict(list)
         for index, label in enumerate(labels):
             members[label].append(index)
-        for label, indices in members.items():
+        for indices in members.values():
             base, extra = divmod(target, len(indices))
             for rank, index in enumerate(indices):
                 plan[index] = base + (1 if rank < extra else 0)

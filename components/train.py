@@ -228,7 +228,7 @@ def run(
             "val_loss": round(float(val_loss), 6),
             "epochs": len(rows),
             "best_epoch": best,
-            "train_images": int(len(y)),
+            "train_images": len(y),
             "image_size": size,
             "feature_seconds": round(features_seconds, 2),
             "head_seconds": round(head_seconds, 2),

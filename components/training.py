@@ -4,6 +4,7 @@ logging, progress, the history file DVC plots and the curves figure."""
 from __future__ import annotations
 
 import csv
+import itertools
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -164,7 +165,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
             )
         else:
             ax.set_yscale("log")
-        for r0, r1 in zip(rows, rows[1:], strict=False):
+        for r0, r1 in itertools.pairwise(rows):
             if r1["phase"] != r0["phase"]:
                 ax.axvline((r0["step"] + r1["step"]) / 2, color="grey", ls="--", lw=1)
         ax.set_xlabel("epoch (both phases)")
