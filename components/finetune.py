@@ -162,7 +162,8 @@ def run(
     offset = int(max((r["step"] for r in frozen_rows), default=-1)) + 1
 
     keras.utils.set_random_seed(params.seed)
-    steps = math.ceil(count_records(train_files) / params.batch_size)
+    n_train, n_val = count_records(train_files), count_records(val_files)
+    steps = math.ceil(n_train / params.batch_size)
     if state:
         initial_epoch = int(state["epoch"]) + 1
         log.info(
@@ -191,15 +192,18 @@ def run(
     checkpoint = ResumableCheckpoint(
         outputs.checkpoints, key, params.early_stopping_patience, state
     )
-    logger = EpochLogger("finetune", offset, params.epochs, checkpoint.rows, progress)
+    logger = EpochLogger("finetune", offset, params.epochs, checkpoint.rows, progress, steps)
     started = time.perf_counter()
     if initial_epoch < params.epochs and not state.get("stopped_early"):
         model.fit(
-            image_dataset(train_files, size, params.batch_size, shuffle_seed=params.seed),
-            validation_data=image_dataset(val_files, size, params.batch_size),
+            image_dataset(
+                train_files, size, params.batch_size, shuffle_seed=params.seed, count=n_train
+            ),
+            validation_data=image_dataset(val_files, size, params.batch_size, count=n_val),
             epochs=params.epochs,
             initial_epoch=initial_epoch,
             callbacks=[logger, checkpoint],
+            shuffle=False,  # the dataset shuffles itself, seeded
             verbose=0,
         )
     seconds = time.perf_counter() - started
@@ -247,6 +251,7 @@ def log_to_mlflow(
     from components.tracking import log_params
 
     log_params("finetune", params)
+    mlflow.set_tag("backbone", model_params.backbone)
     metrics = json.loads(outputs.metrics.read_text())["finetune"]
     mlflow.log_metrics({f"finetune.{k}": v for k, v in metrics.items() if v is not None})
     mlflow.log_artifact(str(outputs.directory / CURVES), "finetune")

@@ -52,6 +52,24 @@ class _TensorRef:
     def to_numpy(self) -> np.ndarray:
         base = self.storage.data
         assert base is not None
+        # as_strided does no bounds checks: a view reaching past its storage would read (and
+        # return) whatever memory follows the buffer, or crash.
+        fits = (
+            len(self.size) == len(self.stride)
+            and self.offset >= 0
+            and all(n >= 0 for n in self.size)
+            and all(s >= 0 for s in self.stride)
+        )
+        if fits and all(self.size):
+            last = self.offset + sum(
+                (n - 1) * s for n, s in zip(self.size, self.stride, strict=True)
+            )
+            fits = last < len(base)
+        if not fits:
+            raise ValueError(
+                f"tensor view (offset {self.offset}, size {self.size}, stride {self.stride}) "
+                f"does not fit in its storage {self.storage.key} of {len(base)} elements"
+            )
         item = base.itemsize
         view = np.lib.stride_tricks.as_strided(
             base[self.offset :], shape=self.size, strides=tuple(s * item for s in self.stride)

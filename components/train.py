@@ -145,6 +145,7 @@ def fit(
         epochs=epochs or params.epochs,
         class_weight=weights,
         callbacks=list(callbacks),
+        shuffle=False,  # the dataset shuffles itself, seeded
         verbose=0,
     )
 

@@ -66,7 +66,8 @@ def class_weights(labels: Sequence[int], num_classes: int) -> dict[int, float]:
 
 class EpochLogger(keras.callbacks.Callback):
     """Per-epoch loss, accuracy and learning rate of one phase on the shared step axis, to the
-    history rows (and MLflow when a run is active); a tqdm bar over epochs."""
+    history rows (and MLflow when a run is active); a tqdm bar over epochs, and one over the
+    batches of each epoch when ``steps`` is given (long epochs)."""
 
     def __init__(
         self,
@@ -75,29 +76,43 @@ class EpochLogger(keras.callbacks.Callback):
         epochs: int,
         rows: list[dict[str, Any]],
         progress: bool = True,
+        steps: int | None = None,
     ) -> None:
         super().__init__()
         self.phase, self.step_offset, self.rows = phase, step_offset, rows
+        self.steps, self.progress = steps, progress
         self.bar = tqdm(total=epochs, desc=f"{phase}: epochs", unit="epoch", disable=not progress)
+        self.batches: tqdm | None = None
         self._start = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._start = time.perf_counter()
         if self.bar.n == 0 and epoch:
             self.bar.update(epoch)  # resumed: show the epochs already done
+        if self.steps:
+            self.batches = tqdm(
+                total=self.steps,
+                desc=f"{self.phase}: epoch {epoch}",
+                unit="batch",
+                leave=False,
+                disable=not self.progress,
+            )
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.batches is not None:
+            self.batches.update(1)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.batches is not None:
+            self.batches.close()
         logs = dict(logs or {})
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        metrics = ("loss", "accuracy", "val_loss", "val_accuracy")
         row = {
             "step": self.step_offset + epoch,
             "phase": self.phase,
             "epoch": epoch,
-            **{
-                k: float(logs[k])
-                for k in ("loss", "accuracy", "val_loss", "val_accuracy")
-                if k in logs
-            },
+            **{k: float(logs[k]) for k in metrics if k in logs},
             "learning_rate": lr,
             "seconds": round(time.perf_counter() - self._start, 3),
         }

@@ -1,8 +1,10 @@
-"""End to end: ``dvc repro`` runs ingest and validate on a tiny data set in a throwaway git repo.
+"""End to end: ``dvc repro`` runs the whole pipeline (ingest, validate, augment, train,
+finetune) on a tiny data set in a throwaway git repo.
 
-The repo gets the project's dvc.yaml, an edited params.yaml and a copy of components/ (the stage
-deps); the ``imgpipe`` commands come from the project's venv. MLflow logs into a SQLite file in
-tmp_path, never into the project's mlflow.db. Three ``dvc repro`` runs in all (each one starts
+The repo gets the project's dvc.yaml, an edited params.yaml (32 px Lite0 with its offline
+weights, 2 frozen epochs, 1 fine-tuning epoch) and a copy of components/ (the stage deps); the
+``imgpipe`` commands come from the project's venv. MLflow logs into a SQLite file in tmp_path,
+never into the project's mlflow.db. Four ``dvc repro`` runs in all (each stage starts
 TensorFlow), so the checks share one module-scoped repo and run in order.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import read_csv_rows
 from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -27,6 +30,8 @@ VENV_BIN = Path(sys.executable).parent
 CLASSES = ("circle", "square", "triangle")
 IMAGES_PER_CLASS = 16  # ingest's 75/10/15 rounding gives 10 train, 2 val, 4 test per class
 EXPERIMENT = "imgpipe-e2e"
+STAGES = ("ingest", "validate", "augment", "train", "finetune")
+TRAIN_EPOCHS, FINETUNE_EPOCHS = 2, 1
 
 
 def write_tiny_dataset(root: Path) -> None:
@@ -111,6 +116,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(source="data", metadata_csv=None)
     params["validate"].update(labels=list(CLASSES), min_images_per_class=2)
+    # Small and quick: 32 px (Lite0's feature map is 1x1), 1 view per image, few epochs.
+    params["model"].update(backbone="efficientnet_lite0", weights="imagenet", image_size=32)
+    params["augment"].update(views_per_image=1, preview_images=2)
+    params["train"].update(epochs=TRAIN_EPOCHS, batch_size=32)
+    params["finetune"].update(epochs=FINETUNE_EPOCHS, batch_size=32, unfreeze_layers=20)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_tiny_dataset(root / "data")
 
@@ -124,15 +134,16 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
 
 @pytest.fixture(scope="module")
 def first_repro(repo: Repo) -> subprocess.CompletedProcess[str]:
-    """The first ``dvc repro``: runs both stages."""
+    """The first ``dvc repro``: runs all five stages."""
     return repo.run("dvc", "repro")
 
 
-def test_repro_runs_ingest_and_validate_and_writes_outputs(repo, first_repro):
-    """Guards the DAG wiring: dvc repro runs both stage commands from dvc.yaml with the
-    params sections they read and leaves every declared output and metric behind."""
+def test_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
+    """Guards the DAG wiring: dvc repro runs every stage command from dvc.yaml with the
+    params sections they read and leaves every declared output, metric and plot behind."""
     out = first_repro.stdout + first_repro.stderr
-    assert "Running stage 'ingest'" in out and "Running stage 'validate'" in out, out
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out, out
     root = repo.root
     manifest = (root / "outputs/ingest/manifest.csv").read_text().splitlines()
     assert len(manifest) == 1 + len(CLASSES) * IMAGES_PER_CLASS
@@ -144,11 +155,40 @@ def test_repro_runs_ingest_and_validate_and_writes_outputs(repo, first_repro):
     assert ingest_metrics["images"] == len(CLASSES) * IMAGES_PER_CLASS
     assert ingest_metrics["quarantined"] == 0
     assert json.loads((root / "metrics/validate.json").read_text())["success"] is True
+
+    train_per_class = ingest_metrics["splits"]["train"]["classes"]
+    augment_metrics = json.loads((root / "metrics/augment.json").read_text())
+    assert augment_metrics["image_size"] == 32
+    assert augment_metrics["classes"] == {c: 2 * max(train_per_class.values()) for c in CLASSES}
+    assert list((root / "outputs/augment/shards").glob("train-*.tfrecord"))
+    assert (root / "outputs/augment/preview.png").is_file()
+
+    frozen = json.loads((root / "metrics/train.json").read_text())["frozen"]
+    assert frozen["epochs"] == TRAIN_EPOCHS and frozen["image_size"] == 32
+    assert frozen["train_images"] == sum(augment_metrics["classes"].values())
+    tuned = json.loads((root / "metrics/finetune.json").read_text())["finetune"]
+    assert tuned["epochs"] == FINETUNE_EPOCHS and tuned["resumed_from_epoch"] == 0
+    assert tuned["trainable_base_layers"] > 0
+    for path in ("outputs/train/model.keras", "outputs/finetune/model.keras"):
+        assert (root / path).stat().st_size > 1_000_000, path  # Lite0: ~3.4M parameters
+    assert (root / "outputs/finetune/curves.png").is_file()
+    assert (root / "outputs/finetune_checkpoints/state.json").is_file()
+    frozen_rows = read_csv_rows(root / "metrics/train_history.csv")
+    tuned_rows = read_csv_rows(root / "metrics/finetune_history.csv")
+    assert [int(r["step"]) for r in frozen_rows] == list(range(TRAIN_EPOCHS))
+    assert [int(r["step"]) for r in tuned_rows] == [
+        TRAIN_EPOCHS + epoch for epoch in range(FINETUNE_EPOCHS)
+    ]
+    assert {r["phase"] for r in frozen_rows + tuned_rows} == {"frozen", "finetune"}
+
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "validate"}
+    assert set(lock["stages"]) == set(STAGES)
     validate_params = lock["stages"]["validate"]["params"]["params.yaml"]["validate"]
     assert validate_params["min_images_per_class"] == 2
     assert validate_params["labels"] == list(CLASSES)
+    train_params = lock["stages"]["train"]["params"]["params.yaml"]
+    assert train_params["model"]["image_size"] == 32
+    assert train_params["train"]["epochs"] == TRAIN_EPOCHS
 
 
 def test_pipeline_is_up_to_date_after_repro(repo, first_repro):
@@ -159,32 +199,42 @@ def test_pipeline_is_up_to_date_after_repro(repo, first_repro):
 
 
 def test_second_repro_runs_no_stage(repo, first_repro):
-    """Guards caching: a second dvc repro with nothing changed skips both stages."""
+    """Guards caching: a second dvc repro with nothing changed skips every stage (training
+    included: no stage writes into another's deps, the feature cache is not a dep)."""
     second = repo.run("dvc", "repro")
     out = second.stdout + second.stderr
     assert "Running stage" not in out, out
     assert "didn't change, skipping" in out or "up to date" in out, out
 
 
-def test_both_stages_log_into_one_mlflow_run(repo, first_repro):
+def test_all_stages_log_into_one_mlflow_run(repo, first_repro):
     """Guards the shared MLflow run: every stage of one dvc repro logs into the same run,
-    with each stage's params, its done tag and its artifacts."""
+    with each stage's params, its done tag and its artifacts, and finetune logs the model."""
     from mlflow.tracking import MlflowClient
 
     runs = repo.mlflow_runs()
     assert len(runs) == 1, [r.data.tags for r in runs]
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags["stage.ingest"] == "done"
-    assert run.data.tags["stage.validate"] == "done"
+    for stage in STAGES:
+        assert run.data.tags[f"stage.{stage}"] == "done", stage
     assert run.data.tags["imgpipe.execution"].count(":") == 2  # host:pid:start of dvc repro
+    assert run.data.tags["backbone"] == "efficientnet_lite0"
     params = run.data.params
-    assert any(k.startswith("ingest.") for k in params), params
-    assert any(k.startswith("validate.") for k in params), params
+    for prefix in ("ingest.", "validate.", "augment.", "model.", "train.", "finetune."):
+        assert any(k.startswith(prefix) for k in params), (prefix, params)
     assert params["validate.labels"] == ",".join(CLASSES)
-    assert run.data.metrics["ingest.images"] == len(CLASSES) * IMAGES_PER_CLASS
-    assert run.data.metrics["validate.success"] == 1.0
+    assert params["model.image_size"] == "32"
+    assert params["train.epochs"] == str(TRAIN_EPOCHS)
+    metrics = run.data.metrics
+    assert metrics["ingest.images"] == len(CLASSES) * IMAGES_PER_CLASS
+    assert metrics["validate.success"] == 1.0
+    assert metrics["frozen.epochs"] == TRAIN_EPOCHS
+    assert metrics["finetune.epochs"] == FINETUNE_EPOCHS
+    assert "val_accuracy" in metrics  # per-epoch curves on the shared step axis
     client = MlflowClient(tracking_uri=repo.env["MLFLOW_TRACKING_URI"])
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == list(range(TRAIN_EPOCHS + FINETUNE_EPOCHS))
     ingest_artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "ingest")}
     assert {
         "ingest/manifest.csv",
@@ -193,6 +243,54 @@ def test_both_stages_log_into_one_mlflow_run(repo, first_repro):
     } <= ingest_artifacts
     docs = {a.path for a in client.list_artifacts(run.info.run_id, "validate/data_docs")}
     assert "validate/data_docs/index.html" in docs
+    for stage, artifact in (
+        ("augment", "preview.png"),
+        ("train", "curves.png"),
+        ("train", "train_history.csv"),
+        ("finetune", "curves.png"),
+        ("finetune", "finetune_history.csv"),
+    ):
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, stage)}
+        assert f"{stage}/{artifact}" in logged, logged
+
+    models = [
+        m
+        for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
+        if m.source_run_id == run.info.run_id
+    ]
+    assert [m.name for m in models] == ["model"], models
+    files = {a.path for a in client.list_logged_model_artifacts(models[0].model_id)}
+    assert "MLmodel" in files, files
+
+
+def test_finetune_param_change_reruns_only_finetune(repo, first_repro):
+    """Guards the stage params scoping: changing only finetune.learning_rate reruns finetune
+    and nothing upstream; the new fine-tuning starts over (its checkpoints no longer match),
+    and the pipeline is up to date again afterwards."""
+    before = json.loads((repo.root / "metrics/train.json").read_text())
+    params = yaml.safe_load((repo.root / "params.yaml").read_text())
+    params["finetune"]["learning_rate"] = 0.0005
+    (repo.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    result = repo.run("dvc", "repro")
+
+    out = result.stdout + result.stderr
+    assert "Running stage 'finetune'" in out, out
+    for stage in STAGES[:-1]:
+        assert f"Running stage '{stage}'" not in out, (stage, out)
+    assert json.loads((repo.root / "metrics/train.json").read_text()) == before
+    tuned = json.loads((repo.root / "metrics/finetune.json").read_text())["finetune"]
+    assert tuned["resumed_from_epoch"] == 0
+    lock = yaml.safe_load((repo.root / "dvc.lock").read_text())
+    assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["learning_rate"] == (
+        0.0005
+    )
+    status = repo.run("dvc", "status", "--json")
+    assert json.loads(status.stdout or "{}") == {}, status.stdout
+    run = repo.mlflow_runs()[-1]
+    assert run.data.tags["stage.finetune"] == "done"
+    assert "stage.train" not in run.data.tags
+    assert run.data.params["finetune.learning_rate"] == "0.0005"
 
 
 def test_failed_expectation_stops_repro_naming_expectation_and_row(repo, first_repro):
@@ -200,7 +298,8 @@ def test_failed_expectation_stops_repro_naming_expectation_and_row(repo, first_r
     non-zero and its output names the failing expectation and a class/split row; the
     MLflow run of that repro is marked failed. Runs last: it edits params.yaml."""
     # The other tests of this module must have seen the good state first.
-    assert len(repo.mlflow_runs()) == 1
+    earlier = len(repo.mlflow_runs())
+    assert earlier >= 1
     edit_params(repo.root / "params.yaml", min_images_per_class=1000)
 
     failed = repo.run("dvc", "repro", check=False)
@@ -211,8 +310,10 @@ def test_failed_expectation_stops_repro_naming_expectation_and_row(repo, first_r
     assert "expect_column_values_to_be_between on column 'images'" in out, out
     assert f"{CLASSES[0]}/train" in out and f"{CLASSES[-1]}/test" in out, out
     assert "Running stage 'ingest'" not in out  # only the validate params changed
+    for stage in ("augment", "train", "finetune"):
+        assert f"Running stage '{stage}'" not in out, out  # nothing to redo downstream
     runs = repo.mlflow_runs()
-    assert len(runs) == 2
+    assert len(runs) == earlier + 1
     run = runs[-1]
     assert run.info.status == "FAILED"
     assert run.data.tags["stage.validate"] == "failed"

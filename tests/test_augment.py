@@ -1,0 +1,228 @@
+"""augment: the view plan (pure, fast) and the materialised training set on tiny ingest shards
+(slow: ingest and augment write TFRecords through TensorFlow).
+
+The stage promises a balanced set, each image once as itself (view 0) plus augmented views, with
+every view's randomness derived from (seed, image, view): the same bytes on every run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PNG_SIGNATURE, make_class_folders, read_csv_rows, tree_digests
+from PIL import Image
+
+from components.augment import plan_views
+
+# ------------------------------------------------------------------------------------ plan_views
+
+
+@pytest.mark.parametrize("views", [0, 1, 2, 5])
+def test_plan_views_balances_every_class_to_the_largest(views):
+    """With balancing, every class totals (largest class count) * (1 + K) views, each image of
+    a class gets within one view of its classmates, and none gets fewer than 1 + K."""
+    labels = ["a"] * 7 + ["b"] * 3 + ["c"] * 1 + ["d"] * 7
+    labels = [labels[i] for i in np.random.default_rng(0).permutation(len(labels))]
+
+    plan = plan_views(labels, views_per_image=views, balance=True)
+
+    assert len(plan) == len(labels)
+    totals: Counter[str] = Counter()
+    per_class: dict[str, list[int]] = defaultdict(list)
+    for label, n in zip(labels, plan, strict=True):
+        totals[label] += n
+        per_class[label].append(n)
+    assert set(totals.values()) == {7 * (1 + views)}, totals
+    for label, counts in per_class.items():
+        assert max(counts) - min(counts) <= 1, (label, counts)
+        assert min(counts) >= 1 + views, (label, counts)
+    assert per_class["c"] == [7 * (1 + views)]
+
+
+def test_plan_views_without_balancing_gives_one_plus_k_each():
+    """Without balancing every image gets itself plus K views, whatever the class sizes."""
+    labels = ["a"] * 5 + ["b"] * 2
+    assert plan_views(labels, views_per_image=3, balance=False) == [4] * 7
+    assert plan_views(labels, views_per_image=0, balance=False) == [1] * 7
+
+
+def test_plan_views_docstring_example_and_order():
+    """The plan follows input order: smaller classes' extra views go round robin, first
+    images first."""
+    assert plan_views(["a", "a", "b"], views_per_image=1, balance=True) == [2, 2, 4]
+    assert plan_views(["b", "a", "a", "a", "b"], views_per_image=0, balance=True) == [2, 1, 1, 1, 1]
+
+
+# ------------------------------------------------------------------------------- augment.run
+
+IMAGE_SIZE = 32
+VIEWS = 2
+CLASSES = {"a": 14, "b": 7}  # ingest (15% val, 15% test) leaves 10 and 5 training images
+
+
+def _augment_params(seed: int):
+    from components.config import AugmentParams
+
+    return AugmentParams(seed=seed, views_per_image=VIEWS, preview_images=4, images_per_shard=16)
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory):
+    """Ingest shards of 40x40 class-pattern PNGs, augmented three times: twice with seed 7
+    (``a``, ``b``), once with seed 8 (``c``). Yields the paths and the three summaries."""
+    from components import augment, ingest
+    from components.config import DataParams, IngestParams
+
+    root = tmp_path_factory.mktemp("augment")
+    make_class_folders(root / "data", CLASSES, size=40)
+    ingest.run(
+        root / "data",
+        ingest.IngestOutputs(root / "ingest", root / "metrics" / "ingest.json"),
+        DataParams(source=str(root / "data"), metadata_csv=None),
+        IngestParams(val_fraction=0.15, test_fraction=0.15),
+        progress=False,
+    )
+    summaries = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        outputs = augment.AugmentOutputs(root / name / "augment", root / name / "augment.json")
+        summaries[name] = augment.run(
+            root / "ingest" / "shards", outputs, IMAGE_SIZE, _augment_params(seed), progress=False
+        )
+    return root, summaries
+
+
+def _records(directory: Path) -> list[dict]:
+    from components.tfrecords import read_records, split_files
+
+    return read_records(split_files(directory, "train"))
+
+
+def _views(directory: Path) -> list[dict[str, str]]:
+    return read_csv_rows(directory / "views.csv")
+
+
+def _pixels(encoded: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_bytes(augmented):
+    """Two runs with the same seed write byte-identical shards, views.csv and summaries (the
+    thread pool and the per-view generators must not make output depend on timing)."""
+    root, summaries = augmented
+    shards_a = tree_digests(root / "a" / "augment" / "shards")
+    assert len(shards_a) >= 3, shards_a  # 60 images at 16 per shard: several files
+    assert shards_a == tree_digests(root / "b" / "augment" / "shards")
+    views_a = (root / "a" / "augment" / "views.csv").read_bytes()
+    assert views_a == (root / "b" / "augment" / "views.csv").read_bytes()
+    assert summaries["a"] == summaries["b"]
+    assert (root / "a" / "augment.json").read_bytes() == (root / "b" / "augment.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_other_seed_changes_the_augmented_views_only(augmented):
+    """Another seed changes the shards and the drawn parameters, but not the originals (view 0)
+    nor how many views each image gets."""
+    root, _ = augmented
+    a, c = root / "a" / "augment", root / "c" / "augment"
+    assert tree_digests(a / "shards") != tree_digests(c / "shards")
+    assert (a / "views.csv").read_bytes() != (c / "views.csv").read_bytes()
+
+    def by_view(directory: Path) -> dict[str, str]:
+        records = _records(directory)
+        return {r["image/filepath"].decode(): r["image/sha256"].decode() for r in records}
+
+    views_a, views_c = by_view(a / "shards"), by_view(c / "shards")
+    assert set(views_a) == set(views_c)
+    originals = [k for k in views_a if k.endswith("#view0")]
+    assert originals and all(views_a[k] == views_c[k] for k in originals)
+    augmented_keys = [k for k in views_a if not k.endswith("#view0")]
+    changed = sum(views_a[k] != views_c[k] for k in augmented_keys)
+    assert changed == len(augmented_keys), (changed, len(augmented_keys))
+
+
+@pytest.mark.slow
+def test_every_training_image_appears_as_itself_plus_planned_views(augmented):
+    """Each ingest training image appears exactly once as view 0, pixel for pixel the original
+    resized the way training and serving resize (datasets.decode_and_resize, rounded), with no
+    drawn parameters in views.csv; its augmented views 1..n-1 all differ from it."""
+    from components.augment import load_sources
+    from components.datasets import decode_and_resize
+
+    root, _ = augmented
+    directory = root / "a" / "augment"
+    ordered = load_sources(root / "ingest" / "shards")  # the order augment plans in
+    sources = {s.filepath: s for s in ordered}
+    planned = plan_views([s.label for s in ordered], VIEWS, True)
+    plan = {s.filepath: n for s, n in zip(ordered, planned, strict=True)}
+    records = _records(directory / "shards")
+
+    grouped: dict[str, dict[int, dict]] = defaultdict(dict)
+    for record in records:
+        filepath, view = record["image/filepath"].decode().rsplit("#view", 1)
+        assert int(view) not in grouped[filepath], f"{filepath} view {view} twice"
+        grouped[filepath][int(view)] = record
+    assert set(grouped) == set(sources)
+    for filepath, views in grouped.items():
+        source = sources[filepath]
+        assert sorted(views) == list(range(plan[filepath])), filepath
+        original = views[0]
+        expected = np.rint(decode_and_resize(source.encoded, IMAGE_SIZE).numpy()).astype(np.uint8)
+        np.testing.assert_array_equal(_pixels(original["image/encoded"]), expected)
+        for view, record in views.items():
+            assert record["image/class/text"].decode() == source.label
+            assert int(record["image/class/label"]) == source.label_index
+            assert int(record["image/height"]) == int(record["image/width"]) == IMAGE_SIZE
+            pixels = _pixels(record["image/encoded"])
+            assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+            if view:
+                assert not np.array_equal(pixels, _pixels(original["image/encoded"])), (
+                    filepath,
+                    view,
+                )
+
+    params = _augment_params(7)
+    rows = _views(directory)
+    assert len(rows) == len(records)
+    drawn = ("flip_h", "flip_v", "rot90", "angle", "zoom", "brightness", "contrast")
+    for row in rows:
+        if row["view"] == "0":
+            assert all(row[k] == "" for k in drawn), row
+        else:
+            assert all(row[k] != "" for k in drawn), row
+            assert abs(float(row["angle"])) <= params.rotation_degrees
+            assert abs(float(row["zoom"]) - 1) <= params.zoom
+            assert row["rot90"] in {"0", "1", "2", "3"}
+
+
+@pytest.mark.slow
+def test_summary_is_balanced_and_preview_is_a_png(augmented):
+    """The summary counts every class at (largest training class) * (1 + K) and the views it
+    made; preview.png is a real PNG that Pillow decodes."""
+    root, summaries = augmented
+    summary = summaries["a"]
+    manifest = read_csv_rows(root / "ingest" / "manifest.csv")
+    train_counts = Counter(r["label"] for r in manifest if r["split"] == "train")
+    target = max(train_counts.values()) * (1 + VIEWS)
+    assert summary["classes"] == {label: target for label in CLASSES}
+    assert summary["source_images"] == sum(train_counts.values())
+    assert summary["materialised_images"] == target * len(CLASSES)
+    assert summary["augmented_views"] == summary["materialised_images"] - summary["source_images"]
+    assert summary["image_size"] == IMAGE_SIZE
+    assert json.loads((root / "a" / "augment.json").read_text()) == summary
+    assert Counter(r["label"] for r in _views(root / "a" / "augment")) == summary["classes"]
+
+    preview = root / "a" / "augment" / "preview.png"
+    assert preview.read_bytes().startswith(PNG_SIGNATURE)
+    with Image.open(preview) as image:
+        assert image.format == "PNG"
+        image.verify()
+    with Image.open(preview) as image:
+        width, height = image.size
+        assert width > 100 and height > 100
+        assert np.asarray(image.convert("L")).std() > 10  # not a blank canvas

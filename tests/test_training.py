@@ -1,0 +1,331 @@
+"""The training stages on a tiny, learnable data set: the frozen phase (train) and fine-tuning
+(finetune), with the real offline Lite0 ImageNet weights at 64 px.
+
+One module-scoped fixture runs ingest -> augment -> train once (in-process, about 15 s); the
+tests then fine-tune from its model in-process, through the ``imgpipe finetune`` CLI (killed with
+SIGKILL and rerun), and check that training the head on cached features is the same math as
+training the frozen model end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import class_pattern, make_class_folders, read_csv_rows
+
+pytestmark = pytest.mark.slow
+
+VENV_BIN = Path(sys.executable).parent
+IMAGE_SIZE = 64
+CLASSES = {"a": 24, "b": 24, "c": 24}  # ingest 25% val, 10% test: 16 train, 6 val per class
+MODEL = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": IMAGE_SIZE}
+TRAIN = {"seed": 42, "batch_size": 16, "epochs": 3, "learning_rate": 0.001}
+FINETUNE = {
+    "seed": 42,
+    "batch_size": 16,
+    "epochs": 2,
+    "learning_rate": 0.0001,
+    "unfreeze_layers": 20,
+    "early_stopping_patience": 5,
+}
+
+
+class Project:
+    """Paths of one tiny project: the stage outputs under ``root`` as dvc.yaml lays them out."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ingest = root / "outputs" / "ingest"
+        self.augment = root / "outputs" / "augment"
+        self.train = root / "outputs" / "train"
+        self.train_history = root / "metrics" / "train_history.csv"
+        self.train_metrics = root / "metrics" / "train.json"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Project:
+    """ingest -> augment (1 view per image) -> train (3 epochs, frozen base) on 3 classes of
+    64x64 class-pattern PNGs (different stripes and tints), with Lite0's ImageNet weights."""
+    from components import augment, ingest, train
+    from components.config import (
+        AugmentParams,
+        DataParams,
+        IngestParams,
+        ModelParams,
+        TrainParams,
+    )
+
+    p = Project(tmp_path_factory.mktemp("training"))
+    make_class_folders(p.root / "data", CLASSES, size=IMAGE_SIZE, seed=3)
+    ingest.run(
+        p.root / "data",
+        ingest.IngestOutputs(p.ingest, p.root / "metrics" / "ingest.json"),
+        DataParams(source=str(p.root / "data"), metadata_csv=None),
+        IngestParams(val_fraction=0.25, test_fraction=0.1),
+        progress=False,
+    )
+    augment.run(
+        p.ingest / "shards",
+        augment.AugmentOutputs(p.augment, p.root / "metrics" / "augment.json"),
+        IMAGE_SIZE,
+        AugmentParams(views_per_image=1, preview_images=2),
+        progress=False,
+    )
+    train.run(
+        p.augment / "shards",
+        p.ingest,
+        train.TrainOutputs(p.train, p.train_metrics, p.train_history, p.root / "cache"),
+        ModelParams(**MODEL),
+        TrainParams(**TRAIN),
+        progress=False,
+    )
+    (p.root / "params.yaml").write_text(
+        yaml.safe_dump({"model": MODEL, "train": TRAIN, "finetune": FINETUNE}, sort_keys=False)
+    )
+    return p
+
+
+def _assert_reports_best_epoch(metrics: dict, history: Path) -> None:
+    """The stage's model is its best epoch (lowest val_loss), and its metrics say so."""
+    val_losses = [float(r["val_loss"]) for r in read_csv_rows(history)]
+    assert metrics["best_epoch"] == int(np.argmin(val_losses)), (metrics, val_losses)
+    assert metrics["val_loss"] == pytest.approx(min(val_losses), rel=2e-3, abs=2e-6), (
+        metrics,
+        val_losses,
+    )
+
+
+def _weights_by_layer(model) -> dict[str, list[np.ndarray]]:
+    """Every layer of the classifier's base, by name, with all its variables (BatchNorm moving
+    mean and variance included)."""
+    from components import backbones
+    from components.training import base_of
+
+    inner = backbones.inner_base(base_of(model))
+    return {layer.name: [np.asarray(v) for v in layer.weights] for layer in inner.layers}
+
+
+def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path):
+    """A learnable signal: frozen-phase and fine-tuned val accuracy both >= 0.8 on 3 classes
+    (chance 1/3; 18 val images). Fine-tuning changes only what it unfroze: every base layer
+    that was not trainable, and every BatchNormalization layer (weights and moving statistics),
+    is bit-identical between outputs/train/model.keras and outputs/finetune/model.keras, while
+    at least one unfrozen layer changed."""
+    import keras
+
+    from components import backbones, finetune
+    from components.config import FinetuneParams, ModelParams
+    from components.training import base_of
+
+    frozen = json.loads(project.train_metrics.read_text())["frozen"]
+    assert frozen["val_accuracy"] >= 0.8, frozen
+    assert frozen["epochs"] == TRAIN["epochs"]
+    assert frozen["train_images"] == 2 * 16 * len(CLASSES)  # 16 per class, each plus one view
+    _assert_reports_best_epoch(frozen, project.train_history)
+
+    outputs = finetune.FinetuneOutputs(
+        tmp_path / "finetune",
+        tmp_path / "finetune.json",
+        tmp_path / "finetune_history.csv",
+        tmp_path / "checkpoints",
+    )
+    metrics = finetune.run(
+        project.train,
+        project.augment / "shards",
+        project.ingest,
+        project.train_history,
+        outputs,
+        ModelParams(**MODEL),
+        FinetuneParams(**FINETUNE),
+        progress=False,
+    )["finetune"]
+    assert metrics["val_accuracy"] >= 0.8, metrics
+    assert metrics["epochs"] == FINETUNE["epochs"] and metrics["resumed_from_epoch"] == 0
+    _assert_reports_best_epoch(metrics, outputs.history)
+
+    before = keras.models.load_model(project.train / "model.keras", compile=False)
+    after = keras.models.load_model(outputs.directory / "model.keras", compile=False)
+    # Which layers fine-tuning trained: what unfreeze_top decides for these params ...
+    reference = keras.models.load_model(project.train / "model.keras", compile=False)
+    count = finetune.unfreeze_top(reference, MODEL["backbone"], FINETUNE["unfreeze_layers"])
+    inner_ref = backbones.inner_base(base_of(reference))
+    trained = {layer.name for layer in inner_ref.layers if layer.trainable and layer.weights}
+    # ... which the saved model records too, and the metrics report.
+    inner_after = backbones.inner_base(base_of(after))
+    assert {layer.name for layer in inner_after.layers if layer.trainable and layer.weights} == (
+        trained
+    )
+    assert count == len(trained) == metrics["trainable_base_layers"]
+    assert 0 < len(trained) < len(inner_ref.layers) // 4, trained
+    batchnorm = {
+        layer.name
+        for layer in inner_ref.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert not trained & batchnorm
+
+    w_before, w_after = _weights_by_layer(before), _weights_by_layer(after)
+    assert w_before.keys() == w_after.keys()
+    frozen_layers = [name for name in w_before if name not in trained and w_before[name]]
+    assert len(frozen_layers) > 50
+    assert {name for name in batchnorm if w_before[name]} <= set(frozen_layers)
+    for name in frozen_layers:
+        for a, b in zip(w_before[name], w_after[name], strict=True):
+            assert a.tobytes() == b.tobytes(), f"frozen layer {name} changed during fine-tuning"
+    changed = [
+        name
+        for name in trained
+        if any(not np.array_equal(a, b) for a, b in zip(w_before[name], w_after[name], strict=True))
+    ]
+    assert changed, "fine-tuning changed none of the layers it unfroze"
+
+
+def test_head_on_cached_features_equals_frozen_model_on_images():
+    """The frozen phase's shortcut is exact: train.fit of the head alone on
+    train.extract_features(images) ends with the same head weights (atol 1e-4, measured ~1e-6)
+    as train.fit of assemble(frozen base, copy of the head) on the images themselves: same initial
+    weights, data order, batch size and seed, 3 epochs, dropout 0.2 (both Dropout layers are
+    seeded alike, so the masks match). The base, frozen, keeps every weight and BN statistic."""
+    import keras
+    import tensorflow as tf
+
+    from components import backbones, train, training
+    from components.config import ModelParams, TrainParams
+
+    size, per_class = 48, 12
+
+    def images(seed0: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = [class_pattern(c, size, seed=seed0 + i) for c in range(3) for i in range(n)]
+        return np.stack(x).astype(np.float32), np.repeat(np.arange(3), n).astype(np.int32)
+
+    x_img, y = images(0, per_class)
+    vx_img, vy = images(1000, 3)
+    base = backbones.create(ModelParams("efficientnet_lite0", "imagenet", size))
+    base.trainable = False
+    base_before = [np.asarray(w).copy() for w in base.weights]
+
+    def features(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        ds = tf.data.Dataset.from_tensor_slices((x, labels)).batch(16)
+        f, order = train.extract_features(base, ds, len(labels), "features", progress=False)
+        np.testing.assert_array_equal(order, labels)
+        return f
+
+    x_feat, vx_feat = features(x_img, y), features(vx_img, vy)
+    params = TrainParams(seed=3, batch_size=8, epochs=3, learning_rate=0.003, dropout=0.2)
+    keras.utils.set_random_seed(params.seed)
+    head = training.build_head(x_feat.shape[1], 3, params.dropout, 0, params.seed)
+    twin = training.build_head(x_feat.shape[1], 3, params.dropout, 0, params.seed)
+    twin.set_weights(head.get_weights())
+    initial = [w.copy() for w in head.get_weights()]
+
+    cached = train.fit(head, x_feat, y, (vx_feat, vy), params, 3)
+    end_to_end_model = training.assemble(base, twin)
+    assert len(end_to_end_model.trainable_weights) == 2  # the head's kernel and bias only
+    end_to_end = train.fit(end_to_end_model, x_img, y, (vx_img, vy), params, 3)
+
+    for w_cached, w_e2e, w0 in zip(head.get_weights(), twin.get_weights(), initial, strict=True):
+        assert np.abs(w_cached - w0).max() > 1e-3, "the head barely trained: nothing to compare"
+        np.testing.assert_allclose(w_cached, w_e2e, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        cached.history["loss"], end_to_end.history["loss"], rtol=1e-3, atol=1e-5
+    )
+    assert cached.history["accuracy"] == end_to_end.history["accuracy"]
+    for a, b in zip(base_before, base.weights, strict=True):
+        assert a.tobytes() == np.asarray(b).tobytes()
+    assert isinstance(end_to_end_model.get_layer("base"), keras.Model)
+
+
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        MLFLOW_EXPERIMENT_NAME="imgpipe-tests",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    return env
+
+
+def test_finetune_cli_resumes_after_kill_9(project, tmp_path):
+    """``imgpipe finetune`` killed with SIGKILL right after epoch 0's checkpoint, then rerun
+    with the same command, resumes instead of starting over: metrics say resumed_from_epoch
+    >= 1, the history CSV holds epochs 0, 1, 2 exactly once each, on the step axis right after
+    the frozen phase's last step, and the final model exists."""
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["finetune"].update(epochs=3, unfreeze_layers=40)  # slower epochs: time to kill
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    checkpoints = tmp_path / "outputs" / "finetune_checkpoints"
+    metrics_file = tmp_path / "metrics" / "finetune.json"
+    history_file = tmp_path / "metrics" / "finetune_history.csv"
+    command = [
+        str(VENV_BIN / "imgpipe"),
+        "finetune",
+        "--params", str(tmp_path / "params.yaml"),
+        "--train", str(project.train),
+        "--augmented", str(project.augment / "shards"),
+        "--ingest", str(project.ingest),
+        "--frozen-history", str(project.train_history),
+        "--out", str(tmp_path / "outputs" / "finetune"),
+        "--metrics", str(metrics_file),
+        "--history", str(history_file),
+        "--checkpoints", str(checkpoints),
+    ]  # fmt: skip
+    env = _cli_env(tmp_path)
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 (closed below)
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    state_file = checkpoints / "state.json"
+    deadline = time.monotonic() + 300
+    state = None
+    try:
+        while time.monotonic() < deadline and first.poll() is None:
+            if state_file.is_file():
+                state = json.loads(state_file.read_text())
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"no checkpoint state before exit/timeout: {_tail(tmp_path / 'first.log')}")
+        os.kill(first.pid, signal.SIGKILL)
+        assert first.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        log.close()
+    assert state["epoch"] == 0, state
+    assert not metrics_file.exists(), "the killed run must not have finished"
+    killed_state = json.loads(state_file.read_text())
+    assert killed_state["epoch"] < 2, killed_state
+
+    second = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming after epoch" in second.stderr, second.stderr
+    metrics = json.loads(metrics_file.read_text())["finetune"]
+    assert metrics["resumed_from_epoch"] == killed_state["epoch"] + 1 >= 1, metrics
+    assert metrics["epochs"] == 3
+    rows = read_csv_rows(history_file)
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2], rows
+    assert {r["phase"] for r in rows} == {"finetune"}
+    frozen_rows = read_csv_rows(project.train_history)
+    last_frozen = max(int(r["step"]) for r in frozen_rows)
+    assert last_frozen == TRAIN["epochs"] - 1
+    assert [int(r["step"]) for r in rows] == [last_frozen + 1 + e for e in range(3)]
+    assert all(r["val_loss"] and r["loss"] for r in rows)
+    assert (tmp_path / "outputs" / "finetune" / "model.keras").is_file()
+    final_state = json.loads(state_file.read_text())
+    assert final_state["epoch"] == 2 and len(final_state["history"]) == 3
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
