@@ -35,11 +35,15 @@ def image_dataset(
     *,
     shuffle_seed: int | None = None,
     with_ids: bool = False,
+    count: int | None = None,
 ) -> Any:
-    """(image, label) batches from TFRecord shards; shuffled per epoch when a seed is given."""
+    """(image, label) batches from TFRecord shards; shuffled per epoch when a seed is given.
+    ``count``, when known, tells Keras how many examples there are (no "ran out of data")."""
     import tensorflow as tf
 
     ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=len(files))
+    if count is not None:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     if shuffle_seed is not None:
         ds = ds.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
 

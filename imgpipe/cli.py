@@ -153,13 +153,32 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from components.tracking import tracking_uri
+    """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
+    from components.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
 
-    for name in ("ingest", "validate", "augment", "train", "finetune"):
+    def load(name: str) -> dict:
         path = Path("metrics") / f"{name}.json"
-        if path.is_file():
-            print(f"{name}: {json.dumps(json.loads(path.read_text()), sort_keys=True)}")
-    print(f"MLflow: {tracking_uri()} (browse with `make ui`)")
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    ingest, validate, train, finetune = (load(n) for n in ("ingest", "validate", "train",
+                                                           "finetune"))
+    if ingest:
+        splits = ", ".join(f"{s} {c['total']}" for s, c in ingest["splits"].items())
+        print(f"data:      {ingest['images']} images ({splits}), {ingest['quarantined']} "
+              "quarantined -> outputs/ingest/")
+    if validate:
+        print(f"validate:  {'passed' if validate['success'] else 'FAILED'}, "
+              f"{validate['failed_warnings']} warning(s) -> outputs/validate/data_docs/index.html")
+    for name, metrics in (("frozen", train.get("frozen")), ("finetune", finetune.get("finetune"))):
+        if metrics:
+            print(f"{name + ':':<10} val accuracy {metrics['val_accuracy']:.4f} "
+                  f"({metrics['epochs']} epochs) -> outputs/{'train' if name == 'frozen' else name}"
+                  "/model.keras")
+    import os
+
+    experiment = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    print(f"MLflow:    experiment '{experiment}' at {tracking_uri()}; `make ui` to browse")
+    print("compare:   dvc metrics show; dvc plots show; dvc exp run -S train.learning_rate=3e-4")
 
 
 def build_parser() -> argparse.ArgumentParser:
