@@ -147,12 +147,14 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[Any]:
             },
         )
     mlflow.set_tag(f"stage.{stage}", "running")
+    started = time.perf_counter()
     try:
         yield run
     except BaseException:
         mlflow.set_tag(f"stage.{stage}", "failed")
         mlflow.end_run(status="FAILED")
         raise
+    mlflow.log_metric(f"{stage}.wall_seconds", round(time.perf_counter() - started, 2))
     mlflow.set_tag(f"stage.{stage}", "done")
     mlflow.end_run()
 

@@ -205,6 +205,7 @@ def run(
     )
     features_seconds = time.perf_counter() - started
 
+    keras.utils.set_random_seed(params.seed)  # the head's initial weights, too, come from the seed
     head = build_head(x.shape[1], len(labels), params.dropout, params.hidden_units, params.seed)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
