@@ -160,21 +160,27 @@ def cmd_summary(args: argparse.Namespace) -> None:
         path = Path("metrics") / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    ingest, validate, train, finetune = (load(n) for n in ("ingest", "validate", "train",
-                                                           "finetune"))
+    ingest, validate, train, finetune = (
+        load(n) for n in ("ingest", "validate", "train", "finetune")
+    )
     if ingest:
         splits = ", ".join(f"{s} {c['total']}" for s, c in ingest["splits"].items())
-        print(f"data:      {ingest['images']} images ({splits}), {ingest['quarantined']} "
-              "quarantined -> outputs/ingest/")
+        print(
+            f"data:      {ingest['images']} images ({splits}), {ingest['quarantined']} "
+            "quarantined -> outputs/ingest/"
+        )
     if validate:
-        print(f"validate:  {'passed' if validate['success'] else 'FAILED'}, "
-              f"{validate['failed_warnings']} warning(s) -> outputs/validate/data_docs/index.html")
+        print(
+            f"validate:  {'passed' if validate['success'] else 'FAILED'}, "
+            f"{validate['failed_warnings']} warning(s) -> outputs/validate/data_docs/index.html"
+        )
     for name, metrics in (("frozen", train.get("frozen")), ("finetune", finetune.get("finetune"))):
         if metrics:
-            print(f"{name + ':':<10} val accuracy {metrics['val_accuracy']:.4f} "
-                  f"({metrics['epochs']} epochs) -> outputs/{'train' if name == 'frozen' else name}"
-                  "/model.keras")
-    import os
+            print(
+                f"{name + ':':<10} val accuracy {metrics['val_accuracy']:.4f} "
+                f"({metrics['epochs']} epochs) -> outputs/{'train' if name == 'frozen' else name}"
+                "/model.keras"
+            )
 
     experiment = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     print(f"MLflow:    experiment '{experiment}' at {tracking_uri()}; `make ui` to browse")
