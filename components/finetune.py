@@ -26,8 +26,8 @@ from components import backbones
 from components.config import FinetuneParams, ModelParams
 from components.datasets import image_dataset
 from components.fileio import atomic_path, sha256_file, write_json_atomic
-from components.tfrecords import split_files
-from components.train import MODEL, count_records
+from components.tfrecords import count_records, split_files
+from components.train import MODEL
 from components.training import EpochLogger, base_of, plot_curves, read_history, write_history
 
 log = logging.getLogger(__name__)

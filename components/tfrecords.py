@@ -92,6 +92,12 @@ def split_files(shards_dir: Path, split: str) -> list[str]:
     return files
 
 
+def count_records(files: Iterable[str]) -> int:
+    import tensorflow as tf
+
+    return sum(1 for _ in tf.data.TFRecordDataset(list(files)))
+
+
 def read_records(files: Iterable[str]) -> list[dict[str, Any]]:
     """Parse every example of ``files`` eagerly (tests and small tools; training uses tf.data)."""
     import tensorflow as tf

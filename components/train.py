@@ -26,7 +26,7 @@ from components.config import ModelParams, TrainParams
 from components.datasets import image_dataset
 from components.fileio import atomic_path, sha256_file, write_json_atomic
 from components.labels import read_labels
-from components.tfrecords import split_files
+from components.tfrecords import count_records, split_files
 from components.training import (
     EpochLogger,
     assemble,
@@ -103,12 +103,6 @@ def cached_features(
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, features=x, labels=y)
     return x, y
-
-
-def count_records(files: Sequence[str]) -> int:
-    import tensorflow as tf
-
-    return sum(1 for _ in tf.data.TFRecordDataset(list(files)))
 
 
 def fit(
