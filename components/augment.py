@@ -144,11 +144,9 @@ def load_sources(shards_dir: Path) -> list[Source]:
 
 def preview_grid(sources: Sequence[Source], size: int, p: AugmentParams, path: Path) -> None:
     """Originals (left column) beside augmented views, a few images from each class."""
-    import matplotlib
+    from components import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figures.pyplot()
     by_class: dict[str, list[Source]] = defaultdict(list)
     for s in sources:
         by_class[s.label].append(s)
@@ -174,8 +172,7 @@ def preview_grid(sources: Sequence[Source], size: int, p: AugmentParams, path: P
                 ax.set_title("original" if view == 0 else f"view {view}", fontsize=8)
     fig.suptitle(f"augment preview (seed {p.seed}, {size}px)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    figures.save(fig, path, dpi=80)
 
 
 def run(

@@ -142,6 +142,70 @@ class FinetuneParams:
     early_stopping_patience: int = 2
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    """Test-split evaluation and the blessing gate (the only reader of the test split)."""
+
+    batch_size: int = 64
+    slice_by: tuple[str, ...] = ()
+    """Manifest metadata columns to slice the metrics by (ELPV: module_type)."""
+    calibration_bins: int = 10
+    misclassified_examples: int = 16
+    """How many of the most confidently misclassified test images the grid shows."""
+    min_accuracy: float = 0.0
+    """Blessing, absolute: the candidate's test accuracy must reach this."""
+    min_balanced_accuracy: float = 0.0
+    max_regression: float = 0.01
+    """Blessing, relative: accuracy and balanced accuracy may fall at most this far below the
+    champion's, both measured here on the same test split."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.calibration_bins < 1 or self.misclassified_examples < 0:
+            raise ParamsError(
+                "evaluate.batch_size and evaluate.calibration_bins must be positive, "
+                "evaluate.misclassified_examples >= 0"
+            )
+        for name in ("min_accuracy", "min_balanced_accuracy", "max_regression"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ParamsError(f"evaluate.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportParams:
+    warmup_images: int = 4
+    """Real validation images in the TF Serving warmup file (one request each, bytes signature)."""
+    representative_images: int = 200
+    """Training images that calibrate the int8 TFLite model's quantisation ranges."""
+    int8: bool = True
+    data_description: str = ""
+    """For the model card: what the images are and where they come from."""
+    data_licence: str = "unknown"
+    """For the model card: the training data's licence (ELPV: CC-BY-NC-SA-4.0)."""
+
+    def __post_init__(self) -> None:
+        if self.warmup_images < 1 or self.representative_images < 1:
+            raise ParamsError("export.warmup_images and export.representative_images must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingParams:
+    """Shared by export, push and the serving configs."""
+
+    model_name: str = "imgpipe"
+    """TF Serving model name and MLflow registered model name."""
+    model_base_path: str = "models"
+    """Push target, TF Serving layout: ``<model_base_path>/<model_name>/<version>/``."""
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name):
+            raise ParamsError(
+                f"serving.model_name must be letters, digits, '_', '.' or '-', "
+                f"got {self.model_name!r}"
+            )
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

@@ -18,8 +18,17 @@ def decode_and_resize(encoded: Any, image_size: int) -> Any:
     import tensorflow as tf
 
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
-    image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
-    return tf.clip_by_value(image, 0.0, 255.0)
+    return resize(image, image_size)
+
+
+def resize(images: Any, image_size: int) -> Any:
+    """uint8 or float RGB 0-255, one image or a batch -> float32 0-255, ``image_size`` square."""
+    import tensorflow as tf
+
+    images = tf.image.resize(
+        tf.cast(images, tf.float32), (image_size, image_size), method="bilinear", antialias=True
+    )
+    return tf.clip_by_value(images, 0.0, 255.0)
 
 
 def parse_example(serialized: Any) -> dict[str, Any]:

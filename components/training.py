@@ -161,11 +161,9 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """Loss and accuracy of every phase on one step axis, a line where each phase starts."""
-    import matplotlib
+    from components import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figures.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     steps = [r["step"] for r in rows]
     for ax, (key, label) in zip(
@@ -188,8 +186,4 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    from components.fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+    figures.save(fig, path)

@@ -152,6 +152,89 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from components import evaluate, registry
+    from components.config import EvaluateParams, ServingParams, section
+    from components.tracking import stage_run
+
+    params = _params(args)
+    model, ev = _model_params(params), section(EvaluateParams, "evaluate", params)
+    serving = section(ServingParams, "serving", params)
+    outputs = evaluate.EvaluateOutputs(
+        Path(args.out), Path(args.metrics), Path(args.confusion), Path(args.calibration)
+    )
+    with stage_run("evaluate"):
+        champion = registry.champion(serving.model_name)
+        result = evaluate.run(Path(args.model), Path(args.ingest), outputs, model, ev, champion)
+        evaluate.log_to_mlflow(outputs, ev)
+    test = result["test"]
+    print(
+        f"evaluate: test accuracy {test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}"
+        f", macro-F1 {test['macro_f1']:.4f}, ECE {test['ece']:.3f} on {test['images']} images"
+    )
+    verdict = "BLESSED" if result["blessed"] else "NOT blessed"
+    print(f"evaluate: {verdict}: " + "; ".join(c["reason"] for c in result["blessing"]["checks"]))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from components import export
+    from components.config import ExportParams, ServingParams, section
+    from components.tracking import stage_run
+
+    params = _params(args)
+    model, ex = _model_params(params), section(ExportParams, "export", params)
+    serving = section(ServingParams, "serving", params)
+    outputs = export.ExportOutputs(Path(args.out), Path(args.report))
+    with stage_run("export"):
+        report = export.run(
+            Path(args.model), Path(args.ingest), Path(args.evaluation), outputs, model, serving, ex
+        )
+        export.log_to_mlflow(outputs, ex)
+    sizes, parity = report["sizes_mb"], report["parity"]
+    print(
+        f"export: SavedModel {sizes['saved_model']:.1f} MB -> "
+        f"{outputs.saved_model(serving.model_name)}"
+    )
+    for kind in export.TFLITE_FILES:
+        if f"tflite_{kind}" in parity:
+            p = parity[f"tflite_{kind}"]
+            print(
+                f"export: TFLite {kind} {sizes[f'tflite_{kind}']:.1f} MB, top-1 agreement "
+                f"{p['top1_agreement']:.4f}, accuracy {p['accuracy']:.4f} "
+                f"(SavedModel {parity['saved_model']['accuracy']:.4f}) on {parity['images']} images"
+            )
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from components import export, registry
+    from components.config import ServingParams, section
+    from components.tracking import stage_run
+
+    serving = section(ServingParams, "serving", _params(args))
+    export_dir = Path(args.export)
+    saved_model = export_dir / export.SERVING / serving.model_name / str(export.CANDIDATE_VERSION)
+    with stage_run("push"):
+        result = registry.register(
+            export_dir,
+            saved_model,
+            registry.read_blessing(Path(args.blessing)),
+            serving,
+            Path(args.summary),
+        )
+    name, version = result["registered_model"], result["version"]
+    if result["blessed"]:
+        print(
+            f"push: {name} v{version} is {registry.CHAMPION} "
+            f"(aliases {', '.join(result['aliases'])}); "
+            f"serving version {result['serving_version']} at {result['pushed_to']}"
+        )
+    else:
+        print(
+            f"push: {name} v{version} registered as {registry.CHALLENGER} only: not blessed, "
+            f"not pushed; {registry.CHAMPION} stays v{result['previous_champion']}"
+        )
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
     from components.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
@@ -243,6 +326,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", default="metrics/finetune_history.csv")
     p.add_argument("--checkpoints", default="outputs/finetune_checkpoints")
 
+    p = add("evaluate", cmd_evaluate, "test-split metrics and the blessing gate vs the champion")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--model", default="outputs/finetune", help="folder holding model.keras")
+    p.add_argument("--ingest", default="outputs/ingest")
+    p.add_argument("--out", default="outputs/evaluate")
+    p.add_argument("--metrics", default="metrics/evaluate.json")
+    p.add_argument("--confusion", default="metrics/confusion.csv")
+    p.add_argument("--calibration", default="metrics/calibration.csv")
+
+    p = add("export", cmd_export, "SavedModel (TF Serving layout), TFLite, parity, model card")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--model", default="outputs/finetune", help="folder holding model.keras")
+    p.add_argument("--ingest", default="outputs/ingest")
+    p.add_argument("--evaluation", default="metrics/evaluate.json")
+    p.add_argument("--out", default="outputs/export")
+    p.add_argument("--report", default="metrics/export.json")
+
+    p = add("push", cmd_push, "register in MLflow; if blessed, make champion and push to serving")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--export", default="outputs/export")
+    p.add_argument("--blessing", default="outputs/evaluate/blessing.json")
+    p.add_argument("--summary", default="metrics/push.json")
+
     add("summary", cmd_summary, "print the pipeline's metrics and where MLflow is")
     return parser
 
@@ -263,10 +369,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imgpipe {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:
+        from components.registry import PushError
         from components.validate import DataValidationError
 
-        if not isinstance(exc, DataValidationError):
-            raise
-        print(f"imgpipe {args.command}: data validation failed: {exc}", file=sys.stderr)
-        return 1
+        if isinstance(exc, DataValidationError):
+            print(f"imgpipe {args.command}: data validation failed: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, PushError):
+            print(f"imgpipe {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
     return 0

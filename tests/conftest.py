@@ -214,3 +214,64 @@ def class_folders(tmp_path: Path) -> tuple[Path, dict[str, list[Path]]]:
     """A fresh folder of two class folders (``a``, ``b``; 12 distinct 64x64 PNGs each)."""
     root = tmp_path / "data"
     return root, make_class_folders(root)
+
+
+class TinyProject:
+    """Paths of one tiny project: the stage outputs under ``root`` as dvc.yaml lays them out."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.ingest = root / "outputs" / "ingest"
+        self.augment = root / "outputs" / "augment"
+        self.train = root / "outputs" / "train"
+        self.train_history = root / "metrics" / "train_history.csv"
+        self.train_metrics = root / "metrics" / "train.json"
+
+
+def build_tiny_project(
+    root: Path,
+    classes: Mapping[str, int],
+    image_size: int,
+    model: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int = 3,
+) -> TinyProject:
+    """ingest -> augment (1 view per image) -> train (frozen base) in-process on class-pattern
+    PNGs: a small model that really learns, in about 15 s."""
+    from components import augment, ingest, train
+    from components.config import (
+        AugmentParams,
+        DataParams,
+        IngestParams,
+        ModelParams,
+        TrainParams,
+    )
+
+    p = TinyProject(root)
+    make_class_folders(root / "data", classes, size=image_size, seed=seed)
+    ingest.run(
+        root / "data",
+        ingest.IngestOutputs(p.ingest, root / "metrics" / "ingest.json"),
+        DataParams(source=str(root / "data"), metadata_csv=None),
+        IngestParams(val_fraction=val_fraction, test_fraction=test_fraction),
+        progress=False,
+    )
+    augment.run(
+        p.ingest / "shards",
+        augment.AugmentOutputs(p.augment, root / "metrics" / "augment.json"),
+        image_size,
+        AugmentParams(views_per_image=1, preview_images=2),
+        progress=False,
+    )
+    train.run(
+        p.augment / "shards",
+        p.ingest,
+        train.TrainOutputs(p.train, p.train_metrics, p.train_history, root / "cache"),
+        ModelParams(**model),
+        TrainParams(**train_params),
+        progress=False,
+    )
+    return p

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import class_pattern, make_class_folders, read_csv_rows
+from conftest import TinyProject, build_tiny_project, class_pattern, read_csv_rows
 
 pytestmark = pytest.mark.slow
 
@@ -39,54 +39,18 @@ FINETUNE = {
 }
 
 
-class Project:
-    """Paths of one tiny project: the stage outputs under ``root`` as dvc.yaml lays them out."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.ingest = root / "outputs" / "ingest"
-        self.augment = root / "outputs" / "augment"
-        self.train = root / "outputs" / "train"
-        self.train_history = root / "metrics" / "train_history.csv"
-        self.train_metrics = root / "metrics" / "train.json"
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Project:
+def project(tmp_path_factory) -> TinyProject:
     """ingest -> augment (1 view per image) -> train (3 epochs, frozen base) on 3 classes of
     64x64 class-pattern PNGs (different stripes and tints), with Lite0's ImageNet weights."""
-    from components import augment, ingest, train
-    from components.config import (
-        AugmentParams,
-        DataParams,
-        IngestParams,
-        ModelParams,
-        TrainParams,
-    )
-
-    p = Project(tmp_path_factory.mktemp("training"))
-    make_class_folders(p.root / "data", CLASSES, size=IMAGE_SIZE, seed=3)
-    ingest.run(
-        p.root / "data",
-        ingest.IngestOutputs(p.ingest, p.root / "metrics" / "ingest.json"),
-        DataParams(source=str(p.root / "data"), metadata_csv=None),
-        IngestParams(val_fraction=0.25, test_fraction=0.1),
-        progress=False,
-    )
-    augment.run(
-        p.ingest / "shards",
-        augment.AugmentOutputs(p.augment, p.root / "metrics" / "augment.json"),
+    p = build_tiny_project(
+        tmp_path_factory.mktemp("training"),
+        CLASSES,
         IMAGE_SIZE,
-        AugmentParams(views_per_image=1, preview_images=2),
-        progress=False,
-    )
-    train.run(
-        p.augment / "shards",
-        p.ingest,
-        train.TrainOutputs(p.train, p.train_metrics, p.train_history, p.root / "cache"),
-        ModelParams(**MODEL),
-        TrainParams(**TRAIN),
-        progress=False,
+        MODEL,
+        TRAIN,
+        val_fraction=0.25,
+        test_fraction=0.1,
     )
     (p.root / "params.yaml").write_text(
         yaml.safe_dump({"model": MODEL, "train": TRAIN, "finetune": FINETUNE}, sort_keys=False)

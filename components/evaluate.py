@@ -1,0 +1,431 @@
+"""evaluate: the fine-tuned model on the test split (the only stage that reads it), and the
+blessing gate.
+
+Metrics: accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1, the confusion
+matrix, expected calibration error, and all of them sliced by manifest metadata columns. Figures:
+the confusion matrix, a reliability diagram and the most confidently misclassified images.
+
+Blessing, like TFX's Evaluator: the candidate must reach absolute floors and, when the registry
+has a ``champion``, must not fall more than ``max_regression`` below it. The champion is not
+judged by the figures it was registered with: its own SavedModel is run here, through its
+bytes signature, on this same test split, so both sides of the comparison see the same images.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components import backbones, figures
+from components.config import EvaluateParams, ModelParams
+from components.fileio import atomic_path, write_json_atomic
+from components.labels import read_labels
+from components.metrics import calibration_bins, classification_metrics, confusion_matrix, rounded
+from components.tfrecords import split_files
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS, BLESSING = "predictions.csv", "blessing.json"
+CONFUSION_PNG, CALIBRATION_PNG, MISCLASSIFIED_PNG = (
+    "confusion.png",
+    "calibration.png",
+    "misclassified.png",
+)
+GATED = ("accuracy", "balanced_accuracy")
+"""The metrics the blessing compares with the champion."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateOutputs:
+    directory: Path
+    """predictions.csv, blessing.json and the figures."""
+    metrics: Path
+    confusion: Path
+    """One row per test image (actual, predicted): DVC's confusion-matrix plot."""
+    calibration: Path
+    """Reliability diagram data, one row per confidence bin: a DVC plot."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSplit:
+    encoded: list[bytes]
+    labels: np.ndarray
+    sha256: list[str]
+
+
+def read_test_split(shards: Path) -> TestSplit:
+    import tensorflow as tf
+
+    from components.datasets import parse_example
+
+    encoded, labels, sha = [], [], []
+    for ex in tf.data.TFRecordDataset(split_files(shards, "test")).map(parse_example):
+        encoded.append(ex["image/encoded"].numpy())
+        labels.append(int(ex["image/class/label"]))
+        sha.append(ex["image/sha256"].numpy().decode())
+    return TestSplit(encoded, np.array(labels, np.int64), sha)
+
+
+def predict_keras(model: Any, encoded: Sequence[bytes], image_size: int, batch: int) -> np.ndarray:
+    """The Keras model on the images decoded exactly as in training and serving."""
+    import tensorflow as tf
+
+    from components.datasets import decode_and_resize
+
+    ds = (
+        tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded)))
+        .map(lambda b: decode_and_resize(b, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return np.concatenate([np.asarray(model(x, training=False)) for x in ds])
+
+
+def _test_manifest(manifest: Path, columns: Sequence[str]) -> dict[str, dict[str, str]]:
+    with open(manifest, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"evaluate.slice_by names column(s) {missing} that {manifest} does not have; "
+                f"its columns are {reader.fieldnames}"
+            )
+        return {row["sha256"]: row for row in reader if row["split"] == "test"}
+
+
+def slice_metrics(
+    rows: Sequence[dict[str, str]],
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    labels: Sequence[str],
+    columns: Sequence[str],
+    bins: int,
+) -> dict[str, dict[str, Any]]:
+    """Metrics per value of each metadata column (per-class detail left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    for column in columns:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            groups[row.get(column) or "(missing)"].append(i)
+        out[column] = {}
+        for value, index in sorted(groups.items()):
+            m = classification_metrics(y_true[index], probs[index], labels, bins)
+            m.pop("per_class")
+            out[column][value] = m
+    return out
+
+
+def bless(
+    candidate: dict[str, Any],
+    champion: dict[str, Any] | None,
+    params: EvaluateParams,
+) -> dict[str, Any]:
+    """The gate's decision, with one reason per check."""
+    checks = []
+    for metric, floor in (
+        ("accuracy", params.min_accuracy),
+        ("balanced_accuracy", params.min_balanced_accuracy),
+    ):
+        value = candidate[metric]
+        passed = value >= floor
+        checks.append(
+            {
+                "check": f"min_{metric}",
+                "passed": passed,
+                "value": value,
+                "threshold": floor,
+                "reason": f"{metric} {value:.4f} {'>=' if passed else '<'} minimum {floor:.4f}",
+            }
+        )
+    if champion is not None:
+        for metric in GATED:
+            floor = champion[metric] - params.max_regression
+            value = candidate[metric]
+            passed = value >= floor
+            checks.append(
+                {
+                    "check": f"no_regression_{metric}",
+                    "passed": passed,
+                    "value": value,
+                    "threshold": floor,
+                    "reason": (
+                        f"{metric} {value:.4f} {'>=' if passed else '<'} champion "
+                        f"v{champion['version']} {champion[metric]:.4f} - "
+                        f"{params.max_regression} allowed regression"
+                    ),
+                }
+            )
+    return {
+        "blessed": all(c["passed"] for c in checks),
+        "checks": checks,
+        "candidate": {k: candidate[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+        "champion": champion,
+        "thresholds": dataclasses.asdict(params) | {"slice_by": list(params.slice_by)},
+    }
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+def plot_confusion(cm: np.ndarray, labels: Sequence[str], path: Path) -> None:
+    plt = figures.pyplot()
+    n = len(labels)
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.2 * n, 1.5 + 1.1 * n))
+    recall = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    for ax, values, title, fmt in (
+        (axes[0], cm, "counts", "{:d}"),
+        (axes[1], recall, "share of each actual class (recall on the diagonal)", "{:.2f}"),
+    ):
+        ax.imshow(recall, cmap="Blues", vmin=0, vmax=1)
+        for i in range(n):
+            for j in range(n):
+                value = values[i, j]
+                ax.text(
+                    j,
+                    i,
+                    fmt.format(int(value) if fmt == "{:d}" else float(value)),
+                    ha="center",
+                    va="center",
+                    color="white" if recall[i, j] > 0.5 else "black",
+                    fontsize=9,
+                )
+        ax.set_xticks(range(n), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(n), labels, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"test split confusion matrix ({int(cm.sum())} images)")
+    fig.tight_layout()
+    figures.save(fig, path)
+
+
+def plot_calibration(rows: Sequence[dict[str, Any]], ece: float, path: Path) -> None:
+    plt = figures.pyplot()
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    centres = [(r["lower"] + r["upper"]) / 2 for r in rows]
+    width = rows[0]["upper"] - rows[0]["lower"]
+    used = [r["count"] > 0 for r in rows]
+    top.bar(
+        [c for c, u in zip(centres, used, strict=True) if u],
+        [r["accuracy"] for r in rows if r["count"]],
+        width=width * 0.9,
+        label="accuracy",
+        color="tab:blue",
+    )
+    top.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    top.set_ylabel("accuracy in bin")
+    top.set_title(f"reliability diagram, expected calibration error {ece:.3f}", fontsize=10)
+    top.legend(fontsize=8)
+    bottom.bar(centres, [r["count"] for r in rows], width=width * 0.9, color="tab:grey")
+    bottom.set_xlabel("top-1 confidence")
+    bottom.set_ylabel("images")
+    fig.tight_layout()
+    figures.save(fig, path)
+
+
+def plot_misclassified(
+    test: TestSplit,
+    probs: np.ndarray,
+    labels: Sequence[str],
+    count: int,
+    path: Path,
+) -> int:
+    """The ``count`` most confidently wrong test images with actual, predicted and confidence."""
+    from PIL import Image
+
+    plt = figures.pyplot()
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != test.labels)
+    chosen = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:count]
+    cols = 4
+    rows = max(1, -(-len(chosen) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, chosen, strict=False):
+        ax.imshow(Image.open(io.BytesIO(test.encoded[i])).convert("RGB"))
+        ax.set_title(
+            f"actual {labels[test.labels[i]]}\npredicted {labels[predicted[i]]} "
+            f"({probs[i, predicted[i]]:.2f})",
+            fontsize=7,
+        )
+    if not len(chosen):
+        axes[0][0].text(0.5, 0.5, "no misclassified test images", ha="center")
+    fig.suptitle(f"most confidently misclassified ({len(wrong)} wrong in all)", fontsize=9)
+    fig.tight_layout()
+    figures.save(fig, path)
+    return len(chosen)
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def champion_metrics(
+    champion: Any, test: TestSplit, labels: Sequence[str], bins: int
+) -> dict[str, Any]:
+    """Run the champion's own SavedModel on this test split; ``champion`` is a
+    ``registry.Champion``."""
+    from components.export import SavedModelClassifier
+
+    with tempfile.TemporaryDirectory(prefix="imgpipe-champion-") as tmp:
+        try:
+            saved_model = champion.download_saved_model(Path(tmp))
+        except Exception as exc:
+            raise RuntimeError(
+                f"cannot fetch the SavedModel of champion {champion.name} v{champion.version} "
+                f"from the MLflow registry to compare with it: {exc}"
+            ) from exc
+        probs = SavedModelClassifier(saved_model).predict_bytes(test.encoded)
+    if probs.shape[1] != len(labels):
+        raise ValueError(
+            f"champion {champion.name} v{champion.version} predicts {probs.shape[1]} classes, "
+            f"the candidate {len(labels)}: they are not comparable; register under another "
+            "serving.model_name"
+        )
+    m = classification_metrics(test.labels, probs, labels, bins)
+    return {
+        "version": champion.version,
+        "run_id": champion.run_id,
+        **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+    }
+
+
+def run(
+    finetune_dir: Path,
+    ingest_dir: Path,
+    outputs: EvaluateOutputs,
+    model_params: ModelParams,
+    params: EvaluateParams,
+    champion: Any = None,
+) -> dict[str, Any]:
+    """Evaluate the fine-tuned model on the test split and decide its blessing; ``champion``
+    is the registry's current ``registry.Champion`` or None."""
+    import keras
+
+    from components.train import MODEL
+
+    size = backbones.image_size(model_params)
+    labels = read_labels(ingest_dir / "labels.txt")
+    manifest = _test_manifest(ingest_dir / "manifest.csv", params.slice_by)
+    test = read_test_split(ingest_dir / "shards")
+    missing = [s for s in test.sha256 if s not in manifest]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} test shard image(s) are not test rows of "
+            f"{ingest_dir / 'manifest.csv'} (first sha256 {missing[0]}): rerun ingest"
+        )
+    model = keras.models.load_model(finetune_dir / MODEL, compile=False)
+    probs = predict_keras(model, test.encoded, size, params.batch_size)
+    bins = params.calibration_bins
+    candidate = classification_metrics(test.labels, probs, labels, bins)
+    rows = [manifest[s] for s in test.sha256]
+    slices = slice_metrics(rows, test.labels, probs, labels, params.slice_by, bins)
+    baseline = champion_metrics(champion, test, labels, bins) if champion else None
+    blessing = bless(candidate, baseline, params)
+    predicted = probs.argmax(axis=1)
+    calibration = calibration_bins(test.labels, probs, bins)
+
+    with atomic_path(outputs.directory) as out:
+        out.mkdir()
+        with open(out / PREDICTIONS, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(
+                [
+                    "sha256",
+                    "filepath",
+                    "label",
+                    "predicted",
+                    "confidence",
+                    "correct",
+                    *params.slice_by,
+                    *(f"p_{label}" for label in labels),
+                ]
+            )
+            for i, row in enumerate(rows):
+                writer.writerow(
+                    [
+                        test.sha256[i],
+                        row["filepath"],
+                        labels[test.labels[i]],
+                        labels[predicted[i]],
+                        f"{probs[i, predicted[i]]:.6f}",
+                        int(predicted[i] == test.labels[i]),
+                        *(row.get(c, "") for c in params.slice_by),
+                        *(f"{p:.6f}" for p in probs[i]),
+                    ]
+                )
+        write_json_atomic(out / BLESSING, rounded(blessing, 6))
+        plot_confusion(
+            confusion_matrix(test.labels, predicted, len(labels)), labels, out / CONFUSION_PNG
+        )
+        plot_calibration(calibration, candidate["ece"], out / CALIBRATION_PNG)
+        plot_misclassified(
+            test, probs, labels, params.misclassified_examples, out / MISCLASSIFIED_PNG
+        )
+
+    with atomic_path(outputs.confusion) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["actual", "predicted"])
+        writer.writerows(
+            [labels[a], labels[p]] for a, p in zip(test.labels, predicted, strict=True)
+        )
+    with atomic_path(outputs.calibration) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(calibration[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rounded([r for r in calibration if r["count"]]))
+    metrics = rounded(
+        {
+            "test": candidate,
+            "slices": slices,
+            "blessed": blessing["blessed"],
+            "champion": baseline,
+        }
+    )
+    write_json_atomic(outputs.metrics, metrics)
+    return {**metrics, "blessing": blessing}
+
+
+def log_to_mlflow(outputs: EvaluateOutputs, params: EvaluateParams) -> None:
+    """Test metrics (overall, per class, per slice), the decision and its reasons, figures."""
+    import mlflow
+
+    from components.tracking import log_params
+
+    log_params("evaluate", params)
+    metrics = json.loads(outputs.metrics.read_text())
+    test = metrics["test"]
+    values = {f"test.{k}": test[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece")}
+    for label, per_class in test["per_class"].items():
+        values.update({f"test.{k}.{label}": per_class[k] for k in ("precision", "recall", "f1")})
+    for column, groups in metrics["slices"].items():
+        for value, m in groups.items():
+            key = "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in value)
+            values.update(
+                {
+                    f"test.slice.{column}.{key}.{k}": m[k]
+                    for k in ("accuracy", "balanced_accuracy", "macro_f1")
+                }
+            )
+    values["blessed"] = float(metrics["blessed"])
+    mlflow.log_metrics(values)
+    blessing = json.loads((outputs.directory / BLESSING).read_text())
+    mlflow.set_tags(
+        {
+            "blessed": str(blessing["blessed"]).lower(),
+            "blessing": "; ".join(c["reason"] for c in blessing["checks"]),
+        }
+    )
+    for name in (BLESSING, PREDICTIONS, CONFUSION_PNG, CALIBRATION_PNG, MISCLASSIFIED_PNG):
+        mlflow.log_artifact(str(outputs.directory / name), "evaluate")

@@ -1,0 +1,537 @@
+"""export: the fine-tuned model as a TF Serving SavedModel, TFLite float32 and int8, a parity
+report and a model card.
+
+The SavedModel (TF Serving layout ``serving/<model_name>/1/``) carries the whole inference path
+in its graph, so clients send what they have:
+
+- ``serving_default``: ``image_bytes``, a batch of encoded images (JPEG, PNG, GIF, BMP), decoded
+  and resized exactly as in training (``components.datasets.decode_and_resize``);
+- ``serving_images``: ``images``, a batch of uint8 RGB tensors of any size, resized the same way.
+
+Both return ``probabilities`` (float32, one column per class), ``class_index`` (int64) and
+``class_name`` (string). ``assets.extra/tf_serving_warmup_requests`` holds real validation
+images as TF Serving ``PredictionLog`` records, so a server can warm the model before it reports
+AVAILABLE.
+
+The TFLite models take one ``image`` (1 x size x size x 3, RGB 0-255: float32, or uint8 for the
+full-integer int8 model whose output is uint8 probabilities in steps of 1/256). Parity runs over
+the whole test split: the TFLite models see the same decoded pixels as the SavedModel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components import backbones
+from components.config import ExportParams, ModelParams, ServingParams
+from components.fileio import atomic_path, write_json_atomic
+from components.labels import read_labels
+from components.metrics import classification_metrics, rounded
+from components.tfrecords import split_files
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_VERSION = 1
+"""The version folder export writes; push copies it to the serving base as the next version."""
+BYTES_SIGNATURE, IMAGES_SIGNATURE = "serving_default", "serving_images"
+BYTES_INPUT, IMAGES_INPUT = "image_bytes", "images"
+OUTPUTS = ("probabilities", "class_index", "class_name")
+WARMUP = Path("assets.extra") / "tf_serving_warmup_requests"
+SERVING, TFLITE, LABELS, CARD = "serving", "tflite", "labels.txt", "model_card.md"
+TFLITE_FILES = {"float32": "model_float32.tflite", "int8": "model_int8.tflite"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOutputs:
+    directory: Path
+    """serving/<model_name>/1/ (SavedModel), tflite/ (models + labels.txt), model_card.md."""
+    report: Path
+    """Parity and sizes, JSON (a DVC metric)."""
+
+    def saved_model(self, model_name: str) -> Path:
+        return self.directory / SERVING / model_name / str(CANDIDATE_VERSION)
+
+
+# --- the SavedModel ------------------------------------------------------------------------
+
+
+def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: Path) -> None:
+    """Both serving signatures around ``model`` (whose preprocessing is already inside it)."""
+    import keras
+    import tensorflow as tf
+
+    from components.datasets import decode_and_resize, resize
+
+    names = tf.constant(list(labels))
+
+    def classify(images: Any) -> dict[str, Any]:
+        probabilities = model(images, training=False)
+        index = tf.argmax(probabilities, axis=1)
+        return {
+            "probabilities": probabilities,
+            "class_index": index,
+            "class_name": tf.gather(names, index),
+        }
+
+    def from_bytes(image_bytes: Any) -> dict[str, Any]:
+        images = tf.map_fn(
+            lambda encoded: decode_and_resize(encoded, image_size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+        )
+        return classify(images)
+
+    def from_images(images: Any) -> dict[str, Any]:
+        return classify(resize(images, image_size))
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        BYTES_SIGNATURE, from_bytes, [tf.TensorSpec([None], tf.string, name=BYTES_INPUT)]
+    )
+    archive.add_endpoint(
+        IMAGES_SIGNATURE,
+        from_images,
+        [tf.TensorSpec([None, None, None, 3], tf.uint8, name=IMAGES_INPUT)],
+    )
+    archive.write_out(str(path), verbose=False)
+
+
+class SavedModelClassifier:
+    """An exported SavedModel called through its signatures, as a server would."""
+
+    def __init__(self, saved_model: Path) -> None:
+        import tensorflow as tf
+
+        self.path = Path(saved_model)
+        if not (self.path / "saved_model.pb").is_file():
+            raise FileNotFoundError(f"no SavedModel in {self.path}")
+        self.loaded = tf.saved_model.load(str(self.path))
+        missing = {BYTES_SIGNATURE, IMAGES_SIGNATURE} - set(self.loaded.signatures)
+        if missing:
+            raise ValueError(f"{self.path}: missing signature(s) {sorted(missing)}")
+
+    def predict_bytes(self, encoded: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
+        """Probabilities for encoded images through ``serving_default``."""
+        import tensorflow as tf
+
+        signature = self.loaded.signatures[BYTES_SIGNATURE]
+        chunks = [
+            signature(**{BYTES_INPUT: tf.constant(list(encoded[i : i + batch_size]))})
+            for i in range(0, len(encoded), batch_size)
+        ]
+        return np.concatenate([c["probabilities"].numpy() for c in chunks])
+
+    def predict_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """All outputs for a uint8 batch through ``serving_images``."""
+        import tensorflow as tf
+
+        outputs = self.loaded.signatures[IMAGES_SIGNATURE](
+            **{IMAGES_INPUT: tf.constant(images, tf.uint8)}
+        )
+        return {k: v.numpy() for k, v in outputs.items()}
+
+
+def write_warmup(saved_model: Path, model_name: str, encoded: Iterable[bytes]) -> int:
+    """One PredictRequest per image on the bytes signature, as TF Serving's warmup file."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    path = saved_model / WARMUP
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for image in encoded:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=BYTES_SIGNATURE)
+            )
+            request.inputs[BYTES_INPUT].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
+            log_record = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)
+            )
+            writer.write(log_record.SerializeToString())
+            count += 1
+    return count
+
+
+def read_warmup(saved_model: Path) -> list[Any]:
+    """The warmup file's records as ``PredictionLog`` protos."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = saved_model / WARMUP
+    if not path.is_file():
+        raise FileNotFoundError(f"no TF Serving warmup file at {path}")
+    records = []
+    for raw in tf.data.TFRecordDataset(str(path)):
+        record = prediction_log_pb2.PredictionLog()
+        record.ParseFromString(raw.numpy())
+        records.append(record)
+    return records
+
+
+def run_warmup(saved_model: Path) -> int:
+    """Send every warmup request to the SavedModel as TF Serving would; fail on any error."""
+    import tensorflow as tf
+
+    loaded = SavedModelClassifier(saved_model).loaded
+    records = read_warmup(saved_model)
+    for index, record in enumerate(records):
+        request = record.predict_log.request
+        name = request.model_spec.signature_name or BYTES_SIGNATURE
+        if name not in loaded.signatures:
+            raise ValueError(f"warmup request {index} names unknown signature {name!r}")
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        outputs = loaded.signatures[name](**inputs)
+        if set(outputs) != set(OUTPUTS):
+            raise ValueError(f"warmup request {index}: outputs {sorted(outputs)}")
+    return len(records)
+
+
+# --- TFLite ----------------------------------------------------------------------------------
+
+
+def write_tflite(
+    model: Any,
+    image_size: int,
+    directory: Path,
+    representative: Iterable[np.ndarray],
+    int8: bool,
+) -> dict[str, Path]:
+    """float32 and (optionally) full-integer int8 models with uint8 input and output."""
+    import keras
+    import tensorflow as tf
+
+    paths: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="imgpipe-tflite-") as tmp:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(
+            "serving_default",
+            lambda image: {"probabilities": model(image, training=False)},
+            [tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="image")],
+        )
+        archive.write_out(tmp, verbose=False)
+
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        paths["float32"] = directory / TFLITE_FILES["float32"]
+        paths["float32"].write_bytes(converter.convert())
+        if int8:
+            samples = list(representative)
+
+            def dataset() -> Iterator[dict[str, np.ndarray]]:
+                for image in samples:
+                    yield {"image": image[None].astype(np.float32)}
+
+            converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = dataset
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.uint8
+            paths["int8"] = directory / TFLITE_FILES["int8"]
+            paths["int8"].write_bytes(converter.convert())
+    return paths
+
+
+class TFLiteClassifier:
+    """One TFLite model through ai-edge-litert: float RGB 0-255 images in, probabilities out,
+    (de)quantising where the model is integer."""
+
+    def __init__(self, path: Path) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+        self.input = self.runner.get_input_details()["image"]
+        self.output = self.runner.get_output_details()["probabilities"]
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        x = image[None]
+        if self.input["dtype"] != np.float32:
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(self.input["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        y = self.runner(image=x.astype(self.input["dtype"]))["probabilities"][0]
+        if self.output["dtype"] != np.float32:
+            scale, zero = self.output["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y
+
+
+# --- parity and the model card ---------------------------------------------------------------
+
+
+def _test_split(files: Sequence[str], image_size: int) -> Iterator[tuple[bytes, np.ndarray, int]]:
+    """(encoded bytes, decoded pixels as in training, label) for every test image."""
+    import tensorflow as tf
+
+    from components.datasets import decode_and_resize, parse_example
+
+    def parse(serialized: Any) -> Any:
+        ex = parse_example(serialized)
+        return (
+            ex["image/encoded"],
+            decode_and_resize(ex["image/encoded"], image_size),
+            ex["image/class/label"],
+        )
+
+    for encoded, image, label in tf.data.TFRecordDataset(list(files)).map(parse):
+        yield encoded.numpy(), image.numpy(), int(label)
+
+
+def parity(
+    saved_model: Path,
+    tflite: dict[str, Path],
+    test_files: Sequence[str],
+    labels: Sequence[str],
+    image_size: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Top-1 agreement of each TFLite model with the SavedModel over the whole test split, and
+    the accuracy of each."""
+    from tqdm import tqdm
+
+    examples = list(_test_split(test_files, image_size))
+    y_true = np.array([label for _, _, label in examples])
+    served = SavedModelClassifier(saved_model)
+    started = time.perf_counter()
+    reference = served.predict_bytes([encoded for encoded, _, _ in examples])
+    seconds = {"saved_model": time.perf_counter() - started}
+    report: dict[str, Any] = {
+        "images": len(examples),
+        "saved_model": {
+            "accuracy": classification_metrics(y_true, reference, labels)["accuracy"],
+            "ms_per_image_batched": 1000 * seconds["saved_model"] / max(1, len(examples)),
+        },
+    }
+    for kind, path in tflite.items():
+        classifier = TFLiteClassifier(path)
+        started = time.perf_counter()
+        probs = np.stack(
+            [
+                classifier(image)
+                for _, image, _ in tqdm(
+                    examples, desc=f"parity {kind}", unit="img", disable=not progress
+                )
+            ]
+        )
+        elapsed = time.perf_counter() - started
+        report[f"tflite_{kind}"] = {
+            "top1_agreement": float(np.mean(probs.argmax(1) == reference.argmax(1))),
+            "accuracy": classification_metrics(y_true, probs, labels)["accuracy"],
+            "max_abs_probability_diff": float(np.abs(probs - reference).max()),
+            "ms_per_image": 1000 * elapsed / max(1, len(examples)),
+        }
+    return report
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+def model_card(
+    model_name: str,
+    model_params: ModelParams,
+    image_size: int,
+    labels: Sequence[str],
+    evaluation: dict[str, Any],
+    report: dict[str, Any],
+    params: ExportParams,
+) -> str:
+    """The model card: what the model is, the data and its licence, test metrics, slices,
+    deployment artifacts and their parity, and the limits a user must know."""
+    test = evaluation["test"]
+    lines = [
+        f"# Model card: {model_name}",
+        "",
+        "## Model",
+        f"- {model_params.backbone} backbone ({model_params.weights or 'random'} weights), "
+        f"{image_size} px input, fine-tuned; classes: {', '.join(labels)}.",
+        "- Preprocessing is inside the model: send encoded images (`serving_default`, input "
+        f"`{BYTES_INPUT}`) or uint8 RGB tensors of any size (`{IMAGES_SIGNATURE}`).",
+        "",
+        "## Data",
+        f"- {params.data_description or 'not described (set export.data_description)'}",
+        f"- Licence: {params.data_licence}.",
+        f"- Test split: {test['images']} images, never used for training or model selection.",
+        "",
+        "## Test metrics",
+        "| metric | value |",
+        "|---|---|",
+        *(
+            f"| {m.replace('_', ' ')} | {test[m]:.4f} |"
+            for m in ("accuracy", "balanced_accuracy", "macro_f1", "ece")
+        ),
+        "",
+        "| class | precision | recall | F1 | images |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {label} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | "
+            f"{c['support']} |"
+            for label, c in test["per_class"].items()
+        ),
+    ]
+    if evaluation.get("slices"):
+        lines += [
+            "",
+            "## Slices",
+            "| slice | images | accuracy | balanced accuracy | macro-F1 |",
+            "|---|---|---|---|---|",
+        ]
+        for column, values in evaluation["slices"].items():
+            for value, m in values.items():
+                lines.append(
+                    f"| {column} = {value} | {m['images']} | {m['accuracy']:.4f} | "
+                    f"{m['balanced_accuracy']:.4f} | {m['macro_f1']:.4f} |"
+                )
+    lines += [
+        "",
+        "## Artifacts and parity (whole test split)",
+        "| artifact | size (MB) | accuracy | top-1 agreement with SavedModel |",
+        "|---|---|---|---|",
+        f"| SavedModel | {report['sizes_mb']['saved_model']:.1f} | "
+        f"{report['parity']['saved_model']['accuracy']:.4f} | - |",
+    ]
+    for kind in TFLITE_FILES:
+        if f"tflite_{kind}" in report["parity"]:
+            p = report["parity"][f"tflite_{kind}"]
+            lines.append(
+                f"| TFLite {kind} | {report['sizes_mb'][f'tflite_{kind}']:.1f} | "
+                f"{p['accuracy']:.4f} | {p['top1_agreement']:.4f} |"
+            )
+    weak = [label for label, c in test["per_class"].items() if c["recall"] < 0.5]
+    lines += [
+        "",
+        "## Limits",
+        f"- Trained and tested on one data set; expect lower accuracy on images from other "
+        f"cameras, resolutions or {', '.join(evaluation.get('slices', {})) or 'sources'}.",
+    ]
+    if weak:
+        lines.append(
+            f"- Classes recognised less than half the time on the test split: {', '.join(weak)}."
+        )
+    lines.append(
+        f"- Expected calibration error {test['ece']:.3f}: treat probabilities as scores, not "
+        "as calibrated likelihoods, unless this is small."
+    )
+    if "tflite_int8" in report["parity"]:
+        lines.append(
+            "- The int8 TFLite model outputs probabilities in steps of 1/256; near-ties can "
+            "flip its top-1 class."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run(
+    finetune_dir: Path,
+    ingest_dir: Path,
+    evaluation: Path,
+    outputs: ExportOutputs,
+    model_params: ModelParams,
+    serving: ServingParams,
+    params: ExportParams,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    import keras
+
+    from components.datasets import image_dataset
+    from components.train import MODEL
+
+    size = backbones.image_size(model_params)
+    labels = read_labels(ingest_dir / "labels.txt")
+    shards = ingest_dir / "shards"
+    model = keras.models.load_model(finetune_dir / MODEL, compile=False)
+    started = time.perf_counter()
+    with atomic_path(outputs.directory) as out:
+        saved_model = out / SERVING / serving.model_name / str(CANDIDATE_VERSION)
+        saved_model.parent.mkdir(parents=True)
+        write_saved_model(model, labels, size, saved_model)
+        warmup = _encoded(split_files(shards, "val"), params.warmup_images)
+        warmups = write_warmup(saved_model, serving.model_name, warmup)
+        run_warmup(saved_model)
+
+        (out / TFLITE).mkdir()
+        shutil.copyfile(ingest_dir / "labels.txt", out / TFLITE / LABELS)
+        representative = (
+            image.numpy()[0]
+            for image, _ in image_dataset(
+                split_files(shards, "train"), size, 1, shuffle_seed=0
+            ).take(params.representative_images)
+        )
+        tflite = write_tflite(model, size, out / TFLITE, representative, params.int8)
+        export_seconds = time.perf_counter() - started
+
+        report = {
+            "model_name": serving.model_name,
+            "image_size": size,
+            "warmup_requests": warmups,
+            "export_seconds": export_seconds,
+            "sizes_mb": {
+                "saved_model": _size_mb(saved_model),
+                **{f"tflite_{kind}": _size_mb(path) for kind, path in tflite.items()},
+            },
+            "parity": parity(
+                saved_model, tflite, split_files(shards, "test"), labels, size, progress
+            ),
+        }
+        evaluation_metrics = json.loads(Path(evaluation).read_text())
+        (out / CARD).write_text(
+            model_card(
+                serving.model_name,
+                model_params,
+                size,
+                labels,
+                evaluation_metrics,
+                report,
+                params,
+            ),
+            encoding="utf-8",
+        )
+    report = rounded(report, 6)
+    write_json_atomic(outputs.report, report)
+    return report
+
+
+def _encoded(files: Sequence[str], count: int) -> list[bytes]:
+    import tensorflow as tf
+
+    from components.datasets import parse_example
+
+    return [
+        ex["image/encoded"].numpy()
+        for ex in tf.data.TFRecordDataset(list(files)).map(parse_example).take(count)
+    ]
+
+
+def log_to_mlflow(outputs: ExportOutputs, params: ExportParams) -> None:
+    import mlflow
+
+    from components.tracking import log_params
+
+    log_params("export", params)
+    report = json.loads(outputs.report.read_text())
+    mlflow.log_metrics(
+        {
+            **{f"export.size_mb.{k}": v for k, v in report["sizes_mb"].items()},
+            **{
+                f"parity.{kind}.{k}": v
+                for kind, values in report["parity"].items()
+                if isinstance(values, dict)
+                for k, v in values.items()
+            },
+        }
+    )
+    mlflow.log_artifact(str(outputs.report), "export")
+    mlflow.log_artifact(str(outputs.directory / CARD), "export")
