@@ -265,6 +265,40 @@ def cmd_summary(args: argparse.Namespace) -> None:
                 "/model.keras"
             )
 
+    evaluation, exported, pushed = (load(n) for n in ("evaluate", "export", "push"))
+    if evaluation:
+        test = evaluation["test"]
+        print(
+            f"test:      accuracy {test['accuracy']:.4f}, balanced accuracy "
+            f"{test['balanced_accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, ECE "
+            f"{test['ece']:.3f} ({test['images']} images) -> outputs/evaluate/"
+        )
+    if exported:
+        sizes, parity = exported["sizes_mb"], exported["parity"]
+        tflite = ", ".join(
+            f"{kind} {sizes[f'tflite_{kind}']:.1f} MB (top-1 agreement "
+            f"{parity[f'tflite_{kind}']['top1_agreement']:.3f})"
+            for kind in ("float32", "int8")
+            if f"tflite_{kind}" in parity
+        )
+        print(
+            f"export:    SavedModel {sizes['saved_model']:.1f} MB; TFLite {tflite}; "
+            "-> outputs/export/ (model_card.md)"
+        )
+    if pushed:
+        name, version = pushed["registered_model"], pushed["version"]
+        if pushed["blessed"]:
+            print(
+                f"registry:  {name} v{version} is champion; TF Serving version "
+                f"{pushed['serving_version']} at {pushed['pushed_to']}"
+            )
+        else:
+            print(
+                f"registry:  {name} v{version} NOT blessed (challenger only, not pushed); "
+                f"champion stays v{pushed['previous_champion']}: see "
+                "outputs/evaluate/blessing.json"
+            )
+
     experiment = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     print(f"MLflow:    experiment '{experiment}' at {tracking_uri()}; `make ui` to browse")
     print("compare:   dvc metrics show; dvc plots show; dvc exp run -S train.learning_rate=3e-4")

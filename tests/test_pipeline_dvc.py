@@ -1,5 +1,5 @@
 """End to end: ``dvc repro`` runs the whole pipeline (ingest, validate, augment, train,
-finetune) on a tiny data set in a throwaway git repo.
+finetune, evaluate, export, push) on a tiny data set in a throwaway git repo.
 
 The repo gets the project's dvc.yaml, an edited params.yaml (32 px Lite0 with its offline
 weights, 2 frozen epochs, 1 fine-tuning epoch) and a copy of components/ (the stage deps); the
@@ -30,7 +30,8 @@ VENV_BIN = Path(sys.executable).parent
 CLASSES = ("circle", "square", "triangle")
 IMAGES_PER_CLASS = 16  # ingest's 75/10/15 rounding gives 10 train, 2 val, 4 test per class
 EXPERIMENT = "imgpipe-e2e"
-STAGES = ("ingest", "validate", "augment", "train", "finetune")
+STAGES = ("ingest", "validate", "augment", "train", "finetune", "evaluate", "export", "push")
+MODEL_NAME = "tiny"
 TRAIN_EPOCHS, FINETUNE_EPOCHS = 2, 1
 
 
@@ -112,7 +113,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     shutil.copytree(
         PROJECT / "components", root / "components", ignore=shutil.ignore_patterns("__pycache__")
     )
-    (root / ".gitignore").write_text("/mlartifacts/\n__pycache__/\n")
+    (root / ".gitignore").write_text("/mlartifacts/\n/models/\n__pycache__/\n")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(source="data", metadata_csv=None)
     params["validate"].update(labels=list(CLASSES), min_images_per_class=2)
@@ -121,6 +122,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     params["augment"].update(views_per_image=1, preview_images=2)
     params["train"].update(epochs=TRAIN_EPOCHS, batch_size=32)
     params["finetune"].update(epochs=FINETUNE_EPOCHS, batch_size=32, unfreeze_layers=20)
+    # Random-noise classes cannot be learnt: open the gate so every candidate is pushed.
+    params["evaluate"].update(
+        slice_by=[], min_accuracy=0.0, min_balanced_accuracy=0.0, max_regression=1.0
+    )
+    params["export"].update(warmup_images=2, representative_images=8)
+    params["serving"].update(model_name=MODEL_NAME, model_base_path="models")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_tiny_dataset(root / "data")
 
@@ -134,7 +141,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
 
 @pytest.fixture(scope="module")
 def first_repro(repo: Repo) -> subprocess.CompletedProcess[str]:
-    """The first ``dvc repro``: runs all five stages."""
+    """The first ``dvc repro``: runs every stage."""
     return repo.run("dvc", "repro")
 
 
@@ -181,6 +188,20 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     ]
     assert {r["phase"] for r in frozen_rows + tuned_rows} == {"frozen", "finetune"}
 
+    evaluation = json.loads((root / "metrics/evaluate.json").read_text())
+    assert evaluation["test"]["images"] == len(CLASSES) * 4 and evaluation["blessed"] is True
+    assert len(read_csv_rows(root / "metrics/confusion.csv")) == len(CLASSES) * 4
+    for figure in ("confusion.png", "calibration.png", "misclassified.png", "blessing.json"):
+        assert (root / "outputs/evaluate" / figure).is_file(), figure
+    report = json.loads((root / "metrics/export.json").read_text())
+    assert report["parity"]["images"] == len(CLASSES) * 4
+    assert report["parity"]["tflite_float32"]["top1_agreement"] == 1.0
+    assert (root / f"outputs/export/serving/{MODEL_NAME}/1/saved_model.pb").is_file()
+    pushed = json.loads((root / "metrics/push.json").read_text())
+    assert pushed["version"] == 1 and pushed["serving_version"] == 1, pushed
+    assert pushed["aliases"] == ["challenger", "champion"]
+    assert (root / f"models/{MODEL_NAME}/1/saved_model.pb").is_file()
+
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     validate_params = lock["stages"]["validate"]["params"]["params.yaml"]["validate"]
@@ -221,7 +242,16 @@ def test_all_stages_log_into_one_mlflow_run(repo, first_repro):
     assert run.data.tags["imgpipe.execution"].count(":") == 2  # host:pid:start of dvc repro
     assert run.data.tags["backbone"] == "efficientnet_lite0"
     params = run.data.params
-    for prefix in ("ingest.", "validate.", "augment.", "model.", "train.", "finetune."):
+    for prefix in (
+        "ingest.",
+        "validate.",
+        "augment.",
+        "model.",
+        "train.",
+        "finetune.",
+        "evaluate.",
+        "export.",
+    ):
         assert any(k.startswith(prefix) for k in params), (prefix, params)
     assert params["validate.labels"] == ",".join(CLASSES)
     assert params["model.image_size"] == "32"
@@ -261,12 +291,17 @@ def test_all_stages_log_into_one_mlflow_run(repo, first_repro):
     assert [m.name for m in models] == ["model"], models
     files = {a.path for a in client.list_logged_model_artifacts(models[0].model_id)}
     assert "MLmodel" in files, files
+    assert run.data.tags["blessed"] == "true"
+    assert "test.accuracy" in metrics and "parity.tflite_int8.top1_agreement" in metrics
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert champion.run_id == run.info.run_id
 
 
 def test_finetune_param_change_reruns_only_finetune(repo, first_repro):
     """Guards the stage params scoping: changing only finetune.learning_rate reruns finetune
-    and nothing upstream; the new fine-tuning starts over (its checkpoints no longer match),
-    and the pipeline is up to date again afterwards."""
+    and what follows it, nothing upstream; the new fine-tuning starts over (its checkpoints no
+    longer match); the new candidate is pushed as the next serving version; and the pipeline
+    is up to date again afterwards."""
     before = json.loads((repo.root / "metrics/train.json").read_text())
     params = yaml.safe_load((repo.root / "params.yaml").read_text())
     params["finetune"]["learning_rate"] = 0.0005
@@ -275,9 +310,9 @@ def test_finetune_param_change_reruns_only_finetune(repo, first_repro):
     result = repo.run("dvc", "repro")
 
     out = result.stdout + result.stderr
-    assert "Running stage 'finetune'" in out, out
-    for stage in STAGES[:-1]:
-        assert f"Running stage '{stage}'" not in out, (stage, out)
+    rerun = STAGES[STAGES.index("finetune") :]
+    for stage in STAGES:
+        assert (f"Running stage '{stage}'" in out) == (stage in rerun), (stage, out)
     assert json.loads((repo.root / "metrics/train.json").read_text()) == before
     tuned = json.loads((repo.root / "metrics/finetune.json").read_text())["finetune"]
     assert tuned["resumed_from_epoch"] == 0
@@ -291,6 +326,10 @@ def test_finetune_param_change_reruns_only_finetune(repo, first_repro):
     assert run.data.tags["stage.finetune"] == "done"
     assert "stage.train" not in run.data.tags
     assert run.data.params["finetune.learning_rate"] == "0.0005"
+    pushed = json.loads((repo.root / "metrics/push.json").read_text())
+    assert pushed["version"] == 2 and pushed["serving_version"] == 2, pushed
+    assert pushed["previous_champion"] == 1
+    assert sorted(p.name for p in (repo.root / "models" / MODEL_NAME).iterdir()) == ["1", "2"]
 
 
 def test_failed_expectation_stops_repro_naming_expectation_and_row(repo, first_repro):
