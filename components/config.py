@@ -140,6 +140,16 @@ class FinetuneParams:
     """Top N layers of the base become trainable (rounded up to a block boundary);
     BatchNormalization layers stay frozen, in inference mode."""
     early_stopping_patience: int = 2
+    monitor: str = "val_accuracy"
+    """What picks the best epoch and stops early: ``val_accuracy`` (higher is better) or
+    ``val_loss``. On ELPV the validation loss rises while accuracy still improves (the training
+    set is class-balanced, validation is not), so loss would keep a less accurate epoch."""
+
+    def __post_init__(self) -> None:
+        if self.monitor not in ("val_accuracy", "val_loss"):
+            raise ParamsError(
+                f"finetune.monitor must be val_accuracy or val_loss, got {self.monitor!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

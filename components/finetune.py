@@ -81,7 +81,8 @@ def fingerprint(
 
 
 class ResumableCheckpoint(keras.callbacks.Callback):
-    """A checkpoint each epoch plus early stopping on ``val_loss``, both resumable: the epoch's
+    """A checkpoint each epoch plus early stopping on ``monitor`` (``val_loss``: lower is
+    better, ``val_accuracy``: higher is better), both resumable: the epoch's
     model (with optimizer state), the best model and the stopping state survive the process.
 
     Order makes it crash-safe: the epoch's model is written first, then ``state.json`` (one
@@ -89,21 +90,25 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     names files which exist.
     """
 
-    def __init__(self, directory: Path, key: str, patience: int, state: dict[str, Any]) -> None:
+    def __init__(
+        self, directory: Path, key: str, monitor: str, patience: int, state: dict[str, Any]
+    ) -> None:
         super().__init__()
         self.directory, self.key, self.patience = directory, key, patience
+        self.monitor = monitor
+        self.sign = 1.0 if monitor.endswith("loss") else -1.0  # minimise sign * value
         self.best = state.get("best", math.inf)
         self.wait = state.get("wait", 0)
         self.best_file = state.get("best_checkpoint")
         self.rows: list[dict[str, Any]] = state.get("history", [])
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        val_loss = float((logs or {}).get("val_loss", math.inf))
+        value = self.sign * float((logs or {}).get(self.monitor, self.sign * math.inf))
         last = f"epoch-{epoch:03d}.keras"
         with atomic_path(self.directory / last) as tmp:
             self.model.save(tmp)
-        if val_loss < self.best:
-            self.best, self.wait, self.best_file = val_loss, 0, last
+        if value < self.best:
+            self.best, self.wait, self.best_file = value, 0, last
         else:
             self.wait += 1
         stop = self.wait >= self.patience
@@ -190,7 +195,7 @@ def run(
         )
 
     checkpoint = ResumableCheckpoint(
-        outputs.checkpoints, key, params.early_stopping_patience, state
+        outputs.checkpoints, key, params.monitor, params.early_stopping_patience, state
     )
     logger = EpochLogger("finetune", offset, params.epochs, checkpoint.rows, progress, steps)
     started = time.perf_counter()
@@ -228,7 +233,8 @@ def run(
             "val_accuracy": round(float(val_accuracy), 6),
             "val_loss": round(float(val_loss), 6),
             "epochs": len(rows),
-            "best_epoch": int(np.argmin([r["val_loss"] for r in rows])) if rows else -1,
+            "best_epoch": best_epoch(rows, params.monitor),
+            "monitor": params.monitor,
             "resumed_from_epoch": initial_epoch,
             "trainable_base_layers": trainable,
             "seconds": round(seconds, 2),
@@ -239,6 +245,14 @@ def run(
     }
     write_json_atomic(outputs.metrics, metrics)
     return metrics
+
+
+def best_epoch(rows: list[dict[str, Any]], monitor: str) -> int:
+    """The epoch ResumableCheckpoint keeps: the first with the best ``monitor`` value."""
+    if not rows:
+        return -1
+    values = [r[monitor] for r in rows]
+    return int(np.argmin(values) if monitor.endswith("loss") else np.argmax(values))
 
 
 def log_to_mlflow(
@@ -253,7 +267,9 @@ def log_to_mlflow(
     log_params("finetune", params)
     mlflow.set_tag("backbone", model_params.backbone)
     metrics = json.loads(outputs.metrics.read_text())["finetune"]
-    mlflow.log_metrics({f"finetune.{k}": v for k, v in metrics.items() if v is not None})
+    mlflow.log_metrics(
+        {f"finetune.{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+    )
     mlflow.log_artifact(str(outputs.directory / CURVES), "finetune")
     mlflow.log_artifact(str(outputs.history), "finetune")
     model = keras.models.load_model(outputs.directory / MODEL)
