@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export UV_NO_PROGRESS := 1
 
-.PHONY: setup demo test lint typecheck ui sample-data clean
+.PHONY: setup demo test lint typecheck ui serve sample-data clean
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools "uv==$(UV_VERSION)"
@@ -45,7 +45,17 @@ typecheck: setup
 ui: setup  ## MLflow UI on 127.0.0.1 to compare runs
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 --port 5000
 
-clean:  ## remove pipeline outputs (not the venv, not the data)
+# The local TF Serving stand-in on the pushed models, with the same config files the real
+# tensorflow/serving container uses (models/ is mounted where the config's base_path points).
+SERVE_FLAGS ?= --port 8500 --rest_api_port 8501 --enable_batching
+serve: setup  ## serve models/ over TF Serving's gRPC API on 127.0.0.1:8500 (metrics on :8501)
+	@test -d models || { echo "no models/ yet: run make demo first (push copies the champion there)"; exit 1; }
+	$(BIN)/python -m serving.server --model_config_file serving/models.config \
+		--mount $(CURDIR)/models:/models \
+		--batching_parameters_file serving/batching.config \
+		--monitoring_config_file serving/monitoring.config $(SERVE_FLAGS)
+
+clean:  ## remove pipeline outputs (not the venv, not the data, not pushed models)
 	rm -rf outputs mlflow.db mlartifacts
 
 print-%:

@@ -8,8 +8,11 @@ in its graph, so clients send what they have:
   and resized exactly as in training (``components.datasets.decode_and_resize``);
 - ``serving_images``: ``images``, a batch of uint8 RGB tensors of any size, resized the same way.
 
-Both return ``probabilities`` (float32, one column per class), ``class_index`` (int64) and
-``class_name`` (string). ``assets.extra/tf_serving_warmup_requests`` holds real validation
+Both return ``probabilities`` (float32, one column per class), ``class_index`` (int64),
+``class_name`` (string) and ``class_names`` (string, the label of every column, per image, so
+clients can name the top k). A third signature, ``classify`` (method
+``tensorflow/serving/classify``), serves TF Serving's Classify API: serialized ``tf.Example``
+protos with the encoded image under ``image/encoded`` in, ``classes`` and ``scores`` out. ``assets.extra/tf_serving_warmup_requests`` holds real validation
 images as TF Serving ``PredictionLog`` records, so a server can warm the model before it reports
 AVAILABLE.
 
@@ -45,7 +48,11 @@ CANDIDATE_VERSION = 1
 """The version folder export writes; push copies it to the serving base as the next version."""
 BYTES_SIGNATURE, IMAGES_SIGNATURE = "serving_default", "serving_images"
 BYTES_INPUT, IMAGES_INPUT = "image_bytes", "images"
-OUTPUTS = ("probabilities", "class_index", "class_name")
+OUTPUTS = ("probabilities", "class_index", "class_name", "class_names")
+CLASSIFY_SIGNATURE, CLASSIFY_INPUT = "classify", "inputs"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+EXAMPLE_IMAGE_KEY = "image/encoded"
+"""The tf.Example feature the classify signature reads: the same key as the TFRecord shards."""
 WARMUP = Path("assets.extra") / "tf_serving_warmup_requests"
 SERVING, TFLITE, LABELS, CARD = "serving", "tflite", "labels.txt", "model_card.md"
 TFLITE_FILES = {"float32": "model_float32.tflite", "int8": "model_int8.tflite"}
@@ -66,7 +73,7 @@ class ExportOutputs:
 
 
 def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: Path) -> None:
-    """Both serving signatures around ``model`` (whose preprocessing is already inside it)."""
+    """The serving signatures around ``model`` (whose preprocessing is already inside it)."""
     import keras
     import tensorflow as tf
 
@@ -81,6 +88,7 @@ def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: 
             "probabilities": probabilities,
             "class_index": index,
             "class_name": tf.gather(names, index),
+            "class_names": tf.tile(names[None], [tf.shape(probabilities)[0], 1]),
         }
 
     def from_bytes(image_bytes: Any) -> dict[str, Any]:
@@ -94,6 +102,13 @@ def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: 
     def from_images(images: Any) -> dict[str, Any]:
         return classify(resize(images, image_size))
 
+    def from_examples(inputs: Any) -> dict[str, Any]:
+        features = tf.io.parse_example(
+            inputs, {EXAMPLE_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
+        )
+        outputs = from_bytes(features[EXAMPLE_IMAGE_KEY])
+        return {"classes": outputs["class_names"], "scores": outputs["probabilities"]}
+
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
@@ -104,7 +119,28 @@ def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: 
         from_images,
         [tf.TensorSpec([None, None, None, 3], tf.uint8, name=IMAGES_INPUT)],
     )
+    archive.add_endpoint(
+        CLASSIFY_SIGNATURE, from_examples, [tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUT)]
+    )
     archive.write_out(str(path), verbose=False)
+    _set_method_name(path, CLASSIFY_SIGNATURE, CLASSIFY_METHOD)
+
+
+def _set_method_name(path: Path, signature: str, method: str) -> None:
+    """Mark one signature with a TF Serving method name (Keras exports every signature as
+    predict). TF Serving's Classify API only runs signatures marked classify."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    pb = Path(path) / "saved_model.pb"
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString(pb.read_bytes())
+    for graph in saved.meta_graphs:
+        graph.signature_def[signature].method_name = method
+    pb.write_bytes(saved.SerializeToString(deterministic=True))
+    # fingerprint.pb hashes saved_model.pb: recompute it so it describes the edited graph.
+    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+
+    (Path(path) / "fingerprint.pb").write_bytes(fingerprinting.CreateFingerprintDef(str(path)))
 
 
 class SavedModelClassifier:

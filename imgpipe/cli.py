@@ -235,6 +235,39 @@ def cmd_push(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from serving.client import ServingClient, ServingClientError, top_k
+
+    model = args.model
+    if not model:
+        from components.config import ServingParams, section
+
+        model = section(ServingParams, "serving", _params(args)).model_name
+    images = []
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such image file: {path}")
+        images.append((path, path.read_bytes()))
+    try:
+        with ServingClient(args.server, timeout=args.timeout, retries=args.retries) as client:
+            for start in range(0, len(images), args.batch_size):
+                chunk = images[start : start + args.batch_size]
+                outputs = client.predict_bytes(
+                    [data for _, data in chunk], model=model, version=args.version
+                )
+                served = int(outputs["model_version"])
+                for (path, _), labels in zip(chunk, top_k(outputs, args.top_k), strict=True):
+                    ranked = ", ".join(f"{label} {p:.3f}" for label, p in labels)
+                    print(f"{path}: {ranked}  ({model} v{served})")
+    except ServingClientError as exc:
+        raise PredictError(str(exc)) from None
+
+
+class PredictError(ValueError):
+    """The server refused or failed a prediction (the message says which call and why)."""
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
     from components.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
@@ -382,6 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default="outputs/export")
     p.add_argument("--blessing", default="outputs/evaluate/blessing.json")
     p.add_argument("--summary", default="metrics/push.json")
+
+    p = add("predict", cmd_predict, "classify image files on a TF Serving (or local) server")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--server", default="127.0.0.1:8500", help="gRPC HOST:PORT")
+    p.add_argument("--model", help="served model name (default: serving.model_name)")
+    p.add_argument("--version", type=int, help="pin a model version (default: latest)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    p.add_argument("--retries", type=int, default=3, help="retries on UNAVAILABLE, with backoff")
+    p.add_argument("--batch-size", type=int, default=16, help="images per request")
+    p.add_argument("--params", default="params.yaml")
 
     add("summary", cmd_summary, "print the pipeline's metrics and where MLflow is")
     return parser

@@ -275,3 +275,31 @@ def build_tiny_project(
         progress=False,
     )
     return p
+
+
+def export_classifier(
+    path: Path,
+    model_name: str,
+    labels: Sequence[str],
+    seed: int,
+    image_size: int = 32,
+    warmup: Sequence[bytes] = (),
+) -> Path:
+    """A Lite0 classifier (ImageNet base, untrained head seeded by ``seed``) exported exactly
+    as the export stage exports a trained one: the serving signatures and a warmup file. For
+    serving tests, where what matters is the API, not the accuracy."""
+    import keras
+
+    from components import backbones, export
+    from components.config import ModelParams
+    from components.training import assemble, build_head
+
+    keras.utils.set_random_seed(seed)
+    base = backbones.create(
+        ModelParams(backbone="efficientnet_lite0", weights="imagenet", image_size=image_size)
+    )
+    model = assemble(base, build_head(1280, len(labels), 0.0, 0, seed))
+    export.write_saved_model(model, labels, image_size, path)
+    if warmup:
+        export.write_warmup(path, model_name, warmup)
+    return path

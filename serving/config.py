@@ -1,0 +1,182 @@
+"""TF Serving's configuration files, read the way ``tensorflow_model_server`` reads them.
+
+- ``--model_config_file``: a text ``tensorflow.serving.ModelServerConfig`` (from
+  ``tensorflow-serving-api``);
+- ``--batching_parameters_file``: a text ``tensorflow.serving.BatchingParameters``;
+- ``--monitoring_config_file``: a text ``tensorflow.serving.MonitoringConfig``.
+
+The last two messages are not shipped in the ``tensorflow-serving-api`` wheel, so their fields
+are declared here (names and types as in TF Serving's ``session_bundle_config.proto`` and
+``monitoring_config.proto``) and parsed with the same strict text-format parser: an unknown or
+misspelt field is an error naming the file and line, as in TF Serving.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import (
+    descriptor_pb2,
+    descriptor_pool,
+    message_factory,
+    text_format,
+    wrappers_pb2,
+)
+from tensorflow_serving.config import model_server_config_pb2
+
+HERE = Path(__file__).resolve().parent
+MODEL_CONFIG = HERE / "models.config"
+BATCHING_CONFIG = HERE / "batching.config"
+MONITORING_CONFIG = HERE / "monitoring.config"
+
+
+class ConfigError(ValueError):
+    """A serving config file is missing or does not parse."""
+
+
+def _parse(path: Path, message: Any) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def read_model_config(path: Path) -> Any:
+    """A ``ModelServerConfig`` with a ``model_config_list`` whose models are all TensorFlow."""
+    config = _parse(path, model_server_config_pb2.ModelServerConfig())
+    check_model_config(config, str(path))
+    return config
+
+
+def check_model_config(config: Any, where: str) -> None:
+    if config.WhichOneof("config") != "model_config_list":
+        raise ConfigError(f"{where}: expected a model_config_list")
+    names = [m.name for m in config.model_config_list.config]
+    if not names:
+        raise ConfigError(f"{where}: the model_config_list names no model")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: a model name appears twice: {names}")
+    for model in config.model_config_list.config:
+        if not model.name or not model.base_path:
+            raise ConfigError(f"{where}: every model needs a name and a base_path")
+        if model.model_platform not in ("", "tensorflow"):
+            raise ConfigError(
+                f"{where}: model {model.name!r} has platform {model.model_platform!r}; "
+                "only 'tensorflow' SavedModels are served"
+            )
+
+
+def versions_to_serve(available: list[int], policy: Any) -> list[int]:
+    """What TF Serving's ``model_version_policy`` keeps of the version folders present:
+    ``latest`` (default, 1 version), ``all`` or ``specific``."""
+    available = sorted(available)
+    kind = policy.WhichOneof("policy_choice") if policy is not None else None
+    if kind == "all":
+        return available
+    if kind == "specific":
+        wanted = set(policy.specific.versions)
+        return [v for v in available if v in wanted]
+    count = policy.latest.num_versions if kind == "latest" else 1
+    return available[-max(1, count) :] if available else []
+
+
+@functools.cache
+def _extra_messages() -> dict[str, Any]:
+    """BatchingParameters and MonitoringConfig, declared field for field."""
+    pool = descriptor_pool.DescriptorPool()
+    wrappers = descriptor_pb2.FileDescriptorProto()
+    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
+    pool.Add(wrappers)
+
+    f = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="imgpipe/serving_extra.proto",
+        package="tensorflow.serving",
+        dependency=["google/protobuf/wrappers.proto"],
+        syntax="proto3",
+    )
+
+    def message(name: str, fields: list[tuple[str, int, str | None, bool]]) -> None:
+        m = proto.message_type.add(name=name)
+        for number, (field, kind, type_name, repeated) in enumerate(fields, start=1):
+            added = m.field.add(
+                name=field,
+                number=number,
+                type=kind,
+                label=f.LABEL_REPEATED if repeated else f.LABEL_OPTIONAL,
+            )
+            if type_name:
+                added.type_name = type_name
+
+    int64_value, string_value, bool_value = (
+        ".google.protobuf.Int64Value",
+        ".google.protobuf.StringValue",
+        ".google.protobuf.BoolValue",
+    )
+    msg = f.TYPE_MESSAGE
+    message(
+        "BatchingParameters",
+        [
+            ("max_batch_size", msg, int64_value, False),
+            ("batch_timeout_micros", msg, int64_value, False),
+            ("thread_pool_name", msg, string_value, False),
+            ("num_batch_threads", msg, int64_value, False),
+            ("max_enqueued_batches", msg, int64_value, False),
+            ("allowed_batch_sizes", f.TYPE_INT64, None, True),
+            ("pad_variable_length_inputs", f.TYPE_BOOL, None, False),
+            ("enable_large_batch_splitting", msg, bool_value, False),
+            ("max_execution_batch_size", msg, int64_value, False),
+        ],
+    )
+    message(
+        "PrometheusConfig",
+        [("enable", f.TYPE_BOOL, None, False), ("path", f.TYPE_STRING, None, False)],
+    )
+    message(
+        "MonitoringConfig",
+        [("prometheus_config", msg, ".tensorflow.serving.PrometheusConfig", False)],
+    )
+    pool.Add(proto)
+    return {
+        name: message_factory.GetMessageClass(
+            pool.FindMessageTypeByName(f"tensorflow.serving.{name}")
+        )
+        for name in ("BatchingParameters", "MonitoringConfig")
+    }
+
+
+def read_batching_parameters(path: Path | None) -> Any:
+    """The file's BatchingParameters; no file: all defaults (as ``--enable_batching`` alone)."""
+    if path is None:
+        return _extra_messages()["BatchingParameters"]()
+    params = _parse(path, _extra_messages()["BatchingParameters"]())
+    size = params.max_batch_size.value if params.HasField("max_batch_size") else 0
+    if params.HasField("max_batch_size") and size < 1:
+        raise ConfigError(f"{path}: max_batch_size must be >= 1, got {size}")
+    if any(b > size for b in params.allowed_batch_sizes) and size:
+        raise ConfigError(f"{path}: allowed_batch_sizes exceed max_batch_size {size}")
+    return params
+
+
+def read_monitoring_config(path: Path) -> Any:
+    return _parse(path, _extra_messages()["MonitoringConfig"]())
+
+
+def batching_settings(params: Any) -> dict[str, float | int]:
+    """The batching parameters with TF Serving's defaults filled in."""
+
+    def value(field: str, default: int) -> int:
+        return getattr(params, field).value if params.HasField(field) else default
+
+    return {
+        "max_batch_size": value("max_batch_size", 1000),
+        "batch_timeout_s": value("batch_timeout_micros", 0) / 1e6,
+        "num_batch_threads": value("num_batch_threads", 4),
+        "max_enqueued_batches": value("max_enqueued_batches", 10),
+    }
