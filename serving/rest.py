@@ -16,6 +16,7 @@ import base64
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -212,8 +213,6 @@ class RestHandler(BaseHTTPRequestHandler):
         }
 
     def do_POST(self) -> None:
-        from serving.server import predict
-
         match = PATH.match(self.path)
         if not match or match["suffix"] != ":predict":
             self._send(404, {"error": f"no such resource: POST {self.path}"})
@@ -222,19 +221,30 @@ class RestHandler(BaseHTTPRequestHandler):
         if length > self.server.max_bytes:
             self._send(413, {"error": f"request body {length} bytes over {self.server.max_bytes}"})
             return
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
-            try:
-                body = json.loads(self.rfile.read(length) or b"null")
-            except json.JSONDecodeError as exc:
-                raise _bad(f"the request body is not JSON: {exc}") from None
-            if not isinstance(body, dict):
-                raise _bad("the request body must be a JSON object")
-            spec = self._spec(match)
-            spec.signature_name = body.get("signature_name", "")
-            _, _, outputs = predict(self.server.manager, spec, json_inputs(body), [])
+            self._predict(match, length)
         except ServingError as error:
+            code = error.code
             self._error(error)
-            return
+        finally:
+            self.server.metrics.record(
+                "RestPredict", match["name"], code, time.perf_counter() - started
+            )
+
+    def _predict(self, match: re.Match[str], length: int) -> None:
+        from serving.server import predict
+
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except json.JSONDecodeError as exc:
+            raise _bad(f"the request body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object")
+        spec = self._spec(match)
+        spec.signature_name = body.get("signature_name", "")
+        _, _, outputs = predict(self.server.manager, spec, json_inputs(body), [])
         values = {k: _json_value(v, k) for k, v in outputs.items()}
         if "instances" in body:
             rows = len(next(iter(outputs.values())))

@@ -18,9 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,6 +26,8 @@ import grpc
 import numpy as np
 import pytest
 from conftest import class_pattern, encode_image, export_classifier
+
+from serving.process import ServerProcess, model_config
 
 pytestmark = pytest.mark.slow
 
@@ -45,81 +44,36 @@ def _images(count: int, fmt: str = "PNG", size: tuple[int, int] = (48, 40)) -> l
     return [encode_image(class_pattern(i % 3, size, seed=500 + i), fmt) for i in range(count)]
 
 
-def _free_port() -> int:
-    import socket
+class LocalServer(ServerProcess):
+    """The local server on a base path this test owns: two versions, policy latest 2, label
+    ``stable`` -> 1, batching on, REST and Prometheus on."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalServer:
-    """``python -m serving.server`` in a subprocess, on a base path this test owns."""
-
-    def __init__(self, root: Path, *, batching: bool = True, poll: float = 0.2) -> None:
+    def __init__(self, root: Path) -> None:
         self.root, self.base = root, root / "models" / LOCAL_MODEL
-        self.config = root / "models.config"
-        self.config.write_text(
-            "model_config_list { config { name: 'NAME' base_path: '/models/NAME' "
-            "model_platform: 'tensorflow' model_version_policy { latest { num_versions: 2 } } "
-            "version_labels { key: 'stable' value: 1 } } }".replace("NAME", LOCAL_MODEL)
+        config = model_config(
+            root / "models.config",
+            LOCAL_MODEL,
+            f"/models/{LOCAL_MODEL}",
+            "model_version_policy { latest { num_versions: 2 } } "
+            "version_labels { key: 'stable' value: 1 } ",
         )
-        self.port_file = root / "port"
-        self.rest_port = _free_port()
-        self.log = open(root / "server.log", "w")  # noqa: SIM115 - closed in stop()
-        args = [
-            sys.executable,
-            "-m",
-            "serving.server",
-            "--model_config_file",
-            str(self.config),
-            "--mount",
-            f"{root / 'models'}:/models",
-            "--port",
-            "0",
-            "--port_file",
-            str(self.port_file),
-            "--file_system_poll_wait_seconds",
-            str(poll),
-            "--rest_api_port",
-            str(self.rest_port),
-            "--monitoring_config_file",
-            str(PROJECT / "serving" / "monitoring.config"),
-        ]
-        if batching:
-            args += [
+        super().__init__(
+            [
+                "--model_config_file",
+                str(config),
+                "--mount",
+                f"{root / 'models'}:/models",
+                "--file_system_poll_wait_seconds",
+                "0.2",
                 "--enable_batching",
                 "--batching_parameters_file",
                 str(PROJECT / "serving" / "batching.config"),
-            ]
-        self.process = subprocess.Popen(
-            args, cwd=PROJECT, stdout=self.log, stderr=subprocess.STDOUT, text=True
+                "--monitoring_config_file",
+                str(PROJECT / "serving" / "monitoring.config"),
+            ],
+            root,
+            rest=True,
         )
-        deadline = time.monotonic() + 120
-        while not self.port_file.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start:\n{self.output()}")
-            time.sleep(0.2)
-        self.address = f"127.0.0.1:{self.port_file.read_text()}"
-        self.rest = f"http://127.0.0.1:{self.rest_port}"
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return (self.root / "server.log").read_text()
-
-    def stop(self) -> int:
-        """SIGTERM by PID; the exit status (0 is a clean shutdown)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
 
 
 def _export_version(base: Path, version: int) -> Path:
