@@ -50,7 +50,7 @@ class LocalServer(ServerProcess):
 
     def __init__(self, root: Path) -> None:
         self.root, self.base = root, root / "models" / LOCAL_MODEL
-        config = model_config(
+        self.config = config = model_config(
             root / "models.config",
             LOCAL_MODEL,
             f"/models/{LOCAL_MODEL}",
@@ -350,6 +350,48 @@ def test_bounded_load_on_loopback(local, record_property):
     record_property("load", json.dumps(report))
     print(f"\nlocal server load (8 clients, batching on): {report}")
     assert report["requests"] == 200
+
+
+@pytest.mark.skipif(bool(EXTERNAL), reason="changes the local server's config")
+def test_reload_config_adds_and_removes_models(local):
+    """Guards HandleReloadConfigRequest: a new config adds a model (loaded before the call
+    returns), a broken one is refused with a reason and changes nothing, and the original
+    config removes the added model again."""
+    from tensorflow_serving.apis import model_management_pb2
+
+    from serving.client import ServingClient
+    from serving.config import read_model_config
+
+    original = read_model_config(local.config)
+    changed = type(original)()
+    changed.CopyFrom(original)
+    alias = changed.model_config_list.config.add()
+    alias.CopyFrom(original.model_config_list.config[0])
+    alias.name = "alias"
+    alias.ClearField("version_labels")
+    alias.model_version_policy.all.SetInParent()
+
+    def reload(config) -> object:
+        request = model_management_pb2.ReloadConfigRequest(config=config)
+        return client.call(client.models.HandleReloadConfigRequest, request, "reload")
+
+    with ServingClient(local.address, timeout=120) as client:
+        try:
+            assert reload(changed).status.error_code == 0
+            served = sorted(int(p.name) for p in local.base.iterdir() if p.name.isdigit())
+            assert client.status("alias") == [(v, "AVAILABLE") for v in served]
+            out = client.predict_bytes(_images(1), model="alias")
+            assert int(out["model_version"]) == served[-1]
+
+            broken = model_management_pb2.ReloadConfigRequest().config
+            broken.model_config_list.config.add(name="no_base_path")
+            answer = reload(broken)
+            assert answer.status.error_code == 3 and "base_path" in answer.status.error_message
+            assert client.status("alias")  # unchanged
+        finally:
+            assert reload(original).status.error_code == 0
+        code = _error(lambda: client.predict_bytes(_images(1), model="alias"))
+        assert code == grpc.StatusCode.NOT_FOUND
 
 
 def test_serving_configs_parse_and_reject_typos(tmp_path):
