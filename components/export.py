@@ -12,9 +12,9 @@ Both return ``probabilities`` (float32, one column per class), ``class_index`` (
 ``class_name`` (string) and ``class_names`` (string, the label of every column, per image, so
 clients can name the top k). A third signature, ``classify`` (method
 ``tensorflow/serving/classify``), serves TF Serving's Classify API: serialized ``tf.Example``
-protos with the encoded image under ``image/encoded`` in, ``classes`` and ``scores`` out. ``assets.extra/tf_serving_warmup_requests`` holds real validation
-images as TF Serving ``PredictionLog`` records, so a server can warm the model before it reports
-AVAILABLE.
+protos with the encoded image under ``image/encoded`` in, ``classes`` and ``scores`` out.
+``assets.extra/tf_serving_warmup_requests`` holds real validation images as TF Serving
+``PredictionLog`` records, so a server can warm the model before it reports AVAILABLE.
 
 The TFLite models take one ``image`` (1 x size x size x 3, RGB 0-255: float32, or uint8 for the
 full-integer int8 model whose output is uint8 probabilities in steps of 1/256). Parity runs over

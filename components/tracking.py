@@ -94,8 +94,9 @@ def dvc_data_hash(root: Path) -> str:
         return "untracked"
 
 
-def _experiment_id(mlflow: Any, root: Path) -> str:
-    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+def ensure_experiment(mlflow: Any, root: Path, name: str | None = None) -> str:
+    """The experiment's id, created (artifacts in ``root/mlartifacts`` with SQLite) if new."""
+    name = name or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
@@ -132,7 +133,7 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[Any]:
     run_id = os.environ.get("MLFLOW_RUN_ID")
     key = execution_key()
     if not run_id:
-        experiment_id = _experiment_id(mlflow, root)
+        experiment_id = ensure_experiment(mlflow, root)
         run_id = _find_run(mlflow, experiment_id, key) if key else None
     if run_id:
         run = mlflow.start_run(run_id=run_id)

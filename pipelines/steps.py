@@ -1,0 +1,111 @@
+"""What a Kubeflow component does around a stage: write the stage's params.yaml sections, point
+MLflow at the pipeline's run, and call the same ``imgpipe <stage>`` entry point the DVC
+pipeline calls (so every step's logic has one home, ``components/<stage>.py``); then hand the
+stage's JSON metrics to KFP.
+
+Imported inside the component functions (KFP ships a component's source, not its module), from
+the project installed in the components image (``infra/docker``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class StageFailed(RuntimeError):
+    """The stage exited with an error (its message is in the component's log)."""
+
+
+def run_stage(
+    stage: str,
+    sections: dict[str, Any],  # params.yaml sections, as dicts or JSON text
+    argv: list[str],
+    *,
+    tracking_uri: str,
+    run_id: str,
+) -> None:
+    """``imgpipe <stage> --params <sections as params.yaml> ARGV`` in this process, logging into
+    the pipeline's MLflow run."""
+    from imgpipe.cli import main
+
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    if run_id:
+        os.environ["MLFLOW_RUN_ID"] = run_id
+    parsed = {k: json.loads(v) if isinstance(v, str) else v for k, v in sections.items()}
+    with tempfile.TemporaryDirectory(prefix=f"imgpipe-{stage}-") as tmp:
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump(parsed, sort_keys=False))
+        code = main([stage, "--params", str(params), *argv])
+    if code:
+        raise StageFailed(f"imgpipe {stage} exited with status {code}")
+
+
+def start_run(tracking_uri: str, experiment: str, name: str) -> str:
+    """A new MLflow run for this pipeline execution; every component logs into it."""
+    import mlflow
+
+    from components.tracking import dvc_data_hash, ensure_experiment, git_commit
+
+    mlflow.set_tracking_uri(tracking_uri)
+    project = Path.cwd()
+    with mlflow.start_run(
+        experiment_id=ensure_experiment(mlflow, project, experiment),
+        run_name=name,
+        tags={
+            "orchestrator": "kubeflow",
+            "git_commit": git_commit(project),
+            "dvc_data_md5": dvc_data_hash(project),
+        },
+    ) as run:
+        return str(run.info.run_id)
+
+
+def source_folder(source: str, workdir: Path, data: str) -> tuple[str, dict[str, Any]]:
+    """``sample`` materialises the offline ELPV sample data; anything else is a path the pod
+    can read (a mounted volume). Returns the source and the data section (from its JSON) to
+    use with it."""
+    data = json.loads(data)
+    if source != "sample":
+        return source, data
+    from components import sample_data
+
+    target = workdir / "data"
+    sample_data.run(target)
+    return str(target), {
+        **data,
+        "source": str(target),
+        "metadata_csv": str(target / "metadata.csv"),
+    }
+
+
+def log_metrics(artifact: Any, summary: Path, prefix: str = "") -> None:
+    """Every numeric scalar of a stage's JSON summary as a KFP metric (nested keys joined
+    with dots)."""
+
+    def walk(obj: Any, key: str) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(obj, int | float):  # bools too, as 1.0 / 0.0
+            artifact.log_metric(key, float(obj))
+
+    walk(json.loads(Path(summary).read_text()), prefix)
+
+
+def log_confusion(artifact: Any, confusion_csv: Path, labels: list[str]) -> None:
+    """The test split's confusion matrix as KFP ClassificationMetrics."""
+    import csv
+
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    with open(confusion_csv, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            matrix[index[row["actual"]]][index[row["predicted"]]] += 1
+    artifact.log_confusion_matrix(labels, matrix)
