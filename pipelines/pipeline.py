@@ -383,13 +383,18 @@ NOT_CACHED = {"start-run", "evaluate", "push"}
 push writes the registry and the serving base path."""
 
 
+NOT_RETRIED = {"push"}
+"""push registers a model version before it promotes: a blind retry could register twice."""
+
+
 def _configure(task: Any, stage: str) -> Any:
     from kfp import kubernetes
 
     cpu, memory, gpu = RESOURCES[stage]
     task.set_display_name(stage)
     task.set_cpu_request(cpu).set_memory_request(memory)
-    task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
+    if stage not in NOT_RETRIED:
+        task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
     task.set_caching_options(stage not in NOT_CACHED)
     if gpu:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)

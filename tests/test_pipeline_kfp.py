@@ -1,0 +1,286 @@
+"""The Kubeflow pipeline: its compiled YAML, a real kfp.local run of every stage on a tiny data
+set, and scheduling against a local HTTP stub that records what ``kfp.Client`` sends."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import yaml
+from conftest import make_class_folders
+
+PROJECT = Path(__file__).resolve().parents[1]
+CLASSES = {"a": 16, "b": 16, "c": 16}
+ORDER = (
+    "start-run",
+    "ingest",
+    "validate",
+    "augment",
+    "train",
+    "finetune",
+    "evaluate",
+    "export",
+    "push",
+)
+
+
+def _params() -> dict[str, Any]:
+    from components.config import load_params
+
+    return load_params(PROJECT / "params.yaml")
+
+
+def _topological(tasks: dict[str, Any]) -> list[str]:
+    """Task names in dependency order (ties by name), as a scheduler could run them."""
+    done: list[str] = []
+    while len(done) < len(tasks):
+        ready = sorted(
+            name
+            for name, task in tasks.items()
+            if name not in done and set(task.get("dependentTasks", [])) <= set(done)
+        )
+        assert ready, f"cycle among {set(tasks) - set(done)}"
+        done.append(ready[0])
+    return done
+
+
+def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tmp_path):
+    """Guards the cluster contract of the YAML: kfp loads it back; the stages run in the
+    pipeline's order; train and finetune request one nvidia.com/gpu with a GPU node selector
+    and toleration; every step requests CPU and memory; steps with side effects are not
+    cached (push is not retried either); the parameters mirror params.yaml."""
+    from kfp import components
+
+    from pipelines.pipeline import compile_to
+
+    path = compile_to(_params(), tmp_path / "imgpipe.yaml")
+    loaded = components.load_component_from_file(str(path))
+    assert loaded.name == "imgpipe"
+
+    spec, platform = yaml.safe_load_all(path.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert _topological(tasks) == list(ORDER)
+    executors = spec["deploymentSpec"]["executors"]
+    for name, task in tasks.items():
+        resources = executors[task["componentRef"]["name"].replace("comp-", "exec-")]["container"][
+            "resources"
+        ]
+        assert resources["resourceCpuRequest"] and resources["resourceMemoryRequest"], name
+        gpu = resources.get("accelerator", {})
+        if name in ("train", "finetune"):
+            assert gpu["resourceType"] == "nvidia.com/gpu" and gpu["resourceCount"] == "1"
+        else:
+            assert not gpu, name
+        cached = task.get("cachingOptions", {}).get("enableCache", False)
+        assert cached == (name not in ("start-run", "evaluate", "push")), name
+        assert ("retryPolicy" in task) == (name != "push"), name
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-train", "exec-finetune"):
+        assert k8s[name]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        assert k8s[name]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    defaults = {k: v["defaultValue"] for k, v in parameters.items() if "defaultValue" in v}
+    assert json.loads(defaults["finetune_params"]) == _params()["finetune"]
+    assert json.loads(defaults["data"]) == _params()["data"]
+    assert defaults["source"] == "sample"
+
+
+@pytest.mark.slow
+def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
+    """Guards the pipeline for real: kfp.local (SubprocessRunner, this venv) runs all nine
+    steps on a tiny data set; each leaves its artifacts; all stages log into the one MLflow
+    run that start-run made; the blessed model is registered as champion and pushed."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.pipeline import run_local
+
+    monkeypatch.chdir(tmp_path)
+    make_class_folders(tmp_path / "data", CLASSES, size=48, seed=1)
+    params = _params()
+    params["data"].update(source="data", metadata_csv=None)
+    params["validate"].update(labels=sorted(CLASSES), min_images_per_class=2)
+    params["model"].update(image_size=32)
+    params["augment"].update(views_per_image=1, preview_images=2)
+    params["train"].update(epochs=2, batch_size=32)
+    params["finetune"].update(epochs=1, batch_size=32, unfreeze_layers=20)
+    params["evaluate"].update(
+        slice_by=[], min_accuracy=0.0, min_balanced_accuracy=0.0, max_regression=1.0
+    )
+    params["export"].update(warmup_images=2, representative_images=8)
+    params["serving"].update(model_name="tiny", model_base_path=str(tmp_path / "models"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    run_local(
+        params,
+        tmp_path / "root",
+        source=str(tmp_path / "data"),
+        mlflow_tracking_uri=uri,
+    )
+
+    (run_dir,) = (tmp_path / "root").iterdir()
+    ran = {p.name for p in run_dir.iterdir() if (p / "executor_output.json").is_file()}
+    assert ran == set(ORDER), ran
+    expected = {
+        "ingest/dataset/manifest.csv",
+        "ingest/dataset/labels.txt",
+        "validate/report",
+        "augment/augmented/shards",
+        "train/trained/model.keras",
+        "train/trained/train_history.csv",
+        "finetune/tuned/model.keras",
+        "evaluate/evaluation/evaluate.json",
+        "evaluate/evaluation/evaluate/blessing.json",
+        "export/exported/serving/tiny/1/saved_model.pb",
+        "export/exported/tflite/model_int8.tflite",
+        "export/card",
+    }
+    for relative in expected:
+        assert (run_dir / relative).exists(), relative
+    metrics = json.loads((run_dir / "evaluate" / "executor_output.json").read_text())
+    assert "artifacts" in metrics
+
+    client = MlflowClient(uri)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "imgpipe"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["orchestrator"] == "kubeflow"
+    for stage in ORDER[1:]:
+        assert run.data.tags[f"stage.{stage}"] == "done", stage
+    champion = client.get_model_version_by_alias("tiny", "champion")
+    assert champion.run_id == run.info.run_id
+    assert (tmp_path / "models" / "tiny" / "1" / "saved_model.pb").is_file()
+
+
+class _KfpStub(BaseHTTPRequestHandler):
+    """Answers the KFP v2beta1 API calls the client makes; records each one."""
+
+    calls: ClassVar[list[tuple[str, str, Any]]] = []
+
+    def _reply(self, payload: Any) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.calls.append(("GET", self.path, None))
+        if self.path.startswith("/apis/v2beta1/healthz"):
+            self._reply({"commit_sha": "stub", "tag_name": "2.16.1", "multi_user": False})
+        elif self.path.startswith("/apis/v2beta1/experiments"):
+            self._reply({"experiments": [], "total_size": 0})
+        elif self.path.startswith("/apis/v2beta1/recurringruns"):
+            self._reply(
+                {
+                    "recurringRuns": [
+                        {
+                            "recurring_run_id": "rr-1",
+                            "display_name": "imgpipe-nightly",
+                            "status": "ENABLED",
+                            "trigger": {"cron_schedule": {"cron": "0 0 2 * * *"}},
+                        }
+                    ],
+                    "total_size": 1,
+                }
+            )
+        else:
+            self._reply({})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        self.calls.append(("POST", self.path, body))
+        if self.path == "/apis/v2beta1/experiments":
+            self._reply({"experiment_id": "exp-1", "display_name": body["display_name"]})
+        elif self.path == "/apis/v2beta1/recurringruns":
+            self._reply({**body, "recurring_run_id": "rr-1"})
+        else:
+            self._reply({})
+
+    def do_DELETE(self) -> None:
+        self.calls.append(("DELETE", self.path, None))
+        self._reply({})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def kfp_stub():
+    _KfpStub.calls = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _KfpStub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", _KfpStub.calls
+    server.shutdown()
+    server.server_close()
+
+
+def test_schedule_list_disable_delete_send_the_right_requests(kfp_stub, capsys):
+    """Guards scheduling: the real kfp.Client requests, recorded by a local stub: the
+    experiment is looked up then created; the recurring run carries the 6-field cron, the
+    compiled pipeline spec with every stage and the parameters; list, disable and delete hit
+    their endpoints."""
+    from imgpipe.cli import main
+
+    host, calls = kfp_stub
+    assert (
+        main(
+            [
+                "pipeline",
+                "schedule",
+                "--host",
+                host,
+                "--cron",
+                "0 30 2 * * *",
+                "--experiment",
+                "nightly",
+                "--source",
+                "/data/elpv",
+                "--params",
+                str(PROJECT / "params.yaml"),
+            ]
+        )
+        == 0
+    )
+    paths = [(m, p.split("?")[0]) for m, p, _ in calls]
+    assert ("GET", "/apis/v2beta1/healthz") in paths
+    assert ("GET", "/apis/v2beta1/experiments") in paths
+    (created,) = [b for m, p, b in calls if (m, p) == ("POST", "/apis/v2beta1/experiments")]
+    assert created["display_name"] == "nightly"
+    (recurring,) = [b for m, p, b in calls if (m, p) == ("POST", "/apis/v2beta1/recurringruns")]
+    assert recurring["display_name"] == "imgpipe-nightly"
+    assert recurring["experiment_id"] == "exp-1"
+    assert recurring["trigger"]["cron_schedule"]["cron"] == "0 30 2 * * *"
+    assert recurring["mode"] == "ENABLE"
+    assert int(recurring["max_concurrency"]) == 1
+    spec = recurring["pipeline_spec"]["pipeline_spec"]
+    assert set(spec["root"]["dag"]["tasks"]) == set(ORDER)
+    parameters = recurring["runtime_config"]["parameters"]
+    assert parameters["source"] == "/data/elpv"
+    assert parameters["mlflow_tracking_uri"].startswith("http://mlflow.")
+    assert "scheduled 'imgpipe-nightly' (rr-1)" in capsys.readouterr().out
+
+    calls.clear()
+    assert main(["pipeline", "schedules", "--host", host]) == 0
+    assert "rr-1  ENABLED  0 0 2 * * *  imgpipe-nightly" in capsys.readouterr().out
+    assert main(["pipeline", "disable-schedule", "--host", host, "rr-1"]) == 0
+    assert main(["pipeline", "delete-schedule", "--host", host, "rr-1"]) == 0
+    paths = [(m, p.split("?")[0]) for m, p, _ in calls]
+    assert ("GET", "/apis/v2beta1/recurringruns") in paths
+    assert ("POST", "/apis/v2beta1/recurringruns/rr-1:disable") in paths
+    assert ("DELETE", "/apis/v2beta1/recurringruns/rr-1") in paths
+
+
+def test_a_five_field_cron_is_refused_before_any_request(kfp_stub, capsys):
+    from imgpipe.cli import main
+
+    host, calls = kfp_stub
+    code = main(["pipeline", "schedule", "--host", host, "--cron", "0 2 * * *"])
+    assert code == 1
+    assert "6 fields" in capsys.readouterr().err
+    assert calls == []
