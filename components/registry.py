@@ -186,6 +186,29 @@ def register(
     return result
 
 
+def fetch(name: str, alias: str, base: Path) -> Path:
+    """The SavedModel of ``name@alias`` from the registry, as ``<base>/<name>/<N>/`` (N: the
+    serving version it was pushed as), written in one rename: what the serving pod's init
+    container runs before TF Serving starts."""
+    import mlflow
+
+    version = _client().get_model_version_by_alias(name, alias)
+    number = version.tags.get("serving_version") or str(version.version)
+    target = Path(base) / name / number
+    if (target / "saved_model.pb").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version.version}/{SAVED_MODEL}", dst_path=str(staging)
+        )
+        os.rename(local, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def read_blessing(path: Path) -> dict[str, Any]:
     blessing = json.loads(Path(path).read_text())
     for key in ("blessed", "checks", "candidate"):

@@ -355,6 +355,17 @@ def cmd_pipeline_delete(args: argparse.Namespace) -> None:
     print(f"pipeline: deleted recurring run {args.id}")
 
 
+def cmd_fetch_model(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from components import registry
+    from components.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    target = registry.fetch(args.model, args.alias, Path(args.base))
+    print(f"fetch-model: {args.model}@{args.alias} -> {target}")
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
     from components.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
@@ -539,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--experiment", default="imgpipe")
     q.add_argument("--name", default="imgpipe-nightly")
     q.add_argument("--source", help="data folder the pods can read (default: sample)")
-    q.add_argument("--mlflow-tracking-uri", default="http://mlflow.mlflow.svc.cluster.local:5000")
+    q.add_argument("--mlflow-tracking-uri", default="http://mlflow.imgpipe.svc.cluster.local:5000")
     for name, func, text in (
         ("schedules", cmd_pipeline_schedules, "list recurring runs"),
         ("disable-schedule", cmd_pipeline_disable, "disable a recurring run"),
@@ -549,6 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--host", required=True)
         if name != "schedules":
             q.add_argument("id", help="recurring run id")
+
+    p = add("fetch-model", cmd_fetch_model, "copy a registry alias's SavedModel to a base path")
+    p.add_argument("--model", required=True, help="registered model = served model name")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--base", default="models", help="TF Serving base path root")
 
     add("summary", cmd_summary, "print the pipeline's metrics and where MLflow is")
     return parser

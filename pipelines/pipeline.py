@@ -421,7 +421,7 @@ def build(params: dict[str, Any]) -> Any:
     )
     def imgpipe(
         source: str = "sample",
-        mlflow_tracking_uri: str = "http://mlflow.mlflow.svc.cluster.local:5000",
+        mlflow_tracking_uri: str = "http://mlflow.imgpipe.svc.cluster.local:5000",
         mlflow_experiment: str = "imgpipe",
         data: str = data_,
         ingest_params: str = ingest_,

@@ -217,7 +217,8 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     2. a sabotaged candidate (its class outputs shuffled) is registered as challenger only:
        not blessed, champion unchanged, nothing pushed;
     3. the unmodified model (better than the champion) is promoted and pushed as version 2;
-    4. a blessing decided against an older champion is refused at push time.
+    4. a blessing decided against an older champion is refused at push time;
+    5. the champion can be fetched from the registry into a serving base path.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -311,4 +312,10 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
         )
     assert registry.serving_versions(tmp_path / "models", MODEL_NAME) == [1, 2]
     assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 3
+
+    # 5. What the serving pod's init container does: the champion, as its serving version.
+    fetched = registry.fetch(MODEL_NAME, "champion", tmp_path / "pod-models")
+    assert fetched == tmp_path / "pod-models" / MODEL_NAME / "2"
+    assert (fetched / "saved_model.pb").is_file()
+    assert (fetched / "assets.extra" / "tf_serving_warmup_requests").is_file()
     shutil.rmtree(tmp_path / "download")
