@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export UV_NO_PROGRESS := 1
 
-.PHONY: setup demo test lint typecheck ui serve sample-data clean
+.PHONY: setup demo test lint typecheck ui serve image sample-data clean
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools "uv==$(UV_VERSION)"
@@ -54,6 +54,14 @@ serve: setup  ## serve models/ over TF Serving's gRPC API on 127.0.0.1:8500 (met
 		--mount $(CURDIR)/models:/models \
 		--batching_parameters_file serving/batching.config \
 		--monitoring_config_file serving/monitoring.config $(SERVE_FLAGS)
+
+# Container images (infra/docker); IMAGE_BUILD_ARGS="--build-arg BASE=tensorflow/tensorflow:2.21.0"
+# for a CPU components image.
+IMAGE_TAG ?= dev
+image:  ## build the components and serving images (needs a running Docker engine)
+	@docker info >/dev/null 2>&1 || { echo "make image: no Docker engine answers (docker info failed); see infra/README.md"; exit 1; }
+	docker build -f infra/docker/components.Dockerfile $(IMAGE_BUILD_ARGS) -t imgpipe-components:$(IMAGE_TAG) .
+	docker build -f infra/docker/serving.Dockerfile -t imgpipe-serving:$(IMAGE_TAG) .
 
 clean:  ## remove pipeline outputs (not the venv, not the data, not pushed models)
 	rm -rf outputs mlflow.db mlartifacts
