@@ -13,6 +13,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     GX_ANALYTICS_ENABLED=false \
     TF_CPP_MIN_LOG_LEVEL=2
 
+# Behind a TLS-intercepting proxy whose CA is in the base image's trust store:
+# --build-arg UV_SYSTEM_CERTS=1 (uv trusts its bundled roots otherwise).
+ARG UV_SYSTEM_CERTS=
+
 WORKDIR /opt/imgpipe
 # Dependencies first (a layer that changes only with the pins), then the code.
 COPY pyproject.toml requirements.lock ./
@@ -21,8 +25,14 @@ COPY imgpipe/ imgpipe/
 COPY pipelines/ pipelines/
 COPY serving/ serving/
 COPY params.yaml dvc.yaml ./
-RUN python -m pip install -c requirements.lock . \
-    && python -c "import components, imgpipe, pipelines, serving"
+# A venv that sees the base's site-packages (on the TensorFlow images the preinstalled
+# tensorflow satisfies the pin), filled by the same pinned uv as `make setup`, from the lock.
+RUN python3 -m venv --system-site-packages /opt/venv \
+    && /opt/venv/bin/python -m pip install "uv==0.13.8" \
+    && /opt/venv/bin/uv pip install --python /opt/venv/bin/python -c requirements.lock . \
+    && /opt/venv/bin/python -m pip uninstall -y uv \
+    && /opt/venv/bin/python -c "import components, imgpipe, pipelines, serving"
+ENV PATH=/opt/venv/bin:$PATH
 
 # Run as an unprivileged user; the working directory is the only writable place it needs.
 RUN useradd --create-home --uid 10001 --user-group imgpipe \
