@@ -193,8 +193,11 @@ class ExportParams:
     """For the model card: the training data's licence (ELPV: CC-BY-NC-SA-4.0)."""
 
     def __post_init__(self) -> None:
-        if self.warmup_images < 1 or self.representative_images < 1:
-            raise ParamsError("export.warmup_images and export.representative_images must be >= 1")
+        if not 1 <= self.warmup_images <= 1000 or self.representative_images < 1:
+            raise ParamsError(
+                "export.warmup_images must be in [1, 1000] (TF Serving's limit) and "
+                "export.representative_images >= 1"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

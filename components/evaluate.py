@@ -287,12 +287,14 @@ def champion_metrics(
                 f"cannot fetch the SavedModel of champion {champion.name} v{champion.version} "
                 f"from the MLflow registry to compare with it: {exc}"
             ) from exc
-        probs = SavedModelClassifier(saved_model).predict_bytes(test.encoded)
-    if probs.shape[1] != len(labels):
+        served = SavedModelClassifier(saved_model)
+        probs = served.predict_bytes(test.encoded)
+        names = served.class_names(test.encoded[0])
+    if probs.shape[1] != len(labels) or names not in (None, list(labels)):
         raise ValueError(
-            f"champion {champion.name} v{champion.version} predicts {probs.shape[1]} classes, "
-            f"the candidate {len(labels)}: they are not comparable; register under another "
-            "serving.model_name"
+            f"champion {champion.name} v{champion.version} predicts classes "
+            f"{names or probs.shape[1]}, the candidate {list(labels)}: they are not comparable; "
+            "register under another serving.model_name"
         )
     m = classification_metrics(test.labels, probs, labels, bins)
     return {

@@ -168,6 +168,16 @@ class SavedModelClassifier:
         ]
         return np.concatenate([c["probabilities"].numpy() for c in chunks])
 
+    def class_names(self, encoded: bytes) -> list[str] | None:
+        """The label of each probability column (None for models exported before the
+        ``class_names`` output existed)."""
+        import tensorflow as tf
+
+        outputs = self.loaded.signatures[BYTES_SIGNATURE](**{BYTES_INPUT: tf.constant([encoded])})
+        if "class_names" not in outputs:
+            return None
+        return [name.decode() for name in outputs["class_names"].numpy()[0]]
+
     def predict_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """All outputs for a uint8 batch through ``serving_images``."""
         import tensorflow as tf

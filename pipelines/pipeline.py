@@ -6,9 +6,11 @@ Each component calls the stage's ``imgpipe`` entry point (``pipelines.steps.run_
 logic of every step lives once, in ``components/``. Pipeline parameters mirror ``params.yaml``:
 one dict per section, defaulting to the file's values when the pipeline is built. train and
 finetune ask for an NVIDIA GPU (accelerator, limit, node selector, toleration); every step has
-CPU and memory requests and retries transient failures; caching is on except where a step
-reads or writes state outside its inputs (the MLflow run, the registry's champion, the serving
-base path). The promotion decision is made inside the push component (``registry.register``),
+CPU and memory requests and retries transient failures (push excepted); caching is on except
+where a step reads or writes state outside its inputs (the MLflow run, the registry's champion,
+the serving base path). Known limit: every step takes the execution's MLflow run id as an input
+(one MLflow run per execution), so a cache hit needs the same run id; across executions the
+steps rerun. The promotion decision is made inside the push component (``registry.register``),
 not with ``dsl.If``.
 """
 

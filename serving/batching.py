@@ -5,7 +5,8 @@ waiting at most ``batch_timeout_s`` for a batch to fill, then the outputs are sp
 Requests whose inputs cannot be stacked with each other (other trailing shapes) go in different
 batches; a request larger than ``max_batch_size`` runs on its own. When ``max_enqueued_batches``
 batches are already waiting, a new request is refused with :class:`QueueFull` (the server answers
-RESOURCE_EXHAUSTED), so overload shows up as fast errors instead of unbounded latency.
+UNAVAILABLE, as TF Serving does, so clients back off and retry), so overload shows up as fast
+errors instead of unbounded latency.
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ class Servable:
         self.functions = {key: self.loaded.signatures[key] for key in self.signature_defs}
         self.batchers: dict[str, Batcher] = {}
         self.lock = threading.Lock()
+        self.closed = False
 
     def call(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a signature (through its batcher when batching is on)."""
@@ -83,6 +84,8 @@ class Servable:
         if not self.batching:
             return None
         with self.lock:
+            if self.closed:  # unloaded while this request was on its way: run it directly
+                return None
             if signature not in self.batchers:
                 inputs = self.signature_defs[signature].inputs.values()
                 batchable = all(
@@ -116,14 +119,17 @@ class Servable:
             signature = request.model_spec.signature_name or "serving_default"
             if signature not in self.functions:
                 raise ValueError(f"{path}: warmup request names unknown signature {signature!r}")
-            self._run(signature, {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
             count += 1
-            if count >= MAX_WARMUP_RECORDS:
-                break
+            if count > MAX_WARMUP_RECORDS:
+                raise ValueError(
+                    f"{path}: more than {MAX_WARMUP_RECORDS} warmup records (TF Serving's limit)"
+                )
+            self._run(signature, {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
         return count
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             batchers, self.batchers = list(self.batchers.values()), {}
         for batcher in batchers:
             batcher.close()
@@ -149,6 +155,7 @@ class ModelManager:
         self.mounts = {k.rstrip("/"): Path(v) for k, v in (mounts or {}).items()}
         self.batching = batching
         self.lock = threading.RLock()
+        self.sync_lock = threading.Lock()  # one scan at a time (poller and reload requests)
         self.models: dict[str, Model] = {}
         self.stopping = threading.Event()
         self.reload(config)
@@ -185,10 +192,11 @@ class ModelManager:
         self.poll()
 
     def poll(self) -> None:
-        with self.lock:
-            models = list(self.models.values())
-        for model in models:
-            self._sync(model)
+        with self.sync_lock:
+            with self.lock:
+                models = list(self.models.values())
+            for model in models:
+                self._sync(model)
 
     def _available(self, model: Model) -> list[int]:
         if not model.base.is_dir():
@@ -206,9 +214,12 @@ class ModelManager:
             state = model.states.get(version)
             if state is None or (state.state == State.END and not state.error):
                 self._load(model, version)
-        for version in list(model.versions):
-            if version not in wanted:
-                self._unload(model, version)
+        # Availability first: the old versions go only once a wanted one serves (a broken new
+        # version leaves the previous one serving), or when the policy wants none at all.
+        if not wanted or any(v in model.versions for v in wanted):
+            for version in list(model.versions):
+                if version not in wanted:
+                    self._unload(model, version)
         log.debug("%s: serving versions %s", name, sorted(model.versions))
 
     def _load(self, model: Model, version: int) -> None:

@@ -32,6 +32,7 @@ PATH = re.compile(
 )
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
@@ -71,7 +72,10 @@ def _array(value: Any, info: Any, where: str) -> np.ndarray:
             np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
         ):
             raise ValueError("not a rectangular array of numbers")
-        return array.astype(dtype.as_numpy_dtype)
+        cast = array.astype(dtype.as_numpy_dtype)
+        if not np.array_equal(cast.astype(np.float64), array.astype(np.float64)):
+            raise ValueError("values out of range or not whole numbers for this type")
+        return cast
     except (ValueError, TypeError) as exc:
         raise _bad(f"{where} cannot be read as {dtype.name}: {exc}") from None
 
@@ -217,7 +221,11 @@ class RestHandler(BaseHTTPRequestHandler):
         if not match or match["suffix"] != ":predict":
             self._send(404, {"error": f"no such resource: POST {self.path}"})
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self._send(400, {"error": "Content-Length is not a number"})
+            return
         if length > self.server.max_bytes:
             self._send(413, {"error": f"request body {length} bytes over {self.server.max_bytes}"})
             return
@@ -228,6 +236,9 @@ class RestHandler(BaseHTTPRequestHandler):
         except ServingError as error:
             code = error.code
             self._error(error)
+        except Exception as exc:  # a bug: answer 500 with the reason, count it
+            code = grpc.StatusCode.INTERNAL
+            self._send(500, {"error": f"predict failed: {type(exc).__name__}: {exc}"})
         finally:
             self.server.metrics.record(
                 "RestPredict", match["name"], code, time.perf_counter() - started

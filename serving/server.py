@@ -104,19 +104,23 @@ def run_signature(servable: Any, name: str, inputs: dict[str, np.ndarray]) -> di
 
     try:
         return servable.call(name, inputs)
-    except QueueFull as exc:
-        raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-    except tf.errors.InvalidArgumentError as exc:
-        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, exc.message) from None
-    except tf.errors.OpError as exc:
-        raise ServingError(grpc.StatusCode.INTERNAL, exc.message) from None
+    except QueueFull as exc:  # as TF Serving: UNAVAILABLE, so clients back off and retry
+        raise ServingError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+    except tf.errors.OpError as exc:  # TensorFlow's status codes are gRPC's, number for number
+        raise ServingError(
+            STATUS_BY_NUMBER.get(exc.error_code, grpc.StatusCode.INTERNAL), exc.message
+        ) from None
+
+
+STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _signature(servable: Any, name: str, method: str | None) -> Any:
     signature = servable.signature_defs.get(name)
     if signature is None:
         raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
+            # TF Serving: FAILED_PRECONDITION for Predict, INVALID_ARGUMENT for Classify
+            grpc.StatusCode.INVALID_ARGUMENT if method else grpc.StatusCode.FAILED_PRECONDITION,
             f"Serving signature key {name!r} not found in {servable.name} "
             f"v{servable.version} (signatures: {sorted(servable.signature_defs)})",
         )
@@ -193,6 +197,10 @@ class PredictionService:
         except ServingError as error:
             code = error.code
             _abort(context, error)
+        except Exception as exc:  # a bug: answer INTERNAL with the reason, count it
+            log.exception("%s failed", api)
+            code = grpc.StatusCode.INTERNAL
+            context.abort(code, f"{api} failed: {type(exc).__name__}: {exc}")
         finally:
             self.metrics.record(api, request.model_spec.name, code, time.perf_counter() - started)
 
@@ -498,9 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp.replace(args.port_file)
     stop.wait()
     log.info("stopping: finishing requests in flight")
-    server.stop()
     if rest is not None:
         rest.stop()
+    server.stop()
     log.info("stopped")
     return 0
 

@@ -217,7 +217,7 @@ class TestContract:
             ("wrong dtype", grpc.StatusCode.INVALID_ARGUMENT),
             ("wrong shape", grpc.StatusCode.INVALID_ARGUMENT),
             ("unknown input", grpc.StatusCode.INVALID_ARGUMENT),
-            ("unknown signature", grpc.StatusCode.INVALID_ARGUMENT),
+            ("unknown signature", grpc.StatusCode.FAILED_PRECONDITION),
             ("unknown model", grpc.StatusCode.NOT_FOUND),
             ("unknown version", grpc.StatusCode.NOT_FOUND),
             ("oversized", grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -429,8 +429,9 @@ def test_version_policy_like_tf_serving():
 
 
 def test_a_version_whose_warmup_fails_never_becomes_available(tmp_path):
-    """Guards warmup-before-AVAILABLE: a version whose warmup request cannot run is reported
-    END with the reason, and the server keeps serving the good version."""
+    """Guards warmup-before-AVAILABLE and availability: under the default policy (latest 1)
+    a new version whose warmup request cannot run is reported END with the reason, and the
+    previous version keeps serving instead of being unloaded for it."""
     from tensorflow_serving.config import model_server_config_pb2
 
     from components.export import write_warmup
@@ -438,13 +439,15 @@ def test_a_version_whose_warmup_fails_never_becomes_available(tmp_path):
 
     base = tmp_path / LOCAL_MODEL
     _export_version(base, 1)
-    broken = export_classifier(base / "2", LOCAL_MODEL, LABELS, seed=2)
-    write_warmup(broken, LOCAL_MODEL, [b"not an image"])
     config = model_server_config_pb2.ModelServerConfig()
     config.model_config_list.config.add(name=LOCAL_MODEL, base_path=str(base))
-    config.model_config_list.config[0].model_version_policy.all.SetInParent()
     manager = ModelManager(config, poll_seconds=0)
     try:
+        assert sorted(manager.models[LOCAL_MODEL].versions) == [1]
+        staged = export_classifier(tmp_path / "staging" / "2", LOCAL_MODEL, LABELS, seed=2)
+        write_warmup(staged, LOCAL_MODEL, [b"not an image"])
+        staged.rename(base / "2")
+        manager.poll()
         states = dict(manager.states(LOCAL_MODEL))
         assert states[1].state == 30  # AVAILABLE
         assert states[2].state == 50 and "failed to load" in states[2].error, states[2]
