@@ -36,17 +36,6 @@ IMAGE = os.environ.get("IMGPIPE_IMAGE", "ghcr.io/imgpipe/components:latest")
 """The components image (``infra/docker/components.Dockerfile``); ignored by kfp.local."""
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU feature discovery
-STAGES = (
-    "start-run",
-    "ingest",
-    "validate",
-    "augment",
-    "train",
-    "finetune",
-    "evaluate",
-    "export",
-    "push",
-)
 
 
 @dsl.component(base_image=IMAGE)

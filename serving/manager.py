@@ -29,7 +29,6 @@ from serving.config import versions_to_serve
 log = logging.getLogger(__name__)
 
 State = get_model_status_pb2.ModelVersionStatus
-WARMUP = Path("assets.extra") / "tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
 
 
@@ -104,15 +103,14 @@ class Servable:
         """Replay the version's warmup requests (PredictLog records); any failure fails the
         load, as in TF Serving."""
         import tensorflow as tf
-        from tensorflow_serving.apis import prediction_log_pb2
+
+        from components.export import WARMUP, read_warmup
 
         path = self.path / WARMUP
         if not path.is_file():
             return 0
         count = 0
-        for raw in tf.data.TFRecordDataset(str(path)):
-            record = prediction_log_pb2.PredictionLog()
-            record.ParseFromString(raw.numpy())
+        for record in read_warmup(self.path):
             if record.WhichOneof("log_type") != "predict_log":
                 raise ValueError(f"{path}: only predict_log warmup records are supported")
             request = record.predict_log.request
