@@ -28,12 +28,15 @@ import yaml
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "imgpipe"
 EXECUTION_TAG = "imgpipe.execution"
+SQLITE = "sqlite:///"
+RUN_TAGS = (EXECUTION_TAG, "git_commit", "dvc_data_md5")
+"""Tags of the run itself, set when it is opened; every other tag belongs to a stage."""
 _ORCHESTRATORS = {("dvc", "repro"), ("dvc", "exp")}
 
 
 def tracking_uri(root: Path | None = None) -> str:
     root = (root or Path.cwd()).resolve()
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}{root / 'mlflow.db'}"
 
 
 def _proc_stat(pid: int) -> tuple[int, str] | None:
@@ -95,14 +98,16 @@ def dvc_data_hash(root: Path) -> str:
 
 
 def ensure_experiment(mlflow: Any, root: Path, name: str | None = None) -> str:
-    """The experiment's id, created (artifacts in ``root/mlartifacts`` with SQLite) if new."""
+    """The experiment's id, created if new (with SQLite, artifacts go to ``mlartifacts/``
+    beside the database file; a relative path is taken from ``root``)."""
     name = name or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
     location = None
-    if mlflow.get_tracking_uri().startswith("sqlite:"):
-        location = (root / "mlartifacts").resolve().as_uri()
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(SQLITE):  # artifacts beside the database file
+        location = (root / uri[len(SQLITE) :]).resolve().parent.joinpath("mlartifacts").as_uri()
     try:
         return str(mlflow.create_experiment(name, artifact_location=location))
     except Exception:  # created meanwhile by a concurrent stage
@@ -117,6 +122,16 @@ def _find_run(mlflow: Any, experiment_id: str, key: str) -> str | None:
         output_format="list",
     )
     return runs[0].info.run_id if runs else None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (each stage runs in its own
+    process, under DVC and under Kubeflow alike)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 @contextlib.contextmanager
@@ -141,11 +156,17 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[Any]:
         run = mlflow.start_run(
             experiment_id=experiment_id,
             run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={
-                EXECUTION_TAG: key or f"standalone:{stage}:{time.time_ns()}",
-                "git_commit": git_commit(root),
-                "dvc_data_md5": dvc_data_hash(root),
-            },
+            tags=dict(
+                zip(
+                    RUN_TAGS,
+                    (
+                        key or f"standalone:{stage}:{time.time_ns()}",
+                        git_commit(root),
+                        dvc_data_hash(root),
+                    ),
+                    strict=True,
+                )
+            ),
         )
     mlflow.set_tag(f"stage.{stage}", "running")
     started = time.perf_counter()
@@ -155,7 +176,12 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[Any]:
         mlflow.set_tag(f"stage.{stage}", "failed")
         mlflow.end_run(status="FAILED")
         raise
-    mlflow.log_metric(f"{stage}.wall_seconds", round(time.perf_counter() - started, 2))
+    mlflow.log_metrics(
+        {
+            f"{stage}.wall_seconds": round(time.perf_counter() - started, 2),
+            f"{stage}.peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+    )
     mlflow.set_tag(f"stage.{stage}", "done")
     mlflow.end_run()
 

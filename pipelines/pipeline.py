@@ -1,17 +1,18 @@
 """The Kubeflow pipeline: the DVC stages as KFP 2 components passing typed artifacts.
 
 start-run -> ingest -> validate -> augment -> train -> finetune -> evaluate -> export -> push
+                                                           `-> import-logs
 
 Each component calls the stage's ``imgpipe`` entry point (``pipelines.steps.run_stage``), so the
 logic of every step lives once, in ``components/``. Pipeline parameters mirror ``params.yaml``:
 one dict per section, defaulting to the file's values when the pipeline is built. train and
 finetune ask for an NVIDIA GPU (accelerator, limit, node selector, toleration); every step has
-CPU and memory requests and retries transient failures (push excepted); caching is on except
-where a step reads or writes state outside its inputs (the MLflow run, the registry's champion,
-the serving base path). Known limit: every step takes the execution's MLflow run id as an input
-(one MLflow run per execution), so a cache hit needs the same run id; across executions the
-steps rerun. The promotion decision is made inside the push component (``registry.register``),
-not with ``dsl.If``.
+CPU and memory requests and retries transient failures (push excepted).
+
+Caching is on for the steps from ingest to finetune (``CACHED``). They log into an MLflow store
+of their own, an output artifact, which import-logs copies into the execution's run: the run is
+complete whether a step ran or came from the cache. The promotion decision is made inside the
+push component (``registry.register``), not with ``dsl.If``.
 """
 
 # No ``from __future__ import annotations``: KFP reads the component signatures' types.
@@ -23,6 +24,7 @@ from typing import Any
 from kfp import dsl
 from kfp.dsl import (
     HTML,
+    Artifact,
     ClassificationMetrics,
     Dataset,
     Input,
@@ -53,10 +55,9 @@ def ingest(
     source: str,
     data: str,
     ingest: str,
-    tracking_uri: str,
-    run_id: str,
     dataset: Output[Dataset],
     metrics: Output[Metrics],
+    mlflow_log: Output[Artifact],
 ):
     import tempfile
     from pathlib import Path
@@ -70,8 +71,7 @@ def ingest(
             "ingest",
             {"data": data, "ingest": ingest},
             ["--source", folder, "--out", dataset.path, "--summary", str(summary)],
-            tracking_uri=tracking_uri,
-            run_id=run_id,
+            tracking_uri=steps.stage_log(mlflow_log.path),
         )
         steps.log_metrics(metrics, summary)
 
@@ -80,10 +80,9 @@ def ingest(
 def validate(
     dataset: Input[Dataset],
     validate: str,
-    tracking_uri: str,
-    run_id: str,
     report: Output[HTML],
     metrics: Output[Metrics],
+    mlflow_log: Output[Artifact],
 ):
     import shutil
     import tempfile
@@ -104,8 +103,7 @@ def validate(
                 "--summary",
                 str(summary),
             ],
-            tracking_uri=tracking_uri,
-            run_id=run_id,
+            tracking_uri=steps.stage_log(mlflow_log.path),
         )
         shutil.copyfile(out / "data_docs" / "index.html", report.path)
         steps.log_metrics(metrics, summary)
@@ -116,10 +114,9 @@ def augment(
     dataset: Input[Dataset],
     model: str,
     augment: str,
-    tracking_uri: str,
-    run_id: str,
     augmented: Output[Dataset],
     metrics: Output[Metrics],
+    mlflow_log: Output[Artifact],
 ):
     import tempfile
     from pathlib import Path
@@ -139,8 +136,7 @@ def augment(
                 "--summary",
                 str(summary),
             ],
-            tracking_uri=tracking_uri,
-            run_id=run_id,
+            tracking_uri=steps.stage_log(mlflow_log.path),
         )
         steps.log_metrics(metrics, summary)
 
@@ -151,10 +147,9 @@ def train(
     augmented: Input[Dataset],
     model: str,
     train: str,
-    tracking_uri: str,
-    run_id: str,
     trained: Output[Model],
     metrics: Output[Metrics],
+    mlflow_log: Output[Artifact],
 ):
     import shutil
     import tempfile
@@ -181,8 +176,7 @@ def train(
                 "--feature-cache",
                 str(Path(tmp) / "cache"),
             ],
-            tracking_uri=tracking_uri,
-            run_id=run_id,
+            tracking_uri=steps.stage_log(mlflow_log.path),
         )
         shutil.copyfile(history, Path(trained.path) / "train_history.csv")
         steps.log_metrics(metrics, summary)
@@ -195,10 +189,9 @@ def finetune(
     trained: Input[Model],
     model: str,
     finetune: str,
-    tracking_uri: str,
-    run_id: str,
     tuned: Output[Model],
     metrics: Output[Metrics],
+    mlflow_log: Output[Artifact],
 ):
     import tempfile
     from pathlib import Path
@@ -228,8 +221,7 @@ def finetune(
                 "--checkpoints",
                 str(Path(tmp) / "checkpoints"),
             ],
-            tracking_uri=tracking_uri,
-            run_id=run_id,
+            tracking_uri=steps.stage_log(mlflow_log.path),
         )
         steps.log_metrics(metrics, summary)
 
@@ -357,9 +349,28 @@ def push(
         steps.log_metrics(metrics, summary)
 
 
+@dsl.component(base_image=IMAGE)
+def import_logs(
+    ingest: Input[Artifact],
+    validate: Input[Artifact],
+    augment: Input[Artifact],
+    train: Input[Artifact],
+    finetune: Input[Artifact],
+    tracking_uri: str,
+    run_id: str,
+) -> str:
+    """Bring the cached steps' MLflow logs into this execution's run (never cached: the run is
+    new every execution, the logs may come from the cache)."""
+    from pipelines import steps
+
+    logs = [ingest.path, validate.path, augment.path, train.path, finetune.path]
+    return ",".join(steps.import_stage_logs(logs, tracking_uri, run_id))
+
+
 RESOURCES = {
     # stage: (cpu request, memory request, gpu)
     "start-run": ("250m", "512Mi", False),
+    "import-logs": ("250m", "1Gi", False),
     "ingest": ("1", "2Gi", False),
     "validate": ("500m", "1Gi", False),
     "augment": ("2", "4Gi", False),
@@ -369,9 +380,12 @@ RESOURCES = {
     "export": ("2", "8Gi", False),
     "push": ("500m", "2Gi", False),
 }
-NOT_CACHED = {"start-run", "evaluate", "push"}
-"""start-run makes a new MLflow run; evaluate compares with the registry's current champion;
-push writes the registry and the serving base path."""
+CACHED = {"ingest", "validate", "augment", "train", "finetune"}
+"""Steps whose outputs follow from their inputs alone, and whose inputs come only from the
+pipeline's parameters and other cached steps (so a cache hit is possible at all): they do not
+take the execution's MLflow run id. Not cached: start-run and import-logs (the run is new every
+execution), evaluate (compares with the registry's current champion), export (its model card
+carries this execution's evaluation) and push (writes the registry and the serving path)."""
 
 
 NOT_RETRIED = {"push"}
@@ -386,7 +400,7 @@ def _configure(task: Any, stage: str) -> Any:
     task.set_cpu_request(cpu).set_memory_request(memory)
     if stage not in NOT_RETRIED:
         task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
-    task.set_caching_options(stage not in NOT_CACHED)
+    task.set_caching_options(stage in CACHED)
     if gpu:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
         kubernetes.add_node_selector(task, *GPU_NODE_LABEL)
@@ -425,20 +439,16 @@ def build(params: dict[str, Any]) -> Any:
         export_params: str = export_,
         serving: str = serving_,
     ) -> None:
-        mlflow = {"tracking_uri": mlflow_tracking_uri}
         run = _configure(
             start_run(tracking_uri=mlflow_tracking_uri, experiment=mlflow_experiment), "start-run"
         )
-        common = {**mlflow, "run_id": run.output}
-        ingested = _configure(
-            ingest(source=source, data=data, ingest=ingest_params, **common), "ingest"
-        )
+        # Cached steps log into their own store (mlflow_log); the others into the run.
+        common = {"tracking_uri": mlflow_tracking_uri, "run_id": run.output}
+        ingested = _configure(ingest(source=source, data=data, ingest=ingest_params), "ingest")
         dataset = ingested.outputs["dataset"]
-        validated = _configure(
-            validate(dataset=dataset, validate=validate_params, **common), "validate"
-        )
+        validated = _configure(validate(dataset=dataset, validate=validate_params), "validate")
         augmented = _configure(
-            augment(dataset=dataset, model=model, augment=augment_params, **common), "augment"
+            augment(dataset=dataset, model=model, augment=augment_params), "augment"
         )
         augmented.after(validated)  # data that failed validation never reaches training
         trained = _configure(
@@ -447,7 +457,6 @@ def build(params: dict[str, Any]) -> Any:
                 augmented=augmented.outputs["augmented"],
                 model=model,
                 train=train_params,
-                **common,
             ),
             "train",
         )
@@ -458,9 +467,19 @@ def build(params: dict[str, Any]) -> Any:
                 trained=trained.outputs["trained"],
                 model=model,
                 finetune=finetune_params,
-                **common,
             ),
             "finetune",
+        )
+        _configure(
+            import_logs(
+                ingest=ingested.outputs["mlflow_log"],
+                validate=validated.outputs["mlflow_log"],
+                augment=augmented.outputs["mlflow_log"],
+                train=trained.outputs["mlflow_log"],
+                finetune=tuned.outputs["mlflow_log"],
+                **common,
+            ),
+            "import-logs",
         )
         evaluated = _configure(
             evaluate(

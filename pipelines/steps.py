@@ -28,14 +28,14 @@ def run_stage(
     argv: list[str],
     *,
     tracking_uri: str,
-    run_id: str,
+    run_id: str = "",
 ) -> None:
     """``imgpipe <stage> --params <sections as params.yaml> ARGV`` in this process, logging into
-    the pipeline's MLflow run."""
+    the MLflow run ``run_id`` of ``tracking_uri``, or into a new run there when it is empty."""
     from imgpipe.cli import main
 
-    if tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    os.environ.pop("MLFLOW_RUN_ID", None)
     if run_id:
         os.environ["MLFLOW_RUN_ID"] = run_id
     parsed = {k: json.loads(v) if isinstance(v, str) else v for k, v in sections.items()}
@@ -45,6 +45,55 @@ def run_stage(
         code = main([stage, "--params", str(params), *argv])
     if code:
         raise StageFailed(f"imgpipe {stage} exited with status {code}")
+
+
+def stage_log(folder: str) -> str:
+    """The tracking URI of a cached step's own MLflow store, kept in its ``mlflow_log`` output.
+
+    A cached step cannot take the execution's run id (a new value every execution, so the
+    cache would never hit): it logs into this store instead, and ``import_stage_logs`` copies
+    the store into the execution's run, whether the step ran or came from the cache.
+    """
+    from components.tracking import SQLITE
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return f"{SQLITE}{Path(folder).resolve() / 'mlflow.db'}"
+
+
+def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> list[str]:
+    """Copy each stage log's run (params, every metric's history, the stages' tags, artifacts)
+    into ``run_id``; returns the stages imported. A model logged with ``log_model`` stays in
+    the stage's store (push registers the exported SavedModel into the run)."""
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from components.tracking import RUN_TAGS
+
+    target = MlflowClient(tracking_uri)
+    imported = []
+    for folder in folders:
+        source = MlflowClient(stage_log(folder))
+        experiments = [e.experiment_id for e in source.search_experiments()]
+        (run,) = source.search_runs(experiments)  # a stage log holds one run
+        source_id = run.info.run_id
+        metrics = [m for key in run.data.metrics for m in source.get_metric_history(source_id, key)]
+        params = [Param(k, v) for k, v in run.data.params.items()]
+        tags = [
+            RunTag(k, v)
+            for k, v in run.data.tags.items()
+            if k not in RUN_TAGS and not k.startswith("mlflow.")
+        ]
+        for i in range(0, max(len(metrics), len(params), len(tags)), 100):  # log_batch limits
+            target.log_batch(
+                run_id,
+                metrics=metrics[i : i + 100],
+                params=params[i : i + 100],
+                tags=tags[i : i + 100],
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            target.log_artifacts(run_id, source.download_artifacts(source_id, "", tmp))
+        imported += [t.key.removeprefix("stage.") for t in tags if t.key.startswith("stage.")]
+    return imported
 
 
 def start_run(tracking_uri: str, experiment: str, name: str) -> str:

@@ -15,17 +15,20 @@ from conftest import make_class_folders
 
 PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = {"a": 16, "b": 16, "c": 16}
-ORDER = (
-    "start-run",
+STAGES = ("ingest", "validate", "augment", "train", "finetune", "evaluate", "export", "push")
+ORDER = (  # dependency order, ties by name: start-run depends on nothing
     "ingest",
+    "start-run",
     "validate",
     "augment",
     "train",
     "finetune",
     "evaluate",
     "export",
+    "import-logs",
     "push",
 )
+CACHED = {"ingest", "validate", "augment", "train", "finetune"}
 
 
 def _params() -> dict[str, Any]:
@@ -76,7 +79,17 @@ def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tm
         else:
             assert not gpu, name
         cached = task.get("cachingOptions", {}).get("enableCache", False)
-        assert cached == (name not in ("start-run", "evaluate", "push")), name
+        assert cached == (name in CACHED), name
+        if cached:  # a cache hit needs inputs that repeat: none may come from a non-cached step
+            inputs = task.get("inputs", {})
+            producers = {
+                source["producerTask"]
+                for kind in ("parameters", "artifacts")
+                for value in inputs.get(kind, {}).values()
+                for source in (value.get("taskOutputParameter"), value.get("taskOutputArtifact"))
+                if source
+            }
+            assert producers <= CACHED, (name, producers)
         assert ("retryPolicy" in task) == (name != "push"), name
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for name in ("exec-train", "exec-finetune"):
@@ -91,9 +104,10 @@ def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tm
 
 @pytest.mark.slow
 def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
-    """Guards the pipeline for real: kfp.local (SubprocessRunner, this venv) runs all nine
-    steps on a tiny data set; each leaves its artifacts; all stages log into the one MLflow
-    run that start-run made; the blessed model is registered as champion and pushed."""
+    """Guards the pipeline for real: kfp.local (SubprocessRunner, this venv) runs all ten
+    steps on a tiny data set; each leaves its artifacts; every stage's MLflow log ends in the
+    one run that start-run made (the cached steps' through import-logs: params, metric
+    histories, artifacts); the blessed model is registered as champion and pushed."""
     from mlflow.tracking import MlflowClient
 
     from pipelines.pipeline import run_local
@@ -147,8 +161,16 @@ def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
     (experiment,) = [e for e in client.search_experiments() if e.name == "imgpipe"]
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.tags["orchestrator"] == "kubeflow"
-    for stage in ORDER[1:]:
+    for stage in STAGES:
         assert run.data.tags[f"stage.{stage}"] == "done", stage
+        assert f"{stage}.wall_seconds" in run.data.metrics, stage
+        assert run.data.metrics[f"{stage}.peak_rss_mb"] > 100, stage  # MiB: TF alone is more
+    assert run.data.params["finetune.unfreeze_layers"] == "20"
+    assert run.data.tags["backbone"] == params["model"]["backbone"]
+    epochs = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in epochs] == [0, 1, 2]  # 2 frozen epochs, then 1 fine-tuning
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"ingest", "validate", "augment", "finetune", "evaluate", "export"} <= logged, logged
     champion = client.get_model_version_by_alias("tiny", "champion")
     assert champion.run_id == run.info.run_id
     assert (tmp_path / "models" / "tiny" / "1" / "saved_model.pb").is_file()
