@@ -22,3 +22,10 @@ def describe() -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def require(path: Path) -> Path:
+    """``path``, or exit with what to run first when the pipeline has not made it yet."""
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `make demo` first (the benchmarks use its outputs)")
+    return path

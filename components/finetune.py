@@ -146,6 +146,26 @@ def _load_state(directory: Path, key: str) -> dict[str, Any]:
     return {}
 
 
+def prepare(
+    frozen_model: Path, model_params: ModelParams, params: FinetuneParams, steps_per_epoch: int
+) -> tuple[keras.Model, int]:
+    """The frozen-phase model with its top ``unfreeze_layers`` unfrozen, compiled for
+    fine-tuning (Adam on a cosine-decayed rate); returns it and the trainable base layers."""
+    model = keras.models.load_model(frozen_model, compile=False)
+    trainable = unfreeze_top(model, model_params.backbone, params.unfreeze_layers)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        params.learning_rate,
+        decay_steps=max(1, params.epochs * steps_per_epoch),
+        alpha=params.final_lr_fraction,
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model, trainable
+
+
 def run(
     train_dir: Path,
     augment_shards: Path,
@@ -181,18 +201,7 @@ def run(
         )
     else:
         initial_epoch = 0
-        model = keras.models.load_model(train_dir / MODEL, compile=False)
-        trainable = unfreeze_top(model, model_params.backbone, params.unfreeze_layers)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            params.learning_rate,
-            decay_steps=max(1, params.epochs * steps),
-            alpha=params.final_lr_fraction,
-        )
-        model.compile(
-            optimizer=keras.optimizers.Adam(schedule),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
+        model, trainable = prepare(train_dir / MODEL, model_params, params, steps)
 
     checkpoint = ResumableCheckpoint(
         outputs.checkpoints, key, params.monitor, params.early_stopping_patience, state
