@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export UV_NO_PROGRESS := 1
 
-.PHONY: setup demo test lint typecheck ui serve image sample-data clean
+.PHONY: setup demo test bench lint typecheck ui serve image sample-data clean
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools "uv==$(UV_VERSION)"
@@ -35,6 +35,9 @@ demo: sample-data  ## set up, get the sample data, run the DVC pipeline end to e
 
 test: setup  ## the whole test suite, offline
 	$(BIN)/pytest
+
+bench: demo  ## every benchmark on the demo's outputs: JSON and summary.md in bench/results/
+	$(BIN)/python -m bench
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -27,5 +27,5 @@ def describe() -> dict[str, object]:
 def require(path: Path) -> Path:
     """``path``, or exit with what to run first when the pipeline has not made it yet."""
     if not path.exists():
-        raise SystemExit(f"{path} is missing: run `make demo` first (the benchmarks use its outputs)")
+        raise SystemExit(f"{path} is missing: run `make demo` first (benchmarks use its outputs)")
     return path

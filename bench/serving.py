@@ -1,13 +1,15 @@
 """Serving: latency and throughput of the exported model through the local server's gRPC API,
-with and without server-side batching, against calling the SavedModel in-process; all measured
-in one run on one image file.
+with and without server-side batching, against calling the SavedModel in-process and the TFLite
+models through ai-edge-litert; all measured in one run on one image file.
 
     python -m bench.serving --clients 1,8,32 --requests 200 --repeats 3
 
 Per setting: p50/p99 latency of single-image Predict calls on the bytes signature and the
-throughput when ``clients`` threads (one channel each) send them back to back. Each figure is the
-median over ``--repeats`` rounds, rounds interleaved between the two servers. Writes JSON
-(``--out``) and prints a table.
+throughput when ``clients`` threads (one channel each) send them back to back; one client's
+bytes request against the same image as a uint8 tensor (request sizes too); one image through
+the SavedModel in-process and through the float32 and int8 TFLite models. Each figure is the
+median over ``--repeats`` rounds, settings interleaved within each round. Needs ``models/`` and
+``outputs/export`` from ``make demo``. Writes JSON (``--out``) and prints a table.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.machine import describe
+from bench.machine import describe, require
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +45,11 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
     }
 
 
-def load(address: str, model: str, image: bytes, clients: int, requests: int) -> dict[str, Any]:
-    """``requests`` single-image Predict calls spread over ``clients`` threads."""
+def load(
+    address: str, model: str, request: dict[str, Any], clients: int, requests: int
+) -> dict[str, Any]:
+    """``requests`` single-image Predict calls spread over ``clients`` threads; ``request``
+    holds the keyword arguments of ``ServingClient.predict`` besides the model."""
     from serving.client import ServingClient
 
     per_client = max(1, requests // clients)
@@ -52,10 +57,10 @@ def load(address: str, model: str, image: bytes, clients: int, requests: int) ->
     def worker(_: int) -> list[float]:
         latencies = []
         with ServingClient(address, timeout=120) as client:
-            client.predict_bytes([image], model=model)  # connect outside the timing
+            client.predict(**request, model=model)  # connect outside the timing
             for _ in range(per_client):
                 started = time.perf_counter()
-                client.predict_bytes([image], model=model)
+                client.predict(**request, model=model)
                 latencies.append(time.perf_counter() - started)
         return latencies
 
@@ -81,6 +86,52 @@ def in_process(saved_model: Path, image: bytes, requests: int) -> dict[str, floa
     return {**percentiles(latencies), "images_per_second": len(latencies) / sum(latencies)}
 
 
+def requests_for(image: bytes, size: int) -> dict[str, tuple[dict[str, Any], int]]:
+    """Single-image Predict requests, with the size of each serialized PredictRequest: the
+    encoded file on the bytes signature, and its pixels (resized to the model's input) as the
+    uint8 tensor of ``serving_images``. A float32 tensor of the same pixels has no signature to
+    go to (the model takes uint8), so only its size is reported."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    from components.datasets import decode_and_resize
+    from components.export import BYTES_INPUT, IMAGES_INPUT, IMAGES_SIGNATURE
+
+    pixels = decode_and_resize(tf.constant(image), size).numpy()[None]
+    inputs = {
+        "bytes": ({BYTES_INPUT: np.array([image], dtype=object)}, None),
+        "uint8_tensor": ({IMAGES_INPUT: pixels.round().astype(np.uint8)}, IMAGES_SIGNATURE),
+        "float32_tensor": ({IMAGES_INPUT: pixels.astype(np.float32)}, None),
+    }
+    sized = {}
+    for name, (tensors, signature) in inputs.items():
+        request = predict_pb2.PredictRequest()
+        for key, value in tensors.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        kwargs = {"inputs": tensors, **({"signature": signature} if signature else {})}
+        sized[name] = (kwargs, request.ByteSize())
+    return sized
+
+
+def tflite(path: Path, image: bytes, size: int, requests: int) -> dict[str, float]:
+    """Single-image latency of a TFLite model through ai-edge-litert, decoding excluded."""
+    import tensorflow as tf
+
+    from components.datasets import decode_and_resize
+    from components.export import TFLiteClassifier
+
+    model = TFLiteClassifier(path)
+    pixels = decode_and_resize(tf.constant(image), size).numpy()
+    for _ in range(5):
+        model(pixels)
+    latencies = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        model(pixels)
+        latencies.append(time.perf_counter() - started)
+    return {**percentiles(latencies), "images_per_second": len(latencies) / sum(latencies)}
+
+
 def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in rounds), 2) for k in rounds[0]}
 
@@ -93,15 +144,23 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", type=int, default=200, help="per setting and round")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tflite", type=Path, default=PROJECT / "outputs" / "export" / "tflite")
+    parser.add_argument("--params", type=Path, default=PROJECT / "params.yaml")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     args = parser.parse_args()
 
+    from components import backbones
+    from components.config import ModelParams, load_params, section
+    from components.export import TFLITE_FILES
     from serving.process import ServerProcess, model_config
 
     base = args.base or PROJECT / "models" / args.model
-    version = latest_version(base)
+    version = latest_version(require(base))
     image = args.image.read_bytes() if args.image else _test_image()
     clients = [int(c) for c in args.clients.split(",")]
+    size = backbones.image_size(section(ModelParams, "model", load_params(args.params)))
+    requests = requests_for(image, size)
+    tflite_files = {k: require(args.tflite / name) for k, name in TFLITE_FILES.items()}
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
@@ -122,16 +181,29 @@ def main() -> None:
         }
         try:
             rounds: dict[str, list[dict[str, float]]] = {}
-            for _ in range(args.repeats):
+            for _ in range(args.repeats):  # settings interleaved within each round
                 for name, server in servers.items():
                     for n in clients:
                         rounds.setdefault(f"{name}/{n}", []).append(
-                            load(server.address, args.model, image, n, args.requests)
+                            load(server.address, args.model, requests["bytes"][0], n, args.requests)
                         )
-            rounds["in_process/1"] = [
-                in_process(root / "models" / args.model / "1", image, args.requests)
-                for _ in range(args.repeats)
-            ]
+                for kind in ("bytes", "uint8_tensor"):
+                    rounds.setdefault(f"request_{kind}/1", []).append(
+                        load(
+                            servers["unbatched"].address,
+                            args.model,
+                            requests[kind][0],
+                            1,
+                            args.requests,
+                        )
+                    )
+                rounds.setdefault("in_process/1", []).append(
+                    in_process(root / "models" / args.model / "1", image, args.requests)
+                )
+                for kind, path in tflite_files.items():
+                    rounds.setdefault(f"tflite_{kind}/1", []).append(
+                        tflite(path, image, size, args.requests)
+                    )
         finally:
             codes = {name: server.stop() for name, server in servers.items()}
     results = {key: median_of(value) for key, value in rounds.items()}
@@ -140,6 +212,7 @@ def main() -> None:
         "machine": describe(),
         "model": f"{args.model} (from {version})",
         "image_bytes": len(image),
+        "request_bytes": {kind: n for kind, (_, n) in requests.items()},
         "requests_per_setting": args.requests,
         "repeats": args.repeats,
         "server_exit_codes": codes,
@@ -147,9 +220,9 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'setting':<16} {'p50 ms':>8} {'p99 ms':>8} {'img/s':>8}")
+    print(f"{'setting':<24} {'p50 ms':>8} {'p99 ms':>8} {'img/s':>8}")
     for key, r in results.items():
-        print(f"{key:<16} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['images_per_second']:>8.1f}")
+        print(f"{key:<24} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['images_per_second']:>8.1f}")
     print(f"-> {args.out}")
 
 

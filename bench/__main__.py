@@ -1,0 +1,167 @@
+"""Every benchmark in one go (``make bench``): each runs in its own process, writes its JSON to
+``bench/results/<name>.json``, and the figures are gathered into ``bench/results/summary.md``
+(and ``summary.json``). Needs the outputs of ``make demo``.
+
+    python -m bench [--only serving,training] [--results bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.machine import describe
+
+BENCHMARKS: dict[str, list[str]] = {
+    # demo_stages first: it reads the MLflow runs of `make demo`, before anything else runs
+    "demo_stages": [],
+    "dvc_overhead": ["--repeats", "3"],
+    "training": ["--images", "512", "--steps", "8", "--repeats", "3"],
+    "frozen_cache": ["--images", "512", "--val-images", "128", "--epochs", "3", "--repeats", "3"],
+    "serving": ["--clients", "1,8,32", "--requests", "200", "--repeats", "3"],
+}
+
+
+def run(name: str, results: Path) -> tuple[dict[str, Any], float]:
+    """One benchmark in its own process (clean memory, no shared TensorFlow state); its
+    output goes to ``<name>.log`` beside its JSON."""
+    out, log = results / f"{name}.json", results / f"{name}.log"
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        code = subprocess.call(
+            [sys.executable, "-m", f"bench.{name}", *BENCHMARKS[name], "--out", str(out)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    seconds = time.perf_counter() - started
+    if code:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        raise SystemExit(f"bench {name} failed (exit {code}); the end of {log}:\n{tail}")
+    return json.loads(out.read_text()), seconds
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join("" if c is None else str(c) for c in cells) + " |"
+
+
+def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> str:
+    machine = describe()
+    lines = [
+        "# imgpipe benchmarks",
+        "",
+        f"Machine: {machine['cpu_model']}, {machine['cores']} cores; Python "
+        f"{machine['python']}; {time.strftime('%Y-%m-%d %H:%M')}. Every figure is the median "
+        "of the repeated runs each section names; ratios come from one run, side by side.",
+    ]
+    if "frozen_cache" in reports:
+        r = reports["frozen_cache"]
+        m = r["median_seconds"]
+        lines += [
+            "",
+            f"## Frozen phase: feature cache against `fit` through the frozen base "
+            f"({r['images']} images, {r['epochs']} epochs, median of {r['repeats']})",
+            "",
+            _row("cached features (s)", "plain fit (s)", "speedup", "one forward pass (s)",
+                 "cached / forward pass"),
+            _row(*["---"] * 5),
+            _row(m["cached"], m["plain_fit"], f"{r['speedup_cached_over_plain_fit']}x",
+                 m["forward_pass"], r["cached_over_forward_pass"]),
+        ]  # fmt: skip
+    if "training" in reports:
+        r = reports["training"]
+        m = r["median_images_per_second"]
+        lines += [
+            "",
+            f"## Input pipeline against the fine-tuning step (batch {r['batch_size']}, "
+            f"{r['trainable_base_layers']} base layers trainable, median of {r['repeats']})",
+            "",
+            _row("tf.data pipeline alone (img/s)", "train step (img/s)", "pipeline / step",
+                 "whole fine-tuning epochs in `make demo` (img/s)"),
+            _row(*["---"] * 4),
+            _row(m["pipeline"], m["train_step"], f"{r['pipeline_over_train_step']}x",
+                 r["finetune_fit_images_per_second"]),
+        ]  # fmt: skip
+    if "demo_stages" in reports:
+        r = reports["demo_stages"]
+        lines += [
+            "",
+            f"## `make demo` by stage (MLflow, median of {r['runs']} whole-pipeline run(s))",
+            "",
+            _row("stage", "wall time (s)", "peak RSS (MiB)"),
+            _row("---", "---", "---"),
+            *(_row(stage, v["wall_seconds"], v["peak_rss_mb"]) for stage, v in r["stages"].items()),
+            _row("**total**", r["total_wall_seconds"], ""),
+        ]
+    if "serving" in reports:
+        r = reports["serving"]
+        sizes = r["request_bytes"]
+        lines += [
+            "",
+            f"## Serving ({r['model']}; {r['requests_per_setting']} single-image requests per "
+            f"setting, median of {r['repeats']} rounds; clients and server share the machine)",
+            "",
+            _row("setting", "p50 ms", "p99 ms", "img/s"),
+            _row("---", "---", "---", "---"),
+            *(
+                _row(key, v["p50_ms"], v["p99_ms"], v["images_per_second"])
+                for key, v in r["results"].items()
+            ),
+            "",
+            f"Request size: {sizes['bytes']:,} B for the encoded image (bytes signature), "
+            f"{sizes['uint8_tensor']:,} B as a uint8 tensor, {sizes['float32_tensor']:,} B as a "
+            "float32 tensor (size only: the model's tensor signature takes uint8).",
+        ]
+    if "dvc_overhead" in reports:
+        r = reports["dvc_overhead"]
+        lines += [
+            "",
+            "## Pipeline overhead (DVC)",
+            "",
+            f"- No-op `dvc repro`: {r['median_noop_repro_seconds']} s "
+            f"(median of {r['repeats']}).",
+            f"- After changing `{r['changed_param']}`, `dvc repro --dry` reruns: "
+            f"{', '.join(r['stages_rerun'])} "
+            f"({'' if r['only_finetune_and_after'] else 'NOT '}only finetune and after).",
+        ]  # fmt: skip
+    lines += [
+        "",
+        "Benchmark wall times: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+        + f"; total {sum(seconds.values()):.0f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated names")
+    parser.add_argument("--results", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    names = args.only.split(",")
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; known: {list(BENCHMARKS)}")
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    reports, seconds = {}, {}
+    for name in names:
+        print(f"bench: {name} ...", flush=True)
+        reports[name], seconds[name] = run(name, args.results)
+        print(f"bench: {name} done in {seconds[name]:.0f} s", flush=True)
+    text = summary(reports, seconds)
+    (args.results / "summary.md").write_text(text)
+    (args.results / "summary.json").write_text(
+        json.dumps({"machine": describe(), "seconds": seconds, "reports": reports}, indent=2) + "\n"
+    )
+    print(text)
+    print(f"-> {args.results / 'summary.md'}, {args.results / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
