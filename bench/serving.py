@@ -227,9 +227,9 @@ def main() -> None:
 
 
 def _test_image() -> bytes:
-    from components.evaluate import read_test_split
+    from components.tfrecords import read_split
 
-    return read_test_split(PROJECT / "outputs" / "ingest" / "shards").encoded[0]
+    return read_split(PROJECT / "outputs" / "ingest" / "shards", limit=1).encoded[0]
 
 
 if __name__ == "__main__":

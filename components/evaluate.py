@@ -31,7 +31,7 @@ from components.config import EvaluateParams, ModelParams
 from components.fileio import atomic_path, write_json_atomic
 from components.labels import read_labels
 from components.metrics import calibration_bins, classification_metrics, confusion_matrix, rounded
-from components.tfrecords import split_files
+from components.tfrecords import Split, read_split
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +54,6 @@ class EvaluateOutputs:
     """One row per test image (actual, predicted): DVC's confusion-matrix plot."""
     calibration: Path
     """Reliability diagram data, one row per confidence bin: a DVC plot."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TestSplit:
-    encoded: list[bytes]
-    labels: np.ndarray
-    sha256: list[str]
-
-
-def read_test_split(shards: Path) -> TestSplit:
-    import tensorflow as tf
-
-    from components.datasets import parse_example
-
-    encoded, labels, sha = [], [], []
-    for ex in tf.data.TFRecordDataset(split_files(shards, "test")).map(parse_example):
-        encoded.append(ex["image/encoded"].numpy())
-        labels.append(int(ex["image/class/label"]))
-        sha.append(ex["image/sha256"].numpy().decode())
-    return TestSplit(encoded, np.array(labels, np.int64), sha)
 
 
 def predict_keras(model: Any, encoded: Sequence[bytes], image_size: int, batch: int) -> np.ndarray:
@@ -131,40 +111,36 @@ def bless(
     params: EvaluateParams,
 ) -> dict[str, Any]:
     """The gate's decision, with one reason per check."""
-    checks = []
-    for metric, floor in (
-        ("accuracy", params.min_accuracy),
-        ("balanced_accuracy", params.min_balanced_accuracy),
-    ):
+
+    def check(kind: str, metric: str, floor: float, against: str) -> dict[str, Any]:
         value = candidate[metric]
         passed = value >= floor
-        checks.append(
-            {
-                "check": f"min_{metric}",
-                "passed": passed,
-                "value": value,
-                "threshold": floor,
-                "reason": f"{metric} {value:.4f} {'>=' if passed else '<'} minimum {floor:.4f}",
-            }
+        return {
+            "check": f"{kind}_{metric}",
+            "passed": passed,
+            "value": value,
+            "threshold": floor,
+            "reason": f"{metric} {value:.4f} {'>=' if passed else '<'} {against}",
+        }
+
+    checks = [
+        check("min", metric, floor, f"minimum {floor:.4f}")
+        for metric, floor in (
+            ("accuracy", params.min_accuracy),
+            ("balanced_accuracy", params.min_balanced_accuracy),
         )
+    ]
     if champion is not None:
-        for metric in GATED:
-            floor = champion[metric] - params.max_regression
-            value = candidate[metric]
-            passed = value >= floor
-            checks.append(
-                {
-                    "check": f"no_regression_{metric}",
-                    "passed": passed,
-                    "value": value,
-                    "threshold": floor,
-                    "reason": (
-                        f"{metric} {value:.4f} {'>=' if passed else '<'} champion "
-                        f"v{champion['version']} {champion[metric]:.4f} - "
-                        f"{params.max_regression} allowed regression"
-                    ),
-                }
+        checks += [
+            check(
+                "no_regression",
+                metric,
+                champion[metric] - params.max_regression,
+                f"champion v{champion['version']} {champion[metric]:.4f} - "
+                f"{params.max_regression} allowed regression",
             )
+            for metric in GATED
+        ]
     return {
         "blessed": all(c["passed"] for c in checks),
         "checks": checks,
@@ -236,7 +212,7 @@ def plot_calibration(rows: Sequence[dict[str, Any]], ece: float, path: Path) -> 
 
 
 def plot_misclassified(
-    test: TestSplit,
+    test: Split,
     probs: np.ndarray,
     labels: Sequence[str],
     count: int,
@@ -273,7 +249,7 @@ def plot_misclassified(
 
 
 def champion_metrics(
-    champion: Any, test: TestSplit, labels: Sequence[str], bins: int
+    champion: Any, test: Split, labels: Sequence[str], bins: int
 ) -> dict[str, Any]:
     """Run the champion's own SavedModel on this test split; ``champion`` is a
     ``registry.Champion``."""
@@ -321,7 +297,7 @@ def run(
     size = backbones.image_size(model_params)
     labels = read_labels(ingest_dir / "labels.txt")
     manifest = _test_manifest(ingest_dir / "manifest.csv", params.slice_by)
-    test = read_test_split(ingest_dir / "shards")
+    test = read_split(ingest_dir / "shards")
     missing = [s for s in test.sha256 if s not in manifest]
     if missing:
         raise ValueError(

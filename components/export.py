@@ -40,7 +40,7 @@ from components.config import ExportParams, ModelParams, ServingParams
 from components.fileio import atomic_path, write_json_atomic
 from components.labels import read_labels
 from components.metrics import classification_metrics, rounded
-from components.tfrecords import split_files
+from components.tfrecords import Split, read_split, split_files
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,12 @@ class ExportOutputs:
     """Parity and sizes, JSON (a DVC metric)."""
 
     def saved_model(self, model_name: str) -> Path:
-        return self.directory / SERVING / model_name / str(CANDIDATE_VERSION)
+        return saved_model_dir(self.directory, model_name)
+
+
+def saved_model_dir(export_dir: Path, model_name: str) -> Path:
+    """Where an export keeps its SavedModel: TF Serving's layout, as the candidate version."""
+    return export_dir / SERVING / model_name / str(CANDIDATE_VERSION)
 
 
 # --- the SavedModel ------------------------------------------------------------------------
@@ -226,12 +231,12 @@ def read_warmup(saved_model: Path) -> list[Any]:
     return records
 
 
-def run_warmup(saved_model: Path) -> int:
+def run_warmup(served: SavedModelClassifier) -> int:
     """Send every warmup request to the SavedModel as TF Serving would; fail on any error."""
     import tensorflow as tf
 
-    loaded = SavedModelClassifier(saved_model).loaded
-    records = read_warmup(saved_model)
+    loaded = served.loaded
+    records = read_warmup(served.path)
     for index, record in enumerate(records):
         request = record.predict_log.request
         name = request.model_spec.signature_name or BYTES_SIGNATURE
@@ -317,28 +322,21 @@ class TFLiteClassifier:
 # --- parity and the model card ---------------------------------------------------------------
 
 
-def _test_split(files: Sequence[str], image_size: int) -> Iterator[tuple[bytes, np.ndarray, int]]:
-    """(encoded bytes, decoded pixels as in training, label) for every test image."""
+def _decoded(encoded: Sequence[bytes], image_size: int) -> Iterator[np.ndarray]:
+    """Each image's pixels, decoded and resized as in training."""
     import tensorflow as tf
 
-    from components.datasets import decode_and_resize, parse_example
+    from components.datasets import decode_and_resize
 
-    def parse(serialized: Any) -> Any:
-        ex = parse_example(serialized)
-        return (
-            ex["image/encoded"],
-            decode_and_resize(ex["image/encoded"], image_size),
-            ex["image/class/label"],
-        )
-
-    for encoded, image, label in tf.data.TFRecordDataset(list(files)).map(parse):
-        yield encoded.numpy(), image.numpy(), int(label)
+    images = tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded)))
+    for image in images.map(lambda b: decode_and_resize(b, image_size)):
+        yield image.numpy()
 
 
 def parity(
-    saved_model: Path,
+    served: SavedModelClassifier,
     tflite: dict[str, Path],
-    test_files: Sequence[str],
+    test: Split,
     labels: Sequence[str],
     image_size: int,
     progress: bool = True,
@@ -347,11 +345,10 @@ def parity(
     the accuracy of each."""
     from tqdm import tqdm
 
-    examples = list(_test_split(test_files, image_size))
-    y_true = np.array([label for _, _, label in examples])
-    served = SavedModelClassifier(saved_model)
+    examples = list(_decoded(test.encoded, image_size))
+    y_true = test.labels
     started = time.perf_counter()
-    reference = served.predict_bytes([encoded for encoded, _, _ in examples])
+    reference = served.predict_bytes(test.encoded)
     seconds = {"saved_model": time.perf_counter() - started}
     report: dict[str, Any] = {
         "images": len(examples),
@@ -366,9 +363,7 @@ def parity(
         probs = np.stack(
             [
                 classifier(image)
-                for _, image, _ in tqdm(
-                    examples, desc=f"parity {kind}", unit="img", disable=not progress
-                )
+                for image in tqdm(examples, desc=f"parity {kind}", unit="img", disable=not progress)
             ]
         )
         elapsed = time.perf_counter() - started
@@ -501,12 +496,13 @@ def run(
     model = keras.models.load_model(finetune_dir / MODEL, compile=False)
     started = time.perf_counter()
     with atomic_path(outputs.directory) as out:
-        saved_model = out / SERVING / serving.model_name / str(CANDIDATE_VERSION)
+        saved_model = saved_model_dir(out, serving.model_name)
         saved_model.parent.mkdir(parents=True)
         write_saved_model(model, labels, size, saved_model)
-        warmup = _encoded(split_files(shards, "val"), params.warmup_images)
+        warmup = read_split(shards, "val", params.warmup_images).encoded
         warmups = write_warmup(saved_model, serving.model_name, warmup)
-        run_warmup(saved_model)
+        served = SavedModelClassifier(saved_model)
+        run_warmup(served)
 
         (out / TFLITE).mkdir()
         shutil.copyfile(ingest_dir / "labels.txt", out / TFLITE / LABELS)
@@ -528,9 +524,7 @@ def run(
                 "saved_model": _size_mb(saved_model),
                 **{f"tflite_{kind}": _size_mb(path) for kind, path in tflite.items()},
             },
-            "parity": parity(
-                saved_model, tflite, split_files(shards, "test"), labels, size, progress
-            ),
+            "parity": parity(served, tflite, read_split(shards), labels, size, progress),
         }
         evaluation_metrics = json.loads(Path(evaluation).read_text())
         (out / CARD).write_text(
@@ -548,17 +542,6 @@ def run(
     report = rounded(report, 6)
     write_json_atomic(outputs.report, report)
     return report
-
-
-def _encoded(files: Sequence[str], count: int) -> list[bytes]:
-    import tensorflow as tf
-
-    from components.datasets import parse_example
-
-    return [
-        ex["image/encoded"].numpy()
-        for ex in tf.data.TFRecordDataset(list(files)).map(parse_example).take(count)
-    ]
 
 
 def log_to_mlflow(outputs: ExportOutputs, params: ExportParams) -> None:

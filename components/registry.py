@@ -121,7 +121,7 @@ def register(
             "(`dvc repro -f evaluate`) so the gate compares with the current champion"
         )
     # A server would fail on what the warmup requests fail on: probe before anything is recorded.
-    warmups = export.run_warmup(saved_model)
+    warmups = export.run_warmup(export.SavedModelClassifier(saved_model))
 
     run = mlflow.active_run()
     if run is None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
 
 SPLITS = ("train", "val", "test")
 
@@ -98,13 +101,32 @@ def count_records(files: Iterable[str]) -> int:
     return sum(1 for _ in tf.data.TFRecordDataset(list(files)))
 
 
-def read_records(files: Iterable[str]) -> list[dict[str, Any]]:
-    """Parse every example of ``files`` eagerly (tests and small tools; training uses tf.data)."""
+def read_records(files: Iterable[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Parse the examples of ``files`` (the first ``limit`` when given) eagerly, for evaluation,
+    export and tests; training streams them through tf.data instead."""
     import tensorflow as tf
 
     spec = feature_spec()
     out = []
-    for raw in tf.data.TFRecordDataset(list(files)):
+    records = tf.data.TFRecordDataset(list(files))
+    for raw in records if limit is None else records.take(limit):
         parsed = tf.io.parse_single_example(raw, spec)
         out.append({k: v.numpy() for k, v in parsed.items()})
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    encoded: list[bytes]
+    labels: np.ndarray
+    sha256: list[str]
+
+
+def read_split(shards: Path, split: str = "test", limit: int | None = None) -> Split:
+    """The encoded images, labels and content hashes of one split (its first ``limit``)."""
+    records = read_records(split_files(shards, split), limit)
+    return Split(
+        [r["image/encoded"] for r in records],
+        np.array([int(r["image/class/label"]) for r in records], np.int64),
+        [r["image/sha256"].decode() for r in records],
+    )

@@ -212,7 +212,7 @@ def cmd_push(args: argparse.Namespace) -> None:
 
     serving = section(ServingParams, "serving", _params(args))
     export_dir = Path(args.export)
-    saved_model = export_dir / export.SERVING / serving.model_name / str(export.CANDIDATE_VERSION)
+    saved_model = export.saved_model_dir(export_dir, serving.model_name)
     with stage_run("push"):
         result = registry.register(
             export_dir,
@@ -441,18 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
-        name: str, func: Callable[[argparse.Namespace], None], help: str
+        name: str, func: Callable[[argparse.Namespace], None], help: str, *, params: bool = True
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
+        if params:
+            p.add_argument("--params", default="params.yaml", help="the pipeline's parameters")
         return p
 
-    p = add("sample-data", cmd_sample_data, "write the offline ELPV sample data as class folders")
+    p = add(
+        "sample-data",
+        cmd_sample_data,
+        "write the offline ELPV sample data as class folders",
+        params=False,
+    )
     p.add_argument("target", nargs="?", default="data")
     p.add_argument("--force", action="store_true", help="replace a folder that holds other data")
 
     p = add("ingest", cmd_ingest, "check, deduplicate and split the raw images; write shards")
-    p.add_argument("--params", default="params.yaml")
     p.add_argument(
         "--source", help="folder of class folders or CSV manifest (default: data.source)"
     )
@@ -460,19 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", default="metrics/ingest.json")
 
     p = add("validate", cmd_validate, "run the Great Expectations suite on the manifest")
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--manifest", default="outputs/ingest/manifest.csv")
     p.add_argument("--out", default="outputs/validate")
     p.add_argument("--summary", default="metrics/validate.json")
 
     p = add("augment", cmd_augment, "materialise the balanced, augmented training set")
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--shards", default="outputs/ingest/shards")
     p.add_argument("--out", default="outputs/augment")
     p.add_argument("--summary", default="metrics/augment.json")
 
     p = add("train", cmd_train, "frozen-base phase: train the head on cached base features")
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--augmented", default="outputs/augment/shards")
     p.add_argument("--ingest", default="outputs/ingest")
     p.add_argument("--out", default="outputs/train")
@@ -481,7 +484,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-cache", default="outputs/cache/features")
 
     p = add("finetune", cmd_finetune, "unfreeze the top of the base and fine-tune; resumable")
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--train", default="outputs/train")
     p.add_argument("--augmented", default="outputs/augment/shards")
     p.add_argument("--ingest", default="outputs/ingest")
@@ -492,7 +494,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", default="outputs/finetune_checkpoints")
 
     p = add("evaluate", cmd_evaluate, "test-split metrics and the blessing gate vs the champion")
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--model", default="outputs/finetune", help="folder holding model.keras")
     p.add_argument("--ingest", default="outputs/ingest")
     p.add_argument("--out", default="outputs/evaluate")
@@ -501,7 +502,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default="metrics/calibration.csv")
 
     p = add("export", cmd_export, "SavedModel (TF Serving layout), TFLite, parity, model card")
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--model", default="outputs/finetune", help="folder holding model.keras")
     p.add_argument("--ingest", default="outputs/ingest")
     p.add_argument("--evaluation", default="metrics/evaluate.json")
@@ -509,7 +509,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="metrics/export.json")
 
     p = add("push", cmd_push, "register in MLflow; if blessed, make champion and push to serving")
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--export", default="outputs/export")
     p.add_argument("--blessing", default="outputs/evaluate/blessing.json")
     p.add_argument("--summary", default="metrics/push.json")
@@ -523,7 +522,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
     p.add_argument("--retries", type=int, default=3, help="retries on UNAVAILABLE, with backoff")
     p.add_argument("--batch-size", type=int, default=16, help="images per request")
-    p.add_argument("--params", default="params.yaml")
 
     pipeline = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run, schedule")
     psub = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")

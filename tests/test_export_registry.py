@@ -124,12 +124,12 @@ def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported
     """Guards the edge artifacts: over the whole test split the int8 model's top-1 agrees with
     the SavedModel on at least 97% of images and the float model on all of them; the report's
     figures are recomputed here independently; labels and model card ship alongside."""
-    from components.evaluate import read_test_split
     from components.export import TFLITE, TFLiteClassifier
     from components.labels import read_labels
+    from components.tfrecords import read_split
 
     parity = exported.report["parity"]
-    test = read_test_split(exported.project.ingest / "shards")
+    test = read_split(exported.project.ingest / "shards")
     assert parity["images"] == len(test.labels) == 48
     assert parity["tflite_int8"]["top1_agreement"] >= 0.97, parity
     assert parity["tflite_float32"]["top1_agreement"] == 1.0, parity
