@@ -124,8 +124,8 @@ def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> st
             "",
             f"- No-op `dvc repro`: {r['median_noop_repro_seconds']} s "
             f"(median of {r['repeats']}).",
-            f"- After changing `{r['changed_param']}`, `dvc repro --dry` reruns: "
-            f"{', '.join(r['stages_rerun'])} "
+            f"- Changing `{r['changed_param']}` invalidates {', '.join(r['stages_invalidated'])}"
+            f" (`dvc status`); a repro then runs {', '.join(r['stages_rerun'])} "
             f"({'' if r['only_finetune_and_after'] else 'NOT '}only finetune and after).",
         ]  # fmt: skip
     lines += [

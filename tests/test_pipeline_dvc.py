@@ -219,6 +219,32 @@ def test_pipeline_is_up_to_date_after_repro(repo, first_repro):
     assert json.loads(status.stdout or "{}") == {}, status.stdout
 
 
+def test_bench_dry_run_names_finetune_and_after_and_restores_params(repo, first_repro, monkeypatch):
+    """Guards the overhead benchmark's second figure: with finetune.learning_rate changed,
+    DVC sees finetune alone invalidated and a repro would run finetune and every stage after
+    it; nothing runs, and params.yaml is put back byte for byte."""
+    from bench.dvc_overhead import stale_stages, would_run
+
+    monkeypatch.chdir(repo.root)
+    for key, value in repo.env.items():
+        if key.startswith("DVC_"):
+            monkeypatch.setenv(key, value)
+    original = (repo.root / "params.yaml").read_bytes()
+    params = yaml.safe_load(original)
+
+    invalidated, rerun = would_run(
+        repo.root / "params.yaml",
+        "finetune",
+        "learning_rate",
+        params["finetune"]["learning_rate"] * 3,
+    )
+
+    assert invalidated == ["finetune"], invalidated
+    assert rerun == list(STAGES[STAGES.index("finetune") :]), rerun
+    assert (repo.root / "params.yaml").read_bytes() == original
+    assert stale_stages() == {}
+
+
 def test_second_repro_runs_no_stage(repo, first_repro):
     """Guards caching: a second dvc repro with nothing changed skips every stage (training
     included: no stage writes into another's deps, the feature cache is not a dep)."""
