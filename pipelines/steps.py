@@ -34,8 +34,9 @@ def run_stage(
     the MLflow run ``run_id`` of ``tracking_uri``, or into a new run there when it is empty."""
     from imgpipe.cli import main
 
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    os.environ.pop("MLFLOW_RUN_ID", None)
+    if tracking_uri:  # else the pod's MLFLOW_TRACKING_URI, or the local mlflow.db
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    os.environ.pop("MLFLOW_RUN_ID", None)  # a cached step never joins a run it was not given
     if run_id:
         os.environ["MLFLOW_RUN_ID"] = run_id
     parsed = {k: json.loads(v) if isinstance(v, str) else v for k, v in sections.items()}
