@@ -72,9 +72,10 @@ def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> st
             _row(m["cached"], m["plain_fit"], f"{r['speedup_cached_over_plain_fit']}x",
                  m["forward_pass"], r["cached_over_forward_pass"]),
             "",
-            "The floor for the cached phase is one forward pass (the features must be computed "
-            "once); a ratio near 1 means the head's training costs next to nothing, and one "
-            "below 1 is run-to-run noise on a shared machine (per-round times in the JSON).",
+            "The floor for the cached phase is one bare forward pass of the base over the same "
+            "images, through a function traced beforehand (the features must be computed once); "
+            "what the cached phase adds is tracing its own function and training the head "
+            "(per-round times in the JSON).",
         ]  # fmt: skip
     if "training" in reports:
         r = reports["training"]
