@@ -48,17 +48,21 @@ def stale_stages() -> dict[str, Any]:
 def would_run(params_file: Path, section: str, key: str, value: Any) -> tuple[list[str], list[str]]:
     """With ``section.key`` set to ``value`` in params.yaml: the stages it invalidates, and
     the stages a repro would run (those and everything downstream of them)."""
-    from components.fileio import write_text_atomic
+    from components.fileio import atomic_path
 
-    original = params_file.read_text()
+    def write(data: bytes) -> None:
+        with atomic_path(params_file) as tmp:
+            tmp.write_bytes(data)
+
+    original = params_file.read_bytes()
     params = yaml.safe_load(original)
     params[section][key] = value
     try:
-        write_text_atomic(params_file, yaml.safe_dump(params, sort_keys=False))
+        write(yaml.safe_dump(params, sort_keys=False).encode())
         invalidated = list(stale_stages())
         return invalidated, RAN.findall(dvc("repro", "--dry", "--force-downstream").stdout)
     finally:
-        write_text_atomic(params_file, original)
+        write(original)
 
 
 def main() -> None:

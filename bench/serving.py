@@ -139,7 +139,13 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="elpv_defects")
-    parser.add_argument("--base", type=Path, default=None, help="default: models/<model>")
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="SavedModel versions (default: the export's, outputs/export/serving/<model>: the "
+        "same model as the TFLite files)",
+    )
     parser.add_argument("--image", type=Path, default=None, help="default: a test-split image")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", type=int, default=200, help="per setting and round")
@@ -154,13 +160,19 @@ def main() -> None:
     from components.export import TFLITE_FILES
     from serving.process import ServerProcess, model_config
 
-    base = args.base or PROJECT / "models" / args.model
+    base = args.base or PROJECT / "outputs" / "export" / "serving" / args.model
     version = latest_version(require(base))
     image = args.image.read_bytes() if args.image else _test_image()
     clients = [int(c) for c in args.clients.split(",")]
     size = backbones.image_size(section(ModelParams, "model", load_params(args.params)))
     requests = requests_for(image, size)
-    tflite_files = {k: require(args.tflite / name) for k, name in TFLITE_FILES.items()}
+    tflite_files = {  # int8 only when the export made it (export.int8)
+        kind: args.tflite / name
+        for kind, name in TFLITE_FILES.items()
+        if kind == "float32" or (args.tflite / name).is_file()
+    }
+    for path in tflite_files.values():
+        require(path)
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)

@@ -126,10 +126,17 @@ def _find_run(mlflow: Any, experiment_id: str, key: str) -> str | None:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (each stage runs in its own
-    process, under DVC and under Kubeflow alike)."""
+    process, under DVC and under Kubeflow alike). On Linux from VmHWM, which starts afresh at
+    exec; ``ru_maxrss`` would carry over the peak of the parent (dvc, the KFP runner)."""
     import resource
     import sys
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 

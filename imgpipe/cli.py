@@ -272,6 +272,8 @@ def _pipeline_arguments(args: argparse.Namespace, tracking_uri: str) -> dict[str
     arguments: dict[str, Any] = {"mlflow_tracking_uri": tracking_uri}
     if args.source:
         arguments["source"] = args.source
+    if args.data_version:
+        arguments["data_version"] = args.data_version
     return arguments
 
 
@@ -319,6 +321,9 @@ def cmd_pipeline_schedule(args: argparse.Namespace) -> None:
             f"--cron needs 6 fields (seconds minutes hours day-of-month month day-of-week), "
             f"as Kubeflow reads it, got {args.cron!r}"
         )
+    # A recurring run over a path reads whatever is there each night, with the same parameters:
+    # cached steps would keep serving the first night's data. Cache only the sample data.
+    caching = not args.source or args.source == "sample"
     client = _kfp_client(args)
     experiment = client.create_experiment(args.experiment)
     with tempfile.TemporaryDirectory() as tmp:
@@ -331,10 +336,11 @@ def cmd_pipeline_schedule(args: argparse.Namespace) -> None:
             params=_pipeline_arguments(args, args.mlflow_tracking_uri),
             max_concurrency=1,
             no_catchup=True,
+            enable_caching=caching,
         )
     print(
         f"pipeline: scheduled {args.name!r} ({recurring.recurring_run_id}) in experiment "
-        f"{args.experiment!r}, cron {args.cron!r}"
+        f"{args.experiment!r}, cron {args.cron!r}, caching {'on' if caching else 'off'}"
     )
 
 
@@ -538,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="outputs/pipeline/imgpipe.yaml")
     q = padd("run-local", cmd_pipeline_run_local, "run every stage for real with kfp.local")
     q.add_argument("--source", help="'sample' (default) or a folder of class folders")
+    q.add_argument("--data-version", help="the data's version, part of the cache key")
     q.add_argument("--pipeline-root", default="outputs/kfp")
     q.add_argument("--mlflow-tracking-uri", help="default: as the DVC pipeline (mlflow.db)")
     q = padd("schedule", cmd_pipeline_schedule, "create a recurring run on a Kubeflow host")
@@ -547,7 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cron", default="0 0 2 * * *", help="6 fields, seconds first")
     q.add_argument("--experiment", default="imgpipe")
     q.add_argument("--name", default="imgpipe-nightly")
-    q.add_argument("--source", help="data folder the pods can read (default: sample)")
+    q.add_argument(
+        "--source",
+        help="data folder the pods can read (default: sample); caching is then off, since the "
+        "folder's content changes between runs while the parameters do not",
+    )
+    q.add_argument("--data-version", help="the data's version, part of the cache key")
     q.add_argument("--mlflow-tracking-uri", default="http://mlflow.imgpipe.svc.cluster.local:5000")
     for name, func, text in (
         ("schedules", cmd_pipeline_schedules, "list recurring runs"),

@@ -53,12 +53,15 @@ def start_run(tracking_uri: str, experiment: str) -> str:
 @dsl.component(base_image=IMAGE)
 def ingest(
     source: str,
+    data_version: str,
     data: str,
     ingest: str,
     dataset: Output[Dataset],
     metrics: Output[Metrics],
     mlflow_log: Output[Artifact],
 ):
+    """``data_version`` is not read: it is part of the cache key, so that new data at the same
+    ``source`` path is ingested again (set it to the data's version, e.g. data.dvc's md5)."""
     import tempfile
     from pathlib import Path
 
@@ -426,6 +429,7 @@ def build(params: dict[str, Any]) -> Any:
     )
     def imgpipe(
         source: str = "sample",
+        data_version: str = "",
         mlflow_tracking_uri: str = "http://mlflow.imgpipe.svc.cluster.local:5000",
         mlflow_experiment: str = "imgpipe",
         data: str = data_,
@@ -444,7 +448,10 @@ def build(params: dict[str, Any]) -> Any:
         )
         # Cached steps log into their own store (mlflow_log); the others into the run.
         common = {"tracking_uri": mlflow_tracking_uri, "run_id": run.output}
-        ingested = _configure(ingest(source=source, data=data, ingest=ingest_params), "ingest")
+        ingested = _configure(
+            ingest(source=source, data_version=data_version, data=data, ingest=ingest_params),
+            "ingest",
+        )
         dataset = ingested.outputs["dataset"]
         validated = _configure(validate(dataset=dataset, validate=validate_params), "validate")
         augmented = _configure(
@@ -518,7 +525,17 @@ def build(params: dict[str, Any]) -> Any:
 
 
 def compile_to(params: dict[str, Any], path: Path) -> Path:
+    import logging
+
     from kfp import compiler
+
+    name = IMAGE.rsplit("/", 1)[-1]
+    if "@" not in name and (":" not in name or name.endswith(":latest")):
+        logging.getLogger(__name__).warning(
+            "components image %s is not pinned: KFP's cache keys on the image name, so cached "
+            "steps will not rerun with new code; set IMGPIPE_IMAGE to a version tag or digest",
+            IMAGE,
+        )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build(params), str(path))

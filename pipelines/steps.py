@@ -58,22 +58,31 @@ def stage_log(folder: str) -> str:
     from components.tracking import SQLITE
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    return f"{SQLITE}{Path(folder).resolve() / 'mlflow.db'}"
+    return f"{SQLITE}{Path(folder).resolve() / STAGE_LOG_DB}"
+
+
+STAGE_LOG_DB = "mlflow.db"
 
 
 def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> list[str]:
     """Copy each stage log's run (params, every metric's history, the stages' tags, artifacts)
-    into ``run_id``; returns the stages imported. A model logged with ``log_model`` stays in
-    the stage's store (push registers the exported SavedModel into the run)."""
+    into ``run_id``; returns the stages imported. Each imported stage is tagged
+    ``stage.<name>.log_run`` with its log's run id: the same id in two executions means the
+    second reused the first's cached step. Artifacts are read from the log's own folder (not
+    through the absolute path the producing pod recorded). A model logged with ``log_model``
+    stays in the stage's store (push registers the exported SavedModel into the run)."""
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from components.tracking import RUN_TAGS
+    from components.tracking import RUN_TAGS, SQLITE
 
     target = MlflowClient(tracking_uri)
     imported = []
     for folder in folders:
-        source = MlflowClient(stage_log(folder))
+        database = Path(folder) / STAGE_LOG_DB
+        if not database.is_file():
+            raise FileNotFoundError(f"no MLflow stage log at {database}")
+        source = MlflowClient(f"{SQLITE}{database.resolve()}")
         experiments = [e.experiment_id for e in source.search_experiments()]
         (run,) = source.search_runs(experiments)  # a stage log holds one run
         source_id = run.info.run_id
@@ -84,6 +93,8 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
             for k, v in run.data.tags.items()
             if k not in RUN_TAGS and not k.startswith("mlflow.")
         ]
+        stages = [t.key.removeprefix("stage.") for t in tags if t.key.startswith("stage.")]
+        tags += [RunTag(f"stage.{stage}.log_run", source_id) for stage in stages]
         for i in range(0, max(len(metrics), len(params), len(tags)), 100):  # log_batch limits
             target.log_batch(
                 run_id,
@@ -91,9 +102,10 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
                 params=params[i : i + 100],
                 tags=tags[i : i + 100],
             )
-        with tempfile.TemporaryDirectory() as tmp:
-            target.log_artifacts(run_id, source.download_artifacts(source_id, "", tmp))
-        imported += [t.key.removeprefix("stage.") for t in tags if t.key.startswith("stage.")]
+        artifacts = Path(folder) / "mlartifacts" / source_id / "artifacts"  # ensure_experiment
+        if artifacts.is_dir():
+            target.log_artifacts(run_id, str(artifacts))
+        imported += stages
     return imported
 
 

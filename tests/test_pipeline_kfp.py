@@ -167,6 +167,8 @@ def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
         assert run.data.metrics[f"{stage}.peak_rss_mb"] > 100, stage  # MiB: TF alone is more
     assert run.data.params["finetune.unfreeze_layers"] == "20"
     assert run.data.tags["backbone"] == params["model"]["backbone"]
+    for stage in ("ingest", "finetune"):  # imported from the step's own log, which is named
+        assert run.data.tags[f"stage.{stage}.log_run"] != run.info.run_id, stage
     epochs = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in epochs] == [0, 1, 2]  # 2 frozen epochs, then 1 fine-tuning
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -245,8 +247,8 @@ def kfp_stub():
 def test_schedule_list_disable_delete_send_the_right_requests(kfp_stub, capsys):
     """Guards scheduling: the real kfp.Client requests, recorded by a local stub: the
     experiment is looked up then created; the recurring run carries the 6-field cron, the
-    compiled pipeline spec with every stage and the parameters; list, disable and delete hit
-    their endpoints."""
+    compiled pipeline spec with every stage (caching off, the source being a folder) and the
+    parameters; list, disable and delete hit their endpoints."""
     from imgpipe.cli import main
 
     host, calls = kfp_stub
@@ -263,6 +265,8 @@ def test_schedule_list_disable_delete_send_the_right_requests(kfp_stub, capsys):
                 "nightly",
                 "--source",
                 "/data/elpv",
+                "--data-version",
+                "2026-11-21",
                 "--params",
                 str(PROJECT / "params.yaml"),
             ]
@@ -284,7 +288,11 @@ def test_schedule_list_disable_delete_send_the_right_requests(kfp_stub, capsys):
     assert set(spec["root"]["dag"]["tasks"]) == set(ORDER)
     parameters = recurring["runtime_config"]["parameters"]
     assert parameters["source"] == "/data/elpv"
+    assert parameters["data_version"] == "2026-11-21"
     assert parameters["mlflow_tracking_uri"].startswith("http://mlflow.")
+    # a nightly run over a folder must not reuse the first night's data: caching off
+    tasks = spec["root"]["dag"]["tasks"].values()
+    assert not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks)
     assert "scheduled 'imgpipe-nightly' (rr-1)" in capsys.readouterr().out
 
     calls.clear()
