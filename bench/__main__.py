@@ -45,6 +45,11 @@ def run(name: str, results: Path) -> tuple[dict[str, Any], float]:
     return json.loads(out.read_text()), seconds
 
 
+def _table(header: tuple[str, ...], *rows: tuple[Any, ...]) -> list[str]:
+    """A markdown table's lines."""
+    return [_row(*header), _row(*["---"] * len(header)), *(_row(*row) for row in rows)]
+
+
 def _row(*cells: Any) -> str:
     return "| " + " | ".join("" if c is None else str(c) for c in cells) + " |"
 
@@ -66,11 +71,12 @@ def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> st
             f"## Frozen phase: feature cache against `fit` through the frozen base "
             f"({r['images']} images, {r['epochs']} epochs, median of {r['repeats']})",
             "",
-            _row("cached features (s)", "plain fit (s)", "speedup", "one forward pass (s)",
+            *_table(
+                ("cached features (s)", "plain fit (s)", "speedup", "one forward pass (s)",
                  "cached / forward pass"),
-            _row(*["---"] * 5),
-            _row(m["cached"], m["plain_fit"], f"{r['speedup_cached_over_plain_fit']}x",
+                (m["cached"], m["plain_fit"], f"{r['speedup_cached_over_plain_fit']}x",
                  m["forward_pass"], r["cached_over_forward_pass"]),
+            ),
             "",
             "The floor for the cached phase is one bare forward pass of the base over the same "
             "images, through a function traced beforehand (the features must be computed once); "
@@ -85,11 +91,12 @@ def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> st
             f"## Input pipeline against the fine-tuning step (batch {r['batch_size']}, "
             f"{r['trainable_base_layers']} base layers trainable, median of {r['repeats']})",
             "",
-            _row("tf.data pipeline alone (img/s)", "train step (img/s)", "pipeline / step",
+            *_table(
+                ("tf.data pipeline alone (img/s)", "train step (img/s)", "pipeline / step",
                  "whole fine-tuning epochs in `make demo` (img/s)"),
-            _row(*["---"] * 4),
-            _row(m["pipeline"], m["train_step"], f"{r['pipeline_over_train_step']}x",
+                (m["pipeline"], m["train_step"], f"{r['pipeline_over_train_step']}x",
                  r["finetune_fit_images_per_second"]),
+            ),
         ]  # fmt: skip
     if "demo_stages" in reports:
         r = reports["demo_stages"]
@@ -97,10 +104,11 @@ def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> st
             "",
             f"## `make demo` by stage (MLflow, median of {r['runs']} whole-pipeline run(s))",
             "",
-            _row("stage", "wall time (s)", "peak RSS (MiB)"),
-            _row("---", "---", "---"),
-            *(_row(stage, v["wall_seconds"], v["peak_rss_mb"]) for stage, v in r["stages"].items()),
-            _row("**total**", r["total_wall_seconds"], ""),
+            *_table(
+                ("stage", "wall time (s)", "peak RSS (MiB)"),
+                *((stage, v["wall_seconds"], v["peak_rss_mb"]) for stage, v in r["stages"].items()),
+                ("**total**", r["total_wall_seconds"], ""),
+            ),
         ]
     if "serving" in reports:
         r = reports["serving"]
@@ -110,11 +118,12 @@ def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> st
             f"## Serving ({r['model']}; {r['requests_per_setting']} single-image requests per "
             f"setting, median of {r['repeats']} rounds; clients and server share the machine)",
             "",
-            _row("setting", "p50 ms", "p99 ms", "img/s"),
-            _row("---", "---", "---", "---"),
-            *(
-                _row(key, v["p50_ms"], v["p99_ms"], v["images_per_second"])
-                for key, v in r["results"].items()
+            *_table(
+                ("setting", "p50 ms", "p99 ms", "img/s"),
+                *(
+                    (key, v["p50_ms"], v["p99_ms"], v["images_per_second"])
+                    for key, v in r["results"].items()
+                ),
             ),
             "",
             f"Request size: {sizes['bytes']:,} B for the encoded image (bytes signature), "

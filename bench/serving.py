@@ -76,12 +76,18 @@ def in_process(saved_model: Path, image: bytes, requests: int) -> dict[str, floa
 
     signature = tf.saved_model.load(str(saved_model)).signatures["serving_default"]
     batch = tf.constant([image])
+    return timed(lambda: signature(image_bytes=batch)["probabilities"].numpy(), requests)
+
+
+def timed(call: Any, requests: int) -> dict[str, float]:
+    """p50/p99 and images/s of ``requests`` back-to-back single-image calls, after 5 warm-up
+    calls."""
     for _ in range(5):
-        signature(image_bytes=batch)
+        call()
     latencies = []
     for _ in range(requests):
         started = time.perf_counter()
-        signature(image_bytes=batch)["probabilities"].numpy()
+        call()
         latencies.append(time.perf_counter() - started)
     return {**percentiles(latencies), "images_per_second": len(latencies) / sum(latencies)}
 
@@ -122,14 +128,7 @@ def tflite(path: Path, image: bytes, size: int, requests: int) -> dict[str, floa
 
     model = TFLiteClassifier(path)
     pixels = decode_and_resize(tf.constant(image), size).numpy()
-    for _ in range(5):
-        model(pixels)
-    latencies = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        model(pixels)
-        latencies.append(time.perf_counter() - started)
-    return {**percentiles(latencies), "images_per_second": len(latencies) / sum(latencies)}
+    return timed(lambda: model(pixels), requests)
 
 
 def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
