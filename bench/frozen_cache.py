@@ -22,7 +22,7 @@ from bench.machine import describe
 
 
 def load_images(shards: list[str], size: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    from components.datasets import image_dataset
+    from imgpipe.datasets import image_dataset
 
     xs, ys = [], []
     for x, y in image_dataset(shards, size, 64):
@@ -47,12 +47,12 @@ def main() -> None:
 
     import keras
 
-    from components import backbones
-    from components.config import ModelParams, TrainParams, load_params, section
-    from components.labels import read_labels
-    from components.tfrecords import split_files
     from components.train import extract_features, fit
-    from components.training import assemble, build_head
+    from imgpipe import backbones
+    from imgpipe.labels import read_labels
+    from imgpipe.params import ModelParams, TrainParams, load_params, section
+    from imgpipe.tfrecords import split_files
+    from imgpipe.training import assemble, build_head
 
     params = load_params(args.params)
     model_params = section(ModelParams, "model", params)

@@ -100,8 +100,8 @@ def requests_for(image: bytes, size: int) -> dict[str, tuple[dict[str, Any], int
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
-    from components.datasets import decode_and_resize
     from components.export import BYTES_INPUT, IMAGES_INPUT, IMAGES_SIGNATURE
+    from imgpipe.datasets import decode_and_resize
 
     pixels = decode_and_resize(tf.constant(image), size).numpy()[None]
     inputs = {
@@ -123,8 +123,8 @@ def tflite(path: Path, image: bytes, size: int, requests: int) -> dict[str, floa
     """Single-image latency of a TFLite model through ai-edge-litert, decoding excluded."""
     import tensorflow as tf
 
-    from components.datasets import decode_and_resize
     from components.export import TFLiteClassifier
+    from imgpipe.datasets import decode_and_resize
 
     model = TFLiteClassifier(path)
     pixels = decode_and_resize(tf.constant(image), size).numpy()
@@ -154,9 +154,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     args = parser.parse_args()
 
-    from components import backbones
-    from components.config import ModelParams, load_params, section
     from components.export import TFLITE_FILES
+    from imgpipe import backbones
+    from imgpipe.params import ModelParams, load_params, section
     from serving.process import ServerProcess, model_config
 
     base = args.base or PROJECT / "outputs" / "export" / "serving" / args.model
@@ -238,7 +238,7 @@ def main() -> None:
 
 
 def _test_image() -> bytes:
-    from components.tfrecords import read_split
+    from imgpipe.tfrecords import read_split
 
     return read_split(PROJECT / "outputs" / "ingest" / "shards", limit=1).encoded[0]
 

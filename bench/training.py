@@ -24,7 +24,7 @@ from bench.machine import describe, require
 
 def pipeline_rate(files: list[str], size: int, batch: int, images: int, seed: int) -> float:
     """Images/s of the training input pipeline alone, over ``images`` images."""
-    from components.datasets import image_dataset
+    from imgpipe.datasets import image_dataset
 
     steps = math.ceil(images / batch)
     dataset = image_dataset(files, size, batch, shuffle_seed=seed)
@@ -53,10 +53,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/training.json"))
     args = parser.parse_args()
 
-    from components import backbones
-    from components.config import FinetuneParams, ModelParams, load_params, section
     from components.finetune import prepare
-    from components.tfrecords import count_records, split_files
+    from imgpipe import backbones
+    from imgpipe.params import FinetuneParams, ModelParams, load_params, section
+    from imgpipe.tfrecords import count_records, split_files
 
     params = load_params(args.params)
     model_params = section(ModelParams, "model", params)
@@ -68,7 +68,7 @@ def main() -> None:
         require(args.outputs / "train" / "model.keras"), model_params, finetune, steps_per_epoch
     )
 
-    from components.datasets import image_dataset
+    from imgpipe.datasets import image_dataset
 
     x, y = next(iter(image_dataset(files, size, finetune.batch_size)))
     model.train_on_batch(x, y)  # traces the train step, outside the timing

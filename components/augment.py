@@ -25,19 +25,13 @@ import numpy as np
 from PIL import Image, ImageEnhance
 from tqdm import tqdm
 
-from components.config import AugmentParams
-from components.fileio import atomic_path, sha256_bytes, write_json_atomic
-from components.tfrecords import ShardRecord, split_files, write_split
+from imgpipe import backbones
+from imgpipe.fileio import atomic_path, sha256_bytes, write_json_atomic
+from imgpipe.params import AugmentParams, ModelParams
+from imgpipe.tfrecords import ShardRecord, split_files, write_split
 
 SHARDS, VIEWS, PREVIEW = "shards", "views.csv", "preview.png"
 PREVIEW_VIEWS = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentOutputs:
-    directory: Path
-    """Receives shards/ (split ``train``), views.csv (what each image is) and preview.png."""
-    summary: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +99,7 @@ def augment(
 
 
 def _resize(image: Image.Image, size: int) -> Image.Image:
-    """Resize exactly as training and serving do (components.datasets.decode_and_resize)."""
+    """Resize exactly as training and serving do (imgpipe.datasets.decode_and_resize)."""
     import tensorflow as tf
 
     array = np.asarray(image.convert("RGB"))
@@ -126,7 +120,7 @@ def _materialise(source: Source, view: int, size: int, p: AugmentParams) -> tupl
 
 
 def load_sources(shards_dir: Path) -> list[Source]:
-    from components.tfrecords import read_records
+    from imgpipe.tfrecords import read_records
 
     records = read_records(split_files(shards_dir, "train"))
     sources = [
@@ -144,7 +138,7 @@ def load_sources(shards_dir: Path) -> list[Source]:
 
 def preview_grid(sources: Sequence[Source], size: int, p: AugmentParams, path: Path) -> None:
     """Originals (left column) beside augmented views, a few images from each class."""
-    from components import figures
+    from imgpipe import figures
 
     plt = figures.pyplot()
     by_class: dict[str, list[Source]] = defaultdict(list)
@@ -176,15 +170,18 @@ def preview_grid(sources: Sequence[Source], size: int, p: AugmentParams, path: P
 
 
 def run(
-    ingest_shards: Path,
-    outputs: AugmentOutputs,
-    image_size: int,
-    params: AugmentParams,
     *,
+    shards: Path,
+    out: Path,
+    summary: Path,
+    augment: AugmentParams,
+    model: ModelParams,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Materialise the balanced, augmented training set from ingest's train shards."""
-    sources = load_sources(ingest_shards)
+    """Materialise the balanced, augmented training set from ingest's train ``shards`` at the
+    model's input size into ``out`` (shards/ of split ``train``, views.csv, preview.png)."""
+    params, image_size = augment, backbones.image_size(model)
+    sources = load_sources(shards)
     plan = plan_views([s.label for s in sources], params.views_per_image, params.balance_classes)
     jobs = [(source, view) for source, n in zip(sources, plan, strict=True) for view in range(n)]
     # A seeded order, so shards mix classes even for readers that do not shuffle.
@@ -221,9 +218,9 @@ def run(
                 disable=not progress,
             )
         )
-    with atomic_path(outputs.directory) as out:
-        (out / SHARDS).mkdir(parents=True)
-        write_split(out / SHARDS, "train", [r for r, _ in results], params.images_per_shard)
+    with atomic_path(out) as staged:
+        (staged / SHARDS).mkdir(parents=True)
+        write_split(staged / SHARDS, "train", [r for r, _ in results], params.images_per_shard)
         columns = [
             "filepath",
             "source_sha256",
@@ -237,35 +234,39 @@ def run(
             "brightness",
             "contrast",
         ]
-        with open(out / VIEWS, "w", newline="", encoding="utf-8") as f:
+        with open(staged / VIEWS, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n", restval="")
             writer.writeheader()
             writer.writerows(row for _, row in results)
-        preview_grid(sources, image_size, params, out / PREVIEW)
+        preview_grid(sources, image_size, params, staged / PREVIEW)
     counts = Counter(r.label for r, _ in results)
-    summary = {
+    totals = {
         "source_images": len(sources),
         "materialised_images": len(results),
         "augmented_views": sum(1 for _, v in jobs if v > 0),
         "image_size": image_size,
         "classes": dict(sorted(counts.items())),
     }
-    write_json_atomic(outputs.summary, summary)
-    return summary
+    write_json_atomic(summary, totals)
+    return totals
 
 
-def log_to_mlflow(outputs: AugmentOutputs, params: AugmentParams) -> None:
+def log_to_mlflow(out: Path, summary: Path) -> None:
     import mlflow
 
-    from components.tracking import log_params
-
-    log_params("augment", params)
-    summary = json.loads(outputs.summary.read_text())
+    totals = json.loads(summary.read_text())
     mlflow.log_metrics(
         {
-            "augment.materialised_images": summary["materialised_images"],
-            "augment.augmented_views": summary["augmented_views"],
+            "augment.materialised_images": totals["materialised_images"],
+            "augment.augmented_views": totals["augmented_views"],
         }
     )
-    mlflow.log_artifact(str(outputs.directory / PREVIEW), "augment")
-    mlflow.log_artifact(str(outputs.summary), "augment")
+    mlflow.log_artifact(str(out / PREVIEW), "augment")
+    mlflow.log_artifact(str(summary), "augment")
+
+
+def describe(summary: dict[str, Any]) -> str:
+    return (
+        f"{summary['materialised_images']} training images at {summary['image_size']}px "
+        f"({summary['augmented_views']} augmented views) {summary['classes']}; preview: {PREVIEW}"
+    )

@@ -22,16 +22,19 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from components import backbones, figures
-from components.config import EvaluateParams, ModelParams
-from components.fileio import atomic_path, write_json_atomic
-from components.labels import read_labels
-from components.metrics import calibration_bins, classification_metrics, confusion_matrix, rounded
-from components.tfrecords import Split, read_split
+from imgpipe import backbones, figures, registry
+from imgpipe.fileio import atomic_path, write_json_atomic
+from imgpipe.labels import read_labels
+from imgpipe.manifest import LABELS, MANIFEST, SHARDS
+from imgpipe.metrics import calibration_bins, classification_metrics, confusion_matrix, rounded
+from imgpipe.params import EvaluateParams, ModelParams, ServingParams
+from imgpipe.registry import Champion
+from imgpipe.savedmodel import SavedModelClassifier
+from imgpipe.tfrecords import Split, read_split
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +48,11 @@ GATED = ("accuracy", "balanced_accuracy")
 """The metrics the blessing compares with the champion."""
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaluateOutputs:
-    directory: Path
-    """predictions.csv, blessing.json and the figures."""
-    metrics: Path
-    confusion: Path
-    """One row per test image (actual, predicted): DVC's confusion-matrix plot."""
-    calibration: Path
-    """Reliability diagram data, one row per confidence bin: a DVC plot."""
-
-
 def predict_keras(model: Any, encoded: Sequence[bytes], image_size: int, batch: int) -> np.ndarray:
     """The Keras model on the images decoded exactly as in training and serving."""
     import tensorflow as tf
 
-    from components.datasets import decode_and_resize
+    from imgpipe.datasets import decode_and_resize
 
     ds = (
         tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded)))
@@ -253,7 +245,6 @@ def champion_metrics(
 ) -> dict[str, Any]:
     """Run the champion's own SavedModel on this test split; ``champion`` is a
     ``registry.Champion``."""
-    from components.export import SavedModelClassifier
 
     with tempfile.TemporaryDirectory(prefix="imgpipe-champion-") as tmp:
         try:
@@ -280,32 +271,45 @@ def champion_metrics(
     }
 
 
+REGISTRY = "registry"
+"""``champion=REGISTRY``: compare with the registry's current champion of ``serving.model_name``."""
+
+
 def run(
-    finetune_dir: Path,
-    ingest_dir: Path,
-    outputs: EvaluateOutputs,
-    model_params: ModelParams,
-    params: EvaluateParams,
-    champion: Any = None,
+    *,
+    tuned: Path,
+    dataset: Path,
+    out: Path,
+    summary: Path,
+    confusion: Path,
+    calibration: Path,
+    evaluate: EvaluateParams,
+    model: ModelParams,
+    serving: ServingParams,
+    champion: Champion | Literal["registry"] | None = REGISTRY,
 ) -> dict[str, Any]:
-    """Evaluate the fine-tuned model on the test split and decide its blessing; ``champion``
-    is the registry's current ``registry.Champion`` or None."""
+    """Evaluate the ``tuned`` model on ``dataset``'s test split and decide its blessing.
+
+    ``out`` receives predictions.csv, blessing.json and the figures; ``confusion`` (one row per
+    test image) and ``calibration`` (one row per confidence bin) are DVC plots. ``champion``:
+    the model to compare with (None: only the floors apply)."""
     import keras
 
-    from components.train import MODEL
-
-    size = backbones.image_size(model_params)
-    labels = read_labels(ingest_dir / "labels.txt")
-    manifest = _test_manifest(ingest_dir / "manifest.csv", params.slice_by)
-    test = read_split(ingest_dir / "shards")
+    params = evaluate
+    if champion == REGISTRY:
+        champion = registry.champion(serving.model_name)
+    size = backbones.image_size(model)
+    labels = read_labels(dataset / LABELS)
+    manifest = _test_manifest(dataset / MANIFEST, params.slice_by)
+    test = read_split(dataset / SHARDS)
     missing = [s for s in test.sha256 if s not in manifest]
     if missing:
         raise ValueError(
             f"{len(missing)} test shard image(s) are not test rows of "
-            f"{ingest_dir / 'manifest.csv'} (first sha256 {missing[0]}): rerun ingest"
+            f"{dataset / MANIFEST} (first sha256 {missing[0]}): rerun ingest"
         )
-    model = keras.models.load_model(finetune_dir / MODEL, compile=False)
-    probs = predict_keras(model, test.encoded, size, params.batch_size)
+    network = keras.models.load_model(tuned, compile=False)
+    probs = predict_keras(network, test.encoded, size, params.batch_size)
     bins = params.calibration_bins
     candidate = classification_metrics(test.labels, probs, labels, bins)
     rows = [manifest[s] for s in test.sha256]
@@ -313,11 +317,11 @@ def run(
     baseline = champion_metrics(champion, test, labels, bins) if champion else None
     blessing = bless(candidate, baseline, params)
     predicted = probs.argmax(axis=1)
-    calibration = calibration_bins(test.labels, probs, bins)
+    reliability = calibration_bins(test.labels, probs, bins)
 
-    with atomic_path(outputs.directory) as out:
-        out.mkdir()
-        with open(out / PREDICTIONS, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(out) as staged:
+        staged.mkdir()
+        with open(staged / PREDICTIONS, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(
                 [
@@ -344,25 +348,25 @@ def run(
                         *(f"{p:.6f}" for p in probs[i]),
                     ]
                 )
-        write_json_atomic(out / BLESSING, rounded(blessing, 6))
+        write_json_atomic(staged / BLESSING, rounded(blessing, 6))
         plot_confusion(
-            confusion_matrix(test.labels, predicted, len(labels)), labels, out / CONFUSION_PNG
+            confusion_matrix(test.labels, predicted, len(labels)), labels, staged / CONFUSION_PNG
         )
-        plot_calibration(calibration, candidate["ece"], out / CALIBRATION_PNG)
+        plot_calibration(reliability, candidate["ece"], staged / CALIBRATION_PNG)
         plot_misclassified(
-            test, probs, labels, params.misclassified_examples, out / MISCLASSIFIED_PNG
+            test, probs, labels, params.misclassified_examples, staged / MISCLASSIFIED_PNG
         )
 
-    with atomic_path(outputs.confusion) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(confusion) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["actual", "predicted"])
         writer.writerows(
             [labels[a], labels[p]] for a, p in zip(test.labels, predicted, strict=True)
         )
-    with atomic_path(outputs.calibration) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(calibration[0]), lineterminator="\n")
+    with atomic_path(calibration) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(reliability[0]), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rounded([r for r in calibration if r["count"]]))
+        writer.writerows(rounded([r for r in reliability if r["count"]]))
     metrics = rounded(
         {
             "test": candidate,
@@ -371,18 +375,15 @@ def run(
             "champion": baseline,
         }
     )
-    write_json_atomic(outputs.metrics, metrics)
+    write_json_atomic(summary, metrics)
     return {**metrics, "blessing": blessing}
 
 
-def log_to_mlflow(outputs: EvaluateOutputs, params: EvaluateParams) -> None:
+def log_to_mlflow(out: Path, summary: Path) -> None:
     """Test metrics (overall, per class, per slice), the decision and its reasons, figures."""
     import mlflow
 
-    from components.tracking import log_params
-
-    log_params("evaluate", params)
-    metrics = json.loads(outputs.metrics.read_text())
+    metrics = json.loads(summary.read_text())
     test = metrics["test"]
     values = {f"test.{k}": test[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece")}
     for label, per_class in test["per_class"].items():
@@ -398,7 +399,7 @@ def log_to_mlflow(outputs: EvaluateOutputs, params: EvaluateParams) -> None:
             )
     values["blessed"] = float(metrics["blessed"])
     mlflow.log_metrics(values)
-    blessing = json.loads((outputs.directory / BLESSING).read_text())
+    blessing = json.loads((out / BLESSING).read_text())
     mlflow.set_tags(
         {
             "blessed": str(blessing["blessed"]).lower(),
@@ -406,4 +407,14 @@ def log_to_mlflow(outputs: EvaluateOutputs, params: EvaluateParams) -> None:
         }
     )
     for name in (BLESSING, PREDICTIONS, CONFUSION_PNG, CALIBRATION_PNG, MISCLASSIFIED_PNG):
-        mlflow.log_artifact(str(outputs.directory / name), "evaluate")
+        mlflow.log_artifact(str(out / name), "evaluate")
+
+
+def describe(summary: dict[str, Any]) -> str:
+    test = summary["test"]
+    verdict = "BLESSED" if summary["blessed"] else "NOT blessed"
+    return (
+        f"test accuracy {test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}, "
+        f"macro-F1 {test['macro_f1']:.4f}, ECE {test['ece']:.3f} on {test['images']} images; "
+        f"{verdict}: " + "; ".join(c["reason"] for c in summary["blessing"]["checks"])
+    )

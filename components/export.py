@@ -5,7 +5,7 @@ The SavedModel (TF Serving layout ``serving/<model_name>/1/``) carries the whole
 in its graph, so clients send what they have:
 
 - ``serving_default``: ``image_bytes``, a batch of encoded images (JPEG, PNG, GIF, BMP), decoded
-  and resized exactly as in training (``components.datasets.decode_and_resize``);
+  and resized exactly as in training (``imgpipe.datasets.decode_and_resize``);
 - ``serving_images``: ``images``, a batch of uint8 RGB tensors of any size, resized the same way.
 
 Both return ``probabilities`` (float32, one column per class), ``class_index`` (int64),
@@ -23,7 +23,6 @@ the whole test split: the TFLite models see the same decoded pixels as the Saved
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -35,44 +34,32 @@ from typing import Any
 
 import numpy as np
 
-from components import backbones
-from components.config import ExportParams, ModelParams, ServingParams
-from components.fileio import atomic_path, write_json_atomic
-from components.labels import read_labels
-from components.metrics import classification_metrics, rounded
-from components.tfrecords import Split, read_split, split_files
+from imgpipe import backbones
+from imgpipe.fileio import atomic_path, write_json_atomic
+from imgpipe.labels import read_labels
+from imgpipe.manifest import LABELS, SHARDS
+from imgpipe.metrics import classification_metrics, rounded
+from imgpipe.params import ExportParams, ModelParams, ServingParams
+from imgpipe.savedmodel import (
+    BYTES_INPUT,
+    BYTES_SIGNATURE,
+    CARD,
+    CLASSIFY_INPUT,
+    CLASSIFY_METHOD,
+    CLASSIFY_SIGNATURE,
+    EXAMPLE_IMAGE_KEY,
+    IMAGES_INPUT,
+    IMAGES_SIGNATURE,
+    TFLITE,
+    TFLITE_FILES,
+    SavedModelClassifier,
+    run_warmup,
+    saved_model_dir,
+    write_warmup,
+)
+from imgpipe.tfrecords import Split, read_split, split_files
 
 log = logging.getLogger(__name__)
-
-CANDIDATE_VERSION = 1
-"""The version folder export writes; push copies it to the serving base as the next version."""
-BYTES_SIGNATURE, IMAGES_SIGNATURE = "serving_default", "serving_images"
-BYTES_INPUT, IMAGES_INPUT = "image_bytes", "images"
-OUTPUTS = ("probabilities", "class_index", "class_name", "class_names")
-CLASSIFY_SIGNATURE, CLASSIFY_INPUT = "classify", "inputs"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-EXAMPLE_IMAGE_KEY = "image/encoded"
-"""The tf.Example feature the classify signature reads: the same key as the TFRecord shards."""
-WARMUP = Path("assets.extra") / "tf_serving_warmup_requests"
-SERVING, TFLITE, LABELS, CARD = "serving", "tflite", "labels.txt", "model_card.md"
-TFLITE_FILES = {"float32": "model_float32.tflite", "int8": "model_int8.tflite"}
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportOutputs:
-    directory: Path
-    """serving/<model_name>/1/ (SavedModel), tflite/ (models + labels.txt), model_card.md."""
-    report: Path
-    """Parity and sizes, JSON (a DVC metric)."""
-
-    def saved_model(self, model_name: str) -> Path:
-        return saved_model_dir(self.directory, model_name)
-
-
-def saved_model_dir(export_dir: Path, model_name: str) -> Path:
-    """Where an export keeps its SavedModel: TF Serving's layout, as the candidate version."""
-    return export_dir / SERVING / model_name / str(CANDIDATE_VERSION)
-
 
 # --- the SavedModel ------------------------------------------------------------------------
 
@@ -82,7 +69,7 @@ def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: 
     import keras
     import tensorflow as tf
 
-    from components.datasets import decode_and_resize, resize
+    from imgpipe.datasets import decode_and_resize, resize
 
     names = tf.constant(list(labels))
 
@@ -146,107 +133,6 @@ def _set_method_name(path: Path, signature: str, method: str) -> None:
     from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
 
     (Path(path) / "fingerprint.pb").write_bytes(fingerprinting.CreateFingerprintDef(str(path)))
-
-
-class SavedModelClassifier:
-    """An exported SavedModel called through its signatures, as a server would."""
-
-    def __init__(self, saved_model: Path) -> None:
-        import tensorflow as tf
-
-        self.path = Path(saved_model)
-        if not (self.path / "saved_model.pb").is_file():
-            raise FileNotFoundError(f"no SavedModel in {self.path}")
-        self.loaded = tf.saved_model.load(str(self.path))
-        missing = {BYTES_SIGNATURE, IMAGES_SIGNATURE} - set(self.loaded.signatures)
-        if missing:
-            raise ValueError(f"{self.path}: missing signature(s) {sorted(missing)}")
-
-    def predict_bytes(self, encoded: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
-        """Probabilities for encoded images through ``serving_default``."""
-        import tensorflow as tf
-
-        signature = self.loaded.signatures[BYTES_SIGNATURE]
-        chunks = [
-            signature(**{BYTES_INPUT: tf.constant(list(encoded[i : i + batch_size]))})
-            for i in range(0, len(encoded), batch_size)
-        ]
-        return np.concatenate([c["probabilities"].numpy() for c in chunks])
-
-    def class_names(self, encoded: bytes) -> list[str] | None:
-        """The label of each probability column (None for models exported before the
-        ``class_names`` output existed)."""
-        import tensorflow as tf
-
-        outputs = self.loaded.signatures[BYTES_SIGNATURE](**{BYTES_INPUT: tf.constant([encoded])})
-        if "class_names" not in outputs:
-            return None
-        return [name.decode() for name in outputs["class_names"].numpy()[0]]
-
-    def predict_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """All outputs for a uint8 batch through ``serving_images``."""
-        import tensorflow as tf
-
-        outputs = self.loaded.signatures[IMAGES_SIGNATURE](
-            **{IMAGES_INPUT: tf.constant(images, tf.uint8)}
-        )
-        return {k: v.numpy() for k, v in outputs.items()}
-
-
-def write_warmup(saved_model: Path, model_name: str, encoded: Iterable[bytes]) -> int:
-    """One PredictRequest per image on the bytes signature, as TF Serving's warmup file."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-
-    path = saved_model / WARMUP
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for image in encoded:
-            request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=BYTES_SIGNATURE)
-            )
-            request.inputs[BYTES_INPUT].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
-            log_record = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request)
-            )
-            writer.write(log_record.SerializeToString())
-            count += 1
-    return count
-
-
-def read_warmup(saved_model: Path) -> list[Any]:
-    """The warmup file's records as ``PredictionLog`` protos."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import prediction_log_pb2
-
-    path = saved_model / WARMUP
-    if not path.is_file():
-        raise FileNotFoundError(f"no TF Serving warmup file at {path}")
-    records = []
-    for raw in tf.data.TFRecordDataset(str(path)):
-        record = prediction_log_pb2.PredictionLog()
-        record.ParseFromString(raw.numpy())
-        records.append(record)
-    return records
-
-
-def run_warmup(served: SavedModelClassifier) -> int:
-    """Send every warmup request to the SavedModel as TF Serving would; fail on any error."""
-    import tensorflow as tf
-
-    loaded = served.loaded
-    records = read_warmup(served.path)
-    for index, record in enumerate(records):
-        request = record.predict_log.request
-        name = request.model_spec.signature_name or BYTES_SIGNATURE
-        if name not in loaded.signatures:
-            raise ValueError(f"warmup request {index} names unknown signature {name!r}")
-        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
-        outputs = loaded.signatures[name](**inputs)
-        if set(outputs) != set(OUTPUTS):
-            raise ValueError(f"warmup request {index}: outputs {sorted(outputs)}")
-    return len(records)
 
 
 # --- TFLite ----------------------------------------------------------------------------------
@@ -326,7 +212,7 @@ def _decoded(encoded: Sequence[bytes], image_size: int) -> Iterator[np.ndarray]:
     """Each image's pixels, decoded and resized as in training."""
     import tensorflow as tf
 
-    from components.datasets import decode_and_resize
+    from imgpipe.datasets import decode_and_resize
 
     images = tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded)))
     for image in images.map(lambda b: decode_and_resize(b, image_size)):
@@ -475,44 +361,48 @@ def model_card(
 
 
 def run(
-    finetune_dir: Path,
-    ingest_dir: Path,
-    evaluation: Path,
-    outputs: ExportOutputs,
-    model_params: ModelParams,
-    serving: ServingParams,
-    params: ExportParams,
     *,
+    tuned: Path,
+    dataset: Path,
+    evaluation: Path,
+    out: Path,
+    summary: Path,
+    export: ExportParams,
+    model: ModelParams,
+    serving: ServingParams,
     progress: bool = True,
 ) -> dict[str, Any]:
+    """Export the ``tuned`` model into ``out``: serving/<model_name>/1/ (SavedModel), tflite/
+    (models + labels.txt) and model_card.md (with the test metrics of ``evaluation``). Returns
+    the parity and sizes report also written to ``summary``."""
     import keras
 
-    from components.datasets import image_dataset
-    from components.train import MODEL
+    from imgpipe.datasets import image_dataset
 
+    params, model_params = export, model
     size = backbones.image_size(model_params)
-    labels = read_labels(ingest_dir / "labels.txt")
-    shards = ingest_dir / "shards"
-    model = keras.models.load_model(finetune_dir / MODEL, compile=False)
+    labels = read_labels(dataset / LABELS)
+    shards = dataset / SHARDS
+    network = keras.models.load_model(tuned, compile=False)
     started = time.perf_counter()
-    with atomic_path(outputs.directory) as out:
-        saved_model = saved_model_dir(out, serving.model_name)
+    with atomic_path(out) as staged:
+        saved_model = saved_model_dir(staged, serving.model_name)
         saved_model.parent.mkdir(parents=True)
-        write_saved_model(model, labels, size, saved_model)
+        write_saved_model(network, labels, size, saved_model)
         warmup = read_split(shards, "val", params.warmup_images).encoded
         warmups = write_warmup(saved_model, serving.model_name, warmup)
         served = SavedModelClassifier(saved_model)
         run_warmup(served)
 
-        (out / TFLITE).mkdir()
-        shutil.copyfile(ingest_dir / "labels.txt", out / TFLITE / LABELS)
+        (staged / TFLITE).mkdir()
+        shutil.copyfile(dataset / LABELS, staged / TFLITE / LABELS)
         representative = (
             image.numpy()[0]
             for image, _ in image_dataset(
                 split_files(shards, "train"), size, 1, shuffle_seed=0
             ).take(params.representative_images)
         )
-        tflite = write_tflite(model, size, out / TFLITE, representative, params.int8)
+        tflite = write_tflite(network, size, staged / TFLITE, representative, params.int8)
         export_seconds = time.perf_counter() - started
 
         report = {
@@ -527,7 +417,7 @@ def run(
             "parity": parity(served, tflite, read_split(shards), labels, size, progress),
         }
         evaluation_metrics = json.loads(Path(evaluation).read_text())
-        (out / CARD).write_text(
+        (staged / CARD).write_text(
             model_card(
                 serving.model_name,
                 model_params,
@@ -540,17 +430,14 @@ def run(
             encoding="utf-8",
         )
     report = rounded(report, 6)
-    write_json_atomic(outputs.report, report)
+    write_json_atomic(summary, report)
     return report
 
 
-def log_to_mlflow(outputs: ExportOutputs, params: ExportParams) -> None:
+def log_to_mlflow(out: Path, summary: Path) -> None:
     import mlflow
 
-    from components.tracking import log_params
-
-    log_params("export", params)
-    report = json.loads(outputs.report.read_text())
+    report = json.loads(summary.read_text())
     mlflow.log_metrics(
         {
             **{f"export.size_mb.{k}": v for k, v in report["sizes_mb"].items()},
@@ -562,5 +449,19 @@ def log_to_mlflow(outputs: ExportOutputs, params: ExportParams) -> None:
             },
         }
     )
-    mlflow.log_artifact(str(outputs.report), "export")
-    mlflow.log_artifact(str(outputs.directory / CARD), "export")
+    mlflow.log_artifact(str(summary), "export")
+    mlflow.log_artifact(str(out / CARD), "export")
+
+
+def describe(summary: dict[str, Any]) -> str:
+    sizes, parity = summary["sizes_mb"], summary["parity"]
+    lines = [f"SavedModel {sizes['saved_model']:.1f} MB ({summary['model_name']})"]
+    for kind in TFLITE_FILES:
+        if f"tflite_{kind}" in parity:
+            p = parity[f"tflite_{kind}"]
+            lines.append(
+                f"TFLite {kind} {sizes[f'tflite_{kind}']:.1f} MB, top-1 agreement "
+                f"{p['top1_agreement']:.4f}, accuracy {p['accuracy']:.4f} "
+                f"(SavedModel {parity['saved_model']['accuracy']:.4f}) on {parity['images']} images"
+            )
+    return "; ".join(lines)

@@ -22,29 +22,25 @@ from typing import Any
 import keras
 import numpy as np
 
-from components import backbones
-from components.config import FinetuneParams, ModelParams
-from components.datasets import image_dataset
-from components.fileio import atomic_path, sha256_file, write_json_atomic
-from components.tfrecords import count_records, split_files
-from components.train import MODEL
-from components.training import EpochLogger, base_of, plot_curves, read_history, write_history
+from imgpipe import backbones
+from imgpipe.datasets import image_dataset
+from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
+from imgpipe.manifest import SHARDS
+from imgpipe.params import FinetuneParams, ModelParams
+from imgpipe.tfrecords import count_records, split_files
+from imgpipe.training import (
+    CURVES,
+    MODEL,
+    EpochLogger,
+    base_of,
+    plot_curves,
+    read_history,
+    write_history,
+)
 
 log = logging.getLogger(__name__)
 
-CURVES = "curves.png"
 STATE = "state.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneOutputs:
-    directory: Path
-    """Receives model.keras (the best epoch) and curves.png (both phases)."""
-    metrics: Path
-    history: Path
-    checkpoints: Path
-    """epoch-NNN.keras (the last and the best epoch) and state.json; kept across runs (DVC
-    ``persist``) for resuming."""
 
 
 def unfreeze_top(model: keras.Model, backbone: str, layers: int) -> int:
@@ -167,22 +163,29 @@ def prepare(
 
 
 def run(
-    train_dir: Path,
-    augment_shards: Path,
-    ingest_dir: Path,
-    frozen_history: Path,
-    outputs: FinetuneOutputs,
-    model_params: ModelParams,
-    params: FinetuneParams,
     *,
+    trained: Path,
+    augmented: Path,
+    dataset: Path,
+    frozen_history: Path,
+    out: Path,
+    summary: Path,
+    history: Path,
+    checkpoints: Path,
+    model: ModelParams,
+    finetune: FinetuneParams,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune the frozen-phase model; resume from checkpoints when they match."""
+    """Fine-tune the ``trained`` frozen-phase model on the ``augmented`` shards, validated on
+    ``dataset``'s val split. ``out`` receives model.keras (the best epoch) and curves.png (both
+    phases); ``checkpoints`` holds epoch-NNN.keras and state.json, kept across runs (DVC
+    ``persist``): a rerun with the same inputs and params resumes from them."""
+    model_params, params = model, finetune
     size = backbones.image_size(model_params)
-    train_files = split_files(augment_shards, "train")
-    val_files = split_files(ingest_dir / "shards", "val")
-    key = fingerprint(train_dir / MODEL, train_files, model_params, params)
-    state = _load_state(outputs.checkpoints, key)
+    train_files = split_files(augmented, "train")
+    val_files = split_files(dataset / SHARDS, "val")
+    key = fingerprint(trained, train_files, model_params, params)
+    state = _load_state(checkpoints, key)
     frozen_rows = read_history(frozen_history)
     offset = int(max((r["step"] for r in frozen_rows), default=-1)) + 1
 
@@ -191,25 +194,23 @@ def run(
     steps = math.ceil(n_train / params.batch_size)
     if state:
         initial_epoch = int(state["epoch"]) + 1
-        log.info(
-            "finetune: resuming after epoch %d from %s", initial_epoch - 1, outputs.checkpoints
-        )
-        model = keras.models.load_model(outputs.checkpoints / state["checkpoint"])
+        log.info("finetune: resuming after epoch %d from %s", initial_epoch - 1, checkpoints)
+        network = keras.models.load_model(checkpoints / state["checkpoint"])
         trainable = sum(
             int(layer.trainable and bool(layer.weights))
-            for layer in backbones.inner_base(base_of(model)).layers
+            for layer in backbones.inner_base(base_of(network)).layers
         )
     else:
         initial_epoch = 0
-        model, trainable = prepare(train_dir / MODEL, model_params, params, steps)
+        network, trainable = prepare(trained, model_params, params, steps)
 
     checkpoint = ResumableCheckpoint(
-        outputs.checkpoints, key, params.monitor, params.early_stopping_patience, state
+        checkpoints, key, params.monitor, params.early_stopping_patience, state
     )
     logger = EpochLogger("finetune", offset, params.epochs, checkpoint.rows, progress, steps)
     started = time.perf_counter()
     if initial_epoch < params.epochs and not state.get("stopped_early"):
-        model.fit(
+        network.fit(
             image_dataset(
                 train_files, size, params.batch_size, shuffle_seed=params.seed, count=n_train
             ),
@@ -224,18 +225,18 @@ def run(
     rows = checkpoint.rows
 
     # The served model needs no optimizer state: load without it, compile for evaluation only.
-    best = keras.models.load_model(outputs.checkpoints / checkpoint.best_file, compile=False)
+    best = keras.models.load_model(checkpoints / checkpoint.best_file, compile=False)
     best.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     val_loss, val_accuracy = best.evaluate(image_dataset(val_files, size, 64), verbose=0)
-    with atomic_path(outputs.directory) as out:
-        out.mkdir()
-        best.save(out / MODEL)
+    with atomic_path(out) as staged:
+        staged.mkdir()
+        best.save(staged / MODEL)
         plot_curves(
             [*frozen_rows, *rows],
-            out / CURVES,
+            staged / CURVES,
             f"{model_params.backbone} {size}px: frozen phase, then fine-tuning",
         )
-    write_history(outputs.history, rows)
+    write_history(history, rows)
     epochs_run = len(rows) - sum(1 for r in rows if r["epoch"] < initial_epoch)
     metrics = {
         "finetune": {
@@ -252,7 +253,7 @@ def run(
             else None,
         }
     }
-    write_json_atomic(outputs.metrics, metrics)
+    write_json_atomic(summary, metrics)
     return metrics
 
 
@@ -265,30 +266,38 @@ def best_epoch(rows: list[dict[str, Any]], monitor: str) -> int:
 
 
 def log_to_mlflow(
-    outputs: FinetuneOutputs, model_params: ModelParams, params: FinetuneParams, example: np.ndarray
+    out: Path, summary: Path, history: Path, dataset: Path, model: ModelParams
 ) -> None:
-    """Params, final metrics, the curves of both phases and the model with its signature."""
+    """Final metrics, the curves of both phases and the model with its signature (inferred
+    from two validation images)."""
     import mlflow
     from mlflow.models import infer_signature
 
-    from components.tracking import log_params
-
-    log_params("finetune", params)
-    mlflow.set_tag("backbone", model_params.backbone)
-    metrics = json.loads(outputs.metrics.read_text())["finetune"]
+    metrics = json.loads(summary.read_text())["finetune"]
+    mlflow.set_tag("backbone", model.backbone)
     mlflow.log_metrics(
         {f"finetune.{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
     )
-    mlflow.log_artifact(str(outputs.directory / CURVES), "finetune")
-    mlflow.log_artifact(str(outputs.history), "finetune")
-    model = keras.models.load_model(outputs.directory / MODEL)
-    signature = infer_signature(example, model.predict(example, verbose=0))
+    mlflow.log_artifact(str(out / CURVES), "finetune")
+    mlflow.log_artifact(str(history), "finetune")
+    val = split_files(dataset / SHARDS, "val")
+    example = next(iter(image_dataset(val, backbones.image_size(model), 2)))[0].numpy()
+    network = keras.models.load_model(out / MODEL)
+    signature = infer_signature(example, network.predict(example, verbose=0))
     mlflow.tensorflow.log_model(
-        model,
+        network,
         name="model",
         signature=signature,
         input_example=example,
         pip_requirements=[f"tensorflow=={_version('tensorflow')}", f"keras=={keras.__version__}"],
+    )
+
+
+def describe(summary: dict[str, Any]) -> str:
+    result = summary["finetune"]
+    return (
+        f"val accuracy {result['val_accuracy']:.4f} after {result['epochs']} epochs "
+        f"({result['trainable_base_layers']} base layers trained); model: {MODEL}"
     )
 
 

@@ -3,8 +3,9 @@
 Sources are read, never written. Every file ends up either in the manifest (one split each) or
 in the quarantine report with a reason; nothing is dropped silently.
 
->>> run(Path("data"), IngestOutputs(Path("outputs/ingest"), Path("metrics/ingest.json")),
-...     DataParams(metadata_csv="data/metadata.csv"), IngestParams())
+>>> params = load_params("params.yaml")
+>>> run(source=Path("data"), out=Path("outputs/ingest"), summary=Path("metrics/ingest.json"),
+...     data=section(DataParams, "data", params), ingest=section(IngestParams, "ingest", params))
 """
 
 from __future__ import annotations
@@ -25,42 +26,21 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from components.config import DataParams, IngestParams, ParamsError
-from components.fileio import atomic_path, sha256_bytes, write_json_atomic
-from components.images import ImageRejected, check_image
-from components.labels import label_map, write_labels
-from components.tfrecords import SPLITS, ShardRecord, write_split
+from imgpipe.fileio import atomic_path, sha256_bytes, write_json_atomic
+from imgpipe.images import ImageRejected, check_image
+from imgpipe.labels import label_map, write_labels
+from imgpipe.manifest import (
+    LABELS,
+    MANIFEST,
+    MANIFEST_COLUMNS,
+    QUARANTINE,
+    QUARANTINE_COLUMNS,
+    SHARDS,
+)
+from imgpipe.params import DataParams, IngestParams, ParamsError
+from imgpipe.tfrecords import SPLITS, ShardRecord, write_split
 
 log = logging.getLogger(__name__)
-
-MANIFEST_COLUMNS = (
-    "filepath",
-    "label",
-    "label_index",
-    "split",
-    "sha256",
-    "width",
-    "height",
-    "mode",
-    "format",
-    "bytes",
-    "exif_transposed",
-)
-QUARANTINE_COLUMNS = ("filepath", "label", "reason", "detail")
-MANIFEST, QUARANTINE, LABELS, SHARDS = (
-    "manifest.csv",
-    "quarantine_report.csv",
-    "labels.txt",
-    "shards",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class IngestOutputs:
-    directory: Path
-    """Receives manifest.csv, quarantine_report.csv, labels.txt and shards/."""
-    summary: Path
-    """Counts per split and class (a small JSON that DVC tracks as metrics)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,14 +383,17 @@ def _shard_record(row: dict[str, Any]) -> ShardRecord:
 
 
 def run(
-    source: Path,
-    outputs: IngestOutputs,
-    data: DataParams,
-    params: IngestParams,
     *,
+    source: Path,
+    out: Path,
+    summary: Path,
+    data: DataParams,
+    ingest: IngestParams,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Ingest ``source`` (folder of class folders or CSV manifest); return the summary."""
+    """Ingest ``source`` (folder of class folders or CSV manifest) into ``out`` (manifest.csv,
+    quarantine_report.csv, labels.txt, shards/); return the counts also written to ``summary``."""
+    params = ingest
     source = Path(source)
     if source.is_file():
         candidates, rejections, columns = discover_csv(source)
@@ -465,39 +448,43 @@ def run(
 
     import tensorflow  # noqa: F401  (loaded here so the shard progress bar measures writing only)
 
-    with atomic_path(outputs.directory) as out:
-        (out / SHARDS).mkdir(parents=True)
-        _write_csv(out / MANIFEST, [*MANIFEST_COLUMNS, *columns], rows)
-        _write_csv(out / QUARANTINE, QUARANTINE_COLUMNS, map(dataclasses.asdict, rejections))
-        write_labels(out / LABELS, index)
+    with atomic_path(out) as staged:
+        (staged / SHARDS).mkdir(parents=True)
+        _write_csv(staged / MANIFEST, [*MANIFEST_COLUMNS, *columns], rows)
+        _write_csv(staged / QUARANTINE, QUARANTINE_COLUMNS, map(dataclasses.asdict, rejections))
+        write_labels(staged / LABELS, index)
         with tqdm(
             total=len(rows), desc="ingest: write shards", unit="img", disable=not progress
         ) as bar:
             for split in SPLITS:
                 records = [_shard_record(r) for r in rows if r["split"] == split]
                 if records:
-                    write_split(out / SHARDS, split, records, params.images_per_shard, bar)
-    summary = summarise(rows, rejections)
-    write_json_atomic(outputs.summary, summary)
-    return summary
+                    write_split(staged / SHARDS, split, records, params.images_per_shard, bar)
+    counts = summarise(rows, rejections)
+    write_json_atomic(summary, counts)
+    return counts
 
 
-def log_to_mlflow(outputs: IngestOutputs, data: DataParams, params: IngestParams) -> None:
-    """Log params, counts per split and class, and the reports to the active MLflow run."""
+def log_to_mlflow(out: Path, summary: Path) -> None:
+    """Counts per split and class, and the reports, to the active MLflow run."""
     import json
 
     import mlflow
 
-    from components.tracking import log_params
-
-    log_params("data", data)
-    log_params("ingest", params)
-    summary = json.loads(outputs.summary.read_text())
-    metrics = {"ingest.images": summary["images"], "ingest.quarantined": summary["quarantined"]}
-    for split, counts in summary["splits"].items():
+    totals = json.loads(summary.read_text())
+    metrics = {"ingest.images": totals["images"], "ingest.quarantined": totals["quarantined"]}
+    for split, counts in totals["splits"].items():
         metrics[f"ingest.{split}.images"] = counts["total"]
         metrics.update({f"ingest.{split}.{label}": n for label, n in counts["classes"].items()})
     mlflow.log_metrics(metrics)
     for name in (MANIFEST, QUARANTINE, LABELS):
-        mlflow.log_artifact(str(outputs.directory / name), "ingest")
-    mlflow.log_artifact(str(outputs.summary), "ingest")
+        mlflow.log_artifact(str(out / name), "ingest")
+    mlflow.log_artifact(str(summary), "ingest")
+
+
+def describe(summary: dict[str, Any]) -> str:
+    splits = ", ".join(f"{s} {c['total']}" for s, c in summary["splits"].items())
+    return (
+        f"{summary['images']} images ({splits}); {summary['quarantined']} quarantined "
+        f"(see {QUARANTINE})"
+    )

@@ -8,7 +8,6 @@ base runs in inference mode either way, so each image's features are a constant.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -21,13 +20,16 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from components import backbones
-from components.config import ModelParams, TrainParams
-from components.datasets import image_dataset
-from components.fileio import atomic_path, sha256_file, write_json_atomic
-from components.labels import read_labels
-from components.tfrecords import count_records, split_files
-from components.training import (
+from imgpipe import backbones
+from imgpipe.datasets import image_dataset
+from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
+from imgpipe.labels import read_labels
+from imgpipe.manifest import LABELS, SHARDS
+from imgpipe.params import ModelParams, TrainParams
+from imgpipe.tfrecords import count_records, split_files
+from imgpipe.training import (
+    CURVES,
+    MODEL,
     EpochLogger,
     assemble,
     build_head,
@@ -38,20 +40,7 @@ from components.training import (
 
 log = logging.getLogger(__name__)
 
-MODEL, CURVES = "model.keras", "curves.png"
 EXTRACT_BATCH = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainOutputs:
-    directory: Path
-    """Receives model.keras (base + head), head.best.weights.h5 (the best epoch's head, saved
-    by ModelCheckpoint) and curves.png."""
-    metrics: Path
-    history: Path
-    """Per-epoch CSV that DVC plots."""
-    feature_cache: Path
-    """Folder of cached features, keyed by content; kept across runs, never a stage output."""
 
 
 def feature_key(files: Sequence[str], model: ModelParams, size: int) -> str:
@@ -162,25 +151,34 @@ def standard_callbacks(params: TrainParams, checkpoint: Path) -> list[Any]:
 
 
 def run(
-    augment_shards: Path,
-    ingest_dir: Path,
-    outputs: TrainOutputs,
-    model_params: ModelParams,
-    params: TrainParams,
     *,
+    augmented: Path,
+    dataset: Path,
+    out: Path,
+    summary: Path,
+    history: Path,
+    feature_cache: Path,
+    model: ModelParams,
+    train: TrainParams,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Frozen-base training; returns the metrics written to ``outputs.metrics``."""
-    labels = read_labels(ingest_dir / "labels.txt")
+    """Frozen-base training on the ``augmented`` shards, validated on ``dataset``'s val split.
+
+    ``out`` receives model.keras (base + head), head.best.weights.h5 (the best epoch's head,
+    saved by ModelCheckpoint) and curves.png; ``history`` the per-epoch CSV that DVC plots;
+    ``feature_cache`` keeps base features keyed by content across runs (never a stage output).
+    Returns the metrics also written to ``summary``."""
+    model_params, params = model, train
+    labels = read_labels(dataset / LABELS)
     size = backbones.image_size(model_params)
     base = backbones.create(model_params)
     base.trainable = False
 
     started = time.perf_counter()
-    train_files = split_files(augment_shards, "train")
-    val_files = split_files(ingest_dir / "shards", "val")
+    train_files = split_files(augmented, "train")
+    val_files = split_files(dataset / SHARDS, "val")
     x, y = cached_features(
-        outputs.feature_cache,
+        feature_cache,
         train_files,
         base,
         model_params,
@@ -189,7 +187,7 @@ def run(
         progress,
     )
     vx, vy = cached_features(
-        outputs.feature_cache,
+        feature_cache,
         val_files,
         base,
         model_params,
@@ -203,20 +201,19 @@ def run(
     head = build_head(x.shape[1], len(labels), params.dropout, params.hidden_units, params.seed)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    outputs.directory.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(outputs.directory) as out:
-        out.mkdir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as staged:
+        staged.mkdir()
         callbacks = [
-            *standard_callbacks(params, out / "head.best.weights.h5"),
+            *standard_callbacks(params, staged / "head.best.weights.h5"),
             EpochLogger("frozen", 0, params.epochs, rows, progress),
         ]
         fit(head, x, y, (vx, vy), params, len(labels), callbacks)
         head_seconds = time.perf_counter() - started
         val_loss, val_accuracy = head.evaluate(vx, vy, batch_size=256, verbose=0)
-        model = assemble(base, head)
-        model.save(out / MODEL)
-        plot_curves(rows, out / CURVES, f"frozen {model_params.backbone} base, {size}px")
-    write_history(outputs.history, rows)
+        assemble(base, head).save(staged / MODEL)
+        plot_curves(rows, staged / CURVES, f"frozen {model_params.backbone} base, {size}px")
+    write_history(history, rows)
     best = int(np.argmin([r["val_loss"] for r in rows]))
     metrics = {
         "frozen": {
@@ -230,19 +227,23 @@ def run(
             "head_seconds": round(head_seconds, 2),
         }
     }
-    write_json_atomic(outputs.metrics, metrics)
+    write_json_atomic(summary, metrics)
     return metrics
 
 
-def log_to_mlflow(outputs: TrainOutputs, model_params: ModelParams, params: TrainParams) -> None:
+def log_to_mlflow(out: Path, summary: Path, history: Path, model: ModelParams) -> None:
     import mlflow
 
-    from components.tracking import log_params
-
-    log_params("model", model_params)
-    log_params("train", params)
-    metrics = json.loads(outputs.metrics.read_text())["frozen"]
+    metrics = json.loads(summary.read_text())["frozen"]
     mlflow.log_metrics({f"frozen.{k}": v for k, v in metrics.items()})
-    mlflow.set_tag("backbone", model_params.backbone)
-    mlflow.log_artifact(str(outputs.directory / CURVES), "train")
-    mlflow.log_artifact(str(outputs.history), "train")
+    mlflow.set_tag("backbone", model.backbone)
+    mlflow.log_artifact(str(out / CURVES), "train")
+    mlflow.log_artifact(str(history), "train")
+
+
+def describe(summary: dict[str, Any]) -> str:
+    frozen = summary["frozen"]
+    return (
+        f"frozen base, head val accuracy {frozen['val_accuracy']:.4f} after "
+        f"{frozen['epochs']} epochs; model: {MODEL}"
+    )

@@ -8,7 +8,6 @@ are reported and logged but let the pipeline go on. Data Docs HTML is written ei
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Any
 
 import pandas as pd
 
-from components.config import ValidateParams
-from components.fileio import atomic_path, write_json_atomic
-from components.ingest import MANIFEST_COLUMNS
-from components.tfrecords import SPLITS
+from imgpipe.fileio import atomic_path, write_json_atomic
+from imgpipe.manifest import MANIFEST_COLUMNS
+from imgpipe.params import ValidateParams
+from imgpipe.tfrecords import SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +32,6 @@ class DataValidationError(RuntimeError):
 
 
 DATA_DOCS, RESULTS = "data_docs", "validation_results.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class ValidateOutputs:
-    directory: Path
-    """Receives data_docs/ (the Data Docs site) and validation_results.json (every outcome)."""
-    summary: Path
-    """Pass/fail counts (a small JSON that DVC tracks as metrics)."""
 
 
 def class_table(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -174,8 +165,10 @@ def _describe(outcome: dict[str, Any]) -> str:
     return f"{where}: {count} offending row(s): {shown or '(table level)'}"
 
 
-def run(manifest_csv: Path, outputs: ValidateOutputs, params: ValidateParams) -> dict[str, Any]:
-    """Validate the manifest; write Data Docs and the summary; raise on critical failures."""
+def run(*, manifest: Path, out: Path, summary: Path, validate: ValidateParams) -> dict[str, Any]:
+    """Validate the manifest; write Data Docs and every outcome to ``out``, the counts to
+    ``summary``; raise ``DataValidationError`` on error-level failures."""
+    params, manifest_csv = validate, manifest
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
@@ -191,8 +184,8 @@ def run(manifest_csv: Path, outputs: ValidateOutputs, params: ValidateParams) ->
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     outcomes: list[dict[str, Any]] = []
-    with atomic_path(outputs.directory) as out:
-        docs = out / DATA_DOCS
+    with atomic_path(out) as staged:
+        docs = staged / DATA_DOCS
         context.add_data_docs_site(
             "imgpipe",
             {
@@ -229,48 +222,56 @@ def run(manifest_csv: Path, outputs: ValidateOutputs, params: ValidateParams) ->
             result = checkpoint.run(batch_parameters={"dataframe": frame})
             for run_result in result.run_results.values():
                 outcomes += [_outcome(name, r) for r in run_result.results]
-        write_json_atomic(out / RESULTS, outcomes)
+        write_json_atomic(staged / RESULTS, outcomes)
 
     errors = [o for o in outcomes if not o["success"] and o["severity"] == "critical"]
     warnings = [o for o in outcomes if not o["success"] and o["severity"] != "critical"]
-    summary = {
+    counts = {
         "success": not errors,
         "expectations": len(outcomes),
         "failed_errors": len(errors),
         "failed_warnings": len(warnings),
     }
-    write_json_atomic(outputs.summary, summary)
+    write_json_atomic(summary, counts)
     for outcome in warnings:
         log.warning("data validation warning: %s", _describe(outcome))
     if errors:
         raise DataValidationError(
             f"{len(errors)} error-level expectation(s) failed on {manifest_csv} "
-            f"(Data Docs: {outputs.directory / DATA_DOCS / 'index.html'}):\n"
+            f"(Data Docs: {out / DATA_DOCS / 'index.html'}):\n"
             + "\n".join(f"  - {_describe(o)}" for o in errors)
         )
-    return summary
+    return counts
 
 
-def log_to_mlflow(outputs: ValidateOutputs, params: ValidateParams) -> None:
-    """Log params, pass/fail counts, the Data Docs and every outcome to the active MLflow run."""
+def log_to_mlflow(out: Path, summary: Path) -> None:
+    """Pass/fail counts, the Data Docs and every outcome, to the active MLflow run; also after a
+    failed validation (``log_failure``), when the Data Docs say what failed."""
     import json
 
     import mlflow
 
-    from components.tracking import log_params
-
-    log_params("validate", params)
-    if outputs.summary.is_file():
-        summary = json.loads(outputs.summary.read_text())
+    if summary.is_file():
+        counts = json.loads(summary.read_text())
         mlflow.log_metrics(
             {
-                "validate.success": float(summary["success"]),
-                "validate.failed_errors": summary["failed_errors"],
-                "validate.failed_warnings": summary["failed_warnings"],
+                "validate.success": float(counts["success"]),
+                "validate.failed_errors": counts["failed_errors"],
+                "validate.failed_warnings": counts["failed_warnings"],
             }
         )
-        mlflow.log_artifact(str(outputs.summary), "validate")
-    if (outputs.directory / RESULTS).is_file():
-        mlflow.log_artifact(str(outputs.directory / RESULTS), "validate")
-    if (outputs.directory / DATA_DOCS).is_dir():
-        mlflow.log_artifacts(str(outputs.directory / DATA_DOCS), "validate/data_docs")
+        mlflow.log_artifact(str(summary), "validate")
+    if (out / RESULTS).is_file():
+        mlflow.log_artifact(str(out / RESULTS), "validate")
+    if (out / DATA_DOCS).is_dir():
+        mlflow.log_artifacts(str(out / DATA_DOCS), "validate/data_docs")
+
+
+log_failure = log_to_mlflow
+
+
+def describe(summary: dict[str, Any]) -> str:
+    return (
+        f"{summary['expectations']} expectations, {summary['failed_warnings']} warning(s); "
+        f"Data Docs: {DATA_DOCS}/index.html"
+    )

@@ -32,7 +32,7 @@ def run_stage(
 ) -> None:
     """``imgpipe <stage> --params <sections as params.yaml> ARGV`` in this process, logging into
     the MLflow run ``run_id`` of ``tracking_uri``, or into a new run there when it is empty."""
-    from imgpipe.cli import main
+    from pipelines.cli import main
 
     if tracking_uri:  # else the pod's MLFLOW_TRACKING_URI, or the local mlflow.db
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -55,7 +55,7 @@ def stage_log(folder: str) -> str:
     cache would never hit): it logs into this store instead, and ``import_stage_logs`` copies
     the store into the execution's run, whether the step ran or came from the cache.
     """
-    from components.tracking import SQLITE
+    from imgpipe.tracking import SQLITE
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     return f"{SQLITE}{Path(folder).resolve() / STAGE_LOG_DB}"
@@ -74,7 +74,7 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from components.tracking import RUN_TAGS, SQLITE
+    from imgpipe.tracking import RUN_TAGS, SQLITE
 
     target = MlflowClient(tracking_uri)
     imported = []
@@ -113,7 +113,7 @@ def start_run(tracking_uri: str, experiment: str, name: str) -> str:
     """A new MLflow run for this pipeline execution; every component logs into it."""
     import mlflow
 
-    from components.tracking import dvc_data_hash, ensure_experiment, git_commit
+    from imgpipe.tracking import dvc_data_hash, ensure_experiment, git_commit
 
     mlflow.set_tracking_uri(tracking_uri)
     project = Path.cwd()
@@ -136,7 +136,7 @@ def source_folder(source: str, workdir: Path, data: str) -> tuple[str, dict[str,
     data = json.loads(data)
     if source != "sample":
         return source, data
-    from components import sample_data
+    from imgpipe import sample_data
 
     target = workdir / "data"
     sample_data.run(target)

@@ -242,7 +242,7 @@ def build_tiny_project(
     """ingest -> augment (1 view per image) -> train (frozen base) in-process on class-pattern
     PNGs: a small model that really learns, in about 15 s."""
     from components import augment, ingest, train
-    from components.config import (
+    from imgpipe.params import (
         AugmentParams,
         DataParams,
         IngestParams,
@@ -290,9 +290,10 @@ def export_classifier(
     serving tests, where what matters is the API, not the accuracy."""
     import keras
 
-    from components import backbones, export
-    from components.config import ModelParams
-    from components.training import assemble, build_head
+    from components import export
+    from imgpipe import backbones
+    from imgpipe.params import ModelParams
+    from imgpipe.training import assemble, build_head
 
     keras.utils.set_random_seed(seed)
     base = backbones.create(

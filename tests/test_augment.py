@@ -66,7 +66,7 @@ CLASSES = {"a": 14, "b": 7}  # ingest (15% val, 15% test) leaves 10 and 5 traini
 
 
 def _augment_params(seed: int):
-    from components.config import AugmentParams
+    from imgpipe.params import AugmentParams
 
     return AugmentParams(seed=seed, views_per_image=VIEWS, preview_images=4, images_per_shard=16)
 
@@ -76,7 +76,7 @@ def augmented(tmp_path_factory):
     """Ingest shards of 40x40 class-pattern PNGs, augmented three times: twice with seed 7
     (``a``, ``b``), once with seed 8 (``c``). Yields the paths and the three summaries."""
     from components import augment, ingest
-    from components.config import DataParams, IngestParams
+    from imgpipe.params import DataParams, IngestParams
 
     root = tmp_path_factory.mktemp("augment")
     make_class_folders(root / "data", CLASSES, size=40)
@@ -97,7 +97,7 @@ def augmented(tmp_path_factory):
 
 
 def _records(directory: Path) -> list[dict]:
-    from components.tfrecords import read_records, split_files
+    from imgpipe.tfrecords import read_records, split_files
 
     return read_records(split_files(directory, "train"))
 
@@ -152,7 +152,7 @@ def test_every_training_image_appears_as_itself_plus_planned_views(augmented):
     resized the way training and serving resize (datasets.decode_and_resize, rounded), with no
     drawn parameters in views.csv; its augmented views 1..n-1 all differ from it."""
     from components.augment import load_sources
-    from components.datasets import decode_and_resize
+    from imgpipe.datasets import decode_and_resize
 
     root, _ = augmented
     directory = root / "a" / "augment"

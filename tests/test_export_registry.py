@@ -40,7 +40,7 @@ class Exported:
 
 def _evaluate(project: TinyProject, model_dir: Path, root: Path, champion: Any = None, **gate):
     from components import evaluate
-    from components.config import EvaluateParams, ModelParams
+    from imgpipe.params import EvaluateParams, ModelParams
 
     outputs = evaluate.EvaluateOutputs(
         root / "evaluate", root / "evaluate.json", root / "confusion.csv", root / "calibration.csv"
@@ -54,7 +54,7 @@ def _evaluate(project: TinyProject, model_dir: Path, root: Path, champion: Any =
 
 def _export(project: TinyProject, model_dir: Path, evaluation: Path, root: Path, **export_params):
     from components import export
-    from components.config import ExportParams, ModelParams, ServingParams
+    from imgpipe.params import ExportParams, ModelParams, ServingParams
 
     outputs = export.ExportOutputs(root / "export", root / "export.json")
     params = ExportParams(warmup_images=3, representative_images=48, **export_params)
@@ -73,7 +73,7 @@ def _export(project: TinyProject, model_dir: Path, evaluation: Path, root: Path,
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Exported:
-    from components.labels import read_labels
+    from imgpipe.labels import read_labels
 
     root = tmp_path_factory.mktemp("export")
     project = build_tiny_project(
@@ -92,8 +92,8 @@ def test_bytes_signature_gives_the_keras_probabilities_on_png_and_jpeg(exported)
     import keras
     import tensorflow as tf
 
-    from components.datasets import decode_and_resize
     from components.export import SavedModelClassifier
+    from imgpipe.datasets import decode_and_resize
 
     served = SavedModelClassifier(exported.saved_model)
     model = keras.models.load_model(exported.project.train / "model.keras", compile=False)
@@ -125,8 +125,8 @@ def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported
     the SavedModel on at least 97% of images and the float model on all of them; the report's
     figures are recomputed here independently; labels and model card ship alongside."""
     from components.export import TFLITE, TFLiteClassifier
-    from components.labels import read_labels
-    from components.tfrecords import read_split
+    from imgpipe.labels import read_labels
+    from imgpipe.tfrecords import read_split
 
     parity = exported.report["parity"]
     test = read_split(exported.project.ingest / "shards")
@@ -137,8 +137,8 @@ def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported
     assert json.loads(exported.outputs.report.read_text()) == exported.report
 
     # Recompute the int8 agreement from the files the report describes.
-    from components.datasets import decode_and_resize
     from components.export import SavedModelClassifier
+    from imgpipe.datasets import decode_and_resize
 
     reference = SavedModelClassifier(exported.saved_model).predict_bytes(test.encoded).argmax(1)
     int8 = TFLiteClassifier(exported.outputs.directory / TFLITE / "model_int8.tflite")
@@ -196,7 +196,7 @@ def _variant(source: Path, target: Path, edit: Callable[[np.ndarray, np.ndarray]
     import keras
 
     from components.train import MODEL
-    from components.training import HEAD_NAME
+    from imgpipe.training import HEAD_NAME
 
     model = keras.models.load_model(source / MODEL, compile=False)
     dense = [layer for layer in model.get_layer(HEAD_NAME).layers if layer.weights][-1]
@@ -223,9 +223,9 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from components import registry
-    from components.config import ServingParams
-    from components.tracking import stage_run
+    from imgpipe import registry
+    from imgpipe.params import ServingParams
+    from imgpipe.tracking import stage_run
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

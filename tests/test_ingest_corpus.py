@@ -29,8 +29,8 @@ from conftest import (
 from PIL import Image
 
 from components import ingest
-from components.config import DataParams, IngestParams
 from components.ingest import IngestOutputs
+from imgpipe.params import DataParams, IngestParams
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +123,7 @@ def decode_shards(out: Path) -> dict[str, dict]:
     """filepath -> the parsed record plus ``pixels``, decoded like training does."""
     import tensorflow as tf
 
-    from components.tfrecords import read_records
+    from imgpipe.tfrecords import read_records
 
     records = {}
     for split in ("train", "val", "test"):

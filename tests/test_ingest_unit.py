@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from conftest import jpeg_with_orientation
 
-from components import fileio
-from components.config import DataParams, IngestParams, ParamsError, ValidateParams, section
-from components.images import ImageRejected, check_image
 from components.ingest import remove_duplicates, stratified_split
+from imgpipe import fileio
+from imgpipe.images import ImageRejected, check_image
+from imgpipe.params import DataParams, IngestParams, ParamsError, ValidateParams, section
 
 
 def _ids(prefix: str, n: int) -> list[str]:

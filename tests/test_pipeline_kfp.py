@@ -32,7 +32,7 @@ CACHED = {"ingest", "validate", "augment", "train", "finetune"}
 
 
 def _params() -> dict[str, Any]:
-    from components.config import load_params
+    from imgpipe.params import load_params
 
     return load_params(PROJECT / "params.yaml")
 
@@ -58,7 +58,7 @@ def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tm
     cached (push is not retried either); the parameters mirror params.yaml."""
     from kfp import components
 
-    from pipelines.pipeline import compile_to
+    from pipelines.kubeflow import compile_to
 
     path = compile_to(_params(), tmp_path / "imgpipe.yaml")
     loaded = components.load_component_from_file(str(path))
@@ -110,7 +110,7 @@ def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
     histories, artifacts); the blessed model is registered as champion and pushed."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.pipeline import run_local
+    from pipelines.kubeflow import run_local
 
     monkeypatch.chdir(tmp_path)
     make_class_folders(tmp_path / "data", CLASSES, size=48, seed=1)
@@ -249,7 +249,7 @@ def test_schedule_list_disable_delete_send_the_right_requests(kfp_stub, capsys):
     experiment is looked up then created; the recurring run carries the 6-field cron, the
     compiled pipeline spec with every stage (caching off, the source being a folder) and the
     parameters; list, disable and delete hit their endpoints."""
-    from imgpipe.cli import main
+    from pipelines.cli import main
 
     host, calls = kfp_stub
     assert (
@@ -307,7 +307,7 @@ def test_schedule_list_disable_delete_send_the_right_requests(kfp_stub, capsys):
 
 
 def test_a_five_field_cron_is_refused_before_any_request(kfp_stub, capsys):
-    from imgpipe.cli import main
+    from pipelines.cli import main
 
     host, calls = kfp_stub
     code = main(["pipeline", "schedule", "--host", host, "--cron", "0 2 * * *"])

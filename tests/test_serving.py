@@ -276,7 +276,7 @@ def test_hot_swap_fails_no_request_and_serves_the_new_version(local, tmp_path):
     """Guards the hot swap: while a client loop keeps predicting, version 3 is pushed into the
     base path (one rename, like the push stage); no request fails, and once the swap is seen
     every answer comes from version 3; version 1 is unloaded (policy: latest 2)."""
-    from components.registry import push_to_serving
+    from imgpipe.registry import push_to_serving
     from serving.client import ServingClient, ServingClientError
 
     staged = _export_version(tmp_path / "staging", 3)

@@ -70,8 +70,8 @@ def _assert_reports_best_epoch(metrics: dict, history: Path, monitor: str = "val
 def _weights_by_layer(model) -> dict[str, list[np.ndarray]]:
     """Every layer of the classifier's base, by name, with all its variables (BatchNorm moving
     mean and variance included)."""
-    from components import backbones
-    from components.training import base_of
+    from imgpipe import backbones
+    from imgpipe.training import base_of
 
     inner = backbones.inner_base(base_of(model))
     return {layer.name: [np.asarray(v) for v in layer.weights] for layer in inner.layers}
@@ -85,9 +85,10 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     at least one unfrozen layer changed."""
     import keras
 
-    from components import backbones, finetune
-    from components.config import FinetuneParams, ModelParams
-    from components.training import base_of
+    from components import finetune
+    from imgpipe import backbones
+    from imgpipe.params import FinetuneParams, ModelParams
+    from imgpipe.training import base_of
 
     frozen = json.loads(project.train_metrics.read_text())["frozen"]
     assert frozen["val_accuracy"] >= 0.8, frozen
@@ -161,8 +162,9 @@ def test_head_on_cached_features_equals_frozen_model_on_images():
     import keras
     import tensorflow as tf
 
-    from components import backbones, train, training
-    from components.config import ModelParams, TrainParams
+    from components import train
+    from imgpipe import backbones, training
+    from imgpipe.params import ModelParams, TrainParams
 
     size, per_class = 48, 12
 
@@ -301,8 +303,8 @@ def test_train_is_deterministic_by_seed(project, tmp_path):
     import keras
 
     from components import train
-    from components.config import ModelParams, TrainParams
-    from components.training import HEAD_NAME
+    from imgpipe.params import ModelParams, TrainParams
+    from imgpipe.training import HEAD_NAME
 
     rerun = train.TrainOutputs(
         tmp_path / "train",

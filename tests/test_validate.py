@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 
 from components import validate
-from components.config import ValidateParams
 from components.ingest import MANIFEST_COLUMNS
-from components.tfrecords import SPLITS
+from imgpipe.params import ValidateParams
+from imgpipe.tfrecords import SPLITS
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -338,7 +338,7 @@ def test_cli_validate_failure_exits_1_and_logs_failed_run(
 ):
     """Guards the CLI adapter: a failed expectation exits with status 1 and one clear message
     (no traceback), and the MLflow run is marked failed with the Data Docs still logged."""
-    from imgpipe import cli
+    from pipelines import cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-validate-cli")
@@ -379,8 +379,9 @@ def test_cli_validate_failure_exits_1_and_logs_failed_run(
 def test_validate_passes_the_sample_data(tmp_path):
     """Guards the shipped defaults: the ELPV sample data, ingested with the project's
     params.yaml, passes the suite with those params and nothing is quarantined."""
-    from components import ingest, sample_data
-    from components.config import DataParams, IngestParams, load_params, section
+    from components import ingest
+    from imgpipe import sample_data
+    from imgpipe.params import DataParams, IngestParams, load_params, section
 
     data = tmp_path / "data"
     assert sample_data.run(data, progress=False) == 2624

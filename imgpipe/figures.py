@@ -18,7 +18,7 @@ def pyplot() -> Any:
 
 def save(fig: Any, path: Path, dpi: int = 90) -> None:
     """Write ``fig`` as a PNG in one rename, then free it."""
-    from components.fileio import atomic_path
+    from imgpipe.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")

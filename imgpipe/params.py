@@ -7,43 +7,48 @@ so a typo in ``params.yaml`` never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import pydantic
 import yaml
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 T = TypeVar("T")
 
+# Lists in YAML, tuples in the frozen views; the items are still checked strictly.
+Names = Annotated[tuple[str, ...], pydantic.Field(strict=False)]
+# Dataclasses validated by pydantic, strictly: an unknown key or a "42" for an int is an error.
+_STRICT = pydantic.ConfigDict(extra="forbid", strict=True)
+
 
 class ParamsError(ValueError):
     """A params.yaml section is missing, has an unknown key or a value of the wrong type."""
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class DataParams:
     """Where the raw images are."""
 
-    source: str = "data"
+    source: str
     """A folder of class folders (``<source>/<label>/<image>``) or a CSV manifest
     (``filepath,label[,metadata...]``, paths relative to the CSV's folder)."""
-    metadata_csv: str | None = None
+    metadata_csv: str | None
     """Optional CSV with ``filepath`` plus metadata columns, joined on ``filepath`` (relative
     to the source folder). Used with a folder source."""
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class IngestParams:
-    seed: int = 42
-    val_fraction: float = 0.15
-    test_fraction: float = 0.25
-    stratify_by: tuple[str, ...] = ("label",)
-    max_pixels: int = 50_000_000
+    seed: int
+    val_fraction: float
+    test_fraction: float
+    stratify_by: Names
+    max_pixels: int
     """Images whose header claims more pixels are quarantined as decompression bombs."""
-    images_per_shard: int = 512
+    images_per_shard: int
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -63,84 +68,84 @@ class IngestParams:
             raise ParamsError("ingest.images_per_shard and ingest.max_pixels must be positive")
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ValidateParams:
-    labels: tuple[str, ...] = ()
+    labels: Names
     """The expected label set; empty accepts whatever labels the data has."""
-    min_images_per_class: int = 10
+    min_images_per_class: int
     """Error level: a class with fewer images in any split stops the pipeline."""
-    min_side: int = 32
-    max_side: int = 8192
-    max_imbalance_ratio: float = 20.0
+    min_side: int
+    max_side: int
+    max_imbalance_ratio: float
     """Warning level: largest class count / smallest class count."""
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ModelParams:
     """Shared by augment, train, finetune and export: what the network sees."""
 
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = "imagenet"
+    backbone: str
+    weights: str | None
     """``imagenet``, a local weights file, or null for random initialisation (tests)."""
-    image_size: int | None = None
+    image_size: int | None
     """Square input size in pixels; null takes the backbone's native size."""
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class AugmentParams:
-    seed: int = 7
-    views_per_image: int = 1
+    seed: int
+    views_per_image: int
     """K augmented views per training image, beside the original."""
-    balance_classes: bool = True
+    balance_classes: bool
     """Oversample smaller classes (each copy freshly augmented) up to the largest class."""
-    flip_horizontal: bool = True
-    flip_vertical: bool = True
-    rotate_90: bool = True
+    flip_horizontal: bool
+    flip_vertical: bool
+    rotate_90: bool
     """Random multiples of 90 degrees (label-preserving for square, symmetric subjects)."""
-    rotation_degrees: float = 5.0
-    zoom: float = 0.1
+    rotation_degrees: float
+    zoom: float
     """Largest relative zoom in (crop) or out (pad), e.g. 0.1 = +-10%."""
-    brightness: float = 0.1
+    brightness: float
     """Largest brightness change as a fraction of the range."""
-    contrast: float = 0.1
-    preview_images: int = 8
-    images_per_shard: int = 1024
+    contrast: float
+    preview_images: int
+    images_per_shard: int
 
     def __post_init__(self) -> None:
         if self.views_per_image < 0 or not 0 <= self.zoom < 0.5:
             raise ParamsError("augment.views_per_image must be >= 0 and augment.zoom in [0, 0.5)")
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class TrainParams:
     """Frozen-base phase: the head trains on cached base features."""
 
-    seed: int = 42
-    batch_size: int = 64
-    epochs: int = 40
-    learning_rate: float = 1e-3
-    dropout: float = 0.2
-    hidden_units: int = 0
+    seed: int
+    batch_size: int
+    epochs: int
+    learning_rate: float
+    dropout: float
+    hidden_units: int
     """0: GAP -> Dropout -> Dense; >0 adds Dense(hidden_units, relu) -> Dropout before it."""
-    class_weights: bool = True
-    early_stopping_patience: int = 6
-    reduce_lr_patience: int = 3
-    reduce_lr_factor: float = 0.3
+    class_weights: bool
+    early_stopping_patience: int
+    reduce_lr_patience: int
+    reduce_lr_factor: float
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class FinetuneParams:
-    seed: int = 42
-    batch_size: int = 32
-    epochs: int = 4
-    learning_rate: float = 1e-5
+    seed: int
+    batch_size: int
+    epochs: int
+    learning_rate: float
     """Peak learning rate; cosine decay to ``learning_rate * final_lr_fraction``."""
-    final_lr_fraction: float = 0.1
-    unfreeze_layers: int = 30
+    final_lr_fraction: float
+    unfreeze_layers: int
     """Top N layers of the base become trainable (rounded up to a block boundary);
     BatchNormalization layers stay frozen, in inference mode."""
-    early_stopping_patience: int = 2
-    monitor: str = "val_accuracy"
+    early_stopping_patience: int
+    monitor: str
     """What picks the best epoch and stops early: ``val_accuracy`` (higher is better) or
     ``val_loss``. On ELPV the validation loss rises while accuracy still improves (the training
     set is class-balanced, validation is not), so loss would keep a less accurate epoch."""
@@ -152,20 +157,20 @@ class FinetuneParams:
             )
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class EvaluateParams:
     """Test-split evaluation and the blessing gate (the only reader of the test split)."""
 
-    batch_size: int = 64
-    slice_by: tuple[str, ...] = ()
+    batch_size: int
+    slice_by: Names
     """Manifest metadata columns to slice the metrics by (ELPV: module_type)."""
-    calibration_bins: int = 10
-    misclassified_examples: int = 16
+    calibration_bins: int
+    misclassified_examples: int
     """How many of the most confidently misclassified test images the grid shows."""
-    min_accuracy: float = 0.0
+    min_accuracy: float
     """Blessing, absolute: the candidate's test accuracy must reach this."""
-    min_balanced_accuracy: float = 0.0
-    max_regression: float = 0.01
+    min_balanced_accuracy: float
+    max_regression: float
     """Blessing, relative: accuracy and balanced accuracy may fall at most this far below the
     champion's, both measured here on the same test split."""
 
@@ -180,16 +185,16 @@ class EvaluateParams:
                 raise ParamsError(f"evaluate.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ExportParams:
-    warmup_images: int = 4
+    warmup_images: int
     """Real validation images in the TF Serving warmup file (one request each, bytes signature)."""
-    representative_images: int = 200
+    representative_images: int
     """Training images that calibrate the int8 TFLite model's quantisation ranges."""
-    int8: bool = True
-    data_description: str = ""
+    int8: bool
+    data_description: str
     """For the model card: what the images are and where they come from."""
-    data_licence: str = "unknown"
+    data_licence: str
     """For the model card: the training data's licence (ELPV: CC-BY-NC-SA-4.0)."""
 
     def __post_init__(self) -> None:
@@ -200,13 +205,13 @@ class ExportParams:
             )
 
 
-@dataclasses.dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class ServingParams:
     """Shared by export, push and the serving configs."""
 
-    model_name: str = "imgpipe"
+    model_name: str
     """TF Serving model name and MLflow registered model name."""
-    model_base_path: str = "models"
+    model_base_path: str
     """Push target, TF Serving layout: ``<model_base_path>/<model_name>/<version>/``."""
 
     def __post_init__(self) -> None:
@@ -219,40 +224,36 @@ class ServingParams:
             )
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, where)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ParamsError(f"{where} must be a list, got {value!r}")
-        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and type(value) is tp:
-        return value
-    raise ParamsError(f"{where} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+def _where(name: str, loc: tuple[Any, ...]) -> str:
+    return ".".join([name, *(str(part) for part in loc)])
 
 
 def section(cls: type[T], name: str, params: dict[str, Any]) -> T:
-    """Build the dataclass ``cls`` from ``params[name]``, checking every key and type."""
-    raw = params.get(name) or {}
+    """The typed view ``cls`` of ``params[name]``: every key required, none unknown, each of its
+    declared type (strict: ``"42"`` is no int, ``true`` no number). Errors name the key."""
+    if name not in params:
+        raise ParamsError(
+            f"params section '{name}' is missing (found: {', '.join(params) or 'none'})"
+        )
+    raw = params[name]
     if not isinstance(raw, dict):
         raise ParamsError(f"params section '{name}' must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ParamsError(
-            f"unknown key(s) in params section '{name}': {', '.join(unknown)}; "
-            f"expected some of: {', '.join(fields)}"
-        )
-    hints = typing.get_type_hints(cls)
-    values = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in raw.items()}
-    return cls(**values)
+    try:
+        return cls(**raw)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = _where(name, error["loc"])
+            if error["type"] == "missing":
+                problems.append(f"{where} is missing")
+            elif error["type"] == "unexpected_keyword_argument":
+                expected = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+                problems.append(f"unknown key {where}; expected some of: {expected}")
+            elif not error["loc"]:  # a check across keys (__post_init__) says what it needs
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+            else:
+                problems.append(f"{where}: {error['msg']}, got {error.get('input')!r}")
+        raise ParamsError("; ".join(problems)) from None
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -266,3 +267,23 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ParamsError(f"{path} must hold a mapping of sections")
     return params
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataParams,
+    "ingest": IngestParams,
+    "validate": ValidateParams,
+    "model": ModelParams,
+    "augment": AugmentParams,
+    "train": TrainParams,
+    "finetune": FinetuneParams,
+    "evaluate": EvaluateParams,
+    "export": ExportParams,
+    "serving": ServingParams,
+}
+"""Every params.yaml section and its typed view."""
+
+
+def sections(names: Iterable[str], params: dict[str, Any]) -> dict[str, Any]:
+    """The typed views of the sections ``names`` of ``params`` (see ``section``)."""
+    return {name: section(SECTIONS[name], name, params) for name in names}

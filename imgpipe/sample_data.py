@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from components.fileio import atomic_path
+from imgpipe.fileio import atomic_path
 
 METADATA = "metadata.csv"
 LICENSE = "CC BY-NC-SA 4.0 (images, Deitsch et al., ZAE Bayern); loader code Apache-2.0"

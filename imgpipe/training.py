@@ -15,7 +15,7 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from components.backbones import BASE_NAME
+from imgpipe.backbones import BASE_NAME
 
 HISTORY_COLUMNS = (
     "step",
@@ -29,6 +29,8 @@ HISTORY_COLUMNS = (
     "seconds",
 )
 HEAD_NAME = "head"
+MODEL, CURVES = "model.keras", "curves.png"
+"""What train and finetune write into their output folder (the model, both phases' curves)."""
 
 
 def build_head(
@@ -139,7 +141,7 @@ def log_epoch(row: dict[str, Any]) -> None:
 
 
 def write_history(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    from components.fileio import atomic_path
+    from imgpipe.fileio import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(
@@ -161,7 +163,7 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """Loss and accuracy of every phase on one step axis, a line where each phase starts."""
-    from components import figures
+    from imgpipe import figures
 
     plt = figures.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))

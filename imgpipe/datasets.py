@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from components.tfrecords import feature_spec
+from imgpipe.tfrecords import feature_spec
 
 
 def decode_and_resize(encoded: Any, image_size: int) -> Any:

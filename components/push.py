@@ -1,16 +1,9 @@
-"""register and push: the MLflow model registry and the TF Serving model base path.
-
-Every exported candidate becomes a version of the registered model (named like the served
-model, ``serving.model_name``) carrying the SavedModel, the TFLite files and the model card,
-with the alias ``challenger``. Only a blessed candidate moves the alias ``champion`` and is
-copied to ``<model_base_path>/<model_name>/<N+1>/``, where TF Serving (or the local server)
-picks it up. A candidate that is not blessed is registered, so it can be inspected, but never
-becomes champion and is never pushed.
-"""
+"""push: register the export in the MLflow model registry (alias ``challenger``) and, when
+evaluate blessed it, make it ``champion`` and copy it to the serving base path as the next
+version, the way TF Serving expects to find it."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -19,55 +12,50 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from components.config import ServingParams
-from components.fileio import write_json_atomic
+from imgpipe.fileio import write_json_atomic
+from imgpipe.params import ServingParams
+from imgpipe.registry import (
+    ARTIFACT_PATH,
+    CHALLENGER,
+    CHAMPION,
+    SAVED_MODEL,
+    PushError,
+    champion,
+    client,
+)
+from imgpipe.savedmodel import CARD, TFLITE, SavedModelClassifier, run_warmup, saved_model_dir
 
 log = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-ARTIFACT_PATH = "registered_model"
-"""Run artifact folder a model version points to: saved_model/, tflite/, model_card.md."""
-SAVED_MODEL = "saved_model"
+
+def run(*, exported: Path, blessing: Path, summary: Path, serving: ServingParams) -> dict[str, Any]:
+    """Register ``exported``; promote and push it when ``blessing`` says it is blessed."""
+    return register(
+        exported,
+        saved_model_dir(exported, serving.model_name),
+        read_blessing(blessing),
+        serving,
+        summary,
+    )
 
 
-class PushError(RuntimeError):
-    """The push cannot go ahead safely (the champion moved since the candidate was evaluated)."""
+def log_to_mlflow(summary: Path) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(summary), "push")
 
 
-@dataclasses.dataclass(frozen=True)
-class Champion:
-    name: str
-    version: int
-    run_id: str | None
-
-    def download_saved_model(self, directory: Path) -> Path:
-        """The champion's SavedModel, copied from the registry into ``directory``."""
-        import mlflow
-
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{self.name}/{self.version}/{SAVED_MODEL}",
-            dst_path=str(directory),
+def describe(summary: dict[str, Any]) -> str:
+    name, version = summary["registered_model"], summary["version"]
+    if summary["blessed"]:
+        return (
+            f"{name} v{version} is {CHAMPION} (aliases {', '.join(summary['aliases'])}); "
+            f"serving version {summary['serving_version']} at {summary['pushed_to']}"
         )
-        return Path(local)
-
-
-def _client() -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient()
-
-
-def champion(name: str) -> Champion | None:
-    """The version of ``name`` that holds the ``champion`` alias, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        version = _client().get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-    return Champion(name, int(version.version), version.run_id)
+    return (
+        f"{name} v{version} registered as {CHALLENGER} only: not blessed, not pushed; "
+        f"{CHAMPION} stays v{summary['previous_champion']}"
+    )
 
 
 def serving_versions(base: Path, model_name: str) -> list[int]:
@@ -109,8 +97,6 @@ def register(
     ``champion``. Must run inside an MLflow run (the pipeline's)."""
     import mlflow
 
-    from components import export
-
     name = serving.model_name
     evaluated_against = (blessing.get("champion") or {}).get("version")
     current = champion(name)
@@ -121,26 +107,26 @@ def register(
             "(`dvc repro -f evaluate`) so the gate compares with the current champion"
         )
     # A server would fail on what the warmup requests fail on: probe before anything is recorded.
-    warmups = export.run_warmup(export.SavedModelClassifier(saved_model))
+    warmups = run_warmup(SavedModelClassifier(saved_model))
 
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("register() needs an active MLflow run")
     mlflow.log_artifacts(str(saved_model), f"{ARTIFACT_PATH}/{SAVED_MODEL}")
-    mlflow.log_artifacts(str(export_dir / export.TFLITE), f"{ARTIFACT_PATH}/{export.TFLITE}")
-    mlflow.log_artifact(str(export_dir / export.CARD), ARTIFACT_PATH)
+    mlflow.log_artifacts(str(export_dir / TFLITE), f"{ARTIFACT_PATH}/{TFLITE}")
+    mlflow.log_artifact(str(export_dir / CARD), ARTIFACT_PATH)
 
-    client = _client()
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(
+    registry = client()
+    if not registry.search_registered_models(filter_string=f"name = '{name}'"):
+        registry.create_registered_model(
             name, description="Image classifier from the imgpipe pipeline; see model_card.md."
         )
     test = blessing["candidate"]
-    version = client.create_model_version(
+    version = registry.create_model_version(
         name,
         source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
         run_id=run.info.run_id,
-        description=(export_dir / export.CARD).read_text(encoding="utf-8"),
+        description=(export_dir / CARD).read_text(encoding="utf-8"),
         tags={
             "blessed": str(blessing["blessed"]).lower(),
             "blessing": "; ".join(c["reason"] for c in blessing["checks"]),
@@ -149,7 +135,7 @@ def register(
         },
     )
     number = int(version.version)
-    client.set_registered_model_alias(name, CHALLENGER, number)
+    registry.set_registered_model_alias(name, CHALLENGER, number)
     result: dict[str, Any] = {
         "registered_model": name,
         "version": number,
@@ -162,8 +148,8 @@ def register(
     }
     if blessing["blessed"]:
         target = push_to_serving(saved_model, Path(serving.model_base_path), name)
-        client.set_model_version_tag(name, str(number), "serving_version", target.name)
-        client.set_registered_model_alias(name, CHAMPION, number)
+        registry.set_model_version_tag(name, str(number), "serving_version", target.name)
+        registry.set_registered_model_alias(name, CHAMPION, number)
         result.update(
             aliases=[CHALLENGER, CHAMPION], pushed_to=str(target), serving_version=int(target.name)
         )
@@ -182,31 +168,7 @@ def register(
         }
     )
     write_json_atomic(summary, result)
-    mlflow.log_artifact(str(summary), "push")
     return result
-
-
-def fetch(name: str, alias: str, base: Path) -> Path:
-    """The SavedModel of ``name@alias`` from the registry, as ``<base>/<name>/<N>/`` (N: the
-    serving version it was pushed as), written in one rename: what the serving pod's init
-    container runs before TF Serving starts."""
-    import mlflow
-
-    version = _client().get_model_version_by_alias(name, alias)
-    number = version.tags.get("serving_version") or str(version.version)
-    target = Path(base) / name / number
-    if (target / "saved_model.pb").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version.version}/{SAVED_MODEL}", dst_path=str(staging)
-        )
-        os.rename(local, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def read_blessing(path: Path) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class Backbone:
 
 
 def _lite0(image_size: int, weights: str | None) -> Any:
-    from components import efficientnet_lite
+    from imgpipe import efficientnet_lite
 
     model = efficientnet_lite.build((image_size, image_size, 3))
     if weights == "imagenet":

@@ -244,7 +244,7 @@ def evaluate(
 ):
     from pathlib import Path
 
-    from components.labels import read_labels
+    from imgpipe.labels import read_labels
     from pipelines import steps
 
     out = Path(evaluation.path)

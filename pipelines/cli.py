@@ -1,6 +1,8 @@
-"""``imgpipe``: one subcommand per stage, each a thin adapter over ``components.<stage>.run``.
+"""The ``imgpipe`` command: every declared stage (``pipelines.stages``), serving, the Kubeflow
+Kubeflow pipeline, the sample data and the registry.
 
-Defaults match ``dvc.yaml``, so ``imgpipe ingest`` alone does what ``dvc repro ingest`` does.
+Stage paths default to ``dvc.yaml``'s, so ``imgpipe ingest`` alone does what ``dvc repro ingest``
+does.
 Expected failures (bad params, bad data, a failed expectation) print one clear message and exit
 with status 1; anything else is a bug and shows its traceback.
 """
@@ -16,223 +18,33 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from components.config import ParamsError
+from imgpipe.params import ParamsError
 
 log = logging.getLogger("imgpipe")
 
 
 def _params(args: argparse.Namespace) -> dict:
-    from components.config import load_params
+    from imgpipe.params import load_params
 
     return load_params(args.params)
 
 
 def cmd_sample_data(args: argparse.Namespace) -> None:
-    from components import sample_data
+    from imgpipe import sample_data
 
     sample_data.run(Path(args.target), force=args.force)
 
 
-def cmd_ingest(args: argparse.Namespace) -> None:
-    from components import ingest
-    from components.config import DataParams, IngestParams, section
-    from components.tracking import stage_run
+def cmd_stage(args: argparse.Namespace) -> None:
+    """``imgpipe <stage>``: the declared stage on the paths given, DVC's paths by default."""
+    from pipelines import runner
+    from pipelines.stages import STAGES
 
+    stage = STAGES[args.command]
     params = _params(args)
-    data, ingest_params = (
-        section(DataParams, "data", params),
-        section(IngestParams, "ingest", params),
-    )
-    outputs = ingest.IngestOutputs(Path(args.out), Path(args.summary))
-    with stage_run("ingest"):
-        summary = ingest.run(Path(args.source or data.source), outputs, data, ingest_params)
-        ingest.log_to_mlflow(outputs, data, ingest_params)
-    splits = ", ".join(f"{s} {c['total']}" for s, c in summary["splits"].items())
-    print(
-        f"ingest: {summary['images']} images ({splits}); {summary['quarantined']} quarantined "
-        f"(see {outputs.directory / ingest.QUARANTINE})"
-    )
-
-
-def cmd_validate(args: argparse.Namespace) -> None:
-    from components import validate
-    from components.config import ValidateParams, section
-    from components.tracking import stage_run
-
-    params = section(ValidateParams, "validate", _params(args))
-    outputs = validate.ValidateOutputs(Path(args.out), Path(args.summary))
-    with stage_run("validate"):
-        try:
-            summary = validate.run(Path(args.manifest), outputs, params)
-        finally:
-            validate.log_to_mlflow(outputs, params)
-    print(
-        f"validate: {summary['expectations']} expectations, {summary['failed_warnings']} "
-        f"warning(s); Data Docs: {outputs.directory / validate.DATA_DOCS / 'index.html'}"
-    )
-
-
-def _model_params(params: dict) -> Any:
-    from components.config import ModelParams, section
-
-    return section(ModelParams, "model", params)
-
-
-def cmd_augment(args: argparse.Namespace) -> None:
-    from components import augment, backbones
-    from components.config import AugmentParams, section
-    from components.tracking import stage_run
-
-    params = _params(args)
-    aug = section(AugmentParams, "augment", params)
-    size = backbones.image_size(_model_params(params))
-    outputs = augment.AugmentOutputs(Path(args.out), Path(args.summary))
-    with stage_run("augment"):
-        summary = augment.run(Path(args.shards), outputs, size, aug)
-        augment.log_to_mlflow(outputs, aug)
-    print(
-        f"augment: {summary['materialised_images']} training images at {size}px "
-        f"({summary['augmented_views']} augmented views) {summary['classes']}; "
-        f"preview: {outputs.directory / augment.PREVIEW}"
-    )
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from components import train
-    from components.config import TrainParams, section
-    from components.tracking import stage_run
-
-    params = _params(args)
-    model, train_params = _model_params(params), section(TrainParams, "train", params)
-    outputs = train.TrainOutputs(
-        Path(args.out), Path(args.metrics), Path(args.history), Path(args.feature_cache)
-    )
-    with stage_run("train"):
-        metrics = train.run(Path(args.augmented), Path(args.ingest), outputs, model, train_params)
-        train.log_to_mlflow(outputs, model, train_params)
-    frozen = metrics["frozen"]
-    print(
-        f"train: frozen {model.backbone} base, head val accuracy {frozen['val_accuracy']:.4f} "
-        f"after {frozen['epochs']} epochs; model: {outputs.directory / train.MODEL}"
-    )
-
-
-def cmd_finetune(args: argparse.Namespace) -> None:
-    from components import finetune
-    from components.config import FinetuneParams, section
-    from components.datasets import image_dataset
-    from components.tfrecords import split_files
-    from components.tracking import stage_run
-
-    params = _params(args)
-    model, ft = _model_params(params), section(FinetuneParams, "finetune", params)
-    outputs = finetune.FinetuneOutputs(
-        Path(args.out), Path(args.metrics), Path(args.history), Path(args.checkpoints)
-    )
-    with stage_run("finetune"):
-        metrics = finetune.run(
-            Path(args.train),
-            Path(args.augmented),
-            Path(args.ingest),
-            Path(args.frozen_history),
-            outputs,
-            model,
-            ft,
-        )
-        from components import backbones
-
-        val = split_files(Path(args.ingest) / "shards", "val")
-        example = next(iter(image_dataset(val, backbones.image_size(model), 2)))[0].numpy()
-        finetune.log_to_mlflow(outputs, model, ft, example)
-    result = metrics["finetune"]
-    print(
-        f"finetune: val accuracy {result['val_accuracy']:.4f} after {result['epochs']} epochs "
-        f"({result['trainable_base_layers']} base layers trained); "
-        f"model: {outputs.directory / finetune.MODEL}"
-    )
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from components import evaluate, registry
-    from components.config import EvaluateParams, ServingParams, section
-    from components.tracking import stage_run
-
-    params = _params(args)
-    model, ev = _model_params(params), section(EvaluateParams, "evaluate", params)
-    serving = section(ServingParams, "serving", params)
-    outputs = evaluate.EvaluateOutputs(
-        Path(args.out), Path(args.metrics), Path(args.confusion), Path(args.calibration)
-    )
-    with stage_run("evaluate"):
-        champion = registry.champion(serving.model_name)
-        result = evaluate.run(Path(args.model), Path(args.ingest), outputs, model, ev, champion)
-        evaluate.log_to_mlflow(outputs, ev)
-    test = result["test"]
-    print(
-        f"evaluate: test accuracy {test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}"
-        f", macro-F1 {test['macro_f1']:.4f}, ECE {test['ece']:.3f} on {test['images']} images"
-    )
-    verdict = "BLESSED" if result["blessed"] else "NOT blessed"
-    print(f"evaluate: {verdict}: " + "; ".join(c["reason"] for c in result["blessing"]["checks"]))
-
-
-def cmd_export(args: argparse.Namespace) -> None:
-    from components import export
-    from components.config import ExportParams, ServingParams, section
-    from components.tracking import stage_run
-
-    params = _params(args)
-    model, ex = _model_params(params), section(ExportParams, "export", params)
-    serving = section(ServingParams, "serving", params)
-    outputs = export.ExportOutputs(Path(args.out), Path(args.report))
-    with stage_run("export"):
-        report = export.run(
-            Path(args.model), Path(args.ingest), Path(args.evaluation), outputs, model, serving, ex
-        )
-        export.log_to_mlflow(outputs, ex)
-    sizes, parity = report["sizes_mb"], report["parity"]
-    print(
-        f"export: SavedModel {sizes['saved_model']:.1f} MB -> "
-        f"{outputs.saved_model(serving.model_name)}"
-    )
-    for kind in export.TFLITE_FILES:
-        if f"tflite_{kind}" in parity:
-            p = parity[f"tflite_{kind}"]
-            print(
-                f"export: TFLite {kind} {sizes[f'tflite_{kind}']:.1f} MB, top-1 agreement "
-                f"{p['top1_agreement']:.4f}, accuracy {p['accuracy']:.4f} "
-                f"(SavedModel {parity['saved_model']['accuracy']:.4f}) on {parity['images']} images"
-            )
-
-
-def cmd_push(args: argparse.Namespace) -> None:
-    from components import export, registry
-    from components.config import ServingParams, section
-    from components.tracking import stage_run
-
-    serving = section(ServingParams, "serving", _params(args))
-    export_dir = Path(args.export)
-    saved_model = export.saved_model_dir(export_dir, serving.model_name)
-    with stage_run("push"):
-        result = registry.register(
-            export_dir,
-            saved_model,
-            registry.read_blessing(Path(args.blessing)),
-            serving,
-            Path(args.summary),
-        )
-    name, version = result["registered_model"], result["version"]
-    if result["blessed"]:
-        print(
-            f"push: {name} v{version} is {registry.CHAMPION} "
-            f"(aliases {', '.join(result['aliases'])}); "
-            f"serving version {result['serving_version']} at {result['pushed_to']}"
-        )
-    else:
-        print(
-            f"push: {name} v{version} registered as {registry.CHALLENGER} only: not blessed, "
-            f"not pushed; {registry.CHAMPION} stays v{result['previous_champion']}"
-        )
+    paths = runner.default_paths(stage, params)
+    paths.update({n: Path(v) for n in paths if (v := getattr(args, n, None)) is not None})
+    print(runner.describe(stage, runner.execute(stage, paths, params)))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -240,7 +52,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     model = args.model
     if not model:
-        from components.config import ServingParams, section
+        from imgpipe.params import ServingParams, section
 
         model = section(ServingParams, "serving", _params(args)).model_name
     images = []
@@ -278,7 +90,7 @@ def _pipeline_arguments(args: argparse.Namespace, tracking_uri: str) -> dict[str
 
 
 def cmd_pipeline_compile(args: argparse.Namespace) -> None:
-    from pipelines.pipeline import compile_to
+    from pipelines.kubeflow import compile_to
 
     path = compile_to(_params(args), Path(args.out))
     print(f"pipeline: compiled to {path} (image {os.environ.get('IMGPIPE_IMAGE', 'default')})")
@@ -287,8 +99,8 @@ def cmd_pipeline_compile(args: argparse.Namespace) -> None:
 def cmd_pipeline_run_local(args: argparse.Namespace) -> None:
     import time
 
-    from components.tracking import tracking_uri
-    from pipelines.pipeline import run_local
+    from imgpipe.tracking import tracking_uri
+    from pipelines.kubeflow import run_local
 
     started = time.perf_counter()
     run_local(
@@ -314,7 +126,7 @@ def _kfp_client(args: argparse.Namespace) -> Any:
 def cmd_pipeline_schedule(args: argparse.Namespace) -> None:
     import tempfile
 
-    from pipelines.pipeline import compile_to
+    from pipelines.kubeflow import compile_to
 
     if len(args.cron.split()) != CRON_FIELDS:
         raise ValueError(
@@ -364,8 +176,8 @@ def cmd_pipeline_delete(args: argparse.Namespace) -> None:
 def cmd_fetch_model(args: argparse.Namespace) -> None:
     import mlflow
 
-    from components import registry
-    from components.tracking import tracking_uri
+    from imgpipe import registry
+    from imgpipe.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     target = registry.fetch(args.model, args.alias, Path(args.base))
@@ -374,7 +186,7 @@ def cmd_fetch_model(args: argparse.Namespace) -> None:
 
 def cmd_summary(args: argparse.Namespace) -> None:
     """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
-    from components.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
+    from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
 
     def load(name: str) -> dict:
         path = Path("metrics") / f"{name}.json"
@@ -464,60 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", default="data")
     p.add_argument("--force", action="store_true", help="replace a folder that holds other data")
 
-    p = add("ingest", cmd_ingest, "check, deduplicate and split the raw images; write shards")
-    p.add_argument(
-        "--source", help="folder of class folders or CSV manifest (default: data.source)"
-    )
-    p.add_argument("--out", default="outputs/ingest")
-    p.add_argument("--summary", default="metrics/ingest.json")
+    from pipelines.stages import STAGES
 
-    p = add("validate", cmd_validate, "run the Great Expectations suite on the manifest")
-    p.add_argument("--manifest", default="outputs/ingest/manifest.csv")
-    p.add_argument("--out", default="outputs/validate")
-    p.add_argument("--summary", default="metrics/validate.json")
-
-    p = add("augment", cmd_augment, "materialise the balanced, augmented training set")
-    p.add_argument("--shards", default="outputs/ingest/shards")
-    p.add_argument("--out", default="outputs/augment")
-    p.add_argument("--summary", default="metrics/augment.json")
-
-    p = add("train", cmd_train, "frozen-base phase: train the head on cached base features")
-    p.add_argument("--augmented", default="outputs/augment/shards")
-    p.add_argument("--ingest", default="outputs/ingest")
-    p.add_argument("--out", default="outputs/train")
-    p.add_argument("--metrics", default="metrics/train.json")
-    p.add_argument("--history", default="metrics/train_history.csv")
-    p.add_argument("--feature-cache", default="outputs/cache/features")
-
-    p = add("finetune", cmd_finetune, "unfreeze the top of the base and fine-tune; resumable")
-    p.add_argument("--train", default="outputs/train")
-    p.add_argument("--augmented", default="outputs/augment/shards")
-    p.add_argument("--ingest", default="outputs/ingest")
-    p.add_argument("--frozen-history", default="metrics/train_history.csv")
-    p.add_argument("--out", default="outputs/finetune")
-    p.add_argument("--metrics", default="metrics/finetune.json")
-    p.add_argument("--history", default="metrics/finetune_history.csv")
-    p.add_argument("--checkpoints", default="outputs/finetune_checkpoints")
-
-    p = add("evaluate", cmd_evaluate, "test-split metrics and the blessing gate vs the champion")
-    p.add_argument("--model", default="outputs/finetune", help="folder holding model.keras")
-    p.add_argument("--ingest", default="outputs/ingest")
-    p.add_argument("--out", default="outputs/evaluate")
-    p.add_argument("--metrics", default="metrics/evaluate.json")
-    p.add_argument("--confusion", default="metrics/confusion.csv")
-    p.add_argument("--calibration", default="metrics/calibration.csv")
-
-    p = add("export", cmd_export, "SavedModel (TF Serving layout), TFLite, parity, model card")
-    p.add_argument("--model", default="outputs/finetune", help="folder holding model.keras")
-    p.add_argument("--ingest", default="outputs/ingest")
-    p.add_argument("--evaluation", default="metrics/evaluate.json")
-    p.add_argument("--out", default="outputs/export")
-    p.add_argument("--report", default="metrics/export.json")
-
-    p = add("push", cmd_push, "register in MLflow; if blessed, make champion and push to serving")
-    p.add_argument("--export", default="outputs/export")
-    p.add_argument("--blessing", default="outputs/evaluate/blessing.json")
-    p.add_argument("--summary", default="metrics/push.json")
+    for stage in STAGES.values():
+        p = add(stage.name, cmd_stage, stage.help)
+        for name in stage.inputs:
+            p.add_argument(
+                f"--{name.replace('_', '-')}",
+                metavar="PATH",
+                help=f"input (default: {stage.input_path(name)})",
+            )
+        for name, output in stage.outputs.items():
+            p.add_argument(
+                f"--{name.replace('_', '-')}",
+                metavar="PATH",
+                help=f"output (default: {output.path})",
+            )
 
     p = add("predict", cmd_predict, "classify image files on a TF Serving (or local) server")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -596,8 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imgpipe {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:
-        from components.registry import PushError
         from components.validate import DataValidationError
+        from imgpipe.registry import PushError
 
         if isinstance(exc, DataValidationError):
             print(f"imgpipe {args.command}: data validation failed: {exc}", file=sys.stderr)

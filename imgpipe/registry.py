@@ -1,0 +1,84 @@
+"""The MLflow model registry as the pipeline uses it: the ``champion`` and ``challenger``
+aliases of the registered model (named like the served model, ``serving.model_name``), the
+champion evaluate compares with, and ``fetch`` for the serving pod's init container. Writing to
+the registry is push's job (``components/push.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+ARTIFACT_PATH = "registered_model"
+"""Run artifact folder a model version points to: saved_model/, tflite/, model_card.md."""
+SAVED_MODEL = "saved_model"
+
+
+class PushError(RuntimeError):
+    """The push cannot go ahead safely (the champion moved since the candidate was evaluated)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Champion:
+    name: str
+    version: int
+    run_id: str | None
+
+    def download_saved_model(self, directory: Path) -> Path:
+        """The champion's SavedModel, copied from the registry into ``directory``."""
+        import mlflow
+
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{self.name}/{self.version}/{SAVED_MODEL}",
+            dst_path=str(directory),
+        )
+        return Path(local)
+
+
+def client() -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def champion(name: str) -> Champion | None:
+    """The version of ``name`` that holds the ``champion`` alias, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client().get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+    return Champion(name, int(version.version), version.run_id)
+
+
+def fetch(name: str, alias: str, base: Path) -> Path:
+    """The SavedModel of ``name@alias`` from the registry, as ``<base>/<name>/<N>/`` (N: the
+    serving version it was pushed as), written in one rename: what the serving pod's init
+    container runs before TF Serving starts."""
+    import mlflow
+
+    version = client().get_model_version_by_alias(name, alias)
+    number = version.tags.get("serving_version") or str(version.version)
+    target = Path(base) / name / number
+    if (target / "saved_model.pb").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version.version}/{SAVED_MODEL}", dst_path=str(staging)
+        )
+        os.rename(local, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
