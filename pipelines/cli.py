@@ -1,5 +1,6 @@
-"""The ``imgpipe`` command: every declared stage (``pipelines.stages``), serving, the Kubeflow
-Kubeflow pipeline, the sample data and the registry.
+"""The ``imgpipe`` command: every declared stage (``pipelines.stages``), and more.
+
+Besides the stages: serving (predict), the Kubeflow pipeline, the sample data, the registry.
 
 Stage paths default to ``dvc.yaml``'s, so ``imgpipe ingest`` alone does what ``dvc repro ingest``
 does.

@@ -1,22 +1,27 @@
-"""The Kubeflow pipeline: the DVC stages as KFP 2 components passing typed artifacts.
+"""The Kubeflow pipeline, derived from the stage declarations (``pipelines.stages``).
 
 start-run -> ingest -> validate -> augment -> train -> finetune -> evaluate -> export -> push
                                                            `-> import-logs
 
-Each component calls the stage's ``imgpipe`` entry point (``pipelines.steps.run_stage``), so the
-logic of every step lives once, in ``components/``. Pipeline parameters mirror ``params.yaml``:
-one dict per section, defaulting to the file's values when the pipeline is built. train and
-finetune ask for an NVIDIA GPU (accelerator, limit, node selector, toleration); every step has
-CPU and memory requests and retries transient failures (push excepted).
+Each stage's component is generated from its declaration: one typed artifact per input and
+output (``Dataset``, ``Model``, ``Metrics``, ``ClassificationMetrics``; Data Docs as ``HTML``, the
+model card as ``Markdown``), one JSON parameter per params section, and a one-line body that
+runs the stage (``pipelines.kubeflow_step``). The DAG is wired from the declared inputs.
+Pipeline parameters are overlays: params.yaml is compiled in, and ``<section>_params`` (JSON,
+default ``{}``) overrides keys of that section. train and finetune ask for an NVIDIA GPU
+(accelerator, limit, node selector, toleration); every step has CPU and memory requests and
+retries transient failures (push excepted).
 
 Caching is on for the steps from ingest to finetune (``CACHED``). They log into an MLflow store
 of their own, an output artifact, which import-logs copies into the execution's run: the run is
 complete whether a step ran or came from the cache. The promotion decision is made inside the
-push component (``registry.register``), not with ``dsl.If``.
+push component (``components.push``), not with ``dsl.If``.
 """
 
 # No ``from __future__ import annotations``: KFP reads the component signatures' types.
+import inspect
 import json
+import linecache
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,9 @@ from kfp.dsl import (
     Output,
 )
 
+from imgpipe.params import SECTIONS
+from pipelines.stages import STAGES, Stage
+
 IMAGE = os.environ.get("IMGPIPE_IMAGE", "ghcr.io/imgpipe/components:latest")
 """The components image (``infra/docker/components.Dockerfile``); ignored by kfp.local."""
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -45,311 +53,11 @@ def start_run(tracking_uri: str, experiment: str) -> str:
     """A new MLflow run for this execution (never cached)."""
     import time
 
-    from pipelines import steps
+    from pipelines import kubeflow_step
 
-    return steps.start_run(tracking_uri, experiment, f"kfp-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-@dsl.component(base_image=IMAGE)
-def ingest(
-    source: str,
-    data_version: str,
-    data: str,
-    ingest: str,
-    dataset: Output[Dataset],
-    metrics: Output[Metrics],
-    mlflow_log: Output[Artifact],
-):
-    """``data_version`` is not read: it is part of the cache key, so that new data at the same
-    ``source`` path is ingested again (set it to the data's version, e.g. data.dvc's md5)."""
-    import tempfile
-    from pathlib import Path
-
-    from pipelines import steps
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder, data = steps.source_folder(source, Path(tmp), data)
-        summary = Path(tmp) / "ingest.json"
-        steps.run_stage(
-            "ingest",
-            {"data": data, "ingest": ingest},
-            ["--source", folder, "--out", dataset.path, "--summary", str(summary)],
-            tracking_uri=steps.stage_log(mlflow_log.path),
-        )
-        steps.log_metrics(metrics, summary)
-
-
-@dsl.component(base_image=IMAGE)
-def validate(
-    dataset: Input[Dataset],
-    validate: str,
-    report: Output[HTML],
-    metrics: Output[Metrics],
-    mlflow_log: Output[Artifact],
-):
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from pipelines import steps
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out, summary = Path(tmp) / "validate", Path(tmp) / "validate.json"
-        steps.run_stage(
-            "validate",
-            {"validate": validate},
-            [
-                "--manifest",
-                f"{dataset.path}/manifest.csv",
-                "--out",
-                str(out),
-                "--summary",
-                str(summary),
-            ],
-            tracking_uri=steps.stage_log(mlflow_log.path),
-        )
-        shutil.copyfile(out / "data_docs" / "index.html", report.path)
-        steps.log_metrics(metrics, summary)
-
-
-@dsl.component(base_image=IMAGE)
-def augment(
-    dataset: Input[Dataset],
-    model: str,
-    augment: str,
-    augmented: Output[Dataset],
-    metrics: Output[Metrics],
-    mlflow_log: Output[Artifact],
-):
-    import tempfile
-    from pathlib import Path
-
-    from pipelines import steps
-
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = Path(tmp) / "augment.json"
-        steps.run_stage(
-            "augment",
-            {"model": model, "augment": augment},
-            [
-                "--shards",
-                f"{dataset.path}/shards",
-                "--out",
-                augmented.path,
-                "--summary",
-                str(summary),
-            ],
-            tracking_uri=steps.stage_log(mlflow_log.path),
-        )
-        steps.log_metrics(metrics, summary)
-
-
-@dsl.component(base_image=IMAGE)
-def train(
-    dataset: Input[Dataset],
-    augmented: Input[Dataset],
-    model: str,
-    train: str,
-    trained: Output[Model],
-    metrics: Output[Metrics],
-    mlflow_log: Output[Artifact],
-):
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from pipelines import steps
-
-    with tempfile.TemporaryDirectory() as tmp:
-        summary, history = Path(tmp) / "train.json", Path(tmp) / "train_history.csv"
-        steps.run_stage(
-            "train",
-            {"model": model, "train": train},
-            [
-                "--augmented",
-                f"{augmented.path}/shards",
-                "--ingest",
-                dataset.path,
-                "--out",
-                trained.path,
-                "--metrics",
-                str(summary),
-                "--history",
-                str(history),
-                "--feature-cache",
-                str(Path(tmp) / "cache"),
-            ],
-            tracking_uri=steps.stage_log(mlflow_log.path),
-        )
-        shutil.copyfile(history, Path(trained.path) / "train_history.csv")
-        steps.log_metrics(metrics, summary)
-
-
-@dsl.component(base_image=IMAGE)
-def finetune(
-    dataset: Input[Dataset],
-    augmented: Input[Dataset],
-    trained: Input[Model],
-    model: str,
-    finetune: str,
-    tuned: Output[Model],
-    metrics: Output[Metrics],
-    mlflow_log: Output[Artifact],
-):
-    import tempfile
-    from pathlib import Path
-
-    from pipelines import steps
-
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = Path(tmp) / "finetune.json"
-        steps.run_stage(
-            "finetune",
-            {"model": model, "finetune": finetune},
-            [
-                "--train",
-                trained.path,
-                "--augmented",
-                f"{augmented.path}/shards",
-                "--ingest",
-                dataset.path,
-                "--frozen-history",
-                f"{trained.path}/train_history.csv",
-                "--out",
-                tuned.path,
-                "--metrics",
-                str(summary),
-                "--history",
-                str(Path(tmp) / "finetune_history.csv"),
-                "--checkpoints",
-                str(Path(tmp) / "checkpoints"),
-            ],
-            tracking_uri=steps.stage_log(mlflow_log.path),
-        )
-        steps.log_metrics(metrics, summary)
-
-
-@dsl.component(base_image=IMAGE)
-def evaluate(
-    dataset: Input[Dataset],
-    tuned: Input[Model],
-    model: str,
-    evaluate: str,
-    serving: str,
-    tracking_uri: str,
-    run_id: str,
-    evaluation: Output[Dataset],
-    metrics: Output[Metrics],
-    confusion: Output[ClassificationMetrics],
-):
-    from pathlib import Path
-
-    from imgpipe.labels import read_labels
-    from pipelines import steps
-
-    out = Path(evaluation.path)
-    steps.run_stage(
-        "evaluate",
-        {"model": model, "evaluate": evaluate, "serving": serving},
-        [
-            "--model",
-            tuned.path,
-            "--ingest",
-            dataset.path,
-            "--out",
-            str(out / "evaluate"),
-            "--metrics",
-            str(out / "evaluate.json"),
-            "--confusion",
-            str(out / "confusion.csv"),
-            "--calibration",
-            str(out / "calibration.csv"),
-        ],
-        tracking_uri=tracking_uri,
-        run_id=run_id,
+    return kubeflow_step.start_run(
+        tracking_uri, experiment, f"kfp-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    steps.log_metrics(metrics, out / "evaluate.json")
-    labels = read_labels(Path(dataset.path) / "labels.txt")
-    steps.log_confusion(confusion, out / "confusion.csv", labels)
-
-
-@dsl.component(base_image=IMAGE)
-def export(
-    dataset: Input[Dataset],
-    tuned: Input[Model],
-    evaluation: Input[Dataset],
-    model: str,
-    export: str,
-    serving: str,
-    tracking_uri: str,
-    run_id: str,
-    exported: Output[Model],
-    card: Output[Markdown],
-    metrics: Output[Metrics],
-):
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from pipelines import steps
-
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "export.json"
-        steps.run_stage(
-            "export",
-            {"model": model, "export": export, "serving": serving},
-            [
-                "--model",
-                tuned.path,
-                "--ingest",
-                dataset.path,
-                "--evaluation",
-                f"{evaluation.path}/evaluate.json",
-                "--out",
-                exported.path,
-                "--report",
-                str(report),
-            ],
-            tracking_uri=tracking_uri,
-            run_id=run_id,
-        )
-        shutil.copyfile(Path(exported.path) / "model_card.md", card.path)
-        steps.log_metrics(metrics, report)
-
-
-@dsl.component(base_image=IMAGE)
-def push(
-    exported: Input[Model],
-    evaluation: Input[Dataset],
-    serving: str,
-    tracking_uri: str,
-    run_id: str,
-    metrics: Output[Metrics],
-):
-    """Register; promote and copy to the serving base path only when blessed (the decision is
-    made here, from the blessing evaluate wrote)."""
-    import tempfile
-    from pathlib import Path
-
-    from pipelines import steps
-
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = Path(tmp) / "push.json"
-        steps.run_stage(
-            "push",
-            {"serving": serving},
-            [
-                "--export",
-                exported.path,
-                "--blessing",
-                f"{evaluation.path}/evaluate/blessing.json",
-                "--summary",
-                str(summary),
-            ],
-            tracking_uri=tracking_uri,
-            run_id=run_id,
-        )
-        steps.log_metrics(metrics, summary)
 
 
 @dsl.component(base_image=IMAGE)
@@ -364,10 +72,10 @@ def import_logs(
 ) -> str:
     """Bring the cached steps' MLflow logs into this execution's run (never cached: the run is
     new every execution, the logs may come from the cache)."""
-    from pipelines import steps
+    from pipelines import kubeflow_step
 
     logs = [ingest.path, validate.path, augment.path, train.path, finetune.path]
-    return ",".join(steps.import_stage_logs(logs, tracking_uri, run_id))
+    return ",".join(kubeflow_step.import_stage_logs(logs, tracking_uri, run_id))
 
 
 RESOURCES = {
@@ -384,12 +92,18 @@ RESOURCES = {
     "push": ("500m", "2Gi", False),
 }
 CACHED = {"ingest", "validate", "augment", "train", "finetune"}
+CACHED_ORDER = [name for name in STAGES if name in CACHED]
 """Steps whose outputs follow from their inputs alone, and whose inputs come only from the
 pipeline's parameters and other cached steps (so a cache hit is possible at all): they do not
 take the execution's MLflow run id. Not cached: start-run and import-logs (the run is new every
 execution), evaluate (compares with the registry's current champion), export (its model card
 carries this execution's evaluation) and push (writes the registry and the serving path)."""
 
+
+ARTIFACT_TYPES = (Dataset, Model, Metrics, ClassificationMetrics, HTML, Markdown)
+SCRATCH = {"cache", "persist"}
+"""Outputs that are no artifact in Kubeflow (the feature cache, resumable checkpoints): folders
+in the pod."""
 
 NOT_RETRIED = {"push"}
 """push registers a model version before it promotes: a blind retry could register twice."""
@@ -411,117 +125,132 @@ def _configure(task: Any, stage: str) -> Any:
     return task
 
 
+def _annotation(kind: str, direction: str) -> str:
+    return f"{direction}[{kind}]"
+
+
+def _component_source(stage: Stage) -> str:
+    """The stage's component as Python source: KFP ships a lightweight component's source, so
+    its signature is written out from the declaration; the body hands everything to
+    ``pipelines.kubeflow_step.run`` (installed in the components image)."""
+    arguments = []
+    for name, spec in stage.inputs.items():
+        if spec.stage:
+            kind = STAGES[spec.stage].outputs[spec.output].kind
+            arguments.append(f"{name}: {_annotation(kind, 'Input')}")
+        else:  # raw data: a path the pods can read, or "sample"
+            arguments += [f"{name}: str", "data_version: str"]
+    arguments += [f"{section}: str" for section in stage.sections]
+    arguments.append("base_params: str")
+    if stage.name in CACHED:
+        arguments.append("mlflow_log: Output[Artifact]")
+    else:
+        arguments += ["tracking_uri: str", "run_id: str"]
+    arguments += [
+        f"{name}: {_annotation(out.kind, 'Output')}"
+        for name, out in stage.outputs.items()
+        if out.dvc not in SCRATCH
+    ]
+    arguments += [f"{name}: {_annotation(v.kind, 'Output')}" for name, v in stage.views.items()]
+    signature = ",\n    ".join(arguments)
+    return (
+        f"def {stage.name}(\n    {signature},\n):\n"
+        f'    """{stage.help} (generated from pipelines/stages.py)."""\n'
+        "    from pipelines import kubeflow_step\n\n"
+        f"    kubeflow_step.run({stage.name!r}, locals())\n"
+    )
+
+
+def component(stage: Stage) -> Any:
+    """The KFP component of ``stage``, derived from its declaration."""
+    source = _component_source(stage)
+    filename = f"<imgpipe component {stage.name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {
+        "Input": Input,
+        "Output": Output,
+        "Artifact": Artifact,
+        **{kind.__name__: kind for kind in ARTIFACT_TYPES},
+    }
+    exec(compile(source, filename, "exec"), namespace)
+    return dsl.component(base_image=IMAGE)(namespace[stage.name])
+
+
+def _overlays_doc() -> str:
+    return ", ".join(f"{s}_params" for s in SECTIONS)
+
+
 def build(params: dict[str, Any]) -> Any:
-    """The pipeline, its parameter defaults taken from ``params`` (a loaded params.yaml)."""
+    """The pipeline: every declared stage's component, wired by the declarations. ``params``
+    (a loaded params.yaml) is compiled in as the base; each ``<section>_params`` pipeline
+    parameter is a JSON object of overrides on that section (default ``{}``)."""
+    base_params = json.dumps(params)
+    components = {name: component(stage) for name, stage in STAGES.items()}
 
-    # Sections travel as JSON text: KFP parameters cannot hold null, params.yaml can.
-    sections = {name: json.dumps(params.get(name) or {}) for name in params}
-    data_, ingest_, validate_, model_, augment_ = (
-        sections.get(n, "{}") for n in ("data", "ingest", "validate", "model", "augment")
-    )
-    train_, finetune_, evaluate_, export_, serving_ = (
-        sections.get(n, "{}") for n in ("train", "finetune", "evaluate", "export", "serving")
-    )
-
-    @dsl.pipeline(
-        name="imgpipe",
-        description="Transfer-learning image classification: ingest to a pushed, served model.",
-    )
-    def imgpipe(
-        source: str = "sample",
-        data_version: str = "",
-        mlflow_tracking_uri: str = "http://mlflow.imgpipe.svc.cluster.local:5000",
-        mlflow_experiment: str = "imgpipe",
-        data: str = data_,
-        ingest_params: str = ingest_,
-        validate_params: str = validate_,
-        model: str = model_,
-        augment_params: str = augment_,
-        train_params: str = train_,
-        finetune_params: str = finetune_,
-        evaluate_params: str = evaluate_,
-        export_params: str = export_,
-        serving: str = serving_,
+    def pipeline(
+        source: str,
+        data_version: str,
+        mlflow_tracking_uri: str,
+        mlflow_experiment: str,
+        overlays: dict[str, Any],
     ) -> None:
         run = _configure(
             start_run(tracking_uri=mlflow_tracking_uri, experiment=mlflow_experiment), "start-run"
         )
-        # Cached steps log into their own store (mlflow_log); the others into the run.
-        common = {"tracking_uri": mlflow_tracking_uri, "run_id": run.output}
-        ingested = _configure(
-            ingest(source=source, data_version=data_version, data=data, ingest=ingest_params),
-            "ingest",
-        )
-        dataset = ingested.outputs["dataset"]
-        validated = _configure(validate(dataset=dataset, validate=validate_params), "validate")
-        augmented = _configure(
-            augment(dataset=dataset, model=model, augment=augment_params), "augment"
-        )
-        augmented.after(validated)  # data that failed validation never reaches training
-        trained = _configure(
-            train(
-                dataset=dataset,
-                augmented=augmented.outputs["augmented"],
-                model=model,
-                train=train_params,
-            ),
-            "train",
-        )
-        tuned = _configure(
-            finetune(
-                dataset=dataset,
-                augmented=augmented.outputs["augmented"],
-                trained=trained.outputs["trained"],
-                model=model,
-                finetune=finetune_params,
-            ),
-            "finetune",
-        )
+        tasks: dict[str, Any] = {}
+        for name, stage in STAGES.items():
+            arguments: dict[str, Any] = {s: overlays[s] for s in stage.sections}
+            arguments["base_params"] = base_params
+            for input_name, spec in stage.inputs.items():
+                if spec.stage:
+                    arguments[input_name] = tasks[spec.stage].outputs[spec.output]
+                else:
+                    arguments.update({input_name: source, "data_version": data_version})
+            if name not in CACHED:
+                arguments.update(tracking_uri=mlflow_tracking_uri, run_id=run.output)
+            task = _configure(components[name](**arguments), name)
+            for before in stage.after:
+                task.after(tasks[before])
+            tasks[name] = task
         _configure(
             import_logs(
-                ingest=ingested.outputs["mlflow_log"],
-                validate=validated.outputs["mlflow_log"],
-                augment=augmented.outputs["mlflow_log"],
-                train=trained.outputs["mlflow_log"],
-                finetune=tuned.outputs["mlflow_log"],
-                **common,
+                **{name: tasks[name].outputs["mlflow_log"] for name in CACHED_ORDER},
+                tracking_uri=mlflow_tracking_uri,
+                run_id=run.output,
             ),
             "import-logs",
         )
-        evaluated = _configure(
-            evaluate(
-                dataset=dataset,
-                tuned=tuned.outputs["tuned"],
-                model=model,
-                evaluate=evaluate_params,
-                serving=serving,
-                **common,
-            ),
-            "evaluate",
+
+    # @dsl.pipeline reads the parameters from the signature and passes them by position.
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+        for name, default in (
+            ("source", "sample"),
+            ("data_version", ""),
+            ("mlflow_tracking_uri", "http://mlflow.imgpipe.svc.cluster.local:5000"),
+            ("mlflow_experiment", "imgpipe"),
+            *((f"{s}_params", "{}") for s in SECTIONS),
         )
-        exported = _configure(
-            export(
-                dataset=dataset,
-                tuned=tuned.outputs["tuned"],
-                evaluation=evaluated.outputs["evaluation"],
-                model=model,
-                export=export_params,
-                serving=serving,
-                **common,
-            ),
-            "export",
-        )
-        _configure(
-            push(
-                exported=exported.outputs["exported"],
-                evaluation=evaluated.outputs["evaluation"],
-                serving=serving,
-                **common,
-            ),
-            "push",
+    ]
+
+    def imgpipe(*values: str) -> None:
+        given = dict(zip((p.name for p in parameters), values, strict=True))
+        pipeline(
+            given["source"],
+            given["data_version"],
+            given["mlflow_tracking_uri"],
+            given["mlflow_experiment"],
+            {s: given[f"{s}_params"] for s in SECTIONS},
         )
 
-    return imgpipe
+    imgpipe.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [p.replace(annotation=str) for p in parameters]
+    )
+    imgpipe.__annotations__ = {p.name: str for p in parameters} | {"return": None}
+    return dsl.pipeline(
+        name="imgpipe",
+        description="Transfer-learning image classification: ingest to a pushed, served model.",
+    )(imgpipe)
 
 
 def compile_to(params: dict[str, Any], path: Path) -> Path:

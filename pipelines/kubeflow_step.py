@@ -1,51 +1,70 @@
-"""What a Kubeflow component does around a stage: write the stage's params.yaml sections, point
-MLflow at the pipeline's run, and call the same ``imgpipe <stage>`` entry point the DVC
-pipeline calls (so every step's logic has one home, ``components/<stage>.py``); then hand the
-stage's JSON metrics to KFP.
+"""What a Kubeflow component does around a stage: params.yaml with the run's overlays, the
+artifacts' paths, MLflow pointed at the right store, the stage itself (``pipelines.runner``,
+as the CLI runs it), then its metrics handed to KFP.
 
-Imported inside the component functions (KFP ships a component's source, not its module), from
-the project installed in the components image (``infra/docker``).
+Imported inside the generated component functions (KFP ships a component's source, not its
+module), from the project installed in the components image (``infra/docker``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
+
+def run(name: str, arguments: dict[str, Any]) -> None:
+    """Run stage ``name`` with a component's ``arguments`` (its ``locals()``)."""
+    from pipelines.runner import execute
+    from pipelines.stages import STAGES
+
+    stage = STAGES[name]
+    params = json.loads(arguments["base_params"])
+    for section in stage.sections:
+        params[section] = {**params.get(section, {}), **json.loads(arguments[section])}
+    if "mlflow_log" in arguments:  # cached: never the execution's run (see stage_log)
+        _point_mlflow(stage_log(arguments["mlflow_log"].path), "")
+    else:
+        _point_mlflow(arguments["tracking_uri"], arguments["run_id"])
+    with tempfile.TemporaryDirectory(prefix=f"imgpipe-{name}-") as tmp:
+        paths: dict[str, Path] = {}
+        for input_name, spec in stage.inputs.items():
+            if spec.stage:
+                base = Path(arguments[input_name].path)
+                paths[input_name] = base / spec.subpath if spec.subpath else base
+            else:
+                source, params["data"] = source_folder(
+                    arguments[input_name], Path(tmp), params["data"]
+                )
+                paths[input_name] = Path(source)
+        for output_name in stage.outputs:
+            paths[output_name] = (
+                Path(arguments[output_name].path)
+                if output_name in arguments
+                else Path(tmp) / output_name  # feature cache, checkpoints: pod-local
+            )
+        execute(stage, paths, params)
+    for output_name, out in stage.outputs.items():
+        if out.kind in ("Metrics", "ClassificationMetrics"):
+            artifact = arguments[output_name]
+            if out.kind == "Metrics":
+                log_metrics(artifact, paths[output_name])
+            else:
+                log_confusion(artifact, paths[output_name])
+    for view_name, view in stage.views.items():
+        shutil.copyfile(paths[view.output] / view.subpath, arguments[view_name].path)
 
 
-class StageFailed(RuntimeError):
-    """The stage exited with an error (its message is in the component's log)."""
-
-
-def run_stage(
-    stage: str,
-    sections: dict[str, Any],  # params.yaml sections, as dicts or JSON text
-    argv: list[str],
-    *,
-    tracking_uri: str,
-    run_id: str = "",
-) -> None:
-    """``imgpipe <stage> --params <sections as params.yaml> ARGV`` in this process, logging into
-    the MLflow run ``run_id`` of ``tracking_uri``, or into a new run there when it is empty."""
-    from pipelines.cli import main
-
+def _point_mlflow(tracking_uri: str, run_id: str) -> None:
+    """Log into ``run_id`` of ``tracking_uri``, or into a new run there when it is empty."""
     if tracking_uri:  # else the pod's MLFLOW_TRACKING_URI, or the local mlflow.db
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     os.environ.pop("MLFLOW_RUN_ID", None)  # a cached step never joins a run it was not given
     if run_id:
         os.environ["MLFLOW_RUN_ID"] = run_id
-    parsed = {k: json.loads(v) if isinstance(v, str) else v for k, v in sections.items()}
-    with tempfile.TemporaryDirectory(prefix=f"imgpipe-{stage}-") as tmp:
-        params = Path(tmp) / "params.yaml"
-        params.write_text(yaml.safe_dump(parsed, sort_keys=False))
-        code = main([stage, "--params", str(params), *argv])
-    if code:
-        raise StageFailed(f"imgpipe {stage} exited with status {code}")
 
 
 def stage_log(folder: str) -> str:
@@ -129,11 +148,9 @@ def start_run(tracking_uri: str, experiment: str, name: str) -> str:
         return str(run.info.run_id)
 
 
-def source_folder(source: str, workdir: Path, data: str) -> tuple[str, dict[str, Any]]:
+def source_folder(source: str, workdir: Path, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """``sample`` materialises the offline ELPV sample data; anything else is a path the pod
-    can read (a mounted volume). Returns the source and the data section (from its JSON) to
-    use with it."""
-    data = json.loads(data)
+    can read (a mounted volume). Returns the source and the data section to use with it."""
     if source != "sample":
         return source, data
     from imgpipe import sample_data
@@ -161,13 +178,16 @@ def log_metrics(artifact: Any, summary: Path, prefix: str = "") -> None:
     walk(json.loads(Path(summary).read_text()), prefix)
 
 
-def log_confusion(artifact: Any, confusion_csv: Path, labels: list[str]) -> None:
-    """The test split's confusion matrix as KFP ClassificationMetrics."""
+def log_confusion(artifact: Any, confusion_csv: Path) -> None:
+    """The test split's confusion matrix (evaluate's ``actual,predicted`` rows) as KFP
+    ClassificationMetrics, classes in sorted order (the label map's)."""
     import csv
 
+    with open(confusion_csv, newline="", encoding="utf-8") as f:
+        pairs = [(row["actual"], row["predicted"]) for row in csv.DictReader(f)]
+    labels = sorted({label for pair in pairs for label in pair})
     index = {label: i for i, label in enumerate(labels)}
     matrix = [[0] * len(labels) for _ in labels]
-    with open(confusion_csv, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            matrix[index[row["actual"]]][index[row["predicted"]]] += 1
+    for actual, predicted in pairs:
+        matrix[index[actual]][index[predicted]] += 1
     artifact.log_confusion_matrix(labels, matrix)
