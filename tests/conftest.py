@@ -216,6 +216,26 @@ def class_folders(tmp_path: Path) -> tuple[Path, dict[str, list[Path]]]:
     return root, make_class_folders(root)
 
 
+PROJECT = Path(__file__).resolve().parents[1]
+"""The repository root, where the project's params.yaml lives."""
+
+
+def params(name: str, **overrides: Any) -> Any:
+    """The typed view of section ``name`` of the project's params.yaml, with ``overrides``
+    applied and validated as the pipeline validates it: a misspelt or mistyped override is a
+    ``ParamsError``, so a test cannot silently run on the project's value instead of its own.
+
+    >>> params("ingest", val_fraction=0.2, test_fraction=0.2).seed
+    42
+    """
+    from imgpipe.params import SECTIONS, load_params, section
+
+    raw = load_params(PROJECT / "params.yaml")
+    if name in raw:
+        raw[name] = {**raw[name], **overrides}
+    return section(SECTIONS[name], name, raw)
+
+
 class TinyProject:
     """Paths of one tiny project: the stage outputs under ``root`` as dvc.yaml lays them out."""
 
@@ -224,8 +244,10 @@ class TinyProject:
         self.ingest = root / "outputs" / "ingest"
         self.augment = root / "outputs" / "augment"
         self.train = root / "outputs" / "train"
+        self.model = self.train / "model.keras"
         self.train_history = root / "metrics" / "train_history.csv"
         self.train_metrics = root / "metrics" / "train.json"
+        self.feature_cache = root / "cache"
 
 
 def build_tiny_project(
@@ -240,38 +262,38 @@ def build_tiny_project(
     seed: int = 3,
 ) -> TinyProject:
     """ingest -> augment (1 view per image) -> train (frozen base) in-process on class-pattern
-    PNGs: a small model that really learns, in about 15 s."""
+    PNGs: a small model that really learns, in about 15 s. ``model`` and ``train_params``
+    override the project's params.yaml sections of those names."""
     from components import augment, ingest, train
-    from imgpipe.params import (
-        AugmentParams,
-        DataParams,
-        IngestParams,
-        ModelParams,
-        TrainParams,
-    )
 
     p = TinyProject(root)
     make_class_folders(root / "data", classes, size=image_size, seed=seed)
+    model_params = params("model", **model)
     ingest.run(
-        root / "data",
-        ingest.IngestOutputs(p.ingest, root / "metrics" / "ingest.json"),
-        DataParams(source=str(root / "data"), metadata_csv=None),
-        IngestParams(val_fraction=val_fraction, test_fraction=test_fraction),
+        source=root / "data",
+        out=p.ingest,
+        summary=root / "metrics" / "ingest.json",
+        data=params("data", source=str(root / "data"), metadata_csv=None),
+        ingest=params("ingest", val_fraction=val_fraction, test_fraction=test_fraction),
         progress=False,
     )
     augment.run(
-        p.ingest / "shards",
-        augment.AugmentOutputs(p.augment, root / "metrics" / "augment.json"),
-        image_size,
-        AugmentParams(views_per_image=1, preview_images=2),
+        shards=p.ingest / "shards",
+        out=p.augment,
+        summary=root / "metrics" / "augment.json",
+        augment=params("augment", views_per_image=1, preview_images=2),
+        model=model_params,
         progress=False,
     )
     train.run(
-        p.augment / "shards",
-        p.ingest,
-        train.TrainOutputs(p.train, p.train_metrics, p.train_history, root / "cache"),
-        ModelParams(**model),
-        TrainParams(**train_params),
+        augmented=p.augment / "shards",
+        dataset=p.ingest,
+        out=p.train,
+        summary=p.train_metrics,
+        history=p.train_history,
+        feature_cache=p.feature_cache,
+        model=model_params,
+        train=params("train", **train_params),
         progress=False,
     )
     return p
@@ -290,17 +312,17 @@ def export_classifier(
     serving tests, where what matters is the API, not the accuracy."""
     import keras
 
-    from components import export
+    from components.export import write_saved_model
     from imgpipe import backbones
-    from imgpipe.params import ModelParams
+    from imgpipe.savedmodel import write_warmup
     from imgpipe.training import assemble, build_head
 
     keras.utils.set_random_seed(seed)
     base = backbones.create(
-        ModelParams(backbone="efficientnet_lite0", weights="imagenet", image_size=image_size)
+        params("model", backbone="efficientnet_lite0", weights="imagenet", image_size=image_size)
     )
     model = assemble(base, build_head(1280, len(labels), 0.0, 0, seed))
-    export.write_saved_model(model, labels, image_size, path)
+    write_saved_model(model, labels, image_size, path)
     if warmup:
-        export.write_warmup(path, model_name, warmup)
+        write_warmup(path, model_name, warmup)
     return path

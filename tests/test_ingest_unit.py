@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import jpeg_with_orientation
+from conftest import PROJECT, jpeg_with_orientation, params
 
 from components.ingest import remove_duplicates, stratified_split
 from imgpipe import fileio
 from imgpipe.images import ImageRejected, check_image
-from imgpipe.params import DataParams, IngestParams, ParamsError, ValidateParams, section
+from imgpipe.params import DataParams, IngestParams, ParamsError, load_params, section
 
 
 def _ids(prefix: str, n: int) -> list[str]:
@@ -64,20 +64,18 @@ def test_split_counts_per_stratum(val_fraction, test_fraction):
 
 
 def test_split_gives_every_id_exactly_one_known_split():
-    """The result is one split per input, each one of train/val/test, so splits are disjoint and
-    together cover every id."""
+    """One split per input, in input order, each one of train/val/test: no id is left
+    unassigned (the split starts from empty names), and every split gets some ids."""
     ids = _ids("x", 57) + _ids("y", 31)
     strata = [("x",)] * 57 + [("y",)] * 31
     splits = stratified_split(ids, strata, val_fraction=0.2, test_fraction=0.2, seed=1)
     assert len(splits) == len(ids)
     assert set(splits) == {"train", "val", "test"}
-    by_split = {s: {i for i, sp in zip(ids, splits, strict=True) if sp == s} for s in set(splits)}
-    assert sum(len(v) for v in by_split.values()) == len(set(ids))
-    assert not (
-        by_split["train"] & by_split["val"]
-        or by_split["train"] & by_split["test"]
-        or by_split["val"] & by_split["test"]
-    )
+    assert Counter(splits) == {
+        "test": _half_up(57 * 0.2) + _half_up(31 * 0.2),
+        "val": _half_up(57 * 0.2) + _half_up(31 * 0.2),
+        "train": 88 - 2 * (_half_up(57 * 0.2) + _half_up(31 * 0.2)),
+    }
 
 
 def test_split_same_seed_same_result():
@@ -272,50 +270,75 @@ def test_atomic_path_creates_missing_parents_and_requires_output(tmp_path):
     assert _leftovers(tmp_path / "a", {"b"}) == []
 
 
-# ---------------------------------------------------------------- config.section
+# ---------------------------------------------------------------- params.section
 
 
 def test_section_unknown_key_is_named():
-    """A typo in params.yaml is an error naming the key and the section, never ignored."""
-    with pytest.raises(ParamsError, match=r"val_fractoin") as excinfo:
-        section(IngestParams, "ingest", {"ingest": {"val_fractoin": 0.1}})
-    assert "'ingest'" in str(excinfo.value)
+    """A typo in params.yaml is an error naming the key with its section and the keys that
+    exist, never ignored."""
+    with pytest.raises(ParamsError) as excinfo:
+        params("ingest", val_fractoin=0.1)
+    message = str(excinfo.value)
+    assert message.startswith("unknown key ingest.val_fractoin; expected some of: ")
+    assert "val_fraction" in message.split("expected some of: ", 1)[1]
 
 
 def test_section_wrong_type_is_named():
-    """A value of the wrong type names 'section.key'; bools are not accepted as ints."""
-    with pytest.raises(ParamsError, match=r"ingest\.seed must be int"):
-        section(IngestParams, "ingest", {"ingest": {"seed": "42"}})
-    with pytest.raises(ParamsError, match=r"ingest\.max_pixels must be int"):
-        section(IngestParams, "ingest", {"ingest": {"max_pixels": True}})
-    with pytest.raises(ParamsError, match=r"ingest\.stratify_by"):
-        section(IngestParams, "ingest", {"ingest": {"stratify_by": "label"}})
-    with pytest.raises(ParamsError, match=r"validate\.min_side must be int"):
-        section(ValidateParams, "validate", {"validate": {"min_side": 3.5}})
+    """A value of the wrong type names 'section.key' and the value; strict: no "42" for an int,
+    no bool for an int, no bare string for a list, no float for an int."""
+    cases = [
+        ("ingest", {"seed": "42"}, "ingest.seed: Input should be a valid integer, got '42'"),
+        ("ingest", {"max_pixels": True}, "ingest.max_pixels: Input should be a valid integer"),
+        ("ingest", {"stratify_by": "label"}, "ingest.stratify_by: Input should be a valid tuple"),
+        ("ingest", {"stratify_by": ["label", 3]}, "ingest.stratify_by.1: Input should be a valid"),
+        ("validate", {"min_side": 3.5}, "validate.min_side: Input should be a valid integer"),
+    ]
+    for name, overrides, expected in cases:
+        with pytest.raises(ParamsError) as excinfo:
+            params(name, **overrides)
+        assert str(excinfo.value).startswith(expected), (overrides, str(excinfo.value))
+
+
+def test_section_missing_key_is_named():
+    """params.yaml is the only home of defaults: a section without one of its keys is an error
+    that names each missing key, not a silent fallback."""
+    raw = load_params(PROJECT / "params.yaml")
+    del raw["ingest"]["seed"], raw["ingest"]["images_per_shard"]
+    with pytest.raises(ParamsError) as excinfo:
+        section(IngestParams, "ingest", raw)
+    assert str(excinfo.value) == "ingest.seed is missing; ingest.images_per_shard is missing"
+
+
+def test_missing_section_is_named(tmp_path):
+    """A section absent from params.yaml is an error naming it and the sections found."""
+    raw = load_params(PROJECT / "params.yaml")
+    del raw["data"]
+    with pytest.raises(ParamsError, match=r"params section 'data' is missing \(found: ingest, "):
+        section(DataParams, "data", raw)
+    empty = tmp_path / "params.yaml"
+    empty.write_text("")
+    with pytest.raises(ParamsError, match=r"params section 'data' is missing \(found: none\)"):
+        section(DataParams, "data", load_params(empty))
 
 
 def test_section_rejects_fractions_leaving_no_training_data():
     """val_fraction + test_fraction >= 1 would leave train empty: rejected."""
     for val, test in ((0.5, 0.5), (0.6, 0.45)):
         with pytest.raises(ParamsError, match="leave images for training"):
-            section(
-                IngestParams, "ingest", {"ingest": {"val_fraction": val, "test_fraction": test}}
-            )
-    with pytest.raises(ParamsError, match="test_fraction"):
-        section(IngestParams, "ingest", {"ingest": {"test_fraction": 1.0}})
+            params("ingest", val_fraction=val, test_fraction=test)
+    with pytest.raises(ParamsError, match=r"ingest\.test_fraction must be in \[0, 1\), got 1\.0"):
+        params("ingest", test_fraction=1.0)
 
 
 def test_section_valid_values_are_coerced():
-    """Happy path: ints are accepted for floats, lists become tuples, missing sections give
-    defaults."""
-    params = section(
-        IngestParams,
-        "ingest",
-        {"ingest": {"val_fraction": 0, "stratify_by": ["label", "module_type"]}},
-    )
-    assert params.val_fraction == 0.0 and isinstance(params.val_fraction, float)
-    assert params.stratify_by == ("label", "module_type")
-    assert section(DataParams, "data", {}) == DataParams()
+    """Happy path: ints are accepted for floats (as floats), lists become tuples, and every
+    key not overridden keeps the project's value."""
+    ingest = params("ingest", val_fraction=0, stratify_by=["label", "module_type"])
+    assert ingest.val_fraction == 0.0 and isinstance(ingest.val_fraction, float)
+    assert ingest.stratify_by == ("label", "module_type")
+    project = load_params(PROJECT / "params.yaml")["ingest"]
+    assert ingest.test_fraction == project["test_fraction"]
+    assert ingest.seed == project["seed"]
 
 
 # ---------------------------------------------------------------- images.check_image
