@@ -13,7 +13,7 @@ import io
 import os
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +234,21 @@ def params(name: str, **overrides: Any) -> Any:
     if name in raw:
         raw[name] = {**raw[name], **overrides}
     return section(SECTIONS[name], name, raw)
+
+
+@pytest.fixture
+def tmp_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """MLflow tracking into tmp_path/mlflow.db (the URI is yielded); afterwards no run is left
+    active and the process-wide tracking URI that stage_run set is forgotten, so later tests
+    do not write into this test's database."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)  # forget the tmp URI that stage_run set globally
 
 
 class TinyProject:

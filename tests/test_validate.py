@@ -6,7 +6,6 @@ single expectation; one slow test runs the real sample data through ingest and v
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -14,13 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
+from conftest import PROJECT, params
 
 from components import validate
-from components.ingest import MANIFEST_COLUMNS
-from imgpipe.params import ValidateParams
+from imgpipe.manifest import MANIFEST_COLUMNS
+from imgpipe.params import ValidateParams, load_params
 from imgpipe.tfrecords import SPLITS
-
-PROJECT = Path(__file__).resolve().parents[1]
 
 # Three classes, enough images in every split for min_images_per_class=2.
 BALANCED = {label: {"train": 6, "val": 3, "test": 3} for label in ("cat", "dog", "owl")}
@@ -58,12 +57,20 @@ def write_manifest(tmp_path: Path, frame: pd.DataFrame) -> Path:
     return path
 
 
-def outputs_in(tmp_path: Path) -> validate.ValidateOutputs:
-    return validate.ValidateOutputs(tmp_path / "validate", tmp_path / "metrics" / "validate.json")
+def validate_params(**overrides) -> ValidateParams:
+    """The project's validate params for these small manifests: any label set, 2 images per
+    class and split."""
+    return params("validate", **{"labels": [], "min_images_per_class": 2, **overrides})
 
 
-def params(**overrides) -> ValidateParams:
-    return dataclasses.replace(ValidateParams(min_images_per_class=2), **overrides)
+def run_validate(tmp_path: Path, manifest: Path, p: ValidateParams | None = None) -> dict:
+    """validate.run with its outputs in ``tmp_path`` (validate/, metrics/validate.json)."""
+    return validate.run(
+        manifest=manifest,
+        out=tmp_path / "validate",
+        summary=tmp_path / "metrics" / "validate.json",
+        validate=p or validate_params(),
+    )
 
 
 def failure_line(error: validate.DataValidationError, expectation: str) -> str:
@@ -73,8 +80,8 @@ def failure_line(error: validate.DataValidationError, expectation: str) -> str:
     return lines[0]
 
 
-def read_summary(outputs: validate.ValidateOutputs) -> dict:
-    return json.loads(outputs.summary.read_text())
+def read_summary(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "metrics" / "validate.json").read_text())
 
 
 # --- unit tests of the frames the expectations run on -------------------------------------------
@@ -133,21 +140,20 @@ def test_manifest_frame_same_image_twice_in_one_split_counts_one_split():
 def test_good_manifest_passes_and_writes_docs_results_and_summary(tmp_path):
     """Guards the happy path: a clean manifest passes every expectation and run() writes the
     Data Docs site, every outcome and a success summary."""
-    outputs = outputs_in(tmp_path)
-    p = params(labels=("cat", "dog", "owl"))
+    p = validate_params(labels=("cat", "dog", "owl"))
 
-    summary = validate.run(write_manifest(tmp_path, manifest_rows(BALANCED)), outputs, p)
+    summary = run_validate(tmp_path, write_manifest(tmp_path, manifest_rows(BALANCED)), p)
 
-    assert summary == read_summary(outputs)
+    assert summary == read_summary(tmp_path)
     assert summary["success"] is True
     assert summary["failed_errors"] == 0
     assert summary["failed_warnings"] == 0
     expected = len(validate.manifest_expectations(p)) + len(validate.class_expectations(p))
     assert summary["expectations"] == expected
-    index = outputs.directory / validate.DATA_DOCS / "index.html"
+    index = tmp_path / "validate" / validate.DATA_DOCS / "index.html"
     assert index.is_file()
     assert "<html" in index.read_text().lower()
-    results = json.loads((outputs.directory / validate.RESULTS).read_text())
+    results = json.loads((tmp_path / "validate" / validate.RESULTS).read_text())
     assert len(results) == expected
     assert all(r["success"] for r in results)
     assert {r["batch"] for r in results} == {"manifest", "classes"}
@@ -166,21 +172,19 @@ def test_class_below_min_images_per_class_fails_naming_expectation_and_row(tmp_p
     with a message naming the expectation and the class/split row; docs and a failing
     summary are still written so the failure can be inspected."""
     counts = {**BALANCED, "rare": {"train": 6, "val": 3, "test": 1}}
-    outputs = outputs_in(tmp_path)
-
     with pytest.raises(validate.DataValidationError) as excinfo:
-        validate.run(write_manifest(tmp_path, manifest_rows(counts)), outputs, params())
+        run_validate(tmp_path, write_manifest(tmp_path, manifest_rows(counts)))
 
     line = failure_line(excinfo.value, "expect_column_values_to_be_between on column 'images'")
     assert "rare/test" in line
     assert "rare/val" not in line and "cat/test" not in line
     assert "1 offending row(s)" in line
     assert "1 error-level expectation(s) failed" in str(excinfo.value)
-    assert (outputs.directory / validate.DATA_DOCS / "index.html").is_file()
-    summary = read_summary(outputs)
+    assert (tmp_path / "validate" / validate.DATA_DOCS / "index.html").is_file()
+    summary = read_summary(tmp_path)
     assert summary["success"] is False
     assert summary["failed_errors"] == 1
-    results = json.loads((outputs.directory / validate.RESULTS).read_text())
+    results = json.loads((tmp_path / "validate" / validate.RESULTS).read_text())
     failed = [r for r in results if not r["success"]]
     assert [(r["column"], r["severity"], r["offending"]) for r in failed] == [
         ("images", "critical", ["rare/test"])
@@ -195,7 +199,7 @@ def test_duplicate_sha256_fails_naming_expectation_and_filepaths(tmp_path):
     first, second = manifest.loc[0, "filepath"], manifest.loc[1, "filepath"]
 
     with pytest.raises(validate.DataValidationError) as excinfo:
-        validate.run(write_manifest(tmp_path, manifest), outputs_in(tmp_path), params())
+        run_validate(tmp_path, write_manifest(tmp_path, manifest))
 
     line = failure_line(excinfo.value, "expect_column_values_to_be_unique on column 'sha256'")
     assert first in line and second in line
@@ -211,7 +215,7 @@ def test_image_in_two_splits_fails_split_disjointness(tmp_path):
     manifest.loc[leaked, "sha256"] = manifest.loc[0, "sha256"]
 
     with pytest.raises(validate.DataValidationError) as excinfo:
-        validate.run(write_manifest(tmp_path, manifest), outputs_in(tmp_path), params())
+        run_validate(tmp_path, write_manifest(tmp_path, manifest))
 
     line = failure_line(excinfo.value, "on column 'splits_per_image'")
     assert "expect_column_values_to_be_between" in line
@@ -224,10 +228,10 @@ def test_unexpected_label_fails_naming_expectation_and_label(tmp_path):
     counts = {**BALANCED, "zebra": {"train": 6, "val": 3, "test": 3}}
 
     with pytest.raises(validate.DataValidationError) as excinfo:
-        validate.run(
+        run_validate(
+            tmp_path,
             write_manifest(tmp_path, manifest_rows(counts)),
-            outputs_in(tmp_path),
-            params(labels=("cat", "dog", "owl")),
+            validate_params(labels=("cat", "dog", "owl")),
         )
 
     line = failure_line(excinfo.value, "expect_column_distinct_values_to_equal_set")
@@ -241,10 +245,10 @@ def test_missing_expected_label_fails_naming_the_missing_label(tmp_path):
     """Guards the other half of the label set check: a label in params.labels with no images
     at all fails and the message says which label is missing."""
     with pytest.raises(validate.DataValidationError) as excinfo:
-        validate.run(
+        run_validate(
+            tmp_path,
             write_manifest(tmp_path, manifest_rows(BALANCED)),
-            outputs_in(tmp_path),
-            params(labels=("cat", "dog", "owl", "yak")),
+            validate_params(labels=("cat", "dog", "owl", "yak")),
         )
 
     line = failure_line(excinfo.value, "expect_column_distinct_values_to_equal_set")
@@ -258,7 +262,7 @@ def test_image_smaller_than_min_side_fails_naming_the_file(tmp_path):
     manifest.loc[4, "width"] = 16
 
     with pytest.raises(validate.DataValidationError) as excinfo:
-        validate.run(write_manifest(tmp_path, manifest), outputs_in(tmp_path), params(min_side=32))
+        run_validate(tmp_path, write_manifest(tmp_path, manifest), validate_params(min_side=32))
 
     line = failure_line(excinfo.value, "on column 'width'")
     assert manifest.loc[4, "filepath"] in line
@@ -269,22 +273,20 @@ def test_class_imbalance_is_a_warning_not_an_error(tmp_path, caplog):
     """Guards severities: an imbalance above max_imbalance_ratio is logged and counted as a
     warning, but run() succeeds so the pipeline goes on."""
     counts = {"big": {"train": 30, "val": 6, "test": 6}, "small": {"train": 6, "val": 3, "test": 3}}
-    outputs = outputs_in(tmp_path)
-
     with caplog.at_level(logging.WARNING, logger="components.validate"):
-        summary = validate.run(
+        summary = run_validate(
+            tmp_path,
             write_manifest(tmp_path, manifest_rows(counts)),
-            outputs,
-            params(max_imbalance_ratio=2.0),
+            validate_params(max_imbalance_ratio=2.0),
         )
 
     assert summary["success"] is True
     assert summary["failed_errors"] == 0
     assert summary["failed_warnings"] >= 1
-    assert read_summary(outputs) == summary
+    assert read_summary(tmp_path) == summary
     warnings = [r.getMessage() for r in caplog.records if r.name == "components.validate"]
     assert any("ratio_to_smallest_class" in w and "big/train" in w for w in warnings), warnings
-    results = json.loads((outputs.directory / validate.RESULTS).read_text())
+    results = json.loads((tmp_path / "validate" / validate.RESULTS).read_text())
     assert [r["severity"] for r in results if not r["success"]] == ["warning"]
 
 
@@ -297,10 +299,10 @@ def test_numeric_and_na_like_labels_are_labels_not_numbers_or_nulls(tmp_path):
         "NA": {"train": 6, "val": 3, "test": 3},
     }
 
-    summary = validate.run(
+    summary = run_validate(
+        tmp_path,
         write_manifest(tmp_path, manifest_rows(counts)),
-        outputs_in(tmp_path),
-        params(labels=("0", "1", "NA")),
+        validate_params(labels=("0", "1", "NA")),
     )
 
     assert summary["success"] is True
@@ -314,23 +316,10 @@ def test_empty_cell_is_still_a_missing_value(tmp_path):
     manifest.loc[2, "label"] = ""
 
     with pytest.raises(validate.DataValidationError) as excinfo:
-        validate.run(write_manifest(tmp_path, manifest), outputs_in(tmp_path), params())
+        run_validate(tmp_path, write_manifest(tmp_path, manifest))
 
     line = failure_line(excinfo.value, "expect_column_values_to_not_be_null on column 'label'")
     assert manifest.loc[2, "filepath"] in line
-
-
-@pytest.fixture
-def tmp_mlflow(tmp_path, monkeypatch):
-    """MLflow tracking into tmp_path/mlflow.db; the process-wide tracking URI is reset after."""
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    yield uri
-    if mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)  # forget the tmp URI that stage_run set globally
 
 
 def test_cli_validate_failure_exits_1_and_logs_failed_run(
@@ -345,7 +334,9 @@ def test_cli_validate_failure_exits_1_and_logs_failed_run(
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     counts = {**BALANCED, "rare": {"train": 6, "val": 3, "test": 1}}
     manifest = write_manifest(tmp_path, manifest_rows(counts))
-    (tmp_path / "params.yaml").write_text("validate:\n  min_images_per_class: 2\n")
+    raw = load_params(PROJECT / "params.yaml")
+    raw["validate"] = {**raw["validate"], "labels": [], "min_images_per_class": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
     status = cli.main(["validate", "--manifest", str(manifest)])
 
@@ -381,28 +372,30 @@ def test_validate_passes_the_sample_data(tmp_path):
     params.yaml, passes the suite with those params and nothing is quarantined."""
     from components import ingest
     from imgpipe import sample_data
-    from imgpipe.params import DataParams, IngestParams, load_params, section
+    from imgpipe.params import DataParams, IngestParams, section
 
     data = tmp_path / "data"
     assert sample_data.run(data, progress=False) == 2624
     raw = load_params(PROJECT / "params.yaml")
     raw["data"] = {**raw["data"], "source": str(data), "metadata_csv": str(data / "metadata.csv")}
-    ingest_outputs = ingest.IngestOutputs(tmp_path / "ingest", tmp_path / "metrics" / "ingest.json")
     ingest_summary = ingest.run(
-        data,
-        ingest_outputs,
-        section(DataParams, "data", raw),
-        section(IngestParams, "ingest", raw),
+        source=data,
+        out=tmp_path / "ingest",
+        summary=tmp_path / "metrics" / "ingest.json",
+        data=section(DataParams, "data", raw),
+        ingest=section(IngestParams, "ingest", raw),
         progress=False,
     )
     assert ingest_summary["images"] == 2624
     assert ingest_summary["quarantined"] == 0
 
-    validate_params = section(ValidateParams, "validate", raw)
-    outputs = outputs_in(tmp_path)
-    summary = validate.run(ingest_outputs.directory / "manifest.csv", outputs, validate_params)
+    shipped = section(ValidateParams, "validate", raw)
+    manifest = tmp_path / "ingest" / "manifest.csv"
+    summary = run_validate(tmp_path, manifest, shipped)
 
     assert summary["success"] is True
     assert summary["failed_errors"] == 0
-    assert validate_params.labels == ("defect_000", "defect_033", "defect_067", "defect_100")
-    assert (outputs.directory / validate.DATA_DOCS / "index.html").is_file()
+    # The label-set expectation ran on a real set (not [], which accepts any labels).
+    assert len(shipped.labels) == 4
+    assert set(pd.read_csv(manifest)["label"]) == set(shipped.labels)
+    assert (tmp_path / "validate" / validate.DATA_DOCS / "index.html").is_file()
