@@ -13,7 +13,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.stages import Stage
 
 
 def run(name: str, arguments: dict[str, Any]) -> None:
@@ -22,9 +25,7 @@ def run(name: str, arguments: dict[str, Any]) -> None:
     from pipelines.stages import STAGES
 
     stage = STAGES[name]
-    params = json.loads(arguments["base_params"])
-    for section in stage.sections:
-        params[section] = {**params.get(section, {}), **json.loads(arguments[section])}
+    params = overlaid(stage, arguments)
     if "mlflow_log" in arguments:  # cached: never the execution's run (see stage_log)
         _point_mlflow(stage_log(arguments["mlflow_log"].path), "")
     else:
@@ -56,6 +57,15 @@ def run(name: str, arguments: dict[str, Any]) -> None:
                 log_confusion(artifact, paths[output_name])
     for view_name, view in stage.views.items():
         shutil.copyfile(paths[view.output] / view.subpath, arguments[view_name].path)
+
+
+def overlaid(stage: Stage, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The compiled-in params.yaml with the run's overlays (JSON, one per section) applied:
+    an overlay changes only the keys it names."""
+    params = json.loads(arguments["base_params"])
+    for section in stage.sections:
+        params[section] = {**params.get(section, {}), **json.loads(arguments[section])}
+    return params
 
 
 def _point_mlflow(tracking_uri: str, run_id: str) -> None:

@@ -97,9 +97,33 @@ def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tm
         assert k8s[name]["tolerations"][0]["key"] == "nvidia.com/gpu"
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     defaults = {k: v["defaultValue"] for k, v in parameters.items() if "defaultValue" in v}
-    assert json.loads(defaults["finetune_params"]) == _params()["finetune"]
-    assert json.loads(defaults["data"]) == _params()["data"]
+    # overlays on the params.yaml compiled into every stage, never a second set of defaults
+    assert {k: v for k, v in defaults.items() if k.endswith("_params")} == {
+        f"{section}_params": "{}" for section in _params()
+    }
     assert defaults["source"] == "sample"
+    finetune = spec["root"]["dag"]["tasks"]["finetune"]["inputs"]["parameters"]
+    assert json.loads(finetune["base_params"]["runtimeValue"]["constant"]) == _params()
+
+
+def test_a_kubeflow_overlay_changes_only_the_keys_it_names():
+    """A run given finetune_params={"learning_rate": 3e-4} fine-tunes with every other key
+    of params.yaml; an unknown key is an error that names it."""
+    from imgpipe.params import SECTIONS, ParamsError, section
+    from pipelines.kubeflow_step import overlaid
+    from pipelines.stages import STAGES
+
+    arguments = {
+        "base_params": json.dumps(_params()),
+        "model": "{}",
+        "finetune": json.dumps({"learning_rate": 3e-4}),
+    }
+    params = overlaid(STAGES["finetune"], arguments)
+    assert params["finetune"] == {**_params()["finetune"], "learning_rate": 3e-4}
+    assert params["model"] == _params()["model"]
+    arguments["finetune"] = json.dumps({"learning_rte": 3e-4})
+    with pytest.raises(ParamsError, match=r"unknown key finetune\.learning_rte"):
+        section(SECTIONS["finetune"], "finetune", overlaid(STAGES["finetune"], arguments))
 
 
 @pytest.mark.slow
@@ -139,18 +163,18 @@ def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
     ran = {p.name for p in run_dir.iterdir() if (p / "executor_output.json").is_file()}
     assert ran == set(ORDER), ran
     expected = {
-        "ingest/dataset/manifest.csv",
-        "ingest/dataset/labels.txt",
-        "validate/report",
-        "augment/augmented/shards",
-        "train/trained/model.keras",
-        "train/trained/train_history.csv",
-        "finetune/tuned/model.keras",
-        "evaluate/evaluation/evaluate.json",
-        "evaluate/evaluation/evaluate/blessing.json",
-        "export/exported/serving/tiny/1/saved_model.pb",
-        "export/exported/tflite/model_int8.tflite",
-        "export/card",
+        "ingest/out/manifest.csv",
+        "ingest/out/labels.txt",
+        "validate/data_docs",
+        "augment/out/shards",
+        "train/out/model.keras",
+        "train/history",
+        "finetune/out/model.keras",
+        "evaluate/summary",
+        "evaluate/out/blessing.json",
+        "export/out/serving/tiny/1/saved_model.pb",
+        "export/out/tflite/model_int8.tflite",
+        "export/model_card",
     }
     for relative in expected:
         assert (run_dir / relative).exists(), relative
