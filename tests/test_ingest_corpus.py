@@ -20,6 +20,7 @@ from conftest import (
     encode_image,
     jpeg_with_orientation,
     make_class_folders,
+    params,
     png_claiming_size,
     read_csv_rows,
     sha256_of,
@@ -29,14 +30,13 @@ from conftest import (
 from PIL import Image
 
 from components import ingest
-from components.ingest import IngestOutputs
-from imgpipe.params import DataParams, IngestParams
+from imgpipe.params import IngestParams
 
 pytestmark = pytest.mark.slow
 
 UNICODE_NAME = "çat_ü_日本.png"
 GOOD_PER_CLASS = 10
-PARAMS = IngestParams(val_fraction=0.2, test_fraction=0.2, max_pixels=50_000_000)
+PARAMS = params("ingest", val_fraction=0.2, test_fraction=0.2, max_pixels=50_000_000)
 
 # filepath (relative to the data root) -> the quarantine reason it must get
 EXPECTED_REJECTED = {
@@ -104,12 +104,13 @@ def build_corpus(base: Path) -> tuple[Path, Path]:
     return root, outside
 
 
-def run_ingest(root: Path, out_base: Path, params: IngestParams = PARAMS) -> dict:
+def run_ingest(root: Path, out_base: Path, ingest_params: IngestParams = PARAMS) -> dict:
     return ingest.run(
-        root,
-        IngestOutputs(out_base / "out", out_base / "summary.json"),
-        DataParams(source=str(root)),
-        params,
+        source=root,
+        out=out_base / "out",
+        summary=out_base / "summary.json",
+        data=params("data", source=str(root), metadata_csv=None),
+        ingest=ingest_params,
         progress=False,
     )
 
@@ -172,10 +173,19 @@ def test_every_file_is_accounted_for_exactly_once(corpus):
 
 
 def test_quarantine_reasons(corpus):
-    """Each bad input gets its specific reason code, and nothing else is quarantined."""
+    """Each bad input gets its specific reason code, nothing else is quarantined, and each
+    detail says what was found in that file (not just that something was wrong)."""
     reasons = {r["filepath"]: r["reason"] for r in corpus["quarantine"]}
     assert reasons == EXPECTED_REJECTED
-    assert all(r["detail"] for r in corpus["quarantine"])
+    details = {r["filepath"]: r["detail"] for r in corpus["quarantine"]}
+    for filepath, fragment in {
+        "cat/truncated.jpg": "truncated",
+        "cat/zero_bytes.png": "zero bytes",
+        "cat/notes.png": "cannot identify",
+        "dog/bomb_20000x20000.png": f"{20000 * 20000} pixels",
+        "empty_class/": "holds no files",
+    }.items():
+        assert fragment in details[filepath], (filepath, details[filepath])
     link = next(r for r in corpus["quarantine"] if r["filepath"] == "cat/outside_link.png")
     assert link["label"] == "cat" and str(corpus["outside"]) in link["detail"]
 
@@ -367,10 +377,11 @@ def test_csv_manifest_source(tmp_path):
     before = tree_digests(tmp_path)
 
     summary = ingest.run(
-        csv_path,
-        IngestOutputs(tmp_path / "out", tmp_path / "summary.json"),
-        DataParams(source=str(csv_path)),
-        PARAMS,
+        source=csv_path,
+        out=tmp_path / "out",
+        summary=tmp_path / "summary.json",
+        data=params("data", source=str(csv_path), metadata_csv=None),
+        ingest=PARAMS,
         progress=False,
     )
 
