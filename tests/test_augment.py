@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PNG_SIGNATURE, make_class_folders, read_csv_rows, tree_digests
+from conftest import PNG_SIGNATURE, make_class_folders, params, read_csv_rows, tree_digests
 from PIL import Image
 
 from components.augment import plan_views
@@ -66,9 +66,9 @@ CLASSES = {"a": 14, "b": 7}  # ingest (15% val, 15% test) leaves 10 and 5 traini
 
 
 def _augment_params(seed: int):
-    from imgpipe.params import AugmentParams
-
-    return AugmentParams(seed=seed, views_per_image=VIEWS, preview_images=4, images_per_shard=16)
+    return params(
+        "augment", seed=seed, views_per_image=VIEWS, preview_images=4, images_per_shard=16
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,22 +76,28 @@ def augmented(tmp_path_factory):
     """Ingest shards of 40x40 class-pattern PNGs, augmented three times: twice with seed 7
     (``a``, ``b``), once with seed 8 (``c``). Yields the paths and the three summaries."""
     from components import augment, ingest
-    from imgpipe.params import DataParams, IngestParams
 
     root = tmp_path_factory.mktemp("augment")
     make_class_folders(root / "data", CLASSES, size=40)
     ingest.run(
-        root / "data",
-        ingest.IngestOutputs(root / "ingest", root / "metrics" / "ingest.json"),
-        DataParams(source=str(root / "data"), metadata_csv=None),
-        IngestParams(val_fraction=0.15, test_fraction=0.15),
+        source=root / "data",
+        out=root / "ingest",
+        summary=root / "metrics" / "ingest.json",
+        data=params("data", source=str(root / "data"), metadata_csv=None),
+        ingest=params("ingest", val_fraction=0.15, test_fraction=0.15),
         progress=False,
     )
+    # The image size is the model's: augment reads it from the model params.
+    model = params("model", image_size=IMAGE_SIZE)
     summaries = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        outputs = augment.AugmentOutputs(root / name / "augment", root / name / "augment.json")
         summaries[name] = augment.run(
-            root / "ingest" / "shards", outputs, IMAGE_SIZE, _augment_params(seed), progress=False
+            shards=root / "ingest" / "shards",
+            out=root / name / "augment",
+            summary=root / name / "augment.json",
+            augment=_augment_params(seed),
+            model=model,
+            progress=False,
         )
     return root, summaries
 
