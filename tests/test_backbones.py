@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import params
 
 from imgpipe import torch_pickle
 from imgpipe.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL, UnsafePickleError
@@ -364,30 +365,31 @@ def test_online_backbone_without_network_points_to_the_offline_choice(tmp_path, 
     empty Keras cache) is a BackboneError that names efficientnet_lite0 and the local-file
     option, not a raw urllib traceback."""
     from imgpipe import backbones
-    from imgpipe.params import ModelParams
 
     def no_network(*args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test: offline)")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "keras-home"))
+    online = params("model", backbone="mobilenet_v2", weights="imagenet", image_size=96)
     with pytest.raises(backbones.BackboneError) as info:
-        backbones.create(ModelParams(backbone="mobilenet_v2", weights="imagenet", image_size=96))
+        backbones.create(online)
     message = str(info.value)
     assert "MobileNetV2" in message
     assert "model.backbone: efficientnet_lite0" in message
     assert "model.weights" in message
-    assert isinstance(info.value.__cause__, Exception)
+    # The network failure itself is carried, in the message and as the cause.
+    assert "test: offline" in message
+    assert "test: offline" in str(info.value.__cause__)
 
 
 @pytest.fixture(scope="module")
 def random_bases():
     """Every registry backbone built at 32 px with random weights (weights: null)."""
     from imgpipe import backbones
-    from imgpipe.params import ModelParams
 
     return {
-        name: backbones.create(ModelParams(backbone=name, weights=None, image_size=32))
+        name: backbones.create(params("model", backbone=name, weights=None, image_size=32))
         for name in backbones.REGISTRY
     }
 
@@ -445,7 +447,8 @@ def test_cut_points_are_increasing_block_starts(random_bases):
 def test_preprocessing_is_inside_the_model(random_bases):
     """Models take RGB 0-255: Lite0's first layer after the input is Rescaling((x-127)/128);
     MobileNetV2's and ResNet50's in-model preprocessing equals keras.applications'
-    preprocess_input (ResNet50: RGB->BGR and Caffe means); EfficientNetB0 rescales inside."""
+    preprocess_input (ResNet50: RGB->BGR and Caffe means); EfficientNetB0 rescales inside.
+    Where the registry describes the preprocessing as a formula, the model computes it."""
     import keras
 
     from imgpipe import backbones
@@ -457,7 +460,21 @@ def test_preprocessing_is_inside_the_model(random_bases):
     assert isinstance(first, keras.layers.Rescaling) and first.name == "preprocess"
     assert first.scale == pytest.approx(1 / 128) and first.offset == pytest.approx(-127 / 128)
     np.testing.assert_allclose(np.asarray(first(x)), (x - 127.0) / 128.0, rtol=1e-6, atol=1e-6)
-    assert backbones.get("efficientnet_lite0").preprocessing == "(x - 127) / 128, RGB"
+
+    formula = re.compile(r"\(x - ([\d.]+)\) / ([\d.]+), RGB")
+    described = {
+        name: match
+        for name, spec in backbones.REGISTRY.items()
+        if (match := formula.fullmatch(spec.preprocessing))
+    }
+    assert {"efficientnet_lite0", "mobilenet_v2"} <= set(described), described
+    for name, match in described.items():
+        base = random_bases[name]
+        preprocess = keras.Model(base.input, base.get_layer("preprocess").output)
+        expected = (x - float(match.group(1))) / float(match.group(2))
+        np.testing.assert_allclose(
+            np.asarray(preprocess(x)), expected, rtol=1e-5, atol=1e-5, err_msg=name
+        )
 
     for name, module in (
         ("mobilenet_v2", keras.applications.mobilenet_v2),
