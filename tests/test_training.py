@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import TinyProject, build_tiny_project, class_pattern, read_csv_rows
+from conftest import PROJECT, TinyProject, build_tiny_project, class_pattern, params, read_csv_rows
+
+from imgpipe.params import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +54,10 @@ def project(tmp_path_factory) -> TinyProject:
         val_fraction=0.25,
         test_fraction=0.1,
     )
-    (p.root / "params.yaml").write_text(
-        yaml.safe_dump({"model": MODEL, "train": TRAIN, "finetune": FINETUNE}, sort_keys=False)
-    )
+    raw = load_params(PROJECT / "params.yaml")
+    for name, overrides in (("model", MODEL), ("train", TRAIN), ("finetune", FINETUNE)):
+        raw[name] = {**raw[name], **overrides}
+    (p.root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return p
 
 
@@ -87,7 +90,6 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
 
     from components import finetune
     from imgpipe import backbones
-    from imgpipe.params import FinetuneParams, ModelParams
     from imgpipe.training import base_of
 
     frozen = json.loads(project.train_metrics.read_text())["frozen"]
@@ -96,30 +98,28 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     assert frozen["train_images"] == 2 * 16 * len(CLASSES)  # 16 per class, each plus one view
     _assert_reports_best_epoch(frozen, project.train_history)
 
-    outputs = finetune.FinetuneOutputs(
-        tmp_path / "finetune",
-        tmp_path / "finetune.json",
-        tmp_path / "finetune_history.csv",
-        tmp_path / "checkpoints",
-    )
+    history = tmp_path / "finetune_history.csv"
     metrics = finetune.run(
-        project.train,
-        project.augment / "shards",
-        project.ingest,
-        project.train_history,
-        outputs,
-        ModelParams(**MODEL),
-        FinetuneParams(**FINETUNE),
+        trained=project.model,
+        augmented=project.augment / "shards",
+        dataset=project.ingest,
+        frozen_history=project.train_history,
+        out=tmp_path / "finetune",
+        summary=tmp_path / "finetune.json",
+        history=history,
+        checkpoints=tmp_path / "checkpoints",
+        model=params("model", **MODEL),
+        finetune=params("finetune", **FINETUNE),
         progress=False,
     )["finetune"]
     assert metrics["val_accuracy"] >= 0.8, metrics
     assert metrics["epochs"] == FINETUNE["epochs"] and metrics["resumed_from_epoch"] == 0
-    _assert_reports_best_epoch(metrics, outputs.history, monitor="val_accuracy")
+    _assert_reports_best_epoch(metrics, history, monitor="val_accuracy")
 
-    before = keras.models.load_model(project.train / "model.keras", compile=False)
-    after = keras.models.load_model(outputs.directory / "model.keras", compile=False)
+    before = keras.models.load_model(project.model, compile=False)
+    after = keras.models.load_model(tmp_path / "finetune" / "model.keras", compile=False)
     # Which layers fine-tuning trained: what unfreeze_top decides for these params ...
-    reference = keras.models.load_model(project.train / "model.keras", compile=False)
+    reference = keras.models.load_model(project.model, compile=False)
     count = finetune.unfreeze_top(reference, MODEL["backbone"], FINETUNE["unfreeze_layers"])
     inner_ref = backbones.inner_base(base_of(reference))
     trained = {layer.name for layer in inner_ref.layers if layer.trainable and layer.weights}
@@ -164,7 +164,6 @@ def test_head_on_cached_features_equals_frozen_model_on_images():
 
     from components import train
     from imgpipe import backbones, training
-    from imgpipe.params import ModelParams, TrainParams
 
     size, per_class = 48, 12
 
@@ -174,7 +173,9 @@ def test_head_on_cached_features_equals_frozen_model_on_images():
 
     x_img, y = images(0, per_class)
     vx_img, vy = images(1000, 3)
-    base = backbones.create(ModelParams("efficientnet_lite0", "imagenet", size))
+    base = backbones.create(
+        params("model", backbone="efficientnet_lite0", weights="imagenet", image_size=size)
+    )
     base.trainable = False
     base_before = [np.asarray(w).copy() for w in base.weights]
 
@@ -185,17 +186,19 @@ def test_head_on_cached_features_equals_frozen_model_on_images():
         return f
 
     x_feat, vx_feat = features(x_img, y), features(vx_img, vy)
-    params = TrainParams(seed=3, batch_size=8, epochs=3, learning_rate=0.003, dropout=0.2)
-    keras.utils.set_random_seed(params.seed)
-    head = training.build_head(x_feat.shape[1], 3, params.dropout, 0, params.seed)
-    twin = training.build_head(x_feat.shape[1], 3, params.dropout, 0, params.seed)
+    train_params = params(
+        "train", seed=3, batch_size=8, epochs=3, learning_rate=0.003, dropout=0.2, hidden_units=0
+    )
+    keras.utils.set_random_seed(train_params.seed)
+    head = training.build_head(x_feat.shape[1], 3, train_params.dropout, 0, train_params.seed)
+    twin = training.build_head(x_feat.shape[1], 3, train_params.dropout, 0, train_params.seed)
     twin.set_weights(head.get_weights())
     initial = [w.copy() for w in head.get_weights()]
 
-    cached = train.fit(head, x_feat, y, (vx_feat, vy), params, 3)
+    cached = train.fit(head, x_feat, y, (vx_feat, vy), train_params, 3)
     end_to_end_model = training.assemble(base, twin)
     assert len(end_to_end_model.trainable_weights) == 2  # the head's kernel and bias only
-    end_to_end = train.fit(end_to_end_model, x_img, y, (vx_img, vy), params, 3)
+    end_to_end = train.fit(end_to_end_model, x_img, y, (vx_img, vy), train_params, 3)
 
     for w_cached, w_e2e, w0 in zip(head.get_weights(), twin.get_weights(), initial, strict=True):
         assert np.abs(w_cached - w0).max() > 1e-3, "the head barely trained: nothing to compare"
@@ -206,7 +209,7 @@ def test_head_on_cached_features_equals_frozen_model_on_images():
     assert cached.history["accuracy"] == end_to_end.history["accuracy"]
     for a, b in zip(base_before, base.weights, strict=True):
         assert a.tobytes() == np.asarray(b).tobytes()
-    assert isinstance(end_to_end_model.get_layer("base"), keras.Model)
+    assert training.base_of(end_to_end_model) is base  # where later stages find the base
 
 
 def _cli_env(tmp_path: Path) -> dict[str, str]:
@@ -236,12 +239,12 @@ def test_finetune_cli_resumes_after_kill_9(project, tmp_path):
         str(VENV_BIN / "imgpipe"),
         "finetune",
         "--params", str(tmp_path / "params.yaml"),
-        "--train", str(project.train),
+        "--trained", str(project.model),
         "--augmented", str(project.augment / "shards"),
-        "--ingest", str(project.ingest),
+        "--dataset", str(project.ingest),
         "--frozen-history", str(project.train_history),
         "--out", str(tmp_path / "outputs" / "finetune"),
-        "--metrics", str(metrics_file),
+        "--summary", str(metrics_file),
         "--history", str(history_file),
         "--checkpoints", str(checkpoints),
     ]  # fmt: skip
@@ -303,24 +306,21 @@ def test_train_is_deterministic_by_seed(project, tmp_path):
     import keras
 
     from components import train
-    from imgpipe.params import ModelParams, TrainParams
     from imgpipe.training import HEAD_NAME
+    from imgpipe.training import MODEL as MODEL_FILE
 
-    rerun = train.TrainOutputs(
-        tmp_path / "train",
-        tmp_path / "train.json",
-        tmp_path / "history.csv",
-        project.root / "cache",
-    )
     train.run(
-        project.augment / "shards",
-        project.ingest,
-        rerun,
-        ModelParams(**MODEL),
-        TrainParams(**TRAIN),
+        augmented=project.augment / "shards",
+        dataset=project.ingest,
+        out=tmp_path / "train",
+        summary=tmp_path / "train.json",
+        history=tmp_path / "history.csv",
+        feature_cache=project.feature_cache,
+        model=params("model", **MODEL),
+        train=params("train", **TRAIN),
         progress=False,
     )
-    first = keras.models.load_model(project.train / train.MODEL).get_layer(HEAD_NAME)
-    second = keras.models.load_model(rerun.directory / train.MODEL).get_layer(HEAD_NAME)
+    first = keras.models.load_model(project.model).get_layer(HEAD_NAME)
+    second = keras.models.load_model(tmp_path / "train" / MODEL_FILE).get_layer(HEAD_NAME)
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
