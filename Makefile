@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export UV_NO_PROGRESS := 1
 
-.PHONY: setup demo test bench lint typecheck ui serve image sample-data clean
+.PHONY: setup demo test test-fast bench lint typecheck dvc-yaml ui serve image sample-data clean
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools "uv==$(UV_VERSION)"
@@ -36,6 +36,9 @@ demo: sample-data  ## set up, get the sample data, run the DVC pipeline end to e
 test: setup  ## the whole test suite, offline
 	$(BIN)/pytest
 
+test-fast: setup  ## the inner loop: every test but the slow ones (real stages, servers, e2e)
+	$(BIN)/pytest -m "not slow"
+
 bench: demo  ## every benchmark on the demo's outputs: JSON and summary.md in bench/results/
 	$(BIN)/python -m bench
 
@@ -44,6 +47,9 @@ lint: setup
 
 typecheck: setup
 	$(BIN)/mypy
+
+dvc-yaml: setup  ## rewrite dvc.yaml from the stage declarations (pipelines/stages.py)
+	$(BIN)/python -m pipelines.dvc
 
 ui: setup  ## MLflow UI on 127.0.0.1 to compare runs
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 --port 5000

@@ -109,8 +109,8 @@ def _resize(image: Image.Image, size: int) -> Image.Image:
 
 
 def _materialise(source: Source, view: int, size: int, p: AugmentParams) -> tuple[bytes, dict]:
-    image = Image.open(io.BytesIO(source.encoded))
-    image = image.convert("L" if image.mode == "L" else "RGB")
+    opened = Image.open(io.BytesIO(source.encoded))
+    image = opened.convert("L" if opened.mode == "L" else "RGB")
     drawn: dict = {}
     if view > 0:
         image, drawn = augment(image, view_rng(p.seed, source.sha256, view), p)

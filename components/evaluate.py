@@ -22,7 +22,7 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -271,7 +271,7 @@ def champion_metrics(
     }
 
 
-REGISTRY = "registry"
+REGISTRY: Final = "registry"
 """``champion=REGISTRY``: compare with the registry's current champion of ``serving.model_name``."""
 
 
@@ -364,9 +364,9 @@ def run(
             [labels[a], labels[p]] for a, p in zip(test.labels, predicted, strict=True)
         )
     with atomic_path(calibration) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(reliability[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rounded([r for r in reliability if r["count"]]))
+        table = csv.DictWriter(f, fieldnames=list(reliability[0]), lineterminator="\n")
+        table.writeheader()
+        table.writerows(rounded([r for r in reliability if r["count"]]))
     metrics = rounded(
         {
             "test": candidate,

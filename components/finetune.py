@@ -224,6 +224,8 @@ def run(
     seconds = time.perf_counter() - started
     rows = checkpoint.rows
 
+    if checkpoint.best_file is None:
+        raise RuntimeError(f"finetune: no epoch was checkpointed in {checkpoints}")
     # The served model needs no optimizer state: load without it, compile for evaluation only.
     best = keras.models.load_model(checkpoints / checkpoint.best_file, compile=False)
     best.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])

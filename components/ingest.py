@@ -339,10 +339,12 @@ def stratified_split(
 
 def summarise(rows: Sequence[dict[str, Any]], rejections: Sequence[Rejection]) -> dict[str, Any]:
     classes = sorted({r["label"] for r in rows})
-    splits = {s: {"total": 0, "classes": dict.fromkeys(classes, 0)} for s in SPLITS}
+    totals = dict.fromkeys(SPLITS, 0)
+    per_class = {s: dict.fromkeys(classes, 0) for s in SPLITS}
     for row in rows:
-        splits[row["split"]]["total"] += 1
-        splits[row["split"]]["classes"][row["label"]] += 1
+        totals[row["split"]] += 1
+        per_class[row["split"]][row["label"]] += 1
+    splits = {s: {"total": totals[s], "classes": per_class[s]} for s in SPLITS}
     return {
         "images": len(rows),
         "quarantined": len(rejections),

@@ -101,18 +101,19 @@ def manifest_expectations(params: ValidateParams) -> list[Any]:
 
 def class_expectations(params: ValidateParams) -> list[Any]:
     from great_expectations import expectations as gxe
+    from great_expectations.expectations.metadata_types import FailureSeverity
 
     return [
         gxe.ExpectColumnValuesToBeBetween(
             column="images",
             min_value=params.min_images_per_class,
-            severity="critical",
+            severity=FailureSeverity.CRITICAL,
             description=f"each class has >= {params.min_images_per_class} images in every split",
         ),
         gxe.ExpectColumnValuesToBeBetween(
             column="ratio_to_smallest_class",
             max_value=params.max_imbalance_ratio,
-            severity="warning",
+            severity=FailureSeverity.WARNING,
             description=f"imbalance: no class over {params.max_imbalance_ratio}x the smallest",
         ),
     ]
@@ -171,6 +172,7 @@ def run(*, manifest: Path, out: Path, summary: Path, validate: ValidateParams) -
     params, manifest_csv = validate, manifest
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     # Text columns stay text (class folders "0", "1" or "NA" are labels, not numbers or nulls);
     # only empty cells are missing values.
@@ -182,7 +184,7 @@ def run(*, manifest: Path, out: Path, summary: Path, validate: ValidateParams) -
         "classes": (class_table(manifest), class_expectations(params), ["key"]),
     }
     context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False}
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     outcomes: list[dict[str, Any]] = []
     with atomic_path(out) as staged:
         docs = staged / DATA_DOCS

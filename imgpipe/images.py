@@ -89,7 +89,7 @@ def check_image(data: bytes, *, max_pixels: int) -> CheckedImage:
     if not data:
         raise ImageRejected("empty_file", "the file has zero bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageRejected("decompression_bomb", str(exc)) from None
     except UnidentifiedImageError:

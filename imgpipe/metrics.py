@@ -1,5 +1,10 @@
-"""Classification metrics in plain NumPy: one definition for the evaluate stage, the champion
-comparison, the metadata slices and the TFLite parity report."""
+"""Classification metrics: one definition for the evaluate stage, the champion comparison, the
+metadata slices and the TFLite parity report.
+
+The counts and scores come from scikit-learn (``sklearn.metrics``); only the reliability bins
+of the top-1 confidence, and the expected calibration error over them, are computed here (see
+``calibration_bins`` for why).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as skm
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np.ndarray:
-    """``cm[actual, predicted]`` counts."""
-    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
-    return np.bincount(y_true * classes + y_pred, minlength=classes * classes).reshape(
-        classes, classes
+    """``cm[actual, predicted]`` counts over class indices ``0 .. classes - 1``."""
+    return skm.confusion_matrix(
+        np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64), labels=np.arange(classes)
     )
 
 
 def calibration_bins(
     y_true: np.ndarray, probs: np.ndarray, bins: int
 ) -> list[dict[str, float | int]]:
-    """Equal-width bins of the top-1 confidence: count, mean confidence and accuracy in each."""
+    """Equal-width bins of the top-1 confidence, ``[lower, upper)`` (the last one closed):
+    count, mean confidence and accuracy in each, empty bins included.
+
+    Hand-written because ``sklearn.calibration.calibration_curve`` cannot give this table: it
+    returns the means of the non-empty bins only (no counts, which the reliability table and
+    the ECE weights need, and no way to tell which bin a mean belongs to), it takes one
+    binary outcome per image rather than the top-1 of a multi-class model, and its bins are
+    closed on the right, so a confidence on an edge would land one bin lower than here.
+    """
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y_true
     index = np.minimum((confidence * bins).astype(np.int64), bins - 1)
@@ -42,7 +55,8 @@ def calibration_bins(
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int) -> float:
-    """Sum over bins of |accuracy - confidence| weighted by the bin's share of images."""
+    """Sum over bins of |accuracy - confidence| weighted by the bin's share of images
+    (scikit-learn has no ECE; it needs the bins above)."""
     rows = calibration_bins(y_true, probs, bins)
     total = max(1, len(y_true))
     return float(sum(r["count"] / total * abs(r["accuracy"] - r["confidence"]) for r in rows))
@@ -52,8 +66,12 @@ def classification_metrics(
     y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str], bins: int = 10
 ) -> dict[str, Any]:
     """Accuracy, balanced accuracy (mean recall), macro-F1, expected calibration error and
-    per-class precision/recall/F1/support. Class averages run over the classes present in
-    ``y_true``, so a slice without some class is not punished for it."""
+    per-class precision/recall/F1/support.
+
+    Class averages run over the classes present in ``y_true``, so a slice without some class
+    is not punished for it. A score whose denominator is zero (precision of a class never
+    predicted, recall of a class absent from ``y_true``) is 0.
+    """
     y_true = np.asarray(y_true, np.int64)
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2 or probs.shape != (len(y_true), len(labels)):
@@ -61,19 +79,22 @@ def classification_metrics(
             f"expected probabilities of shape ({len(y_true)}, {len(labels)}), got {probs.shape}"
         )
     y_pred = probs.argmax(axis=1)
-    cm = confusion_matrix(y_true, y_pred, len(labels))
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    present = support > 0
+    # Every class, by index, so that a class absent from this slice still has its row.
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=np.arange(len(labels)), zero_division=0.0
+    )
+    # Balanced accuracy is the macro recall over the classes present in y_true: what
+    # skm.balanced_accuracy_score computes, which has no labels argument and warns on every
+    # slice that lacks a class the model predicted.
+    present = np.unique(y_true)
+    averaged = {"labels": present, "average": "macro", "zero_division": 0.0}
     return {
         "images": len(y_true),
-        "accuracy": float(tp.sum() / max(1, len(y_true))),
-        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        "balanced_accuracy": float(skm.recall_score(y_true, y_pred, **averaged))
+        if len(y_true)
+        else 0.0,
+        "macro_f1": float(skm.f1_score(y_true, y_pred, **averaged)) if len(y_true) else 0.0,
         "ece": expected_calibration_error(y_true, probs, bins),
         "per_class": {
             label: {

@@ -132,7 +132,7 @@ def log_epoch(row: dict[str, Any]) -> None:
 
     if mlflow.active_run() is None:
         return
-    metrics = {
+    metrics: dict[str, float] = {
         k: row[k]
         for k in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
         if k in row

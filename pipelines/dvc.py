@@ -58,7 +58,7 @@ def _module_file(module: str) -> Path | None:
 
 
 def _imports(path: Path) -> set[str]:
-    modules = set()
+    modules: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             modules.update(alias.name for alias in node.names)
