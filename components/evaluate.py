@@ -50,17 +50,10 @@ GATED = ("accuracy", "balanced_accuracy")
 
 def predict_keras(model: Any, encoded: Sequence[bytes], image_size: int, batch: int) -> np.ndarray:
     """The Keras model on the images decoded exactly as in training and serving."""
-    import tensorflow as tf
+    from imgpipe.datasets import encoded_dataset
 
-    from imgpipe.datasets import decode_and_resize
-
-    ds = (
-        tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded)))
-        .map(lambda b: decode_and_resize(b, image_size), num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(batch)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    return np.concatenate([np.asarray(model(x, training=False)) for x in ds])
+    batches = encoded_dataset(encoded, image_size, batch)
+    return np.concatenate([np.asarray(model(x, training=False)) for x in batches])
 
 
 def _test_manifest(manifest: Path, columns: Sequence[str]) -> dict[str, dict[str, str]]:

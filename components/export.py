@@ -210,13 +210,10 @@ class TFLiteClassifier:
 
 def _decoded(encoded: Sequence[bytes], image_size: int) -> Iterator[np.ndarray]:
     """Each image's pixels, decoded and resized as in training."""
-    import tensorflow as tf
+    from imgpipe.datasets import encoded_dataset
 
-    from imgpipe.datasets import decode_and_resize
-
-    images = tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded)))
-    for image in images.map(lambda b: decode_and_resize(b, image_size)):
-        yield image.numpy()
+    for batch in encoded_dataset(encoded, image_size, 1):
+        yield batch.numpy()[0]
 
 
 def parity(

@@ -78,6 +78,10 @@ def classification_metrics(
         raise ValueError(
             f"expected probabilities of shape ({len(y_true)}, {len(labels)}), got {probs.shape}"
         )
+    if not len(y_true):  # sklearn refuses empty input: no image, every score 0
+        scores = dict.fromkeys(("accuracy", "balanced_accuracy", "macro_f1", "ece"), 0.0)
+        zero = {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+        return {"images": 0, **scores, "per_class": {label: dict(zero) for label in labels}}
     y_pred = probs.argmax(axis=1)
     # Every class, by index, so that a class absent from this slice still has its row.
     precision, recall, f1, support = skm.precision_recall_fscore_support(
@@ -90,11 +94,9 @@ def classification_metrics(
     averaged = {"labels": present, "average": "macro", "zero_division": 0.0}
     return {
         "images": len(y_true),
-        "accuracy": float(skm.accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
-        "balanced_accuracy": float(skm.recall_score(y_true, y_pred, **averaged))
-        if len(y_true)
-        else 0.0,
-        "macro_f1": float(skm.f1_score(y_true, y_pred, **averaged)) if len(y_true) else 0.0,
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(skm.recall_score(y_true, y_pred, **averaged)),
+        "macro_f1": float(skm.f1_score(y_true, y_pred, **averaged)),
         "ece": expected_calibration_error(y_true, probs, bins),
         "per_class": {
             label: {
