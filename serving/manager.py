@@ -25,6 +25,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 
 from serving.batching import Batcher
 from serving.config import versions_to_serve
+from serving.warmup import WARMUP, read_warmup
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,6 @@ class Servable:
         """Replay the version's warmup requests (PredictLog records); any failure fails the
         load, as in TF Serving."""
         import tensorflow as tf
-
-        from components.export import WARMUP, read_warmup
 
         path = self.path / WARMUP
         if not path.is_file():

@@ -434,8 +434,8 @@ def test_a_version_whose_warmup_fails_never_becomes_available(tmp_path):
     previous version keeps serving instead of being unloaded for it."""
     from tensorflow_serving.config import model_server_config_pb2
 
-    from components.export import write_warmup
     from serving.manager import ModelManager
+    from serving.warmup import write_warmup
 
     base = tmp_path / LOCAL_MODEL
     _export_version(base, 1)
