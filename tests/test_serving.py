@@ -526,6 +526,82 @@ def test_serving_configs_parse_and_reject_typos(tmp_path):
         config.read_batching_parameters(bad)
 
 
+def test_committed_model_config_serves_the_params_model_name():
+    """Guards the one home of the model name: serving/models.config (what the real
+    tensorflow/serving container reads) serves params.yaml's serving.model_name."""
+    from serving import config
+
+    name = config.served_model_name(PROJECT / "params.yaml")
+    (model,) = config.read_model_config(config.MODEL_CONFIG).model_config_list.config
+    assert (model.name, model.base_path) == (name, f"/models/{name}"), (
+        f"serving/models.config serves {model.name!r} at {model.base_path}; params.yaml "
+        f"serving.model_name is {name!r}: change the file to match"
+    )
+
+
+def _params(path: Path, serving: str) -> Path:
+    path.write_text(f"train:\n  epochs: 1\n{serving}")
+    return path
+
+
+def test_model_config_rendered_for_params_errors_name_the_key(tmp_path):
+    """``python -m serving.config`` names the missing section or key, exits 2, writes nothing."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "models.config"
+    for serving, says in [
+        ("", "no 'serving' section"),
+        ("serving:\n  model_base_path: models\n", "serving.model_name is missing"),
+        ("serving:\n  model_name: a/b\n", "serving.model_name must name a folder"),
+    ]:
+        params = _params(tmp_path / "params.yaml", serving)
+        result = subprocess.run(
+            [sys.executable, "-m", "serving.config", "--params", str(params), "--out", str(out)],
+            cwd=PROJECT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 2 and says in result.stderr, result.stderr
+        assert not out.exists()
+
+
+@pytest.mark.skipif(bool(EXTERNAL), reason="starts a local server")
+def test_make_serve_config_serves_the_params_model_name(local, tmp_path):
+    """What ``make serve`` runs, for a user whose params.yaml says ``model_name: clothing``:
+    the rendered config keeps the template's policy and serves ``clothing`` from
+    ``models/clothing/``, and a client asking for that name gets answers."""
+    import shutil
+    import subprocess
+    import sys
+
+    from serving import config
+    from serving.client import ServingClient
+
+    params = _params(tmp_path / "params.yaml", "serving:\n  model_name: clothing\n")
+    rendered = tmp_path / "outputs" / "serving" / "models.config"
+    subprocess.run(
+        [sys.executable, "-m", "serving.config", "--params", str(params), "--out", str(rendered)],
+        cwd=PROJECT,
+        check=True,
+    )
+    (model,) = config.read_model_config(rendered).model_config_list.config
+    (template,) = config.read_model_config(config.MODEL_CONFIG).model_config_list.config
+    assert (model.name, model.base_path) == ("clothing", "/models/clothing")
+    assert model.model_version_policy == template.model_version_policy
+
+    shutil.copytree(local.base / "1", tmp_path / "models" / "clothing" / "1")
+    args = ["--model_config_file", str(rendered), "--mount", f"{tmp_path / 'models'}:/models"]
+    with (
+        ServerProcess(args, tmp_path / "server") as server,
+        ServingClient(server.address, timeout=60) as client,
+    ):
+        assert client.status("clothing") == [(1, "AVAILABLE")]
+        out = client.predict_bytes(_images(2), model=config.served_model_name(params))
+        assert int(out["model_version"]) == 1 and out["probabilities"].shape == (2, len(LABELS))
+
+
 def test_version_policy_like_tf_serving():
     from tensorflow_serving.config import model_server_config_pb2
 
