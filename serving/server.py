@@ -4,11 +4,12 @@ TF Serving's ``tensorflow_model_server`` binary is not installable from PyPI, so
 the pipeline's models be served, and the contract tests run, on any machine. It answers
 ``tensorflow.serving.PredictionService`` (Predict, Classify, GetModelMetadata; Regress and
 MultiInference are UNIMPLEMENTED) and ``tensorflow.serving.ModelService`` (GetModelStatus,
-HandleReloadConfigRequest), reads TF Serving's model config, batching and monitoring files,
-loads every version the version policy allows, warms each up before it reports AVAILABLE,
-swaps versions without failing requests in flight, caps message sizes, binds 127.0.0.1 unless
-told otherwise, and stops cleanly on SIGTERM. In production, run the real ``tensorflow/serving``
-container with the same files (README, ``infra/``).
+HandleReloadConfigRequest), and with ``--rest_api_port`` TF Serving's REST API and the
+Prometheus metrics (``serving/rest.py``). It reads TF Serving's model config, batching and
+monitoring files, loads every version the version policy allows, warms each up before it
+reports AVAILABLE, swaps versions without failing requests in flight, caps message sizes, binds
+127.0.0.1 unless told otherwise, and stops cleanly on SIGTERM. In production, run the real
+``tensorflow/serving`` container with the same files (README, ``infra/``).
 
     python -m serving.server --model_config_file serving/models.config --mount models:/models
 """
