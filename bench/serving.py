@@ -137,7 +137,7 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="elpv_defects")
+    parser.add_argument("--model", help="served model name (default: params.yaml's)")
     parser.add_argument(
         "--base",
         type=Path,
@@ -157,8 +157,10 @@ def main() -> None:
     from components import backbones
     from components.config import ModelParams, load_params, section
     from components.export import TFLITE_FILES
+    from serving.config import served_model_name
     from serving.process import ServerProcess, model_config
 
+    args.model = args.model or served_model_name(args.params)
     base = args.base or PROJECT / "outputs" / "export" / "serving" / args.model
     version = latest_version(require(base))
     image = args.image.read_bytes() if args.image else _test_image()

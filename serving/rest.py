@@ -9,8 +9,9 @@
 
 Errors answer ``{"error": "..."}`` with the HTTP status TF Serving maps the gRPC code to: 400
 (bad request), 404 (unknown model, version or path), 429 (RESOURCE_EXHAUSTED), 503
-(UNAVAILABLE: among others a full batch queue, as in TF Serving), 500 (a bug). A body over the
-message cap is refused with 413 before it is read whole.
+(UNAVAILABLE: among others a full batch queue, as in TF Serving), 500 (a bug); 405 for a known
+path with another method. A body over the message cap is refused with 413 (Starlette's body
+limit) before it is read whole.
 
     server = RestServer("127.0.0.1", 8501, manager, metrics, "/monitoring/prometheus/metrics", cap)
     server.start()  # serves on its own thread
@@ -39,7 +40,13 @@ from starlette.routing import Route
 
 from serving.manager import ModelManager, ServingError
 from serving.metrics import Metrics
-from serving.predict import STATUS_BY_NUMBER, check_input_names, check_shape, predict
+from serving.predict import (
+    STATUS_BY_NUMBER,
+    InputBuilder,
+    check_input_names,
+    check_shape,
+    predict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +112,7 @@ def _array(value: Any, info: Any, where: str) -> np.ndarray:
         raise _bad(f"{where} cannot be read as {dtype.name}: {exc}") from None
 
 
-def json_inputs(body: dict[str, Any]) -> Any:
+def json_inputs(body: dict[str, Any]) -> InputBuilder:
     """``predict()``'s input builder for a REST body, checked like a gRPC request."""
     has_rows, has_columns = "instances" in body, "inputs" in body
     if has_rows == has_columns:

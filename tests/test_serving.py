@@ -141,10 +141,12 @@ class TestContract:
         assert images.dtype == types_pb2.DT_UINT8 and len(images.tensor_shape.dim) == 4
         assert signatures["classify"].method_name == "tensorflow/serving/classify"
 
-    def test_status_lists_available_versions(self, client):
+    def test_status_lists_available_versions(self, client, request):
         assert _available(client), client.status(MODEL)
         if not EXTERNAL:
-            assert _available(client) == [1, 2]
+            base = request.getfixturevalue("local").base
+            folders = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
+            assert _available(client) == folders[-2:]  # policy: latest 2
 
     def test_predict_with_png_and_jpeg_bytes(self, client):
         for fmt in ("PNG", "JPEG"):
@@ -293,7 +295,10 @@ def test_hot_swap_fails_no_request_and_serves_the_new_version(local, tmp_path):
     """Guards the hot swap: while client loops keep predicting, a new version is pushed into
     the base path (one rename, like the push stage); no request fails, every request sent once
     the server reports the new version AVAILABLE is answered by it, and the oldest version is
-    unloaded (policy: latest 2). Waits on the server's state, never on a fixed sleep."""
+    unloaded (policy: latest 2). Waits on the server's state, never on a fixed sleep. Removing
+    the new version's folder afterwards brings the server back to the versions it had."""
+    import shutil
+
     from components.registry import push_to_serving
     from serving.client import ServingClient, ServingClientError
 
@@ -317,9 +322,11 @@ def test_hot_swap_fails_no_request_and_serves_the_new_version(local, tmp_path):
         threads = [threading.Thread(target=loop, args=(mine,)) for mine in answers]
         for thread in threads:
             thread.start()
+        pushed = None
         try:
             _wait_for(lambda: all(answers), "every client loop's first answer")
-            new = int(push_to_serving(staged, local.root / "models", LOCAL_MODEL).name)
+            pushed = push_to_serving(staged, local.root / "models", LOCAL_MODEL)
+            new = int(pushed.name)
             assert new == before[-1] + 1
             _wait_for(
                 lambda: dict(status_client.status(LOCAL_MODEL)).get(new) == "AVAILABLE",
@@ -330,22 +337,32 @@ def test_hot_swap_fails_no_request_and_serves_the_new_version(local, tmp_path):
                 lambda: all(sum(sent > swapped for sent, _ in mine) >= 3 for mine in answers),
                 "three answers per client loop after the swap",
             )
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert not failures, failures[:3]
+            for mine in answers:
+                assert mine[0][1] == before[-1], mine[:3]
+                after = {version for sent, version in mine if sent > swapped}
+                assert after == {new}, f"requests sent after the swap answered by {after}"
+            oldest = before[0]
+            states = _wait_for(
+                lambda: (s := dict(status_client.status(LOCAL_MODEL))).get(oldest) == "END" and s,
+                f"version {oldest} to be unloaded",
+                seconds=30,
+            )
+            assert states[new] == "AVAILABLE" and states[before[-1]] == "AVAILABLE", states
         finally:
             stop.set()
             for thread in threads:
                 thread.join(timeout=60)
-        assert not failures, failures[:3]
-        for mine in answers:
-            assert mine[0][1] == before[-1], mine[:3]
-            after = {version for sent, version in mine if sent > swapped}
-            assert after == {new}, f"requests sent after the swap answered by {after}"
-        oldest = before[0]
-        states = _wait_for(
-            lambda: (s := dict(status_client.status(LOCAL_MODEL))).get(oldest) == "END" and s,
-            f"version {oldest} to be unloaded",
-            seconds=30,
-        )
-        assert states[new] == "AVAILABLE" and states[before[-1]] == "AVAILABLE", states
+            if pushed is not None:  # roll back: the other tests see the versions they expect
+                removed = pushed.rename(pushed.with_name(f".removed-{pushed.name}"))
+                shutil.rmtree(removed)
+                _wait_for(
+                    lambda: _available(status_client) == before,
+                    f"the server back on versions {before}",
+                )
 
 
 @pytest.mark.skipif(bool(EXTERNAL), reason="bounded load on the local server")
