@@ -54,12 +54,15 @@ dvc-yaml: setup  ## rewrite dvc.yaml from the stage declarations (pipelines/stag
 ui: setup  ## MLflow UI on 127.0.0.1 to compare runs
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 --port 5000
 
-# The local TF Serving stand-in on the pushed models, with the same config files the real
-# tensorflow/serving container uses (models/ is mounted where the config's base_path points).
+# The local TF Serving stand-in on the pushed models, with the config files the real
+# tensorflow/serving container uses; the model config is serving/models.config rendered for
+# params.yaml's serving.model_name (models/ is mounted where its base_path points).
 SERVE_FLAGS ?= --port 8500 --rest_api_port 8501 --enable_batching
-serve: setup  ## serve models/ over TF Serving's gRPC API on 127.0.0.1:8500 (metrics on :8501)
+SERVING_MODEL_CONFIG := outputs/serving/models.config
+serve: setup  ## serve models/ over TF Serving's gRPC API on 127.0.0.1:8500 (REST and metrics on :8501)
 	@test -d models || { echo "no models/ yet: run make demo first (push copies the champion there)"; exit 1; }
-	$(BIN)/python -m serving.server --model_config_file serving/models.config \
+	$(BIN)/python -m serving.config --params params.yaml --out $(SERVING_MODEL_CONFIG)
+	$(BIN)/python -m serving.server --model_config_file $(SERVING_MODEL_CONFIG) \
 		--mount $(CURDIR)/models:/models \
 		--batching_parameters_file serving/batching.config \
 		--monitoring_config_file serving/monitoring.config $(SERVE_FLAGS)

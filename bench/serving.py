@@ -100,8 +100,8 @@ def requests_for(image: bytes, size: int) -> dict[str, tuple[dict[str, Any], int
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
-    from components.export import BYTES_INPUT, IMAGES_INPUT, IMAGES_SIGNATURE
     from imgpipe.datasets import decode_and_resize
+    from imgpipe.savedmodel import BYTES_INPUT, IMAGES_INPUT, IMAGES_SIGNATURE
 
     pixels = decode_and_resize(tf.constant(image), size).numpy()[None]
     inputs = {
@@ -137,7 +137,7 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="elpv_defects")
+    parser.add_argument("--model", help="served model name (default: params.yaml's)")
     parser.add_argument(
         "--base",
         type=Path,
@@ -154,11 +154,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     args = parser.parse_args()
 
-    from components.export import TFLITE_FILES
     from imgpipe import backbones
     from imgpipe.params import ModelParams, load_params, section
+    from imgpipe.savedmodel import TFLITE_FILES
+    from serving.config import served_model_name
     from serving.process import ServerProcess, model_config
 
+    args.model = args.model or served_model_name(args.params)
     base = args.base or PROJECT / "outputs" / "export" / "serving" / args.model
     version = latest_version(require(base))
     image = args.image.read_bytes() if args.image else _test_image()

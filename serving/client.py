@@ -1,36 +1,61 @@
 """A client for TF Serving's gRPC API (the real server or the local stand-in): encoded images in,
-top-k labels out. Deadlines on every call, retries with exponential backoff on UNAVAILABLE
-(server starting, restarting or overloaded), and errors that say which server, model and call
-failed.
+top-k labels out. One deadline per call, retries included; UNAVAILABLE (server starting,
+restarting or overloaded) is retried with exponential backoff by gRPC's own retry policy (a
+service config on the channel); errors say which call, server, model and status failed.
 
-    with ServingClient("127.0.0.1:8500") as client:
+    with ServingClient("127.0.0.1:8500", timeout=10, retries=3) as client:
         outputs = client.predict_bytes([open("cell.png", "rb").read()], model="elpv_defects")
         print(top_k(outputs, k=3))
 """
 
 from __future__ import annotations
 
-import logging
-import time
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import numpy as np
 
-log = logging.getLogger(__name__)
+from serving.warmup import BYTES_INPUT, BYTES_SIGNATURE
 
-RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_RETRIES = 4
+"""gRPC allows at most 5 attempts per call (A6 client retries: larger maxAttempts are cut to 5)."""
+SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 
 
 class ServingClientError(RuntimeError):
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    """A call failed; ``code`` is the gRPC status (None when no status came back) and
+    ``details`` the server's message."""
+
+    def __init__(
+        self, message: str, code: grpc.StatusCode | None = None, details: str = ""
+    ) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.details = code, details
+
+
+def service_config(retries: int, backoff: float, max_backoff: float) -> str:
+    """The channel's service config (JSON): UNAVAILABLE is retried ``retries`` times on both TF
+    Serving services, waiting a random time up to ``backoff`` * 2**n seconds (at most
+    ``max_backoff``) before retry n; ``retries`` 0: no retry policy."""
+    method: dict[str, Any] = {"name": [{"service": service} for service in SERVICES]}
+    if retries:
+        method["retryPolicy"] = {
+            "maxAttempts": retries + 1,
+            "initialBackoff": f"{backoff:.9f}s",  # a JSON Duration
+            "maxBackoff": f"{max_backoff:.9f}s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"methodConfig": [method]})
 
 
 class ServingClient:
+    """A channel to one server; ``timeout`` is each call's deadline in seconds (all attempts
+    together) and ``retries`` how often UNAVAILABLE is retried (0 to ``MAX_RETRIES``)."""
+
     def __init__(
         self,
         address: str,
@@ -38,16 +63,25 @@ class ServingClient:
         timeout: float = 10.0,
         retries: int = 3,
         backoff: float = 0.2,
+        max_backoff: float = 5.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-        self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
+        if not 0 <= retries <= MAX_RETRIES:
+            raise ValueError(f"retries must be 0 to {MAX_RETRIES} (gRPC's limit), got {retries}")
+        if not 0 < backoff <= max_backoff:
+            raise ValueError(f"need 0 < backoff <= max_backoff, got {backoff} and {max_backoff}")
+        self.address, self.timeout, self.retries = address, timeout, retries
         self.channel = grpc.insecure_channel(
             address,
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", service_config(retries, backoff, max_backoff)),
+                # a request larger than the retry buffer is never retried: make room for any
+                ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
             ],
         )
         self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
@@ -63,31 +97,26 @@ class ServingClient:
         self.channel.close()
 
     def call(self, method: Any, request: Any, what: str) -> Any:
-        """``method(request)`` with the deadline, retrying UNAVAILABLE with backoff."""
-        for attempt in range(self.retries + 1):
-            try:
-                return method(request, timeout=self.timeout)
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code in RETRY_CODES and attempt < self.retries:
-                    delay = self.backoff * 2**attempt
-                    log.info(
-                        "%s: %s from %s, retry in %.2f s", what, code.name, self.address, delay
-                    )
-                    time.sleep(delay)
-                    continue
-                raise ServingClientError(
-                    f"{what} on {self.address} failed: {code.name}: {exc.details()}", code
-                ) from None
-        raise AssertionError("unreachable")
+        """``method(request)`` with the deadline; ``what`` names the call in errors."""
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            retried = code == grpc.StatusCode.UNAVAILABLE and self.retries
+            tried = f" (retried up to {self.retries} times)" if retried else ""
+            raise ServingClientError(
+                f"{what} on {self.address} failed: {code.name}: {details}{tried}", code, details
+            ) from None
 
     @staticmethod
-    def spec(request: Any, model: str, version: int | None, signature: str | None) -> None:
+    def spec(request: Any, model: str, version: int | None, signature: str | None) -> str:
+        """Fill ``request.model_spec``; returns how errors name the call's target."""
         request.model_spec.name = model
         if version is not None:
             request.model_spec.version.value = version
         if signature:
             request.model_spec.signature_name = signature
+        return f"model {model!r}" + (f" version {version}" if version is not None else "")
 
     def predict(
         self,
@@ -95,16 +124,18 @@ class ServingClient:
         *,
         model: str,
         version: int | None = None,
-        signature: str = "serving_default",
+        signature: str = BYTES_SIGNATURE,
     ) -> dict[str, np.ndarray]:
+        """Predict on ``signature``; the outputs, plus ``model_version``: the version that
+        answered."""
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
         request = predict_pb2.PredictRequest()
-        self.spec(request, model, version, signature)
+        target = self.spec(request, model, version, signature)
         for name, value in inputs.items():
             request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
-        response = self.call(self.predictions.Predict, request, f"Predict({model})")
+        response = self.call(self.predictions.Predict, request, f"Predict({target})")
         outputs = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
         outputs["model_version"] = np.array(response.model_spec.version.value)
         return outputs
@@ -114,7 +145,7 @@ class ServingClient:
     ) -> dict[str, np.ndarray]:
         """The bytes signature on encoded images (JPEG, PNG, GIF, BMP)."""
         return self.predict(
-            {"image_bytes": np.array(list(images), dtype=object)}, model=model, version=version
+            {BYTES_INPUT: np.array(list(images), dtype=object)}, model=model, version=version
         )
 
     def metadata(self, model: str, version: int | None = None) -> Any:
@@ -122,9 +153,9 @@ class ServingClient:
         from tensorflow_serving.apis import get_model_metadata_pb2
 
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-        self.spec(request, model, version, None)
+        target = self.spec(request, model, version, None)
         response = self.call(
-            self.predictions.GetModelMetadata, request, f"GetModelMetadata({model})"
+            self.predictions.GetModelMetadata, request, f"GetModelMetadata({target})"
         )
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
@@ -135,8 +166,8 @@ class ServingClient:
         from tensorflow_serving.apis import get_model_status_pb2
 
         request = get_model_status_pb2.GetModelStatusRequest()
-        self.spec(request, model, version, None)
-        response = self.call(self.models.GetModelStatus, request, f"GetModelStatus({model})")
+        target = self.spec(request, model, version, None)
+        response = self.call(self.models.GetModelStatus, request, f"GetModelStatus({target})")
         names = get_model_status_pb2.ModelVersionStatus.State.Name
         return [(s.version, names(s.state)) for s in response.model_version_status]
 

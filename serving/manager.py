@@ -11,6 +11,7 @@ threads stop.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 
 from serving.batching import Batcher
 from serving.config import versions_to_serve
+from serving.warmup import WARMUP, read_warmup
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,15 @@ class Servable:
         self.lock = threading.Lock()
         self.closed = False
 
+    def signature_def_map(self) -> Any:
+        """The signatures as GetModelMetadata's ``signature_def`` metadata (a SignatureDefMap)."""
+        from tensorflow_serving.apis import get_model_metadata_pb2
+
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        for key, value in self.signature_defs.items():
+            signatures.signature_def[key].CopyFrom(value)
+        return signatures
+
     def call(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run a signature (through its batcher when batching is on)."""
         batcher = self._batcher(signature)
@@ -93,7 +104,7 @@ class Servable:
                 if not batchable:
                     return None
                 self.batchers[signature] = Batcher(
-                    lambda x, s=signature: self._run(s, x),
+                    functools.partial(self._run, signature),
                     name=f"{self.name}-v{self.version}-{signature}",
                     **self.batching,
                 )
@@ -103,8 +114,6 @@ class Servable:
         """Replay the version's warmup requests (PredictLog records); any failure fails the
         load, as in TF Serving."""
         import tensorflow as tf
-
-        from components.export import WARMUP, read_warmup
 
         path = self.path / WARMUP
         if not path.is_file():
@@ -279,30 +288,35 @@ class ModelManager:
             )
         return model
 
+    def _requested_version(self, model: Model, spec: Any) -> int | None:
+        """The version a ModelSpec names, by number or by label; None when it names none."""
+        if spec.HasField("version"):
+            return int(spec.version.value)
+        if spec.version_label:
+            labels = dict(model.config.version_labels)
+            if spec.version_label not in labels:
+                raise ServingError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Unrecognized servable version label: {spec.version_label!r} for "
+                    f"model {spec.name!r} (labels: {sorted(labels)})",
+                )
+            return int(labels[spec.version_label])
+        return None
+
     def servable(self, spec: Any) -> Servable:
         """The version a ModelSpec asks for: a number, a label, or the latest available."""
         model = self.model(spec.name)
         with self.lock:
             available = sorted(model.versions)
-            if spec.HasField("version"):
-                version = spec.version.value
-            elif spec.version_label:
-                labels = dict(model.config.version_labels)
-                if spec.version_label not in labels:
+            version = self._requested_version(model, spec)
+            if version is None:
+                if not available:
                     raise ServingError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"Unrecognized servable version label: {spec.version_label!r} for "
-                        f"model {spec.name!r} (labels: {sorted(labels)})",
+                        grpc.StatusCode.NOT_FOUND,
+                        f"Servable not found for request: Latest({spec.name}): no version of "
+                        f"{spec.name!r} is AVAILABLE yet",
                     )
-                version = labels[spec.version_label]
-            elif available:
                 version = available[-1]
-            else:
-                raise ServingError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"Servable not found for request: Latest({spec.name}): no version of "
-                    f"{spec.name!r} is AVAILABLE yet",
-                )
             servable = model.versions.get(version)
         if servable is None:
             raise ServingError(
@@ -311,6 +325,22 @@ class ModelManager:
                 f"available versions are {available}",
             )
         return servable
+
+    def version_states(self, spec: Any) -> list[tuple[int, VersionState]]:
+        """GetModelStatus: every version of the model the manager knows, or only the one the
+        ModelSpec names (NOT_FOUND when the manager never saw it)."""
+        model = self.model(spec.name)
+        version = self._requested_version(model, spec)
+        states = list(self.states(spec.name))
+        if version is None:
+            return states
+        states = [(v, s) for v, s in states if v == version]
+        if not states:
+            raise ServingError(
+                grpc.StatusCode.NOT_FOUND,
+                f"Could not find version {version} of model {spec.name!r}",
+            )
+        return states
 
     def states(self, name: str) -> Iterator[tuple[int, VersionState]]:
         model = self.model(name)

@@ -1,43 +1,75 @@
-"""TF Serving's REST API on the local server (the ``--rest_api_port``):
+"""TF Serving's REST API on the local server (``--rest_api_port``), a Starlette app run by uvicorn:
 
 - ``POST /v1/models/<name>[/versions/<N> | /labels/<L>]:predict`` with ``{"signature_name": ...,
   "instances": [...]}`` (row format) or ``{"inputs": ...}`` (columnar format); binary strings
   as ``{"b64": "..."}``; answers ``{"predictions": [...]}`` or ``{"outputs": ...}``;
-- ``GET /v1/models/<name>[/versions/<N>]``: version status; ``.../metadata``: signatures;
-- the Prometheus path of ``--monitoring_config_file``.
+- ``GET /v1/models/<name>[/versions/<N> | /labels/<L>]``: version status; ``.../metadata``:
+  signatures;
+- ``GET`` the Prometheus path of ``--monitoring_config_file`` (``serving/metrics.py``).
 
-Errors answer ``{"error": "..."}`` with 400 (bad request), 404 (unknown model or version),
-413 (body over the message cap), 429 (batch queue full) or 500.
+Errors answer ``{"error": "..."}`` with the HTTP status TF Serving maps the gRPC code to: 400
+(bad request), 404 (unknown model, version or path), 429 (RESOURCE_EXHAUSTED), 503
+(UNAVAILABLE: among others a full batch queue, as in TF Serving), 500 (a bug); 405 for a known
+path with another method. A body over the message cap is refused with 413 (Starlette's body
+limit) before it is read whole.
+
+    server = RestServer("127.0.0.1", 8501, manager, metrics, "/monitoring/prometheus/metrics", cap)
+    server.start()  # serves on its own thread
+    server.stop()   # finishes requests in flight
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import re
+import logging
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
 import numpy as np
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
-from serving.manager import ServingError
-
-PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)"
-    r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?P<suffix>:predict|/metadata)?$"
+from serving.manager import ModelManager, ServingError
+from serving.metrics import Metrics
+from serving.predict import (
+    STATUS_BY_NUMBER,
+    InputBuilder,
+    check_input_names,
+    check_shape,
+    predict,
 )
-HTTP_STATUS = {
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {  # TF Serving's ToHTTPStatusCode (model_servers/http_server.cc); others: 500
+    grpc.StatusCode.CANCELLED: 499,
     grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
 }
+MODEL_PATHS = (  # TF Serving's: a model, one version of it, or a labelled version
+    "/v1/models/{name}",
+    "/v1/models/{name}/versions/{version:int}",
+    "/v1/models/{name}/labels/{label}",
+)
 
 
 def _bad(message: str) -> ServingError:
@@ -80,10 +112,8 @@ def _array(value: Any, info: Any, where: str) -> np.ndarray:
         raise _bad(f"{where} cannot be read as {dtype.name}: {exc}") from None
 
 
-def json_inputs(body: dict[str, Any]) -> Any:
+def json_inputs(body: dict[str, Any]) -> InputBuilder:
     """``predict()``'s input builder for a REST body, checked like a gRPC request."""
-    from serving.server import _check_shape, check_input_names
-
     has_rows, has_columns = "instances" in body, "inputs" in body
     if has_rows == has_columns:
         raise _bad("the request body needs exactly one of 'instances' (rows) or 'inputs' (columns)")
@@ -91,6 +121,7 @@ def json_inputs(body: dict[str, Any]) -> Any:
     def build(signature: Any, name: str) -> dict[str, np.ndarray]:
         inputs = dict(signature.inputs)
         single = next(iter(inputs)) if len(inputs) == 1 else None
+        columns: dict[str, Any]
         if has_rows:
             rows = body["instances"]
             if not isinstance(rows, list) or not rows:
@@ -108,15 +139,17 @@ def json_inputs(body: dict[str, Any]) -> Any:
                 )
         else:
             value = body["inputs"]
-            named = isinstance(value, dict) and set(value) != {"b64"}
-            columns = value if named else ({single: value} if single else None)
-            if columns is None:
+            if isinstance(value, dict) and set(value) != {"b64"}:
+                columns = value
+            elif single:
+                columns = {single: value}
+            else:
                 raise _bad(f"signature {name!r} has inputs {sorted(inputs)}: name them")
         check_input_names(columns, signature, name)
         arrays = {}
         for key, value in columns.items():
             arrays[key] = _array(value, inputs[key], f"input {key!r}")
-            _check_shape(key, arrays[key].shape, inputs[key])
+            check_shape(key, arrays[key].shape, inputs[key])
         return arrays
 
     return build
@@ -137,163 +170,181 @@ def _json_value(value: np.ndarray, name: str) -> Any:
     return value.tolist()
 
 
-class RestHandler(BaseHTTPRequestHandler):
-    server: Any  # RestServer
+def _spec(request: Request) -> Any:
+    from tensorflow_serving.apis import model_pb2
 
-    def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
-        body = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    params = request.path_params
+    spec = model_pb2.ModelSpec(name=params["name"])
+    if "version" in params:
+        spec.version.value = params["version"]
+    if "label" in params:
+        spec.version_label = params["label"]
+    return spec
 
-    def _error(self, error: ServingError) -> None:
-        self._send(HTTP_STATUS.get(error.code, 500), {"error": error.message})
 
-    def _spec(self, match: re.Match[str]) -> Any:
-        from tensorflow_serving.apis import model_pb2
+class RestApi:
+    """The endpoints, over one server's model manager and metrics."""
 
-        spec = model_pb2.ModelSpec(name=match["name"])
-        if match["version"]:
-            spec.version.value = int(match["version"])
-        if match["label"]:
-            spec.version_label = match["label"]
-        return spec
+    def __init__(self, manager: ModelManager, metrics: Metrics) -> None:
+        self.manager, self.metrics = manager, metrics
 
-    def do_GET(self) -> None:
-        if self.path == self.server.prometheus_path:
-            self._send(200, self.server.metrics.prometheus(), "text/plain; version=0.0.4")
-            return
-        match = PATH.match(self.path)
-        if not match or match["suffix"] == ":predict":
-            self._send(404, {"error": f"no such resource: GET {self.path}"})
-            return
-        try:
-            if match["suffix"] == "/metadata":
-                self._send(200, self._metadata(self._spec(match)))
-            else:
-                self._send(200, self._status(self._spec(match)))
-        except ServingError as error:
-            self._error(error)
-
-    def _status(self, spec: Any) -> dict[str, Any]:
+    def status(self, request: Request) -> Response:
         from tensorflow_serving.apis import get_model_status_pb2
 
         names = get_model_status_pb2.ModelVersionStatus.State.Name
-        states = list(self.server.manager.states(spec.name))
-        if spec.HasField("version"):
-            states = [(v, s) for v, s in states if v == spec.version.value]
-            if not states:
-                raise ServingError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"Could not find version {spec.version.value} of model {spec.name!r}",
-                )
-        return {
-            "model_version_status": [
-                {
-                    "version": str(v),
-                    "state": names(s.state),
-                    "status": {
-                        "error_code": "OK" if not s.error else "UNKNOWN",
-                        "error_message": s.error,
-                    },
-                }
-                for v, s in states
-            ]
-        }
+        states = self.manager.version_states(_spec(request))
+        return JSONResponse(
+            {
+                "model_version_status": [
+                    {
+                        "version": str(version),
+                        "state": names(state.state),
+                        "status": {
+                            "error_code": STATUS_BY_NUMBER[state.error_code].name,
+                            "error_message": state.error,
+                        },
+                    }
+                    for version, state in states
+                ]
+            }
+        )
 
-    def _metadata(self, spec: Any) -> dict[str, Any]:
+    def metadata(self, request: Request) -> Response:
         from google.protobuf import json_format
-        from tensorflow_serving.apis import get_model_metadata_pb2
 
-        servable = self.server.manager.servable(spec)
-        signatures = get_model_metadata_pb2.SignatureDefMap()
-        for key, value in servable.signature_defs.items():
-            signatures.signature_def[key].CopyFrom(value)
-        return {
-            "model_spec": {"name": servable.name, "version": str(servable.version)},
-            "metadata": {"signature_def": json_format.MessageToDict(signatures)},
-        }
+        servable = self.manager.servable(_spec(request))
+        return JSONResponse(
+            {
+                "model_spec": {"name": servable.name, "version": str(servable.version)},
+                "metadata": {
+                    "signature_def": json_format.MessageToDict(servable.signature_def_map())
+                },
+            }
+        )
 
-    def do_POST(self) -> None:
-        match = PATH.match(self.path)
-        if not match or match["suffix"] != ":predict":
-            self._send(404, {"error": f"no such resource: POST {self.path}"})
-            return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self._send(400, {"error": "Content-Length is not a number"})
-            return
-        if length > self.server.max_bytes:
-            self._send(413, {"error": f"request body {length} bytes over {self.server.max_bytes}"})
-            return
+    async def predict(self, request: Request) -> Response:
+        body = await request.body()  # over the cap: Starlette answers 413
+        name = request.path_params["name"]
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            self._predict(match, length)
+            return JSONResponse(await run_in_threadpool(self._predict, _spec(request), body))
         except ServingError as error:
             code = error.code
-            self._error(error)
+            raise
         except Exception as exc:  # a bug: answer 500 with the reason, count it
+            log.exception("REST predict failed")
             code = grpc.StatusCode.INTERNAL
-            self._send(500, {"error": f"predict failed: {type(exc).__name__}: {exc}"})
-        finally:
-            self.server.metrics.record(
-                "RestPredict", match["name"], code, time.perf_counter() - started
+            return JSONResponse(
+                {"error": f"predict failed: {type(exc).__name__}: {exc}"}, status_code=500
             )
+        finally:
+            self.metrics.record("RestPredict", name, code, time.perf_counter() - started)
 
-    def _predict(self, match: re.Match[str], length: int) -> None:
-        from serving.server import predict
-
+    def _predict(self, spec: Any, raw: bytes) -> dict[str, Any]:
         try:
-            body = json.loads(self.rfile.read(length) or b"null")
+            body = json.loads(raw or b"null")
         except json.JSONDecodeError as exc:
             raise _bad(f"the request body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object")
-        spec = self._spec(match)
         spec.signature_name = body.get("signature_name", "")
-        _, _, outputs = predict(self.server.manager, spec, json_inputs(body), [])
+        _, _, outputs = predict(self.manager, spec, json_inputs(body), [])
         values = {k: _json_value(v, k) for k, v in outputs.items()}
-        if "instances" in body:
-            rows = len(next(iter(outputs.values())))
-            predictions = [
+        if "instances" not in body:
+            return {"outputs": next(iter(values.values())) if len(values) == 1 else values}
+        rows = len(next(iter(outputs.values())))
+        return {
+            "predictions": [
                 next(iter(values.values()))[i]
                 if len(values) == 1
                 else {k: v[i] for k, v in values.items()}
                 for i in range(rows)
             ]
-            self._send(200, {"predictions": predictions})
-        else:
-            self._send(
-                200, {"outputs": next(iter(values.values())) if len(values) == 1 else values}
-            )
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        }
 
 
-class RestServer(ThreadingHTTPServer):
-    daemon_threads = True
+def _serving_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServingError)
+    return JSONResponse({"error": exc.message}, status_code=HTTP_STATUS.get(exc.code, 500))
+
+
+def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        {"error": f"{exc.detail}: {request.method} {request.url.path}"},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+def build_app(
+    manager: ModelManager, metrics: Metrics, prometheus_path: str | None, max_body_bytes: int
+) -> Starlette:
+    """The REST API as an ASGI app; ``prometheus_path`` None: no metrics endpoint."""
+    api = RestApi(manager, metrics)
+    routes = []
+    for path in MODEL_PATHS:
+        routes += [
+            Route(f"{path}:predict", api.predict, methods=["POST"]),
+            Route(f"{path}/metadata", api.metadata, methods=["GET"]),
+            Route(path, api.status, methods=["GET"]),
+        ]
+    if prometheus_path:
+
+        def prometheus(request: Request) -> Response:
+            text, content_type = metrics.exposition(request.headers.get("accept"))
+            return Response(text, headers={"Content-Type": content_type})
+
+        routes.append(Route(prometheus_path, prometheus, methods=["GET"]))
+    return Starlette(
+        routes=routes,
+        exception_handlers={ServingError: _serving_error, HTTPException: _http_error},
+        max_body_size=max_body_bytes,
+    )
+
+
+class RestServer:
+    """The REST API served by uvicorn on its own thread. The port is bound here (0 picks a free
+    one), so a port in use fails at once."""
 
     def __init__(
         self,
-        address: tuple[str, int],
-        manager: Any,
-        metrics: Any,
+        host: str,
+        port: int,
+        manager: ModelManager,
+        metrics: Metrics,
         prometheus_path: str | None,
-        max_bytes: int,
+        max_body_bytes: int,
+        *,
+        grace_seconds: int = 10,
     ) -> None:
-        super().__init__(address, RestHandler)
-        self.manager, self.metrics = manager, metrics
-        self.prometheus_path, self.max_bytes = prometheus_path, max_bytes
-        self.thread = threading.Thread(target=self.serve_forever, name="rest", daemon=True)
+        self.socket = socket.create_server((host, port))
+        self.port = int(self.socket.getsockname()[1])
+        config = uvicorn.Config(
+            build_app(manager, metrics, prometheus_path, max_body_bytes),
+            lifespan="off",
+            log_config=None,  # the server's own logging setup
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=grace_seconds,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="rest", daemon=True
+        )
 
-    def start(self) -> None:
+    def start(self, timeout: float = 30.0) -> None:
+        """Start serving; returns once uvicorn accepts connections."""
         self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the REST server did not start on port {self.port}")
+            time.sleep(0.01)
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        """Refuse new connections, finish requests in flight, then close the socket."""
+        self.server.should_exit = True
+        self.thread.join()
+        self.socket.close()

@@ -4,11 +4,12 @@ TF Serving's ``tensorflow_model_server`` binary is not installable from PyPI, so
 the pipeline's models be served, and the contract tests run, on any machine. It answers
 ``tensorflow.serving.PredictionService`` (Predict, Classify, GetModelMetadata; Regress and
 MultiInference are UNIMPLEMENTED) and ``tensorflow.serving.ModelService`` (GetModelStatus,
-HandleReloadConfigRequest), reads TF Serving's model config, batching and monitoring files,
-loads every version the version policy allows, warms each up before it reports AVAILABLE,
-swaps versions without failing requests in flight, caps message sizes, binds 127.0.0.1 unless
-told otherwise, and stops cleanly on SIGTERM. In production, run the real ``tensorflow/serving``
-container with the same files (README, ``infra/``).
+HandleReloadConfigRequest), and with ``--rest_api_port`` TF Serving's REST API and the
+Prometheus metrics (``serving/rest.py``). It reads TF Serving's model config, batching and
+monitoring files, loads every version the version policy allows, warms each up before it
+reports AVAILABLE, swaps versions without failing requests in flight, caps message sizes, binds
+127.0.0.1 unless told otherwise, and stops cleanly on SIGTERM. In production, run the real
+``tensorflow/serving`` container with the same files (README, ``infra/``).
 
     python -m serving.server --model_config_file serving/models.config --mount models:/models
 """
@@ -28,159 +29,25 @@ from typing import Any
 import grpc
 import numpy as np
 
-from serving.batching import QueueFull
 from serving.manager import ModelManager, ServingError
+from serving.metrics import Metrics
+from serving.predict import (
+    CLASSIFY_METHOD,
+    DEFAULT_SIGNATURE,
+    decode_inputs,
+    find_signature,
+    predict,
+    run_signature,
+)
 
 log = logging.getLogger("serving")
 
-DEFAULT_SIGNATURE = "serving_default"
-PREDICT_METHOD = "tensorflow/serving/predict"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 GRACE_SECONDS = 10.0
 
 
 def _abort(context: grpc.ServicerContext, error: ServingError) -> None:
     context.abort(error.code, error.message)
-
-
-def _dtype_name(enum: int) -> str:
-    from tensorflow.core.framework import types_pb2
-
-    return types_pb2.DataType.Name(enum)
-
-
-def _check_shape(name: str, shape: tuple[int, ...], info: Any) -> None:
-    if info.tensor_shape.unknown_rank:
-        return
-    want = [d.size for d in info.tensor_shape.dim]
-    if len(shape) != len(want) or any(w not in (-1, s) for w, s in zip(want, shape, strict=False)):
-        spec = "[" + ", ".join("?" if w == -1 else str(w) for w in want) + "]"
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"input {name!r} has shape {list(shape)}, the signature expects {spec}",
-        )
-
-
-def check_input_names(given: Any, signature: Any, signature_name: str) -> None:
-    expected, given = set(signature.inputs), set(given)
-    if expected != given:
-        missing, extra = sorted(expected - given), sorted(given - expected)
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"signature {signature_name!r} takes inputs {sorted(expected)}"
-            + (f"; missing {missing}" if missing else "")
-            + (f"; unexpected {extra}" if extra else ""),
-        )
-
-
-def decode_inputs(tensors: Any, signature: Any, signature_name: str) -> dict[str, np.ndarray]:
-    """Request TensorProtos -> arrays, checked against the signature's names, dtypes, shapes."""
-    import tensorflow as tf
-
-    check_input_names(tensors, signature, signature_name)
-    arrays = {}
-    for name, tensor in tensors.items():
-        info = signature.inputs[name]
-        if tensor.dtype != info.dtype:
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"input {name!r} has dtype {_dtype_name(tensor.dtype)}, the signature expects "
-                f"{_dtype_name(info.dtype)}",
-            )
-        try:
-            array = tf.make_ndarray(tensor)
-        except Exception as exc:
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"input {name!r} is not a valid tensor: {exc}"
-            ) from None
-        _check_shape(name, array.shape, info)
-        arrays[name] = array
-    return arrays
-
-
-def run_signature(servable: Any, name: str, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-    import tensorflow as tf
-
-    try:
-        return servable.call(name, inputs)
-    except QueueFull as exc:  # as TF Serving: UNAVAILABLE, so clients back off and retry
-        raise ServingError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-    except tf.errors.OpError as exc:  # TensorFlow's status codes are gRPC's, number for number
-        raise ServingError(
-            STATUS_BY_NUMBER.get(exc.error_code, grpc.StatusCode.INTERNAL), exc.message
-        ) from None
-
-
-STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _signature(servable: Any, name: str, method: str | None) -> Any:
-    signature = servable.signature_defs.get(name)
-    if signature is None:
-        raise ServingError(
-            # TF Serving: FAILED_PRECONDITION for Predict, INVALID_ARGUMENT for Classify
-            grpc.StatusCode.INVALID_ARGUMENT if method else grpc.StatusCode.FAILED_PRECONDITION,
-            f"Serving signature key {name!r} not found in {servable.name} "
-            f"v{servable.version} (signatures: {sorted(servable.signature_defs)})",
-        )
-    if method and signature.method_name != method:
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"Expected {method} signature, but {name!r} has method_name {signature.method_name!r}",
-        )
-    return signature
-
-
-def predict(
-    manager: ModelManager, spec: Any, inputs: Any, output_filter: list[str]
-) -> tuple[Any, str, dict[str, np.ndarray]]:
-    """The Predict API, shared by gRPC and REST: resolve the version and signature, build and
-    check the inputs (``inputs(signature_def, signature_name)``), run, filter the outputs."""
-    servable = manager.servable(spec)
-    name = spec.signature_name or DEFAULT_SIGNATURE
-    signature = _signature(servable, name, None)
-    arrays = inputs(signature, name)
-    wanted = output_filter or list(signature.outputs)
-    unknown = sorted(set(wanted) - set(signature.outputs))
-    if unknown:
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"output_filter names {unknown}, not outputs of {name!r} ({sorted(signature.outputs)})",
-        )
-    outputs = run_signature(servable, name, arrays)
-    return servable, name, {key: outputs[key] for key in wanted}
-
-
-class Metrics:
-    """Request counts and latencies, for the Prometheus endpoint and the logs."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, str, str], int] = {}
-        self.latency_sum: dict[tuple[str, str], float] = {}
-
-    def record(self, api: str, model: str, code: grpc.StatusCode, seconds: float) -> None:
-        with self.lock:
-            key = (api, model, code.name)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.latency_sum[(api, model)] = self.latency_sum.get((api, model), 0.0) + seconds
-
-    def prometheus(self) -> str:
-        lines = ["# TYPE imgpipe_serving_requests_total counter"]
-        with self.lock:
-            for (api, model, code), count in sorted(self.requests.items()):
-                lines.append(
-                    f'imgpipe_serving_requests_total{{api="{api}",model="{model}",'
-                    f'code="{code}"}} {count}'
-                )
-            lines.append("# TYPE imgpipe_serving_latency_seconds_sum counter")
-            for (api, model), total in sorted(self.latency_sum.items()):
-                lines.append(
-                    f'imgpipe_serving_latency_seconds_sum{{api="{api}",model="{model}"}} '
-                    f"{total:.6f}"
-                )
-        return "\n".join(lines) + "\n"
 
 
 class PredictionService:
@@ -233,7 +100,7 @@ class PredictionService:
 
         servable = self.manager.servable(request.model_spec)
         name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-        signature = _signature(servable, name, CLASSIFY_METHOD)
+        signature = find_signature(servable, name, CLASSIFY_METHOD)
         kind = request.input.WhichOneof("kind")
         if kind != "example_list":
             raise ServingError(
@@ -252,10 +119,15 @@ class PredictionService:
         response.model_spec.version.value = servable.version
         response.model_spec.signature_name = name
         classes, scores = outputs.get("classes"), outputs.get("scores")
+        ranked = scores if scores is not None else classes
+        if ranked is None:
+            raise ServingError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"classification signature {name!r} has neither a 'classes' nor a 'scores' output",
+            )
         for row in range(len(examples)):
             result = response.result.classifications.add()
-            width = (scores if scores is not None else classes).shape[1]
-            for j in range(width):
+            for j in range(ranked.shape[1]):
                 item = result.classes.add()
                 if classes is not None:
                     item.label = classes[row, j].decode()
@@ -276,13 +148,10 @@ class PredictionService:
                 f"metadata_field must be ['signature_def'], got {fields}",
             )
         servable = self.manager.servable(request.model_spec)
-        signatures = get_model_metadata_pb2.SignatureDefMap()
-        for key, value in servable.signature_defs.items():
-            signatures.signature_def[key].CopyFrom(value)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = servable.name
         response.model_spec.version.value = servable.version
-        response.metadata["signature_def"].Pack(signatures)
+        response.metadata["signature_def"].Pack(servable.signature_def_map())
         return response
 
     def Regress(self, request: Any, context: Any) -> Any:
@@ -304,18 +173,10 @@ class ModelService:
     def GetModelStatus(self, request: Any, context: Any) -> Any:
         from tensorflow_serving.apis import get_model_status_pb2
 
-        spec = request.model_spec
         try:
-            states = list(self.manager.states(spec.name))
+            states = self.manager.version_states(request.model_spec)
         except ServingError as error:
             return _abort(context, error)
-        if spec.HasField("version"):
-            states = [(v, s) for v, s in states if v == spec.version.value]
-            if not states:
-                context.abort(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"Could not find version {spec.version.value} of model {spec.name!r}",
-                )
         response = get_model_status_pb2.GetModelStatusResponse()
         for version, state in states:
             status = response.model_version_status.add(version=version, state=state.state)
@@ -483,17 +344,19 @@ def main(argv: list[str] | None = None) -> int:
             else None
         )
         rest = RestServer(
-            (args.host, args.rest_api_port),
+            args.host,
+            args.rest_api_port,
             manager,
             server.metrics,
             prometheus,
             args.max_message_bytes,
+            grace_seconds=int(GRACE_SECONDS),
         )
         rest.start()
     log.info(
         "gRPC on %s%s (batching %s); models %s",
         server.address,
-        f", REST on {args.host}:{rest.server_port}" if rest else "",
+        f", REST on {args.host}:{rest.port}" if rest else "",
         "on" if batching else "off",
         ", ".join(
             f"{m.name} <- {manager.resolve_base(m.base_path)}"

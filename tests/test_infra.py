@@ -4,6 +4,7 @@ Dockerfiles pass checks that can fail."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -103,6 +104,28 @@ def test_gpu_serving_deployment():
     local = _by_kind(build("local"), "Deployment", "tf-serving")["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in local["containers"][0]["resources"].get("limits", {})
     assert local["containers"][0]["image"] == "tensorflow/serving:2.21.0"
+
+
+def test_manifests_serve_the_params_model_name():
+    """Guards the model name in the manifests against params.yaml's serving.model_name (its
+    home): the init container fetches that model, the readiness and startup probes ask for its
+    status, and every model path in every object (the ConfigMap's models.config included)
+    names it. When the name changes, change serving/models.config and
+    infra/k8s/base/serving.yaml (infra/README.md)."""
+    from serving.config import served_model_name
+
+    name = served_model_name(PROJECT / "params.yaml")
+    for overlay in ("local", "gpu"):
+        docs = build(overlay)
+        pod = _by_kind(docs, "Deployment", "tf-serving")["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        command = init["command"]
+        assert command[command.index("--model") + 1] == name, command
+        (server,) = pod["containers"]
+        for probe in ("readinessProbe", "startupProbe"):
+            assert server[probe]["httpGet"]["path"] == f"/v1/models/{name}", (overlay, probe)
+        mentioned = set(re.findall(r"/models/([\w.-]+)", json.dumps(docs)))
+        assert mentioned == {name}, f"{overlay}: model paths name {sorted(mentioned)}, not {name!r}"
 
 
 def _dockerfile(path: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
