@@ -55,9 +55,9 @@ from imgpipe.savedmodel import (
     SavedModelClassifier,
     run_warmup,
     saved_model_dir,
-    write_warmup,
 )
 from imgpipe.tfrecords import Split, read_split, split_files
+from serving.warmup import write_warmup
 
 log = logging.getLogger(__name__)
 

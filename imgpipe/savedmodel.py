@@ -3,22 +3,22 @@ champion's), push (replays its warmup) and the tests: signatures, inputs, output
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+# The bytes signature and the warmup file are what a server relies on: their home is serving/.
+from serving.warmup import BYTES_INPUT, BYTES_SIGNATURE, read_warmup
+
 CANDIDATE_VERSION = 1
 """The version folder export writes; push copies it to the serving base as the next version."""
-BYTES_SIGNATURE, IMAGES_SIGNATURE = "serving_default", "serving_images"
-BYTES_INPUT, IMAGES_INPUT = "image_bytes", "images"
+IMAGES_SIGNATURE, IMAGES_INPUT = "serving_images", "images"
 OUTPUTS = ("probabilities", "class_index", "class_name", "class_names")
 CLASSIFY_SIGNATURE, CLASSIFY_INPUT = "classify", "inputs"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 EXAMPLE_IMAGE_KEY = "image/encoded"
 """The tf.Example feature the classify signature reads: the same key as the TFRecord shards."""
-WARMUP = Path("assets.extra") / "tf_serving_warmup_requests"
 SERVING, TFLITE, CARD = "serving", "tflite", "model_card.md"
 """An export's folders: the SavedModel in TF Serving's layout, the TFLite files, the card."""
 TFLITE_FILES = {"float32": "model_float32.tflite", "int8": "model_int8.tflite"}
@@ -72,44 +72,6 @@ class SavedModelClassifier:
             **{IMAGES_INPUT: tf.constant(images, tf.uint8)}
         )
         return {k: v.numpy() for k, v in outputs.items()}
-
-
-def write_warmup(saved_model: Path, model_name: str, encoded: Iterable[bytes]) -> int:
-    """One PredictRequest per image on the bytes signature, as TF Serving's warmup file."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-
-    path = saved_model / WARMUP
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for image in encoded:
-            request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=BYTES_SIGNATURE)
-            )
-            request.inputs[BYTES_INPUT].CopyFrom(tf.make_tensor_proto([image], dtype=tf.string))
-            log_record = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request)
-            )
-            writer.write(log_record.SerializeToString())
-            count += 1
-    return count
-
-
-def read_warmup(saved_model: Path) -> list[Any]:
-    """The warmup file's records as ``PredictionLog`` protos."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import prediction_log_pb2
-
-    path = saved_model / WARMUP
-    if not path.is_file():
-        raise FileNotFoundError(f"no TF Serving warmup file at {path}")
-    records = []
-    for raw in tf.data.TFRecordDataset(str(path)):
-        record = prediction_log_pb2.PredictionLog()
-        record.ParseFromString(raw.numpy())
-        records.append(record)
-    return records
 
 
 def run_warmup(served: SavedModelClassifier) -> int:
