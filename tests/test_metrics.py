@@ -1,0 +1,127 @@
+"""imgpipe.metrics against a small example worked out by hand: four classes, one (c) never
+predicted, one (d) absent from the labels and the predictions, a confidence on a bin edge.
+
+    actual  predicted  top-1 confidence  correct
+    a       a          0.9               yes
+    a       a          0.6               yes
+    a       b          0.7
+    b       b          0.5 (an edge)     yes
+    b       a          0.4
+    c       a          0.4
+    c       b          0.8
+    c       b          0.3
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from imgpipe.metrics import (
+    calibration_bins,
+    classification_metrics,
+    confusion_matrix,
+    expected_calibration_error,
+)
+
+LABELS = ["a", "b", "c", "d"]
+Y_TRUE = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+PROBS = np.array(
+    [
+        [0.9, 0.05, 0.03, 0.02],
+        [0.6, 0.2, 0.1, 0.1],
+        [0.2, 0.7, 0.05, 0.05],
+        [0.3, 0.5, 0.1, 0.1],
+        [0.4, 0.3, 0.2, 0.1],
+        [0.4, 0.3, 0.2, 0.1],
+        [0.1, 0.8, 0.05, 0.05],
+        [0.25, 0.3, 0.25, 0.2],
+    ]
+)
+
+
+def test_confusion_matrix_counts_actual_by_predicted_for_every_class():
+    """Rows are actual, columns predicted; classes never seen still get their row and column."""
+    cm = confusion_matrix(Y_TRUE, PROBS.argmax(axis=1), len(LABELS))
+    np.testing.assert_array_equal(
+        cm,
+        [
+            [2, 1, 0, 0],
+            [1, 1, 0, 0],
+            [1, 2, 0, 0],
+            [0, 0, 0, 0],
+        ],
+    )
+    assert cm.dtype.kind == "i"
+
+
+def test_classification_metrics_match_the_hand_computed_values():
+    """precision = tp / predicted, recall = tp / actual, 0 where the denominator is 0 (c is
+    never predicted, d never occurs); class averages run over the classes present in the
+    labels (a, b, c), so d does not pull them down:
+    balanced accuracy (2/3 + 1/2 + 0) / 3 = 7/18, macro-F1 (4/7 + 1/3 + 0) / 3 = 19/63."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # zero_division is decided, not warned about
+        m = classification_metrics(Y_TRUE, PROBS, LABELS, bins=2)
+
+    assert m["images"] == 8
+    assert m["accuracy"] == pytest.approx(3 / 8)
+    assert m["balanced_accuracy"] == pytest.approx(7 / 18)
+    assert m["macro_f1"] == pytest.approx(19 / 63)
+    expected = {
+        "a": (2 / 4, 2 / 3, 4 / 7, 3),
+        "b": (1 / 4, 1 / 2, 1 / 3, 2),
+        "c": (0.0, 0.0, 0.0, 3),
+        "d": (0.0, 0.0, 0.0, 0),
+    }
+    assert list(m["per_class"]) == LABELS
+    for label, (precision, recall, f1, support) in expected.items():
+        got = m["per_class"][label]
+        assert got["precision"] == pytest.approx(precision), label
+        assert got["recall"] == pytest.approx(recall), label
+        assert got["f1"] == pytest.approx(f1), label
+        assert got["support"] == support and isinstance(got["support"], int), label
+    assert all(type(m[k]) is float for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece"))
+
+
+def test_a_slice_is_scored_on_its_own_classes():
+    """The two b images alone: a is predicted once but absent, so only b's recall (1/2) and F1
+    (precision 1/1, recall 1/2: 2/3) are averaged, without a warning about it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = classification_metrics(Y_TRUE[3:5], PROBS[3:5], LABELS, bins=2)
+    assert m["accuracy"] == pytest.approx(1 / 2)
+    assert m["balanced_accuracy"] == pytest.approx(1 / 2)
+    assert m["macro_f1"] == pytest.approx(2 / 3)
+    assert m["per_class"]["a"]["precision"] == 0.0 and m["per_class"]["a"]["support"] == 0
+
+
+def test_calibration_bins_are_left_closed_and_keep_empty_bins():
+    """Two bins: [0, 0.5) holds the three wrong 0.3-0.4 images; [0.5, 1] the other five (0.5,
+    on the edge, included), mean confidence 3.5/5 = 0.7, accuracy 3/5. ECE = 3/8 * |0 - 1.1/3|
+    + 5/8 * |0.6 - 0.7| = 0.2. With four bins the first is empty and still listed."""
+    two = calibration_bins(Y_TRUE, PROBS, 2)
+    assert [(r["bin"], r["lower"], r["upper"], r["count"]) for r in two] == [
+        (0, 0.0, 0.5, 3),
+        (1, 0.5, 1.0, 5),
+    ]
+    assert two[0]["confidence"] == pytest.approx(1.1 / 3) and two[0]["accuracy"] == 0.0
+    assert two[1]["confidence"] == pytest.approx(0.7) and two[1]["accuracy"] == pytest.approx(0.6)
+    assert expected_calibration_error(Y_TRUE, PROBS, 2) == pytest.approx(0.2)
+    assert classification_metrics(Y_TRUE, PROBS, LABELS, bins=2)["ece"] == pytest.approx(0.2)
+
+    four = calibration_bins(Y_TRUE, PROBS, 4)
+    assert [r["count"] for r in four] == [0, 3, 3, 2]
+    assert (four[0]["confidence"], four[0]["accuracy"]) == (0.0, 0.0)
+
+
+def test_no_images_scores_zero_and_a_wrong_shape_is_named():
+    """An empty set of images scores 0 throughout (scikit-learn would refuse it); probabilities
+    of the wrong shape are an error naming both shapes."""
+    m = classification_metrics([], np.zeros((0, 4)), LABELS)
+    assert m["images"] == 0 and m["accuracy"] == m["balanced_accuracy"] == m["ece"] == 0.0
+    assert m["per_class"]["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    with pytest.raises(ValueError, match=r"expected probabilities of shape \(8, 3\), got \(8, 4\)"):
+        classification_metrics(Y_TRUE, PROBS, LABELS[:3])
