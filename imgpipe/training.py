@@ -59,7 +59,7 @@ def base_of(model: keras.Model) -> keras.Model:
     return model.get_layer(BASE_NAME)
 
 
-def class_weights(labels: Sequence[int], num_classes: int) -> dict[int, float]:
+def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> dict[int, float]:
     """Inverse-frequency weights, mean 1 over the examples: n / (classes * n_class)."""
     counts = Counter(int(y) for y in labels)
     total = len(labels)
