@@ -72,32 +72,32 @@ def classification_metrics(
     is not punished for it. A score whose denominator is zero (precision of a class never
     predicted, recall of a class absent from ``y_true``) is 0.
     """
-    y_true = np.asarray(y_true, np.int64)
+    actual = np.asarray(y_true, np.int64)
     probs = np.asarray(probs, np.float64)
-    if probs.ndim != 2 or probs.shape != (len(y_true), len(labels)):
+    if probs.ndim != 2 or probs.shape != (len(actual), len(labels)):
         raise ValueError(
-            f"expected probabilities of shape ({len(y_true)}, {len(labels)}), got {probs.shape}"
+            f"expected probabilities of shape ({len(actual)}, {len(labels)}), got {probs.shape}"
         )
-    if not len(y_true):  # sklearn refuses empty input: no image, every score 0
+    if not len(actual):  # sklearn refuses empty input: no image, every score 0
         scores = dict.fromkeys(("accuracy", "balanced_accuracy", "macro_f1", "ece"), 0.0)
         zero = {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
         return {"images": 0, **scores, "per_class": {label: dict(zero) for label in labels}}
     y_pred = probs.argmax(axis=1)
     # Every class, by index, so that a class absent from this slice still has its row.
     precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=np.arange(len(labels)), zero_division=0.0
+        actual, y_pred, labels=np.arange(len(labels)), zero_division=0.0
     )
     # Balanced accuracy is the macro recall over the classes present in y_true: what
     # skm.balanced_accuracy_score computes, which has no labels argument and warns on every
     # slice that lacks a class the model predicted.
-    present = np.unique(y_true)
+    present = np.unique(actual)
     averaged = {"labels": present, "average": "macro", "zero_division": 0.0}
     return {
-        "images": len(y_true),
-        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(skm.recall_score(y_true, y_pred, **averaged)),
-        "macro_f1": float(skm.f1_score(y_true, y_pred, **averaged)),
-        "ece": expected_calibration_error(y_true, probs, bins),
+        "images": len(actual),
+        "accuracy": float(skm.accuracy_score(actual, y_pred)),
+        "balanced_accuracy": float(skm.recall_score(actual, y_pred, **averaged)),
+        "macro_f1": float(skm.f1_score(actual, y_pred, **averaged)),
+        "ece": expected_calibration_error(actual, probs, bins),
         "per_class": {
             label: {
                 "precision": float(precision[i]),
