@@ -329,8 +329,8 @@ def export_classifier(
 
     from components.export import write_saved_model
     from imgpipe import backbones
-    from imgpipe.savedmodel import write_warmup
     from imgpipe.training import assemble, build_head
+    from serving.warmup import write_warmup
 
     keras.utils.set_random_seed(seed)
     base = backbones.create(

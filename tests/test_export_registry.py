@@ -200,7 +200,7 @@ def test_warmup_file_holds_real_requests_that_run_against_the_saved_model(export
     serving_default for this model with real validation images, and each runs."""
     import tensorflow as tf
 
-    from imgpipe.savedmodel import BYTES_INPUT, WARMUP, read_warmup
+    from serving.warmup import BYTES_INPUT, WARMUP, read_warmup
 
     assert (exported.saved_model / WARMUP).is_file()
     records = read_warmup(exported.saved_model)
