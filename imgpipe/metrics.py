@@ -63,7 +63,7 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int)
 
 
 def classification_metrics(
-    y_true: Sequence[int], probs: np.ndarray, labels: Sequence[str], bins: int = 10
+    y_true: Sequence[int] | np.ndarray, probs: np.ndarray, labels: Sequence[str], bins: int = 10
 ) -> dict[str, Any]:
     """Accuracy, balanced accuracy (mean recall), macro-F1, expected calibration error and
     per-class precision/recall/F1/support.
