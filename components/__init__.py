@@ -1,2 +1,6 @@
-"""Pipeline steps. Each step is a module with a plain ``run(...)`` over paths and a typed config;
-the CLI (``imgpipe``), the DVC stages and the Kubeflow components are thin adapters over it."""
+"""The pipeline's stages, one module each and nothing else: ``ingest``, ``validate``,
+``augment``, ``train``, ``finetune``, ``evaluate``, ``export``, ``push``.
+
+Each is a plain keyword-only ``run(<inputs>, <outputs>, <params sections>)`` over paths and the
+typed views of ``params.yaml``, declared in ``pipelines/stages.py``; it knows neither DVC nor
+Kubeflow. What the stages share lives in ``imgpipe/``."""

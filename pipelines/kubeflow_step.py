@@ -48,13 +48,11 @@ def run(name: str, arguments: dict[str, Any]) -> None:
                 else Path(tmp) / output_name  # feature cache, checkpoints: pod-local
             )
         execute(stage, paths, params)
-    for output_name, out in stage.outputs.items():
-        if out.kind in ("Metrics", "ClassificationMetrics"):
-            artifact = arguments[output_name]
-            if out.kind == "Metrics":
-                log_metrics(artifact, paths[output_name])
-            else:
-                log_confusion(artifact, paths[output_name])
+    for output_name, out in stage.outputs.items():  # what KFP's UI shows of them
+        if out.kind == "Metrics":
+            log_metrics(arguments[output_name], paths[output_name])
+        elif out.kind == "ClassificationMetrics":
+            log_confusion(arguments[output_name], paths[output_name])
     for view_name, view in stage.views.items():
         shutil.copyfile(paths[view.output] / view.subpath, arguments[view_name].path)
 
