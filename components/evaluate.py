@@ -1,4 +1,4 @@
-"""evaluate: the fine-tuned model on the test split (the only stage that reads it), and the
+"""evaluate: the fine-tuned model on the test split (with export's parity report, the only reader of it), and the
 blessing gate.
 
 Metrics: accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1, the confusion

@@ -159,7 +159,7 @@ class FinetuneParams:
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class EvaluateParams:
-    """Test-split evaluation and the blessing gate (the only reader of the test split)."""
+    """Test-split evaluation and the blessing gate (with export's parity report, the only reader of the test split)."""
 
     batch_size: int
     slice_by: Names
