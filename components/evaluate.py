@@ -1,5 +1,5 @@
-"""evaluate: the fine-tuned model on the test split (with export's parity report, the only reader of it), and the
-blessing gate.
+"""evaluate: the fine-tuned model on the test split (read only here and by export's parity
+report), and the blessing gate.
 
 Metrics: accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1, the confusion
 matrix, expected calibration error, and all of them sliced by manifest metadata columns. Figures:

@@ -159,7 +159,8 @@ class FinetuneParams:
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class EvaluateParams:
-    """Test-split evaluation and the blessing gate (with export's parity report, the only reader of the test split)."""
+    """Test-split evaluation and the blessing gate (the test split is read only here and by
+    export's parity report)."""
 
     batch_size: int
     slice_by: Names
