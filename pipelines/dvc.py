@@ -107,13 +107,19 @@ def render_stage(stage: Stage) -> dict[str, Any]:
     return entry
 
 
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:  # no &id001 anchors: people read this file
+        return True
+
+
 def render() -> str:
     """The whole ``dvc.yaml``."""
-    body = yaml.safe_dump(
+    body = yaml.dump(
         {
             "stages": {name: render_stage(stage) for name, stage in STAGES.items()},
             "plots": PLOTS,
         },
+        Dumper=_Dumper,
         sort_keys=False,
         width=100,
     )
