@@ -3,9 +3,8 @@
 Besides the stages: serving (predict), the Kubeflow pipeline, the sample data, the registry.
 
 Stage paths default to ``dvc.yaml``'s, so ``imgpipe ingest`` alone does what ``dvc repro ingest``
-does.
-Expected failures (bad params, bad data, a failed expectation) print one clear message and exit
-with status 1; anything else is a bug and shows its traceback.
+does. Expected failures (bad params, bad data, a failed expectation) print one clear message
+and exit with status 1; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations

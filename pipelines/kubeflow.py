@@ -125,10 +125,6 @@ def _configure(task: Any, stage: str) -> Any:
     return task
 
 
-def _annotation(kind: str, direction: str) -> str:
-    return f"{direction}[{kind}]"
-
-
 def _component_source(stage: Stage) -> str:
     """The stage's component as Python source: KFP ships a lightweight component's source, so
     its signature is written out from the declaration; the body hands everything to
@@ -137,7 +133,7 @@ def _component_source(stage: Stage) -> str:
     for name, spec in stage.inputs.items():
         if spec.stage:
             kind = STAGES[spec.stage].outputs[spec.output].kind
-            arguments.append(f"{name}: {_annotation(kind, 'Input')}")
+            arguments.append(f"{name}: Input[{kind}]")
         else:  # raw data: a path the pods can read, or "sample"
             arguments += [f"{name}: str", "data_version: str"]
     arguments += [f"{section}: str" for section in stage.sections]
@@ -147,11 +143,11 @@ def _component_source(stage: Stage) -> str:
     else:
         arguments += ["tracking_uri: str", "run_id: str"]
     arguments += [
-        f"{name}: {_annotation(out.kind, 'Output')}"
+        f"{name}: Output[{out.kind}]"
         for name, out in stage.outputs.items()
         if out.dvc not in SCRATCH
     ]
-    arguments += [f"{name}: {_annotation(v.kind, 'Output')}" for name, v in stage.views.items()]
+    arguments += [f"{name}: Output[{view.kind}]" for name, view in stage.views.items()]
     signature = ",\n    ".join(arguments)
     return (
         f"def {stage.name}(\n    {signature},\n):\n"
@@ -176,50 +172,12 @@ def component(stage: Stage) -> Any:
     return dsl.component(base_image=IMAGE)(namespace[stage.name])
 
 
-def _overlays_doc() -> str:
-    return ", ".join(f"{s}_params" for s in SECTIONS)
-
-
 def build(params: dict[str, Any]) -> Any:
     """The pipeline: every declared stage's component, wired by the declarations. ``params``
     (a loaded params.yaml) is compiled in as the base; each ``<section>_params`` pipeline
     parameter is a JSON object of overrides on that section (default ``{}``)."""
     base_params = json.dumps(params)
     components = {name: component(stage) for name, stage in STAGES.items()}
-
-    def pipeline(
-        source: str,
-        data_version: str,
-        mlflow_tracking_uri: str,
-        mlflow_experiment: str,
-        overlays: dict[str, Any],
-    ) -> None:
-        run = _configure(
-            start_run(tracking_uri=mlflow_tracking_uri, experiment=mlflow_experiment), "start-run"
-        )
-        tasks: dict[str, Any] = {}
-        for name, stage in STAGES.items():
-            arguments: dict[str, Any] = {s: overlays[s] for s in stage.sections}
-            arguments["base_params"] = base_params
-            for input_name, spec in stage.inputs.items():
-                if spec.stage:
-                    arguments[input_name] = tasks[spec.stage].outputs[spec.output]
-                else:
-                    arguments.update({input_name: source, "data_version": data_version})
-            if name not in CACHED:
-                arguments.update(tracking_uri=mlflow_tracking_uri, run_id=run.output)
-            task = _configure(components[name](**arguments), name)
-            for before in stage.after:
-                task.after(tasks[before])
-            tasks[name] = task
-        _configure(
-            import_logs(
-                **{name: tasks[name].outputs["mlflow_log"] for name in CACHED_ORDER},
-                tracking_uri=mlflow_tracking_uri,
-                run_id=run.output,
-            ),
-            "import-logs",
-        )
 
     # @dsl.pipeline reads the parameters from the signature and passes them by position.
     parameters = [
@@ -235,12 +193,33 @@ def build(params: dict[str, Any]) -> Any:
 
     def imgpipe(*values: str) -> None:
         given = dict(zip((p.name for p in parameters), values, strict=True))
-        pipeline(
-            given["source"],
-            given["data_version"],
-            given["mlflow_tracking_uri"],
-            given["mlflow_experiment"],
-            {s: given[f"{s}_params"] for s in SECTIONS},
+        uri = given["mlflow_tracking_uri"]
+        run = _configure(
+            start_run(tracking_uri=uri, experiment=given["mlflow_experiment"]), "start-run"
+        )
+        tasks: dict[str, Any] = {}
+        for name, stage in STAGES.items():
+            arguments: dict[str, Any] = {s: given[f"{s}_params"] for s in stage.sections}
+            arguments["base_params"] = base_params
+            for input_name, spec in stage.inputs.items():
+                if spec.stage:
+                    arguments[input_name] = tasks[spec.stage].outputs[spec.output]
+                else:
+                    arguments[input_name] = given["source"]
+                    arguments["data_version"] = given["data_version"]
+            if name not in CACHED:
+                arguments.update(tracking_uri=uri, run_id=run.output)
+            task = _configure(components[name](**arguments), name)
+            for before in stage.after:
+                task.after(tasks[before])
+            tasks[name] = task
+        _configure(
+            import_logs(
+                **{name: tasks[name].outputs["mlflow_log"] for name in CACHED_ORDER},
+                tracking_uri=uri,
+                run_id=run.output,
+            ),
+            "import-logs",
         )
 
     imgpipe.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
