@@ -52,7 +52,7 @@ dvc-yaml: setup  ## rewrite dvc.yaml from the stage declarations (pipelines/stag
 	$(BIN)/python -m pipelines.dvc
 
 ui: setup  ## MLflow UI on 127.0.0.1 to compare runs
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --host 127.0.0.1 --port 5000
+	$(BIN)/imgpipe ui --host 127.0.0.1 --port 5000
 
 # The local TF Serving stand-in on the pushed models, with the config files the real
 # tensorflow/serving container uses; the model config is serving/models.config rendered for

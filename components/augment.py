@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -251,16 +250,17 @@ def run(
     return totals
 
 
+def metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """What MLflow compares of a run's augmentation (also when DVC reused the stage)."""
+    return {
+        "augment.materialised_images": summary["materialised_images"],
+        "augment.augmented_views": summary["augmented_views"],
+    }
+
+
 def log_to_mlflow(out: Path, summary: Path) -> None:
     import mlflow
 
-    totals = json.loads(summary.read_text())
-    mlflow.log_metrics(
-        {
-            "augment.materialised_images": totals["materialised_images"],
-            "augment.augmented_views": totals["augmented_views"],
-        }
-    )
     mlflow.log_artifact(str(out / PREVIEW), "augment")
     mlflow.log_artifact(str(summary), "augment")
 

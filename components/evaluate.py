@@ -372,16 +372,13 @@ def run(
     return {**metrics, "blessing": blessing}
 
 
-def log_to_mlflow(out: Path, summary: Path) -> None:
-    """Test metrics (overall, per class, per slice), the decision and its reasons, figures."""
-    import mlflow
-
-    metrics = json.loads(summary.read_text())
-    test = metrics["test"]
+def metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Test metrics (overall, per class, per slice) and the decision, for MLflow."""
+    test = summary["test"]
     values = {f"test.{k}": test[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece")}
     for label, per_class in test["per_class"].items():
         values.update({f"test.{k}.{label}": per_class[k] for k in ("precision", "recall", "f1")})
-    for column, groups in metrics["slices"].items():
+    for column, groups in summary["slices"].items():
         for value, m in groups.items():
             key = "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in value)
             values.update(
@@ -390,8 +387,14 @@ def log_to_mlflow(out: Path, summary: Path) -> None:
                     for k in ("accuracy", "balanced_accuracy", "macro_f1")
                 }
             )
-    values["blessed"] = float(metrics["blessed"])
-    mlflow.log_metrics(values)
+    values["blessed"] = float(summary["blessed"])
+    return values
+
+
+def log_to_mlflow(out: Path) -> None:
+    """The decision and its reasons, the predictions and the figures."""
+    import mlflow
+
     blessing = json.loads((out / BLESSING).read_text())
     mlflow.set_tags(
         {

@@ -431,21 +431,22 @@ def run(
     return report
 
 
+def metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Sizes and the parity report, for MLflow."""
+    return {
+        **{f"export.size_mb.{k}": v for k, v in summary["sizes_mb"].items()},
+        **{
+            f"parity.{kind}.{k}": v
+            for kind, values in summary["parity"].items()
+            if isinstance(values, dict)
+            for k, v in values.items()
+        },
+    }
+
+
 def log_to_mlflow(out: Path, summary: Path) -> None:
     import mlflow
 
-    report = json.loads(summary.read_text())
-    mlflow.log_metrics(
-        {
-            **{f"export.size_mb.{k}": v for k, v in report["sizes_mb"].items()},
-            **{
-                f"parity.{kind}.{k}": v
-                for kind, values in report["parity"].items()
-                if isinstance(values, dict)
-                for k, v in values.items()
-            },
-        }
-    )
     mlflow.log_artifact(str(summary), "export")
     mlflow.log_artifact(str(out / CARD), "export")
 

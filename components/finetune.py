@@ -267,19 +267,19 @@ def best_epoch(rows: list[dict[str, Any]], monitor: str) -> int:
     return int(np.argmin(values) if monitor.endswith("loss") else np.argmax(values))
 
 
-def log_to_mlflow(
-    out: Path, summary: Path, history: Path, dataset: Path, model: ModelParams
-) -> None:
+def metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The fine-tuning phase's final figures, for MLflow."""
+    tuned = summary["finetune"]
+    return {f"finetune.{k}": v for k, v in tuned.items() if isinstance(v, int | float)}
+
+
+def log_to_mlflow(out: Path, history: Path, dataset: Path, model: ModelParams) -> None:
     """Final metrics, the curves of both phases and the model with its signature (inferred
     from two validation images)."""
     import mlflow
     from mlflow.models import infer_signature
 
-    metrics = json.loads(summary.read_text())["finetune"]
     mlflow.set_tag("backbone", model.backbone)
-    mlflow.log_metrics(
-        {f"finetune.{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
-    )
     mlflow.log_artifact(str(out / CURVES), "finetune")
     mlflow.log_artifact(str(history), "finetune")
     val = split_files(dataset / SHARDS, "val")

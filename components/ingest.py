@@ -467,18 +467,19 @@ def run(
     return counts
 
 
-def log_to_mlflow(out: Path, summary: Path) -> None:
-    """Counts per split and class, and the reports, to the active MLflow run."""
-    import json
+def metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Counts per split and class, for MLflow."""
+    values = {"ingest.images": summary["images"], "ingest.quarantined": summary["quarantined"]}
+    for split, counts in summary["splits"].items():
+        values[f"ingest.{split}.images"] = counts["total"]
+        values.update({f"ingest.{split}.{label}": n for label, n in counts["classes"].items()})
+    return values
 
+
+def log_to_mlflow(out: Path, summary: Path) -> None:
+    """The manifest and the reports, to the active MLflow run."""
     import mlflow
 
-    totals = json.loads(summary.read_text())
-    metrics = {"ingest.images": totals["images"], "ingest.quarantined": totals["quarantined"]}
-    for split, counts in totals["splits"].items():
-        metrics[f"ingest.{split}.images"] = counts["total"]
-        metrics.update({f"ingest.{split}.{label}": n for label, n in counts["classes"].items()})
-    mlflow.log_metrics(metrics)
     for name in (MANIFEST, QUARANTINE, LABELS):
         mlflow.log_artifact(str(out / name), "ingest")
     mlflow.log_artifact(str(summary), "ingest")

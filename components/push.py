@@ -39,6 +39,15 @@ def run(*, exported: Path, blessing: Path, summary: Path, serving: ServingParams
     )
 
 
+def metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The registered and the serving version, for MLflow."""
+    return {
+        f"push.{key}": summary[key]
+        for key in ("version", "serving_version")
+        if isinstance(summary.get(key), int)
+    }
+
+
 def log_to_mlflow(summary: Path) -> None:
     import mlflow
 

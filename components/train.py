@@ -231,11 +231,14 @@ def run(
     return metrics
 
 
-def log_to_mlflow(out: Path, summary: Path, history: Path, model: ModelParams) -> None:
+def metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The frozen phase's final figures, for MLflow."""
+    return {f"frozen.{k}": v for k, v in summary["frozen"].items()}
+
+
+def log_to_mlflow(out: Path, history: Path, model: ModelParams) -> None:
     import mlflow
 
-    metrics = json.loads(summary.read_text())["frozen"]
-    mlflow.log_metrics({f"frozen.{k}": v for k, v in metrics.items()})
     mlflow.set_tag("backbone", model.backbone)
     mlflow.log_artifact(str(out / CURVES), "train")
     mlflow.log_artifact(str(history), "train")

@@ -246,22 +246,20 @@ def run(*, manifest: Path, out: Path, summary: Path, validate: ValidateParams) -
     return counts
 
 
-def log_to_mlflow(out: Path, summary: Path) -> None:
-    """Pass/fail counts, the Data Docs and every outcome, to the active MLflow run; also after a
-    failed validation (``log_failure``), when the Data Docs say what failed."""
-    import json
+def metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Pass/fail counts, for MLflow."""
+    return {
+        "validate.success": float(summary["success"]),
+        "validate.failed_errors": summary["failed_errors"],
+        "validate.failed_warnings": summary["failed_warnings"],
+    }
 
+
+def log_to_mlflow(out: Path, summary: Path) -> None:
+    """The Data Docs and every outcome, to the active MLflow run."""
     import mlflow
 
     if summary.is_file():
-        counts = json.loads(summary.read_text())
-        mlflow.log_metrics(
-            {
-                "validate.success": float(counts["success"]),
-                "validate.failed_errors": counts["failed_errors"],
-                "validate.failed_warnings": counts["failed_warnings"],
-            }
-        )
         mlflow.log_artifact(str(summary), "validate")
     if (out / RESULTS).is_file():
         mlflow.log_artifact(str(out / RESULTS), "validate")
@@ -269,7 +267,15 @@ def log_to_mlflow(out: Path, summary: Path) -> None:
         mlflow.log_artifacts(str(out / DATA_DOCS), "validate/data_docs")
 
 
-log_failure = log_to_mlflow
+def log_failure(out: Path, summary: Path) -> None:
+    """After a failed validation: the counts and the Data Docs that say what failed."""
+    import json
+
+    import mlflow
+
+    if summary.is_file():
+        mlflow.log_metrics(metrics(json.loads(summary.read_text())))
+    log_to_mlflow(out, summary)
 
 
 def describe(summary: dict[str, Any]) -> str:

@@ -10,6 +10,12 @@ How stages find their run, first match wins:
 
 The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else a local SQLite file ``mlflow.db``
 with artifacts in ``mlartifacts/`` beside it.
+
+A run is named and tied to what produced it when it is opened (``run_identity``): under
+``dvc exp run`` it takes the experiment's name, else a readable ``repro-<commit>-<time>``; tags
+give the commit, whether the tree was dirty, the params that differ from the baseline commit,
+the DVC experiment and baseline, and the data version. The experiment is tagged as a
+classification experiment, so MLflow's UI opens it in its model-training view.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +34,53 @@ import yaml
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "imgpipe"
 EXECUTION_TAG = "imgpipe.execution"
-SQLITE = "sqlite:///"
-RUN_TAGS = (EXECUTION_TAG, "git_commit", "dvc_data_md5")
+COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the UI shows it as the run's source version
+DIRTY_TAG = "git.dirty"
+PARAMS_CHANGED_TAG = "params.changed"
+EXPERIMENT_TAG, BASELINE_TAG = "dvc.experiment", "dvc.baseline"
+DATA_VERSION_TAG = "data.version"
+RUN_TAGS = (
+    EXECUTION_TAG,
+    COMMIT_TAG,
+    DIRTY_TAG,
+    PARAMS_CHANGED_TAG,
+    EXPERIMENT_TAG,
+    BASELINE_TAG,
+    DATA_VERSION_TAG,
+)
 """Tags of the run itself, set when it is opened; every other tag belongs to a stage."""
+EXPERIMENT_KIND = ("mlflow.experimentKind", "classification")
+"""MLflow 3's experiment type: a classification experiment opens in the model-training view
+(runs, metrics, charts), not the GenAI one (traces, sessions)."""
+HEADLINE_VIEW = "headline"
+HEADLINE_COLUMNS = (
+    "metrics.`test.accuracy`",
+    "metrics.`test.balanced_accuracy`",
+    "metrics.`finetune.val_accuracy`",
+    "metrics.`frozen.val_accuracy`",
+    "metrics.`blessed`",
+    "tags.`params.changed`",
+    "tags.`mlflow.source.git.commit`",
+)
+"""The runs-table columns a person looks at first: test and validation accuracy, the
+blessing, what changed. MLflow 3.17 has no server-side default columns; its shared views are
+experiment tags (``mlflow.sharedViewState.<key>``) that the UI opens from
+``#/experiments/<id>/runs?viewStateShareKey=<key>``, which ``make ui`` prints."""
+
+
+def view_tags() -> dict[str, str]:
+    """The experiment's tags: its kind and the headline view."""
+    import json
+
+    view = {"selectedColumns": list(HEADLINE_COLUMNS)}
+    return dict([EXPERIMENT_KIND, (f"mlflow.sharedViewState.{HEADLINE_VIEW}", json.dumps(view))])
+
+
+def headline_url(ui: str, experiment_id: str) -> str:
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={HEADLINE_VIEW}"
+
+
+SQLITE = "sqlite:///"
 _ORCHESTRATORS = {("dvc", "repro"), ("dvc", "exp")}
 
 
@@ -71,21 +121,73 @@ def execution_key() -> str | None:
     return None
 
 
-def git_commit(root: Path) -> str:
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def git_state(root: Path) -> tuple[str, bool]:
+    """The commit checked out and whether tracked files differ from it; ``unknown`` outside
+    a git repository."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit = _git(root, "rev-parse", "HEAD")
+        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+    return commit, dirty
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params as MLflow params: ``section.key`` -> value, lists joined with commas."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list | tuple):
+            flat[name] = ",".join(map(str, value))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def changed_params(root: Path, baseline: str, params: Mapping[str, Any]) -> str:
+    """``key: old -> new`` for every param that differs from params.yaml at ``baseline``
+    (what ``dvc params diff`` shows), ``none`` when nothing does, ``unknown`` without git."""
+    try:
+        committed = yaml.safe_load(_git(root, "show", f"{baseline}:params.yaml")) or {}
+    except (OSError, subprocess.CalledProcessError, yaml.YAMLError):
         return "unknown"
-    return commit + ("-dirty" if dirty else "")
+    old, new = flatten(committed), flatten(params)
+    changes = [
+        f"{key}: {old.get(key, '(none)')} -> {new.get(key, '(none)')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+    text = "; ".join(changes) or "none"
+    return text if len(text) <= 5000 else text[:4990] + " ..."  # MLflow's tag value limit
+
+
+def run_identity(
+    root: Path, params: Mapping[str, Any] | None, started_by: str
+) -> tuple[str, dict[str, str]]:
+    """The name and tags of a new run. ``started_by``: ``repro`` under DVC, else the stage."""
+    commit, dirty = git_state(root)
+    experiment = os.environ.get("DVC_EXP_NAME", "")
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV", "") or commit
+    tags = {
+        COMMIT_TAG: commit,
+        DIRTY_TAG: str(dirty).lower(),
+        DATA_VERSION_TAG: dvc_data_hash(root),
+    }
+    if params is not None:
+        tags[PARAMS_CHANGED_TAG] = changed_params(root, baseline, params)
+    if experiment:
+        tags.update({EXPERIMENT_TAG: experiment, BASELINE_TAG: baseline})
+        return experiment, tags
+    short = commit[:7] + ("-dirty" if dirty else "")
+    return f"{started_by}-{short}-{time.strftime('%m%d-%H%M%S')}", tags
 
 
 def dvc_data_hash(root: Path) -> str:
@@ -103,13 +205,16 @@ def ensure_experiment(mlflow: Any, root: Path, name: str | None = None) -> str:
     name = name or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        for key, value in view_tags().items():  # made before these tags existed
+            if experiment.tags.get(key) != value:
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return str(experiment.experiment_id)
     location = None
     uri = mlflow.get_tracking_uri()
     if uri.startswith(SQLITE):  # artifacts beside the database file
         location = (root / uri[len(SQLITE) :]).resolve().parent.joinpath("mlartifacts").as_uri()
     try:
-        return str(mlflow.create_experiment(name, artifact_location=location))
+        return str(mlflow.create_experiment(name, artifact_location=location, tags=view_tags()))
     except Exception:  # created meanwhile by a concurrent stage
         return str(mlflow.get_experiment_by_name(name).experiment_id)
 
@@ -142,8 +247,13 @@ def peak_rss_mb() -> float:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, root: Path | None = None) -> Iterator[Any]:
+def stage_run(
+    stage: str, root: Path | None = None, params: Mapping[str, Any] | None = None
+) -> Iterator[Any]:
     """Open (or rejoin) this execution's MLflow run for ``stage``; close it FAILED on error.
+    A new run gets its name and tags (``run_identity``) and, when ``params`` (all of
+    params.yaml) is given, every param: two runs of one pipeline have the same param keys
+    whichever stages they ran.
 
     >>> with stage_run("ingest") as run:
     ...     mlflow.log_metric("ingest.images", 2624)
@@ -160,21 +270,11 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[Any]:
     if run_id:
         run = mlflow.start_run(run_id=run_id)
     else:
-        run = mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags=dict(
-                zip(
-                    RUN_TAGS,
-                    (
-                        key or f"standalone:{stage}:{time.time_ns()}",
-                        git_commit(root),
-                        dvc_data_hash(root),
-                    ),
-                    strict=True,
-                )
-            ),
-        )
+        name, tags = run_identity(root, params, "repro" if key else stage)
+        tags[EXECUTION_TAG] = key or f"standalone:{stage}:{time.time_ns()}"
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
+        if params is not None:
+            log_params(flatten(params))
     mlflow.set_tag(f"stage.{stage}", "running")
     started = time.perf_counter()
     try:
@@ -193,16 +293,42 @@ def stage_run(stage: str, root: Path | None = None) -> Iterator[Any]:
     mlflow.end_run()
 
 
-def log_params(prefix: str, params: Any) -> None:
-    """Log a params dataclass as ``<prefix>.<field>``."""
-    import dataclasses
-
+def log_params(flat: Mapping[str, str]) -> None:
+    """Log flattened params, in batches of MLflow's limit of 100."""
     import mlflow
 
-    values = dataclasses.asdict(params)
-    mlflow.log_params(
-        {
-            f"{prefix}.{k}": (",".join(map(str, v)) if isinstance(v, list | tuple) else v)
-            for k, v in values.items()
-        }
-    )
+    items = list(flat.items())
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+SPLIT_CONTEXTS = {"train": "train", "val": "validation", "test": "test"}
+"""Manifest split -> MLflow dataset context (and dataset name)."""
+
+
+def log_datasets(manifest: Path, source: str, version: str) -> None:
+    """The manifest's splits as MLflow datasets of the active run, which MLflow's runs table
+    shows in its Dataset column: name and context ``train``/``validation``/``test``, source
+    where the images came from, digest ``<data version>-<split>``: the first 12 characters of
+    the data version (DVC's md5 of the raw data) and 8 of a digest of the split's image
+    hashes, since one data version can be split differently (ingest params)."""
+    import hashlib
+    import warnings
+
+    import mlflow
+    import pandas as pd
+
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    inputs = []
+    for split, context in SPLIT_CONTEXTS.items():
+        rows = frame[frame["split"] == split].reset_index(drop=True)
+        content = hashlib.md5("\n".join(sorted(rows["sha256"])).encode()).hexdigest()
+        digest = f"{version.removesuffix('.dir')[:12]}-{content[:8]}"
+        with warnings.catch_warnings():  # MLflow warns that it infers the schema
+            warnings.simplefilter("ignore")
+            dataset = mlflow.data.from_pandas(
+                rows, source=source, targets="label", name=context, digest=digest
+            )
+        inputs.append((dataset, context))
+    for dataset, context in inputs:
+        mlflow.log_input(dataset, context=context)

@@ -184,6 +184,24 @@ def cmd_fetch_model(args: argparse.Namespace) -> None:
     print(f"fetch-model: {args.model}@{args.alias} -> {target}")
 
 
+def cmd_ui(args: argparse.Namespace) -> None:
+    """MLflow's UI on this project's store, opened on the experiment's headline view."""
+    import sys
+
+    import mlflow
+
+    from imgpipe.tracking import ensure_experiment, headline_url, tracking_uri
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment_id = ensure_experiment(mlflow, Path.cwd())  # its view tags, also when older
+    url = headline_url(f"http://{args.host}:{args.port}", experiment_id)
+    print(f"ui: the runs with their headline columns: {url}", flush=True)
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow_bin), "ui", "--backend-store-uri", uri]
+    os.execv(command[0], [*command, "--host", args.host, "--port", str(args.port)])
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
     from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
@@ -292,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="PATH",
                 help=f"output (default: {output.path})",
             )
+
+    p = add("ui", cmd_ui, "MLflow's UI on 127.0.0.1, opened on the headline view", params=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
 
     p = add("predict", cmd_predict, "classify image files on a TF Serving (or local) server")
     p.add_argument("files", nargs="+", metavar="FILE")

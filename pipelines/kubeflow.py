@@ -49,18 +49,6 @@ GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU featu
 
 
 @dsl.component(base_image=IMAGE)
-def start_run(tracking_uri: str, experiment: str) -> str:
-    """A new MLflow run for this execution (never cached)."""
-    import time
-
-    from pipelines import kubeflow_step
-
-    return kubeflow_step.start_run(
-        tracking_uri, experiment, f"kfp-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-
-
-@dsl.component(base_image=IMAGE)
 def import_logs(
     ingest: Input[Artifact],
     validate: Input[Artifact],
@@ -157,10 +145,28 @@ def _component_source(stage: Stage) -> str:
     )
 
 
+def _start_run_source() -> str:
+    """start-run: a new MLflow run for the execution (never cached), with every params
+    section's overlay, so that it logs the execution's params."""
+    arguments = ["tracking_uri: str", "experiment: str", "data_version: str", "base_params: str"]
+    arguments += [f"{section}: str" for section in SECTIONS]
+    return (
+        f"def start_run(\n    {', '.join(arguments)},\n) -> str:\n"
+        '    """A new MLflow run for this execution (generated, pipelines/kubeflow.py)."""\n'
+        "    from pipelines import kubeflow_step\n\n"
+        "    return kubeflow_step.start_run(locals())\n"
+    )
+
+
 def component(stage: Stage) -> Any:
     """The KFP component of ``stage``, derived from its declaration."""
-    source = _component_source(stage)
-    filename = f"<imgpipe component {stage.name}>"
+    return _compiled(stage.name, _component_source(stage))
+
+
+def _compiled(name: str, source: str) -> Any:
+    """A KFP component from generated source (registered with linecache, so KFP can read it
+    back as it reads a written function)."""
+    filename = f"<imgpipe component {name}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict[str, Any] = {
         "Input": Input,
@@ -169,7 +175,7 @@ def component(stage: Stage) -> Any:
         **{kind.__name__: kind for kind in ARTIFACT_TYPES},
     }
     exec(compile(source, filename, "exec"), namespace)
-    return dsl.component(base_image=IMAGE)(namespace[stage.name])
+    return dsl.component(base_image=IMAGE)(namespace[name])
 
 
 def build(params: dict[str, Any]) -> Any:
@@ -178,6 +184,7 @@ def build(params: dict[str, Any]) -> Any:
     parameter is a JSON object of overrides on that section (default ``{}``)."""
     base_params = json.dumps(params)
     components = {name: component(stage) for name, stage in STAGES.items()}
+    start_run = _compiled("start_run", _start_run_source())
 
     # @dsl.pipeline reads the parameters from the signature and passes them by position.
     parameters = [
@@ -195,7 +202,14 @@ def build(params: dict[str, Any]) -> Any:
         given = dict(zip((p.name for p in parameters), values, strict=True))
         uri = given["mlflow_tracking_uri"]
         run = _configure(
-            start_run(tracking_uri=uri, experiment=given["mlflow_experiment"]), "start-run"
+            start_run(
+                tracking_uri=uri,
+                experiment=given["mlflow_experiment"],
+                data_version=given["data_version"],
+                base_params=base_params,
+                **{s: given[f"{s}_params"] for s in SECTIONS},
+            ),
+            "start-run",
         )
         tasks: dict[str, Any] = {}
         for name, stage in STAGES.items():
@@ -210,6 +224,8 @@ def build(params: dict[str, Any]) -> Any:
             if name not in CACHED:
                 arguments.update(tracking_uri=uri, run_id=run.output)
             task = _configure(components[name](**arguments), name)
+            if name in CACHED:  # so that a log older than the run came from the cache
+                task.after(run)
             for before in stage.after:
                 task.after(tasks[before])
             tasks[name] = task

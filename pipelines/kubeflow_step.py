@@ -12,11 +12,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pipelines.stages import Stage
+from typing import Any
 
 
 def run(name: str, arguments: dict[str, Any]) -> None:
@@ -25,7 +23,7 @@ def run(name: str, arguments: dict[str, Any]) -> None:
     from pipelines.stages import STAGES
 
     stage = STAGES[name]
-    params = overlaid(stage, arguments)
+    params = overlaid(stage.sections, arguments)
     if "mlflow_log" in arguments:  # cached: never the execution's run (see stage_log)
         _point_mlflow(stage_log(arguments["mlflow_log"].path), "")
     else:
@@ -47,7 +45,7 @@ def run(name: str, arguments: dict[str, Any]) -> None:
                 if output_name in arguments
                 else Path(tmp) / output_name  # feature cache, checkpoints: pod-local
             )
-        execute(stage, paths, params)
+        execute(stage, paths, params, whole_run=False)
     for output_name, out in stage.outputs.items():  # what KFP's UI shows of them
         if out.kind == "Metrics":
             log_metrics(arguments[output_name], paths[output_name])
@@ -57,11 +55,11 @@ def run(name: str, arguments: dict[str, Any]) -> None:
         shutil.copyfile(paths[view.output] / view.subpath, arguments[view_name].path)
 
 
-def overlaid(stage: Stage, arguments: dict[str, Any]) -> dict[str, Any]:
-    """The compiled-in params.yaml with the run's overlays (JSON, one per section) applied:
-    an overlay changes only the keys it names."""
+def overlaid(sections: Iterable[str], arguments: dict[str, Any]) -> dict[str, Any]:
+    """The compiled-in params.yaml with the run's overlays of ``sections`` (JSON, one per
+    section) applied: an overlay changes only the keys it names."""
     params = json.loads(arguments["base_params"])
-    for section in stage.sections:
+    for section in sections:
         params[section] = {**params.get(section, {}), **json.loads(arguments[section])}
     return params
 
@@ -94,8 +92,9 @@ STAGE_LOG_DB = "mlflow.db"
 def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> list[str]:
     """Copy each stage log's run (params, every metric's history, the stages' tags, artifacts)
     into ``run_id``; returns the stages imported. Each imported stage is tagged
-    ``stage.<name>.log_run`` with its log's run id: the same id in two executions means the
-    second reused the first's cached step. Artifacts are read from the log's own folder (not
+    ``stage.<name>.log_run`` with its log's run id, and ``stage.<name>`` says ``done`` or
+    ``reused``: a log that started before this execution's run came from KFP's cache (the
+    cached steps run after start-run). Artifacts are read from the log's own folder (not
     through the absolute path the producing pod recorded). A model logged with ``log_model``
     stays in the stage's store (push registers the exported SavedModel into the run)."""
     from mlflow.entities import Param, RunTag
@@ -104,6 +103,7 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
     from imgpipe.tracking import RUN_TAGS, SQLITE
 
     target = MlflowClient(tracking_uri)
+    started = target.get_run(run_id).info.start_time
     imported = []
     for folder in folders:
         database = Path(folder) / STAGE_LOG_DB
@@ -122,6 +122,9 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
         ]
         stages = [t.key.removeprefix("stage.") for t in tags if t.key.startswith("stage.")]
         tags += [RunTag(f"stage.{stage}.log_run", source_id) for stage in stages]
+        if run.info.start_time < started:  # from KFP's cache: an earlier execution's log
+            tags = [t for t in tags if t.key not in {f"stage.{s}" for s in stages}]
+            tags += [RunTag(f"stage.{stage}", "reused") for stage in stages]
         for i in range(0, max(len(metrics), len(params), len(tags)), 100):  # log_batch limits
             target.log_batch(
                 run_id,
@@ -136,23 +139,37 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
     return imported
 
 
-def start_run(tracking_uri: str, experiment: str, name: str) -> str:
-    """A new MLflow run for this pipeline execution; every component logs into it."""
+def start_run(arguments: dict[str, Any]) -> str:
+    """A new MLflow run for this pipeline execution, from the start-run component's
+    ``arguments``: named and tagged like a DVC run (``imgpipe.tracking.run_identity``), with
+    every param of the execution (params.yaml and all the run's overlays), so that runs of
+    the pipeline share their param keys whichever steps came from the cache."""
+    import time
+
     import mlflow
 
-    from imgpipe.tracking import dvc_data_hash, ensure_experiment, git_commit
+    from imgpipe.params import SECTIONS
+    from imgpipe.tracking import (
+        DATA_VERSION_TAG,
+        ensure_experiment,
+        flatten,
+        log_params,
+        run_identity,
+    )
 
-    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(arguments["tracking_uri"])
     project = Path.cwd()
+    params = overlaid(SECTIONS, arguments)
+    _, tags = run_identity(project, params, "kfp")
+    tags["orchestrator"] = "kubeflow"
+    if arguments["data_version"]:
+        tags[DATA_VERSION_TAG] = arguments["data_version"]
     with mlflow.start_run(
-        experiment_id=ensure_experiment(mlflow, project, experiment),
-        run_name=name,
-        tags={
-            "orchestrator": "kubeflow",
-            "git_commit": git_commit(project),
-            "dvc_data_md5": dvc_data_hash(project),
-        },
+        experiment_id=ensure_experiment(mlflow, project, arguments["experiment"]),
+        run_name=f"kfp-{time.strftime('%Y%m%d-%H%M%S')}",
+        tags=tags,
     ) as run:
+        log_params(flatten(params))
         return str(run.info.run_id)
 
 

@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from imgpipe.manifest import MANIFEST
 from imgpipe.params import ParamsError, sections
-from pipelines.stages import Stage
+from pipelines.stages import STAGES, SUMMARY, Stage
 
 
 def default_paths(stage: Stage, params: Mapping[str, Any]) -> dict[str, Path]:
@@ -40,10 +41,26 @@ def _call(function: Callable[..., Any], available: Mapping[str, Any]) -> Any:
     return function(**{name: available[name] for name in names if name in available})
 
 
-def execute(stage: Stage, paths: Mapping[str, Path], params: Mapping[str, Any]) -> dict[str, Any]:
+def execute(
+    stage: Stage,
+    paths: Mapping[str, Path],
+    params: Mapping[str, Any],
+    *,
+    whole_run: bool = True,
+) -> dict[str, Any]:
     """Run ``stage`` on ``paths`` (every declared input and output) with the params.yaml
-    content ``params``, inside this execution's MLflow run; returns the stage's summary."""
-    from imgpipe.tracking import log_params, stage_run
+    content ``params``, inside this execution's MLflow run; returns the stage's summary.
+
+    The run gets the stage's params, its summary metrics (``components.<stage>.metrics``),
+    what ``log_to_mlflow`` adds, and the data splits as MLflow datasets. With ``whole_run``
+    (the CLI, under DVC or alone) this process also speaks for the run as a whole: a new run
+    gets every param of params.yaml, and under DVC each stage that DVC reused is logged from
+    the outputs DVC restored (``log_reused``). The Kubeflow steps pass False: each holds only
+    its own sections, and the pipeline's start-run and import-logs steps do the rest.
+    """
+    import mlflow
+
+    from imgpipe.tracking import execution_key, flatten, log_params, stage_run
 
     missing = (set(stage.inputs) | set(stage.outputs)) - set(paths)
     if missing:
@@ -51,17 +68,81 @@ def execute(stage: Stage, paths: Mapping[str, Path], params: Mapping[str, Any]) 
     typed = sections(stage.sections, dict(params))  # every key checked before any work
     module = importlib.import_module(stage.module)
     arguments = {**paths, **typed}
-    with stage_run(stage.name):
-        for name, values in typed.items():
-            log_params(name, values)
+    with stage_run(stage.name, params=params if whole_run else None) as run:
+        if f"stage.{stage.name}.md5" in mlflow.get_run(run.info.run_id).data.tags:
+            mlflow.MlflowClient().delete_tag(run.info.run_id, f"stage.{stage.name}.md5")
+        log_params(flatten({name: params[name] for name in stage.sections}))
         try:
             summary = module.run(**arguments)
         except BaseException:
             if hasattr(module, "log_failure"):  # what failed, for the run (validate's Data Docs)
                 _call(module.log_failure, arguments)
             raise
+        mlflow.log_metrics(module.metrics(summary))
         _call(module.log_to_mlflow, arguments)
+        manifest = _manifest(stage, paths, whole_run)
+        if manifest is not None and not mlflow.get_run(run.info.run_id).inputs.dataset_inputs:
+            log_datasets_of(manifest, params)
+        if whole_run and execution_key():
+            log_reused(stage.name, Path.cwd())
     return summary
+
+
+def _manifest(stage: Stage, paths: Mapping[str, Path], whole_run: bool) -> Path | None:
+    """The manifest this stage read or wrote, or (under DVC) the one in the workspace."""
+    if stage.name == "ingest":
+        return paths["out"] / MANIFEST
+    if "dataset" in paths:
+        return paths["dataset"] / MANIFEST
+    default = Path(STAGES["ingest"].outputs["out"].path) / MANIFEST
+    return default if whole_run and default.is_file() else None
+
+
+def log_datasets_of(manifest: Path, params: Mapping[str, Any]) -> None:
+    """The splits of ``manifest`` as MLflow datasets; the source is ``data.source``."""
+    import mlflow
+
+    from imgpipe.tracking import DATA_VERSION_TAG, dvc_data_hash, log_datasets
+
+    source = str(params["data"]["source"])
+    if "://" not in source:
+        source = Path(source).resolve().as_uri()
+    active = mlflow.active_run()
+    tags = mlflow.get_run(active.info.run_id).data.tags if active is not None else {}
+    version = tags.get(DATA_VERSION_TAG)
+    log_datasets(manifest, source, version or dvc_data_hash(Path.cwd()))
+
+
+def log_reused(current: str, root: Path) -> None:
+    """Under DVC: every other stage this run has no record of is logged as reused, from the
+    summary DVC restored (its metrics and a ``stage.<name>=reused`` tag with the output hash
+    ``dvc.lock`` records), so every run carries every stage's figures. A stage that runs
+    later in the same ``dvc repro`` replaces the tag and the figures with its own."""
+    import json
+
+    import mlflow
+    import yaml
+
+    run = mlflow.active_run()
+    assert run is not None
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    try:
+        lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        lock = {}
+    for name, stage in STAGES.items():
+        summary = root / stage.outputs[SUMMARY].path
+        if name == current or f"stage.{name}" in tags or not summary.is_file():
+            continue
+        module = importlib.import_module(stage.module)
+        mlflow.log_metrics(module.metrics(json.loads(summary.read_text())))
+        outs = lock.get(name, {}).get("outs", [])
+        mlflow.set_tags(
+            {
+                f"stage.{name}": "reused",
+                f"stage.{name}.md5": str(outs[0].get("md5", "")) if outs else "unknown",
+            }
+        )
 
 
 def describe(stage: Stage, summary: dict[str, Any]) -> str:

@@ -33,6 +33,8 @@ IMAGES_PER_CLASS = 16  # ingest's 75/10/15 rounding gives 10 train, 2 val, 4 tes
 EXPERIMENT = "imgpipe-e2e"
 STAGES = ("ingest", "validate", "augment", "train", "finetune", "evaluate", "export", "push")
 MODEL_NAME = "tiny"
+EXPERIMENT_NAME = "lr-5e-4"
+NEW_LR = 0.0005
 TRAIN_EPOCHS, FINETUNE_EPOCHS = 2, 1
 
 
@@ -323,39 +325,87 @@ def test_all_stages_log_into_one_mlflow_run(repo, first_repro):
     assert champion.run_id == run.info.run_id
 
 
-def test_finetune_param_change_reruns_only_finetune(repo, first_repro):
+@pytest.fixture(scope="module")
+def experiment(repo: Repo, first_repro) -> subprocess.CompletedProcess[str]:
+    """``dvc exp run`` of a finetune.learning_rate change, named ``EXPERIMENT_NAME``: DVC
+    reuses ingest, validate, augment and train."""
+    return repo.run(
+        "dvc", "exp", "run", "--name", EXPERIMENT_NAME, "-S", f"finetune.learning_rate={NEW_LR}"
+    )
+
+
+def test_finetune_param_change_reruns_only_finetune(repo, first_repro, experiment):
     """Guards the stage params scoping: changing only finetune.learning_rate reruns finetune
     and what follows it, nothing upstream; the new fine-tuning starts over (its checkpoints no
     longer match); the new candidate is pushed as the next serving version; and the pipeline
     is up to date again afterwards."""
-    before = json.loads((repo.root / "metrics/train.json").read_text())
-    params = yaml.safe_load((repo.root / "params.yaml").read_text())
-    params["finetune"]["learning_rate"] = 0.0005
-    (repo.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    result = repo.run("dvc", "repro")
-
-    out = result.stdout + result.stderr
+    out = experiment.stdout + experiment.stderr
     rerun = STAGES[STAGES.index("finetune") :]
     for stage in STAGES:
         assert (f"Running stage '{stage}'" in out) == (stage in rerun), (stage, out)
-    assert json.loads((repo.root / "metrics/train.json").read_text()) == before
     tuned = json.loads((repo.root / "metrics/finetune.json").read_text())["finetune"]
     assert tuned["resumed_from_epoch"] == 0
     lock = yaml.safe_load((repo.root / "dvc.lock").read_text())
     assert lock["stages"]["finetune"]["params"]["params.yaml"]["finetune"]["learning_rate"] == (
-        0.0005
+        NEW_LR
     )
     status = repo.run("dvc", "status", "--json")
     assert json.loads(status.stdout or "{}") == {}, status.stdout
-    run = repo.mlflow_runs()[-1]
-    assert run.data.tags["stage.finetune"] == "done"
-    assert "stage.train" not in run.data.tags
-    assert run.data.params["finetune.learning_rate"] == "0.0005"
     pushed = json.loads((repo.root / "metrics/push.json").read_text())
     assert pushed["version"] == 2 and pushed["serving_version"] == 2, pushed
     assert pushed["previous_champion"] == 1
     assert sorted(p.name for p in (repo.root / "models" / MODEL_NAME).iterdir()) == ["1", "2"]
+
+
+def _contexts(run) -> list[str]:
+    return sorted(
+        {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in run.inputs.dataset_inputs
+    )
+
+
+def test_a_run_that_reuses_stages_is_as_complete_as_the_first(repo, first_repro, experiment):
+    """Guards comparable runs: the experiment's MLflow run, where DVC reused four stages, has
+    the same param keys as the first run, the reused stages' summary metrics (from the
+    outputs DVC restored) with a ``reused`` tag and the output hash dvc.lock records, the
+    three splits as datasets, and it is named after its DVC experiment and tagged with its
+    baseline and the params that differ from it."""
+    runs = {r.info.run_name: r for r in repo.mlflow_runs()}
+    first = repo.mlflow_runs()[0]
+    second = runs[EXPERIMENT_NAME]
+    head = repo.run("git", "rev-parse", "HEAD").stdout.strip()
+    assert first.info.run_name.startswith(f"repro-{head[:7]}"), first.info.run_name
+    assert set(second.data.params) == set(first.data.params)
+    assert second.data.params["finetune.learning_rate"] == str(NEW_LR)
+    lock = yaml.safe_load((repo.root / "dvc.lock").read_text())["stages"]
+    for stage in STAGES:
+        expected = "reused" if stage in ("ingest", "validate", "augment", "train") else "done"
+        assert second.data.tags[f"stage.{stage}"] == expected, stage
+        if expected == "reused":
+            assert second.data.tags[f"stage.{stage}.md5"] == lock[stage]["outs"][0]["md5"]
+    for key in ("ingest.images", "validate.success", "augment.materialised_images"):
+        assert second.data.metrics[key] == first.data.metrics[key], key
+    assert second.data.metrics["frozen.val_accuracy"] == first.data.metrics["frozen.val_accuracy"]
+    reused_timings = {
+        f"{stage}.{key}"
+        for stage in ("ingest", "validate", "augment", "train")
+        for key in ("wall_seconds", "peak_rss_mb")
+    }
+    assert set(first.data.metrics) - set(second.data.metrics) == reused_timings
+    assert second.data.tags["dvc.experiment"] == EXPERIMENT_NAME
+    assert second.data.tags["dvc.baseline"] == head
+    committed = yaml.safe_load(repo.run("git", "show", "HEAD:params.yaml").stdout)
+    old = committed["finetune"]["learning_rate"]
+    changed = second.data.tags["params.changed"]
+    assert changed == f"finetune.learning_rate: {old} -> {NEW_LR}", changed
+    assert second.data.tags["mlflow.source.git.commit"] == head
+    assert (
+        second.data.tags["data.version"]
+        == yaml.safe_load((repo.root / "data.dvc").read_text())["outs"][0]["md5"]
+    )
+    for run in (first, second):
+        assert _contexts(run) == ["test", "train", "validation"], run.info.run_name
+    first_test = [i.dataset for i in first.inputs.dataset_inputs if i.dataset.name == "test"]
+    assert first_test[0].digest.startswith(second.data.tags["data.version"][:12])
 
 
 def test_failed_expectation_stops_repro_naming_expectation_and_row(repo, first_repro):
@@ -389,3 +439,106 @@ def test_failed_expectation_stops_repro_naming_expectation_and_row(repo, first_r
     assert run.info.status == "FAILED"
     assert run.data.tags["stage.validate"] == "failed"
     assert "stage.ingest" not in run.data.tags
+
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--virtual-time-budget=15000",
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
+    repo, first_repro, experiment, tmp_path
+):
+    """Guards what a person sees: MLflow's own server (started here on 127.0.0.1, stopped by
+    its PID) renders the compare page of the first run and the experiment in headless
+    Chromium, and the page names both runs and shows an ``augment.*`` param with a value for
+    each, although DVC reused augment in the second."""
+    import html
+    import re
+    import signal
+    import time
+    import urllib.parse
+    import urllib.request
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        print("chromium is not on PATH (apt-get install chromium): compare page not rendered")
+        pytest.skip("chromium is not on PATH (apt-get install chromium)")
+    first, second = (
+        repo.mlflow_runs()[0],
+        {r.info.run_name: r for r in repo.mlflow_runs()}[EXPERIMENT_NAME],
+    )
+    port = _free_port()
+    store = repo.env["MLFLOW_TRACKING_URI"]
+    server = subprocess.Popen(
+        [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            store,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=repo.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its workers too are stopped through its process group
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                assert time.monotonic() < deadline, "mlflow server not ready in 120 s"
+                time.sleep(1)
+        ids = json.dumps([first.info.run_id, second.info.run_id])
+        experiments = json.dumps([first.info.experiment_id])
+        query = urllib.parse.urlencode({"runs": ids, "experiments": experiments})
+        url = f"http://127.0.0.1:{port}/#/compare-runs?{query}"
+        dom = subprocess.run(
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    cells = [html.unescape(c).strip() for c in re.split(r"<[^>]+>", dom)]
+    cells = [c for c in cells if c]
+    assert first.info.run_name in cells and EXPERIMENT_NAME in cells, cells[:80]
+    rows = [i for i, c in enumerate(cells) if c.startswith("augment.")]
+    assert rows, "no augment.* param on the compare page"
+    key = cells[rows[0]]
+    assert cells[rows[0] + 1 : rows[0] + 3] == [first.data.params[key]] * 2, cells[
+        rows[0] : rows[0] + 5
+    ]

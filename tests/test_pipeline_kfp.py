@@ -16,9 +16,9 @@ from conftest import make_class_folders
 PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = {"a": 16, "b": 16, "c": 16}
 STAGES = ("ingest", "validate", "augment", "train", "finetune", "evaluate", "export", "push")
-ORDER = (  # dependency order, ties by name: start-run depends on nothing
-    "ingest",
+ORDER = (  # dependency order, ties by name: the cached steps wait for start-run
     "start-run",
+    "ingest",
     "validate",
     "augment",
     "train",
@@ -118,12 +118,48 @@ def test_a_kubeflow_overlay_changes_only_the_keys_it_names():
         "model": "{}",
         "finetune": json.dumps({"learning_rate": 3e-4}),
     }
-    params = overlaid(STAGES["finetune"], arguments)
+    params = overlaid(STAGES["finetune"].sections, arguments)
     assert params["finetune"] == {**_params()["finetune"], "learning_rate": 3e-4}
     assert params["model"] == _params()["model"]
     arguments["finetune"] = json.dumps({"learning_rte": 3e-4})
     with pytest.raises(ParamsError, match=r"unknown key finetune\.learning_rte"):
-        section(SECTIONS["finetune"], "finetune", overlaid(STAGES["finetune"], arguments))
+        section(SECTIONS["finetune"], "finetune", overlaid(STAGES["finetune"].sections, arguments))
+
+
+def test_import_logs_marks_a_step_from_the_cache_as_reused(tmp_path):
+    """Guards the reuse tags under Kubeflow's cache: a stage log written before the
+    execution's run started (a cache hit: the cached steps run after start-run) is imported
+    as ``reused``, one written after it as ``done``; both bring their params and metrics."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.kubeflow_step import import_stage_logs, stage_log
+
+    def write_log(folder: Path, stage: str) -> None:
+        client = MlflowClient(stage_log(str(folder)))
+        run = client.create_run(client.create_experiment("log"))
+        client.log_metric(run.info.run_id, f"{stage}.images", 48)
+        client.log_param(run.info.run_id, f"{stage}.seed", "1")
+        client.set_tag(run.info.run_id, f"stage.{stage}", "done")
+        client.set_terminated(run.info.run_id)
+        time.sleep(0.01)  # start times are in milliseconds
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    write_log(tmp_path / "cached", "ingest")
+    target = MlflowClient(uri)
+    run_id = target.create_run(target.create_experiment("imgpipe")).info.run_id
+    time.sleep(0.01)
+    write_log(tmp_path / "fresh", "train")
+
+    imported = import_stage_logs([str(tmp_path / "cached"), str(tmp_path / "fresh")], uri, run_id)
+
+    run = target.get_run(run_id)
+    assert imported == ["ingest", "train"]
+    assert run.data.tags["stage.ingest"] == "reused"
+    assert run.data.tags["stage.train"] == "done"
+    assert run.data.metrics == {"ingest.images": 48, "train.images": 48}
+    assert run.data.params == {"ingest.seed": "1", "train.seed": "1"}
 
 
 @pytest.mark.slow
@@ -134,6 +170,7 @@ def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
     histories, artifacts); the blessed model is registered as champion and pushed."""
     from mlflow.tracking import MlflowClient
 
+    from imgpipe.tracking import flatten
     from pipelines.kubeflow import run_local
 
     monkeypatch.chdir(tmp_path)
@@ -156,6 +193,7 @@ def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
         params,
         tmp_path / "root",
         source=str(tmp_path / "data"),
+        data_version="v-test",
         mlflow_tracking_uri=uri,
     )
 
@@ -190,6 +228,13 @@ def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
         assert f"{stage}.wall_seconds" in run.data.metrics, stage
         assert run.data.metrics[f"{stage}.peak_rss_mb"] > 100, stage  # MiB: TF alone is more
     assert run.data.params["finetune.unfreeze_layers"] == "20"
+    assert set(flatten(params)) <= set(run.data.params)  # every param, not only the stages'
+    assert run.data.tags["data.version"] == "v-test"
+    assert run.info.run_name.startswith("kfp-")
+    contexts = sorted(
+        {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in run.inputs.dataset_inputs
+    )
+    assert contexts == ["test", "train", "validation"], contexts
     assert run.data.tags["backbone"] == params["model"]["backbone"]
     for stage in ("ingest", "finetune"):  # imported from the step's own log, which is named
         assert run.data.tags[f"stage.{stage}.log_run"] != run.info.run_id, stage
