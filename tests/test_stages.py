@@ -156,3 +156,20 @@ def test_no_import_cycle_and_layers_import_only_downwards():
 def test_components_holds_only_the_declared_stages():
     files = {p.stem for p in (PROJECT / "components").glob("*.py")} - {"__init__"}
     assert files == set(STAGES)
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_each_stage_turns_its_committed_summary_into_mlflow_metrics(name):
+    """Guards the reused-stage path: a stage's ``metrics(summary)`` is what MLflow gets both
+    when it ran and when DVC reused it (read back from the summary DVC restored), so it must
+    turn the summary in the tree (``make demo``'s, committed) into named numbers, each under
+    the stage's own prefix or a headline name."""
+    import json
+
+    module = importlib.import_module(STAGES[name].module)
+    summary = json.loads((PROJECT / STAGES[name].outputs["summary"].path).read_text())
+    values = module.metrics(summary)
+    assert values, name
+    for key, value in values.items():
+        assert isinstance(value, int | float) and not isinstance(value, bool), (key, value)
+        assert key.split(".")[0] in {name, "frozen", "test", "parity", "blessed"}, key
