@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROJECT, jpeg_with_orientation, make_class_folders, params
+from conftest import PROJECT, jpeg_with_orientation, make_class_folders, params, write_image
 
 from components.ingest import (
     assign_splits,
@@ -360,6 +360,8 @@ def test_class_folder_named_train_is_not_a_split_layout(tmp_path, layout):
     """Only top-level folders all named after splits, train/ among them holding folders, make
     a split layout."""
     make_class_folders(tmp_path, layout, size=8)
+    if "bus" in layout:  # train/ holding a folder: bus, no split name, still rules it out
+        write_image(tmp_path / "train" / "nested" / "x.png", np.zeros((8, 8, 3), np.uint8))
     found = discover_folder(tmp_path)
     assert not found.has_splits
     assert {c.label for c in found.candidates} == set(layout)
