@@ -699,7 +699,10 @@ def run(
         _check_groups(rows, params.group_by, source)
 
     index = label_map(r["label"] for r in rows)
-    carved = assign_splits(rows, params, predefined=predefined)
+    try:
+        carved = assign_splits(rows, params, predefined=predefined)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
     for row in rows:
         row["label_index"] = index[row["label"]]
     rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["sha256"]))
