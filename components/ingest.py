@@ -1,7 +1,9 @@
 """ingest: raw files -> checked, deduplicated, split manifest + quarantine report + TFRecord shards.
 
 Sources are read, never written. Every file ends up either in the manifest (one split each) or
-in the quarantine report with a reason; nothing is dropped silently.
+in the quarantine report with a reason; nothing is dropped silently. A source's own splits
+(``train/``, ``val/`` or ``validation/``, ``test/`` folders; a CSV ``split`` column) are kept
+unless ``ingest.split_mode`` says ``random``; ``ingest.group_by`` keeps groups in one split.
 
 >>> params = load_params("params.yaml")
 >>> run(source=Path("data"), out=Path("outputs/ingest"), summary=Path("metrics/ingest.json"),
@@ -20,7 +22,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -51,6 +53,8 @@ class Candidate:
     """How reports name the file: relative to the source, POSIX separators."""
     label: str
     metadata: dict[str, str]
+    given_split: str | None = None
+    """The split the source puts it in, as the source spells it (``validation``); None if none."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +63,24 @@ class Rejection:
     label: str
     reason: str
     detail: str
+
+
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+"""How a source may name its splits (folder names, CSV ``split`` values; any case) -> ours."""
+
+
+def our_split(name: str) -> str | None:
+    """``"Validation"`` -> ``"val"``; None for a name that is no split."""
+    return SPLIT_NAMES.get(name.strip().lower())
+
+
+class Discovered(NamedTuple):
+    candidates: list[Candidate]
+    rejections: list[Rejection]
+    columns: list[str]
+    """Metadata column names."""
+    has_splits: bool
+    """The source assigns splits itself: split folders, or a CSV ``split`` column."""
 
 
 def _is_hidden(name: str) -> bool:
@@ -105,12 +127,106 @@ def _read_metadata(path: Path | None) -> tuple[dict[str, dict[str, str]], list[s
     return table, extra
 
 
-def discover_folder(
-    root: Path, metadata_csv: Path | None = None
-) -> tuple[list[Candidate], list[Rejection], list[str]]:
-    """A folder of class folders: ``root/<label>/**/<image>``. Returns candidates, rejections
-    (files outside class folders, symlinks leaving the root, empty class folders) and the
-    metadata column names."""
+def _is_split_layout(root: Path, skip: set[Path]) -> bool:
+    """``root/{train,val|validation,test}/<label>/...``: every top-level folder is named after a
+    split, one of them ``train``, and ``train/`` holds folders. A plain class folder that happens
+    to be called ``train`` sits beside other classes, or holds images rather than class folders."""
+    folders = [
+        e
+        for e in os.scandir(root)
+        if not _is_hidden(e.name) and e.is_dir() and Path(e.path).resolve() not in skip
+    ]
+    if not folders or any(our_split(e.name) is None for e in folders):
+        return False
+    train = [e for e in folders if our_split(e.name) == "train"]
+    return any(
+        not _is_hidden(sub.name) and sub.is_dir() for e in train for sub in os.scandir(e.path)
+    )
+
+
+def _folders(
+    parent: Path, root: Path, skip: set[Path], rejections: list[Rejection], why: str
+) -> Iterable[os.DirEntry[str]]:
+    """The folders in ``parent``; any other entry (a file, a symlink leaving the root) is
+    rejected, ``why`` saying where images must sit."""
+    for entry in sorted(os.scandir(parent), key=lambda e: e.name):
+        rel = Path(entry.path).relative_to(root).as_posix()
+        if _is_hidden(entry.name) or Path(entry.path).resolve() in skip:
+            continue
+        if entry.is_symlink() and not _inside(Path(entry.path), root):
+            rejections.append(
+                Rejection(rel, "", "symlink_outside_root", f"points to {os.readlink(entry.path)}")
+            )
+        elif not entry.is_dir():
+            rejections.append(Rejection(rel, "", "outside_class_folder", why))
+        else:
+            yield entry
+
+
+def _class_folder(
+    folder: Path,
+    root: Path,
+    label: str,
+    split: str | None,
+    metadata: dict[str, dict[str, str]],
+    rejections: list[Rejection],
+) -> list[Candidate]:
+    """Every file under one class folder, walked in a fixed order."""
+    candidates, found = [], 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in list(dirnames):
+            sub = Path(dirpath, name)
+            if sub.is_symlink():  # os.walk does not follow it: report instead of ignoring
+                dirnames.remove(name)
+                reason = "symlink_outside_root" if not _inside(sub, root) else "symlinked_folder"
+                rejections.append(
+                    Rejection(
+                        sub.relative_to(root).as_posix(),
+                        label,
+                        reason,
+                        f"points to {os.readlink(sub)}",
+                    )
+                )
+        for name in sorted(filenames):
+            if _is_hidden(name):
+                continue
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            found += 1
+            if path.is_symlink() and not _inside(path, root):
+                rejections.append(
+                    Rejection(rel, label, "symlink_outside_root", f"points to {os.readlink(path)}")
+                )
+                continue
+            if not _is_utf8(rel):  # its name could not go into the UTF-8 manifest and shards
+                rejections.append(
+                    Rejection(
+                        _printable(rel),
+                        _printable(label),
+                        "name_not_utf8",
+                        "the file or folder name is not valid UTF-8",
+                    )
+                )
+                continue
+            candidates.append(Candidate(path, rel, label, metadata.get(rel, {}), split))
+    if found == 0:
+        rejections.append(
+            Rejection(
+                f"{folder.relative_to(root).as_posix()}/",
+                label,
+                "empty_class_folder",
+                "the class folder holds no files; it is not a class",
+            )
+        )
+    return candidates
+
+
+def discover_folder(root: Path, metadata_csv: Path | None = None) -> Discovered:
+    """A folder of class folders, ``root/<label>/**/<image>``, or of split folders holding class
+    folders, ``root/{train,val|validation,test}/<label>/**/<image>`` (Keras' layout). Returns the
+    candidates, the rejections (files outside class folders, symlinks leaving the root, empty
+    class folders) and the metadata column names."""
     root = root.resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data source {root} is not a folder")
@@ -118,81 +234,23 @@ def discover_folder(
     skip = {metadata_csv.resolve()} if metadata_csv else set()
     candidates: list[Candidate] = []
     rejections: list[Rejection] = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        rel = entry.name
-        if _is_hidden(entry.name) or Path(entry.path).resolve() in skip:
-            continue
-        if entry.is_symlink() and not _inside(Path(entry.path), root):
-            rejections.append(
-                Rejection(rel, "", "symlink_outside_root", f"points to {os.readlink(entry.path)}")
+    in_class = "images must sit in a folder named after their class"
+    has_splits = _is_split_layout(root, skip)
+    splits: list[tuple[str | None, Path]] = [(None, root)]
+    if has_splits:
+        in_split = "in a split layout images sit in <split>/<class>/"
+        splits = [(e.name, Path(e.path)) for e in _folders(root, root, skip, rejections, in_split)]
+    for split, parent in splits:
+        for entry in _folders(parent, root, skip, rejections, in_class):
+            candidates += _class_folder(
+                Path(entry.path), root, entry.name, split, metadata, rejections
             )
-            continue
-        if not entry.is_dir():
-            rejections.append(
-                Rejection(
-                    rel,
-                    "",
-                    "outside_class_folder",
-                    "images must sit in a folder named after their class",
-                )
-            )
-            continue
-        label, found = entry.name, 0
-        for dirpath, dirnames, filenames in os.walk(entry.path):
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-            for name in list(dirnames):
-                sub = Path(dirpath, name)
-                if sub.is_symlink():  # os.walk does not follow it: report instead of ignoring
-                    dirnames.remove(name)
-                    reason = (
-                        "symlink_outside_root" if not _inside(sub, root) else "symlinked_folder"
-                    )
-                    rejections.append(
-                        Rejection(
-                            sub.relative_to(root).as_posix(),
-                            label,
-                            reason,
-                            f"points to {os.readlink(sub)}",
-                        )
-                    )
-            for name in sorted(filenames):
-                if _is_hidden(name):
-                    continue
-                path = Path(dirpath, name)
-                rel = path.relative_to(root).as_posix()
-                found += 1
-                if path.is_symlink() and not _inside(path, root):
-                    rejections.append(
-                        Rejection(
-                            rel, label, "symlink_outside_root", f"points to {os.readlink(path)}"
-                        )
-                    )
-                    continue
-                if not _is_utf8(rel):  # its name could not go into the UTF-8 manifest and shards
-                    rejections.append(
-                        Rejection(
-                            _printable(rel),
-                            _printable(label),
-                            "name_not_utf8",
-                            "the file or folder name is not valid UTF-8",
-                        )
-                    )
-                    continue
-                candidates.append(Candidate(path, rel, label, metadata.get(rel, {})))
-        if found == 0:
-            rejections.append(
-                Rejection(
-                    f"{label}/",
-                    label,
-                    "empty_class_folder",
-                    "the class folder holds no files; it is not a class",
-                )
-            )
-    return candidates, rejections, columns
+    return Discovered(candidates, rejections, columns, has_splits)
 
 
-def discover_csv(manifest: Path) -> tuple[list[Candidate], list[Rejection], list[str]]:
-    """A CSV manifest ``filepath,label[,metadata...]``; paths relative to the CSV's folder."""
+def discover_csv(manifest: Path) -> Discovered:
+    """A CSV manifest ``filepath,label[,split][,metadata...]``; paths relative to the CSV's
+    folder. A ``split`` column (train, val or validation, test) is the source's own split."""
     base = manifest.resolve().parent
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -203,7 +261,7 @@ def discover_csv(manifest: Path) -> tuple[list[Candidate], list[Rejection], list
                 f"{manifest}: CSV manifest needs columns filepath,label; "
                 f"missing {missing}, found {columns}"
             )
-        extra = [c for c in columns if c not in ("filepath", "label")]
+        extra = [c for c in columns if c not in ("filepath", "label", "split")]
         clash = sorted(set(extra) & set(MANIFEST_COLUMNS))
         if clash:
             raise ValueError(f"{manifest}: metadata columns {clash} clash with manifest columns")
@@ -231,8 +289,9 @@ def discover_csv(manifest: Path) -> tuple[list[Candidate], list[Rejection], list
                 )
             else:
                 meta = {c: (row.get(c) or "") for c in extra}
-                candidates.append(Candidate(path, Path(filepath).as_posix(), label, meta))
-    return candidates, rejections, extra
+                split = (row.get("split") or "") if "split" in columns else None
+                candidates.append(Candidate(path, Path(filepath).as_posix(), label, meta, split))
+    return Discovered(candidates, rejections, extra, "split" in columns)
 
 
 def _check(candidate: Candidate, max_pixels: int) -> dict[str, Any] | Rejection:
@@ -263,6 +322,7 @@ def _check(candidate: Candidate, max_pixels: int) -> dict[str, Any] | Rejection:
         "exif_transposed": checked.exif_transposed,
         **candidate.metadata,
         # Shards need the stored bytes; keep them only when they differ from the source.
+        "_given_split": candidate.given_split,
         "_path": candidate.path,
         "_encoded": None if checked.encoded is data else checked.encoded,
         "_encoded_format": checked.encoded_format,
@@ -272,10 +332,18 @@ def _check(candidate: Candidate, max_pixels: int) -> dict[str, Any] | Rejection:
 def remove_duplicates(
     rows: Sequence[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[Rejection]]:
-    """Keep one file per sha256. Copies under one label: the first by path stays. One image under
-    two or more labels: every copy is quarantined, since no label can be trusted."""
+    """Keep one file per sha256. One image under two or more labels: every copy is quarantined,
+    since no label can be trusted. Otherwise the copy in the earliest of the source's own splits
+    (train, val, test; ``_given_split``) stays, the first by path among equals: a copy in the same
+    split is a ``duplicate``, one in a later split a ``split_leak``, so a leaked image trains and
+    the val and test sets stay clean."""
+
+    def rank(row: dict[str, Any]) -> tuple[int, str]:
+        given = row.get("_given_split")
+        return (SPLITS.index(given) if given else 0), row["filepath"]
+
     by_hash: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in sorted(rows, key=lambda r: r["filepath"]):
+    for row in sorted(rows, key=rank):
         by_hash[row["sha256"]].append(row)
     kept, rejections = [], []
     for group in by_hash.values():
@@ -292,13 +360,24 @@ def remove_duplicates(
                 for r in group
             ]
             continue
-        kept.append(group[0])
-        rejections += [
-            Rejection(
-                r["filepath"], r["label"], "duplicate", f"exact copy of {group[0]['filepath']}"
-            )
-            for r in group[1:]
-        ]
+        first = group[0]
+        kept.append(first)
+        for r in group[1:]:
+            if r.get("_given_split") == first.get("_given_split"):
+                rejections.append(
+                    Rejection(
+                        r["filepath"], r["label"], "duplicate", f"exact copy of {first['filepath']}"
+                    )
+                )
+            else:
+                rejections.append(
+                    Rejection(
+                        r["filepath"],
+                        r["label"],
+                        "split_leak",
+                        f"also in {first['_given_split']}: {first['filepath']} (kept there)",
+                    )
+                )
     return kept, rejections
 
 
@@ -335,6 +414,148 @@ def stratified_split(
             split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
             splits[members[position]] = split
     return splits
+
+
+def grouped_split(
+    groups: Sequence[str],
+    strata: Sequence[tuple[str, ...]],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> list[str]:
+    """Assign whole groups to train/val/test, keeping each stratum's fractions as far as the
+    groups allow; one split per input, in input order.
+
+    Greedy and deterministic: groups go largest first (ties in a seeded order of their names),
+    each to the split where it most lowers the chi-square distance between the images per
+    (split, stratum) and their targets (stratum size x fraction). Only the set of groups and
+    their members' strata matter, so file order does not.
+    """
+    fractions = {
+        "train": 1.0 - val_fraction - test_fraction,
+        "val": val_fraction,
+        "test": test_fraction,
+    }
+    open_splits = [s for s in SPLITS if fractions[s] > 0]
+    keys = sorted(set(strata))
+    column = {key: j for j, key in enumerate(keys)}
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    counts = {
+        g: np.bincount([column[strata[i]] for i in m], minlength=len(keys))
+        for g, m in members.items()
+    }
+    target = np.outer([fractions[s] for s in open_splits], sum(counts.values()))
+    assigned = np.zeros_like(target)
+    names = sorted(members)
+    tiebreak = np.random.default_rng(seed).permutation(len(names))
+    splits = [""] * len(groups)
+    for rank in sorted(range(len(names)), key=lambda r: (-len(members[names[r]]), tiebreak[r])):
+        c = counts[names[rank]]
+        # growth of sum((assigned - target)^2 / target) if the group joins each split
+        growth = (c * (2 * (assigned - target) + c) / target).sum(axis=1)
+        best = int(np.argmin(growth))
+        assigned[best] += c
+        for index in members[names[rank]]:
+            splits[index] = open_splits[best]
+    return splits
+
+
+def assign_splits(
+    rows: Sequence[dict[str, Any]], params: IngestParams, *, predefined: bool
+) -> list[str]:
+    """Set each row's ``split``; return the splits carved out of the source's train split.
+
+    Random: every row is drawn, stratified (``stratified_split``) or by whole groups
+    (``grouped_split``). Predefined: each row keeps its ``_given_split``; a val or test split the
+    source lacks is carved out of its train split, ``val_fraction`` / ``test_fraction`` of the
+    train split's images, drawn the same way.
+    """
+
+    def draw(part: Sequence[dict[str, Any]], val: float, test: float) -> None:
+        strata = [tuple(str(r.get(c, "")) for c in params.stratify_by) for r in part]
+        if params.group_by is None:
+            ids = [r["sha256"] for r in part]
+            drawn = stratified_split(
+                ids, strata, val_fraction=val, test_fraction=test, seed=params.seed
+            )
+        else:
+            groups = [r[params.group_by] for r in part]
+            drawn = grouped_split(
+                groups, strata, val_fraction=val, test_fraction=test, seed=params.seed
+            )
+        for row, split in zip(part, drawn, strict=True):
+            row["split"] = split
+
+    if not predefined:
+        draw(rows, params.val_fraction, params.test_fraction)
+        return []
+    given = {r["_given_split"] for r in rows}
+    if "train" not in given:
+        raise ValueError(
+            f"the source's own splits hold no usable training image (found {sorted(given)}); "
+            "name a train split or set ingest.split_mode: random"
+        )
+    asked = {"val": params.val_fraction, "test": params.test_fraction}
+    carved = [s for s in ("val", "test") if s not in given and asked[s] > 0]
+    for row in rows:
+        row["split"] = row["_given_split"]
+    if carved:
+        train = [r for r in rows if r["split"] == "train"]
+        fractions = {s: asked[s] if s in carved else 0.0 for s in asked}
+        draw(train, fractions["val"], fractions["test"])
+    return carved
+
+
+def _check_groups(rows: Sequence[dict[str, Any]], column: str, source: Path) -> None:
+    empty = sorted(r["filepath"] for r in rows if not str(r.get(column, "")).strip())
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise ValueError(
+            f"ingest.group_by is {column!r}, but {len(empty)} image(s) of {source} have no "
+            f"{column} value (an empty cell, or no row in the metadata CSV): {shown}"
+        )
+
+
+def split_report(
+    rows: Sequence[dict[str, Any]], params: IngestParams, *, predefined: bool, carved: list[str]
+) -> dict[str, Any]:
+    """How the split was made and how close it came to what was asked."""
+    total = len(rows)
+    counts = Counter(r["split"] for r in rows)
+    achieved = {s: round(counts[s] / total, 4) for s in SPLITS}
+    report: dict[str, Any] = {
+        "mode": "predefined" if predefined else "random",
+        "carved_from_train": carved,
+        "group_by": params.group_by,
+        "achieved_fractions": achieved,
+        "asked_fractions": None,
+        "largest_fraction_gap": None,
+        "warnings": [],
+    }
+    if not predefined:
+        val, test = params.val_fraction, params.test_fraction
+        asked = {"train": 1.0 - val - test, "val": val, "test": test}
+        report["asked_fractions"] = {s: round(f, 4) for s, f in asked.items()}
+        report["largest_fraction_gap"] = round(max(abs(achieved[s] - asked[s]) for s in SPLITS), 4)
+    if params.group_by is not None:
+        spans: dict[str, set[str]] = defaultdict(set)
+        for row in rows:
+            spans[row[params.group_by]].add(row["split"])
+        spanning = sorted(g for g, where in spans.items() if len(where) > 1)
+        report["groups"] = len(spans)
+        report["groups_spanning_splits"] = len(spanning)
+        if spanning:
+            shown = "; ".join(
+                f"{g} ({', '.join(s for s in SPLITS if s in spans[g])})" for g in spanning[:5]
+            )
+            report["warnings"].append(
+                f"{len(spanning)} {params.group_by} group(s) span the source's own splits, "
+                f"kept as given: {shown}" + (" ..." if len(spanning) > 5 else "")
+            )
+    return report
 
 
 def summarise(rows: Sequence[dict[str, Any]], rejections: Sequence[Rejection]) -> dict[str, Any]:
@@ -384,6 +605,26 @@ def _shard_record(row: dict[str, Any]) -> ShardRecord:
     )
 
 
+def _name_splits(candidates: Sequence[Candidate]) -> tuple[list[Candidate], list[Rejection]]:
+    """The source's split names as ours (``validation`` -> ``val``); a file whose split is no
+    split name (an empty or unknown CSV ``split`` cell) is rejected."""
+    named, rejections = [], []
+    for c in candidates:
+        split = our_split(c.given_split or "")
+        if split is None:
+            rejections.append(
+                Rejection(
+                    c.filepath,
+                    c.label,
+                    "unknown_split",
+                    f"split {c.given_split!r} is none of {', '.join(SPLIT_NAMES)}",
+                )
+            )
+        else:
+            named.append(dataclasses.replace(c, given_split=split))
+    return named, rejections
+
+
 def run(
     *,
     source: Path,
@@ -393,23 +634,42 @@ def run(
     ingest: IngestParams,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Ingest ``source`` (folder of class folders or CSV manifest) into ``out`` (manifest.csv,
-    quarantine_report.csv, labels.txt, shards/); return the counts also written to ``summary``."""
+    """Ingest ``source`` (folder of class or split folders, or CSV manifest) into ``out``
+    (manifest.csv, quarantine_report.csv, labels.txt, shards/); return the counts also written
+    to ``summary``."""
     params = ingest
     source = Path(source)
     if source.is_file():
-        candidates, rejections, columns = discover_csv(source)
+        found = discover_csv(source)
     else:
         metadata = Path(data.metadata_csv) if data.metadata_csv else None
         if metadata is not None and not metadata.is_file():
             raise FileNotFoundError(f"data.metadata_csv: {metadata} does not exist")
-        candidates, rejections, columns = discover_folder(source, metadata)
+        found = discover_folder(source, metadata)
+    candidates, rejections, columns = found.candidates, found.rejections, found.columns
     unknown = [c for c in params.stratify_by if c != "label" and c not in columns]
     if unknown:
         raise ParamsError(
             f"ingest.stratify_by names {unknown}, which the source does not have; "
             f"its metadata columns are {columns}"
         )
+    if params.group_by is not None and params.group_by not in columns:
+        raise ParamsError(
+            f"ingest.group_by names {params.group_by!r}, which the source does not have; "
+            f"its metadata columns are {columns}"
+        )
+    if params.split_mode == "predefined" and not found.has_splits:
+        raise ParamsError(
+            f"ingest.split_mode is predefined, but {source} has no splits of its own: expected "
+            "top-level folders train/ and val/ (or validation/) and/or test/ holding class "
+            "folders, or a CSV manifest with a 'split' column"
+        )
+    predefined = found.has_splits and params.split_mode != "random"
+    if predefined:
+        candidates, unnamed = _name_splits(candidates)
+        rejections += unnamed
+    else:
+        candidates = [dataclasses.replace(c, given_split=None) for c in candidates]
 
     rows: list[dict[str, Any]] = []
     with (
@@ -435,16 +695,16 @@ def run(
             f"no usable image in {source}: {len(rejections)} file(s) rejected {reasons}"
         )
 
+    if params.group_by is not None:
+        _check_groups(rows, params.group_by, source)
+
     index = label_map(r["label"] for r in rows)
-    splits = stratified_split(
-        [r["sha256"] for r in rows],
-        [tuple(str(r.get(c, "")) for c in params.stratify_by) for r in rows],
-        val_fraction=params.val_fraction,
-        test_fraction=params.test_fraction,
-        seed=params.seed,
-    )
-    for row, split in zip(rows, splits, strict=True):
-        row["split"], row["label_index"] = split, index[row["label"]]
+    try:
+        carved = assign_splits(rows, params, predefined=predefined)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    for row in rows:
+        row["label_index"] = index[row["label"]]
     rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["sha256"]))
     rejections.sort(key=lambda r: r.filepath)
 
@@ -463,6 +723,9 @@ def run(
                 if records:
                     write_split(staged / SHARDS, split, records, params.images_per_shard, bar)
     counts = summarise(rows, rejections)
+    counts["split_method"] = split_report(rows, params, predefined=predefined, carved=carved)
+    for warning in counts["split_method"]["warnings"]:
+        log.warning("ingest: %s", warning)
     write_json_atomic(summary, counts)
     return counts
 
@@ -489,5 +752,24 @@ def describe(summary: dict[str, Any]) -> str:
     splits = ", ".join(f"{s} {c['total']}" for s, c in summary["splits"].items())
     return (
         f"{summary['images']} images ({splits}); {summary['quarantined']} quarantined "
-        f"(see {QUARANTINE})"
+        f"(see {QUARANTINE}); split: {describe_split(summary['split_method'])}"
     )
+
+
+def describe_split(method: dict[str, Any]) -> str:
+    """``predefined + carved test from train``, ``random, grouped by patient (40 groups), ...``"""
+    text = method["mode"]
+    if method["carved_from_train"]:
+        text += f" + carved {' and '.join(method['carved_from_train'])} from train"
+    if method["group_by"] is not None:
+        text += f", grouped by {method['group_by']} ({method['groups']} groups)"
+    if method["asked_fractions"] is not None:
+        achieved, asked = method["achieved_fractions"], method["asked_fractions"]
+        text += (
+            f", fractions {'/'.join(f'{achieved[s]:.2f}' for s in SPLITS)} "
+            f"vs asked {'/'.join(f'{asked[s]:.2f}' for s in SPLITS)} (train/val/test; "
+            f"largest gap {method['largest_fraction_gap']:.3f})"
+        )
+    if method["warnings"]:
+        text += "; WARNING: " + "; ".join(method["warnings"])
+    return text

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import yaml
@@ -49,6 +49,13 @@ class IngestParams:
     max_pixels: int
     """Images whose header claims more pixels are quarantined as decompression bombs."""
     images_per_shard: int
+    split_mode: Literal["auto", "random", "predefined"]
+    """``predefined`` keeps the source's own splits (``train/``, ``val/`` or ``validation/``,
+    ``test/`` folders, or a CSV ``split`` column), carving a missing val or test split out of
+    train; ``random`` draws every split; ``auto`` is ``predefined`` when the source has splits."""
+    group_by: str | None
+    """A metadata column (patient, module, photographer...): images sharing a value stay in one
+    split. None splits image by image."""
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from conftest import (
 from PIL import Image
 
 from components import ingest
-from imgpipe.params import IngestParams
+from imgpipe.params import IngestParams, ParamsError
 
 pytestmark = pytest.mark.slow
 
@@ -402,3 +403,275 @@ def test_csv_manifest_source(tmp_path):
     assert summary["images"] == 12 and summary["quarantined"] == 5
     after = tree_digests(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith(("out", "summary.json"))} == before
+
+
+# ---------------------------------------------------------------- the source's own splits
+
+
+def make_split_folders(root: Path, splits: dict[str, dict[str, int]]) -> None:
+    """Keras' layout, ``root/<split>/<class>/<image>``; ``splits[split][class]`` images each,
+    distinct across splits."""
+    for seed, (split, classes) in enumerate(splits.items(), start=1):
+        make_class_folders(root / split, classes, size=16, seed=seed)
+
+
+def ingest_with(source: Path, out_base: Path, metadata_csv: Path | None = None, **overrides):
+    """Run the stage on ``source`` with val 0.2, test 0.25 and ``overrides`` of params.yaml's
+    ingest section; return (summary, manifest rows, quarantine rows)."""
+    summary = ingest.run(
+        source=source,
+        out=out_base / "out",
+        summary=out_base / "summary.json",
+        data=params(
+            "data", source=str(source), metadata_csv=str(metadata_csv) if metadata_csv else None
+        ),
+        ingest=params("ingest", val_fraction=0.2, test_fraction=0.25, **overrides),
+        progress=False,
+    )
+    assert json.loads((out_base / "summary.json").read_text()) == summary
+    out = out_base / "out"
+    return (
+        summary,
+        read_csv_rows(out / "manifest.csv"),
+        read_csv_rows(out / "quarantine_report.csv"),
+    )
+
+
+@pytest.mark.parametrize("val_name", ["val", "validation"])
+def test_keras_layout_keeps_every_image_in_its_folders_split(tmp_path, val_name):
+    """``data/{train,<val_name>,test}/<class>/``: every image keeps its folder's split, its label
+    is the class folder; the summary and the CLI line say the split was predefined."""
+    root = tmp_path / "data"
+    counts = {"cat": 3, "dog": 3}
+    make_split_folders(root, {"train": {"cat": 6, "dog": 6}, val_name: counts, "test": counts})
+
+    summary, manifest, quarantine = ingest_with(root, tmp_path, split_mode="auto")
+
+    assert quarantine == [] and len(manifest) == 24
+    ours = {"train": "train", val_name: "val", "test": "test"}
+    for row in manifest:
+        folder, label, _ = row["filepath"].split("/")
+        assert (row["split"], row["label"]) == (ours[folder], label)
+    assert {s: c["total"] for s, c in summary["splits"].items()} == {
+        "train": 12,
+        "val": 6,
+        "test": 6,
+    }
+    assert summary["split_method"]["mode"] == "predefined"
+    assert summary["split_method"]["carved_from_train"] == []
+    assert "split: predefined" in ingest.describe(summary)
+    assert "carved" not in ingest.describe(summary)
+    for split in ("train", "val", "test"):
+        assert list((tmp_path / "out" / "shards").glob(f"{split}-*.tfrecord")), split
+
+
+def test_csv_split_column_is_kept(tmp_path):
+    """A CSV manifest's ``split`` column (any case and spelling: train, validation, val, test) is
+    the split; a row whose split is empty or unknown is quarantined as 'unknown_split'; the
+    column does not reappear as metadata beside the manifest's own ``split``."""
+    src = tmp_path / "src"
+    given = ["train", "Train", "train", "validation", "val", " TEST ", "test", "holdout", ""]
+    lines = ["filepath,label,split,site"]
+    for i, split in enumerate(given * 2):
+        label = ("ant", "bee")[i % 2]
+        write_image(src / f"img/{i}.png", class_pattern(i % 2, 16, seed=i))
+        lines.append(f"img/{i}.png,{label},{split},site-{i % 3}")
+    (src / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    summary, manifest, quarantine = ingest_with(src / "labels.csv", tmp_path)
+
+    expected = {"train": "train", "validation": "val", "val": "val", "test": "test"}
+    assert {r["filepath"]: r["split"] for r in manifest} == {
+        f"img/{i}.png": expected[s.strip().lower()]
+        for i, s in enumerate(given * 2)
+        if s.strip().lower() in expected
+    }
+    assert sorted((r["filepath"], r["reason"]) for r in quarantine) == sorted(
+        (f"img/{i}.png", "unknown_split") for i in (7, 8, 16, 17)
+    )
+    assert list(manifest[0]).count("split") == 1 and "site" in manifest[0]
+    assert summary["split_method"]["mode"] == "predefined"
+
+
+def test_image_in_train_and_test_is_a_leak_kept_once_in_train(tmp_path):
+    """The same image copied into train/ and test/ is a leak: kept once, in train (so the test
+    set stays clean), the test copy quarantined as 'split_leak' naming the kept copy."""
+    root = tmp_path / "data"
+    counts = {"cat": 3, "dog": 3}
+    make_split_folders(root, {"train": {"cat": 6, "dog": 6}, "val": counts, "test": counts})
+    leaked = root / "test" / "cat" / "again.png"
+    leaked.write_bytes((root / "train" / "cat" / "cat_000.png").read_bytes())
+
+    summary, manifest, quarantine = ingest_with(root, tmp_path)
+
+    assert [(r["filepath"], r["reason"], r["detail"]) for r in quarantine] == [
+        ("test/cat/again.png", "split_leak", "also in train: train/cat/cat_000.png (kept there)")
+    ]
+    copies = [r for r in manifest if r["sha256"] == sha256_of(leaked)]
+    assert [(r["filepath"], r["split"]) for r in copies] == [("train/cat/cat_000.png", "train")]
+    assert summary["quarantine_reasons"] == {"split_leak": 1}
+    assert summary["splits"]["test"]["total"] == 6
+
+
+@pytest.mark.parametrize(
+    ("given", "carved", "fraction"), [("validation", "test", 0.25), ("test", "val", 0.2)]
+)
+def test_missing_split_is_carved_out_of_train(tmp_path, given, carved, fraction):
+    """Only train/ and validation/: test is carved out of train/, round(n * test_fraction) of
+    each class's train/ images; the validation/ images stay val. Likewise val (val_fraction)
+    out of train/ + test/. The summary and the CLI line say so."""
+    root = tmp_path / "data"
+    make_split_folders(root, {"train": {"cat": 12, "dog": 8}, given: {"cat": 3, "dog": 3}})
+
+    summary, manifest, _ = ingest_with(root, tmp_path)
+
+    for label, n in (("cat", 12), ("dog", 8)):
+        from_train = Counter(
+            r["split"] for r in manifest if r["filepath"].startswith(f"train/{label}/")
+        )
+        n_carved = int(n * fraction + 0.5)
+        assert from_train == {carved: n_carved, "train": n - n_carved}, label
+    ours = {"validation": "val", "test": "test"}[given]
+    assert {r["split"] for r in manifest if r["filepath"].startswith(f"{given}/")} == {ours}
+    assert summary["split_method"]["carved_from_train"] == [carved]
+    assert f"split: predefined + carved {carved} from train" in ingest.describe(summary)
+
+
+def test_split_mode_random_ignores_the_folders(tmp_path):
+    """``split_mode: random`` on a Keras layout: labels still come from the class folders, the
+    split is drawn afresh (stratified, the asked fractions), not taken from the folders."""
+    root = tmp_path / "data"
+    counts = {"cat": 3, "dog": 3}
+    make_split_folders(root, {"train": {"cat": 6, "dog": 6}, "val": counts, "test": counts})
+
+    summary, manifest, _ = ingest_with(root, tmp_path, split_mode="random")
+
+    assert {r["label"] for r in manifest} == {"cat", "dog"}
+    # 12 per class: round(12 * 0.25) = 3 test, round(12 * 0.2) = 2 val; the folders had 3 val
+    assert Counter(r["split"] for r in manifest) == {"train": 14, "val": 4, "test": 6}
+    assert any(r["split"] != r["filepath"].split("/")[0] for r in manifest)
+    assert summary["split_method"]["mode"] == "random"
+    assert "split: random, fractions" in ingest.describe(summary)
+
+
+def test_split_mode_predefined_on_a_flat_layout_is_a_clear_error(tmp_path):
+    root = tmp_path / "data"
+    make_class_folders(root, {"cat": 3, "dog": 3}, size=16)
+    with pytest.raises(
+        ParamsError, match=rf"split_mode is predefined, but {re.escape(str(root))} has no splits"
+    ):
+        ingest_with(root, tmp_path, split_mode="predefined")
+    assert not (tmp_path / "out").exists()
+
+
+def test_class_named_train_in_a_flat_layout_is_a_class(tmp_path):
+    """Classes train, bus, car: not a split layout; 'train' is a label, the split is random."""
+    root = tmp_path / "data"
+    make_class_folders(root, {"train": 8, "bus": 8, "car": 8}, size=16)
+
+    summary, manifest, _ = ingest_with(root, tmp_path)
+
+    assert summary["split_method"]["mode"] == "random"
+    assert set(summary["classes"]) == {"train", "bus", "car"}
+    assert {r["label"] for r in manifest if r["filepath"].startswith("train/")} == {"train"}
+    assert {r["split"] for r in manifest if r["label"] == "train"} == {"train", "val", "test"}
+
+
+# ---------------------------------------------------------------- grouped splits
+
+
+def write_grouped_csv(src: Path, order_seed: int | None = None) -> Path:
+    """A CSV manifest of 40 patients with 1-5 images each, mostly of one label; rows shuffled
+    by ``order_seed`` (None: in patient order). The images are written once."""
+    rng = np.random.default_rng(11)
+    labels = ("ant", "bee", "cow")
+    rows = []
+    for p in range(40):
+        main = int(rng.integers(3))
+        for i in range(int(rng.integers(1, 6))):
+            c = main if rng.random() < 0.7 else int(rng.integers(3))
+            rel = f"img/p{p:02d}_{i}.png"
+            if not (src / rel).exists():
+                write_image(src / rel, class_pattern(c, 16, seed=p * 10 + i))
+            rows.append(f"{rel},{labels[c]},patient-{p:02d}")
+    if order_seed is not None:
+        rows = [rows[i] for i in np.random.default_rng(order_seed).permutation(len(rows))]
+    path = src / "labels.csv"
+    path.write_text("filepath,label,patient\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_grouped_split_keeps_patients_whole_for_any_file_order(tmp_path):
+    """``group_by: patient``: no patient in two splits; the same manifest for shuffled CSV
+    rows; each label's share per split near its share overall; achieved vs asked fractions in
+    the summary and the CLI line."""
+    src = tmp_path / "src"
+    summary, manifest, _ = ingest_with(write_grouped_csv(src), tmp_path / "a", group_by="patient")
+    first = (tmp_path / "a" / "out" / "manifest.csv").read_bytes()
+    for order_seed in (1, 2):
+        ingest_with(write_grouped_csv(src, order_seed), tmp_path / "b", group_by="patient")
+        assert (tmp_path / "b" / "out" / "manifest.csv").read_bytes() == first
+
+    where: dict[str, set[str]] = {}
+    for row in manifest:
+        where.setdefault(row["patient"], set()).add(row["split"])
+    assert len(where) == 40 and all(len(s) == 1 for s in where.values())
+    n = len(manifest)
+    overall = Counter(r["label"] for r in manifest)
+    for split in ("train", "val", "test"):
+        labels = Counter(r["label"] for r in manifest if r["split"] == split)
+        for label, count in overall.items():
+            assert abs(labels[label] / sum(labels.values()) - count / n) < 0.1, (split, labels)
+
+    method = summary["split_method"]
+    assert (method["group_by"], method["groups"], method["groups_spanning_splits"]) == (
+        "patient",
+        40,
+        0,
+    )
+    asked, achieved = method["asked_fractions"], method["achieved_fractions"]
+    assert asked == {"train": 0.55, "val": 0.2, "test": 0.25}
+    assert achieved == {s: round(summary["splits"][s]["total"] / n, 4) for s in asked}
+    gap = max(abs(achieved[s] - asked[s]) for s in asked)
+    assert method["largest_fraction_gap"] == pytest.approx(gap, abs=1e-4) and gap < 0.05
+    line = ingest.describe(summary)
+    assert "split: random, grouped by patient (40 groups), fractions " in line
+    assert f"largest gap {gap:.3f}" in line
+
+
+def test_group_by_column_missing_or_empty_is_a_clear_error(tmp_path):
+    src = tmp_path / "src"
+    csv_path = write_grouped_csv(src)
+    with pytest.raises(ParamsError, match=r"ingest.group_by names 'donor'.*\['patient'\]"):
+        ingest_with(csv_path, tmp_path, group_by="donor")
+    lines = csv_path.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ","
+    csv_path.write_text("\n".join(lines) + "\n")
+    empty = lines[3].split(",")[0]
+    with pytest.raises(ValueError, match=rf"1 image\(s\) of .* have no patient value.*: {empty}$"):
+        ingest_with(csv_path, tmp_path, group_by="patient")
+
+
+def test_predefined_split_with_group_by_reports_groups_spanning_splits(tmp_path):
+    """The user's splits are kept even where a group spans them; the summary warns and names it."""
+    root = tmp_path / "data"
+    counts = {"cat": 2, "dog": 2}
+    make_split_folders(root, {"train": counts, "val": counts, "test": counts})
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    metadata = root / "metadata.csv"
+    patients = {f: f"p-{f.split('/')[0]}-{f.split('/')[1]}" for f in files}
+    patients["test/cat/cat_000.png"] = patients["train/cat/cat_000.png"] = "p-shared"
+    metadata.write_text(
+        "filepath,patient\n" + "".join(f"{f},{p}\n" for f, p in patients.items()),
+        encoding="utf-8",
+    )
+
+    summary, manifest, quarantine = ingest_with(root, tmp_path, metadata, group_by="patient")
+
+    assert quarantine == []
+    assert all(r["split"] == r["filepath"].split("/")[0] for r in manifest)
+    method = summary["split_method"]
+    assert method["mode"] == "predefined" and method["groups_spanning_splits"] == 1
+    (warning,) = method["warnings"]
+    assert "p-shared (train, test)" in warning
+    assert "WARNING: 1 patient group(s) span" in ingest.describe(summary)

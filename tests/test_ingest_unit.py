@@ -1,5 +1,6 @@
-"""Fast unit tests of ingest's pure parts: the split, hashing, de-duplication, atomic writes,
-params checking and a few image checks. Nothing here imports TensorFlow or touches real data."""
+"""Fast unit tests of ingest's pure parts: the split (stratified, grouped, the source's own),
+split-layout detection, hashing, de-duplication, atomic writes, params checking and a few image
+checks. Nothing here imports TensorFlow or touches real data."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROJECT, jpeg_with_orientation, params
+from conftest import PROJECT, jpeg_with_orientation, make_class_folders, params, write_image
 
-from components.ingest import remove_duplicates, stratified_split
+from components.ingest import (
+    assign_splits,
+    discover_folder,
+    grouped_split,
+    remove_duplicates,
+    stratified_split,
+)
 from imgpipe import fileio
 from imgpipe.images import ImageRejected, check_image
 from imgpipe.params import DataParams, IngestParams, ParamsError, load_params, section
@@ -205,6 +212,174 @@ def test_remove_duplicates_no_duplicates_is_identity():
     assert sorted(r["filepath"] for r in kept) == sorted(r["filepath"] for r in rows)
 
 
+def _split_row(filepath: str, label: str, sha: str, given: str) -> dict:
+    return {**_row(filepath, label, sha), "_given_split": given}
+
+
+def test_remove_duplicates_image_in_two_splits_is_a_leak_kept_in_the_earliest():
+    """The same image in the source's test and train splits is a 'split_leak', kept once, in
+    train (the earliest of train, val, test) although 'test/' sorts first by path; a copy within
+    one split is still a 'duplicate'."""
+    rows = [
+        _split_row("test/cat/leaked.png", "cat", "h1", "test"),
+        _split_row("val/cat/leaked.png", "cat", "h1", "val"),
+        _split_row("train/cat/x.png", "cat", "h1", "train"),
+        _split_row("test/cat/a.png", "cat", "h2", "test"),
+        _split_row("test/cat/b.png", "cat", "h2", "test"),
+    ]
+    kept, rejected = remove_duplicates(rows)
+    assert sorted((r["filepath"], r["_given_split"]) for r in kept) == [
+        ("test/cat/a.png", "test"),
+        ("train/cat/x.png", "train"),
+    ]
+    reasons = {r.filepath: (r.reason, r.detail) for r in rejected}
+    assert reasons == {
+        "test/cat/leaked.png": ("split_leak", "also in train: train/cat/x.png (kept there)"),
+        "val/cat/leaked.png": ("split_leak", "also in train: train/cat/x.png (kept there)"),
+        "test/cat/b.png": ("duplicate", "exact copy of test/cat/a.png"),
+    }
+
+
+# ---------------------------------------------------------------- grouped_split
+
+
+def _grouped_data(seed: int, n_groups: int = 60) -> tuple[list[str], list[tuple[str, ...]]]:
+    """Groups of 1-6 images, each mostly of one label (as a patient's images would be)."""
+    rng = np.random.default_rng(seed)
+    labels = ("a", "b", "c")
+    groups, strata = [], []
+    for g in range(n_groups):
+        main = labels[int(rng.integers(3))]
+        for _ in range(int(rng.integers(1, 7))):
+            label = main if rng.random() < 0.7 else labels[int(rng.integers(3))]
+            groups.append(f"patient-{g:03d}")
+            strata.append((label,))
+    return groups, strata
+
+
+@pytest.mark.parametrize("data_seed", [0, 1, 2])
+def test_grouped_split_keeps_groups_whole_fractions_and_label_mix(data_seed):
+    """No group in two splits; each split within 0.03 of its asked fraction; each label's
+    share in each split within 0.05 of its share in the whole data set."""
+    groups, strata = _grouped_data(data_seed)
+    splits = grouped_split(groups, strata, val_fraction=0.15, test_fraction=0.25, seed=42)
+    where: dict[str, set[str]] = defaultdict(set)
+    for group, split in zip(groups, splits, strict=True):
+        where[group].add(split)
+    assert all(len(s) == 1 for s in where.values())
+    n = len(splits)
+    for split, asked in (("train", 0.60), ("val", 0.15), ("test", 0.25)):
+        assert abs(splits.count(split) / n - asked) < 0.03, (split, Counter(splits))
+    overall = Counter(s[0] for s in strata)
+    for split in ("train", "val", "test"):
+        labels = Counter(st[0] for st, sp in zip(strata, splits, strict=True) if sp == split)
+        for label, count in overall.items():
+            share = labels[label] / sum(labels.values())
+            assert abs(share - count / n) < 0.05, (split, label, labels)
+
+
+def test_grouped_split_does_not_depend_on_input_order_but_on_the_seed():
+    """Shuffling the input gives every image the same split; another seed another split."""
+    groups, strata = _grouped_data(5)
+    kw = {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 3}
+    first = grouped_split(groups, strata, **kw)
+    order = list(range(len(groups)))
+    random.Random(0).shuffle(order)
+    shuffled = grouped_split([groups[i] for i in order], [strata[i] for i in order], **kw)
+    assert [shuffled[order.index(i)] for i in range(len(groups))] == first
+    assert grouped_split(groups, strata, **{**kw, "seed": 4}) != first
+
+
+def test_grouped_split_zero_fraction_split_gets_nothing():
+    groups, strata = _grouped_data(7, n_groups=20)
+    splits = grouped_split(groups, strata, val_fraction=0.0, test_fraction=0.3, seed=1)
+    assert set(splits) == {"train", "test"}
+
+
+# ---------------------------------------------------------------- the source's own splits
+
+
+def _given_rows(counts: dict[str, dict[str, int]]) -> list[dict]:
+    """Rows as ingest has them after de-duplication: ``counts[split][label]`` of each."""
+    return [
+        _split_row(f"{split}/{label}/{i}.png", label, f"{split}-{label}-{i}", split)
+        for split, labels in counts.items()
+        for label, n in labels.items()
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(("given", "carved"), [("val", "test"), ("test", "val")])
+def test_assign_splits_carves_the_missing_split_out_of_train_stratified(given, carved):
+    """train/ + validation/ only: test is carved out of train, round(n * test_fraction) of
+    each label's train images; the given val images stay. Likewise val out of train/ + test/."""
+    rows = _given_rows({"train": {"a": 40, "b": 20}, given: {"a": 5, "b": 5}})
+    ingest = params("ingest", val_fraction=0.1, test_fraction=0.25, group_by=None)
+    assert assign_splits(rows, ingest, predefined=True) == [carved]
+    fraction = {"val": 0.1, "test": 0.25}[carved]
+    for label, n in (("a", 40), ("b", 20)):
+        from_train = [r for r in rows if r["_given_split"] == "train" and r["label"] == label]
+        assert Counter(r["split"] for r in from_train) == {
+            carved: _half_up(n * fraction),
+            "train": n - _half_up(n * fraction),
+        }
+    assert all(r["split"] == given for r in rows if r["_given_split"] == given)
+
+
+def test_assign_splits_keeps_three_given_splits_and_needs_train():
+    rows = _given_rows({"train": {"a": 4}, "val": {"a": 2}, "test": {"a": 3}})
+    ingest = params("ingest", group_by=None)
+    assert assign_splits(rows, ingest, predefined=True) == []
+    assert all(r["split"] == r["_given_split"] for r in rows)
+    with pytest.raises(ValueError, match=r"no usable training image \(found \['test', 'val'\]\)"):
+        assign_splits(_given_rows({"val": {"a": 2}, "test": {"a": 3}}), ingest, predefined=True)
+
+
+@pytest.mark.parametrize("val_name", ["val", "validation", "Validation"])
+def test_keras_layout_is_detected_with_either_val_spelling(tmp_path, val_name):
+    """``root/{train,<val_name>,test}/<class>/``: each file keeps the folder's split; its label
+    is the class folder, not the split folder."""
+    for split, seed in (("train", 1), (val_name, 2), ("test", 3)):
+        make_class_folders(tmp_path / split, {"cat": 2, "dog": 2}, size=8, seed=seed)
+    found = discover_folder(tmp_path)
+    assert found.has_splits and not found.rejections
+    assert len(found.candidates) == 12
+    for c in found.candidates:
+        assert c.given_split == c.filepath.split("/")[0]
+        assert c.label == c.filepath.split("/")[1] in ("cat", "dog")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"train": 2, "bus": 2},  # a class called train among others
+        {"train": 2, "test": 2},  # only split names, but train/ holds images, not classes
+    ],
+)
+def test_class_folder_named_train_is_not_a_split_layout(tmp_path, layout):
+    """Only top-level folders all named after splits, train/ among them holding folders, make
+    a split layout."""
+    make_class_folders(tmp_path, layout, size=8)
+    if "bus" in layout:  # train/ holding a folder: bus, no split name, still rules it out
+        write_image(tmp_path / "train" / "nested" / "x.png", np.zeros((8, 8, 3), np.uint8))
+    found = discover_folder(tmp_path)
+    assert not found.has_splits
+    assert {c.label for c in found.candidates} == set(layout)
+    assert {c.given_split for c in found.candidates} == {None}
+
+
+def test_split_layout_files_outside_class_folders_are_rejected(tmp_path):
+    make_class_folders(tmp_path / "train", {"cat": 2}, size=8)
+    (tmp_path / "README.txt").write_text("hello")
+    (tmp_path / "train" / "loose.png").write_bytes(b"x")
+    found = discover_folder(tmp_path)
+    assert found.has_splits
+    assert sorted((r.filepath, r.reason) for r in found.rejections) == [
+        ("README.txt", "outside_class_folder"),
+        ("train/loose.png", "outside_class_folder"),
+    ]
+
+
 # ---------------------------------------------------------------- atomic_path
 
 
@@ -291,6 +466,12 @@ def test_section_wrong_type_is_named():
         ("ingest", {"max_pixels": True}, "ingest.max_pixels: Input should be a valid integer"),
         ("ingest", {"stratify_by": "label"}, "ingest.stratify_by: Input should be a valid tuple"),
         ("ingest", {"stratify_by": ["label", 3]}, "ingest.stratify_by.1: Input should be a valid"),
+        (
+            "ingest",
+            {"split_mode": "folders"},
+            "ingest.split_mode: Input should be 'auto', 'random' or 'predefined', got 'folders'",
+        ),
+        ("ingest", {"group_by": 3}, "ingest.group_by: Input should be a valid string, got 3"),
         ("validate", {"min_side": 3.5}, "validate.min_side: Input should be a valid integer"),
     ]
     for name, overrides, expected in cases:
