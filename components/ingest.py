@@ -736,6 +736,11 @@ def metrics(summary: dict[str, Any]) -> dict[str, float]:
     for split, counts in summary["splits"].items():
         values[f"ingest.{split}.images"] = counts["total"]
         values.update({f"ingest.{split}.{label}": n for label, n in counts["classes"].items()})
+    method = summary.get("split_method") or {}  # absent from summaries older than split modes
+    if method.get("largest_fraction_gap") is not None:
+        values["ingest.largest_fraction_gap"] = method["largest_fraction_gap"]
+    if method.get("groups_spanning_splits") is not None:
+        values["ingest.groups_spanning_splits"] = method["groups_spanning_splits"]
     return values
 
 

@@ -317,6 +317,7 @@ def log_datasets(manifest: Path, source: str, version: str) -> None:
 
     import mlflow
     import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
 
     frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     inputs = []
@@ -326,9 +327,7 @@ def log_datasets(manifest: Path, source: str, version: str) -> None:
         digest = f"{version.removesuffix('.dir')[:12]}-{content[:8]}"
         with warnings.catch_warnings():  # MLflow warns that it infers the schema
             warnings.simplefilter("ignore")
-            dataset = mlflow.data.from_pandas(
-                rows, source=source, targets="label", name=context, digest=digest
-            )
+            dataset = from_pandas(rows, source=source, targets="label", name=context, digest=digest)
         inputs.append((dataset, context))
     for dataset, context in inputs:
         mlflow.log_input(dataset, context=context)

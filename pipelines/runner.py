@@ -81,7 +81,8 @@ def execute(
         mlflow.log_metrics(module.metrics(summary))
         _call(module.log_to_mlflow, arguments)
         manifest = _manifest(stage, paths, whole_run)
-        if manifest is not None and not mlflow.get_run(run.info.run_id).inputs.dataset_inputs:
+        inputs = mlflow.get_run(run.info.run_id).inputs
+        if manifest is not None and not (inputs and inputs.dataset_inputs):
             log_datasets_of(manifest, params)
         if whole_run and execution_key():
             log_reused(stage.name, Path.cwd())
