@@ -116,9 +116,9 @@ def log_datasets_of(manifest: Path, params: Mapping[str, Any]) -> None:
 
 def log_reused(current: str, root: Path) -> None:
     """Under DVC: every other stage this run has no record of is logged as reused, from the
-    summary DVC restored (its metrics and a ``stage.<name>=reused`` tag with the output hash
-    ``dvc.lock`` records), so every run carries every stage's figures. A stage that runs
-    later in the same ``dvc repro`` replaces the tag and the figures with its own."""
+    summary DVC restored (its metrics and a ``stage.<name>=reused`` tag with the hash that
+    ``dvc.lock`` records for its main output), so every run carries every stage's figures. A
+    stage that runs later in the same ``dvc repro`` replaces the tag and the figures."""
     import json
 
     import mlflow
@@ -137,11 +137,12 @@ def log_reused(current: str, root: Path) -> None:
             continue
         module = importlib.import_module(stage.module)
         mlflow.log_metrics(module.metrics(json.loads(summary.read_text())))
-        outs = lock.get(name, {}).get("outs", [])
+        primary = stage.outputs.get("out", stage.outputs[SUMMARY]).path
+        hashes = {o.get("path"): o.get("md5") for o in lock.get(name, {}).get("outs", [])}
         mlflow.set_tags(
             {
                 f"stage.{name}": "reused",
-                f"stage.{name}.md5": str(outs[0].get("md5", "")) if outs else "unknown",
+                f"stage.{name}.md5": str(hashes.get(primary) or "unknown"),
             }
         )
 
