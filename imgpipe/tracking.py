@@ -54,16 +54,16 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "classification")
 (runs, metrics, charts), not the GenAI one (traces, sessions)."""
 HEADLINE_VIEW = "headline"
 HEADLINE_COLUMNS = (
+    "attributes.`Dataset`",
     "metrics.`test.accuracy`",
     "metrics.`test.balanced_accuracy`",
     "metrics.`finetune.val_accuracy`",
     "metrics.`frozen.val_accuracy`",
     "metrics.`blessed`",
     "tags.`params.changed`",
-    "tags.`mlflow.source.git.commit`",
 )
-"""The runs-table columns a person looks at first: test and validation accuracy, the
-blessing, what changed. MLflow 3.17 has no server-side default columns; its shared views are
+"""The runs-table columns a person looks at first: the data, test and validation accuracy,
+the blessing, what changed. MLflow 3.17 has no server-side default columns; its shared views are
 experiment tags (``mlflow.sharedViewState.<key>``) that the UI opens from
 ``#/experiments/<id>/runs?viewStateShareKey=<key>``, which ``make ui`` prints."""
 
