@@ -25,7 +25,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,17 +124,23 @@ def execution_key() -> str | None:
 def _git(root: Path, *args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=root, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    ).stdout
 
 
-def git_state(root: Path) -> tuple[str, bool]:
-    """The commit checked out and whether tracked files differ from it; ``unknown`` outside
-    a git repository."""
+def git_state(root: Path, generated: Iterable[str] = ()) -> tuple[str, bool]:
+    """The commit checked out and whether tracked files differ from it, not counting the
+    pipeline's own outputs (``generated``: DVC deletes a git-tracked metrics file before it
+    reruns the stage); ``unknown`` outside a git repository."""
     try:
-        commit = _git(root, "rev-parse", "HEAD")
-        dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+        commit = _git(root, "rev-parse", "HEAD").strip()
+        status = _git(root, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
+    ours = tuple(str(path).rstrip("/") for path in generated)
+    changed = [line[3:] for line in status.splitlines()]
+    dirty = any(
+        path not in ours and not path.startswith(tuple(f"{o}/" for o in ours)) for path in changed
+    )
     return commit, dirty
 
 
@@ -170,10 +176,14 @@ def changed_params(root: Path, baseline: str, params: Mapping[str, Any]) -> str:
 
 
 def run_identity(
-    root: Path, params: Mapping[str, Any] | None, started_by: str
+    root: Path,
+    params: Mapping[str, Any] | None,
+    started_by: str,
+    generated: Iterable[str] = (),
 ) -> tuple[str, dict[str, str]]:
-    """The name and tags of a new run. ``started_by``: ``repro`` under DVC, else the stage."""
-    commit, dirty = git_state(root)
+    """The name and tags of a new run. ``started_by``: ``repro`` under DVC, else the stage;
+    ``generated``: the pipeline's outputs, which do not make the tree dirty."""
+    commit, dirty = git_state(root, generated)
     experiment = os.environ.get("DVC_EXP_NAME", "")
     baseline = os.environ.get("DVC_EXP_BASELINE_REV", "") or commit
     tags = {
@@ -248,7 +258,10 @@ def peak_rss_mb() -> float:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, root: Path | None = None, params: Mapping[str, Any] | None = None
+    stage: str,
+    root: Path | None = None,
+    params: Mapping[str, Any] | None = None,
+    generated: Iterable[str] = (),
 ) -> Iterator[Any]:
     """Open (or rejoin) this execution's MLflow run for ``stage``; close it FAILED on error.
     A new run gets its name and tags (``run_identity``) and, when ``params`` (all of
@@ -270,7 +283,7 @@ def stage_run(
     if run_id:
         run = mlflow.start_run(run_id=run_id)
     else:
-        name, tags = run_identity(root, params, "repro" if key else stage)
+        name, tags = run_identity(root, params, "repro" if key else stage, generated)
         tags[EXECUTION_TAG] = key or f"standalone:{stage}:{time.time_ns()}"
         run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
         if params is not None:

@@ -68,7 +68,8 @@ def execute(
     typed = sections(stage.sections, dict(params))  # every key checked before any work
     module = importlib.import_module(stage.module)
     arguments = {**paths, **typed}
-    with stage_run(stage.name, params=params if whole_run else None) as run:
+    generated = ["dvc.lock", *(out.path for s in STAGES.values() for out in s.outputs.values())]
+    with stage_run(stage.name, params=params if whole_run else None, generated=generated) as run:
         if f"stage.{stage.name}.md5" in mlflow.get_run(run.info.run_id).data.tags:
             mlflow.MlflowClient().delete_tag(run.info.run_id, f"stage.{stage.name}.md5")
         log_params(flatten({name: params[name] for name in stage.sections}))
