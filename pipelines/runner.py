@@ -14,7 +14,7 @@ from typing import Any
 
 from imgpipe.manifest import MANIFEST
 from imgpipe.params import ParamsError, sections
-from pipelines.stages import STAGES, SUMMARY, Stage
+from pipelines.stages import STAGES, SUMMARY, Stage, upstream
 
 
 def default_paths(stage: Stage, params: Mapping[str, Any]) -> dict[str, Path]:
@@ -70,8 +70,6 @@ def execute(
     arguments = {**paths, **typed}
     generated = ["dvc.lock", *(out.path for s in STAGES.values() for out in s.outputs.values())]
     with stage_run(stage.name, params=params if whole_run else None, generated=generated) as run:
-        if f"stage.{stage.name}.md5" in mlflow.get_run(run.info.run_id).data.tags:
-            mlflow.MlflowClient().delete_tag(run.info.run_id, f"stage.{stage.name}.md5")
         log_params(flatten({name: params[name] for name in stage.sections}))
         try:
             summary = module.run(**arguments)
@@ -116,10 +114,11 @@ def log_datasets_of(manifest: Path, params: Mapping[str, Any]) -> None:
 
 
 def log_reused(current: str, root: Path) -> None:
-    """Under DVC: every other stage this run has no record of is logged as reused, from the
-    summary DVC restored (its metrics and a ``stage.<name>=reused`` tag with the hash that
-    ``dvc.lock`` records for its main output), so every run carries every stage's figures. A
-    stage that runs later in the same ``dvc repro`` replaces the tag and the figures."""
+    """Under DVC: every stage upstream of ``current`` that this run has no record of was
+    reused by DVC; it is logged from the summary DVC restored (its metrics and a
+    ``stage.<name>=reused`` tag with the hash that ``dvc.lock`` records for its main output),
+    so a full ``dvc repro`` run carries every stage's figures. Stages downstream are left
+    alone: a partial run (``dvc exp run finetune``) must not claim their stale figures."""
     import json
 
     import mlflow
@@ -132,9 +131,10 @@ def log_reused(current: str, root: Path) -> None:
         lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         lock = {}
-    for name, stage in STAGES.items():
+    for name in upstream(current):
+        stage = STAGES[name]
         summary = root / stage.outputs[SUMMARY].path
-        if name == current or f"stage.{name}" in tags or not summary.is_file():
+        if f"stage.{name}" in tags or not summary.is_file():
             continue
         module = importlib.import_module(stage.module)
         mlflow.log_metrics(module.metrics(json.loads(summary.read_text())))

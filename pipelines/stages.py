@@ -248,3 +248,17 @@ STAGES: dict[str, Stage] = dict(
     ]
 )
 """The stages in pipeline order (each reads only outputs of stages before it)."""
+
+
+def upstream(name: str) -> list[str]:
+    """The stages ``name`` depends on, directly or not (inputs and ``after``), in pipeline
+    order."""
+    seen: set[str] = set()
+    pending = [name]
+    while pending:
+        stage = STAGES[pending.pop()]
+        for parent in [i.stage for i in stage.inputs.values() if i.stage] + list(stage.after):
+            if parent not in seen:
+                seen.add(parent)
+                pending.append(parent)
+    return [s for s in STAGES if s in seen]

@@ -173,3 +173,12 @@ def test_each_stage_turns_its_committed_summary_into_mlflow_metrics(name):
     for key, value in values.items():
         assert isinstance(value, int | float) and not isinstance(value, bool), (key, value)
         assert key.split(".")[0] in {name, "frozen", "test", "parity", "blessed"}, key
+
+
+def test_upstream_follows_inputs_and_ordering_gates():
+    """Guards what a run may log as reused: only the stages a stage depends on."""
+    from pipelines.stages import upstream
+
+    assert upstream("ingest") == []
+    assert upstream("train") == ["ingest", "validate", "augment"]  # validate gates augment
+    assert upstream("push") == [s for s in STAGES if s != "push"]
