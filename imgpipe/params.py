@@ -295,3 +295,45 @@ SECTIONS: dict[str, type] = {
 def sections(names: Iterable[str], params: dict[str, Any]) -> dict[str, Any]:
     """The typed views of the sections ``names`` of ``params`` (see ``section``)."""
     return {name: section(SECTIONS[name], name, params) for name in names}
+
+
+PROFILES = Path("profiles")
+"""Profiles: YAML files of overrides on params.yaml, section by section (``profiles/full.yaml``)."""
+
+
+def profile_path(name: str) -> Path:
+    """A profile by name (``full`` -> ``profiles/full.yaml``) or by path."""
+    path = Path(name)
+    return path if path.suffix in (".yaml", ".yml") else PROFILES / f"{name}.yaml"
+
+
+def with_profile(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """``params`` with the profile's overrides applied: a profile changes only the keys it
+    names. An unknown section or key, or a wrong type, is an error naming the profile and the
+    key; the result is validated whole, as the pipeline validates params.yaml."""
+    path = profile_path(name)
+    overrides = load_params(path)
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
+    for name_, values in overrides.items():
+        if name_ not in SECTIONS or not isinstance(values, dict):
+            raise ParamsError(f"{path}: '{name_}' is no params section")
+        unknown = set(values) - set(merged.get(name_, {}))
+        if unknown:
+            raise ParamsError(f"{path}: unknown key {name_}.{sorted(unknown)[0]}")
+        merged[name_] = {**merged[name_], **values}
+    try:
+        sections(SECTIONS, merged)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+    return merged
+
+
+def set_flags(name: str) -> list[str]:
+    """The profile as ``dvc exp run`` arguments: ``-S section.key=value`` for each override."""
+    overrides = load_params(profile_path(name))
+    flags = []
+    for name_, values in overrides.items():
+        for key, value in values.items():
+            text = yaml.safe_dump(value, default_flow_style=True).strip()
+            flags += ["-S", f"{name_}.{key}={text.removesuffix('...').strip()}"]
+    return flags

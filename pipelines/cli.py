@@ -24,9 +24,18 @@ log = logging.getLogger("imgpipe")
 
 
 def _params(args: argparse.Namespace) -> dict:
-    from imgpipe.params import load_params
+    from imgpipe.params import load_params, with_profile
 
-    return load_params(args.params)
+    params = load_params(args.params)
+    return with_profile(params, args.profile) if getattr(args, "profile", None) else params
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    """The profile as ``dvc exp run`` flags: ``dvc exp run -n full $(imgpipe profile full)``."""
+    from imgpipe.params import load_params, set_flags, with_profile
+
+    with_profile(load_params(args.params), args.name)  # every override checked first
+    print(" ".join(set_flags(args.name)))
 
 
 def cmd_sample_data(args: argparse.Namespace) -> None:
@@ -311,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"output (default: {output.path})",
             )
 
+    p = add("profile", cmd_profile, "print a profile's overrides as `dvc exp run -S` flags")
+    p.add_argument("name", help="profiles/<name>.yaml, e.g. full, or a path")
+
     p = add("ui", cmd_ui, "MLflow's UI on 127.0.0.1, opened on the headline view", params=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -334,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         q = psub.add_parser(name, help=help, description=help)
         q.set_defaults(func=func)
         q.add_argument("--params", default="params.yaml", help="pipeline parameter defaults")
+        q.add_argument("--profile", help="apply a profile (profiles/<name>.yaml), e.g. full")
         return q
 
     q = padd("compile", cmd_pipeline_compile, "write the pipeline YAML (IMGPIPE_IMAGE: image)")

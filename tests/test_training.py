@@ -324,3 +324,62 @@ def test_train_is_deterministic_by_seed(project, tmp_path):
     second = keras.models.load_model(tmp_path / "train" / MODEL_FILE).get_layer(HEAD_NAME)
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_full_profile_loads_and_its_first_epoch_runs(tmp_path):
+    """Guards the full-budget profile: profiles/full.yaml applies over params.yaml and
+    validates, ``imgpipe profile full`` turns it into ``dvc exp run -S`` flags, and its model,
+    training and fine-tuning settings run a first epoch each on tiny data (the whole base
+    unfrozen)."""
+    from components import finetune
+    from imgpipe.params import FinetuneParams, load_params, section, set_flags, with_profile
+
+    full = with_profile(load_params(PROJECT / "params.yaml"), str(PROJECT / "profiles/full.yaml"))
+    flags = set_flags(str(PROJECT / "profiles/full.yaml"))
+    assert flags[:2] == ["-S", "model.image_size=null"], flags
+    p = build_tiny_project(
+        tmp_path,
+        {"a": 6, "b": 6},
+        48,
+        full["model"],
+        {**full["train"], "epochs": 1},
+        val_fraction=0.25,
+        test_fraction=0.1,
+    )
+    tuned = finetune.run(
+        trained=p.model,
+        augmented=p.augment / "shards",
+        dataset=p.ingest,
+        frozen_history=p.train_history,
+        out=tmp_path / "finetune",
+        summary=tmp_path / "finetune.json",
+        history=tmp_path / "finetune_history.csv",
+        checkpoints=tmp_path / "checkpoints",
+        model=params("model", **full["model"]),
+        finetune=section(
+            FinetuneParams, "finetune", {"finetune": {**full["finetune"], "epochs": 1}}
+        ),
+        progress=False,
+    )["finetune"]
+    import keras
+
+    from imgpipe import backbones
+    from imgpipe.training import base_of
+
+    inner = backbones.inner_base(base_of(keras.models.load_model(p.model, compile=False)))
+    weighted = [
+        layer
+        for layer in inner.layers
+        if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert tuned["epochs"] == 1
+    assert tuned["trainable_base_layers"] == len(weighted), tuned  # the whole base
+
+
+def test_a_profile_with_an_unknown_key_is_an_error_naming_it(tmp_path):
+    from imgpipe.params import ParamsError, load_params, with_profile
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune:\n  learning_rte: 0.001\n")
+    with pytest.raises(ParamsError, match=r"bad\.yaml: unknown key finetune\.learning_rte"):
+        with_profile(load_params(PROJECT / "params.yaml"), str(bad))
