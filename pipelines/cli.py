@@ -211,6 +211,42 @@ def cmd_ui(args: argparse.Namespace) -> None:
     os.execv(command[0], [*command, "--host", args.host, "--port", str(args.port)])
 
 
+def cmd_runs(args: argparse.Namespace) -> None:
+    """The experiment's runs as a markdown table of validation figures and training time:
+    the ablation table of a set of ``dvc exp run`` experiments (test figures stay out of it:
+    recipes are chosen on validation)."""
+    from mlflow.tracking import MlflowClient
+
+    from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    name = args.experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        raise SystemExit(f"no MLflow experiment '{name}' at {tracking_uri()}")
+    runs = client.search_runs(
+        [experiment.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"]
+    )
+    print(
+        "| run | changed from the baseline | frozen val acc | fine-tuned val acc | gain | "
+        "train + finetune time |"
+    )
+    print("|---|---|---|---|---|---|")
+    for run in runs:
+        metrics, tags = run.data.metrics, run.data.tags
+        if "finetune.val_accuracy" not in metrics or "frozen.val_accuracy" not in metrics:
+            continue
+        frozen, tuned = metrics["frozen.val_accuracy"], metrics["finetune.val_accuracy"]
+        times = [
+            f"{metrics[f'{s}.wall_seconds']:.0f} s" if f"{s}.wall_seconds" in metrics else "reused"
+            for s in ("train", "finetune")
+        ]
+        print(
+            f"| {run.info.run_name} | {tags.get('params.changed', '')} | {frozen:.4f} | "
+            f"{tuned:.4f} | {tuned - frozen:+.4f} | {' + '.join(times)} |"
+        )
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
     from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
@@ -319,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="PATH",
                 help=f"output (default: {output.path})",
             )
+
+    p = add(
+        "runs", cmd_runs, "the MLflow runs as an ablation table (validation figures)", params=False
+    )
+    p.add_argument("--experiment", help="MLflow experiment (default: the pipeline's)")
 
     p = add("profile", cmd_profile, "print a profile's overrides as `dvc exp run -S` flags")
     p.add_argument("name", help="profiles/<name>.yaml, e.g. full, or a path")
