@@ -119,3 +119,12 @@ def rounded(obj: Any, digits: int = 4) -> Any:
     if isinstance(obj, list | tuple):
         return [rounded(v, digits) for v in obj]
     return obj
+
+
+def val_balanced_accuracy(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
+    """Balanced accuracy (mean recall over the classes present) of ``probs`` on validation
+    labels: the figure the training phases report beside accuracy, so that a recipe's
+    accuracy/balanced-accuracy trade-off is chosen on validation."""
+    probs = np.asarray(probs)
+    names = [str(i) for i in range(probs.shape[1])]
+    return float(classification_metrics(y_true, probs, names)["balanced_accuracy"])

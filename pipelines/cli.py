@@ -237,13 +237,20 @@ def cmd_runs(args: argparse.Namespace) -> None:
         if "finetune.val_accuracy" not in metrics or "frozen.val_accuracy" not in metrics:
             continue
         frozen, tuned = metrics["frozen.val_accuracy"], metrics["finetune.val_accuracy"]
+        balanced = [
+            f" ({metrics[f'{phase}.val_balanced_accuracy']:.4f})"
+            if f"{phase}.val_balanced_accuracy" in metrics
+            else ""
+            for phase in ("frozen", "finetune")
+        ]
         times = [
             f"{metrics[f'{s}.wall_seconds']:.0f} s" if f"{s}.wall_seconds" in metrics else "reused"
             for s in ("train", "finetune")
         ]
         print(
-            f"| {run.info.run_name} | {tags.get('params.changed', '')} | {frozen:.4f} | "
-            f"{tuned:.4f} | {tuned - frozen:+.4f} | {' + '.join(times)} |"
+            f"| {run.info.run_name} | {tags.get('params.changed', '')} | {frozen:.4f}"
+            f"{balanced[0]} | {tuned:.4f}{balanced[1]} | {tuned - frozen:+.4f} | "
+            f"{' + '.join(times)} |"
         )
 
 
