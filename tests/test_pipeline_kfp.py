@@ -126,6 +126,40 @@ def test_a_kubeflow_overlay_changes_only_the_keys_it_names():
         section(SECTIONS["finetune"], "finetune", overlaid(STAGES["finetune"].sections, arguments))
 
 
+def test_pipeline_compile_with_a_profile_compiles_its_params_in(tmp_path):
+    """Guards the full profile under Kubeflow: ``imgpipe pipeline compile --profile full``
+    compiles params.yaml with the profile's overrides in as every step's base params."""
+    import subprocess
+    import sys
+
+    from imgpipe.params import load_params, with_profile
+
+    out = tmp_path / "imgpipe.yaml"
+    imgpipe = str(Path(sys.executable).with_name("imgpipe"))
+    params_yaml = str(PROJECT / "params.yaml")
+    subprocess.run(
+        [
+            imgpipe,
+            "pipeline",
+            "compile",
+            "--profile",
+            "full",
+            "--params",
+            params_yaml,
+            "--out",
+            str(out),
+        ],
+        cwd=PROJECT,
+        check=True,
+        capture_output=True,
+    )
+    spec, _ = yaml.safe_load_all(out.read_text())
+    finetune = spec["root"]["dag"]["tasks"]["finetune"]["inputs"]["parameters"]
+    compiled = json.loads(finetune["base_params"]["runtimeValue"]["constant"])
+    assert compiled == with_profile(load_params(PROJECT / "params.yaml"), "full")
+    assert compiled["finetune"]["unfreeze_layers"] != _params()["finetune"]["unfreeze_layers"]
+
+
 def test_import_logs_marks_a_step_from_the_cache_as_reused(tmp_path):
     """Guards the reuse tags under Kubeflow's cache: a stage log written before the
     execution's run started (a cache hit: the cached steps run after start-run) is imported
