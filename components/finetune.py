@@ -26,7 +26,7 @@ from imgpipe import backbones
 from imgpipe.datasets import image_dataset
 from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
 from imgpipe.manifest import SHARDS
-from imgpipe.metrics import val_balanced_accuracy
+from imgpipe.metrics import validation_scores
 from imgpipe.params import FinetuneParams, ModelParams
 from imgpipe.tfrecords import count_records, split_files
 from imgpipe.training import (
@@ -230,11 +230,11 @@ def run(
     # The served model needs no optimizer state: load without it, compile for evaluation only.
     best = keras.models.load_model(checkpoints / checkpoint.best_file, compile=False)
     best.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    val_loss, val_accuracy = best.evaluate(image_dataset(val_files, size, 64), verbose=0)
     val_true, val_probs = [], []
     for images, labels in image_dataset(val_files, size, 64):
         val_true.append(labels.numpy())
         val_probs.append(best.predict_on_batch(images))
+    scores = validation_scores(np.concatenate(val_true), np.concatenate(val_probs))
     with atomic_path(out) as staged:
         staged.mkdir()
         best.save(staged / MODEL)
@@ -247,11 +247,7 @@ def run(
     epochs_run = len(rows) - sum(1 for r in rows if r["epoch"] < initial_epoch)
     metrics = {
         "finetune": {
-            "val_accuracy": round(float(val_accuracy), 6),
-            "val_balanced_accuracy": round(
-                val_balanced_accuracy(np.concatenate(val_true), np.concatenate(val_probs)), 6
-            ),
-            "val_loss": round(float(val_loss), 6),
+            **{name: round(value, 6) for name, value in scores.items()},
             "epochs": len(rows),
             "best_epoch": best_epoch(rows, params.monitor),
             "monitor": params.monitor,

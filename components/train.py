@@ -25,7 +25,7 @@ from imgpipe.datasets import image_dataset
 from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
 from imgpipe.labels import read_labels
 from imgpipe.manifest import LABELS, SHARDS
-from imgpipe.metrics import val_balanced_accuracy
+from imgpipe.metrics import validation_scores
 from imgpipe.params import ModelParams, TrainParams
 from imgpipe.tfrecords import count_records, split_files
 from imgpipe.training import (
@@ -211,17 +211,14 @@ def run(
         ]
         fit(head, x, y, (vx, vy), params, len(labels), callbacks)
         head_seconds = time.perf_counter() - started
-        val_loss, val_accuracy = head.evaluate(vx, vy, batch_size=256, verbose=0)
-        val_probs = head.predict(vx, batch_size=256, verbose=0)
+        scores = validation_scores(vy, head.predict(vx, batch_size=256, verbose=0))
         assemble(base, head).save(staged / MODEL)
         plot_curves(rows, staged / CURVES, f"frozen {model_params.backbone} base, {size}px")
     write_history(history, rows)
     best = int(np.argmin([r["val_loss"] for r in rows]))
     metrics = {
         "frozen": {
-            "val_accuracy": round(float(val_accuracy), 6),
-            "val_balanced_accuracy": round(val_balanced_accuracy(vy, val_probs), 6),
-            "val_loss": round(float(val_loss), 6),
+            **{name: round(value, 6) for name, value in scores.items()},
             "epochs": len(rows),
             "best_epoch": best,
             "train_images": len(y),

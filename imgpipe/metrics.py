@@ -121,10 +121,19 @@ def rounded(obj: Any, digits: int = 4) -> Any:
     return obj
 
 
-def val_balanced_accuracy(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
-    """Balanced accuracy (mean recall over the classes present) of ``probs`` on validation
-    labels: the figure the training phases report beside accuracy, so that a recipe's
-    accuracy/balanced-accuracy trade-off is chosen on validation."""
-    probs = np.asarray(probs)
+def validation_scores(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy (mean recall over the classes present) and cross-entropy
+    loss of ``probs`` on validation labels, from one pass of predictions: the figures a
+    training phase reports, so that a recipe's accuracy/balanced-accuracy trade-off is chosen
+    on validation. The loss is Keras' sparse categorical cross-entropy (probabilities clipped
+    to [1e-7, 1 - 1e-7])."""
+    actual = np.asarray(y_true, np.int64)
+    probs = np.asarray(probs, np.float64)
     names = [str(i) for i in range(probs.shape[1])]
-    return float(classification_metrics(y_true, probs, names)["balanced_accuracy"])
+    scores = classification_metrics(actual, probs, names)
+    picked = np.clip(probs[np.arange(len(actual)), actual], 1e-7, 1 - 1e-7)
+    return {
+        "val_accuracy": float(scores["accuracy"]),
+        "val_balanced_accuracy": float(scores["balanced_accuracy"]),
+        "val_loss": float(-np.log(picked).mean()),
+    }

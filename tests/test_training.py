@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,6 +62,25 @@ def project(tmp_path_factory) -> TinyProject:
     return p
 
 
+def _finetune(project: TinyProject, out: Path, model: Any, tuning: Any) -> dict:
+    """The finetune stage on ``project``'s frozen model, writing under ``out``; its summary."""
+    from components import finetune
+
+    return finetune.run(
+        trained=project.model,
+        augmented=project.augment / "shards",
+        dataset=project.ingest,
+        frozen_history=project.train_history,
+        out=out / "finetune",
+        summary=out / "finetune.json",
+        history=out / "finetune_history.csv",
+        checkpoints=out / "checkpoints",
+        model=model,
+        finetune=tuning,
+        progress=False,
+    )["finetune"]
+
+
 def _assert_reports_best_epoch(metrics: dict, history: Path, monitor: str = "val_loss") -> None:
     """The stage's model is its best epoch (the first with the lowest val_loss or highest
     val_accuracy), and its metrics say so."""
@@ -99,19 +119,7 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     _assert_reports_best_epoch(frozen, project.train_history)
 
     history = tmp_path / "finetune_history.csv"
-    metrics = finetune.run(
-        trained=project.model,
-        augmented=project.augment / "shards",
-        dataset=project.ingest,
-        frozen_history=project.train_history,
-        out=tmp_path / "finetune",
-        summary=tmp_path / "finetune.json",
-        history=history,
-        checkpoints=tmp_path / "checkpoints",
-        model=params("model", **MODEL),
-        finetune=params("finetune", **FINETUNE),
-        progress=False,
-    )["finetune"]
+    metrics = _finetune(project, tmp_path, params("model", **MODEL), params("finetune", **FINETUNE))
     assert metrics["val_accuracy"] >= 0.8, metrics
     assert metrics["epochs"] == FINETUNE["epochs"] and metrics["resumed_from_epoch"] == 0
     _assert_reports_best_epoch(metrics, history, monitor="val_accuracy")
@@ -331,7 +339,6 @@ def test_full_profile_loads_and_its_first_epoch_runs(tmp_path):
     validates, ``imgpipe profile full`` turns it into ``dvc exp run -S`` flags, and its model,
     training and fine-tuning settings run a first epoch each on tiny data (the whole base
     unfrozen)."""
-    from components import finetune
     from imgpipe.params import FinetuneParams, load_params, section, set_flags, with_profile
 
     full = with_profile(load_params(PROJECT / "params.yaml"), str(PROJECT / "profiles/full.yaml"))
@@ -346,21 +353,12 @@ def test_full_profile_loads_and_its_first_epoch_runs(tmp_path):
         val_fraction=0.25,
         test_fraction=0.1,
     )
-    tuned = finetune.run(
-        trained=p.model,
-        augmented=p.augment / "shards",
-        dataset=p.ingest,
-        frozen_history=p.train_history,
-        out=tmp_path / "finetune",
-        summary=tmp_path / "finetune.json",
-        history=tmp_path / "finetune_history.csv",
-        checkpoints=tmp_path / "checkpoints",
-        model=params("model", **full["model"]),
-        finetune=section(
-            FinetuneParams, "finetune", {"finetune": {**full["finetune"], "epochs": 1}}
-        ),
-        progress=False,
-    )["finetune"]
+    tuned = _finetune(
+        p,
+        tmp_path,
+        params("model", **full["model"]),
+        section(FinetuneParams, "finetune", {"finetune": {**full["finetune"], "epochs": 1}}),
+    )
     import keras
 
     from imgpipe import backbones
