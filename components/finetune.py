@@ -9,6 +9,7 @@ inputs and params, instead of starting over.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -25,12 +26,13 @@ import numpy as np
 from imgpipe import backbones
 from imgpipe.datasets import image_dataset
 from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
-from imgpipe.manifest import SHARDS
-from imgpipe.metrics import validation_scores
+from imgpipe.manifest import MANIFEST, SHARDS
+from imgpipe.metrics import prior_correction, shift_probabilities, validation_scores
 from imgpipe.params import FinetuneParams, ModelParams
 from imgpipe.tfrecords import count_records, split_files
 from imgpipe.training import (
     CURVES,
+    HEAD_NAME,
     MODEL,
     EpochLogger,
     base_of,
@@ -68,9 +70,11 @@ def unfreeze_top(model: keras.Model, backbone: str, layers: int) -> int:
 def fingerprint(
     train_model: Path, files: list[str], model: ModelParams, params: FinetuneParams
 ) -> str:
-    """What a checkpoint must match to be resumed: the starting model, the data and the params."""
+    """What a checkpoint must match to be resumed: the starting model, the data and the params
+    of training (not ``prior_balance``, which acts after it: changing it reuses the epochs)."""
+    training = {k: v for k, v in dataclasses.asdict(params).items() if k != "prior_balance"}
     digest = hashlib.sha256(
-        json.dumps([dataclasses.asdict(model), dataclasses.asdict(params)], sort_keys=True).encode()
+        json.dumps([dataclasses.asdict(model), training], sort_keys=True).encode()
     )
     for path in [str(train_model), *files]:
         digest.update(sha256_file(path).encode())
@@ -178,8 +182,9 @@ def run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune the ``trained`` frozen-phase model on the ``augmented`` shards, validated on
-    ``dataset``'s val split. ``out`` receives model.keras (the best epoch) and curves.png (both
-    phases); ``checkpoints`` holds epoch-NNN.keras and state.json, kept across runs (DVC
+    ``dataset``'s val split. ``out`` receives model.keras (the best epoch, its output bias moved
+    by the prior correction fitted on validation when ``prior_balance`` is set) and curves.png
+    (both phases); ``checkpoints`` holds epoch-NNN.keras and state.json, kept across runs (DVC
     ``persist``): a rerun with the same inputs and params resumes from them."""
     model_params, params = model, finetune
     size = backbones.image_size(model_params)
@@ -234,7 +239,21 @@ def run(
     for images, labels in image_dataset(val_files, size, 64):
         val_true.append(labels.numpy())
         val_probs.append(best.predict_on_batch(images))
-    scores = validation_scores(np.concatenate(val_true), np.concatenate(val_probs))
+    val_labels, probs = np.concatenate(val_true), np.concatenate(val_probs)
+    scores = validation_scores(val_labels, probs)
+    correction: dict[str, float] = {}
+    if params.prior_balance is not None:
+        tau, shift = prior_correction(
+            val_labels, probs, train_class_counts(dataset, probs.shape[1]), params.prior_balance
+        )
+        output = best.get_layer(HEAD_NAME).get_layer("probabilities")
+        kernel, bias = output.get_weights()
+        output.set_weights([kernel, bias + shift.astype(bias.dtype)])
+        corrected = validation_scores(val_labels, shift_probabilities(probs, shift))
+        correction = {
+            "prior_tau": tau,
+            **{f"corrected_{k}": round(v, 6) for k, v in corrected.items() if k != "val_loss"},
+        }
     with atomic_path(out) as staged:
         staged.mkdir()
         best.save(staged / MODEL)
@@ -248,6 +267,7 @@ def run(
     metrics = {
         "finetune": {
             **{name: round(value, 6) for name, value in scores.items()},
+            **correction,
             "epochs": len(rows),
             "best_epoch": best_epoch(rows, params.monitor),
             "monitor": params.monitor,
@@ -261,6 +281,16 @@ def run(
     }
     write_json_atomic(summary, metrics)
     return metrics
+
+
+def train_class_counts(dataset: Path, classes: int) -> np.ndarray:
+    """Images per class index in the training split of ingest's manifest (the prior a
+    prior correction divides out)."""
+    with open(dataset / MANIFEST, newline="", encoding="utf-8") as handle:
+        indices = [
+            int(row["label_index"]) for row in csv.DictReader(handle) if row["split"] == "train"
+        ]
+    return np.bincount(np.asarray(indices, np.int64), minlength=classes)
 
 
 def best_epoch(rows: list[dict[str, Any]], monitor: str) -> int:
@@ -301,9 +331,16 @@ def log_to_mlflow(out: Path, history: Path, dataset: Path, model: ModelParams) -
 
 def describe(summary: dict[str, Any]) -> str:
     result = summary["finetune"]
+    corrected = (
+        f"; prior correction tau {result['prior_tau']:+.2f}: val accuracy "
+        f"{result['corrected_val_accuracy']:.4f}, "
+        f"balanced {result['corrected_val_balanced_accuracy']:.4f}"
+        if "prior_tau" in result
+        else ""
+    )
     return (
         f"val accuracy {result['val_accuracy']:.4f} after {result['epochs']} epochs "
-        f"({result['trainable_base_layers']} base layers trained); model: {MODEL}"
+        f"({result['trainable_base_layers']} base layers trained){corrected}; model: {MODEL}"
     )
 
 

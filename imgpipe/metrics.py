@@ -137,3 +137,47 @@ def validation_scores(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> 
         "val_balanced_accuracy": float(scores["balanced_accuracy"]),
         "val_loss": float(-np.log(picked).mean()),
     }
+
+
+PRIOR_SCALES = np.round(np.arange(-2.0, 2.0001, 0.05), 2)
+"""The scales ``tau`` that prior_correction tries: -2 (toward rare classes) to +2 (toward common
+ones), in steps of 0.05."""
+
+
+def prior_correction(
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    class_counts: Sequence[int] | np.ndarray,
+    balance: float,
+) -> tuple[float, np.ndarray]:
+    """The logit offset ``tau * log(prior)`` (prior: the training split's class frequencies)
+    whose argmax decision maximises ``(1 - balance) * accuracy + balance * balanced accuracy``
+    on these validation labels, and its ``tau``: one number, fitted on validation, that trades
+    accuracy for balanced accuracy (a prior correction, Menon et al. 2021's logit adjustment
+    with a fitted scale). Among equal scores the smallest ``|tau|`` wins, so a correction that
+    does not help is none. Adding the offset to the output layer's bias applies it in the
+    served graph; classes absent from training keep their logit."""
+    actual = np.asarray(y_true, np.int64)
+    counts = np.asarray(class_counts, np.float64)
+    log_prior = np.where(counts > 0, np.log(np.maximum(counts, 1) / counts.sum()), 0.0)
+    log_probs = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
+    classes = np.unique(actual)
+    best: tuple[float, float, np.ndarray] = (-np.inf, 0.0, np.zeros_like(log_prior))
+    for tau in sorted(PRIOR_SCALES, key=abs):
+        offset = tau * log_prior
+        predicted = (log_probs + offset).argmax(axis=1)
+        accuracy = float((predicted == actual).mean())
+        balanced = float(np.mean([(predicted[actual == c] == c).mean() for c in classes]))
+        score = (1.0 - balance) * accuracy + balance * balanced
+        if score > best[0] + 1e-12:
+            best = (score, float(tau), offset)
+    return best[1], best[2]
+
+
+def shift_probabilities(probs: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """softmax(log(probs) + offset): the probabilities of a softmax layer whose bias moved by
+    ``offset``."""
+    logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) + offset
+    logits -= logits.max(axis=1, keepdims=True)
+    shifted = np.exp(logits)
+    return shifted / shifted.sum(axis=1, keepdims=True)

@@ -156,11 +156,19 @@ class FinetuneParams:
     """What picks the best epoch and stops early: ``val_accuracy`` (higher is better) or
     ``val_loss``. On ELPV the validation loss rises while accuracy still improves (the training
     set is class-balanced, validation is not), so loss would keep a less accurate epoch."""
+    prior_balance: float | None
+    """None: the model's own decision. A weight w in [0, 1]: after training, the output bias
+    moves by ``tau * log(training class prior)``, ``tau`` chosen on validation to maximise
+    ``(1 - w) * accuracy + w * balanced accuracy`` (imgpipe.metrics.prior_correction)."""
 
     def __post_init__(self) -> None:
         if self.monitor not in ("val_accuracy", "val_loss"):
             raise ParamsError(
                 f"finetune.monitor must be val_accuracy or val_loss, got {self.monitor!r}"
+            )
+        if self.prior_balance is not None and not 0.0 <= self.prior_balance <= 1.0:
+            raise ParamsError(
+                f"finetune.prior_balance must be null or within [0, 1], got {self.prior_balance}"
             )
 
 

@@ -24,6 +24,8 @@ from imgpipe.metrics import (
     classification_metrics,
     confusion_matrix,
     expected_calibration_error,
+    prior_correction,
+    shift_probabilities,
 )
 
 LABELS = ["a", "b", "c", "d"]
@@ -125,3 +127,53 @@ def test_no_images_scores_zero_and_a_wrong_shape_is_named():
     assert m["per_class"]["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     with pytest.raises(ValueError, match=r"expected probabilities of shape \(8, 3\), got \(8, 4\)"):
         classification_metrics(Y_TRUE, PROBS, LABELS[:3])
+
+
+def _skewed_validation(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 3-class validation set (80/15/5%) scored by a model that leans to the common class:
+    the rare classes' true scores are real but smaller than the common class's bias."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1, 2], [160, 30, 10])
+    logits = rng.normal(0.0, 1.0, (len(y), 3))
+    logits[np.arange(len(y)), y] += 2.0
+    logits[:, 0] += 1.5  # the common class's extra bias
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, probs, np.array([800, 150, 50])
+
+
+def _scores(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    scores = classification_metrics(y, probs, ["a", "b", "c"])
+    return scores["accuracy"], scores["balanced_accuracy"]
+
+
+def test_prior_correction_trades_accuracy_for_balanced_accuracy_as_weighted():
+    """balance 1 fits a negative scale (toward the rare classes) that raises balanced accuracy;
+    balance 0 never lowers accuracy; each chosen offset is tau * log(prior), and the corrected
+    probabilities are the softmax of the shifted log-probabilities (rows sum to 1)."""
+    y, probs, counts = _skewed_validation()
+    accuracy, balanced = _scores(y, probs)
+    log_prior = np.log(counts / counts.sum())
+
+    tau, shift = prior_correction(y, probs, counts, balance=1.0)
+    assert tau < 0
+    np.testing.assert_allclose(shift, tau * log_prior)
+    corrected = shift_probabilities(probs, shift)
+    np.testing.assert_allclose(corrected.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(corrected.argmax(axis=1), (np.log(probs) + shift).argmax(axis=1))
+    assert _scores(y, corrected)[1] > balanced + 0.05
+
+    tau0, shift0 = prior_correction(y, probs, counts, balance=0.0)
+    assert _scores(y, shift_probabilities(probs, shift0))[0] >= accuracy
+    assert tau0 > tau
+
+
+def test_prior_correction_that_cannot_help_is_none():
+    """A model already right on every validation image keeps its decision: tau 0, no shift,
+    whatever the weight; a class absent from training gets no offset."""
+    y = np.array([0, 0, 1, 2])
+    probs = np.eye(3)[y] * 0.9 + 0.1 / 3
+    for balance in (0.0, 0.5, 1.0):
+        tau, shift = prior_correction(y, probs, [2, 1, 1], balance)
+        assert tau == 0.0 and not shift.any()
+    _, shift = prior_correction(*_skewed_validation()[:2], [800, 150, 0], balance=1.0)
+    assert shift[2] == 0.0

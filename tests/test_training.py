@@ -62,14 +62,17 @@ def project(tmp_path_factory) -> TinyProject:
     return p
 
 
-def _finetune(project: TinyProject, out: Path, model: Any, tuning: Any) -> dict:
-    """The finetune stage on ``project``'s frozen model, writing under ``out``; its summary."""
+def _finetune(
+    project: TinyProject, out: Path, model: Any, tuning: Any, dataset: Path | None = None
+) -> dict:
+    """The finetune stage on ``project``'s frozen model (and ``dataset``, else its ingest
+    output), writing under ``out``; its summary."""
     from components import finetune
 
     return finetune.run(
         trained=project.model,
         augmented=project.augment / "shards",
-        dataset=project.ingest,
+        dataset=dataset or project.ingest,
         frozen_history=project.train_history,
         out=out / "finetune",
         summary=out / "finetune.json",
@@ -105,12 +108,20 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     (chance 1/3; 18 val images). Fine-tuning changes only what it unfroze: every base layer
     that was not trainable, and every BatchNormalization layer (weights and moving statistics),
     is bit-identical between outputs/train/model.keras and outputs/finetune/model.keras, while
-    at least one unfrozen layer changed."""
+    at least one unfrozen layer changed.
+
+    The prior correction (params.yaml's prior_balance) is fitted without the test split: its
+    shards are deleted from the copy of ingest's output that finetune reads. The saved model's
+    output bias is the best epoch's plus tau * log(training prior)."""
+    import shutil
+
     import keras
 
     from components import finetune
     from imgpipe import backbones
-    from imgpipe.training import base_of
+    from imgpipe.manifest import SHARDS
+    from imgpipe.tfrecords import split_files
+    from imgpipe.training import HEAD_NAME, base_of
 
     frozen = json.loads(project.train_metrics.read_text())["frozen"]
     assert frozen["val_accuracy"] >= 0.8, frozen
@@ -119,7 +130,12 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     _assert_reports_best_epoch(frozen, project.train_history)
 
     history = tmp_path / "finetune_history.csv"
-    metrics = _finetune(project, tmp_path, params("model", **MODEL), params("finetune", **FINETUNE))
+    sealed = shutil.copytree(project.ingest, tmp_path / "ingest")
+    for shard in split_files(sealed / SHARDS, "test"):
+        Path(shard).unlink()
+    tuning = params("finetune", **FINETUNE)
+    assert tuning.prior_balance is not None
+    metrics = _finetune(project, tmp_path, params("model", **MODEL), tuning, dataset=sealed)
     assert metrics["val_accuracy"] >= 0.8, metrics
     assert metrics["epochs"] == FINETUNE["epochs"] and metrics["resumed_from_epoch"] == 0
     _assert_reports_best_epoch(metrics, history, monitor="val_accuracy")
@@ -159,6 +175,18 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
         if any(not np.array_equal(a, b) for a, b in zip(w_before[name], w_after[name], strict=True))
     ]
     assert changed, "fine-tuning changed none of the layers it unfroze"
+
+    best = keras.models.load_model(
+        tmp_path / "checkpoints" / f"epoch-{metrics['best_epoch']:03d}.keras"
+    )
+    counts = np.array([16] * len(CLASSES))  # training images per class, before augment's views
+    np.testing.assert_allclose(
+        after.get_layer(HEAD_NAME).get_layer("probabilities").get_weights()[1]
+        - best.get_layer(HEAD_NAME).get_layer("probabilities").get_weights()[1],
+        metrics["prior_tau"] * np.log(counts / counts.sum()),
+        atol=1e-6,
+    )
+    assert {"corrected_val_accuracy", "corrected_val_balanced_accuracy"} <= metrics.keys()
 
 
 def test_head_on_cached_features_equals_frozen_model_on_images():
