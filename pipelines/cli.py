@@ -229,9 +229,9 @@ def cmd_runs(args: argparse.Namespace) -> None:
     )
     print(
         "| run | changed from the baseline | frozen val acc | fine-tuned val acc | gain | "
-        "train + finetune time |"
+        "prior-corrected val acc | train + finetune time |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for run in runs:
         metrics, tags = run.data.metrics, run.data.tags
         if "finetune.val_accuracy" not in metrics or "frozen.val_accuracy" not in metrics:
@@ -247,9 +247,16 @@ def cmd_runs(args: argparse.Namespace) -> None:
             f"{metrics[f'{s}.wall_seconds']:.0f} s" if f"{s}.wall_seconds" in metrics else "reused"
             for s in ("train", "finetune")
         ]
+        corrected = (
+            f"{metrics['finetune.corrected_val_accuracy']:.4f} "
+            f"({metrics['finetune.corrected_val_balanced_accuracy']:.4f}), "
+            f"tau {metrics['finetune.prior_tau']:+.2f}"
+            if "finetune.prior_tau" in metrics
+            else "off"
+        )
         print(
             f"| {run.info.run_name} | {tags.get('params.changed', '')} | {frozen:.4f}"
-            f"{balanced[0]} | {tuned:.4f}{balanced[1]} | {tuned - frozen:+.4f} | "
+            f"{balanced[0]} | {tuned:.4f}{balanced[1]} | {tuned - frozen:+.4f} | {corrected} | "
             f"{' + '.join(times)} |"
         )
 
