@@ -44,6 +44,18 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
     sample_data.run(Path(args.target), force=args.force)
 
 
+def cmd_fashion_mnist_data(args: argparse.Namespace) -> None:
+    from imgpipe import fashion_mnist_data
+
+    fashion_mnist_data.run(
+        Path(args.target),
+        source=Path(args.source),
+        sets=args.sets.split(","),
+        per_class=args.per_class,
+        force=args.force,
+    )
+
+
 def cmd_stage(args: argparse.Namespace) -> None:
     """``imgpipe <stage>``: the declared stage on the paths given, DVC's paths by default."""
     from pipelines import runner
@@ -352,6 +364,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("target", nargs="?", default="data")
     p.add_argument("--force", action="store_true", help="replace a folder that holds other data")
+
+    p = add(
+        "fashion-mnist-data",
+        cmd_fashion_mnist_data,
+        "write Fashion-MNIST (Debian dataset-fashion-mnist) as class folders of PNG files",
+        params=False,
+    )
+    p.add_argument("target", nargs="?", default="data")
+    p.add_argument(
+        "--source",
+        default="/usr/share/datasets/fashion-mnist",
+        help="folder of the four idx files (default: where the Debian package puts them)",
+    )
+    p.add_argument(
+        "--sets",
+        default="t10k",
+        help="t10k (10,000 images), train (60,000) or train,t10k (kept as train/ and test/)",
+    )
+    p.add_argument(
+        "--per-class", type=int, help="the first N images of each class of each set (default: all)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
 
     from pipelines.stages import STAGES
 
