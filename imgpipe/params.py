@@ -208,6 +208,11 @@ class ExportParams:
     representative_images: int
     """Training images that calibrate the int8 TFLite model's quantisation ranges."""
     int8: bool
+    """A full-integer model (int8 weights and activations, uint8 in and out) for NPUs and
+    integer-only CPUs, calibrated on ``representative_images``."""
+    int8_weights: bool
+    """A model with int8 weights and float activations (dynamic-range quantization): the same
+    size as the full-integer one, closer to the float model, not integer-only."""
     data_description: str
     """For the model card: what the images are and where they come from."""
     data_licence: str

@@ -21,7 +21,11 @@ EXAMPLE_IMAGE_KEY = "image/encoded"
 """The tf.Example feature the classify signature reads: the same key as the TFRecord shards."""
 SERVING, TFLITE, CARD = "serving", "tflite", "model_card.md"
 """An export's folders: the SavedModel in TF Serving's layout, the TFLite files, the card."""
-TFLITE_FILES = {"float32": "model_float32.tflite", "int8": "model_int8.tflite"}
+TFLITE_FILES = {
+    "float32": "model_float32.tflite",
+    "int8": "model_int8.tflite",
+    "int8_weights": "model_int8_weights.tflite",
+}
 
 
 def saved_model_dir(export_dir: Path, model_name: str) -> Path:

@@ -275,6 +275,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 def cmd_summary(args: argparse.Namespace) -> None:
     """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
+    from imgpipe.savedmodel import TFLITE_FILES
     from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
 
     def load(name: str) -> dict:
@@ -316,7 +317,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
         tflite = ", ".join(
             f"{kind} {sizes[f'tflite_{kind}']:.1f} MB (top-1 agreement "
             f"{parity[f'tflite_{kind}']['top1_agreement']:.3f})"
-            for kind in ("float32", "int8")
+            for kind in TFLITE_FILES
             if f"tflite_{kind}" in parity
         )
         print(

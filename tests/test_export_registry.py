@@ -151,8 +151,9 @@ def test_bytes_signature_gives_the_keras_probabilities_on_png_and_jpeg(exported)
 
 
 def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported):
-    """Guards the edge artifacts: over the whole test split the int8 model's top-1 agrees with
-    the SavedModel on at least 97% of images and the float model on all of them; the report's
+    """Guards the edge artifacts: over the whole test split the full-integer and the
+    int8-weights models' top-1 agree with the SavedModel on at least 97% of images and the
+    float model on all of them; the report's
     figures are recomputed here independently; labels and model card ship alongside."""
     from components.export import TFLiteClassifier
     from imgpipe.labels import read_labels
@@ -163,6 +164,7 @@ def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported
     test = read_split(exported.project.ingest / "shards")
     assert parity["images"] == len(test.labels) == 48
     assert parity["tflite_int8"]["top1_agreement"] >= 0.97, parity
+    assert parity["tflite_int8_weights"]["top1_agreement"] >= 0.97, parity
     assert parity["tflite_float32"]["top1_agreement"] == 1.0, parity
     assert parity["tflite_float32"]["max_abs_probability_diff"] < 1e-4, parity
     assert json.loads(exported.summary.read_text()) == exported.report
@@ -183,6 +185,9 @@ def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported
     assert read_labels(tflite / "labels.txt") == exported.labels
     sizes = exported.report["sizes_mb"]
     assert sizes["tflite_int8"] < sizes["tflite_float32"] / 2.5  # int8 weights: ~4x smaller
+    assert sizes["tflite_int8_weights"] < sizes["tflite_float32"] / 2.5
+    weights_only = TFLiteClassifier(tflite / TFLITE_FILES["int8_weights"])
+    assert weights_only.input["dtype"] == np.float32  # float activations, int8 weights
     card = (exported.out / "model_card.md").read_text()
     for expected in (
         "## Data",
