@@ -67,7 +67,12 @@ CLASSES = {"a": 14, "b": 7}  # ingest (15% val, 15% test) leaves 10 and 5 traini
 
 def _augment_params(seed: int):
     return params(
-        "augment", seed=seed, views_per_image=VIEWS, preview_images=4, images_per_shard=16
+        "augment",
+        seed=seed,
+        views_per_image=VIEWS,
+        balance_classes=True,  # what this module tests; params.yaml's default is off
+        preview_images=4,
+        images_per_shard=16,
     )
 
 
