@@ -298,10 +298,17 @@ def cmd_summary(args: argparse.Namespace) -> None:
         )
     for name, metrics in (("frozen", train.get("frozen")), ("finetune", finetune.get("finetune"))):
         if metrics:
+            corrected = (
+                f", prior-corrected {metrics['corrected_val_accuracy']:.4f} (balanced "
+                f"{metrics['corrected_val_balanced_accuracy']:.4f}, "
+                f"tau {metrics['prior_tau']:+.2f})"
+                if "prior_tau" in metrics
+                else ""
+            )
             print(
                 f"{name + ':':<10} val accuracy {metrics['val_accuracy']:.4f} "
-                f"({metrics['epochs']} epochs) -> outputs/{'train' if name == 'frozen' else name}"
-                "/model.keras"
+                f"({metrics['epochs']} epochs){corrected} -> "
+                f"outputs/{'train' if name == 'frozen' else name}/model.keras"
             )
 
     evaluation, exported, pushed = (load(n) for n in ("evaluate", "export", "push"))
