@@ -47,13 +47,12 @@ def cmd_sample_data(args: argparse.Namespace) -> None:
 def cmd_fashion_mnist_data(args: argparse.Namespace) -> None:
     from imgpipe import fashion_mnist_data
 
-    fashion_mnist_data.run(
-        Path(args.target),
-        source=Path(args.source),
-        sets=args.sets.split(","),
-        per_class=args.per_class,
-        force=args.force,
-    )
+    given: dict[str, Any] = {}  # options left out keep fashion_mnist_data.run's defaults
+    if args.source is not None:
+        given["source"] = Path(args.source)
+    if args.sets is not None:
+        given["sets"] = args.sets.split(",")
+    fashion_mnist_data.run(Path(args.target), per_class=args.per_class, force=args.force, **given)
 
 
 def cmd_stage(args: argparse.Namespace) -> None:
@@ -382,13 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", default="data")
     p.add_argument(
         "--source",
-        default="/usr/share/datasets/fashion-mnist",
         help="folder of the four idx files (default: where the Debian package puts them)",
     )
     p.add_argument(
         "--sets",
-        default="t10k",
-        help="t10k (10,000 images), train (60,000) or train,t10k (kept as train/ and test/)",
+        help="t10k (10,000 images, the default), train (60,000) or train,t10k (kept as "
+        "train/ and test/)",
     )
     p.add_argument(
         "--per-class", type=int, help="the first N images of each class of each set (default: all)"
