@@ -154,8 +154,8 @@ class FinetuneParams:
     early_stopping_patience: int
     monitor: str
     """What picks the best epoch and stops early: ``val_accuracy`` (higher is better) or
-    ``val_loss``. On ELPV the validation loss rises while accuracy still improves (the training
-    set is class-balanced, validation is not), so loss would keep a less accurate epoch."""
+    ``val_loss``. On ELPV the validation loss rose while accuracy still improved (measured with
+    a class-balanced training set), so loss would keep a less accurate epoch."""
     prior_balance: float | None
     """None: the model's own decision. A weight w in [0, 1]: after training, the output bias
     moves by ``tau * log(training class prior)``, ``tau`` chosen on validation to maximise
