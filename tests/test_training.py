@@ -112,7 +112,9 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
 
     The prior correction (params.yaml's prior_balance) is fitted without the test split: its
     shards are deleted from the copy of ingest's output that finetune reads. The saved model's
-    output bias is the best epoch's plus tau * log(training prior)."""
+    output bias is the best epoch's plus tau * log(training prior) (on these balanced classes
+    that offset shifts every logit alike, so tau is 0; tests/test_metrics.py fits non-zero
+    ones)."""
     import shutil
 
     import keras
