@@ -27,7 +27,12 @@ from imgpipe import backbones
 from imgpipe.datasets import image_dataset
 from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
 from imgpipe.manifest import MANIFEST, SHARDS
-from imgpipe.metrics import prior_correction, shift_probabilities, validation_scores
+from imgpipe.metrics import (
+    correction_text,
+    prior_correction,
+    shift_probabilities,
+    validation_scores,
+)
 from imgpipe.params import FinetuneParams, ModelParams
 from imgpipe.tfrecords import count_records, split_files
 from imgpipe.training import (
@@ -331,13 +336,8 @@ def log_to_mlflow(out: Path, history: Path, dataset: Path, model: ModelParams) -
 
 def describe(summary: dict[str, Any]) -> str:
     result = summary["finetune"]
-    corrected = (
-        f"; prior correction tau {result['prior_tau']:+.2f}: val accuracy "
-        f"{result['corrected_val_accuracy']:.4f}, "
-        f"balanced {result['corrected_val_balanced_accuracy']:.4f}"
-        if "prior_tau" in result
-        else ""
-    )
+    corrected = correction_text(result)
+    corrected = f"; prior-corrected val accuracy {corrected}" if corrected else ""
     return (
         f"val accuracy {result['val_accuracy']:.4f} after {result['epochs']} epochs "
         f"({result['trainable_base_layers']} base layers trained){corrected}; model: {MODEL}"

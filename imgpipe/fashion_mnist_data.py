@@ -41,8 +41,8 @@ CLASSES = (
     "bag",
     "ankle_boot",
 )
-SETS = ("train", "t10k")
-_SPLIT_FOLDER = {"train": "train", "t10k": "test"}
+_SPLIT_FOLDER = {"train": "train", "t10k": "test"}  # each set's folder when both are written
+SETS = tuple(_SPLIT_FOLDER)
 _IMAGES_MAGIC = 0x0803  # unsigned byte, 3 dimensions
 _LABELS_MAGIC = 0x0801  # unsigned byte, 1 dimension
 

@@ -8,7 +8,7 @@ of the top-1 confidence, and the expected calibration error over them, are compu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -172,6 +172,19 @@ def prior_correction(
         if score > best[0] + 1e-12:
             best = (score, float(tau), offset)
     return best[1], best[2]
+
+
+def correction_text(result: Mapping[str, Any]) -> str:
+    """``0.8015 (balanced 0.6072), tau -0.10``: the prior-corrected validation figures of a
+    finetune summary (or of its MLflow metrics, ``finetune.`` prefix dropped); ``""`` when no
+    correction was fitted."""
+    if "prior_tau" not in result:
+        return ""
+    return (
+        f"{result['corrected_val_accuracy']:.4f} "
+        f"(balanced {result['corrected_val_balanced_accuracy']:.4f}), "
+        f"tau {result['prior_tau']:+.2f}"
+    )
 
 
 def shift_probabilities(probs: np.ndarray, offset: np.ndarray) -> np.ndarray:

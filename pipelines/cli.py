@@ -228,6 +228,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
     recipes are chosen on validation)."""
     from mlflow.tracking import MlflowClient
 
+    from imgpipe.metrics import correction_text
     from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
 
     client = MlflowClient(tracking_uri())
@@ -258,13 +259,8 @@ def cmd_runs(args: argparse.Namespace) -> None:
             f"{metrics[f'{s}.wall_seconds']:.0f} s" if f"{s}.wall_seconds" in metrics else "reused"
             for s in ("train", "finetune")
         ]
-        corrected = (
-            f"{metrics['finetune.corrected_val_accuracy']:.4f} "
-            f"({metrics['finetune.corrected_val_balanced_accuracy']:.4f}), "
-            f"tau {metrics['finetune.prior_tau']:+.2f}"
-            if "finetune.prior_tau" in metrics
-            else "off"
-        )
+        tuned_metrics = {k.removeprefix("finetune."): v for k, v in metrics.items()}
+        corrected = correction_text(tuned_metrics) or "off"
         print(
             f"| {run.info.run_name} | {tags.get('params.changed', '')} | {frozen:.4f}"
             f"{balanced[0]} | {tuned:.4f}{balanced[1]} | {tuned - frozen:+.4f} | {corrected} | "
@@ -274,6 +270,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 def cmd_summary(args: argparse.Namespace) -> None:
     """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
+    from imgpipe.metrics import correction_text
     from imgpipe.savedmodel import TFLITE_FILES
     from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
 
@@ -297,13 +294,8 @@ def cmd_summary(args: argparse.Namespace) -> None:
         )
     for name, metrics in (("frozen", train.get("frozen")), ("finetune", finetune.get("finetune"))):
         if metrics:
-            corrected = (
-                f", prior-corrected {metrics['corrected_val_accuracy']:.4f} (balanced "
-                f"{metrics['corrected_val_balanced_accuracy']:.4f}, "
-                f"tau {metrics['prior_tau']:+.2f})"
-                if "prior_tau" in metrics
-                else ""
-            )
+            corrected = correction_text(metrics)
+            corrected = f", prior-corrected {corrected}" if corrected else ""
             print(
                 f"{name + ':':<10} val accuracy {metrics['val_accuracy']:.4f} "
                 f"({metrics['epochs']} epochs){corrected} -> "
