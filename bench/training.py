@@ -65,7 +65,11 @@ def main() -> None:
     files = split_files(require(args.outputs / "augment" / "shards"), "train")
     steps_per_epoch = math.ceil(count_records(files) / finetune.batch_size)
     model, trainable = prepare(
-        require(args.outputs / "train" / "model.keras"), model_params, finetune, steps_per_epoch
+        require(args.outputs / "train" / "model.keras"),
+        model_params,
+        finetune,
+        steps_per_epoch,
+        finetune.learning_rate,
     )
 
     from imgpipe.datasets import image_dataset

@@ -25,6 +25,7 @@ import numpy as np
 
 from imgpipe import backbones
 from imgpipe.datasets import image_dataset
+from imgpipe.distribute import scaled, strategy
 from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
 from imgpipe.manifest import MANIFEST, SHARDS
 from imgpipe.metrics import (
@@ -73,11 +74,16 @@ def unfreeze_top(model: keras.Model, backbone: str, layers: int) -> int:
 
 
 def fingerprint(
-    train_model: Path, files: list[str], model: ModelParams, params: FinetuneParams
+    train_model: Path, files: list[str], model: ModelParams, params: FinetuneParams, replicas: int
 ) -> str:
-    """What a checkpoint must match to be resumed: the starting model, the data and the params
-    of training (not ``prior_balance``, which acts after it: changing it reuses the epochs)."""
-    training = {k: v for k, v in dataclasses.asdict(params).items() if k != "prior_balance"}
+    """What a checkpoint must match to be resumed: the starting model, the data, the params
+    of training (not ``prior_balance``, which acts after it: changing it reuses the epochs) and
+    the number of replicas (which sets the global batch and rate)."""
+    training: dict[str, Any] = {
+        k: v for k, v in dataclasses.asdict(params).items() if k != "prior_balance"
+    }
+    if replicas > 1:  # single-device checkpoints keep the key they always had
+        training["replicas"] = replicas
     digest = hashlib.sha256(
         json.dumps([dataclasses.asdict(model), training], sort_keys=True).encode()
     )
@@ -153,14 +159,19 @@ def _load_state(directory: Path, key: str) -> dict[str, Any]:
 
 
 def prepare(
-    frozen_model: Path, model_params: ModelParams, params: FinetuneParams, steps_per_epoch: int
+    frozen_model: Path,
+    model_params: ModelParams,
+    params: FinetuneParams,
+    steps_per_epoch: int,
+    learning_rate: float,
 ) -> tuple[keras.Model, int]:
     """The frozen-phase model with its top ``unfreeze_layers`` unfrozen, compiled for
-    fine-tuning (Adam on a cosine-decayed rate); returns it and the trainable base layers."""
+    fine-tuning (Adam on a rate decayed from ``learning_rate`` by a cosine); returns it and the
+    trainable base layers."""
     model = keras.models.load_model(frozen_model, compile=False)
     trainable = unfreeze_top(model, model_params.backbone, params.unfreeze_layers)
     schedule = keras.optimizers.schedules.CosineDecay(
-        params.learning_rate,
+        learning_rate,
         decay_steps=max(1, params.epochs * steps_per_epoch),
         alpha=params.final_lr_fraction,
     )
@@ -195,25 +206,29 @@ def run(
     size = backbones.image_size(model_params)
     train_files = split_files(augmented, "train")
     val_files = split_files(dataset / SHARDS, "val")
-    key = fingerprint(trained, train_files, model_params, params)
+    distribution = strategy()
+    replicas = distribution.num_replicas_in_sync
+    batch_size, learning_rate = scaled(params.batch_size, params.learning_rate, replicas)
+    key = fingerprint(trained, train_files, model_params, params, replicas)
     state = _load_state(checkpoints, key)
     frozen_rows = read_history(frozen_history)
     offset = int(max((r["step"] for r in frozen_rows), default=-1)) + 1
 
     keras.utils.set_random_seed(params.seed)
     n_train, n_val = count_records(train_files), count_records(val_files)
-    steps = math.ceil(n_train / params.batch_size)
-    if state:
-        initial_epoch = int(state["epoch"]) + 1
-        log.info("finetune: resuming after epoch %d from %s", initial_epoch - 1, checkpoints)
-        network = keras.models.load_model(checkpoints / state["checkpoint"])
-        trainable = sum(
-            int(layer.trainable and bool(layer.weights))
-            for layer in backbones.inner_base(base_of(network)).layers
-        )
-    else:
-        initial_epoch = 0
-        network, trainable = prepare(trained, model_params, params, steps)
+    steps = math.ceil(n_train / batch_size)
+    with distribution.scope():
+        if state:
+            initial_epoch = int(state["epoch"]) + 1
+            log.info("finetune: resuming after epoch %d from %s", initial_epoch - 1, checkpoints)
+            network = keras.models.load_model(checkpoints / state["checkpoint"])
+            trainable = sum(
+                int(layer.trainable and bool(layer.weights))
+                for layer in backbones.inner_base(base_of(network)).layers
+            )
+        else:
+            initial_epoch = 0
+            network, trainable = prepare(trained, model_params, params, steps, learning_rate)
 
     checkpoint = ResumableCheckpoint(
         checkpoints, key, params.monitor, params.early_stopping_patience, state
@@ -222,10 +237,8 @@ def run(
     started = time.perf_counter()
     if initial_epoch < params.epochs and not state.get("stopped_early"):
         network.fit(
-            image_dataset(
-                train_files, size, params.batch_size, shuffle_seed=params.seed, count=n_train
-            ),
-            validation_data=image_dataset(val_files, size, params.batch_size, count=n_val),
+            image_dataset(train_files, size, batch_size, shuffle_seed=params.seed, count=n_train),
+            validation_data=image_dataset(val_files, size, batch_size, count=n_val),
             epochs=params.epochs,
             initial_epoch=initial_epoch,
             callbacks=[logger, checkpoint],
@@ -278,8 +291,9 @@ def run(
             "monitor": params.monitor,
             "resumed_from_epoch": initial_epoch,
             "trainable_base_layers": trainable,
+            "replicas": replicas,
             "seconds": round(seconds, 2),
-            "images_per_second": round(epochs_run * steps * params.batch_size / seconds, 1)
+            "images_per_second": round(epochs_run * steps * batch_size / seconds, 1)
             if epochs_run and seconds
             else None,
         }

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from imgpipe import backbones
 from imgpipe.datasets import image_dataset
+from imgpipe.distribute import scaled, strategy
 from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
 from imgpipe.labels import read_labels
 from imgpipe.manifest import LABELS, SHARDS
@@ -104,24 +105,28 @@ def fit(
     num_classes: int,
     callbacks: Sequence[Any] = (),
     epochs: int | None = None,
+    replicas: int = 1,
 ) -> keras.callbacks.History:
     """Compile and fit ``model`` on in-memory ``x`` (cached features or images): Adam, sparse
     categorical cross-entropy, class weights, a seeded per-epoch shuffle. The same function
-    trains the head on features and, in tests, the whole frozen model on images."""
+    trains the head on features and, in tests, the whole frozen model on images. Under a
+    strategy of ``replicas`` replicas (``model`` built in its scope) the batch and rate scale
+    by imgpipe.distribute.scaled."""
     import tensorflow as tf
 
+    batch_size, learning_rate = scaled(params.batch_size, params.learning_rate, replicas)
     keras.utils.set_random_seed(params.seed)
     model.compile(
-        optimizer=keras.optimizers.Adam(params.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
     train = (
         tf.data.Dataset.from_tensor_slices((x, y))
         .shuffle(len(y), seed=params.seed, reshuffle_each_iteration=True)
-        .batch(params.batch_size)
+        .batch(batch_size)
     )
-    val = tf.data.Dataset.from_tensor_slices(validation).batch(params.batch_size)
+    val = tf.data.Dataset.from_tensor_slices(validation).batch(batch_size)
     weights = class_weights(y, num_classes) if params.class_weights else None
     return model.fit(
         train,
@@ -198,18 +203,21 @@ def run(
     )
     features_seconds = time.perf_counter() - started
 
+    distribution = strategy()
+    replicas = distribution.num_replicas_in_sync
     keras.utils.set_random_seed(params.seed)  # the head's initial weights, too, come from the seed
-    head = build_head(x.shape[1], len(labels), params.dropout, params.hidden_units, params.seed)
+    with distribution.scope():
+        head = build_head(x.shape[1], len(labels), params.dropout, params.hidden_units, params.seed)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as staged:
+    with atomic_path(out) as staged, distribution.scope():
         staged.mkdir()
         callbacks = [
             *standard_callbacks(params, staged / "head.best.weights.h5"),
             EpochLogger("frozen", 0, params.epochs, rows, progress),
         ]
-        fit(head, x, y, (vx, vy), params, len(labels), callbacks)
+        fit(head, x, y, (vx, vy), params, len(labels), callbacks, replicas=replicas)
         head_seconds = time.perf_counter() - started
         scores = validation_scores(vy, head.predict(vx, batch_size=256, verbose=0))
         assemble(base, head).save(staged / MODEL)
@@ -223,6 +231,7 @@ def run(
             "best_epoch": best,
             "train_images": len(y),
             "image_size": size,
+            "replicas": replicas,
             "feature_seconds": round(features_seconds, 2),
             "head_seconds": round(head_seconds, 2),
         }

@@ -1,0 +1,77 @@
+"""Train and fine-tune a tiny project on N logical CPU devices, in a process of its own:
+logical devices must be configured before TensorFlow starts, so the mirrored run cannot share
+the test process. Usage: distributed_run.py ROOT OUT REPLICAS BATCH_SCALE.
+
+The per-replica batch and the learning rate are multiplied by BATCH_SCALE, so one device at
+scale 2 and two replicas at scale 1 take the same global batches at the same rate
+(imgpipe.distribute.scaled)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+TRAIN = {"seed": 42, "batch_size": 12, "epochs": 2, "learning_rate": 0.001, "dropout": 0.0}
+FINETUNE = {"seed": 42, "batch_size": 6, "epochs": 1, "learning_rate": 0.0001}
+MODEL = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 32}
+
+
+def main(root: Path, out: Path, replicas: int, scale: int) -> None:
+    import tensorflow as tf
+
+    if replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)]
+        )
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import params
+
+    from components import finetune, train
+
+    model = params("model", **MODEL)
+    train.run(
+        augmented=root / "outputs" / "augment" / "shards",
+        dataset=root / "outputs" / "ingest",
+        out=out / "train",
+        summary=out / "train.json",
+        history=out / "train_history.csv",
+        feature_cache=out / "cache",
+        model=model,
+        train=params(
+            "train",
+            **{
+                **TRAIN,
+                "batch_size": TRAIN["batch_size"] * scale,
+                "learning_rate": TRAIN["learning_rate"] * scale,
+            },
+            class_weights=False,
+        ),
+        progress=False,
+    )
+    finetune.run(
+        trained=out / "train" / "model.keras",
+        augmented=root / "outputs" / "augment" / "shards",
+        dataset=root / "outputs" / "ingest",
+        frozen_history=out / "train_history.csv",
+        out=out / "finetune",
+        summary=out / "finetune.json",
+        history=out / "finetune_history.csv",
+        checkpoints=out / "checkpoints",
+        model=model,
+        finetune=params(
+            "finetune",
+            **{
+                **FINETUNE,
+                "batch_size": FINETUNE["batch_size"] * scale,
+                "learning_rate": FINETUNE["learning_rate"] * scale,
+            },
+            unfreeze_layers=20,
+            prior_balance=None,
+        ),
+        progress=False,
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
