@@ -237,7 +237,15 @@ def run(
     started = time.perf_counter()
     if initial_epoch < params.epochs and not state.get("stopped_early"):
         network.fit(
-            image_dataset(train_files, size, batch_size, shuffle_seed=params.seed, count=n_train),
+            image_dataset(
+                train_files,
+                size,
+                batch_size,
+                shuffle_seed=params.seed,
+                epochs=params.epochs,
+                first_epoch=initial_epoch,
+            ),
+            steps_per_epoch=steps,
             validation_data=image_dataset(val_files, size, batch_size, count=n_val),
             epochs=params.epochs,
             initial_epoch=initial_epoch,

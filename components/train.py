@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from imgpipe import backbones
-from imgpipe.datasets import image_dataset
+from imgpipe.datasets import epoch_batches, image_dataset
 from imgpipe.distribute import scaled, strategy
 from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
 from imgpipe.labels import read_labels
@@ -121,17 +122,22 @@ def fit(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    train = (
-        tf.data.Dataset.from_tensor_slices((x, y))
-        .shuffle(len(y), seed=params.seed, reshuffle_each_iteration=True)
-        .batch(batch_size)
+    examples = tf.data.Dataset.from_tensor_slices((x, y))
+    total_epochs = epochs or params.epochs
+    train = epoch_batches(
+        lambda seed: examples.shuffle(len(y), seed=seed, reshuffle_each_iteration=False).batch(
+            batch_size
+        ),
+        params.seed,
+        total_epochs,
     )
     val = tf.data.Dataset.from_tensor_slices(validation).batch(batch_size)
     weights = class_weights(y, num_classes) if params.class_weights else None
     return model.fit(
         train,
         validation_data=val,
-        epochs=epochs or params.epochs,
+        epochs=total_epochs,
+        steps_per_epoch=math.ceil(len(y) / batch_size),
         class_weight=weights,
         callbacks=list(callbacks),
         shuffle=False,  # the dataset shuffles itself, seeded

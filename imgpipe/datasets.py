@@ -43,18 +43,24 @@ def image_dataset(
     batch_size: int,
     *,
     shuffle_seed: int | None = None,
+    epochs: int = 1,
+    first_epoch: int = 0,
     with_ids: bool = False,
     count: int | None = None,
 ) -> Any:
-    """(image, label) batches from TFRecord shards; shuffled per epoch when a seed is given.
-    ``count``, when known, tells Keras how many examples there are (no "ran out of data")."""
+    """(image, label) batches from TFRecord shards, in file order, or shuffled when a seed is
+    given: then epochs ``first_epoch`` to ``epochs - 1`` follow one another (fit with
+    ``steps_per_epoch``), each shuffled by a seed of its own derived from ``shuffle_seed`` and
+    the epoch number, and no batch spans two epochs. The order depends on nothing else, so a
+    resumed run and a run under a tf.distribute strategy see the batches one uninterrupted
+    single-device run sees (tf.data's own per-iteration reshuffle does not: a distributed
+    dataset draws other orders). ``count``, when known, tells Keras how many examples there
+    are (no "ran out of data")."""
     import tensorflow as tf
 
-    ds = tf.data.TFRecordDataset(list(files), num_parallel_reads=len(files))
+    records = tf.data.TFRecordDataset(list(files), num_parallel_reads=len(files))
     if count is not None:
-        ds = ds.apply(tf.data.experimental.assert_cardinality(count))
-    if shuffle_seed is not None:
-        ds = ds.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
+        records = records.apply(tf.data.experimental.assert_cardinality(count))
 
     def to_pair(serialized: Any) -> Any:
         ex = parse_example(serialized)
@@ -62,8 +68,29 @@ def image_dataset(
         label = tf.cast(ex["image/class/label"], tf.int32)
         return (image, label, ex["image/sha256"]) if with_ids else (image, label)
 
-    ds = ds.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    def batches(ds: Any) -> Any:
+        return ds.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(
+            batch_size
+        )
+
+    if shuffle_seed is None:
+        return batches(records).prefetch(tf.data.AUTOTUNE)
+    return epoch_batches(
+        lambda seed: batches(records.shuffle(4096, seed=seed, reshuffle_each_iteration=False)),
+        shuffle_seed,
+        epochs,
+        first_epoch,
+    ).prefetch(tf.data.AUTOTUNE)
+
+
+def epoch_batches(shuffled: Any, seed: int, epochs: int, first_epoch: int = 0) -> Any:
+    """The batches of epochs ``first_epoch`` .. ``epochs - 1`` in a row, epoch e being
+    ``shuffled(seed * 1_000_003 + e)`` (a dataset of batches for that int64 seed tensor)."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.range(first_epoch, epochs).flat_map(
+        lambda epoch: shuffled(seed * 1_000_003 + epoch)
+    )
 
 
 def encoded_dataset(encoded: Sequence[bytes], image_size: int, batch_size: int) -> Any:

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
 CLASSES = {"a": 20, "b": 20, "c": 20}  # 20% val, 20% test: 12 train images per class
-TOLERANCE = 2e-4
-"""Largest allowed weight difference: all-reduce sums in another order than one device's
-batch mean, and Adam divides by the square root of small second moments, so float32
-round-off grows to ~1e-5 in a few steps (measured); a wrong batch or rate scaling moves
-weights by ~1e-3 and more."""
+TOLERANCE = 1e-6
+"""Largest allowed weight difference between one device and two replicas. Measured: 7e-9 after
+the frozen phase, 9e-8 after a fine-tuning epoch (all-reduce sums in another order than one
+device's batch mean). A wrong batch or rate scaling, or another data order, moves weights by
+1e-3 and more; one fine-tuning epoch moves the unfrozen weights by ~7e-4."""
 
 
 def test_scaled_batch_and_rate():
