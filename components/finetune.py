@@ -25,7 +25,16 @@ import numpy as np
 
 from imgpipe import backbones
 from imgpipe.datasets import image_dataset
-from imgpipe.distribute import scaled, strategy
+from imgpipe.distribute import (
+    FLOAT32,
+    MIXED,
+    cluster,
+    is_chief,
+    precision,
+    scaled,
+    set_precision,
+    strategy,
+)
 from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
 from imgpipe.manifest import MANIFEST, SHARDS
 from imgpipe.metrics import (
@@ -74,16 +83,27 @@ def unfreeze_top(model: keras.Model, backbone: str, layers: int) -> int:
 
 
 def fingerprint(
-    train_model: Path, files: list[str], model: ModelParams, params: FinetuneParams, replicas: int
+    train_model: Path,
+    files: list[str],
+    model: ModelParams,
+    params: FinetuneParams,
+    replicas: int,
+    policy: str = FLOAT32,
 ) -> str:
     """What a checkpoint must match to be resumed: the starting model, the data, the params
-    of training (not ``prior_balance``, which acts after it: changing it reuses the epochs) and
-    the number of replicas (which sets the global batch and rate)."""
+    of training (not ``prior_balance``, which acts after it: changing it reuses the epochs),
+    the number of replicas (which sets the global batch and rate) and the precision actually
+    used (``mixed_precision: null`` means another one on another machine)."""
     training: dict[str, Any] = {
-        k: v for k, v in dataclasses.asdict(params).items() if k != "prior_balance"
+        k: v
+        for k, v in dataclasses.asdict(params).items()
+        if k not in ("prior_balance", "mixed_precision")
     }
-    if replicas > 1:  # single-device checkpoints keep the key they always had
+    # Single-device float32 checkpoints keep the key they always had.
+    if replicas > 1:
         training["replicas"] = replicas
+    if policy != FLOAT32:
+        training["precision"] = policy
     digest = hashlib.sha256(
         json.dumps([dataclasses.asdict(model), training], sort_keys=True).encode()
     )
@@ -99,14 +119,22 @@ class ResumableCheckpoint(keras.callbacks.Callback):
 
     Order makes it crash-safe: the epoch's model is written first, then ``state.json`` (one
     atomic rename) points to it, then older files go. A kill at any point leaves a state that
-    names files which exist.
+    names files which exist. In a multi-worker job every worker keeps the same state (the
+    monitored value is all-reduced, so all stop together) but only the chief writes
+    (``write``), into the folder all of them resume from.
     """
 
     def __init__(
-        self, directory: Path, key: str, monitor: str, patience: int, state: dict[str, Any]
+        self,
+        directory: Path,
+        key: str,
+        monitor: str,
+        patience: int,
+        state: dict[str, Any],
+        write: bool = True,
     ) -> None:
         super().__init__()
-        self.directory, self.key, self.patience = directory, key, patience
+        self.directory, self.key, self.patience, self.write = directory, key, patience, write
         self.monitor = monitor
         self.sign = 1.0 if monitor.endswith("loss") else -1.0  # minimise sign * value
         self.best = state.get("best", math.inf)
@@ -117,13 +145,17 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         value = self.sign * float((logs or {}).get(self.monitor, self.sign * math.inf))
         last = f"epoch-{epoch:03d}.keras"
-        with atomic_path(self.directory / last) as tmp:
-            self.model.save(tmp)
         if value < self.best:
             self.best, self.wait, self.best_file = value, 0, last
         else:
             self.wait += 1
         stop = self.wait >= self.patience
+        if stop:
+            self.model.stop_training = True
+        if not self.write:
+            return
+        with atomic_path(self.directory / last) as tmp:
+            self.model.save(tmp)
         write_json_atomic(
             self.directory / STATE,
             {
@@ -140,11 +172,11 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         for old in self.directory.glob("epoch-*.keras"):
             if old.name not in (last, self.best_file):
                 old.unlink()
-        if stop:
-            self.model.stop_training = True
 
 
-def _load_state(directory: Path, key: str) -> dict[str, Any]:
+def _load_state(directory: Path, key: str, write: bool = True) -> dict[str, Any]:
+    """The resumable state in ``directory`` if it matches ``key``; else none, and (when this
+    process ``write``s) the folder emptied."""
     state_file = directory / STATE
     if state_file.is_file():
         state = json.loads(state_file.read_text())
@@ -153,8 +185,9 @@ def _load_state(directory: Path, key: str) -> dict[str, Any]:
         log.info(
             "finetune: checkpoints in %s are for other inputs or params; starting over", directory
         )
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
+    if write:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
     return {}
 
 
@@ -164,19 +197,25 @@ def prepare(
     params: FinetuneParams,
     steps_per_epoch: int,
     learning_rate: float,
+    policy: str = FLOAT32,
 ) -> tuple[keras.Model, int]:
     """The frozen-phase model with its top ``unfreeze_layers`` unfrozen, compiled for
-    fine-tuning (Adam on a rate decayed from ``learning_rate`` by a cosine); returns it and the
-    trainable base layers."""
+    fine-tuning (Adam on a rate decayed from ``learning_rate`` by a cosine) in ``policy``
+    (mixed precision: the head stays float32 and the loss is scaled dynamically); returns it and
+    the trainable base layers."""
     model = keras.models.load_model(frozen_model, compile=False)
     trainable = unfreeze_top(model, model_params.backbone, params.unfreeze_layers)
+    set_precision(model, policy, keep_float32=HEAD_NAME)
     schedule = keras.optimizers.schedules.CosineDecay(
         learning_rate,
         decay_steps=max(1, params.epochs * steps_per_epoch),
         alpha=params.final_lr_fraction,
     )
+    optimizer = keras.optimizers.Adam(schedule)
+    if policy == MIXED:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
+        optimizer=optimizer,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
@@ -203,14 +242,16 @@ def run(
     (both phases); ``checkpoints`` holds epoch-NNN.keras and state.json, kept across runs (DVC
     ``persist``): a rerun with the same inputs and params resumes from them."""
     model_params, params = model, finetune
+    distribution = strategy()  # first: a multi-worker strategy must precede every other TF op
+    chief = is_chief()
+    replicas = distribution.num_replicas_in_sync
+    policy = precision(params.mixed_precision)
     size = backbones.image_size(model_params)
     train_files = split_files(augmented, "train")
     val_files = split_files(dataset / SHARDS, "val")
-    distribution = strategy()
-    replicas = distribution.num_replicas_in_sync
     batch_size, learning_rate = scaled(params.batch_size, params.learning_rate, replicas)
-    key = fingerprint(trained, train_files, model_params, params, replicas)
-    state = _load_state(checkpoints, key)
+    key = fingerprint(trained, train_files, model_params, params, replicas, policy)
+    state = _load_state(checkpoints, key, write=chief)
     frozen_rows = read_history(frozen_history)
     offset = int(max((r["step"] for r in frozen_rows), default=-1)) + 1
 
@@ -228,38 +269,60 @@ def run(
             )
         else:
             initial_epoch = 0
-            network, trainable = prepare(trained, model_params, params, steps, learning_rate)
+            network, trainable = prepare(
+                trained, model_params, params, steps, learning_rate, policy
+            )
 
     checkpoint = ResumableCheckpoint(
-        checkpoints, key, params.monitor, params.early_stopping_patience, state
+        checkpoints, key, params.monitor, params.early_stopping_patience, state, write=chief
     )
     logger = EpochLogger("finetune", offset, params.epochs, checkpoint.rows, progress, steps)
     started = time.perf_counter()
     if initial_epoch < params.epochs and not state.get("stopped_early"):
-        network.fit(
-            image_dataset(
-                train_files,
-                size,
-                batch_size,
-                shuffle_seed=params.seed,
-                epochs=params.epochs,
-                first_epoch=initial_epoch,
-            ),
-            steps_per_epoch=steps,
-            validation_data=image_dataset(val_files, size, batch_size, count=n_val),
+        train_batches = image_dataset(
+            train_files,
+            size,
+            batch_size,
+            shuffle_seed=params.seed,
             epochs=params.epochs,
-            initial_epoch=initial_epoch,
-            callbacks=[logger, checkpoint],
-            shuffle=False,  # the dataset shuffles itself, seeded
-            verbose=0,
+            first_epoch=initial_epoch,
         )
+        val_batches = image_dataset(val_files, size, batch_size, count=n_val)
+        try:
+            if cluster() is None:
+                network.fit(
+                    train_batches,
+                    steps_per_epoch=steps,
+                    validation_data=val_batches,
+                    epochs=params.epochs,
+                    initial_epoch=initial_epoch,
+                    callbacks=[logger, checkpoint],
+                    shuffle=False,  # the dataset shuffles itself, seeded
+                    verbose=0,
+                )
+            else:
+                fit_multi_worker(
+                    network,
+                    distribution,
+                    train_batches,
+                    val_batches,
+                    steps,
+                    range(initial_epoch, params.epochs),
+                    [logger, checkpoint],
+                )
+        except Exception as error:
+            lost_worker(error, checkpoints, len(checkpoint.rows))
+            raise
     seconds = time.perf_counter() - started
     rows = checkpoint.rows
+    if not chief:  # the chief saves the model and reports; a worker's part ends with training
+        return {"finetune": {"epochs": len(rows), "replicas": replicas, "precision": policy}}
 
     if checkpoint.best_file is None:
         raise RuntimeError(f"finetune: no epoch was checkpointed in {checkpoints}")
     # The served model needs no optimizer state: load without it, compile for evaluation only.
     best = keras.models.load_model(checkpoints / checkpoint.best_file, compile=False)
+    set_precision(best, FLOAT32, keep_float32=HEAD_NAME)  # what export and serving expect
     best.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     val_true, val_probs = [], []
     for images, labels in image_dataset(val_files, size, 64):
@@ -300,6 +363,7 @@ def run(
             "resumed_from_epoch": initial_epoch,
             "trainable_base_layers": trainable,
             "replicas": replicas,
+            "precision": policy,
             "seconds": round(seconds, 2),
             "images_per_second": round(epochs_run * steps * batch_size / seconds, 1)
             if epochs_run and seconds
@@ -308,6 +372,75 @@ def run(
     }
     write_json_atomic(summary, metrics)
     return metrics
+
+
+def fit_multi_worker(
+    model: keras.Model,
+    distribution: Any,
+    train: Any,
+    validation: Any,
+    steps: int,
+    epochs: range,
+    callbacks: list[keras.callbacks.Callback],
+) -> None:
+    """``fit``'s epoch loop under MultiWorkerMirroredStrategy, which Keras 3's own ``fit``
+    does not run (it averages scalar logs along an axis: keras-team/keras#20585). Each step is
+    the model's own ``train_step`` (``test_step`` for validation) run on every replica, so the
+    math is fit's; the logs are metric results, already summed across workers, so the local
+    replica's are the job's."""
+    import tensorflow as tf
+
+    def local(logs: dict[str, Any]) -> dict[str, Any]:
+        return {k: distribution.experimental_local_results(v)[0] for k, v in logs.items()}
+
+    @tf.function
+    def train_step(iterator: Any) -> dict[str, Any]:
+        return local(distribution.run(model.train_step, args=(next(iterator),)))
+
+    @tf.function
+    def test_step(batch: Any) -> dict[str, Any]:
+        return local(distribution.run(model.test_step, args=(batch,)))
+
+    hooks = keras.callbacks.CallbackList(callbacks, model=model)
+    batches = iter(distribution.experimental_distribute_dataset(train))
+    model.stop_training = False
+    hooks.on_train_begin()
+    for epoch in epochs:
+        model.reset_metrics()
+        hooks.on_epoch_begin(epoch)
+        for step in range(steps):
+            hooks.on_train_batch_begin(step)
+            logs = train_step(batches)
+            hooks.on_train_batch_end(step)
+        epoch_logs = {k: float(v) for k, v in logs.items()}
+        model.reset_metrics()
+        for batch in distribution.experimental_distribute_dataset(validation):
+            logs = test_step(batch)
+        epoch_logs |= {f"val_{k}": float(v) for k, v in logs.items()}
+        hooks.on_epoch_end(epoch, epoch_logs)
+        if model.stop_training:
+            break
+    hooks.on_train_end()
+
+
+def lost_worker(error: Exception, checkpoints: Path, epoch: int) -> None:
+    """In a multi-worker job, turn the error a dead or unreachable peer causes (a collective
+    or the coordination service failing) into one that says so and how to continue."""
+    import tensorflow as tf
+
+    peer_errors = (
+        tf.errors.UnavailableError,
+        tf.errors.DeadlineExceededError,
+        tf.errors.AbortedError,
+        tf.errors.CancelledError,
+        tf.errors.InternalError,
+    )
+    if cluster() is not None and isinstance(error, peer_errors):
+        raise RuntimeError(
+            f"finetune: the multi-worker job lost a worker during epoch {epoch} "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
+            f"rerun the job: it resumes from the last checkpoint in {checkpoints}"
+        ) from error
 
 
 def train_class_counts(dataset: Path, classes: int) -> np.ndarray:
@@ -358,6 +491,8 @@ def log_to_mlflow(out: Path, history: Path, dataset: Path, model: ModelParams) -
 
 def describe(summary: dict[str, Any]) -> str:
     result = summary["finetune"]
+    if "val_accuracy" not in result:  # a non-chief worker of a multi-worker job
+        return f"{result['epochs']} epochs trained as a worker; the chief writes the model"
     corrected = correction_text(result)
     corrected = f"; prior-corrected val accuracy {corrected}" if corrected else ""
     return (

@@ -74,13 +74,19 @@ def image_dataset(
         )
 
     if shuffle_seed is None:
-        return batches(records).prefetch(tf.data.AUTOTUNE)
-    return epoch_batches(
-        lambda seed: batches(records.shuffle(4096, seed=seed, reshuffle_each_iteration=False)),
-        shuffle_seed,
-        epochs,
-        first_epoch,
-    ).prefetch(tf.data.AUTOTUNE)
+        ds = batches(records)
+    else:
+        ds = epoch_batches(
+            lambda seed: batches(records.shuffle(4096, seed=seed, reshuffle_each_iteration=False)),
+            shuffle_seed,
+            epochs,
+            first_epoch,
+        )
+    # Under a multi-worker strategy every worker reads the same batches and keeps its slice of
+    # each (DATA): the global batches stay those of one device, whatever the number of shards.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def epoch_batches(shuffled: Any, seed: int, epochs: int, first_epoch: int = 0) -> Any:

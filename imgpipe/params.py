@@ -160,6 +160,9 @@ class FinetuneParams:
     """None: the model's own decision. A weight w in [0, 1]: after training, the output bias
     moves by ``tau * log(training class prior)``, ``tau`` chosen on validation to maximise
     ``(1 - w) * accuracy + w * balanced accuracy`` (imgpipe.metrics.prior_correction)."""
+    mixed_precision: bool | None
+    """None: ``mixed_float16`` when a GPU is visible, float32 otherwise; true/false force it.
+    The head stays float32 and the saved model is float32 either way (imgpipe.distribute)."""
 
     def __post_init__(self) -> None:
         if self.monitor not in ("val_accuracy", "val_loss"):

@@ -60,6 +60,7 @@ def execute(
     """
     import mlflow
 
+    from imgpipe.distribute import is_chief
     from imgpipe.tracking import execution_key, flatten, log_params, stage_run
 
     missing = (set(stage.inputs) | set(stage.outputs)) - set(paths)
@@ -68,6 +69,8 @@ def execute(
     typed = sections(stage.sections, dict(params))  # every key checked before any work
     module = importlib.import_module(stage.module)
     arguments = {**paths, **typed}
+    if not is_chief():
+        return _execute_as_worker(module, stage, arguments)
     generated = ["dvc.lock", *(out.path for s in STAGES.values() for out in s.outputs.values())]
     with stage_run(stage.name, params=params if whole_run else None, generated=generated) as run:
         log_params(flatten({name: params[name] for name in stage.sections}))
@@ -86,6 +89,20 @@ def execute(
         if whole_run and execution_key():
             log_reused(stage.name, Path.cwd())
     return summary
+
+
+def _execute_as_worker(module: Any, stage: Stage, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A non-chief worker of a multi-worker job (imgpipe.distribute.is_chief): it trains
+    beside the chief but neither tracks nor writes the stage's outputs; those it would write go
+    to a folder of its own, dropped afterwards. The resumable checkpoints stay shared (the
+    chief writes them, every worker resumes from them)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=f"imgpipe-{stage.name}-worker-") as scratch:
+        for name, out in stage.outputs.items():
+            if out.dvc != "persist":
+                arguments[name] = Path(scratch) / name
+        return dict(module.run(**arguments))
 
 
 def _manifest(stage: Stage, paths: Mapping[str, Path], whole_run: bool) -> Path | None:

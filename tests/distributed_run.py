@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 TRAIN = {"seed": 42, "batch_size": 12, "epochs": 2, "learning_rate": 0.001, "dropout": 0.0}
-FINETUNE = {"seed": 42, "batch_size": 6, "epochs": 1, "learning_rate": 0.0001}
+FINETUNE = {"seed": 42, "batch_size": 6, "epochs": 2, "learning_rate": 0.0001}
+FINETUNE_FIXED = {"unfreeze_layers": 20, "prior_balance": None, "early_stopping_patience": 2}
 MODEL = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 32}
 
 
@@ -66,8 +67,7 @@ def main(root: Path, out: Path, replicas: int, scale: int) -> None:
                 "batch_size": FINETUNE["batch_size"] * scale,
                 "learning_rate": FINETUNE["learning_rate"] * scale,
             },
-            unfreeze_layers=20,
-            prior_balance=None,
+            **FINETUNE_FIXED,
         ),
         progress=False,
     )

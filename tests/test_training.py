@@ -114,7 +114,11 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     shards are deleted from the copy of ingest's output that finetune reads. The saved model's
     output bias is the best epoch's plus tau * log(training prior) (on these balanced classes
     that offset shifts every logit alike, so tau is 0; tests/test_metrics.py fits non-zero
-    ones)."""
+    ones).
+
+    It fine-tunes in mixed precision, forced on this CPU: the epochs ran with the base in
+    float16 and the head in float32 under dynamic loss scaling (the checkpoints record it),
+    and the saved model, the one export reads, is float32 in every layer and output."""
     import shutil
 
     import keras
@@ -135,9 +139,10 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     sealed = shutil.copytree(project.ingest, tmp_path / "ingest")
     for shard in split_files(sealed / SHARDS, "test"):
         Path(shard).unlink()
-    tuning = params("finetune", **FINETUNE)
+    tuning = params("finetune", **FINETUNE, mixed_precision=True)
     assert tuning.prior_balance is not None
     metrics = _finetune(project, tmp_path, params("model", **MODEL), tuning, dataset=sealed)
+    assert metrics["precision"] == "mixed_float16", metrics
     assert metrics["val_accuracy"] >= 0.8, metrics
     assert metrics["epochs"] == FINETUNE["epochs"] and metrics["resumed_from_epoch"] == 0
     _assert_reports_best_epoch(metrics, history, monitor="val_accuracy")
@@ -189,6 +194,20 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
         atol=1e-6,
     )
     assert {"corrected_val_accuracy", "corrected_val_balanced_accuracy"} <= metrics.keys()
+
+    # Mixed precision while training; float32 in what the stage hands on.
+    assert isinstance(best.optimizer, keras.optimizers.LossScaleOptimizer)
+    computing = {
+        layer.dtype_policy.name
+        for layer in base_of(best).layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    }
+    assert computing == {"mixed_float16"}, computing
+    head = best.get_layer(HEAD_NAME)
+    assert {layer.dtype_policy.name for layer in [head, *head.layers]} == {"float32"}
+    saved = [after, *after.layers, *base_of(after).layers, *after.get_layer(HEAD_NAME).layers]
+    assert {layer.dtype_policy.name for layer in saved} == {"float32"}
+    assert after(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)).dtype == "float32"
 
 
 def test_head_on_cached_features_equals_frozen_model_on_images():
