@@ -160,8 +160,14 @@ class FinetuneParams:
     """None: the model's own decision. A weight w in [0, 1]: after training, the output bias
     moves by ``tau * log(training class prior)``, ``tau`` chosen on validation to maximise
     ``(1 - w) * accuracy + w * balanced accuracy`` (imgpipe.metrics.prior_correction)."""
+    workers: int
+    """Machines that fine-tune together. 1: one pod, as DVC and kfp.local run it. More: the
+    Kubeflow step launches a Kubeflow Trainer TrainJob of that many nodes
+    (MultiWorkerMirroredStrategy; ``pipelines/trainjob.py``, ``infra/k8s/trainer``)."""
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ParamsError(f"finetune.workers must be at least 1, got {self.workers}")
         if self.monitor not in ("val_accuracy", "val_loss"):
             raise ParamsError(
                 f"finetune.monitor must be val_accuracy or val_loss, got {self.monitor!r}"
