@@ -92,12 +92,13 @@ def fingerprint(
 ) -> str:
     """What a checkpoint must match to be resumed: the starting model, the data, the params
     of training (not ``prior_balance``, which acts after it: changing it reuses the epochs),
-    the number of replicas (which sets the global batch and rate) and the precision actually
-    used (``mixed_precision: null`` means another one on another machine)."""
+    the number of replicas (which sets the global batch and rate, whatever ``workers`` asked)
+    and the precision actually used (``mixed_precision: null`` means another one on another
+    machine)."""
     training: dict[str, Any] = {
         k: v
         for k, v in dataclasses.asdict(params).items()
-        if k not in ("prior_balance", "mixed_precision")
+        if k not in ("prior_balance", "mixed_precision", "workers")
     }
     # Single-device float32 checkpoints keep the key they always had.
     if replicas > 1:

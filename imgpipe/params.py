@@ -163,8 +163,14 @@ class FinetuneParams:
     mixed_precision: bool | None
     """None: ``mixed_float16`` when a GPU is visible, float32 otherwise; true/false force it.
     The head stays float32 and the saved model is float32 either way (imgpipe.distribute)."""
+    workers: int
+    """Machines that fine-tune together. 1: one pod, as DVC and kfp.local run it. More: the
+    Kubeflow step launches a Kubeflow Trainer TrainJob of that many nodes
+    (MultiWorkerMirroredStrategy; ``pipelines/trainjob.py``, ``infra/k8s/trainer``)."""
 
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ParamsError(f"finetune.workers must be at least 1, got {self.workers}")
         if self.monitor not in ("val_accuracy", "val_loss"):
             raise ParamsError(
                 f"finetune.monitor must be val_accuracy or val_loss, got {self.monitor!r}"

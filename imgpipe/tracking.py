@@ -81,6 +81,8 @@ def headline_url(ui: str, experiment_id: str) -> str:
 
 
 SQLITE = "sqlite:///"
+STAGE_LOG_DB = "mlflow.db"
+"""The database file of a Kubeflow step's own MLflow store (``pipelines.kubeflow_step``)."""
 _ORCHESTRATORS = {("dvc", "repro"), ("dvc", "exp")}
 
 

@@ -61,6 +61,10 @@ def cmd_stage(args: argparse.Namespace) -> None:
     from pipelines.stages import STAGES
 
     stage = STAGES[args.command]
+    if stage.name == "finetune":  # a TrainJob pod: TensorFlow's cluster from JobSet's env
+        from imgpipe.trainjob import set_tf_config
+
+        set_tf_config()
     params = _params(args)
     paths = runner.default_paths(stage, params)
     paths.update({n: Path(v) for n in paths if (v := getattr(args, n, None)) is not None})

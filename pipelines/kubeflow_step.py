@@ -19,6 +19,7 @@ from typing import Any
 
 def run(name: str, arguments: dict[str, Any]) -> None:
     """Run stage ``name`` with a component's ``arguments`` (its ``locals()``)."""
+    from imgpipe.params import FinetuneParams, section
     from pipelines.runner import execute
     from pipelines.stages import STAGES
 
@@ -45,7 +46,17 @@ def run(name: str, arguments: dict[str, Any]) -> None:
                 if output_name in arguments
                 else Path(tmp) / output_name  # feature cache, checkpoints: pod-local
             )
-        execute(stage, paths, params, whole_run=False)
+        if name == "finetune" and section(FinetuneParams, name, params).workers > 1:
+            from pipelines.trainjob import run_finetune  # a Kubeflow Trainer TrainJob
+
+            run_finetune(
+                paths,
+                params,
+                claim=os.environ.get(SHARED_CLAIM_ENV, ""),
+                mlflow_log=Path(arguments["mlflow_log"].path),
+            )
+        else:
+            execute(stage, paths, params, whole_run=False)
     for output_name, out in stage.outputs.items():  # what KFP's UI shows of them
         if out.kind == "Metrics":
             log_metrics(arguments[output_name], paths[output_name])
@@ -53,6 +64,11 @@ def run(name: str, arguments: dict[str, Any]) -> None:
             log_confusion(arguments[output_name], paths[output_name])
     for view_name, view in stage.views.items():
         shutil.copyfile(paths[view.output] / view.subpath, arguments[view_name].path)
+
+
+SHARED_CLAIM_ENV = "IMGPIPE_SHARED_CLAIM"
+"""The volume claim the finetune step shares with its TrainJob (``pipelines.trainjob``), as the
+compiled pipeline mounts it at ``/shared`` (``pipelines.kubeflow``)."""
 
 
 def overlaid(sections: Iterable[str], arguments: dict[str, Any]) -> dict[str, Any]:
@@ -80,13 +96,11 @@ def stage_log(folder: str) -> str:
     cache would never hit): it logs into this store instead, and ``import_stage_logs`` copies
     the store into the execution's run, whether the step ran or came from the cache.
     """
-    from imgpipe.tracking import SQLITE
+    from imgpipe.tracking import SQLITE, STAGE_LOG_DB
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     return f"{SQLITE}{Path(folder).resolve() / STAGE_LOG_DB}"
 
-
-STAGE_LOG_DB = "mlflow.db"
 
 
 def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> list[str]:
@@ -100,7 +114,7 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from imgpipe.tracking import RUN_TAGS, SQLITE
+    from imgpipe.tracking import RUN_TAGS, SQLITE, STAGE_LOG_DB
 
     target = MlflowClient(tracking_uri)
     started = target.get_run(run_id).info.start_time

@@ -180,3 +180,138 @@ def test_dockerfile_checks(path):
 def test_dockerignore_keeps_data_models_and_secrets_out():
     ignored = set((PROJECT / ".dockerignore").read_text().split())
     assert {".git", ".venv", "data", "outputs", "models", "mlflow.db", ".env"} <= ignored
+
+
+TRAINER = PROJECT / "infra" / "k8s" / "trainer"
+TRAINJOB_EXAMPLE = TRAINER / "trainjob-example.yaml"
+
+
+def build_trainer() -> list[dict]:
+    result = subprocess.run(
+        [str(KUBECTL), "kustomize", str(TRAINER)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def _lost(given: object, back: object, path: str = "") -> str | None:
+    """The first path where ``given`` has something that ``back`` lacks or changed (``back``
+    may add defaults, such as a port's protocol)."""
+    if isinstance(given, dict):
+        if not isinstance(back, dict):
+            return f"{path}: {back!r} is no mapping"
+        for key, value in given.items():
+            if key not in back:
+                return f"{path}.{key}: unknown field"
+            lost = _lost(value, back[key], f"{path}.{key}")
+            if lost:
+                return lost
+        return None
+    if isinstance(given, list):
+        if not isinstance(back, list) or len(back) != len(given):
+            return f"{path}: list changed"
+        for i, (item, item_back) in enumerate(zip(given, back, strict=True)):
+            lost = _lost(item, item_back, f"{path}[{i}]")
+            if lost:
+                return lost
+        return None
+    return None if given == back else f"{path}: {given!r} became {back!r}"
+
+
+def validate_trainer(doc: dict) -> None:
+    """Strict schema check of a Kubeflow Trainer object: the pydantic models of Trainer's
+    OpenAPI spec (kubeflow-trainer-api, core v1 types included) check every type, and a round
+    trip through them must keep every field (their from_dict drops unknown ones silently)."""
+    from kubeflow_trainer_api import models
+
+    group, version = doc["apiVersion"].split("/")
+    assert group == "trainer.kubeflow.org", doc["apiVersion"]
+    model = getattr(models, f"Trainer{version.capitalize()}{doc['kind']}")
+    lost = _lost(doc, model.from_dict(doc).to_dict())
+    assert lost is None, f"{doc['kind']}/{doc['metadata']['name']}{lost}"
+
+
+def test_trainer_manifests_validate_strictly():
+    """Guards infra/k8s/trainer: the ClusterTrainingRuntime and the example TrainJob validate
+    strictly against Trainer's API (v1alpha1), the runtime's Job template as a batch/v1 Job and
+    the RBAC with kubernetes-validate --strict (1.33); the runtime runs the components image on
+    one GPU per node with the port and the JobSet env that imgpipe.trainjob reads, under the
+    name and replicated job that pipelines.trainjob refers to."""
+    import kubernetes_validate
+
+    from imgpipe.trainjob import JOBSET_ENV, TF_PORT
+    from pipelines.trainjob import NODE, RUNTIME
+
+    docs = build_trainer()
+    assert sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs) == [
+        f"ClusterTrainingRuntime/{RUNTIME}",
+        "Role/imgpipe-trainjob-launcher",
+        "RoleBinding/imgpipe-trainjob-launcher",
+    ]
+    for doc in docs:
+        if doc["apiVersion"].startswith("trainer."):
+            validate_trainer(doc)
+        else:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    validate_trainer(yaml.safe_load(TRAINJOB_EXAMPLE.read_text()))
+
+    runtime = _by_kind(docs, "ClusterTrainingRuntime", RUNTIME)
+    (job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert job["name"] == NODE
+    assert job["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"]
+    kubernetes_validate.validate(
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": NODE}, **job["template"]},
+        KUBERNETES,
+        strict=True,
+    )
+    pod = job["template"]["spec"]["template"]["spec"]
+    (node,) = pod["containers"]
+    assert node["name"] == NODE
+    images = yaml.safe_load(
+        (PROJECT / "infra" / "k8s" / "images" / "kustomization.yaml").read_text()
+    )
+    (components,) = [i for i in images["images"] if i["name"] == "imgpipe-components"]
+    assert node["image"] == f"{components['newName']}:{components['newTag']}"
+    assert node["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert [p["containerPort"] for p in node["ports"]] == [TF_PORT]
+    from_downward_api = {e["name"] for e in node["env"] if "valueFrom" in e}
+    # the Job controller sets JOB_COMPLETION_INDEX, the TrainJob IMGPIPE_NUM_NODES
+    assert from_downward_api == set(JOBSET_ENV) - {"JOB_COMPLETION_INDEX", "IMGPIPE_NUM_NODES"}
+
+
+def test_trainer_strict_check_catches_a_misspelt_field():
+    """Guards the strict check itself: a misspelt field anywhere (the pod template included)
+    and a value of the wrong type are errors naming the path."""
+    import pydantic
+
+    runtime = next(d for d in build_trainer() if d["kind"] == "ClusterTrainingRuntime")
+    pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+    pod["template"]["spec"]["containers"][0]["volumeMount"] = []  # for volumeMounts
+    with pytest.raises(AssertionError, match=r"containers\[0\]\.volumeMount: unknown field"):
+        validate_trainer(runtime)
+
+    trainjob = yaml.safe_load(TRAINJOB_EXAMPLE.read_text())
+    trainjob["spec"]["trainer"]["numNode"] = trainjob["spec"]["trainer"].pop("numNodes")
+    with pytest.raises(AssertionError, match=r"\.spec\.trainer\.numNode: unknown field"):
+        validate_trainer(trainjob)
+    trainjob["spec"]["trainer"]["numNodes"] = "2"
+    with pytest.raises(pydantic.ValidationError, match=r"numNodes|num_nodes"):
+        validate_trainer(trainjob)
+
+
+def test_trainjob_example_is_what_the_finetune_step_renders():
+    """Guards the example against the launcher: infra/k8s/trainer/trainjob-example.yaml is
+    pipelines.trainjob.render's TrainJob for its name, 2 workers and the claim it names."""
+    from pipelines.trainjob import SHARED, render
+
+    example = yaml.safe_load(TRAINJOB_EXAMPLE.read_text())
+    name = example["metadata"]["name"]
+    (patch,) = example["spec"]["runtimePatches"]
+    pod = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]
+    claim = pod["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert example == render(name, workers=2, claim=claim, job_dir=SHARED / "trainjobs" / name)
