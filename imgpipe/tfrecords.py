@@ -60,7 +60,9 @@ def write_shard(path: Path, records: Iterable[ShardRecord], progress: Any = None
     written = 0
     with tf.io.TFRecordWriter(str(path)) as writer:
         for record in records:
-            writer.write(_example(record).SerializeToString())
+            # deterministic: map fields in key order; otherwise the order, and so the shard's
+            # bytes, change from process to process
+            writer.write(_example(record).SerializeToString(deterministic=True))
             written += 1
             if progress is not None:
                 progress.update(1)
