@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "training": ["--images", "512", "--steps", "8", "--repeats", "3"],
     "frozen_cache": ["--images", "512", "--val-images", "128", "--epochs", "3", "--repeats", "3"],
     "serving": ["--clients", "1,8,32", "--requests", "200", "--repeats", "3"],
+    "ingest_scale": ["--images", "50000", "--small", "5000"],
 }
 
 
@@ -130,6 +131,30 @@ def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> st
             f"{sizes['uint8_tensor']:,} B as a uint8 tensor, {sizes['float32_tensor']:,} B as a "
             "float32 tensor (size only: the model's tensor signature takes uint8).",
         ]
+    if "ingest_scale" in reports:
+        r = reports["ingest_scale"]
+        rate, rss = r["images_per_second"], r["peak_rss_mb"]
+        lines += [
+            "",
+            f"## Ingest scaling ({r['images']:,} generated {r['image_side']}x{r['image_side']} "
+            "PNGs; one run each, every ingest in a fresh process)",
+            "",
+            *_table(
+                ("1 worker (img/s)", "2 workers (img/s)", "2 / 1"),
+                (rate["1"], rate["2"], f"{r['speedup_2_over_1_worker']}x"),
+            ),
+            "",
+            *_table(
+                (f"peak RSS, {r['small_images']:,} images (MiB)",
+                 f"peak RSS, {r['images']:,} images (MiB)", "large / small",
+                 f"within {r['memory_bound']}x"),
+                (rss["small"], rss["large"], r["peak_rss_large_over_small"],
+                 "yes" if r["memory_flat"] else "**NO**"),
+            ),
+            "",
+            "Peak RSS: the largest of the ingest process and its child processes (2 workers). "
+            f"Generating the images took {r['generation_seconds']} s (0 when cached).",
+        ]  # fmt: skip
     if "dvc_overhead" in reports:
         r = reports["dvc_overhead"]
         lines += [

@@ -4,9 +4,12 @@ Every training image appears once as itself (view 0) plus ``views_per_image`` au
 with ``balance_classes`` smaller classes get more augmented views, round robin over their
 images, until every class has as many images as the largest. Each view's random parameters come
 from a generator seeded with (seed, image sha256, view), so the output is the same on every
-run and does not depend on file order. Images are stored at the model's input size, resized by
-the same TensorFlow function that prepares validation and test images, so the frozen phase can
-compute each image's base features once.
+run and does not depend on file order. Each of ingest's train shards is augmented whole by one
+worker process (``augment.workers``), into output shards of its own, in an order seeded by
+(seed, shard number): the output does not depend on the worker count, and memory holds one
+input shard per worker, not the training set. Images are stored at the model's input size,
+resized by the same TensorFlow function that prepares validation and test images, so the frozen
+phase can compute each image's base features once.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,9 @@ from tqdm import tqdm
 
 from imgpipe import backbones
 from imgpipe.fileio import atomic_path, sha256_bytes, write_json_atomic
+from imgpipe.parallel import Workers, resolve
 from imgpipe.params import AugmentParams, ModelParams
-from imgpipe.tfrecords import ShardRecord, split_files, write_split
+from imgpipe.tfrecords import ShardRecord, shard_names, split_files, write_shard
 
 SHARDS, VIEWS, PREVIEW = "shards", "views.csv", "preview.png"
 PREVIEW_VIEWS = 5
@@ -40,6 +44,17 @@ class Source:
     label_index: int
     filepath: str
     encoded: bytes
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Source:
+        """From one parsed example of ingest's shards (imgpipe.tfrecords.iter_records)."""
+        return cls(
+            record["image/sha256"].decode(),
+            record["image/class/text"].decode(),
+            int(record["image/class/label"]),
+            record["image/filepath"].decode(),
+            record["image/encoded"],
+        )
 
 
 def plan_views(labels: Sequence[str], views_per_image: int, balance: bool) -> list[int]:
@@ -118,33 +133,121 @@ def _materialise(source: Source, view: int, size: int, p: AugmentParams) -> tupl
     return buffer.getvalue(), drawn
 
 
-def load_sources(shards_dir: Path) -> list[Source]:
-    from imgpipe.tfrecords import read_records
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    """One input shard and what to make of it: one task of the worker pool."""
 
-    records = read_records(split_files(shards_dir, "train"))
-    sources = [
-        Source(
-            r["image/sha256"].decode(),
-            r["image/class/text"].decode(),
-            int(r["image/class/label"]),
-            r["image/filepath"].decode(),
-            r["image/encoded"],
+    index: int
+    """The shard's place among ingest's train shards; with the seed, it orders the output."""
+    source: str
+    views: tuple[int, ...]
+    """Views (original included) of each record, in file order."""
+    outputs: tuple[str, ...]
+    """The output shard files, ``images_per_shard`` views each."""
+    image_size: int
+    params: AugmentParams
+
+
+def _view_row(source: Source, view: int, drawn: dict) -> dict[str, Any]:
+    return {
+        "filepath": source.filepath,
+        "source_sha256": source.sha256,
+        "view": view,
+        "label": source.label,
+        **drawn,
+    }
+
+
+def augment_shard(task: ShardTask) -> list[dict[str, Any]]:
+    """Materialise every view of one input shard into its output shards, in an order seeded
+    by (seed, shard index); return the views' rows for views.csv, in that order."""
+    from imgpipe.tfrecords import iter_records
+
+    sources = [Source.from_record(r) for r in iter_records([task.source])]
+    if len(sources) != len(task.views):
+        raise RuntimeError(f"{task.source} changed while augment read it; rerun augment")
+    jobs = [(s, view) for s, n in zip(sources, task.views, strict=True) for view in range(n)]
+    # A seeded order, so shards mix classes even for readers that do not shuffle.
+    order = np.random.default_rng([task.params.seed, task.index]).permutation(len(jobs))
+    rows = []
+
+    def records() -> Iterator[ShardRecord]:
+        for position in order:
+            source, view = jobs[position]
+            encoded, drawn = _materialise(source, view, task.image_size, task.params)
+            rows.append(_view_row(source, view, drawn))
+            yield ShardRecord(
+                encoded,
+                "png",
+                source.label_index,
+                source.label,
+                sha256_bytes(encoded),
+                f"{source.filepath}#view{view}",
+                task.image_size,
+                task.image_size,
+            )
+
+    per_shard = task.params.images_per_shard
+    stream = records()
+    for output in task.outputs:
+        write_shard(Path(output), itertools.islice(stream, per_shard))
+    return rows
+
+
+def plan_shards(
+    files: Sequence[str], params: AugmentParams, image_size: int, directory: Path
+) -> tuple[list[ShardTask], dict[str, list[Source]]]:
+    """One task per input shard, with every record's number of views (planned over the whole
+    training set, in sha256 order) and the names of its output shards; and the first
+    ``preview_images`` sources of each class by sha256, for the preview."""
+    from imgpipe.tfrecords import iter_records
+
+    index: list[list[str]] = []  # each file's sha256s, in file order
+    labels: dict[str, str] = {}
+    preview: dict[str, list[Source]] = defaultdict(list)
+    for file in files:
+        index.append([])
+        for record in iter_records([file]):
+            source = Source.from_record(record)
+            index[-1].append(source.sha256)
+            labels[source.sha256] = source.label
+            kept = preview[source.label]
+            if len(kept) < params.preview_images or source.sha256 < kept[-1].sha256:
+                kept.append(source)
+                kept.sort(key=lambda s: s.sha256)
+                del kept[params.preview_images :]
+    by_sha = sorted(labels)
+    plan = plan_views([labels[s] for s in by_sha], params.views_per_image, params.balance_classes)
+    views = dict(zip(by_sha, plan, strict=True))
+    counts = [tuple(views[s] for s in shas) for shas in index]
+    parts = [max(1, -(-sum(c) // params.images_per_shard)) for c in counts]
+    names = iter(shard_names("train", sum(parts)))
+    tasks = [
+        ShardTask(
+            i,
+            file,
+            c,
+            tuple(str(directory / next(names)) for _ in range(n)),
+            image_size,
+            params,
         )
-        for r in records
+        for i, (file, c, n) in enumerate(zip(files, counts, parts, strict=True))
     ]
-    return sorted(sources, key=lambda s: s.sha256)
+    return tasks, preview
 
 
-def preview_grid(sources: Sequence[Source], size: int, p: AugmentParams, path: Path) -> None:
-    """Originals (left column) beside augmented views, a few images from each class."""
+def preview_grid(
+    by_class: dict[str, list[Source]], size: int, p: AugmentParams, path: Path
+) -> None:
+    """Originals (left column) beside augmented views, a few images from each class (their
+    first by sha256)."""
     from imgpipe import figures
 
     plt = figures.pyplot()
-    by_class: dict[str, list[Source]] = defaultdict(list)
-    for s in sources:
-        by_class[s.label].append(s)
+    by_class = {label: list(sources) for label, sources in by_class.items()}
+    total = sum(len(v) for v in by_class.values())
     chosen: list[Source] = []
-    while len(chosen) < min(p.preview_images, len(sources)):
+    while len(chosen) < min(p.preview_images, total):
         for label in sorted(by_class):
             if by_class[label] and len(chosen) < p.preview_images:
                 chosen.append(by_class[label].pop(0))
@@ -180,46 +283,12 @@ def run(
     """Materialise the balanced, augmented training set from ingest's train ``shards`` at the
     model's input size into ``out`` (shards/ of split ``train``, views.csv, preview.png)."""
     params, image_size = augment, backbones.image_size(model)
-    sources = load_sources(shards)
-    plan = plan_views([s.label for s in sources], params.views_per_image, params.balance_classes)
-    jobs = [(source, view) for source, n in zip(sources, plan, strict=True) for view in range(n)]
-    # A seeded order, so shards mix classes even for readers that do not shuffle.
-    jobs = [jobs[i] for i in np.random.default_rng(params.seed).permutation(len(jobs))]
-
-    def work(job: tuple[Source, int]) -> tuple[ShardRecord, dict]:
-        source, view = job
-        encoded, drawn = _materialise(source, view, image_size, params)
-        record = ShardRecord(
-            encoded,
-            "png",
-            source.label_index,
-            source.label,
-            sha256_bytes(encoded),
-            f"{source.filepath}#view{view}",
-            image_size,
-            image_size,
-        )
-        return record, {
-            "filepath": source.filepath,
-            "source_sha256": source.sha256,
-            "view": view,
-            "label": source.label,
-            **drawn,
-        }
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(
-            tqdm(
-                pool.map(work, jobs),
-                total=len(jobs),
-                desc="augment: materialise",
-                unit="img",
-                disable=not progress,
-            )
-        )
+    files = split_files(shards, "train")
+    counts: Counter[str] = Counter()
+    augmented = 0
     with atomic_path(out) as staged:
         (staged / SHARDS).mkdir(parents=True)
-        write_split(staged / SHARDS, "train", [r for r, _ in results], params.images_per_shard)
+        tasks, preview = plan_shards(files, params, image_size, staged / SHARDS)
         columns = [
             "filepath",
             "source_sha256",
@@ -233,16 +302,28 @@ def run(
             "brightness",
             "contrast",
         ]
-        with open(staged / VIEWS, "w", newline="", encoding="utf-8") as f:
+        with (
+            open(staged / VIEWS, "w", newline="", encoding="utf-8") as f,
+            tqdm(
+                total=sum(sum(t.views) for t in tasks),
+                desc="augment: materialise",
+                unit="img",
+                disable=not progress,
+            ) as bar,
+            Workers(resolve(params.workers, len(tasks))) as pool,
+        ):
             writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n", restval="")
             writer.writeheader()
-            writer.writerows(row for _, row in results)
-        preview_grid(sources, image_size, params, staged / PREVIEW)
-    counts = Counter(r.label for r, _ in results)
+            for rows in pool.map(augment_shard, tasks):
+                writer.writerows(rows)
+                counts.update(row["label"] for row in rows)
+                augmented += sum(1 for row in rows if row["view"] > 0)
+                bar.update(len(rows))
+        preview_grid(preview, image_size, params, staged / PREVIEW)
     totals = {
-        "source_images": len(sources),
-        "materialised_images": len(results),
-        "augmented_views": sum(1 for _, v in jobs if v > 0),
+        "source_images": sum(len(t.views) for t in tasks),
+        "materialised_images": sum(counts.values()),
+        "augmented_views": augmented,
         "image_size": image_size,
         "classes": dict(sorted(counts.items())),
     }

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
+import itertools
 import logging
 import os
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,6 +40,7 @@ from imgpipe.manifest import (
     QUARANTINE_COLUMNS,
     SHARDS,
 )
+from imgpipe.parallel import Workers, batches, resolve
 from imgpipe.params import DataParams, IngestParams, ParamsError
 from imgpipe.tfrecords import SPLITS, ShardRecord, write_split
 
@@ -294,6 +296,14 @@ def discover_csv(manifest: Path) -> Discovered:
     return Discovered(candidates, rejections, extra, "split" in columns)
 
 
+BATCH = 64
+"""Most images per task sent to a worker: large enough that pickling and queueing cost little
+beside decoding, small enough that a few tasks per worker stay in flight."""
+IMAGES_PER_WORKER = 2000
+"""With ``ingest.workers: null``, one worker per this many images at most: a worker's start
+(spawn and imports, about 0.6 s of CPU) is worth about 2,000 small-image checks."""
+
+
 def _check(candidate: Candidate, max_pixels: int) -> dict[str, Any] | Rejection:
     if not candidate.path.is_file():  # a FIFO or device would block or never end
         return Rejection(
@@ -321,12 +331,49 @@ def _check(candidate: Candidate, max_pixels: int) -> dict[str, Any] | Rejection:
         "bytes": len(data),
         "exif_transposed": checked.exif_transposed,
         **candidate.metadata,
-        # Shards need the stored bytes; keep them only when they differ from the source.
+        # Shards read the file again when they are written: only what finds its bytes is kept.
         "_given_split": candidate.given_split,
-        "_path": candidate.path,
-        "_encoded": None if checked.encoded is data else checked.encoded,
+        "_path": str(candidate.path),
+        "_reencoded": checked.encoded is not data,
         "_encoded_format": checked.encoded_format,
     }
+
+
+def _check_batch(
+    candidates: Sequence[Candidate], max_pixels: int
+) -> list[dict[str, Any] | Rejection]:
+    """``_check`` over a batch: one task of the worker pool."""
+    with warnings.catch_warnings():
+        # Our own max_pixels check decides on big images; Pillow's warning would only add noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return [_check(c, max_pixels) for c in candidates]
+
+
+class _Stored(NamedTuple):
+    """What a worker needs to find one kept image's stored bytes again."""
+
+    path: str
+    filepath: str
+    sha256: str
+    reencoded: bool
+
+
+def _stored_batch(images: Sequence[_Stored], max_pixels: int) -> list[bytes]:
+    """The bytes the shards store for each image: the file's own, or its lossless 8-bit PNG
+    (``check_image`` again: the same bytes give the same PNG). One task of the worker pool."""
+    stored = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for image in images:
+            data = Path(image.path).read_bytes()
+            if sha256_bytes(data) != image.sha256:
+                raise RuntimeError(
+                    f"{image.filepath} changed while it was being ingested; rerun ingest"
+                )
+            stored.append(
+                check_image(data, max_pixels=max_pixels).encoded if image.reencoded else data
+            )
+    return stored
 
 
 def remove_duplicates(
@@ -585,14 +632,7 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]
         writer.writerows(rows)
 
 
-def _shard_record(row: dict[str, Any]) -> ShardRecord:
-    encoded = row["_encoded"]
-    if encoded is None:
-        encoded = row["_path"].read_bytes()
-        if sha256_bytes(encoded) != row["sha256"]:
-            raise RuntimeError(
-                f"{row['filepath']} changed while it was being ingested; rerun ingest"
-            )
+def _shard_record(row: dict[str, Any], encoded: bytes) -> ShardRecord:
     return ShardRecord(
         encoded,
         row["_encoded_format"],
@@ -603,6 +643,63 @@ def _shard_record(row: dict[str, Any]) -> ShardRecord:
         row["height"],
         row["width"],
     )
+
+
+def _check_all(
+    candidates: Sequence[Candidate],
+    rejections: list[Rejection],
+    pool: Workers,
+    max_pixels: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Check every candidate in the workers, a batch at a time; return the rows of the usable
+    ones in candidate order, appending the others to ``rejections``."""
+    rows: list[dict[str, Any]] = []
+    interned: dict[str, str] = {}  # labels, modes, formats: one string each, not one per image
+    checks = pool.map(
+        functools.partial(_check_batch, max_pixels=max_pixels),
+        batches(candidates, pool.workers, BATCH),
+    )
+    with tqdm(
+        total=len(candidates), desc="ingest: check images", unit="img", disable=not progress
+    ) as bar:
+        for results in checks:
+            bar.update(len(results))
+            for result in results:
+                if isinstance(result, Rejection):
+                    rejections.append(result)
+                    continue
+                for key in ("label", "mode", "format", "_encoded_format"):
+                    result[key] = interned.setdefault(result[key], result[key])
+                rows.append(result)
+    return rows
+
+
+def _write_shards(
+    directory: Path,
+    rows: Sequence[dict[str, Any]],
+    per_shard: int,
+    pool: Workers,
+    max_pixels: int,
+    progress: bool,
+) -> None:
+    """Every split's shards from ``rows`` (sorted by split), the workers reading the images a
+    batch at a time, in order, while this process writes: one shard's worth of images in
+    memory at most."""
+    images = [_Stored(r["_path"], r["filepath"], r["sha256"], r["_reencoded"]) for r in rows]
+    tasks = batches(images, pool.workers, BATCH)
+    stored = itertools.chain.from_iterable(
+        pool.map(functools.partial(_stored_batch, max_pixels=max_pixels), tasks)
+    )
+    records = map(_shard_record, rows, stored)
+    counts = Counter(r["split"] for r in rows)
+    with tqdm(
+        total=len(rows), desc="ingest: write shards", unit="img", disable=not progress
+    ) as bar:
+        for split in SPLITS:
+            if counts[split]:
+                part = itertools.islice(records, counts[split])
+                write_split(directory, split, part, counts[split], per_shard, bar)
 
 
 def _name_splits(candidates: Sequence[Candidate]) -> tuple[list[Candidate], list[Rejection]]:
@@ -671,57 +768,41 @@ def run(
     else:
         candidates = [dataclasses.replace(c, given_split=None) for c in candidates]
 
-    rows: list[dict[str, Any]] = []
-    with (
-        warnings.catch_warnings(),
-        ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool,
-    ):
-        # Our own max_pixels check decides on big images; Pillow's warning would only add noise.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        checks = pool.map(lambda c: _check(c, params.max_pixels), candidates)
-        for result in tqdm(
-            checks,
-            total=len(candidates),
-            desc="ingest: check images",
-            unit="img",
-            disable=not progress,
-        ):
-            (rejections.append if isinstance(result, Rejection) else rows.append)(result)
-    rows, duplicates = remove_duplicates(rows)
-    rejections += duplicates
-    if not rows:
-        reasons = Counter(r.reason for r in rejections).most_common()
-        raise ValueError(
-            f"no usable image in {source}: {len(rejections)} file(s) rejected {reasons}"
-        )
+    del found  # the candidates go once checked: memory must not grow with the source
+    with Workers(resolve(params.workers, len(candidates), IMAGES_PER_WORKER)) as pool:
+        rows = _check_all(candidates, rejections, pool, params.max_pixels, progress)
+        del candidates
+        rows, duplicates = remove_duplicates(rows)
+        rejections += duplicates
+        if not rows:
+            reasons = Counter(r.reason for r in rejections).most_common()
+            raise ValueError(
+                f"no usable image in {source}: {len(rejections)} file(s) rejected {reasons}"
+            )
 
-    if params.group_by is not None:
-        _check_groups(rows, params.group_by, source)
+        if params.group_by is not None:
+            _check_groups(rows, params.group_by, source)
 
-    index = label_map(r["label"] for r in rows)
-    try:
-        carved = assign_splits(rows, params, predefined=predefined)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
-    for row in rows:
-        row["label_index"] = index[row["label"]]
-    rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["sha256"]))
-    rejections.sort(key=lambda r: r.filepath)
+        index = label_map(r["label"] for r in rows)
+        try:
+            carved = assign_splits(rows, params, predefined=predefined)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+        for row in rows:
+            row["label_index"] = index[row["label"]]
+        rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["sha256"]))
+        rejections.sort(key=lambda r: r.filepath)
 
-    import tensorflow  # noqa: F401  (loaded here so the shard progress bar measures writing only)
+        import tensorflow  # noqa: F401  (loaded here so the shard progress bar measures writing only)
 
-    with atomic_path(out) as staged:
-        (staged / SHARDS).mkdir(parents=True)
-        _write_csv(staged / MANIFEST, [*MANIFEST_COLUMNS, *columns], rows)
-        _write_csv(staged / QUARANTINE, QUARANTINE_COLUMNS, map(dataclasses.asdict, rejections))
-        write_labels(staged / LABELS, index)
-        with tqdm(
-            total=len(rows), desc="ingest: write shards", unit="img", disable=not progress
-        ) as bar:
-            for split in SPLITS:
-                records = [_shard_record(r) for r in rows if r["split"] == split]
-                if records:
-                    write_split(staged / SHARDS, split, records, params.images_per_shard, bar)
+        with atomic_path(out) as staged:
+            (staged / SHARDS).mkdir(parents=True)
+            _write_csv(staged / MANIFEST, [*MANIFEST_COLUMNS, *columns], rows)
+            _write_csv(staged / QUARANTINE, QUARANTINE_COLUMNS, map(dataclasses.asdict, rejections))
+            write_labels(staged / LABELS, index)
+            _write_shards(
+                staged / SHARDS, rows, params.images_per_shard, pool, params.max_pixels, progress
+            )
     counts = summarise(rows, rejections)
     counts["split_method"] = split_report(rows, params, predefined=predefined, carved=carved)
     for warning in counts["split_method"]["warnings"]:

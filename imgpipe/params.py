@@ -56,6 +56,10 @@ class IngestParams:
     group_by: str | None
     """A metadata column (patient, module, photographer...): images sharing a value stay in one
     split. None splits image by image."""
+    workers: int | None
+    """Processes that check images and read them into shards; None: every core this process
+    may use (imgpipe.parallel.cpu_count), one per 2,000 images at most (a smaller source does
+    not repay starting them). The output is the same for any count."""
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -73,6 +77,8 @@ class IngestParams:
             )
         if self.images_per_shard < 1 or self.max_pixels < 1:
             raise ParamsError("ingest.images_per_shard and ingest.max_pixels must be positive")
+        if self.workers is not None and self.workers < 1:
+            raise ParamsError(f"ingest.workers must be null or at least 1, got {self.workers}")
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
@@ -117,10 +123,17 @@ class AugmentParams:
     contrast: float
     preview_images: int
     images_per_shard: int
+    """Most images in one output shard; each of ingest's train shards gives its own."""
+    workers: int | None
+    """Processes, each augmenting one input shard at a time; None: every core this process may
+    use (imgpipe.parallel.cpu_count), one per input shard at most. The output is the same for
+    any count."""
 
     def __post_init__(self) -> None:
         if self.views_per_image < 0 or not 0 <= self.zoom < 0.5:
             raise ParamsError("augment.views_per_image must be >= 0 and augment.zoom in [0, 0.5)")
+        if self.workers is not None and self.workers < 1:
+            raise ParamsError(f"augment.workers must be null or at least 1, got {self.workers}")
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,24 +53,39 @@ def _example(record: ShardRecord) -> Any:
     )
 
 
+def write_shard(path: Path, records: Iterable[ShardRecord], progress: Any = None) -> int:
+    """Write ``records`` as they come into one TFRecord file; return how many."""
+    import tensorflow as tf
+
+    written = 0
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            # deterministic: map fields in key order; otherwise the order, and so the shard's
+            # bytes, change from process to process
+            writer.write(_example(record).SerializeToString(deterministic=True))
+            written += 1
+            if progress is not None:
+                progress.update(1)
+    return written
+
+
 def write_split(
     directory: Path,
     split: str,
-    records: Sequence[ShardRecord],
+    records: Iterable[ShardRecord],
+    total: int,
     per_shard: int,
     progress: Any = None,
 ) -> list[str]:
-    """Write ``records`` as ``<split>-NNNNN-of-MMMMM.tfrecord`` files; return their names."""
-    import tensorflow as tf
-
-    count = max(1, -(-len(records) // per_shard))
-    names = shard_names(split, count)
-    for index, name in enumerate(names):
-        with tf.io.TFRecordWriter(str(directory / name)) as writer:
-            for record in records[index * per_shard : (index + 1) * per_shard]:
-                writer.write(_example(record).SerializeToString())
-                if progress is not None:
-                    progress.update(1)
+    """Write the ``total`` ``records`` as ``<split>-NNNNN-of-MMMMM.tfrecord`` files of
+    ``per_shard`` each, reading them as they come; return the files' names."""
+    names = shard_names(split, max(1, -(-total // per_shard)))
+    records = iter(records)
+    for name in names:
+        written = write_shard(directory / name, itertools.islice(records, per_shard), progress)
+        if written < min(per_shard, total):
+            raise ValueError(f"{split}: {total} records announced, fewer arrived")
+        total -= written
     return names
 
 
@@ -101,18 +117,21 @@ def count_records(files: Iterable[str]) -> int:
     return sum(1 for _ in tf.data.TFRecordDataset(list(files)))
 
 
-def read_records(files: Iterable[str], limit: int | None = None) -> list[dict[str, Any]]:
-    """Parse the examples of ``files`` (the first ``limit`` when given) eagerly, for evaluation,
-    export and tests; training streams them through tf.data instead."""
+def iter_records(files: Iterable[str], limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """The parsed examples of ``files`` (the first ``limit`` when given), one at a time."""
     import tensorflow as tf
 
     spec = feature_spec()
-    out = []
     records = tf.data.TFRecordDataset(list(files))
     for raw in records if limit is None else records.take(limit):
         parsed = tf.io.parse_single_example(raw, spec)
-        out.append({k: v.numpy() for k, v in parsed.items()})
-    return out
+        yield {k: v.numpy() for k, v in parsed.items()}
+
+
+def read_records(files: Iterable[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Parse the examples of ``files`` (the first ``limit`` when given) eagerly, for evaluation,
+    export and tests; training streams them through tf.data instead."""
+    return list(iter_records(files, limit))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,8 @@ runs the stage (``pipelines.kubeflow_step``). The DAG is wired from the declared
 Pipeline parameters are overlays: params.yaml is compiled in, and ``<section>_params`` (JSON,
 default ``{}``) overrides keys of that section. train and finetune ask for an NVIDIA GPU
 (accelerator, limit, node selector, toleration); every step has CPU and memory requests and
-retries transient failures (push excepted).
+retries transient failures (push excepted); ingest and augment ask for as many CPUs as their
+``workers`` param (``PARALLEL``).
 
 Caching is on for the steps from ingest to finetune (``CACHED``). They log into an MLflow store
 of their own, an output artifact, which import-logs copies into the execution's run: the run is
@@ -70,7 +71,7 @@ RESOURCES = {
     # stage: (cpu request, memory request, gpu)
     "start-run": ("250m", "512Mi", False),
     "import-logs": ("250m", "1Gi", False),
-    "ingest": ("1", "2Gi", False),
+    "ingest": ("2", "2Gi", False),
     "validate": ("500m", "1Gi", False),
     "augment": ("2", "4Gi", False),
     "train": ("4", "16Gi", True),
@@ -79,6 +80,11 @@ RESOURCES = {
     "export": ("2", "8Gi", False),
     "push": ("500m", "2Gi", False),
 }
+PARALLEL = {"ingest", "augment"}
+"""Steps with a ``workers`` param: their CPU request is that count (params.yaml, compiled in;
+RESOURCES' when null) and so is their CPU limit, which ``workers: null`` reads back as every
+core the container may use (imgpipe.parallel.cpu_count). A run-time overlay of ``workers``
+changes the processes, not the request."""
 CACHED = {"ingest", "validate", "augment", "train", "finetune"}
 CACHED_ORDER = [name for name in STAGES if name in CACHED]
 """Steps whose outputs follow from their inputs alone, and whose inputs come only from the
@@ -97,11 +103,14 @@ NOT_RETRIED = {"push"}
 """push registers a model version before it promotes: a blind retry could register twice."""
 
 
-def _configure(task: Any, stage: str) -> Any:
+def _configure(task: Any, stage: str, params: dict[str, Any] | None = None) -> Any:
     from kfp import kubernetes
 
     cpu, memory, gpu = RESOURCES[stage]
     task.set_display_name(stage)
+    if stage in PARALLEL and params is not None:
+        cpu = str(params[stage]["workers"] or cpu)
+        task.set_cpu_limit(cpu)
     task.set_cpu_request(cpu).set_memory_request(memory)
     if stage not in NOT_RETRIED:
         task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
@@ -223,7 +232,7 @@ def build(params: dict[str, Any]) -> Any:
                     arguments["data_version"] = given["data_version"]
             if name not in CACHED:
                 arguments.update(tracking_uri=uri, run_id=run.output)
-            task = _configure(components[name](**arguments), name)
+            task = _configure(components[name](**arguments), name, params)
             if name in CACHED:  # so that a log older than the run came from the cache
                 task.after(run)
             for before in stage.after:

@@ -65,10 +65,11 @@ VIEWS = 2
 CLASSES = {"a": 14, "b": 7}  # ingest (15% val, 15% test) leaves 10 and 5 training images
 
 
-def _augment_params(seed: int):
+def _augment_params(seed: int, workers: int = 1):
     return params(
         "augment",
         seed=seed,
+        workers=workers,
         views_per_image=VIEWS,
         balance_classes=True,  # what this module tests; params.yaml's default is off
         preview_images=4,
@@ -78,8 +79,9 @@ def _augment_params(seed: int):
 
 @pytest.fixture(scope="module")
 def augmented(tmp_path_factory):
-    """Ingest shards of 40x40 class-pattern PNGs, augmented three times: twice with seed 7
-    (``a``, ``b``), once with seed 8 (``c``). Yields the paths and the three summaries."""
+    """Ingest shards of 40x40 class-pattern PNGs (two train shards), augmented three times:
+    twice with seed 7 (``a`` in this process, ``b`` by two worker processes, a shard each),
+    once with seed 8 (``c``). Yields the paths and the three summaries."""
     from components import augment, ingest
 
     root = tmp_path_factory.mktemp("augment")
@@ -89,18 +91,18 @@ def augmented(tmp_path_factory):
         out=root / "ingest",
         summary=root / "metrics" / "ingest.json",
         data=params("data", source=str(root / "data"), metadata_csv=None),
-        ingest=params("ingest", val_fraction=0.15, test_fraction=0.15),
+        ingest=params("ingest", val_fraction=0.15, test_fraction=0.15, images_per_shard=8),
         progress=False,
     )
     # The image size is the model's: augment reads it from the model params.
     model = params("model", image_size=IMAGE_SIZE)
     summaries = {}
-    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+    for name, seed, workers in (("a", 7, 1), ("b", 7, 2), ("c", 8, 1)):
         summaries[name] = augment.run(
             shards=root / "ingest" / "shards",
             out=root / name / "augment",
             summary=root / name / "augment.json",
-            augment=_augment_params(seed),
+            augment=_augment_params(seed, workers),
             model=model,
             progress=False,
         )
@@ -122,10 +124,12 @@ def _pixels(encoded: bytes) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_same_seed_gives_identical_bytes(augmented):
-    """Two runs with the same seed write byte-identical shards, views.csv and summaries (the
-    thread pool and the per-view generators must not make output depend on timing)."""
+def test_same_seed_gives_identical_bytes_with_any_worker_count(augmented):
+    """Two runs with the same seed, one in this process and one by two worker processes,
+    write byte-identical shards, views.csv and summaries (the per-shard order and the per-view
+    generators must not make output depend on timing or on which worker took which shard)."""
     root, summaries = augmented
+    assert len(list((root / "ingest" / "shards").glob("train-*"))) == 2
     shards_a = tree_digests(root / "a" / "augment" / "shards")
     assert len(shards_a) >= 3, shards_a  # 60 images at 16 per shard: several files
     assert shards_a == tree_digests(root / "b" / "augment" / "shards")
@@ -162,12 +166,13 @@ def test_every_training_image_appears_as_itself_plus_planned_views(augmented):
     """Each ingest training image appears exactly once as view 0, pixel for pixel the original
     resized the way training and serving resize (datasets.decode_and_resize, rounded), with no
     drawn parameters in views.csv; its augmented views 1..n-1 all differ from it."""
-    from components.augment import load_sources
+    from components.augment import Source
     from imgpipe.datasets import decode_and_resize
 
     root, _ = augmented
     directory = root / "a" / "augment"
-    ordered = load_sources(root / "ingest" / "shards")  # the order augment plans in
+    sources_in_shards = map(Source.from_record, _records(root / "ingest" / "shards"))
+    ordered = sorted(sources_in_shards, key=lambda s: s.sha256)  # the order augment plans in
     sources = {s.filepath: s for s in ordered}
     planned = plan_views([s.label for s in ordered], VIEWS, True)
     plan = {s.filepath: n for s, n in zip(ordered, planned, strict=True)}

@@ -293,10 +293,13 @@ def test_shards_decode_with_tensorflow(corpus):
     )
 
 
-def test_second_run_is_byte_identical(corpus, tmp_path):
+def test_second_run_is_byte_identical_with_any_worker_count(corpus, tmp_path):
     """Same source and seed: manifest, quarantine report, labels and every shard are byte for
-    byte the same (reproducible, so DVC sees no change)."""
-    run_ingest(corpus["root"], tmp_path)
+    byte the same (reproducible, so DVC sees no change), whether one process ingests (the
+    first run: params.yaml's ``workers: null`` keeps a corpus this small in-process) or two
+    worker processes check, re-encode and read the images, a few per task."""
+    assert PARAMS.workers is None
+    run_ingest(corpus["root"], tmp_path, dataclasses.replace(PARAMS, workers=2))
     first, second = corpus["out"], tmp_path / "out"
     for name in ("manifest.csv", "quarantine_report.csv", "labels.txt"):
         assert (second / name).read_bytes() == (first / name).read_bytes(), name
