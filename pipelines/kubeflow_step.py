@@ -102,7 +102,6 @@ def stage_log(folder: str) -> str:
     return f"{SQLITE}{Path(folder).resolve() / STAGE_LOG_DB}"
 
 
-
 def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> list[str]:
     """Copy each stage log's run (params, every metric's history, the stages' tags, artifacts)
     into ``run_id``; returns the stages imported. Each imported stage is tagged
