@@ -57,6 +57,7 @@ def cmd_fashion_mnist_data(args: argparse.Namespace) -> None:
 
 def cmd_stage(args: argparse.Namespace) -> None:
     """``imgpipe <stage>``: the declared stage on the paths given, DVC's paths by default."""
+    from imgpipe.distribute import is_chief
     from pipelines import runner
     from pipelines.stages import STAGES
 
@@ -68,7 +69,9 @@ def cmd_stage(args: argparse.Namespace) -> None:
     params = _params(args)
     paths = runner.default_paths(stage, params)
     paths.update({n: Path(v) for n in paths if (v := getattr(args, n, None)) is not None})
-    print(runner.describe(stage, runner.execute(stage, paths, params)))
+    # A non-chief worker of a multi-worker job trains beside the chief, which alone writes.
+    execute = runner.execute if is_chief() else runner.execute_as_worker
+    print(runner.describe(stage, execute(stage, paths, params)))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -60,7 +60,6 @@ def execute(
     """
     import mlflow
 
-    from imgpipe.distribute import is_chief
     from imgpipe.tracking import execution_key, flatten, log_params, stage_run
 
     missing = (set(stage.inputs) | set(stage.outputs)) - set(paths)
@@ -69,8 +68,6 @@ def execute(
     typed = sections(stage.sections, dict(params))  # every key checked before any work
     module = importlib.import_module(stage.module)
     arguments = {**paths, **typed}
-    if not is_chief():
-        return _execute_as_worker(module, stage, arguments)
     generated = ["dvc.lock", *(out.path for s in STAGES.values() for out in s.outputs.values())]
     with stage_run(stage.name, params=params if whole_run else None, generated=generated) as run:
         log_params(flatten({name: params[name] for name in stage.sections}))
@@ -91,14 +88,19 @@ def execute(
     return summary
 
 
-def _execute_as_worker(module: Any, stage: Stage, arguments: dict[str, Any]) -> dict[str, Any]:
-    """A non-chief worker of a multi-worker job (imgpipe.distribute.is_chief): it trains
-    beside the chief but neither tracks nor writes the stage's outputs; those it would write go
-    to a folder of its own, dropped afterwards. The resumable checkpoints stay shared (the
-    chief writes them, every worker resumes from them)."""
+def execute_as_worker(
+    stage: Stage, paths: Mapping[str, Path], params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``stage`` as a non-chief worker of a multi-worker job (imgpipe.distribute.is_chief)
+    runs it: beside the chief, neither tracked nor writing the stage's outputs, which go to a
+    folder of its own, dropped afterwards. The resumable checkpoints stay shared (the chief
+    writes them, every worker resumes from them)."""
     import tempfile
 
+    typed = sections(stage.sections, dict(params))
+    module = importlib.import_module(stage.module)
     with tempfile.TemporaryDirectory(prefix=f"imgpipe-{stage.name}-worker-") as scratch:
+        arguments: dict[str, Any] = {**paths, **typed}
         for name, out in stage.outputs.items():
             if out.dvc != "persist":
                 arguments[name] = Path(scratch) / name
