@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "demo_stages": [],
     "dvc_overhead": ["--repeats", "3"],
     "training": ["--images", "512", "--steps", "8", "--repeats", "3"],
+    "distributed": ["--steps", "12"],
     "frozen_cache": ["--images", "512", "--val-images", "128", "--epochs", "3", "--repeats", "3"],
     "serving": ["--clients", "1,8,32", "--requests", "200", "--repeats", "3"],
     "ingest_scale": ["--images", "50000", "--small", "5000"],
@@ -98,6 +99,24 @@ def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> st
                 (m["pipeline"], m["train_step"], f"{r['pipeline_over_train_step']}x",
                  r["finetune_fit_images_per_second"]),
             ),
+        ]  # fmt: skip
+    if "distributed" in reports:
+        r = reports["distributed"]
+        runs, ratio = r["runs"], r["ratio_to_one_device"]
+        lines += [
+            "",
+            f"## Fine-tuning spread over replicas and workers (CPU proxy; {r['steps']} timed "
+            "steps each, one run)",
+            "",
+            *_table(
+                ("run", "replicas", "img/s", "/ one device"),
+                *((name, v["replicas"], round(v["images_per_second"], 1), f"{ratio[name]}x")
+                  for name, v in runs.items()),
+            ),
+            "",
+            "Two replicas are two logical devices of one CPU (MirroredStrategy), two workers two "
+            "processes on 127.0.0.1 (MultiWorkerMirroredStrategy); both share this machine's "
+            "cores, so the ratios show the strategies' cost, not a GPU or node speedup.",
         ]  # fmt: skip
     if "demo_stages" in reports:
         r = reports["demo_stages"]
