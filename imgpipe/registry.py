@@ -1,7 +1,8 @@
 """The MLflow model registry as the pipeline uses it: the ``champion`` and ``challenger``
 aliases of the registered model (named like the served model, ``serving.model_name``), the
 champion evaluate compares with, and ``fetch``, which copies a version into a serving base path
-(seeding an empty serving volume). Writing to the registry is push's job (``components/push.py``)."""
+(seeding an empty serving volume). Writing to the registry is push's job
+(``components/push.py``)."""
 
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ from kfp.dsl import (
 )
 
 from imgpipe.params import SECTIONS
+from pipelines.kubeflow_step import SHARED_MOUNT
 from pipelines.stages import STAGES, Stage
 
 IMAGE = os.environ.get("IMGPIPE_IMAGE", "ghcr.io/imgpipe/components:latest")
@@ -102,8 +103,6 @@ in the shared place, kept across runs (``pipelines.kubeflow_step.kept_folder``).
 
 SHARED_VOLUME = "imgpipe-shared"
 """The default of the ``shared_volume`` pipeline parameter: the claim ``infra/k8s`` creates."""
-SHARED_MOUNT = "/mnt/imgpipe-shared"
-"""Where the claim is mounted in the steps of ``SHARED``."""
 SHARED = [
     name
     for name, stage in STAGES.items()

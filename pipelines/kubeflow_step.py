@@ -24,7 +24,8 @@ def run(name: str, arguments: dict[str, Any]) -> None:
     from pipelines.stages import STAGES
 
     stage = STAGES[name]
-    params = overlaid(stage.sections, arguments)
+    configured = overlaid(stage.sections, arguments)
+    params = dict(configured)
     shared = shared_place(arguments["shared_volume"]) if "shared_volume" in arguments else None
     if shared is not None and "serving" in params:
         params["serving"] = served_from(shared, params["serving"])
@@ -50,7 +51,7 @@ def run(name: str, arguments: dict[str, Any]) -> None:
                 if shared is None:
                     raise ValueError(f"stage {name}: no shared place for its {output_name}")
                 paths[output_name] = kept_folder(shared, stage, output_name, params, arguments)
-        execute(stage, paths, params, whole_run=False)
+        execute(stage, paths, params, whole_run=False, configured=configured)
     for output_name, out in stage.outputs.items():  # what KFP's UI shows of them
         if out.kind == "Metrics":
             log_metrics(arguments[output_name], paths[output_name])
@@ -60,13 +61,16 @@ def run(name: str, arguments: dict[str, Any]) -> None:
         shutil.copyfile(paths[view.output] / view.subpath, arguments[view_name].path)
 
 
+SHARED_MOUNT = "/mnt/imgpipe-shared"
+"""Where the claim ``shared_volume`` names is mounted in the steps that keep files across runs
+(``pipelines.kubeflow.SHARED``)."""
+
+
 def shared_place(shared_volume: str) -> Path:
-    """The folder of the shared place: the claim's mount (``pipelines.kubeflow.SHARED_MOUNT``)
-    when ``shared_volume`` names a PersistentVolumeClaim, or the absolute host folder it names
+    """The folder of the shared place: the claim's mount (``SHARED_MOUNT``) when
+    ``shared_volume`` names a PersistentVolumeClaim, or the absolute host folder it names
     (kfp.local)."""
     import re
-
-    from pipelines.kubeflow import SHARED_MOUNT
 
     if Path(shared_volume).is_absolute():
         return Path(shared_volume)

@@ -205,6 +205,27 @@ def test_import_logs_marks_a_step_from_the_cache_as_reused(tmp_path):
     assert run.data.params == {"ingest.seed": "1", "train.seed": "1"}
 
 
+def test_the_shared_place_is_a_mounted_claim_or_an_absolute_folder(tmp_path):
+    """Guards how a step finds the shared place: an absolute folder is taken as it is
+    (kfp.local), a claim name means the claim's mount, which must be there; anything else, and
+    kfp.local given a claim, is an error naming the parameter. A relative
+    serving.model_base_path lies inside the place, an absolute one stays."""
+    from pipelines.kubeflow import run_local
+    from pipelines.kubeflow_step import SHARED_MOUNT, served_from, shared_place
+
+    assert shared_place(str(tmp_path)) == tmp_path
+    with pytest.raises(FileNotFoundError, match=f"imgpipe-shared.*not mounted at {SHARED_MOUNT}"):
+        shared_place("imgpipe-shared")
+    with pytest.raises(ValueError, match="shared_volume 'Models/' is neither"):
+        shared_place("Models/")
+    with pytest.raises(ValueError, match=r"kfp\.local mounts no PersistentVolumeClaim"):
+        run_local(_params(), tmp_path / "root", shared_volume="imgpipe-shared")
+    serving = {"model_name": "tiny", "model_base_path": "models"}
+    assert served_from(tmp_path, serving)["model_base_path"] == str(tmp_path / "models")
+    absolute = {**serving, "model_base_path": "/srv/models"}
+    assert served_from(tmp_path, absolute) == absolute
+
+
 @pytest.mark.slow
 def test_kfp_local_runs_every_stage_then_a_rerun_pushes_the_next_version(tmp_path, monkeypatch):
     """Guards the pipeline for real: kfp.local (SubprocessRunner, this venv) runs all ten
@@ -215,8 +236,6 @@ def test_kfp_local_runs_every_stage_then_a_rerun_pushes_the_next_version(tmp_pat
     its cached steps taken from the first (KFP's cache on a cluster; kfp.local has none), runs
     only evaluate, export and push: the same model, blessed again against the champion it now
     is, becomes serving version 2 beside version 1, and the serving side loads both."""
-    import time
-
     from mlflow.tracking import MlflowClient
 
     from components.push import serving_versions
@@ -303,9 +322,7 @@ def test_kfp_local_runs_every_stage_then_a_rerun_pushes_the_next_version(tmp_pat
     assert len(features) == 2, features  # train and val, keyed by content
     (checkpoints,) = (shared / "outputs" / "finetune_checkpoints").glob("*/state.json")
 
-    started = time.perf_counter()
     run_local(params, tmp_path / "root2", reused_from=run_dir, **arguments)
-    rerun_seconds = time.perf_counter() - started
 
     (rerun_dir,) = (tmp_path / "root2").iterdir()
     ran = {p.name for p in rerun_dir.iterdir() if (p / "executor_output.json").is_file()}
@@ -315,12 +332,11 @@ def test_kfp_local_runs_every_stage_then_a_rerun_pushes_the_next_version(tmp_pat
     for stage in STAGES:
         assert rerun.data.tags[f"stage.{stage}"] == ("reused" if stage in CACHED else "done")
     second = client.get_model_version_by_alias("tiny", "champion")
-    assert (second.version, second.run_id) == ("2", rerun.info.run_id)
+    assert (int(second.version), second.run_id) == (2, rerun.info.run_id)
     assert second.tags["serving_version"] == "2"
     assert serving_versions(models, "tiny") == [1, 2]
     assert sorted((shared / "outputs" / "cache" / "features").glob("*.npz")) == features
     assert checkpoints.is_file()
-    print(f"second execution (cached steps reused): {rerun_seconds:.0f} s")
 
     # What TF Serving does with serving/models.config, /models being the shared models/ folder
     # (infra/k8s): both versions load (policy: latest 2) and the newest answers by default.
