@@ -31,6 +31,7 @@ import json
 import linecache
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from kfp import dsl
@@ -296,7 +297,7 @@ def _imported(stage: Stage, uris: dict[str, str]) -> Any:
             artifact_uri=uris[name], artifact_class=classes.get(kind, Artifact), reimport=False
         )
         outputs[name] = task.set_display_name(f"import {stage.name} {name}").output
-    return type("ImportedTask", (), {"outputs": outputs})()
+    return SimpleNamespace(outputs=outputs)
 
 
 def compile_to(params: dict[str, Any], path: Path) -> Path:
