@@ -111,13 +111,15 @@ def test_serving_reads_the_volume_the_kubeflow_push_writes(overlay):
     """Guards the shared place: TF Serving mounts, read-only at /models (the base path of
     serving/models.config), the folder params.yaml's serving.model_base_path names inside the
     claim that the Kubeflow pipeline mounts by default (pipelines.kubeflow.SHARED_VOLUME), a
-    ReadWriteMany claim since the pipeline's steps and every replica share it."""
+    ReadWriteMany claim since the pipeline's steps and every replica share it (ReadWriteOnce
+    on a one-node laptop cluster)."""
     from imgpipe.params import load_params
     from pipelines.kubeflow import SHARED_VOLUME
 
     docs = build(overlay)
     claim = _by_kind(docs, "PersistentVolumeClaim", SHARED_VOLUME)
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    modes = {"local": ["ReadWriteOnce"], "gpu": ["ReadWriteMany"]}
+    assert claim["spec"]["accessModes"] == modes[overlay]
     pod = _by_kind(docs, "Deployment", "tf-serving")["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert volume["persistentVolumeClaim"]["claimName"] == SHARED_VOLUME
