@@ -1,7 +1,8 @@
 """The MLflow model registry as the pipeline uses it: the ``champion`` and ``challenger``
 aliases of the registered model (named like the served model, ``serving.model_name``), the
-champion evaluate compares with, and ``fetch`` for the serving pod's init container. Writing to
-the registry is push's job (``components/push.py``)."""
+champion evaluate compares with, and ``fetch``, which copies a version into a serving base path
+(seeding an empty serving volume). Writing to the registry is push's job
+(``components/push.py``)."""
 
 from __future__ import annotations
 
@@ -63,8 +64,7 @@ def champion(name: str) -> Champion | None:
 
 def fetch(name: str, alias: str, base: Path) -> Path:
     """The SavedModel of ``name@alias`` from the registry, as ``<base>/<name>/<N>/`` (N: the
-    serving version it was pushed as), written in one rename: what the serving pod's init
-    container runs before TF Serving starts."""
+    serving version it was pushed as), written in one rename (``imgpipe fetch-model``)."""
     import mlflow
 
     version = client().get_model_version_by_alias(name, alias)

@@ -113,6 +113,8 @@ def _pipeline_arguments(args: argparse.Namespace, tracking_uri: str) -> dict[str
         arguments["source"] = args.source
     if args.data_version:
         arguments["data_version"] = args.data_version
+    if args.shared_volume:
+        arguments["shared_volume"] = args.shared_volume
     return arguments
 
 
@@ -130,6 +132,7 @@ def cmd_pipeline_run_local(args: argparse.Namespace) -> None:
     from pipelines.kubeflow import run_local
 
     started = time.perf_counter()
+    args.shared_volume = str(Path(args.shared_volume).resolve())
     run_local(
         _params(args),
         Path(args.pipeline_root).resolve(),
@@ -137,7 +140,8 @@ def cmd_pipeline_run_local(args: argparse.Namespace) -> None:
     )
     print(
         f"pipeline: every stage ran with kfp.local in {time.perf_counter() - started:.0f} s; "
-        f"artifacts under {args.pipeline_root}"
+        f"artifacts under {args.pipeline_root}, serving versions, feature cache and checkpoints "
+        f"under {args.shared_volume}"
     )
 
 
@@ -449,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--source", help="'sample' (default) or a folder of class folders")
     q.add_argument("--data-version", help="the data's version, part of the cache key")
     q.add_argument("--pipeline-root", default="outputs/kfp")
+    q.add_argument(
+        "--shared-volume",
+        default="outputs/kfp-shared",
+        help="folder standing in for the shared claim: serving versions (models/), feature "
+        "cache, checkpoints, kept across runs",
+    )
     q.add_argument("--mlflow-tracking-uri", help="default: as the DVC pipeline (mlflow.db)")
     q = padd("schedule", cmd_pipeline_schedule, "create a recurring run on a Kubeflow host")
     q.add_argument(
@@ -464,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--data-version", help="the data's version, part of the cache key")
     q.add_argument("--mlflow-tracking-uri", default="http://mlflow.imgpipe.svc.cluster.local:5000")
+    q.add_argument(
+        "--shared-volume",
+        help="PersistentVolumeClaim for serving versions, feature cache and checkpoints "
+        "(default: the pipeline's, the claim infra/k8s creates)",
+    )
     for name, func, text in (
         ("schedules", cmd_pipeline_schedules, "list recurring runs"),
         ("disable-schedule", cmd_pipeline_disable, "disable a recurring run"),

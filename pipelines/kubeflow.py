@@ -17,6 +17,13 @@ Caching is on for the steps from ingest to finetune (``CACHED``). They log into 
 of their own, an output artifact, which import-logs copies into the execution's run: the run is
 complete whether a step ran or came from the cache. The promotion decision is made inside the
 push component (``components.push``), not with ``dsl.If``.
+
+What outlives a run lives in the shared place, named by the pipeline parameter
+``shared_volume``: a PersistentVolumeClaim (``infra/k8s``), mounted at ``SHARED_MOUNT`` in the
+steps that keep files (``SHARED``: train's feature cache, finetune's checkpoints, push's serving
+versions), or, for kfp.local, an absolute host folder. It is laid out like the project folder
+under DVC (``models/``, ``outputs/cache/features/``, ``outputs/finetune_checkpoints/``), and
+TF Serving mounts its ``models/`` folder.
 """
 
 # No ``from __future__ import annotations``: KFP reads the component signatures' types.
@@ -25,6 +32,7 @@ import json
 import linecache
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from kfp import dsl
@@ -41,6 +49,7 @@ from kfp.dsl import (
 )
 
 from imgpipe.params import SECTIONS
+from pipelines.kubeflow_step import SHARED_MOUNT
 from pipelines.stages import STAGES, Stage
 
 IMAGE = os.environ.get("IMGPIPE_IMAGE", "ghcr.io/imgpipe/components:latest")
@@ -95,15 +104,28 @@ carries this execution's evaluation) and push (writes the registry and the servi
 
 
 ARTIFACT_TYPES = (Dataset, Model, Metrics, ClassificationMetrics, HTML, Markdown)
-SCRATCH = {"cache", "persist"}
+KEPT = {"cache", "persist"}
 """Outputs that are no artifact in Kubeflow (the feature cache, resumable checkpoints): folders
-in the pod."""
+in the shared place, kept across runs (``pipelines.kubeflow_step.kept_folder``)."""
+
+SHARED_VOLUME = "imgpipe-shared"
+"""The default of the ``shared_volume`` pipeline parameter: the claim ``infra/k8s`` creates."""
+SHARED = [
+    name
+    for name, stage in STAGES.items()
+    if any(out.dvc in KEPT for out in stage.outputs.values())
+    or {"serving", "serving.model_base_path"} & set(stage.params)
+]
+"""Steps that keep files in the shared place: a ``KEPT`` output, or push's serving versions
+(``serving.model_base_path``, relative to the shared place under Kubeflow)."""
 
 NOT_RETRIED = {"push"}
 """push registers a model version before it promotes: a blind retry could register twice."""
 
 
-def _configure(task: Any, stage: str, params: dict[str, Any] | None = None) -> Any:
+def _configure(
+    task: Any, stage: str, params: dict[str, Any] | None = None, shared_volume: Any = None
+) -> Any:
     from kfp import kubernetes
 
     cpu, memory, gpu = RESOURCES[stage]
@@ -119,6 +141,8 @@ def _configure(task: Any, stage: str, params: dict[str, Any] | None = None) -> A
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
         kubernetes.add_node_selector(task, *GPU_NODE_LABEL)
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    if stage in SHARED:  # kfp.local ignores the mount: there the parameter is a host folder
+        kubernetes.mount_pvc(task, pvc_name=shared_volume, mount_path=SHARED_MOUNT)
     return task
 
 
@@ -135,14 +159,14 @@ def _component_source(stage: Stage) -> str:
             arguments += [f"{name}: str", "data_version: str"]
     arguments += [f"{section}: str" for section in stage.sections]
     arguments.append("base_params: str")
+    if stage.name in SHARED:
+        arguments.append("shared_volume: str")
     if stage.name in CACHED:
         arguments.append("mlflow_log: Output[Artifact]")
     else:
         arguments += ["tracking_uri: str", "run_id: str"]
     arguments += [
-        f"{name}: Output[{out.kind}]"
-        for name, out in stage.outputs.items()
-        if out.dvc not in SCRATCH
+        f"{name}: Output[{out.kind}]" for name, out in stage.outputs.items() if out.dvc not in KEPT
     ]
     arguments += [f"{name}: Output[{view.kind}]" for name, view in stage.views.items()]
     signature = ",\n    ".join(arguments)
@@ -187,10 +211,17 @@ def _compiled(name: str, source: str) -> Any:
     return dsl.component(base_image=IMAGE)(namespace[name])
 
 
-def build(params: dict[str, Any]) -> Any:
+def build(params: dict[str, Any], imported: dict[str, dict[str, str]] | None = None) -> Any:
     """The pipeline: every declared stage's component, wired by the declarations. ``params``
     (a loaded params.yaml) is compiled in as the base; each ``<section>_params`` pipeline
-    parameter is a JSON object of overrides on that section (default ``{}``)."""
+    parameter is a JSON object of overrides on that section (default ``{}``).
+
+    ``imported`` (kfp.local only) maps cached stages to their outputs' URIs from an earlier
+    execution: those stages do not run, their outputs are imported (``dsl.importer``), as
+    KFP's cache hands them over on a cluster (kfp.local has no cache)."""
+    imported = imported or {}
+    if set(imported) - set(CACHED):
+        raise ValueError(f"only cached steps can be imported, not {sorted(set(imported) - CACHED)}")
     base_params = json.dumps(params)
     components = {name: component(stage) for name, stage in STAGES.items()}
     start_run = _compiled("start_run", _start_run_source())
@@ -203,6 +234,7 @@ def build(params: dict[str, Any]) -> Any:
             ("data_version", ""),
             ("mlflow_tracking_uri", "http://mlflow.imgpipe.svc.cluster.local:5000"),
             ("mlflow_experiment", "imgpipe"),
+            ("shared_volume", SHARED_VOLUME),
             *((f"{s}_params", "{}") for s in SECTIONS),
         )
     ]
@@ -222,8 +254,13 @@ def build(params: dict[str, Any]) -> Any:
         )
         tasks: dict[str, Any] = {}
         for name, stage in STAGES.items():
+            if name in imported:
+                tasks[name] = _imported(stage, imported[name])
+                continue
             arguments: dict[str, Any] = {s: given[f"{s}_params"] for s in stage.sections}
             arguments["base_params"] = base_params
+            if name in SHARED:
+                arguments["shared_volume"] = given["shared_volume"]
             for input_name, spec in stage.inputs.items():
                 if spec.stage:
                     arguments[input_name] = tasks[spec.stage].outputs[spec.output]
@@ -232,11 +269,12 @@ def build(params: dict[str, Any]) -> Any:
                     arguments["data_version"] = given["data_version"]
             if name not in CACHED:
                 arguments.update(tracking_uri=uri, run_id=run.output)
-            task = _configure(components[name](**arguments), name, params)
+            task = _configure(components[name](**arguments), name, params, given["shared_volume"])
             if name in CACHED:  # so that a log older than the run came from the cache
                 task.after(run)
             for before in stage.after:
-                task.after(tasks[before])
+                if before not in imported:
+                    task.after(tasks[before])
             tasks[name] = task
         _configure(
             import_logs(
@@ -257,6 +295,22 @@ def build(params: dict[str, Any]) -> Any:
     )(imgpipe)
 
 
+def _imported(stage: Stage, uris: dict[str, str]) -> Any:
+    """An importer per output of a cached ``stage`` (its artifacts and its MLflow log), standing
+    in for the task: ``.outputs[name]`` as a task's."""
+    kinds = {name: out.kind for name, out in stage.outputs.items() if out.dvc not in KEPT}
+    classes = {kind.__name__: kind for kind in ARTIFACT_TYPES}
+    outputs = {}
+    for name, kind in {**kinds, "mlflow_log": "Artifact"}.items():
+        if name not in uris:
+            raise ValueError(f"stage {stage.name}: no URI for its output {name!r} to import")
+        task = dsl.importer(
+            artifact_uri=uris[name], artifact_class=classes.get(kind, Artifact), reimport=False
+        )
+        outputs[name] = task.set_display_name(f"import {stage.name} {name}").output
+    return SimpleNamespace(outputs=outputs)
+
+
 def compile_to(params: dict[str, Any], path: Path) -> Path:
     import logging
 
@@ -275,14 +329,35 @@ def compile_to(params: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run_local(params: dict[str, Any], pipeline_root: Path, **arguments: Any) -> Any:
+def run_local(
+    params: dict[str, Any],
+    pipeline_root: Path,
+    *,
+    shared_volume: str,
+    reused_from: Path | None = None,
+    **arguments: Any,
+) -> Any:
     """Run the whole pipeline for real with kfp.local, in this venv (SubprocessRunner,
-    use_venv=False: the project is already installed here)."""
+    use_venv=False: the project is already installed here). ``shared_volume`` is the shared
+    place as an absolute host folder (kfp.local mounts no claim). ``reused_from``, an earlier
+    kfp.local execution's folder, stands in for KFP's cache, which kfp.local lacks: the cached
+    steps are not run, their outputs are imported from there."""
     from kfp import local
 
+    if not Path(shared_volume).is_absolute():
+        raise ValueError(
+            f"shared_volume {shared_volume!r}: kfp.local mounts no PersistentVolumeClaim; "
+            "give the shared place as an absolute host folder"
+        )
+    imported = {}
+    if reused_from is not None:
+        for name in CACHED_ORDER:
+            names = [n for n, out in STAGES[name].outputs.items() if out.dvc not in KEPT]
+            imported[name] = {n: str(Path(reused_from) / name / n) for n in names}
+            imported[name]["mlflow_log"] = str(Path(reused_from) / name / "mlflow_log")
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(pipeline_root),
         raise_on_error=True,
     )
-    return build(params)(**arguments)
+    return build(params, imported)(shared_volume=shared_volume, **arguments)

@@ -8,6 +8,7 @@ module), from the project installed in the components image (``infra/docker``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from pipelines.trainjob import SHARED
 
 
 def run(name: str, arguments: dict[str, Any]) -> None:
@@ -24,7 +27,11 @@ def run(name: str, arguments: dict[str, Any]) -> None:
     from pipelines.stages import STAGES
 
     stage = STAGES[name]
-    params = overlaid(stage.sections, arguments)
+    configured = overlaid(stage.sections, arguments)
+    params = dict(configured)
+    shared = shared_place(arguments["shared_volume"]) if "shared_volume" in arguments else None
+    if shared is not None and "serving" in params:
+        params["serving"] = served_from(shared, params["serving"])
     if "mlflow_log" in arguments:  # cached: never the execution's run (see stage_log)
         _point_mlflow(stage_log(arguments["mlflow_log"].path), "")
     else:
@@ -41,22 +48,25 @@ def run(name: str, arguments: dict[str, Any]) -> None:
                 )
                 paths[input_name] = Path(source)
         for output_name in stage.outputs:
-            paths[output_name] = (
-                Path(arguments[output_name].path)
-                if output_name in arguments
-                else Path(tmp) / output_name  # feature cache, checkpoints: pod-local
-            )
+            if output_name in arguments:
+                paths[output_name] = Path(arguments[output_name].path)
+            else:  # feature cache, checkpoints: kept across runs
+                if shared is None:
+                    raise ValueError(f"stage {name}: no shared place for its {output_name}")
+                paths[output_name] = kept_folder(shared, stage, output_name, params, arguments)
         if name == "finetune" and section(FinetuneParams, name, params).workers > 1:
             from pipelines.trainjob import run_finetune  # a Kubeflow Trainer TrainJob
 
+            assert shared is not None
             run_finetune(
                 paths,
                 params,
-                claim=os.environ.get(SHARED_CLAIM_ENV, ""),
+                claim=arguments["shared_volume"],
                 mlflow_log=Path(arguments["mlflow_log"].path),
+                shared=shared,
             )
         else:
-            execute(stage, paths, params, whole_run=False)
+            execute(stage, paths, params, whole_run=False, configured=configured)
     for output_name, out in stage.outputs.items():  # what KFP's UI shows of them
         if out.kind == "Metrics":
             log_metrics(arguments[output_name], paths[output_name])
@@ -66,9 +76,52 @@ def run(name: str, arguments: dict[str, Any]) -> None:
         shutil.copyfile(paths[view.output] / view.subpath, arguments[view_name].path)
 
 
-SHARED_CLAIM_ENV = "IMGPIPE_SHARED_CLAIM"
-"""The volume claim the finetune step shares with its TrainJob (``pipelines.trainjob``), as the
-compiled pipeline mounts it at ``/shared`` (``pipelines.kubeflow``)."""
+SHARED_MOUNT = str(SHARED)
+"""Where the claim ``shared_volume`` names is mounted in the steps that keep files across runs
+(``pipelines.kubeflow.SHARED``)."""
+
+
+def shared_place(shared_volume: str) -> Path:
+    """The folder of the shared place: the claim's mount (``SHARED_MOUNT``) when
+    ``shared_volume`` names a PersistentVolumeClaim, or the absolute host folder it names
+    (kfp.local)."""
+    import re
+
+    if Path(shared_volume).is_absolute():
+        return Path(shared_volume)
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", shared_volume):
+        raise ValueError(
+            f"shared_volume {shared_volume!r} is neither a PersistentVolumeClaim name nor an "
+            "absolute folder"
+        )
+    if not Path(SHARED_MOUNT).is_dir():
+        raise FileNotFoundError(
+            f"shared_volume {shared_volume!r}: the claim is not mounted at {SHARED_MOUNT}"
+        )
+    return Path(SHARED_MOUNT)
+
+
+def served_from(shared: Path, serving: dict[str, Any]) -> dict[str, Any]:
+    """The serving section with a relative ``model_base_path`` (params.yaml's ``models``, the
+    project's folder under DVC) taken inside the shared place, where TF Serving reads it."""
+    base = Path(serving["model_base_path"])
+    return serving if base.is_absolute() else {**serving, "model_base_path": str(shared / base)}
+
+
+def kept_folder(
+    shared: Path, stage: Any, output: str, params: dict[str, Any], arguments: dict[str, Any]
+) -> Path:
+    """Where output ``output`` of ``stage`` (DVC kind ``cache`` or ``persist``) lives in the shared
+    place: at its DVC path, as in the project folder. The feature cache is keyed by content
+    inside (one folder serves every run); a ``persist`` folder (checkpoints) gets one subfolder
+    per params and input artifacts, so that a retry or a rerun over the same (cached) inputs
+    resumes, and concurrent runs never start over in each other's folder."""
+    folder = shared / stage.outputs[output].path
+    if stage.outputs[output].dvc == "cache":
+        return folder
+    inputs = {n: arguments[n].uri for n, spec in stage.inputs.items() if spec.stage}
+    key = json.dumps([{s: params[s] for s in stage.sections}, inputs], sort_keys=True)
+    return folder / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def overlaid(sections: Iterable[str], arguments: dict[str, Any]) -> dict[str, Any]:

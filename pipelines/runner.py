@@ -47,6 +47,7 @@ def execute(
     params: Mapping[str, Any],
     *,
     whole_run: bool = True,
+    configured: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``stage`` on ``paths`` (every declared input and output) with the params.yaml
     content ``params``, inside this execution's MLflow run; returns the stage's summary.
@@ -56,7 +57,9 @@ def execute(
     (the CLI, under DVC or alone) this process also speaks for the run as a whole: a new run
     gets every param of params.yaml, and under DVC each stage that DVC reused is logged from
     the outputs DVC restored (``log_reused``). The Kubeflow steps pass False: each holds only
-    its own sections, and the pipeline's start-run and import-logs steps do the rest.
+    its own sections, and the pipeline's start-run and import-logs steps do the rest. They may
+    also run on params with paths resolved for the pod (``serving.model_base_path`` in the
+    shared place): ``configured`` is then what the run records, the params as given.
     """
     import mlflow
 
@@ -70,7 +73,8 @@ def execute(
     arguments = {**paths, **typed}
     generated = ["dvc.lock", *(out.path for s in STAGES.values() for out in s.outputs.values())]
     with stage_run(stage.name, params=params if whole_run else None, generated=generated) as run:
-        log_params(flatten({name: params[name] for name in stage.sections}))
+        logged = params if configured is None else configured
+        log_params(flatten({name: logged[name] for name in stage.sections}))
         try:
             summary = module.run(**arguments)
         except BaseException:

@@ -25,8 +25,10 @@ RUNTIME = "imgpipe-tensorflow"
 """The ClusterTrainingRuntime in ``infra/k8s/trainer/runtime.yaml``."""
 NODE = "node"
 """The runtime's replicated job and container that train (Trainer's name for them)."""
-SHARED = PurePosixPath("/shared")
-"""Where the shared volume claim is mounted, in the Kubeflow step's pod and the TrainJob's."""
+SHARED = PurePosixPath("/mnt/imgpipe-shared")
+"""Where the shared place's claim is mounted: in the pipeline's steps that keep files across
+runs (``pipelines.kubeflow_step.SHARED_MOUNT``) and in a TrainJob's pods, the same path, so a
+path on it means the same file in both."""
 PATCH_MANAGER = "imgpipe.io/finetune"
 POLL_SECONDS = 15.0
 MLFLOW_FOLDER = "mlflow"
@@ -44,14 +46,25 @@ def job_paths(job_dir: PurePosixPath) -> dict[str, PurePosixPath]:
     return {name: job_dir / path for name, path in default_paths(STAGES["finetune"], {}).items()}
 
 
-def render(name: str, *, workers: int, claim: str, job_dir: PurePosixPath) -> dict[str, Any]:
+def render(
+    name: str,
+    *,
+    workers: int,
+    claim: str,
+    job_dir: PurePosixPath,
+    checkpoints: PurePosixPath | None = None,
+) -> dict[str, Any]:
     """The TrainJob ``name``: ``workers`` nodes of the imgpipe runtime, each running
-    ``imgpipe finetune`` on the paths of ``job_paths(job_dir)``, the volume claim ``claim``
-    mounted at ``SHARED`` (``job_dir`` lies under it)."""
+    ``imgpipe finetune`` on the paths of ``job_paths(job_dir)`` (the checkpoints at
+    ``checkpoints`` when given), the volume claim ``claim`` mounted at ``SHARED`` (``job_dir``
+    lies under it)."""
     from imgpipe.tracking import SQLITE, STAGE_LOG_DB
 
     command = ["imgpipe", "finetune", "--params", str(job_dir / "params.yaml")]
-    for key, path in job_paths(job_dir).items():
+    paths = job_paths(job_dir)
+    if checkpoints is not None:
+        paths["checkpoints"] = checkpoints
+    for key, path in paths.items():
         command += [f"--{key.replace('_', '-')}", str(path)]
     tracking_uri = f"{SQLITE}{job_dir / MLFLOW_FOLDER / STAGE_LOG_DB}"
     pod_patch = {
@@ -182,8 +195,17 @@ def run_finetune(
         _copy(paths[key], local[key])
     (shared / job_dir / MLFLOW_FOLDER).mkdir(parents=True)
     (shared / job_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # The step's checkpoint folder is on the shared volume already (kubeflow_step.kept_folder,
+    # one per params and inputs): the TrainJob resumes from it when the step is retried.
+    checkpoints = None
+    if paths["checkpoints"].is_relative_to(shared):
+        checkpoints = SHARED / paths["checkpoints"].relative_to(shared).as_posix()
     trainjob = render(
-        name, workers=params["finetune"]["workers"], claim=claim, job_dir=SHARED / job_dir
+        name,
+        workers=params["finetune"]["workers"],
+        claim=claim,
+        job_dir=SHARED / job_dir,
+        checkpoints=checkpoints,
     )
     submit(api_client, namespace, trainjob)
     wait(api_client, namespace, name, poll_seconds=poll_seconds)

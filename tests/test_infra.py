@@ -63,6 +63,7 @@ def test_overlays_build_and_validate_strictly(overlay):
             "Namespace/imgpipe",
             "NetworkPolicy/mlflow",
             "NetworkPolicy/tf-serving",
+            "PersistentVolumeClaim/imgpipe-shared",
             "PodDisruptionBudget/tf-serving",
             "Service/mlflow",
             "Service/tf-serving",
@@ -78,7 +79,7 @@ def test_overlays_build_and_validate_strictly(overlay):
 def test_gpu_serving_deployment():
     """Guards TF Serving on GPU nodes: GPU limits, node selector and toleration, the -gpu image,
     the configs from serving/ in a ConfigMap, readiness on the model's status, ports 8500 and
-    8501, non-root with a read-only root filesystem, the champion fetched by an init container."""
+    8501, non-root with a read-only root filesystem, the models read from the shared volume."""
     docs = build("gpu")
     deployment = _by_kind(docs, "Deployment", "tf-serving")
     pod = deployment["spec"]["template"]["spec"]
@@ -92,8 +93,7 @@ def test_gpu_serving_deployment():
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert server["securityContext"]["readOnlyRootFilesystem"] is True
     assert "--model_config_file=/config/models.config" in server["args"]
-    (init,) = pod["initContainers"]
-    assert init["command"][:2] == ["imgpipe", "fetch-model"]
+    assert "initContainers" not in pod  # the push writes the volume; nothing fetches at start
 
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     for name in ("models.config", "batching.config", "monitoring.config"):
@@ -106,21 +106,40 @@ def test_gpu_serving_deployment():
     assert local["containers"][0]["image"] == "tensorflow/serving:2.21.0"
 
 
+@pytest.mark.parametrize("overlay", ["local", "gpu"])
+def test_serving_reads_the_volume_the_kubeflow_push_writes(overlay):
+    """Guards the shared place: TF Serving mounts, read-only at /models (the base path of
+    serving/models.config), the folder params.yaml's serving.model_base_path names inside the
+    claim that the Kubeflow pipeline mounts by default (pipelines.kubeflow.SHARED_VOLUME), a
+    ReadWriteMany claim since the pipeline's steps and every replica share it (ReadWriteOnce
+    on a one-node laptop cluster)."""
+    from imgpipe.params import load_params
+    from pipelines.kubeflow import SHARED_VOLUME
+
+    docs = build(overlay)
+    claim = _by_kind(docs, "PersistentVolumeClaim", SHARED_VOLUME)
+    modes = {"local": ["ReadWriteOnce"], "gpu": ["ReadWriteMany"]}
+    assert claim["spec"]["accessModes"] == modes[overlay]
+    pod = _by_kind(docs, "Deployment", "tf-serving")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert volume["persistentVolumeClaim"]["claimName"] == SHARED_VOLUME
+    (server,) = pod["containers"]
+    (mount,) = [m for m in server["volumeMounts"] if m["name"] == volume["name"]]
+    base = load_params(PROJECT / "params.yaml")["serving"]["model_base_path"]
+    assert (mount["mountPath"], mount["subPath"], mount["readOnly"]) == ("/models", base, True)
+
+
 def test_manifests_serve_the_params_model_name():
     """Guards the model name in the manifests against params.yaml's serving.model_name (its
-    home): the init container fetches that model, the readiness and startup probes ask for its
-    status, and every model path in every object (the ConfigMap's models.config included)
-    names it. When the name changes, change serving/models.config and
-    infra/k8s/base/serving.yaml (infra/README.md)."""
+    home): the readiness and startup probes ask for its status, and every model path in every
+    object (the ConfigMap's models.config included) names it. When the name changes, change
+    serving/models.config and infra/k8s/base/serving.yaml (infra/README.md)."""
     from serving.config import served_model_name
 
     name = served_model_name(PROJECT / "params.yaml")
     for overlay in ("local", "gpu"):
         docs = build(overlay)
         pod = _by_kind(docs, "Deployment", "tf-serving")["spec"]["template"]["spec"]
-        (init,) = pod["initContainers"]
-        command = init["command"]
-        assert command[command.index("--model") + 1] == name, command
         (server,) = pod["containers"]
         for probe in ("readinessProbe", "startupProbe"):
             assert server[probe]["httpGet"]["path"] == f"/v1/models/{name}", (overlay, probe)

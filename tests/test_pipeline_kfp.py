@@ -58,7 +58,7 @@ def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tm
     cached (push is not retried either); the parameters mirror params.yaml."""
     from kfp import components
 
-    from pipelines.kubeflow import compile_to
+    from pipelines.kubeflow import SHARED_MOUNT, SHARED_VOLUME, compile_to
 
     path = compile_to(_params(), tmp_path / "imgpipe.yaml")
     loaded = components.load_component_from_file(str(path))
@@ -95,6 +95,14 @@ def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tm
     for name in ("exec-train", "exec-finetune"):
         assert k8s[name]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
         assert k8s[name]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # the shared place: the claim named by the shared_volume parameter, in the steps that keep
+    # files across runs (feature cache, checkpoints, serving versions) and no other
+    mounted = {name for name, executor in k8s.items() if executor.get("pvcMount")}
+    assert mounted == {"exec-train", "exec-finetune", "exec-push"}
+    for name in mounted:
+        (mount,) = k8s[name]["pvcMount"]
+        assert mount["pvcNameParameter"] == {"componentInputParameter": "shared_volume"}
+        assert mount["mountPath"] == SHARED_MOUNT
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     defaults = {k: v["defaultValue"] for k, v in parameters.items() if "defaultValue" in v}
     # overlays on the params.yaml compiled into every stage, never a second set of defaults
@@ -102,6 +110,7 @@ def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tm
         f"{section}_params": "{}" for section in _params()
     }
     assert defaults["source"] == "sample"
+    assert defaults["shared_volume"] == SHARED_VOLUME  # the claim infra/k8s creates
     finetune = spec["root"]["dag"]["tasks"]["finetune"]["inputs"]["parameters"]
     assert json.loads(finetune["base_params"]["runtimeValue"]["constant"]) == _params()
 
@@ -196,14 +205,40 @@ def test_import_logs_marks_a_step_from_the_cache_as_reused(tmp_path):
     assert run.data.params == {"ingest.seed": "1", "train.seed": "1"}
 
 
+def test_the_shared_place_is_a_mounted_claim_or_an_absolute_folder(tmp_path):
+    """Guards how a step finds the shared place: an absolute folder is taken as it is
+    (kfp.local), a claim name means the claim's mount, which must be there; anything else, and
+    kfp.local given a claim, is an error naming the parameter. A relative
+    serving.model_base_path lies inside the place, an absolute one stays."""
+    from pipelines.kubeflow import run_local
+    from pipelines.kubeflow_step import SHARED_MOUNT, served_from, shared_place
+
+    assert shared_place(str(tmp_path)) == tmp_path
+    with pytest.raises(FileNotFoundError, match=f"imgpipe-shared.*not mounted at {SHARED_MOUNT}"):
+        shared_place("imgpipe-shared")
+    with pytest.raises(ValueError, match="shared_volume 'Models/' is neither"):
+        shared_place("Models/")
+    with pytest.raises(ValueError, match=r"kfp\.local mounts no PersistentVolumeClaim"):
+        run_local(_params(), tmp_path / "root", shared_volume="imgpipe-shared")
+    serving = {"model_name": "tiny", "model_base_path": "models"}
+    assert served_from(tmp_path, serving)["model_base_path"] == str(tmp_path / "models")
+    absolute = {**serving, "model_base_path": "/srv/models"}
+    assert served_from(tmp_path, absolute) == absolute
+
+
 @pytest.mark.slow
-def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
+def test_kfp_local_runs_every_stage_then_a_rerun_pushes_the_next_version(tmp_path, monkeypatch):
     """Guards the pipeline for real: kfp.local (SubprocessRunner, this venv) runs all ten
     steps on a tiny data set; each leaves its artifacts; every stage's MLflow log ends in the
     one run that start-run made (the cached steps' through import-logs: params, metric
-    histories, artifacts); the blessed model is registered as champion and pushed."""
+    histories, artifacts); the blessed model is registered as champion and pushed into the
+    shared place, where the feature cache and the checkpoints stay too. A second execution,
+    its cached steps taken from the first (KFP's cache on a cluster; kfp.local has none), runs
+    only evaluate, export and push: the same model, blessed again against the champion it now
+    is, becomes serving version 2 beside version 1, and the serving side loads both."""
     from mlflow.tracking import MlflowClient
 
+    from components.push import serving_versions
     from imgpipe.tracking import flatten
     from pipelines.kubeflow import run_local
 
@@ -221,16 +256,17 @@ def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
     )
     # The int8-weights model is tested by test_export_registry and the DVC e2e run: skip it here.
     params["export"].update(warmup_images=2, representative_images=8, int8_weights=False)
-    params["serving"].update(model_name="tiny", model_base_path=str(tmp_path / "models"))
+    params["serving"].update(model_name="tiny")  # model_base_path: params.yaml's, relative
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shared = tmp_path / "shared"  # the claim on a cluster
+    arguments = {
+        "source": str(tmp_path / "data"),
+        "data_version": "v-test",
+        "mlflow_tracking_uri": uri,
+        "shared_volume": str(shared),
+    }
 
-    run_local(
-        params,
-        tmp_path / "root",
-        source=str(tmp_path / "data"),
-        data_version="v-test",
-        mlflow_tracking_uri=uri,
-    )
+    run_local(params, tmp_path / "root", **arguments)
 
     (run_dir,) = (tmp_path / "root").iterdir()
     ran = {p.name for p in run_dir.iterdir() if (p / "executor_output.json").is_file()}
@@ -279,7 +315,44 @@ def test_kfp_local_runs_every_stage_on_tiny_data(tmp_path, monkeypatch):
     assert {"ingest", "validate", "augment", "finetune", "evaluate", "export"} <= logged, logged
     champion = client.get_model_version_by_alias("tiny", "champion")
     assert champion.run_id == run.info.run_id
-    assert (tmp_path / "models" / "tiny" / "1" / "saved_model.pb").is_file()
+    models = shared / params["serving"]["model_base_path"]
+    assert serving_versions(models, "tiny") == [1]
+    assert not (tmp_path / "models").exists()  # nothing in the step's working folder
+    features = sorted((shared / "outputs" / "cache" / "features").glob("*.npz"))
+    assert len(features) == 2, features  # train and val, keyed by content
+    (checkpoints,) = (shared / "outputs" / "finetune_checkpoints").glob("*/state.json")
+
+    run_local(params, tmp_path / "root2", reused_from=run_dir, **arguments)
+
+    (rerun_dir,) = (tmp_path / "root2").iterdir()
+    ran = {p.name for p in rerun_dir.iterdir() if (p / "executor_output.json").is_file()}
+    assert ran == set(ORDER) - CACHED, ran
+    runs = client.search_runs([experiment.experiment_id])
+    (rerun,) = [r for r in runs if r.info.run_id != run.info.run_id]
+    for stage in STAGES:
+        assert rerun.data.tags[f"stage.{stage}"] == ("reused" if stage in CACHED else "done")
+    second = client.get_model_version_by_alias("tiny", "champion")
+    assert (int(second.version), second.run_id) == (2, rerun.info.run_id)
+    assert second.tags["serving_version"] == "2"
+    assert serving_versions(models, "tiny") == [1, 2]
+    assert sorted((shared / "outputs" / "cache" / "features").glob("*.npz")) == features
+    assert checkpoints.is_file()
+
+    # What TF Serving does with serving/models.config, /models being the shared models/ folder
+    # (infra/k8s): both versions load (policy: latest 2) and the newest answers by default.
+    from tensorflow_serving.apis.model_pb2 import ModelSpec
+
+    from serving.config import MODEL_CONFIG, model_config_for, read_model_config
+    from serving.manager import ModelManager, State
+
+    config = model_config_for("tiny", read_model_config(MODEL_CONFIG))
+    manager = ModelManager(config, mounts={"/models": models}, poll_seconds=0)
+    try:
+        states = [(version, state.state) for version, state in manager.states("tiny")]
+        assert states == [(1, State.AVAILABLE), (2, State.AVAILABLE)], states
+        assert manager.servable(ModelSpec(name="tiny")).version == 2
+    finally:
+        manager.stop()
 
 
 class _KfpStub(BaseHTTPRequestHandler):
