@@ -137,6 +137,8 @@ def _configure(
     if stage not in NOT_RETRIED:
         task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2.0)
     task.set_caching_options(stage in CACHED)
+    if stage == "finetune" and params is not None and params["finetune"]["workers"] > 1:
+        gpu = False  # the step only launches and waits for its TrainJob, whose nodes get GPUs
     if gpu:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
         kubernetes.add_node_selector(task, *GPU_NODE_LABEL)

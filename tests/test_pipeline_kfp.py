@@ -51,6 +51,20 @@ def _topological(tasks: dict[str, Any]) -> list[str]:
     return done
 
 
+def test_compiled_with_several_workers_the_finetune_step_takes_no_gpu(tmp_path):
+    """With finetune.workers > 1 compiled in, the finetune step only launches its TrainJob and
+    waits (pipelines.trainjob): it requests no GPU, while train still does."""
+    from pipelines.kubeflow import compile_to
+
+    params = _params()
+    params["finetune"]["workers"] = 2
+    spec, _ = yaml.safe_load_all(compile_to(params, tmp_path / "imgpipe.yaml").read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    resources = {n: executors[n]["container"]["resources"] for n in ("exec-train", "exec-finetune")}
+    assert "accelerator" not in resources["exec-finetune"]
+    assert resources["exec-train"]["accelerator"]["resourceCount"] == "1"
+
+
 def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tmp_path):
     """Guards the cluster contract of the YAML: kfp loads it back; the stages run in the
     pipeline's order; train and finetune request one nvidia.com/gpu with a GPU node selector
