@@ -33,11 +33,13 @@ demo: sample-data  ## set up, get the sample data, run the DVC pipeline end to e
 	$(BIN)/dvc repro
 	$(BIN)/imgpipe summary
 
-test: setup  ## the whole test suite, offline
-	$(BIN)/pytest
+# Test modules run side by side, one whole module per worker process (module fixtures run once).
+PYTEST_WORKERS ?= --numprocesses logical --maxprocesses 4 --dist loadfile
+test: setup  ## the whole test suite, offline, a module per core (up to 4)
+	$(BIN)/pytest $(PYTEST_WORKERS)
 
 test-fast: setup  ## the inner loop: every test but the slow ones (real stages, servers, e2e)
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest $(PYTEST_WORKERS) -m "not slow"
 
 bench: demo  ## every benchmark on the demo's outputs: JSON and summary.md in bench/results/
 	$(BIN)/python -m bench

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 TRAIN = {"seed": 42, "batch_size": 12, "epochs": 2, "learning_rate": 0.001, "dropout": 0.0}
 FINETUNE = {"seed": 42, "batch_size": 6, "epochs": 2, "learning_rate": 0.0001}
 FINETUNE_FIXED = {"unfreeze_layers": 20, "prior_balance": None, "early_stopping_patience": 2}
 MODEL = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 32}
+
+
+def scaled(section: dict[str, Any], scale: int) -> dict[str, Any]:
+    """``section`` with its batch size and learning rate multiplied by ``scale``."""
+    return {
+        **section,
+        "batch_size": section["batch_size"] * scale,
+        "learning_rate": section["learning_rate"] * scale,
+    }
 
 
 def main(root: Path, out: Path, replicas: int, scale: int) -> None:
@@ -39,15 +49,7 @@ def main(root: Path, out: Path, replicas: int, scale: int) -> None:
         history=out / "train_history.csv",
         feature_cache=out / "cache",
         model=model,
-        train=params(
-            "train",
-            **{
-                **TRAIN,
-                "batch_size": TRAIN["batch_size"] * scale,
-                "learning_rate": TRAIN["learning_rate"] * scale,
-            },
-            class_weights=False,
-        ),
+        train=params("train", **scaled(TRAIN, scale), class_weights=False),
         progress=False,
     )
     finetune.run(
@@ -60,15 +62,7 @@ def main(root: Path, out: Path, replicas: int, scale: int) -> None:
         history=out / "finetune_history.csv",
         checkpoints=out / "checkpoints",
         model=model,
-        finetune=params(
-            "finetune",
-            **{
-                **FINETUNE,
-                "batch_size": FINETUNE["batch_size"] * scale,
-                "learning_rate": FINETUNE["learning_rate"] * scale,
-            },
-            **FINETUNE_FIXED,
-        ),
+        finetune=params("finetune", **scaled(FINETUNE, scale), **FINETUNE_FIXED),
         progress=False,
     )
 

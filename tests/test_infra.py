@@ -19,15 +19,10 @@ KUBERNETES = "1.33"
 DOCKERFILES = sorted((PROJECT / "infra" / "docker").glob("*.Dockerfile"))
 
 
-def build(overlay: str) -> list[dict]:
+def kustomize(folder: Path) -> list[dict]:
+    """The objects ``kubectl kustomize`` builds from ``folder``."""
     result = subprocess.run(
-        [
-            str(KUBECTL),
-            "kustomize",
-            "--load-restrictor",
-            "LoadRestrictionsNone",
-            str(PROJECT / "infra" / "k8s" / "overlays" / overlay),
-        ],
+        [str(KUBECTL), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(folder)],
         capture_output=True,
         text=True,
         check=False,
@@ -35,6 +30,10 @@ def build(overlay: str) -> list[dict]:
     )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def build(overlay: str) -> list[dict]:
+    return kustomize(PROJECT / "infra" / "k8s" / "overlays" / overlay)
 
 
 def _by_kind(docs: list[dict], kind: str, name: str) -> dict:
@@ -206,15 +205,7 @@ TRAINJOB_EXAMPLE = TRAINER / "trainjob-example.yaml"
 
 
 def build_trainer() -> list[dict]:
-    result = subprocess.run(
-        [str(KUBECTL), "kustomize", str(TRAINER)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return kustomize(TRAINER)
 
 
 def _lost(given: object, back: object, path: str = "") -> str | None:
