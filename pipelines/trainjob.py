@@ -180,10 +180,11 @@ def run_finetune(
 
     from pipelines.stages import STAGES
 
-    if not claim:
+    if not claim or claim.startswith("/"):
         raise TrainJobError(
             f"finetune.workers = {params['finetune']['workers']} needs a volume claim shared "
-            "with the TrainJob's pods, mounted at /shared in this step; none is wired"
+            f"with the TrainJob's pods (the pipeline parameter shared_volume, mounted at {SHARED} "
+            f"in this step), got {claim!r}: a host folder (kfp.local) cannot reach a cluster"
         )
     if api_client is None:
         api_client, namespace = in_cluster()

@@ -234,5 +234,6 @@ def test_more_workers_without_a_shared_claim_say_what_is_missing(tmp_path):
 
     params = load_params(PROJECT / "params.yaml")
     params["finetune"]["workers"] = 2
-    with pytest.raises(TrainJobError, match=r"finetune\.workers = 2 needs a volume claim"):
-        run_finetune({}, params, claim="", mlflow_log=tmp_path)
+    for claim in ("", str(tmp_path)):  # none, or kfp.local's host folder
+        with pytest.raises(TrainJobError, match=r"finetune\.workers = 2 needs a volume claim"):
+            run_finetune({}, params, claim=claim, mlflow_log=tmp_path)
