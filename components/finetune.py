@@ -43,7 +43,7 @@ from imgpipe.metrics import (
     shift_probabilities,
     validation_scores,
 )
-from imgpipe.params import FinetuneParams, ModelParams
+from imgpipe.params import RESUME_IGNORES, FinetuneParams, ModelParams
 from imgpipe.tfrecords import count_records, split_files
 from imgpipe.training import (
     CURVES,
@@ -96,9 +96,7 @@ def fingerprint(
     and the precision actually used (``mixed_precision: null`` means another one on another
     machine)."""
     training: dict[str, Any] = {
-        k: v
-        for k, v in dataclasses.asdict(params).items()
-        if k not in ("prior_balance", "mixed_precision", "workers")
+        k: v for k, v in dataclasses.asdict(params).items() if k not in RESUME_IGNORES
     }
     # Single-device float32 checkpoints keep the key they always had.
     if replicas > 1:
@@ -121,8 +119,8 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     Order makes it crash-safe: the epoch's model is written first, then ``state.json`` (one
     atomic rename) points to it, then older files go. A kill at any point leaves a state that
     names files which exist. In a multi-worker job every worker keeps the same state (the
-    monitored value is all-reduced, so all stop together) but only the chief writes
-    (``write``), into the folder all of them resume from.
+    monitored value is the job's, read across workers by ``fit_multi_worker``, so all stop
+    together) but only the chief writes (``write``), into the folder all of them resume from.
     """
 
     def __init__(
@@ -387,20 +385,21 @@ def fit_multi_worker(
     """``fit``'s epoch loop under MultiWorkerMirroredStrategy, which Keras 3's own ``fit``
     does not run (it averages scalar logs along an axis: keras-team/keras#20585). Each step is
     the model's own ``train_step`` (``test_step`` for validation) run on every replica, so the
-    math is fit's; the logs are metric results, already summed across workers, so the local
-    replica's are the job's."""
+    math is fit's. The logs are the metrics read afterwards, outside the replicas: their
+    variables are summed across every replica of every worker on reading, so each worker sees
+    the job's figures (not its own slice) and all of them stop early at the same epoch."""
     import tensorflow as tf
 
-    def local(logs: dict[str, Any]) -> dict[str, Any]:
-        return {k: distribution.experimental_local_results(v)[0] for k, v in logs.items()}
+    @tf.function
+    def train_step(iterator: Any) -> None:
+        distribution.run(model.train_step, args=(next(iterator),))
 
     @tf.function
-    def train_step(iterator: Any) -> dict[str, Any]:
-        return local(distribution.run(model.train_step, args=(next(iterator),)))
+    def test_step(batch: Any) -> None:
+        distribution.run(model.test_step, args=(batch,))
 
-    @tf.function
-    def test_step(batch: Any) -> dict[str, Any]:
-        return local(distribution.run(model.test_step, args=(batch,)))
+    def results(prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": float(v) for k, v in model.get_metrics_result().items()}
 
     hooks = keras.callbacks.CallbackList(callbacks, model=model)
     batches = iter(distribution.experimental_distribute_dataset(train))
@@ -411,14 +410,13 @@ def fit_multi_worker(
         hooks.on_epoch_begin(epoch)
         for step in range(steps):
             hooks.on_train_batch_begin(step)
-            logs = train_step(batches)
+            train_step(batches)
             hooks.on_train_batch_end(step)
-        epoch_logs = {k: float(v) for k, v in logs.items()}
+        logs = results()
         model.reset_metrics()
         for batch in distribution.experimental_distribute_dataset(validation):
-            logs = test_step(batch)
-        epoch_logs |= {f"val_{k}": float(v) for k, v in logs.items()}
-        hooks.on_epoch_end(epoch, epoch_logs)
+            test_step(batch)
+        hooks.on_epoch_end(epoch, logs | results("val_"))
         if model.stop_training:
             break
     hooks.on_train_end()

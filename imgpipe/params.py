@@ -153,6 +153,12 @@ class TrainParams:
     reduce_lr_factor: float
 
 
+RESUME_IGNORES = ("prior_balance", "mixed_precision", "workers")
+"""finetune params that fine-tuning checkpoints do not depend on as written: ``prior_balance``
+acts after training (changing it reuses the epochs); ``mixed_precision`` and ``workers`` count
+as the precision and the replicas they resolve to (components.finetune.fingerprint)."""
+
+
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class FinetuneParams:
     seed: int

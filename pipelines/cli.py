@@ -70,8 +70,11 @@ def cmd_stage(args: argparse.Namespace) -> None:
     paths = runner.default_paths(stage, params)
     paths.update({n: Path(v) for n in paths if (v := getattr(args, n, None)) is not None})
     # A non-chief worker of a multi-worker job trains beside the chief, which alone writes.
-    execute = runner.execute if is_chief() else runner.execute_as_worker
-    print(runner.describe(stage, execute(stage, paths, params)))
+    if not is_chief():
+        summary = runner.execute_as_worker(stage, paths, params)
+    else:
+        summary = runner.execute(stage, paths, params, whole_run=not args.stage_log)
+    print(runner.describe(stage, summary))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -412,6 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="PATH",
                 help=f"output (default: {output.path})",
             )
+        p.add_argument(
+            "--stage-log",
+            action="store_true",
+            help="log only this stage's params and figures, as a pipeline step into a store of "
+            "its own (a Kubeflow Trainer pod); by default the run speaks for the whole pipeline",
+        )
 
     p = add(
         "runs", cmd_runs, "the MLflow runs as an ablation table (validation figures)", params=False

@@ -54,7 +54,15 @@ def run(name: str, arguments: dict[str, Any]) -> None:
                 if shared is None:
                     raise ValueError(f"stage {name}: no shared place for its {output_name}")
                 paths[output_name] = kept_folder(shared, stage, output_name, params, arguments)
-        if name == "finetune" and section(FinetuneParams, name, params).workers > 1:
+        workers = section(FinetuneParams, name, params).workers if name == "finetune" else 1
+        compiled = json.loads(arguments["base_params"]).get("finetune", {}).get("workers", 1)
+        if name == "finetune" and workers != compiled:
+            raise ValueError(
+                f"finetune_params.workers = {workers}, but the pipeline was compiled with "
+                f"finetune.workers = {compiled}: it decides at compile time whether the step "
+                "takes a GPU or launches a TrainJob, so compile with the workers you want"
+            )
+        if workers > 1:
             from pipelines.trainjob import run_finetune  # a Kubeflow Trainer TrainJob
 
             assert shared is not None
@@ -119,8 +127,15 @@ def kept_folder(
     folder = shared / stage.outputs[output].path
     if stage.outputs[output].dvc == "cache":
         return folder
+    from imgpipe.params import RESUME_IGNORES
+
     inputs = {n: arguments[n].uri for n, spec in stage.inputs.items() if spec.stage}
-    key = json.dumps([{s: params[s] for s in stage.sections}, inputs], sort_keys=True)
+    sections = {s: params[s] for s in stage.sections}
+    if "finetune" in sections:  # what the checkpoints do not depend on shares their folder
+        sections["finetune"] = {
+            k: v for k, v in sections["finetune"].items() if k not in RESUME_IGNORES
+        }
+    key = json.dumps([sections, inputs], sort_keys=True)
     return folder / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

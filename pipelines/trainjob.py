@@ -60,7 +60,9 @@ def render(
     lies under it)."""
     from imgpipe.tracking import SQLITE, STAGE_LOG_DB
 
-    command = ["imgpipe", "finetune", "--params", str(job_dir / "params.yaml")]
+    # --stage-log: the step imports this store into the execution's run, which start-run has
+    # given every param already (as with every other step's own store).
+    command = ["imgpipe", "finetune", "--stage-log", "--params", str(job_dir / "params.yaml")]
     paths = job_paths(job_dir)
     if checkpoints is not None:
         paths["checkpoints"] = checkpoints
@@ -128,9 +130,19 @@ def wait(
 ) -> dict[str, Any]:
     """The TrainJob once its ``Complete`` condition is true; a ``Failed`` one raises
     ``TrainJobError`` with the condition's reason and message."""
+    from kubernetes.client.exceptions import ApiException
+
     api = _api(api_client)
     while True:
-        trainjob = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        try:
+            trainjob = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status and exc.status < 500:
+                raise TrainJobError(
+                    f"TrainJob {namespace}/{name} could not be read ({exc.status} {exc.reason})"
+                ) from None
+            time.sleep(poll_seconds)  # the API server restarting: ask again
+            continue
         conditions = (trainjob.get("status") or {}).get("conditions") or []
         true = {c["type"]: c for c in conditions if c.get("status") == "True"}
         if "Failed" in true:
@@ -142,6 +154,22 @@ def wait(
         if "Complete" in true:
             return dict(trainjob)
         time.sleep(poll_seconds)
+
+
+def delete(api_client: Any, namespace: str, name: str) -> None:
+    """Delete TrainJob ``name`` (its pods stop), best effort: the reason to delete it is
+    already failing the step."""
+    import logging
+
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        _api(api_client).delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        logging.getLogger(__name__).warning(
+            "TrainJob %s/%s could not be deleted (%s %s): delete it by hand",
+            namespace, name, exc.status, exc.reason,
+        )  # fmt: skip
 
 
 def in_cluster() -> tuple[Any, str]:
@@ -209,9 +237,16 @@ def run_finetune(
         checkpoints=checkpoints,
     )
     submit(api_client, namespace, trainjob)
-    wait(api_client, namespace, name, poll_seconds=poll_seconds)
+    try:
+        wait(api_client, namespace, name, poll_seconds=poll_seconds)
+    except BaseException:
+        # A failed job, or a step stopped while it runs: no TrainJob may go on writing into
+        # the checkpoints the step's retry resumes from.
+        delete(api_client, namespace, name)
+        raise
     for key, out in stage.outputs.items():
         if out.dvc != "persist":  # the checkpoints stay on the shared volume
             _copy(local[key], paths[key])
     _copy(shared / job_dir / MLFLOW_FOLDER, mlflow_log)
+    shutil.rmtree(shared / job_dir)  # the copies of the inputs, and what came back
     return name

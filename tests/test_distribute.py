@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import PROJECT, build_tiny_project
+from conftest import PROJECT, build_tiny_project, read_csv_rows
 
 from imgpipe.params import load_params
 
@@ -211,6 +211,16 @@ def test_two_workers_fail_on_a_lost_worker_then_resume_to_the_one_device_weights
     summary = json.loads((folder / "finetune.json").read_text())["finetune"]
     assert summary["replicas"] == 2 and summary["resumed_from_epoch"] == 1, summary
     assert summary["epochs"] == 2
+    # Every epoch's figures are the job's, across both workers' slices (early stopping and the
+    # kept epoch depend on them), and they are one device's.
+    ours_rows, reference_rows = (
+        read_csv_rows(folder / "finetune_history.csv"),
+        read_csv_rows(runs[1] / "finetune_history.csv"),
+    )
+    assert len(ours_rows) == len(reference_rows) == 2
+    for ours_row, reference_row in zip(ours_rows, reference_rows, strict=True):
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert float(ours_row[key]) == pytest.approx(float(reference_row[key]), abs=1e-5), key
     for model in ("finetune/model.keras", "checkpoints/epoch-001.keras"):  # best, and last
         ours, reference = _weights(folder / model), _weights(runs[1] / model)
         worst = max(

@@ -349,7 +349,8 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert push.serving_versions(tmp_path / "models", MODEL_NAME) == [1, 2]
     assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 3
 
-    # 5. What the serving pod's init container does: the champion, as its serving version.
+    # 5. What `imgpipe fetch-model` does to seed an empty serving volume: the champion, as its
+    # serving version.
     fetched = registry.fetch(MODEL_NAME, "champion", tmp_path / "pod-models")
     assert fetched == tmp_path / "pod-models" / MODEL_NAME / "2"
     assert (fetched / "saved_model.pb").is_file()

@@ -111,6 +111,10 @@ class _KubeStub(BaseHTTPRequestHandler):
         name = self.path.rsplit("/", 1)[-1]
         self._reply(200, {"metadata": {"name": name}, "status": {"conditions": now}})
 
+    def do_DELETE(self) -> None:
+        self.calls.append(("DELETE", self.path, None))
+        self._reply(200, {"kind": "Status", "status": "Success"})
+
     def log_message(self, *args: Any) -> None:
         pass
 
@@ -133,6 +137,7 @@ def kube_stub() -> Iterator[Any]:
 
 RUNNING = [{"type": "Created", "status": "True", "reason": "JobsCreationSucceeded"}]
 COMPLETE = [*RUNNING, {"type": "Complete", "status": "True", "reason": "JobsCompleted"}]
+FAILED = {"type": "Failed", "status": "True", "reason": "JobsFailed", "message": "node-1 lost"}
 
 
 def test_submit_then_wait_until_complete(kube_stub):
@@ -169,7 +174,7 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
     """Guards the step's side of the data exchange: the inputs land on the shared volume at
     the paths the TrainJob's command names, params.yaml beside them; what the pods write there
     (outputs, the stage's MLflow log) comes back to the step's paths; the checkpoints stay."""
-    from pipelines.trainjob import SHARED, run_finetune
+    from pipelines.trainjob import SHARED, TrainJobError, run_finetune
 
     shared = tmp_path / "shared"
     step = tmp_path / "step"
@@ -191,7 +196,8 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
 
     def pods(trainjob: dict[str, Any]) -> None:  # what the pods read and write
         command = trainjob["spec"]["trainer"]["command"]
-        flags = dict(zip(command[2::2], command[3::2], strict=True))
+        assert command[:3] == ["imgpipe", "finetune", "--stage-log"]
+        flags = dict(zip(command[3::2], command[4::2], strict=True))
         local = {k: shared / Path(v).relative_to(SHARED) for k, v in flags.items()}
         seen["params"] = local["--params"].read_text()
         seen["trained"] = local["--trained"].read_text()
@@ -227,6 +233,24 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
     assert outputs["history"].read_text() == "epoch\n"
     assert not outputs["checkpoints"].exists()
     assert (step / "mlflow_log" / "mlflow.db").read_text() == "db"
+    assert not (shared / "trainjobs" / name).exists()  # the inputs' copies are gone
+    assert "DELETE" not in {method for method, *_ in _KubeStub.calls}
+
+    # A failed TrainJob is deleted (no pod goes on writing the checkpoints a retry resumes).
+    _KubeStub.calls, _KubeStub.conditions = [], [[*RUNNING, FAILED]]
+    with pytest.raises(TrainJobError, match="failed"):
+        run_finetune(
+            {**inputs, **outputs},
+            params,
+            claim="imgpipe-shared",
+            mlflow_log=step / "mlflow_log",
+            shared=shared,
+            api_client=kube_stub,
+            namespace="ml",
+            poll_seconds=0.01,
+        )
+    (_, _, failed), *_, (method, path, _) = _KubeStub.calls
+    assert (method, path.rsplit("/", 1)[-1]) == ("DELETE", failed["metadata"]["name"])
 
 
 def test_more_workers_without_a_shared_claim_say_what_is_missing(tmp_path):
