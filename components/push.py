@@ -144,7 +144,7 @@ def register(
         },
     )
     number = int(version.version)
-    registry.set_registered_model_alias(name, CHALLENGER, number)
+    move_alias(registry, name, CHALLENGER, number, run.info.run_id)
     result: dict[str, Any] = {
         "registered_model": name,
         "version": number,
@@ -158,7 +158,7 @@ def register(
     if blessing["blessed"]:
         target = push_to_serving(saved_model, Path(serving.model_base_path), name)
         registry.set_model_version_tag(name, str(number), "serving_version", target.name)
-        registry.set_registered_model_alias(name, CHAMPION, number)
+        result["champion_move"] = move_alias(registry, name, CHAMPION, number, run.info.run_id)
         result.update(
             aliases=[CHALLENGER, CHAMPION], pushed_to=str(target), serving_version=int(target.name)
         )
@@ -178,6 +178,42 @@ def register(
     )
     write_json_atomic(summary, result)
     return result
+
+
+def move_alias(registry: Any, name: str, alias: str, version: int, run_id: str) -> dict[str, Any]:
+    """Point ``alias`` of model ``name`` at ``version`` and record the move as tags on the
+    versions, so the registry's UI answers "why is this version serving": on ``version``,
+    ``<alias>.since``, ``<alias>.set_by`` (the MLflow user), ``<alias>.run_id`` (the pushing
+    run) and ``<alias>.previous_version``; on the version it replaces, ``<alias>.until`` and
+    ``<alias>.replaced_by``. Returns the move, which push also logs."""
+    import datetime
+    import getpass
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        previous: int | None = int(registry.get_model_version_by_alias(name, alias).version)
+    except MlflowException:  # no version holds the alias yet
+        previous = None
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    who = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+    registry.set_registered_model_alias(name, alias, version)
+    move = {
+        "since": now,
+        "set_by": who,
+        "run_id": run_id,
+        "previous_version": "none" if previous is None else str(previous),
+    }
+    for key, value in move.items():
+        registry.set_model_version_tag(name, str(version), f"{alias}.{key}", value)
+    if previous is not None and previous != version:
+        registry.set_model_version_tag(name, str(previous), f"{alias}.until", now)
+        registry.set_model_version_tag(name, str(previous), f"{alias}.replaced_by", str(version))
+    log.info(
+        "push: %s alias %s: version %s -> %d, by %s (run %s)",
+        name, alias, move["previous_version"], version, who, run_id,
+    )  # fmt: skip
+    return {"alias": alias, "version": version, **move}
 
 
 def read_blessing(path: Path) -> dict[str, Any]:

@@ -329,6 +329,13 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert (pushed_model / "saved_model.pb").is_file()
     assert (pushed_model / "assets.extra" / "tf_serving_warmup_requests").is_file()
     assert client.get_model_version(MODEL_NAME, "3").tags["serving_version"] == "2"
+    # Every alias move is on the versions: who, when, from which version, by which run.
+    three, one = (client.get_model_version(MODEL_NAME, v).tags for v in ("3", "1"))
+    assert three["champion.previous_version"] == "1" and three["champion.set_by"]
+    assert three["champion.run_id"] == pushed["champion_move"]["run_id"]
+    assert one["champion.replaced_by"] == "3" and one["champion.until"] == three["champion.since"]
+    assert one["champion.previous_version"] == "none"
+    assert client.get_model_version(MODEL_NAME, "2").tags["challenger.replaced_by"] == "3"
     # The registry holds the deployable files, downloadable by alias.
     files = mlflow.artifacts.download_artifacts(
         f"models:/{MODEL_NAME}@champion", dst_path=str(tmp_path / "download")
