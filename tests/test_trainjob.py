@@ -4,6 +4,7 @@ stub of the Kubernetes API that records what the real ``kubernetes`` client send
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterator
@@ -214,7 +215,8 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
     _KubeStub.conditions = [COMPLETE]
     params = load_params(PROJECT / "params.yaml")
     params["finetune"]["workers"] = 3
-    name = run_finetune(
+    launch = functools.partial(
+        run_finetune,
         {**inputs, **outputs},
         params,
         claim="imgpipe-shared",
@@ -224,6 +226,7 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
         namespace="ml",
         poll_seconds=0.01,
     )
+    name = launch()
     (_, _, trainjob), *_ = _KubeStub.calls
     assert trainjob["metadata"]["name"] == name and trainjob["spec"]["trainer"]["numNodes"] == 3
     assert "workers: 3" in seen["params"]
@@ -239,16 +242,7 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
     # A failed TrainJob is deleted (no pod goes on writing the checkpoints a retry resumes).
     _KubeStub.calls, _KubeStub.conditions = [], [[*RUNNING, FAILED]]
     with pytest.raises(TrainJobError, match="failed"):
-        run_finetune(
-            {**inputs, **outputs},
-            params,
-            claim="imgpipe-shared",
-            mlflow_log=step / "mlflow_log",
-            shared=shared,
-            api_client=kube_stub,
-            namespace="ml",
-            poll_seconds=0.01,
-        )
+        launch()
     (_, _, failed), *_, (method, path, _) = _KubeStub.calls
     assert (method, path.rsplit("/", 1)[-1]) == ("DELETE", failed["metadata"]["name"])
 
