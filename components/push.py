@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from imgpipe.access import USER_ENV, needs, on_model
 from imgpipe.fileio import write_json_atomic
 from imgpipe.params import ServingParams
 from imgpipe.registry import (
@@ -20,6 +21,7 @@ from imgpipe.registry import (
     CHAMPION,
     SAVED_MODEL,
     PushError,
+    alias_holder,
     champion,
     client,
 )
@@ -121,28 +123,31 @@ def register(
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("register() needs an active MLflow run")
-    mlflow.log_artifacts(str(saved_model), f"{ARTIFACT_PATH}/{SAVED_MODEL}")
-    mlflow.log_artifacts(str(export_dir / TFLITE), f"{ARTIFACT_PATH}/{TFLITE}")
-    mlflow.log_artifact(str(export_dir / CARD), ARTIFACT_PATH)
+    with needs("EDIT on the run's experiment", f"log the model into run {run.info.run_id}"):
+        mlflow.log_artifacts(str(saved_model), f"{ARTIFACT_PATH}/{SAVED_MODEL}")
+        mlflow.log_artifacts(str(export_dir / TFLITE), f"{ARTIFACT_PATH}/{TFLITE}")
+        mlflow.log_artifact(str(export_dir / CARD), ARTIFACT_PATH)
 
     registry = client()
-    if not registry.search_registered_models(filter_string=f"name = '{name}'"):
-        registry.create_registered_model(
-            name, description="Image classifier from the imgpipe pipeline; see model_card.md."
-        )
+    with needs("permission to create registered models", f"create registered model {name!r}"):
+        if not registry.search_registered_models(filter_string=f"name = '{name}'"):
+            registry.create_registered_model(
+                name, description="Image classifier from the imgpipe pipeline; see model_card.md."
+            )
     test = blessing["candidate"]
-    version = registry.create_model_version(
-        name,
-        source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
-        run_id=run.info.run_id,
-        description=(export_dir / CARD).read_text(encoding="utf-8"),
-        tags={
-            "blessed": str(blessing["blessed"]).lower(),
-            "blessing": "; ".join(c["reason"] for c in blessing["checks"]),
-            "test_accuracy": f"{test['accuracy']:.4f}",
-            "test_balanced_accuracy": f"{test['balanced_accuracy']:.4f}",
-        },
-    )
+    with needs(on_model(name), f"register a new version of {name!r}"):
+        version = registry.create_model_version(
+            name,
+            source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
+            run_id=run.info.run_id,
+            description=(export_dir / CARD).read_text(encoding="utf-8"),
+            tags={
+                "blessed": str(blessing["blessed"]).lower(),
+                "blessing": "; ".join(c["reason"] for c in blessing["checks"]),
+                "test_accuracy": f"{test['accuracy']:.4f}",
+                "test_balanced_accuracy": f"{test['balanced_accuracy']:.4f}",
+            },
+        )
     number = int(version.version)
     move_alias(registry, name, CHALLENGER, number, run.info.run_id)
     result: dict[str, Any] = {
@@ -157,7 +162,8 @@ def register(
     }
     if blessing["blessed"]:
         target = push_to_serving(saved_model, Path(serving.model_base_path), name)
-        registry.set_model_version_tag(name, str(number), "serving_version", target.name)
+        with needs(on_model(name), f"tag version {number} of {name!r}"):
+            registry.set_model_version_tag(name, str(number), "serving_version", target.name)
         result["champion_move"] = move_alias(registry, name, CHAMPION, number, run.info.run_id)
         result.update(
             aliases=[CHALLENGER, CHAMPION], pushed_to=str(target), serving_version=int(target.name)
@@ -189,26 +195,25 @@ def move_alias(registry: Any, name: str, alias: str, version: int, run_id: str) 
     import datetime
     import getpass
 
-    from mlflow.exceptions import MlflowException
-
-    try:
-        previous: int | None = int(registry.get_model_version_by_alias(name, alias).version)
-    except MlflowException:  # no version holds the alias yet
-        previous = None
+    holder = alias_holder(name, alias)
+    previous = holder.version if holder else None
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    who = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
-    registry.set_registered_model_alias(name, alias, version)
+    who = os.environ.get(USER_ENV) or getpass.getuser()
     move = {
         "since": now,
         "set_by": who,
         "run_id": run_id,
         "previous_version": "none" if previous is None else str(previous),
     }
-    for key, value in move.items():
-        registry.set_model_version_tag(name, str(version), f"{alias}.{key}", value)
-    if previous is not None and previous != version:
-        registry.set_model_version_tag(name, str(previous), f"{alias}.until", now)
-        registry.set_model_version_tag(name, str(previous), f"{alias}.replaced_by", str(version))
+    with needs(on_model(name), f"move alias {alias!r} of {name!r} to version {version}"):
+        registry.set_registered_model_alias(name, alias, version)
+        for key, value in move.items():
+            registry.set_model_version_tag(name, str(version), f"{alias}.{key}", value)
+        if previous is not None and previous != version:
+            registry.set_model_version_tag(name, str(previous), f"{alias}.until", now)
+            registry.set_model_version_tag(
+                name, str(previous), f"{alias}.replaced_by", str(version)
+            )
     log.info(
         "push: %s alias %s: version %s -> %d, by %s (run %s)",
         name, alias, move["previous_version"], version, who, run_id,

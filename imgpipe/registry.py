@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from imgpipe.access import needs
+
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -49,17 +51,23 @@ def client() -> Any:
     return MlflowClient()
 
 
-def champion(name: str) -> Champion | None:
-    """The version of ``name`` that holds the ``champion`` alias, or None."""
+def alias_holder(name: str, alias: str) -> Champion | None:
+    """The version of ``name`` that holds ``alias``, or None (no such model, or no holder)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client().get_model_version_by_alias(name, CHAMPION)
+        with needs(f"READ on registered model {name!r}", f"read alias {alias!r} of {name!r}"):
+            version = client().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
     return Champion(name, int(version.version), version.run_id)
+
+
+def champion(name: str) -> Champion | None:
+    """The version of ``name`` that holds the ``champion`` alias, or None."""
+    return alias_holder(name, CHAMPION)
 
 
 def fetch(name: str, alias: str, base: Path) -> Path:

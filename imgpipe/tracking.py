@@ -31,6 +31,8 @@ from typing import Any
 
 import yaml
 
+from imgpipe.access import needs, on_experiment
+
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "imgpipe"
 EXECUTION_TAG = "imgpipe.execution"
@@ -279,18 +281,20 @@ def stage_run(
     mlflow.set_tracking_uri(tracking_uri(root))
     run_id = os.environ.get("MLFLOW_RUN_ID")
     key = execution_key()
-    if not run_id:
-        experiment_id = ensure_experiment(mlflow, root)
-        run_id = _find_run(mlflow, experiment_id, key) if key else None
-    if run_id:
-        run = mlflow.start_run(run_id=run_id)
-    else:
-        name, tags = run_identity(root, params, "repro" if key else stage, generated)
-        tags[EXECUTION_TAG] = key or f"standalone:{stage}:{time.time_ns()}"
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
-        if params is not None:
-            log_params(flatten(params))
-    mlflow.set_tag(f"stage.{stage}", "running")
+    experiment = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    with needs(on_experiment(experiment), f"log stage {stage} into experiment {experiment!r}"):
+        if not run_id:
+            experiment_id = ensure_experiment(mlflow, root)
+            run_id = _find_run(mlflow, experiment_id, key) if key else None
+        if run_id:
+            run = mlflow.start_run(run_id=run_id)
+        else:
+            name, tags = run_identity(root, params, "repro" if key else stage, generated)
+            tags[EXECUTION_TAG] = key or f"standalone:{stage}:{time.time_ns()}"
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
+            if params is not None:
+                log_params(flatten(params))
+        mlflow.set_tag(f"stage.{stage}", "running")
     started = time.perf_counter()
     try:
         yield run

@@ -218,6 +218,31 @@ def cmd_fetch_model(args: argparse.Namespace) -> None:
     print(f"fetch-model: {args.model}@{args.alias} -> {target}")
 
 
+def cmd_mlflow_access(args: argparse.Namespace) -> None:
+    """As MLflow's admin: the pipeline's account, the read-only users and the pipeline's grants
+    (``imgpipe.access``); what the deployment's Job runs after each change of the Secrets."""
+    import mlflow
+
+    from imgpipe import access
+    from imgpipe.params import ServingParams, section
+    from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
+
+    pipeline = access.read_accounts(Path(args.pipeline_account))
+    if set(pipeline) != {"username", "password"}:
+        raise ValueError(
+            f"{args.pipeline_account}: expected the files username and password (a basic-auth "
+            f"Secret), found {sorted(pipeline)}"
+        )
+    mlflow.set_tracking_uri(tracking_uri())
+    summary = access.provision(
+        model=args.model or section(ServingParams, "serving", _params(args)).model_name,
+        experiment=args.experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT),
+        pipeline=(pipeline["username"], pipeline["password"]),
+        readers=access.read_accounts(Path(args.readers)) if args.readers else {},
+    )
+    print(json.dumps(summary, indent=2))
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
     """MLflow's UI on this project's store, opened on the experiment's headline view."""
     import sys
@@ -503,6 +528,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="champion")
     p.add_argument("--base", default="models", help="TF Serving base path root")
 
+    p = add(
+        "mlflow-access",
+        cmd_mlflow_access,
+        "as MLflow's admin (MLFLOW_TRACKING_USERNAME/PASSWORD): create or update the pipeline's "
+        "account and the read-only users, give the pipeline EDIT on its experiment and model",
+    )
+    p.add_argument(
+        "--pipeline-account",
+        required=True,
+        metavar="DIR",
+        help="folder with the files username and password (the mounted Secret mlflow-pipeline)",
+    )
+    p.add_argument(
+        "--readers",
+        metavar="DIR",
+        help="folder with a file per read-only user (its password)",
+    )
+    p.add_argument("--model", help="registered model (default: serving.model_name)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the pipeline's)")
+
     add("summary", cmd_summary, "print the pipeline's metrics and where MLflow is")
     return parser
 
@@ -524,12 +569,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except RuntimeError as exc:
         from components.validate import DataValidationError
+        from imgpipe.access import AccessError
         from imgpipe.registry import PushError
 
         if isinstance(exc, DataValidationError):
             print(f"imgpipe {args.command}: data validation failed: {exc}", file=sys.stderr)
             return 1
-        if isinstance(exc, PushError):
+        if isinstance(exc, (PushError, AccessError)):
             print(f"imgpipe {args.command}: error: {exc}", file=sys.stderr)
             return 1
         raise

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from imgpipe.access import needs, on_experiment
 from pipelines.trainjob import SHARED
 
 
@@ -178,12 +179,19 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
     cached steps run after start-run). Artifacts are read from the log's own folder (not
     through the absolute path the producing pod recorded). A model logged with ``log_model``
     stays in the stage's store (push registers the exported SavedModel into the run)."""
+    from mlflow.tracking import MlflowClient
+
+    target = MlflowClient(tracking_uri)
+    with needs("EDIT on the run's experiment", f"import the stage logs into run {run_id}"):
+        return _import_stage_logs(target, folders, run_id)
+
+
+def _import_stage_logs(target: Any, folders: list[str], run_id: str) -> list[str]:
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
     from imgpipe.tracking import RUN_TAGS, SQLITE, STAGE_LOG_DB
 
-    target = MlflowClient(tracking_uri)
     started = target.get_run(run_id).info.start_time
     imported = []
     for folder in folders:
@@ -245,11 +253,15 @@ def start_run(arguments: dict[str, Any]) -> str:
     tags["orchestrator"] = "kubeflow"
     if arguments["data_version"]:
         tags[DATA_VERSION_TAG] = arguments["data_version"]
-    with mlflow.start_run(
-        experiment_id=ensure_experiment(mlflow, project, arguments["experiment"]),
-        run_name=f"kfp-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags=tags,
-    ) as run:
+    experiment = arguments["experiment"]
+    with (
+        needs(on_experiment(experiment), f"start a run in experiment {experiment!r}"),
+        mlflow.start_run(
+            experiment_id=ensure_experiment(mlflow, project, experiment),
+            run_name=f"kfp-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags=tags,
+        ) as run,
+    ):
         log_params(flatten(params))
         return str(run.info.run_id)
 

@@ -7,10 +7,12 @@ and images made from different seeds never share bytes, so ingest never sees acc
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import os
+import socket
 import struct
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -249,6 +251,55 @@ def tmp_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
     if mlflow.active_run() is not None:
         mlflow.end_run()
     mlflow.set_tracking_uri(None)  # forget the tmp URI that stage_run set globally
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mlflow_server(
+    store: str, env: Mapping[str, str], *args: str, log: Path | None = None
+) -> Iterator[str]:
+    """MLflow's own server on ``store``, on 127.0.0.1 (``args``: more ``mlflow server`` flags);
+    yields its URI once /health answers, and stops it through its process group (its workers
+    too)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *args],
+        env={**os.environ, **env},
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, f"mlflow server exited {server.returncode}"
+                assert time.monotonic() < deadline, "mlflow server not ready in 120 s"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        if log:
+            output.close()  # type: ignore[union-attr]
 
 
 class TinyProject:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import PROJECT, build_tiny_project, read_csv_rows
+from conftest import PROJECT, build_tiny_project, free_port, read_csv_rows
 
 from imgpipe.params import load_params
 
@@ -121,16 +120,10 @@ def test_two_replicas_match_one_device(runs, phase):
         assert moved > 100 * TOLERANCE, moved
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _workers(root: Path, folder: Path, trained: Path, attempt: str) -> list[subprocess.Popen]:
     """``imgpipe finetune`` as two workers of one job (TF_CONFIG on 127.0.0.1), writing to
     ``folder`` (checkpoints shared, as on a Trainer job's volume)."""
-    hosts = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+    hosts = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     command = [
         str(Path(sys.executable).parent / "imgpipe"),
         "finetune",

@@ -24,6 +24,7 @@ from conftest import (
     build_tiny_project,
     class_pattern,
     encode_image,
+    mlflow_server,
     params,
     read_csv_rows,
 )
@@ -363,3 +364,141 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert (fetched / "saved_model.pb").is_file()
     assert (fetched / "assets.extra" / "tf_serving_warmup_requests").is_file()
     shutil.rmtree(tmp_path / "download")
+
+
+def test_only_the_pipeline_account_registers_and_moves_champion(
+    exported, tmp_path, monkeypatch, capsys
+):
+    """Guards who may promote a model, against MLflow's own basic-auth server started here on
+    127.0.0.1 (permissions in its SQLite database, as the deployment's in its Postgres):
+
+    1. the admin provisions the accounts with `imgpipe mlflow-access` (mounted-Secret folders);
+    2. the pipeline's account pushes: registers version 1 and moves ``champion`` to it, and
+       the move's tags name that account;
+    3. a read-only user and a client without credentials can read, but neither can register a
+       version nor move ``champion``: the server answers 403 and 401, and what reaches the user
+       is an error naming the action, the code and the permission it takes.
+    """
+    import secrets
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from components import push
+    from imgpipe import registry
+    from imgpipe.access import AccessError
+    from imgpipe.tracking import stage_run
+    from pipelines.cli import main
+
+    passwords = {user: secrets.token_urlsafe(16) for user in ("admin", "pipeline", "reader")}
+    config = tmp_path / "auth.ini"
+    config.write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+        "admin_username = admin\n"
+    )
+    server_env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": passwords["admin"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
+    accounts = {"pipeline": tmp_path / "pipeline", "readers": tmp_path / "readers"}
+    for folder, files in (
+        (accounts["pipeline"], {"username": "pipeline", "password": passwords["pipeline"]}),
+        (accounts["readers"], {"reader": passwords["reader"]}),
+    ):
+        folder.mkdir()
+        for name, value in files.items():
+            (folder / name).write_text(value + "\n")
+
+    def as_user(user: str | None) -> MlflowClient:
+        for key, value in (("USERNAME", user), ("PASSWORD", passwords.get(user or ""))):
+            if value:
+                monkeypatch.setenv(f"MLFLOW_TRACKING_{key}", value)
+            else:
+                monkeypatch.delenv(f"MLFLOW_TRACKING_{key}", raising=False)
+        return MlflowClient()
+
+    gate = {"min_accuracy": 0.5, "min_balanced_accuracy": 0.5, "max_regression": 0.01}
+    result = _evaluate(exported.project, exported.project.model, tmp_path, None, **gate)
+    assert result["blessed"], result["blessing"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "promotions")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with mlflow_server(
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        server_env,
+        "--app-name", "basic-auth",
+        "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts",
+        log=tmp_path / "server.log",
+    ) as uri:  # fmt: skip
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            # 1. The admin's side, as the deployment's Job does it (twice: it is idempotent).
+            as_user("admin")
+            argv = ["mlflow-access", "--model", MODEL_NAME, "--readers", str(accounts["readers"])]
+            argv += ["--pipeline-account", str(accounts["pipeline"])]
+            assert main(argv) == 0
+            assert main(argv) == 0
+            assert '"pipeline": "password set"' in capsys.readouterr().out
+
+            # 2. The pipeline's account registers and promotes.
+            as_user("pipeline")
+            with stage_run("push"):
+                pushed = push.run(
+                    exported=exported.out,
+                    blessing=tmp_path / "evaluate" / "blessing.json",
+                    summary=tmp_path / "push.json",
+                    serving=_serving(tmp_path),
+                )
+            assert pushed["version"] == 1 and pushed["aliases"] == ["challenger", "champion"]
+            assert pushed["champion_move"]["set_by"] == "pipeline"
+            tags = as_user("reader").get_model_version(MODEL_NAME, "1").tags
+            assert tags["champion.set_by"] == "pipeline", tags
+            assert tags["champion.previous_version"] == "none"
+            assert tags["champion.run_id"] == pushed["champion_move"]["run_id"]
+            run_id = pushed["champion_move"]["run_id"]
+
+            # 3. Nobody else: the server refuses, and the user reads why.
+            # Without credentials even reading the alias is refused, so the move stops there.
+            for user, status, action, permission in (
+                ("reader", "403 PERMISSION_DENIED", "move alias", "EDIT"),
+                (None, "401 UNAUTHENTICATED", "read alias", "READ"),
+            ):
+                client = as_user(user)
+                if user:  # reading is everyone's
+                    assert registry.champion(MODEL_NAME).version == 1
+                with pytest.raises(AccessError) as refused:
+                    push.move_alias(client, MODEL_NAME, "champion", 1, run_id)
+                message = str(refused.value)
+                assert f"refused to {action} 'champion' of '{MODEL_NAME}'" in message, message
+                assert status in message, message
+                assert f"needs {permission} on registered model '{MODEL_NAME}'" in message
+                assert ("user 'reader' does not have it" if user else "no user was given") in (
+                    message
+                )
+                # Registering: the push stage stops at its run, naming the experiment's grant.
+                with (
+                    pytest.raises(AccessError, match="EDIT on experiment 'promotions'"),
+                    stage_run("push"),
+                ):
+                    pass
+                # And the server itself refuses a version even on the pipeline's own run.
+                with pytest.raises(MlflowException) as raw:
+                    client.create_model_version(
+                        MODEL_NAME, source=f"runs:/{run_id}/x", run_id=run_id
+                    )
+                assert raw.value.error_code == status.split()[1]
+            versions = as_user("reader").search_model_versions(f"name = '{MODEL_NAME}'")
+            assert [v.version for v in versions] == ["1"]
+            assert registry.champion(MODEL_NAME).version == 1
+
+            # The CLI prints the refusal as an error, not a traceback.
+            assert main(argv) == 1
+            error = capsys.readouterr().err
+            assert "refused to manage the users" in error and "It needs the admin's account" in error
+        finally:
+            if mlflow.active_run() is not None:
+                mlflow.end_run()
+            mlflow.set_tracking_uri(None)

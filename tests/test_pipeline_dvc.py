@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import read_csv_rows
+from conftest import mlflow_server, read_csv_rows
 from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -459,14 +459,6 @@ CHROMIUM_FLAGS = (
 )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
     repo, first_repro, experiment, tmp_path
 ):
@@ -476,10 +468,7 @@ def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
     each, although DVC reused augment in the second."""
     import html
     import re
-    import signal
-    import time
     import urllib.parse
-    import urllib.request
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -489,40 +478,11 @@ def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
         repo.mlflow_runs()[0],
         {r.info.run_name: r for r in repo.mlflow_runs()}[EXPERIMENT_NAME],
     )
-    port = _free_port()
-    store = repo.env["MLFLOW_TRACKING_URI"]
-    server = subprocess.Popen(
-        [
-            str(VENV_BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            store,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=repo.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its workers too are stopped through its process group
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, "mlflow server exited"
-                assert time.monotonic() < deadline, "mlflow server not ready in 120 s"
-                time.sleep(1)
+    with mlflow_server(repo.env["MLFLOW_TRACKING_URI"], repo.env) as uri:
         ids = json.dumps([first.info.run_id, second.info.run_id])
         experiments = json.dumps([first.info.experiment_id])
         query = urllib.parse.urlencode({"runs": ids, "experiments": experiments})
-        url = f"http://127.0.0.1:{port}/#/compare-runs?{query}"
+        url = f"{uri}/#/compare-runs?{query}"
         dom = subprocess.run(
             [
                 chromium,
@@ -535,9 +495,6 @@ def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
             text=True,
             timeout=120,
         ).stdout
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
     cells = [html.unescape(c).strip() for c in re.split(r"<[^>]+>", dom)]
     cells = [c for c in cells if c]
