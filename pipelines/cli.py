@@ -77,9 +77,20 @@ def cmd_stage(args: argparse.Namespace) -> None:
     print(runner.describe(stage, summary))
 
 
+def _tls(args: argparse.Namespace) -> Any:
+    """The client's TLS from predict's flags; any of them implies TLS, none means plaintext."""
+    from serving.client import TLS
+
+    given = (args.ca_cert, args.client_cert, args.client_key, args.tls_server_name)
+    if not args.tls and not any(given):
+        return None
+    return TLS(args.ca_cert, args.client_cert, args.client_key, args.tls_server_name)
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from serving.client import ServingClient, ServingClientError, top_k
 
+    tls = _tls(args)
     model = args.model
     if not model:
         from imgpipe.params import ServingParams, section
@@ -92,7 +103,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"no such image file: {path}")
         images.append((path, path.read_bytes()))
     try:
-        with ServingClient(args.server, timeout=args.timeout, retries=args.retries) as client:
+        with ServingClient(
+            args.server, timeout=args.timeout, retries=args.retries, tls=tls
+        ) as client:
             for start in range(0, len(images), args.batch_size):
                 chunk = images[start : start + args.batch_size]
                 outputs = client.predict_bytes(
@@ -468,6 +481,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
     p.add_argument("--retries", type=int, default=3, help="retries on UNAVAILABLE, with backoff")
     p.add_argument("--batch-size", type=int, default=16, help="images per request")
+    tls = p.add_argument_group(
+        "TLS", "for a server with --ssl_config_file; any of these implies TLS (default: plaintext)"
+    )
+    tls.add_argument("--tls", action="store_true", help="TLS with gRPC's default trust roots")
+    tls.add_argument(
+        "--ca-cert", type=Path, metavar="FILE", help="CA bundle (PEM) that signed the server's"
+    )
+    tls.add_argument(
+        "--client-cert", type=Path, metavar="FILE", help="client certificate (PEM), for mTLS"
+    )
+    tls.add_argument("--client-key", type=Path, metavar="FILE", help="its private key (PEM)")
+    tls.add_argument(
+        "--tls-server-name", metavar="NAME", help="the name to verify in the server's certificate"
+    )
 
     pipeline = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run, schedule")
     psub = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")

@@ -1,17 +1,23 @@
 """A client for TF Serving's gRPC API (the real server or the local stand-in): encoded images in,
 top-k labels out. One deadline per call, retries included; UNAVAILABLE (server starting,
 restarting or overloaded) is retried with exponential backoff by gRPC's own retry policy (a
-service config on the channel); errors say which call, server, model and status failed.
+service config on the channel); errors say which call, server, model and status failed, and
+what a failed TLS handshake means. Plaintext unless given ``TLS`` (TF Serving's
+``--ssl_config_file``):
 
     with ServingClient("127.0.0.1:8500", timeout=10, retries=3) as client:
         outputs = client.predict_bytes([open("cell.png", "rb").read()], model="elpv_defects")
         print(top_k(outputs, k=3))
+
+    ServingClient("serving.example:8500", tls=TLS(ca_cert=Path("ca.crt")))
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,6 +40,83 @@ class ServingClientError(RuntimeError):
     ) -> None:
         super().__init__(message)
         self.code, self.details = code, details
+
+
+@dataclass(frozen=True)
+class TLS:
+    """How to reach a server over TLS: ``ca_cert``, the CA bundle that signed its certificate
+    (None: gRPC's default roots, for a certificate from a public CA); ``client_cert`` and
+    ``client_key`` for a server that verifies clients (mTLS); ``server_name`` when the address
+    is not a name the certificate holds."""
+
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError(
+                "a client certificate and its key go together (mTLS: --client-cert and "
+                "--client-key): give both or neither"
+            )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials; every file is read and checked here, before any call."""
+        from serving.config import ConfigError, check_pem
+
+        def read(path: Path | None, kind: str, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                text = Path(path).read_text(encoding="utf-8", errors="replace")
+                check_pem(text, kind, f"{what} {path}")
+            except OSError as exc:
+                raise ServingClientError(f"cannot read {what} {path}: {exc.strerror}") from None
+            except ConfigError as exc:
+                raise ServingClientError(str(exc)) from None
+            return text.encode()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_cert, "certificate", "the CA certificate"),
+            private_key=read(self.client_key, "key", "the client key"),
+            certificate_chain=read(self.client_cert, "certificate", "the client certificate"),
+        )
+
+
+def explain_unavailable(details: str, tls: TLS | None) -> str:
+    """What gRPC's UNAVAILABLE details mean when a TLS handshake is the cause, with the flag
+    that fixes it; "" otherwise. gRPC (1.85) reports each case this way: an untrusted server
+    certificate as "CERTIFICATE_VERIFY_FAILED", a name it does not hold as "Hostname
+    Verification Check failed", a plaintext server to a TLS client as "WRONG_VERSION_NUMBER",
+    and a TLS server closing a plaintext connection, or an mTLS server one without a trusted
+    client certificate, as "Socket closed"."""
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        reason = details.split("CERTIFICATE_VERIFY_FAILED:")[-1].removesuffix(": OK").strip()
+        return (
+            f"the TLS handshake failed: the server's certificate was not verified ({reason}); "
+            "pass the CA that signed it with --ca-cert"
+        )
+    if "Hostname Verification Check failed" in details:
+        return (
+            "the TLS handshake failed: the server's certificate does not name the host "
+            "connected to; connect by a name it holds or pass --tls-server-name"
+        )
+    if "WRONG_VERSION_NUMBER" in details:
+        return "the TLS handshake failed: the server did not answer in TLS (it may be plaintext)"
+    if "Socket closed" not in details:
+        return ""
+    if tls is None:
+        return "the server closed the connection: it may require TLS (pass --ca-cert or --tls)"
+    if tls.client_cert is None:
+        return (
+            "the server closed the connection after the TLS handshake: it may require a client "
+            "certificate (mTLS): pass --client-cert and --client-key"
+        )
+    return (
+        "the server closed the connection after the TLS handshake: it may not trust the "
+        f"client certificate {tls.client_cert} (signed by a CA other than its custom_ca)"
+    )
 
 
 def service_config(retries: int, backoff: float, max_backoff: float) -> str:
@@ -65,6 +148,7 @@ class ServingClient:
         backoff: float = 0.2,
         max_backoff: float = 5.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        tls: TLS | None = None,
     ) -> None:
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -72,18 +156,21 @@ class ServingClient:
             raise ValueError(f"retries must be 0 to {MAX_RETRIES} (gRPC's limit), got {retries}")
         if not 0 < backoff <= max_backoff:
             raise ValueError(f"need 0 < backoff <= max_backoff, got {backoff} and {max_backoff}")
-        self.address, self.timeout, self.retries = address, timeout, retries
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", service_config(retries, backoff, max_backoff)),
-                # a request larger than the retry buffer is never retried: make room for any
-                ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
-            ],
-        )
+        self.address, self.timeout, self.retries, self.tls = address, timeout, retries, tls
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(retries, backoff, max_backoff)),
+            # a request larger than the retry buffer is never retried: make room for any
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+        ]
+        if tls is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self.channel = grpc.secure_channel(address, tls.credentials(), options=options)
         self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
@@ -102,10 +189,12 @@ class ServingClient:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
-            retried = code == grpc.StatusCode.UNAVAILABLE and self.retries
-            tried = f" (retried up to {self.retries} times)" if retried else ""
+            unavailable = code == grpc.StatusCode.UNAVAILABLE
+            tried = f" (retried up to {self.retries} times)" if unavailable and self.retries else ""
+            meaning = explain_unavailable(details, self.tls) if unavailable else ""
+            said = f"{meaning} [gRPC: {details}]" if meaning else details
             raise ServingClientError(
-                f"{what} on {self.address} failed: {code.name}: {details}{tried}", code, details
+                f"{what} on {self.address} failed: {code.name}: {said}{tried}", code, details
             ) from None
 
     @staticmethod

@@ -7,9 +7,11 @@ MultiInference are UNIMPLEMENTED) and ``tensorflow.serving.ModelService`` (GetMo
 HandleReloadConfigRequest), and with ``--rest_api_port`` TF Serving's REST API and the
 Prometheus metrics (``serving/rest.py``). It reads TF Serving's model config, batching and
 monitoring files, loads every version the version policy allows, warms each up before it
-reports AVAILABLE, swaps versions without failing requests in flight, caps message sizes, binds
-127.0.0.1 unless told otherwise, and stops cleanly on SIGTERM. In production, run the real
-``tensorflow/serving`` container with the same files (README, ``infra/``).
+reports AVAILABLE, swaps versions without failing requests in flight, caps message sizes, serves
+gRPC over TLS or mTLS with TF Serving's ``--ssl_config_file`` (REST stays plaintext, as there),
+binds 127.0.0.1 unless told otherwise (another host only with TLS), and stops cleanly on SIGTERM.
+In production, run the real ``tensorflow/serving`` container with the same files (README,
+``infra/``).
 
     python -m serving.server --model_config_file serving/models.config --mount models:/models
 """
@@ -17,6 +19,7 @@ reports AVAILABLE, swaps versions without failing requests in flight, caps messa
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
 import sys
@@ -199,8 +202,30 @@ class ModelService:
         return response
 
 
+def server_credentials(ssl_config: Any) -> grpc.ServerCredentials:
+    """TLS for the gRPC port as TF Serving sets it up from an SSLConfig: the server's key and
+    certificate; with ``client_verify``, client certificates signed by ``custom_ca`` required."""
+    return grpc.ssl_server_credentials(
+        [(ssl_config.server_key.encode(), ssl_config.server_cert.encode())],
+        root_certificates=ssl_config.custom_ca.encode() or None,
+        require_client_auth=ssl_config.client_verify,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) stays on this
+    machine: ``localhost``, 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another name: it may resolve to any interface
+        return False
+
+
 class LocalServer:
-    """The gRPC server, ready to start; ``port`` 0 picks a free one."""
+    """The gRPC server, ready to start; ``port`` 0 picks a free one, and ``credentials``
+    (``server_credentials``) serve it over TLS."""
 
     def __init__(
         self,
@@ -210,6 +235,7 @@ class LocalServer:
         port: int = 8500,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         workers: int = 16,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
@@ -228,7 +254,11 @@ class LocalServer:
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelService(manager), self.server
         )
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = (
+            self.server.add_secure_port(f"{host}:{port}", credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(f"{host}:{port}")
+        )
         if not self.port:
             raise OSError(f"cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"
@@ -255,11 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_name", help="serve one model (instead of --model_config_file)")
     p.add_argument("--model_base_path", help="with --model_name")
     p.add_argument("--port", type=int, default=8500, help="gRPC port (0: any free port)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default loopback only; any other needs --ssl_config_file)",
+    )
     p.add_argument("--enable_batching", action="store_true")
     p.add_argument("--batching_parameters_file", type=Path, default=None)
     p.add_argument("--monitoring_config_file", type=Path, default=None)
     p.add_argument("--rest_api_port", type=int, default=0, help="REST API and metrics (0: off)")
+    p.add_argument(
+        "--ssl_config_file",
+        type=Path,
+        default=None,
+        help="SSLConfig (text proto; `python -m serving.config ssl` writes it): gRPC over TLS, "
+        "mTLS with client_verify; REST stays plaintext, as in TF Serving",
+    )
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0)
     p.add_argument("--max_message_bytes", type=int, default=MAX_MESSAGE_BYTES)
     p.add_argument(
@@ -303,9 +344,19 @@ def main(argv: list[str] | None = None) -> int:
         batching_settings,
         read_batching_parameters,
         read_monitoring_config,
+        read_ssl_config,
     )
 
+    if not args.ssl_config_file and not is_loopback(args.host):
+        print(
+            f"serving: error: --host {args.host} is not a loopback address, and gRPC without "
+            "--ssl_config_file is plaintext: serve other hosts over TLS (write the file with "
+            "`python -m serving.config ssl`), or bind 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 2
     try:
+        ssl = read_ssl_config(args.ssl_config_file) if args.ssl_config_file else None
         config = _model_config(args)
         batching = (
             batching_settings(read_batching_parameters(args.batching_parameters_file))
@@ -328,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         poll_seconds=args.file_system_poll_wait_seconds,
     )
     server = LocalServer(
-        manager, host=args.host, port=args.port, max_message_bytes=args.max_message_bytes
+        manager,
+        host=args.host,
+        port=args.port,
+        max_message_bytes=args.max_message_bytes,
+        credentials=server_credentials(ssl) if ssl is not None else None,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -354,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         rest.start()
     log.info(
-        "gRPC on %s%s (batching %s); models %s",
+        "gRPC (%s) on %s%s (batching %s); models %s",
+        "plaintext" if ssl is None else "mTLS" if ssl.client_verify else "TLS",
         server.address,
         f", REST on {args.host}:{rest.port}" if rest else "",
         "on" if batching else "off",

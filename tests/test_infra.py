@@ -128,6 +128,32 @@ def test_serving_reads_the_volume_the_kubeflow_push_writes(overlay):
     assert (mount["mountPath"], mount["subPath"], mount["readOnly"]) == ("/models", base, True)
 
 
+@pytest.mark.parametrize("overlay", ["local", "gpu"])
+def test_serving_grpc_is_tls_from_a_referenced_secret(overlay):
+    """Guards TLS on TF Serving's gRPC port: --ssl_config_file names the key ssl.config of the
+    Secret tf-serving-tls (referenced, not committed, not optional), mounted read-only with a
+    mode only root and the pod's fsGroup can read, a group the non-root server is in; the
+    probes stay on plaintext REST and a TCP connect to gRPC."""
+    docs = build(overlay)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    pod = _by_kind(docs, "Deployment", "tf-serving")["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    (flag,) = [a for a in server["args"] if a.startswith("--ssl_config_file=")]
+    folder, _, name = flag.removeprefix("--ssl_config_file=").rpartition("/")
+    (mount,) = [m for m in server["volumeMounts"] if m["mountPath"] == folder]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    assert secret["secretName"] == "tf-serving-tls" and not secret.get("optional", False)
+    assert secret["items"] == [{"key": "ssl.config", "path": name}]
+    # a Secret's files belong to root and, with fsGroup, to that group, which the server is in
+    assert secret["defaultMode"] == 0o440, oct(secret["defaultMode"])
+    assert pod["securityContext"]["fsGroup"] and pod["securityContext"]["runAsNonRoot"]
+    for probe in ("readinessProbe", "startupProbe"):
+        assert server[probe]["httpGet"]["port"] == "http", probe
+    assert server["livenessProbe"]["tcpSocket"]["port"] == "grpc"
+
+
 def test_manifests_serve_the_params_model_name():
     """Guards the model name in the manifests against params.yaml's serving.model_name (its
     home): the readiness and startup probes ask for its status, and every model path in every

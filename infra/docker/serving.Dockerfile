@@ -1,5 +1,8 @@
-# TF Serving with the project's configs baked in; the model arrives at /models through the
-# init container in infra/k8s (`imgpipe fetch-model`: the registry's champion) or a volume.
+# TF Serving with the project's configs baked in, for running outside Kubernetes (infra/k8s runs
+# tensorflow/serving with the configs from a ConfigMap); the models arrive at /models in a volume.
+# gRPC is plaintext unless given TLS: mount an SSLConfig (`python -m serving.config ssl`, never
+# baked in) and append its flag, e.g. `docker run -v "$PWD/tls:/ssl:ro" imgpipe-serving
+# --ssl_config_file=/ssl/ssl.config` (arguments follow the ENTRYPOINT's; REST stays plaintext).
 #   GPU (default):  docker build -f infra/docker/serving.Dockerfile -t imgpipe-serving .
 #   CPU:            docker build -f infra/docker/serving.Dockerfile \
 #                     --build-arg BASE=tensorflow/serving:2.21.0 -t imgpipe-serving:cpu .
