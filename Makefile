@@ -73,10 +73,11 @@ serve: setup  ## serve models/ over TF Serving's gRPC API on 127.0.0.1:8500 (RES
 # Container images (infra/docker); IMAGE_BUILD_ARGS="--build-arg BASE=tensorflow/tensorflow:2.21.0"
 # for a CPU components image.
 IMAGE_TAG ?= dev
-image:  ## build the components and serving images (needs a running Docker engine)
+image:  ## build the components, serving and MLflow images (needs a running Docker engine)
 	@docker info >/dev/null 2>&1 || { echo "make image: no Docker engine answers (docker info failed); see infra/README.md"; exit 1; }
 	docker build -f infra/docker/components.Dockerfile $(IMAGE_BUILD_ARGS) -t imgpipe-components:$(IMAGE_TAG) .
 	docker build -f infra/docker/serving.Dockerfile -t imgpipe-serving:$(IMAGE_TAG) .
+	docker build -f infra/docker/mlflow.Dockerfile -t imgpipe-mlflow:$(IMAGE_TAG) .
 
 clean:  ## remove pipeline outputs (not the venv, not the data, not pushed models)
 	rm -rf outputs mlflow.db mlartifacts

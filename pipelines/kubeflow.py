@@ -49,6 +49,7 @@ from kfp.dsl import (
     Output,
 )
 
+from imgpipe.access import PASSWORD_ENV, PIPELINE_SECRET, USER_ENV
 from imgpipe.params import SECTIONS
 from pipelines.kubeflow_step import SHARED_MOUNT
 from pipelines.stages import STAGES, Stage
@@ -103,6 +104,12 @@ take the execution's MLflow run id. Not cached: start-run and import-logs (the r
 execution), evaluate (compares with the registry's current champion), export (its model card
 carries this execution's evaluation) and push (writes the registry and the serving path)."""
 
+CREDENTIALS = {"username": USER_ENV, "password": PASSWORD_ENV}
+"""The MLflow account of the steps that talk to the server (start-run, import-logs and the
+uncached stages), from the Secret named by the ``mlflow_credentials`` parameter (default
+``mlflow-pipeline``, type basic-auth) into MLflow's own variables. Optional: without it a step
+talks to the server unauthenticated, which an authenticating server refuses with an error
+naming the Secret (``imgpipe.access``)."""
 
 ARTIFACT_TYPES = (Dataset, Model, Metrics, ClassificationMetrics, HTML, Markdown)
 KEPT = {"cache", "persist"}
@@ -125,7 +132,11 @@ NOT_RETRIED = {"push"}
 
 
 def _configure(
-    task: Any, stage: str, params: dict[str, Any] | None = None, shared_volume: Any = None
+    task: Any,
+    stage: str,
+    params: dict[str, Any] | None = None,
+    shared_volume: Any = None,
+    credentials: Any = None,
 ) -> Any:
     from kfp import kubernetes
 
@@ -146,6 +157,8 @@ def _configure(
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
     if stage in SHARED:  # kfp.local ignores the mount: there the parameter is a host folder
         kubernetes.mount_pvc(task, pvc_name=shared_volume, mount_path=SHARED_MOUNT)
+    if credentials is not None:  # kfp.local ignores it: there the steps inherit the shell's
+        kubernetes.use_secret_as_env(task, credentials, CREDENTIALS, optional=True)
     return task
 
 
@@ -238,6 +251,7 @@ def build(params: dict[str, Any], imported: dict[str, dict[str, str]] | None = N
             ("mlflow_tracking_uri", "http://mlflow.imgpipe.svc.cluster.local:5000"),
             ("mlflow_experiment", "imgpipe"),
             ("shared_volume", SHARED_VOLUME),
+            ("mlflow_credentials", PIPELINE_SECRET),
             *((f"{s}_params", "{}") for s in SECTIONS),
         )
     ]
@@ -254,6 +268,7 @@ def build(params: dict[str, Any], imported: dict[str, dict[str, str]] | None = N
                 **{s: given[f"{s}_params"] for s in SECTIONS},
             ),
             "start-run",
+            credentials=given["mlflow_credentials"],
         )
         tasks: dict[str, Any] = {}
         for name, stage in STAGES.items():
@@ -272,7 +287,13 @@ def build(params: dict[str, Any], imported: dict[str, dict[str, str]] | None = N
                     arguments["data_version"] = given["data_version"]
             if name not in CACHED:
                 arguments.update(tracking_uri=uri, run_id=run.output)
-            task = _configure(components[name](**arguments), name, params, given["shared_volume"])
+            task = _configure(
+                components[name](**arguments),
+                name,
+                params,
+                given["shared_volume"],
+                None if name in CACHED else given["mlflow_credentials"],
+            )
             if name in CACHED:  # so that a log older than the run came from the cache
                 task.after(run)
             for before in stage.after:
@@ -286,6 +307,7 @@ def build(params: dict[str, Any], imported: dict[str, dict[str, str]] | None = N
                 run_id=run.output,
             ),
             "import-logs",
+            credentials=given["mlflow_credentials"],
         )
 
     imgpipe.__signature__ = inspect.Signature(  # type: ignore[attr-defined]

@@ -117,8 +117,23 @@ def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tm
         (mount,) = k8s[name]["pvcMount"]
         assert mount["pvcNameParameter"] == {"componentInputParameter": "shared_volume"}
         assert mount["mountPath"] == SHARED_MOUNT
+    # the MLflow account, from the Secret the mlflow_credentials parameter names, in exactly
+    # the steps that talk to the server (the cached ones log into artifacts of their own)
+    talking = {name for name, executor in k8s.items() if executor.get("secretAsEnv")}
+    assert talking == {
+        f"exec-{n}" for n in ("start-run", "evaluate", "export", "push", "import-logs")
+    }
+    for name in talking:
+        (secret,) = k8s[name]["secretAsEnv"]
+        assert secret["secretNameParameter"] == {"componentInputParameter": "mlflow_credentials"}
+        assert secret["optional"] is True
+        assert {m["secretKey"]: m["envVar"] for m in secret["keyToEnv"]} == {
+            "username": "MLFLOW_TRACKING_USERNAME",
+            "password": "MLFLOW_TRACKING_PASSWORD",
+        }
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     defaults = {k: v["defaultValue"] for k, v in parameters.items() if "defaultValue" in v}
+    assert defaults["mlflow_credentials"] == "mlflow-pipeline"  # infra/k8s, README
     # overlays on the params.yaml compiled into every stage, never a second set of defaults
     assert {k: v for k, v in defaults.items() if k.endswith("_params")} == {
         f"{section}_params": "{}" for section in _params()
