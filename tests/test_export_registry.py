@@ -497,7 +497,8 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
             # The CLI prints the refusal as an error, not a traceback.
             assert main(argv) == 1
             error = capsys.readouterr().err
-            assert "refused to manage the users" in error and "It needs the admin's account" in error
+            assert "refused to manage the users" in error, error
+            assert "It needs the admin's account" in error, error
         finally:
             if mlflow.active_run() is not None:
                 mlflow.end_run()
