@@ -408,6 +408,13 @@ def main(argv: list[str] | None = None) -> int:
             grace_seconds=int(GRACE_SECONDS),
         )
         rest.start()
+        if not is_loopback(args.host):  # as TF Serving's: TLS is for the gRPC port only
+            log.warning(
+                "REST on %s:%d is plaintext: keep it to probes and metrics (a NetworkPolicy), "
+                "send predictions over gRPC",
+                args.host,
+                rest.port,
+            )
     log.info(
         "gRPC (%s) on %s%s (batching %s); models %s",
         "plaintext" if ssl is None else "mTLS" if ssl.client_verify else "TLS",
