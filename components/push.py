@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from imgpipe.access import USER_ENV, needs, on_model
+from imgpipe.access import USER_ENV, needs, on_model, on_run
 from imgpipe.fileio import write_json_atomic
 from imgpipe.params import ServingParams
 from imgpipe.registry import (
@@ -24,6 +24,7 @@ from imgpipe.registry import (
     alias_holder,
     champion,
     client,
+    ensure_model,
 )
 from imgpipe.savedmodel import CARD, TFLITE, SavedModelClassifier, run_warmup, saved_model_dir
 
@@ -123,17 +124,13 @@ def register(
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("register() needs an active MLflow run")
-    with needs("EDIT on the run's experiment", f"log the model into run {run.info.run_id}"):
+    with needs(on_run(run.info.run_id), f"log the model into run {run.info.run_id}"):
         mlflow.log_artifacts(str(saved_model), f"{ARTIFACT_PATH}/{SAVED_MODEL}")
         mlflow.log_artifacts(str(export_dir / TFLITE), f"{ARTIFACT_PATH}/{TFLITE}")
         mlflow.log_artifact(str(export_dir / CARD), ARTIFACT_PATH)
 
     registry = client()
-    with needs("permission to create registered models", f"create registered model {name!r}"):
-        if not registry.search_registered_models(filter_string=f"name = '{name}'"):
-            registry.create_registered_model(
-                name, description="Image classifier from the imgpipe pipeline; see model_card.md."
-            )
+    ensure_model(registry, name)
     test = blessing["candidate"]
     with needs(on_model(name), f"register a new version of {name!r}"):
         version = registry.create_model_version(
@@ -195,7 +192,7 @@ def move_alias(registry: Any, name: str, alias: str, version: int, run_id: str) 
     import datetime
     import getpass
 
-    holder = alias_holder(name, alias)
+    holder = alias_holder(name, alias, registry)
     previous = holder.version if holder else None
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     who = os.environ.get(USER_ENV) or getpass.getuser()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,15 @@ def on_experiment(name: str) -> str:
     return f"{PIPELINE_PERMISSION} on experiment {name!r}"
 
 
+def on_run(run_id: str) -> str:
+    return f"{PIPELINE_PERMISSION} on the experiment of run {run_id}"
+
+
 @contextlib.contextmanager
-def needs(permission: str, action: str) -> Iterator[None]:
+def needs(permission: str, action: str, server: str | None = None) -> Iterator[None]:
     """Inside the block, MLflow's 401 and 403 become an AccessError that says what was refused
-    (``action``), which permission it takes, and how to get it."""
+    (``action``, on ``server``: default the tracking URI), which permission it takes, and how
+    to get it."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -61,10 +67,23 @@ def needs(permission: str, action: str) -> Iterator[None]:
     except MlflowException as exc:
         if exc.error_code not in REFUSED:
             raise
-        raise AccessError(refusal(exc.error_code, permission, action)) from None
+        raise AccessError(refusal(exc.error_code, permission, action, server)) from None
 
 
-def refusal(code: str, permission: str, action: str) -> str:
+def refused(exc: BaseException) -> str | None:
+    """What to tell the user when ``exc`` is MLflow's 401 or 403 met outside any ``needs``
+    block (the permission is then unknown); None for anything else."""
+    code = getattr(exc, "error_code", None)
+    if code not in REFUSED or "mlflow.exceptions" not in sys.modules:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return None
+    return refusal(code, "an account allowed this call", "answer")
+
+
+def refusal(code: str, permission: str, action: str, server: str | None = None) -> str:
     import mlflow
 
     user = os.environ.get(USER_ENV)
@@ -81,7 +100,7 @@ def refusal(code: str, permission: str, action: str) -> str:
             "(`imgpipe mlflow-access`, or MLflow's permissions API)"
         )
     return (
-        f"MLflow at {mlflow.get_tracking_uri()} refused to {action}: "
+        f"MLflow at {server or mlflow.get_tracking_uri()} refused to {action}: "
         f"{REFUSED[code]} {code}. It needs {permission}; {reason}"
     )
 
@@ -114,7 +133,7 @@ def _set_user(auth: Any, name: str, password: str) -> str:
             raise
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # a password MLflow refuses, say
             raise ValueError(f"MLflow user {name!r}: {exc.message}") from None
-    auth.update_user_password(name, password)  # the Secret is the truth: rotation is a rerun
+    auth.update_user_password(name, password)  # a changed Secret: its new password
     return "password set"
 
 
@@ -131,44 +150,37 @@ def _grant(auth: Any, user: str, kind: str, resource: str, permission: str) -> N
 
 
 def provision(
+    server: str,
     *,
+    experiment_id: str,
     model: str,
-    experiment: str,
     pipeline: tuple[str, str],
     readers: Mapping[str, str],
 ) -> dict[str, Any]:
-    """As the admin (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``): the pipeline's account and the
-    read-only users, with these passwords; the experiment and the registered model, created by
-    the admin so that nobody else can take their names first; and the pipeline's EDIT on both.
-    Idempotent: a rerun sets the passwords again and the grants. Returns what it did."""
-    import mlflow
+    """As the admin (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``) of ``server``: the pipeline's
+    account and the read-only users with these passwords (set again when they exist, so a
+    changed password is a rerun), and the pipeline's EDIT on the experiment and the registered
+    model (which the admin makes first: ``imgpipe mlflow-access``). Users no longer listed are
+    left as they are: removing one is the admin's explicit act. Returns what it did."""
     from mlflow.server import get_app_client
 
     pipeline_user, pipeline_password = pipeline
     if pipeline_user in readers:
         raise ValueError(f"{pipeline_user!r} is both the pipeline's account and a reader")
-    uri = mlflow.get_tracking_uri()
-    auth = get_app_client("basic-auth", tracking_uri=uri)
-    client = mlflow.MlflowClient(uri)
-    with needs("the admin's account", f"manage the users of {uri}"):
+    auth = get_app_client("basic-auth", tracking_uri=server)
+    with needs("the admin's account", f"manage the users of {server}", server):
         users = {
             name: _set_user(auth, name, password)
             for name, password in {pipeline_user: pipeline_password, **readers}.items()
         }
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        if not client.search_registered_models(filter_string=f"name = '{model}'"):
-            client.create_registered_model(
-                model, description="Image classifier from the imgpipe pipeline; see model_card.md."
-            )
         _grant(auth, pipeline_user, "experiment", experiment_id, PIPELINE_PERMISSION)
         _grant(auth, pipeline_user, "registered_model", model, PIPELINE_PERMISSION)
     summary = {
-        "server": uri,
+        "server": server,
         "users": users,
         "pipeline": pipeline_user,
         "readers": sorted(readers),
-        "grants": [on_experiment(experiment), on_model(model)],
+        "grants": [f"{PIPELINE_PERMISSION} on experiment {experiment_id}", on_model(model)],
     }
     log.info(
         "mlflow-access: %s; %s gets %s", ", ".join(f"{u} {what}" for u, what in users.items()),

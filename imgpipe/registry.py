@@ -22,6 +22,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_PATH = "registered_model"
 """Run artifact folder a model version points to: saved_model/, tflite/, model_card.md."""
 SAVED_MODEL = "saved_model"
+DESCRIPTION = "Image classifier from the imgpipe pipeline; see model_card.md."
 
 
 class PushError(RuntimeError):
@@ -51,13 +52,21 @@ def client() -> Any:
     return MlflowClient()
 
 
-def alias_holder(name: str, alias: str) -> Champion | None:
+def ensure_model(registry: Any, name: str) -> None:
+    """Register the model ``name`` unless it exists (push's first run, or the admin's
+    ``imgpipe mlflow-access`` ahead of it)."""
+    with needs("permission to create registered models", f"create registered model {name!r}"):
+        if not registry.search_registered_models(filter_string=f"name = '{name}'"):
+            registry.create_registered_model(name, description=DESCRIPTION)
+
+
+def alias_holder(name: str, alias: str, registry: Any = None) -> Champion | None:
     """The version of ``name`` that holds ``alias``, or None (no such model, or no holder)."""
     from mlflow.exceptions import MlflowException
 
     try:
         with needs(f"READ on registered model {name!r}", f"read alias {alias!r} of {name!r}"):
-            version = client().get_model_version_by_alias(name, alias)
+            version = (registry or client()).get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
@@ -75,7 +84,9 @@ def fetch(name: str, alias: str, base: Path) -> Path:
     serving version it was pushed as), written in one rename (``imgpipe fetch-model``)."""
     import mlflow
 
-    version = client().get_model_version_by_alias(name, alias)
+    reading = (f"READ on registered model {name!r}", f"fetch {name}@{alias}")
+    with needs(*reading):
+        version = client().get_model_version_by_alias(name, alias)
     number = version.tags.get("serving_version") or str(version.version)
     target = Path(base) / name / number
     if (target / "saved_model.pb").is_file():
@@ -83,9 +94,11 @@ def fetch(name: str, alias: str, base: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version.version}/{SAVED_MODEL}", dst_path=str(staging)
-        )
+        with needs(*reading):
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version.version}/{SAVED_MODEL}",
+                dst_path=str(staging),
+            )
         os.rename(local, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

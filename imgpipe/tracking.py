@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from imgpipe.access import needs, on_experiment
+from imgpipe.access import needs, on_experiment, on_run
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "imgpipe"
@@ -213,10 +213,15 @@ def dvc_data_hash(root: Path) -> str:
         return "untracked"
 
 
+def experiment_name() -> str:
+    """The pipeline's experiment: ``MLFLOW_EXPERIMENT_NAME``, else ``imgpipe``."""
+    return os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+
+
 def ensure_experiment(mlflow: Any, root: Path, name: str | None = None) -> str:
     """The experiment's id, created if new (with SQLite, artifacts go to ``mlartifacts/``
     beside the database file; a relative path is taken from ``root``)."""
-    name = name or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    name = name or experiment_name()
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         for key, value in view_tags().items():  # made before these tags existed
@@ -281,8 +286,11 @@ def stage_run(
     mlflow.set_tracking_uri(tracking_uri(root))
     run_id = os.environ.get("MLFLOW_RUN_ID")
     key = execution_key()
-    experiment = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
-    with needs(on_experiment(experiment), f"log stage {stage} into experiment {experiment!r}"):
+    experiment = experiment_name()
+    with needs(
+        on_run(run_id) if run_id else on_experiment(experiment),
+        f"log stage {stage} into " + (f"run {run_id}" if run_id else f"experiment {experiment!r}"),
+    ):
         if not run_id:
             experiment_id = ensure_experiment(mlflow, root)
             run_id = _find_run(mlflow, experiment_id, key) if key else None

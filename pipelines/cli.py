@@ -236,9 +236,10 @@ def cmd_mlflow_access(args: argparse.Namespace) -> None:
     (``imgpipe.access``); what the deployment's Job runs after each change of the Secrets."""
     import mlflow
 
-    from imgpipe import access
+    from imgpipe import access, registry
     from imgpipe.params import ServingParams, section
-    from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
+    from imgpipe.registry import ensure_model
+    from imgpipe.tracking import ensure_experiment, experiment_name, tracking_uri
 
     pipeline = access.read_accounts(Path(args.pipeline_account))
     if set(pipeline) != {"username", "password"}:
@@ -246,10 +247,18 @@ def cmd_mlflow_access(args: argparse.Namespace) -> None:
             f"{args.pipeline_account}: expected the files username and password (a basic-auth "
             f"Secret), found {sorted(pipeline)}"
         )
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    model = args.model or section(ServingParams, "serving", _params(args)).model_name
+    experiment = args.experiment or experiment_name()
+    # Made by the admin, so that no other account takes their names first.
+    with access.needs("the admin's account", f"create {experiment!r} and {model!r} on {uri}"):
+        experiment_id = ensure_experiment(mlflow, Path.cwd(), experiment)
+        ensure_model(registry.client(), model)
     summary = access.provision(
-        model=args.model or section(ServingParams, "serving", _params(args)).model_name,
-        experiment=args.experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT),
+        uri,
+        experiment_id=experiment_id,
+        model=model,
         pipeline=(pipeline["username"], pipeline["password"]),
         readers=access.read_accounts(Path(args.readers)) if args.readers else {},
     )
@@ -281,10 +290,10 @@ def cmd_runs(args: argparse.Namespace) -> None:
     from mlflow.tracking import MlflowClient
 
     from imgpipe.metrics import correction_text
-    from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
+    from imgpipe.tracking import experiment_name, tracking_uri
 
     client = MlflowClient(tracking_uri())
-    name = args.experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    name = args.experiment or experiment_name()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         raise SystemExit(f"no MLflow experiment '{name}' at {tracking_uri()}")
@@ -324,7 +333,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
     """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
     from imgpipe.metrics import correction_text
     from imgpipe.savedmodel import TFLITE_FILES
-    from imgpipe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
+    from imgpipe.tracking import experiment_name, tracking_uri
 
     def load(name: str) -> dict:
         path = Path("metrics") / f"{name}.json"
@@ -388,7 +397,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
                 "outputs/evaluate/blessing.json"
             )
 
-    experiment = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    experiment = experiment_name()
     print(f"MLflow:    experiment '{experiment}' at {tracking_uri()}; `make ui` to browse")
     print("compare:   dvc metrics show; dvc plots show; dvc exp run -S train.learning_rate=3e-4")
 
@@ -606,4 +615,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"imgpipe {args.command}: error: {exc}", file=sys.stderr)
             return 1
         raise
+    except Exception as exc:  # MLflow's 401 or 403 on a call no `needs` names
+        from imgpipe.access import refused
+
+        if (message := refused(exc)) is None:
+            raise
+        print(f"imgpipe {args.command}: error: {message}", file=sys.stderr)
+        return 1
     return 0

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from imgpipe.access import needs, on_experiment
+from imgpipe.access import needs, on_experiment, on_run
 from pipelines.trainjob import SHARED
 
 
@@ -182,7 +182,7 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
     from mlflow.tracking import MlflowClient
 
     target = MlflowClient(tracking_uri)
-    with needs("EDIT on the run's experiment", f"import the stage logs into run {run_id}"):
+    with needs(on_run(run_id), f"import the stage logs into run {run_id}", tracking_uri):
         return _import_stage_logs(target, folders, run_id)
 
 

@@ -398,8 +398,11 @@ def main(argv: list[str] | None = None) -> int:
             if monitoring is not None and monitoring.prometheus_config.enable
             else None
         )
+        # TLS covers the gRPC port only (as in TF Serving), and plaintext stays on loopback:
+        # beyond it, gRPC goes out over TLS and REST stays on 127.0.0.1.
+        rest_host = args.host if is_loopback(args.host) else "127.0.0.1"
         rest = RestServer(
-            args.host,
+            rest_host,
             args.rest_api_port,
             manager,
             server.metrics,
@@ -408,18 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             grace_seconds=int(GRACE_SECONDS),
         )
         rest.start()
-        if not is_loopback(args.host):  # as TF Serving's: TLS is for the gRPC port only
-            log.warning(
-                "REST on %s:%d is plaintext: keep it to probes and metrics (a NetworkPolicy), "
-                "send predictions over gRPC",
-                args.host,
-                rest.port,
-            )
     log.info(
         "gRPC (%s) on %s%s (batching %s); models %s",
         "plaintext" if ssl is None else "mTLS" if ssl.client_verify else "TLS",
         server.address,
-        f", REST on {args.host}:{rest.port}" if rest else "",
+        f", REST (plaintext) on {rest_host}:{rest.port}" if rest else "",
         "on" if batching else "off",
         ", ".join(
             f"{m.name} <- {manager.resolve_base(m.base_path)}"

@@ -375,14 +375,18 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
     1. the admin provisions the accounts with `imgpipe mlflow-access` (mounted-Secret folders);
     2. the pipeline's account pushes: registers version 1 and moves ``champion`` to it, and
        the move's tags name that account;
-    3. a read-only user and a client without credentials can read, but neither can register a
+    3. an account with EDIT on the experiment only logs the run, but push is refused where it
+       registers a version;
+    4. a read-only user and a client without credentials can read, but neither can register a
        version nor move ``champion``: the server answers 403 and 401, and what reaches the user
-       is an error naming the action, the code and the permission it takes.
+       is an error naming the action, the code and the permission it takes (on the command
+       line too, where no step names the permission).
     """
     import secrets
 
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
     from mlflow.tracking import MlflowClient
 
     from components import push
@@ -391,7 +395,8 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
     from imgpipe.tracking import stage_run
     from pipelines.cli import main
 
-    passwords = {user: secrets.token_urlsafe(16) for user in ("admin", "pipeline", "reader")}
+    users = ("admin", "pipeline", "reader", "writer")
+    passwords = {user: secrets.token_urlsafe(16) for user in users}
     config = tmp_path / "auth.ini"
     config.write_text(
         f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
@@ -460,7 +465,31 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
             assert tags["champion.run_id"] == pushed["champion_move"]["run_id"]
             run_id = pushed["champion_move"]["run_id"]
 
-            # 3. Nobody else: the server refuses, and the user reads why.
+            # 3. An account that may log runs but not touch the model: push is refused where
+            # it registers, and says so.
+            as_user("admin")
+            auth = get_app_client("basic-auth", tracking_uri=uri)
+            auth.create_user("writer", passwords["writer"])
+            experiment = MlflowClient().get_experiment_by_name("promotions")
+            auth.grant_user_permission("writer", "experiment", experiment.experiment_id, "EDIT")
+            as_user("writer")
+            unblessed = json.loads((tmp_path / "evaluate" / "blessing.json").read_text())
+            unblessed["blessed"] = False  # a challenger: registered, never promoted
+            (tmp_path / "unblessed.json").write_text(json.dumps(unblessed))
+            with pytest.raises(AccessError) as refused, stage_run("push"):
+                push.run(
+                    exported=exported.out,
+                    blessing=tmp_path / "unblessed.json",
+                    summary=tmp_path / "writer.json",
+                    serving=_serving(tmp_path),
+                )
+            message = str(refused.value)
+            assert f"refused to register a new version of '{MODEL_NAME}'" in message, message
+            assert "403 PERMISSION_DENIED" in message, message
+            assert f"needs EDIT on registered model '{MODEL_NAME}'" in message, message
+            assert not (tmp_path / "writer.json").exists()
+
+            # 4. Readers and strangers: the server refuses, and the user reads why.
             # Without credentials even reading the alias is refused, so the move stops there.
             for user, status, action, permission in (
                 ("reader", "403 PERMISSION_DENIED", "move alias", "EDIT"),
@@ -494,11 +523,17 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
             assert [v.version for v in versions] == ["1"]
             assert registry.champion(MODEL_NAME).version == 1
 
-            # The CLI prints the refusal as an error, not a traceback.
+            # The CLI prints a refusal as an error, not a traceback, also where no step names
+            # the permission (`imgpipe runs` reads the experiment).
+            as_user("reader")
             assert main(argv) == 1
             error = capsys.readouterr().err
-            assert "refused to manage the users" in error, error
+            assert "refused to manage the users" in error and "403" in error, error
             assert "It needs the admin's account" in error, error
+            as_user(None)
+            assert main(["runs"]) == 1
+            error = capsys.readouterr().err
+            assert "401 UNAUTHENTICATED" in error and "no user was given" in error, error
         finally:
             if mlflow.active_run() is not None:
                 mlflow.end_run()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,7 @@ def _secret_refs(env: list[dict]) -> dict[str, tuple[str, str]]:
     }
 
 
-def test_mlflow_authenticates_and_the_job_provisions_the_pipeline_account():
+def test_mlflow_authenticates_and_the_job_provisions_the_pipeline_account(tmp_path, monkeypatch):
     """Guards who may promote a model in the cluster: MLflow runs its basic-auth app with READ
     as everyone's default, the admin and the CSRF key from the Secret mlflow-auth, its auth
     config written at start into a memory volume (never the image, never a ConfigMap); the
@@ -96,10 +97,30 @@ def test_mlflow_authenticates_and_the_job_provisions_the_pipeline_account():
     script = server["args"][0]
     assert "exec mlflow server --app-name basic-auth" in script
     assert "default_permission = READ" in script and "database_uri = %s" in script
-    assert "umask 077" in script
+    # The script, run here up to the server's start, writes a config MLflow reads back with
+    # the database URI as given (a percent-encoded password included), for its user alone.
+    prelude, _, server_command = script.partition(" && exec ")
+    assert server_command.startswith("mlflow server --app-name basic-auth"), script
+    config = tmp_path / "basic_auth.ini"
+    password = f"p%40{secrets.token_hex(4)}%2F"  # percent-encoded @ and /, as a URI needs
+    database = {"POSTGRES_USER": "mlflow", "POSTGRES_PASSWORD": password, "POSTGRES_HOST": "db"}
+    database["POSTGRES_DB"] = "mlflow"
+    subprocess.run(
+        ["sh", "-c", prelude],
+        env={**database, "MLFLOW_AUTH_CONFIG_PATH": str(config), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
+    assert config.stat().st_mode & 0o777 == 0o600
+    from mlflow.server.auth.config import read_auth_config
+
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(config))
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", secrets.token_hex(8))  # read, unused
+    auth = read_auth_config()
+    assert auth.database_uri == f"postgresql://mlflow:{password}@db:5432/mlflow"
+    assert auth.default_permission == "READ"
     env = {e["name"]: e.get("value") for e in server["env"]}
-    config = Path(env["MLFLOW_AUTH_CONFIG_PATH"])
-    (mount,) = [m for m in server["volumeMounts"] if m["mountPath"] == str(config.parent)]
+    folder = str(Path(env["MLFLOW_AUTH_CONFIG_PATH"]).parent)
+    (mount,) = [m for m in server["volumeMounts"] if m["mountPath"] == folder]
     (volume,) = [v for v in deployment["volumes"] if v["name"] == mount["name"]]
     assert volume["emptyDir"]["medium"] == "Memory"
     assert _secret_refs(server["env"]) == {
@@ -116,9 +137,9 @@ def test_mlflow_authenticates_and_the_job_provisions_the_pipeline_account():
         "MLFLOW_TRACKING_PASSWORD": ("mlflow-auth", "admin-password"),
     }
     flags = dict(a.removeprefix("--").split("=", 1) for a in access["command"][2:])
-    secrets = {v["name"]: v["secret"] for v in job["volumes"] if "secret" in v}
+    volumes = {v["name"]: v["secret"] for v in job["volumes"] if "secret" in v}
     mounted = {
-        m["mountPath"]: secrets[m["name"]] for m in access["volumeMounts"] if m["name"] in secrets
+        m["mountPath"]: volumes[m["name"]] for m in access["volumeMounts"] if m["name"] in volumes
     }
     assert mounted[flags["pipeline-account"]]["secretName"] == "mlflow-pipeline"
     assert mounted[flags["readers"]] == {
@@ -409,21 +430,30 @@ def test_trainjob_example_is_what_the_finetune_step_renders():
     assert example == render(name, workers=2, claim=claim, job_dir=SHARED / "trainjobs" / name)
 
 
+PLACEHOLDER = r"(?![$<{]|\.\.\.|(?-i:[A-Z][A-Z0-9_]*\b))"
+"""Not a value: ``$VAR``, ``${...}``, ``$(...)``, ``<...>``, ``...`` or another variable's NAME."""
+SECRET_KEY = (
+    r"\w*(password|passwd|secret[_-]?key|client[_-]?secret|token|api[_-]?key|access[_-]?key)\w*"
+)
+"""A key whose value is a secret (not one that names a Secret, like ``secretName``)."""
 CREDENTIALS = {
     "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
     "AWS access key": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
     "password in a URL": re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s/:@$'\"]+:[^\s/@$'\"{}]+@"),
+    # KEY = "value", KEY: value, KEY=value, {name: KEY, value: value}; an unquoted value is
+    # taken for a secret when it holds a digit and no code (brackets, calls, attributes)
     "secret assigned a literal": re.compile(
-        r"(password|passwd|secret[_-]?key|api[_-]?key|token)[\"']?\s*[:=]\s*[\"']"
-        r"(?![$<{]|\.\.\.|[A-Z][A-Z0-9_]*[\"'])[^\s\"']{8,}[\"']",
-        re.IGNORECASE,
+        rf"{SECRET_KEY}[\"']?\s*(,\s*value)?\s*[:=]\s*"
+        rf"([\"']{PLACEHOLDER}[^\s\"']{{8,}}[\"']"
+        rf"|{PLACEHOLDER}(?=[^\s\"',}}]*\d)[^\s\"',}}()\[\].]{{8,}}(?=[\s,}}]|$))",
+        re.IGNORECASE | re.MULTILINE,
     ),
     "Kubernetes Secret with values": re.compile(
         r"^kind:\s*Secret\b(?s:.*?)^(data|stringData):", re.MULTILINE
     ),
 }
-"""What a committed credential looks like; placeholders (``$VAR``, ``${...}``, ``<...>``,
-``...``) and values made at run time do not match."""
+"""What a committed credential looks like; placeholders and values made at run time do not
+match."""
 
 
 def credentials(text: str) -> list[str]:
@@ -441,8 +471,15 @@ def test_the_credential_scan_finds_what_it_looks_for():
         "secret assigned a literal": 'MLFLOW_TRACKING_PASSWORD: "s3cr3t-' + 'pipeline-pass"',
         "Kubernetes Secret with values": "apiVersion: v1\nkind: Secret\nmetadata: {}\ndata:\n",
     }
-    for kind, text in planted.items():
-        assert credentials(text) == [kind], (kind, credentials(text))
+    unquoted = (  # the forms of env files, shells, ini files and manifests
+        "MLFLOW_TRACKING_PASSWORD=hunter2" + "hunter2",
+        "password: hunter2" + "hunter2",
+        "admin_password = hunter2" + "hunter2",
+        "- {name: MLFLOW_TRACKING_PASSWORD, value: hunter2" + "hunter2}",
+        "export AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG" + "/bPxRfiCYEXAMPLEKEY",
+    )
+    for kind, text in [*planted.items(), *(("secret assigned a literal", t) for t in unquoted)]:
+        assert credentials(text) == [kind], (kind, text, credentials(text))
     placeholders = (
         "postgresql://${POSTGRES_USER}:${POSTGRES_PASSWORD}@${POSTGRES_HOST}:5432/${POSTGRES_DB}",
         '--from-literal=password="$(openssl rand -base64 24)"',
@@ -450,6 +487,13 @@ def test_the_credential_scan_finds_what_it_looks_for():
         "--from-literal=POSTGRES_PASSWORD=...",
         'passwords = {user: secrets.token_urlsafe(16) for user in ("admin", "pipeline")}',
         '{"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}',
+        'monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", passwords["pipeline"])',
+        'password = f"p%40{secrets.token_hex(4)}"',
+        '--from-literal=password="$PIPELINE_PASSWORD"',
+        "- name: MLFLOW_TRACKING_PASSWORD\n  valueFrom: {secretKeyRef: {name: mlflow-auth}}",
+        "auth.update_user_password(name, password)",
+        'PIPELINE_SECRET = "mlflow-pipeline"',
+        '"secretName": "mlflow-readers"',
     )
     for text in placeholders:
         assert credentials(text) == [], (text, credentials(text))
