@@ -63,19 +63,15 @@ class TLS:
 
     def credentials(self) -> grpc.ChannelCredentials:
         """The channel credentials; every file is read and checked here, before any call."""
-        from serving.config import ConfigError, check_pem
+        from serving.config import ConfigError, read_pem
 
         def read(path: Path | None, kind: str, what: str) -> bytes | None:
             if path is None:
                 return None
             try:
-                text = Path(path).read_text(encoding="utf-8", errors="replace")
-                check_pem(text, kind, f"{what} {path}")
-            except OSError as exc:
-                raise ServingClientError(f"cannot read {what} {path}: {exc.strerror}") from None
+                return read_pem(path, kind, what).encode()
             except ConfigError as exc:
                 raise ServingClientError(str(exc)) from None
-            return text.encode()
 
         return grpc.ssl_channel_credentials(
             root_certificates=read(self.ca_cert, "certificate", "the CA certificate"),

@@ -282,23 +282,25 @@ def read_ssl_config(path: Path) -> Any:
     return config
 
 
+def read_pem(path: Path, kind: str, what: str | None = None) -> str:
+    """The PEM file ``path``, checked to hold a ``kind`` (a ``PEM_KINDS`` key); errors name
+    the file (as ``what``, default the kind)."""
+    try:  # a DER file decodes to no PEM block
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what or f'the {kind}'} {path}: {exc.strerror}") from None
+    check_pem(text, kind, f"{what} {path}" if what else str(path))
+    return text
+
+
 def ssl_config_from_files(
     key: Path, cert: Path, ca: Path | None = None, client_verify: bool = False
 ) -> Any:
     """An SSLConfig holding the contents of PEM files; errors name the file."""
-
-    def read(path: Path, kind: str) -> str:
-        try:  # a DER file decodes to no PEM block
-            text = Path(path).read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise ConfigError(f"cannot read the {kind} {path}: {exc.strerror}") from None
-        check_pem(text, kind, str(path))
-        return text
-
     config = _extra_messages()["SSLConfig"](
-        server_key=read(key, "key"),
-        server_cert=read(cert, "certificate"),
-        custom_ca=read(ca, "certificate") if ca else "",
+        server_key=read_pem(key, "key"),
+        server_cert=read_pem(cert, "certificate"),
+        custom_ca=read_pem(ca, "certificate") if ca else "",
         client_verify=client_verify,
     )
     check_ssl_config(config, "the SSL config")

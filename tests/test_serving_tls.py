@@ -9,11 +9,14 @@ unrelated CA are made here with ``cryptography``. The TLS server is a child proc
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -128,22 +131,29 @@ def tls_server(models, pki, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mtls_server(models, pki, tmp_path_factory):
     """The same server code in this process, verifying clients against ``ca``."""
+    from serving.server import server_credentials
+
+    ssl = _write_ssl_config(pki, tmp_path_factory.mktemp("mtls") / "ssl.config", client_verify=True)
+    with _in_process(models, server_credentials(config.read_ssl_config(ssl))) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _in_process(models: Path, credentials: Any = None) -> Iterator[Any]:
+    """The server code in this process on ``models`` (TLS with ``credentials``), started."""
     from tensorflow_serving.config import model_server_config_pb2
 
     from serving.manager import ModelManager
-    from serving.server import LocalServer, server_credentials
+    from serving.server import LocalServer
 
-    ssl = _write_ssl_config(pki, tmp_path_factory.mktemp("mtls") / "ssl.config", client_verify=True)
     served = model_server_config_pb2.ModelServerConfig()
     served.model_config_list.config.add(name=MODEL, base_path=str(models / MODEL))
-    server = LocalServer(
-        ModelManager(served, poll_seconds=0),
-        port=0,
-        credentials=server_credentials(config.read_ssl_config(ssl)),
-    )
+    server = LocalServer(ModelManager(served, poll_seconds=0), port=0, credentials=credentials)
     server.start()
-    yield server
-    server.stop(grace=1)
+    try:
+        yield server
+    finally:
+        server.stop(grace=1)
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +321,16 @@ def test_predict_without_trust_in_the_server_is_a_clear_error(
     assert status == 1 and not out
     assert f"Predict(model '{MODEL}') on {tls_server.address} failed: UNAVAILABLE: " in err, err
     assert says in err, err
+
+
+@pytest.mark.slow
+def test_a_tls_client_of_a_plaintext_server_is_told_so(models, pki, image, capsys):
+    """The other way round: a TLS client (--ca-cert) of a plaintext server learns that the
+    server did not answer in TLS."""
+    with _in_process(models) as plaintext:
+        status, out, err = _predict(capsys, image, plaintext.address, "--ca-cert", pki.ca_crt)
+    assert status == 1 and not out
+    assert "the TLS handshake failed: the server did not answer in TLS" in err, err
 
 
 @pytest.mark.slow
