@@ -10,7 +10,8 @@ beside the tracking store. Three kinds of account:
   registered model, so it logs runs, registers versions, moves ``champion`` and ``challenger``
   and tags versions; it cannot delete them or grant anything;
 - read-only users (the Secret ``mlflow-readers``, a key per user): the server's default
-  permission, READ.
+  permission, READ (MLflow still lets any signed-in user create experiments and models of
+  their own; without workspaces it has no switch against that).
 
 ``provision`` makes the admin's side of it, idempotently (``imgpipe mlflow-access``, run by the
 deployment's Job). Every client reads its credentials from MLflow's own environment variables
