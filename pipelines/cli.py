@@ -238,7 +238,6 @@ def cmd_mlflow_access(args: argparse.Namespace) -> None:
 
     from imgpipe import access, registry
     from imgpipe.params import ServingParams, section
-    from imgpipe.registry import ensure_model
     from imgpipe.tracking import ensure_experiment, experiment_name, tracking_uri
 
     pipeline = access.read_accounts(Path(args.pipeline_account))
@@ -254,7 +253,7 @@ def cmd_mlflow_access(args: argparse.Namespace) -> None:
     # Made by the admin, so that no other account takes their names first.
     with access.needs("the admin's account", f"create {experiment!r} and {model!r} on {uri}"):
         experiment_id = ensure_experiment(mlflow, Path.cwd(), experiment)
-        ensure_model(registry.client(), model)
+        registry.ensure_model(registry.client(), model)
     summary = access.provision(
         uri,
         experiment_id=experiment_id,
