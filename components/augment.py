@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image
 from tqdm import tqdm
 
 from imgpipe import backbones
+from imgpipe.augmentation import augment, view_rng
 from imgpipe.fileio import atomic_path, sha256_bytes, write_json_atomic
 from imgpipe.parallel import Workers, resolve
 from imgpipe.params import AugmentParams, ModelParams
@@ -83,41 +84,6 @@ def plan_views(labels: Sequence[str], views_per_image: int, balance: bool) -> li
             for rank, index in enumerate(indices):
                 plan[index] = base + (1 if rank < extra else 0)
     return plan
-
-
-def view_rng(seed: int, sha256: str, view: int) -> np.random.Generator:
-    return np.random.default_rng([seed, int(sha256[:16], 16), view])
-
-
-def augment(
-    image: Image.Image, rng: np.random.Generator, p: AugmentParams
-) -> tuple[Image.Image, dict]:
-    """One random, label-preserving view of ``image``; returns it and the parameters drawn."""
-    drawn = {
-        "flip_h": bool(p.flip_horizontal and rng.random() < 0.5),
-        "flip_v": bool(p.flip_vertical and rng.random() < 0.5),
-        "rot90": int(rng.integers(4)) if p.rotate_90 else 0,
-        "angle": float(rng.uniform(-p.rotation_degrees, p.rotation_degrees)),
-        "zoom": float(rng.uniform(1 - p.zoom, 1 + p.zoom)),
-        "brightness": float(1 + rng.uniform(-p.brightness, p.brightness)),
-        "contrast": float(1 + rng.uniform(-p.contrast, p.contrast)),
-    }
-    if drawn["flip_h"]:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if drawn["flip_v"]:
-        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-    if drawn["rot90"]:
-        image = image.rotate(90 * drawn["rot90"], expand=True)
-    # Rotation and zoom as one affine map about the centre: one resampling, not two.
-    w, h = image.size
-    theta, z = np.deg2rad(drawn["angle"]), drawn["zoom"]
-    a, b = np.cos(theta) / z, np.sin(theta) / z
-    cx, cy = w / 2, h / 2
-    matrix = (a, b, cx - a * cx - b * cy, -b, a, cy + b * cx - a * cy)
-    image = image.transform((w, h), Image.Transform.AFFINE, matrix, Image.Resampling.BILINEAR)
-    image = ImageEnhance.Brightness(image).enhance(drawn["brightness"])
-    image = ImageEnhance.Contrast(image).enhance(drawn["contrast"])
-    return image, drawn
 
 
 def _resize(image: Image.Image, size: int) -> Image.Image:

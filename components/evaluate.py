@@ -30,7 +30,14 @@ from imgpipe import backbones, figures, registry
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
 from imgpipe.manifest import LABELS, MANIFEST, SHARDS
-from imgpipe.metrics import calibration_bins, classification_metrics, confusion_matrix, rounded
+from imgpipe.metrics import (
+    calibration_bins,
+    classification_metrics,
+    confusion_matrix,
+    expected_calibration_error,
+    rounded,
+    shift_probabilities,
+)
 from imgpipe.params import EvaluateParams, ModelParams, ServingParams
 from imgpipe.registry import Champion
 from imgpipe.savedmodel import SavedModelClassifier
@@ -271,6 +278,7 @@ REGISTRY: Final = "registry"
 def run(
     *,
     tuned: Path,
+    temperature: Path,
     dataset: Path,
     out: Path,
     summary: Path,
@@ -282,6 +290,8 @@ def run(
     champion: Champion | Literal["registry"] | None = REGISTRY,
 ) -> dict[str, Any]:
     """Evaluate the ``tuned`` model on ``dataset``'s test split and decide its blessing.
+    ``temperature``: finetune's temperature.json, to report the ECE the scores had before the
+    temperature was folded into the model.
 
     ``out`` receives predictions.csv, blessing.json and the figures; ``confusion`` (one row per
     test image) and ``calibration`` (one row per confidence bin) are DVC plots. ``champion``:
@@ -305,6 +315,10 @@ def run(
     probs = predict_keras(network, test.encoded, size, params.batch_size)
     bins = params.calibration_bins
     candidate = classification_metrics(test.labels, probs, labels, bins)
+    fitted = json.loads(temperature.read_text())["temperature"]
+    untempered = shift_probabilities(probs, 0.0, 1.0 / fitted)
+    candidate["ece_uncalibrated"] = expected_calibration_error(test.labels, untempered, bins)
+    candidate["temperature"] = fitted
     rows = [manifest[s] for s in test.sha256]
     slices = slice_metrics(rows, test.labels, probs, labels, params.slice_by, bins)
     baseline = champion_metrics(champion, test, labels, bins) if champion else None
@@ -375,7 +389,8 @@ def run(
 def metrics(summary: dict[str, Any]) -> dict[str, float]:
     """Test metrics (overall, per class, per slice) and the decision, for MLflow."""
     test = summary["test"]
-    values = {f"test.{k}": test[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "ece")}
+    keys = ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_uncalibrated", "temperature")
+    values = {f"test.{k}": test[k] for k in keys if k in test}
     for label, per_class in test["per_class"].items():
         values.update({f"test.{k}.{label}": per_class[k] for k in ("precision", "recall", "f1")})
     for column, groups in summary["slices"].items():
@@ -411,6 +426,7 @@ def describe(summary: dict[str, Any]) -> str:
     verdict = "BLESSED" if summary["blessed"] else "NOT blessed"
     return (
         f"test accuracy {test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}, "
-        f"macro-F1 {test['macro_f1']:.4f}, ECE {test['ece']:.3f} on {test['images']} images; "
+        f"macro-F1 {test['macro_f1']:.4f}, ECE {test['ece']:.3f} "
+        f"(uncalibrated {test['ece_uncalibrated']:.3f}) on {test['images']} images; "
         f"{verdict}: " + "; ".join(c["reason"] for c in summary["blessing"]["checks"])
     )

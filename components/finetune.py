@@ -1,10 +1,22 @@
 """finetune: unfreeze the top of the base and train the whole classifier at a low learning rate.
 
+The recipe is built not to depend on luck:
+
+- every epoch sees a fresh random view of each training image (imgpipe.augmentation), drawn from
+  the seed, the epoch and the image, instead of the few views augment materialised once;
+- the learning rate warms up linearly from 0 (the first steps would otherwise undo the head
+  trained in the frozen phase), then follows a cosine decay;
+- the weights validated, checkpointed and kept are an exponential moving average of the trained
+  ones (Keras' optimizer EMA), and by default the whole schedule runs and its last averaged
+  weights are kept: no early stop decided by a few images of a small validation set;
+- TensorFlow's op determinism is on: the same seed on the same machine gives the same model.
+
 BatchNormalization layers stay frozen and in inference mode (their statistics would be ruined by
-small batches). The learning rate follows a cosine decay. After every epoch the model, with its
-optimizer state, is checkpointed together with the early-stopping state, so a run killed at any
-moment (even ``kill -9`` mid-epoch) continues from the last finished epoch when rerun with the same
-inputs and params, instead of starting over.
+small batches). After every epoch the model, with its optimizer state, is checkpointed together
+with the stopping state, so a run killed at any moment (even ``kill -9`` mid-epoch) continues
+from the last finished epoch when rerun with the same inputs and params, instead of starting
+over. After training, a prior correction and a temperature fitted on validation are folded into
+the output layer (``prior_balance``, ``calibrate``).
 """
 
 from __future__ import annotations
@@ -39,11 +51,13 @@ from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
 from imgpipe.manifest import MANIFEST, SHARDS
 from imgpipe.metrics import (
     correction_text,
+    expected_calibration_error,
+    fit_temperature,
     prior_correction,
     shift_probabilities,
     validation_scores,
 )
-from imgpipe.params import RESUME_IGNORES, FinetuneParams, ModelParams
+from imgpipe.params import RESUME_IGNORES, AugmentParams, FinetuneParams, ModelParams
 from imgpipe.tfrecords import count_records, split_files
 from imgpipe.training import (
     CURVES,
@@ -59,6 +73,12 @@ from imgpipe.training import (
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
+TEMPERATURE = "temperature.json"
+"""Beside the model: the temperature and prior offset folded into its output layer (evaluate
+reports the test ECE the scores had without the temperature)."""
+CALIBRATION_BINS = 10
+"""Bins of the validation ECE that finetune reports before and after calibration (evaluate's
+test figure uses ``evaluate.calibration_bins``)."""
 
 
 def unfreeze_top(model: keras.Model, backbone: str, layers: int) -> int:
@@ -87,34 +107,58 @@ def fingerprint(
     files: list[str],
     model: ModelParams,
     params: FinetuneParams,
+    views: AugmentParams,
     replicas: int,
     policy: str = FLOAT32,
 ) -> str:
     """What a checkpoint must match to be resumed: the starting model, the data, the params
-    of training (not ``prior_balance``, which acts after it: changing it reuses the epochs),
-    the number of replicas (which sets the global batch and rate, whatever ``workers`` asked)
-    and the precision actually used (``mixed_precision: null`` means another one on another
-    machine)."""
+    of training and of its views (not ``prior_balance`` or ``calibrate``, which act after it:
+    changing them reuses the epochs), the number of replicas (which sets the global batch and
+    rate, whatever ``workers`` asked) and the precision actually used (``mixed_precision:
+    null`` means another one on another machine)."""
     training: dict[str, Any] = {
         k: v for k, v in dataclasses.asdict(params).items() if k not in RESUME_IGNORES
     }
-    # Single-device float32 checkpoints keep the key they always had.
-    if replicas > 1:
-        training["replicas"] = replicas
-    if policy != FLOAT32:
-        training["precision"] = policy
+    training["replicas"] = replicas
+    training["precision"] = policy
+    drawn = {k: v for k, v in dataclasses.asdict(views).items() if k in VIEW_PARAMS}
     digest = hashlib.sha256(
-        json.dumps([dataclasses.asdict(model), training], sort_keys=True).encode()
+        json.dumps([dataclasses.asdict(model), training, drawn], sort_keys=True).encode()
     )
     for path in [str(train_model), *files]:
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
 
 
+VIEW_PARAMS = (
+    "flip_horizontal",
+    "flip_vertical",
+    "rotate_90",
+    "rotation_degrees",
+    "zoom",
+    "brightness",
+    "contrast",
+)
+"""The augment params that shape fine-tuning's per-epoch views (the others, such as augment's
+own seed and view count, concern only the materialised set of the frozen phase)."""
+
+
+class AveragedWeights(keras.callbacks.SwapEMAWeights):
+    """Validation and the epoch's checkpoint see the optimizer's moving average of the
+    weights; training goes on from the trained weights. Between ``on_epoch_end`` and the next
+    ``on_epoch_begin`` the model holds the average and the optimizer the trained weights, and
+    that is how checkpoints store them: a run ``resumed`` from one starts in that state."""
+
+    def __init__(self, resumed: bool) -> None:
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = resumed
+
+
 class ResumableCheckpoint(keras.callbacks.Callback):
-    """A checkpoint each epoch plus early stopping on ``monitor`` (``val_loss``: lower is
-    better, ``val_accuracy``: higher is better), both resumable: the epoch's
-    model (with optimizer state), the best model and the stopping state survive the process.
+    """A checkpoint each epoch plus, with a ``patience``, early stopping on ``monitor``
+    (``val_loss``: lower is better, ``val_accuracy``: higher is better), both resumable: the
+    epoch's model (with optimizer state), the kept model and the stopping state survive the
+    process. Without a patience every epoch runs and the last one is kept.
 
     Order makes it crash-safe: the epoch's model is written first, then ``state.json`` (one
     atomic rename) points to it, then older files go. A kill at any point leaves a state that
@@ -128,7 +172,7 @@ class ResumableCheckpoint(keras.callbacks.Callback):
         directory: Path,
         key: str,
         monitor: str,
-        patience: int,
+        patience: int | None,
         state: dict[str, Any],
         write: bool = True,
     ) -> None:
@@ -144,11 +188,11 @@ class ResumableCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         value = self.sign * float((logs or {}).get(self.monitor, self.sign * math.inf))
         last = f"epoch-{epoch:03d}.keras"
-        if value < self.best:
+        if self.patience is None or value < self.best:
             self.best, self.wait, self.best_file = value, 0, last
         else:
             self.wait += 1
-        stop = self.wait >= self.patience
+        stop = self.patience is not None and self.wait >= self.patience
         if stop:
             self.model.stop_training = True
         if not self.write:
@@ -199,18 +243,18 @@ def prepare(
     policy: str = FLOAT32,
 ) -> tuple[keras.Model, int]:
     """The frozen-phase model with its top ``unfreeze_layers`` unfrozen, compiled for
-    fine-tuning (Adam on a rate decayed from ``learning_rate`` by a cosine) in ``policy``
-    (mixed precision: the head stays float32 and the loss is scaled dynamically); returns it and
-    the trainable base layers."""
+    fine-tuning in ``policy`` (mixed precision: the head stays float32 and the loss is scaled
+    dynamically): Adam on ``schedule``'s rate, averaging the weights when ``ema_momentum`` is
+    set. Returns it and the trainable base layers."""
     model = keras.models.load_model(frozen_model, compile=False)
     trainable = unfreeze_top(model, model_params.backbone, params.unfreeze_layers)
     set_precision(model, policy, keep_float32=HEAD_NAME)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        learning_rate,
-        decay_steps=max(1, params.epochs * steps_per_epoch),
-        alpha=params.final_lr_fraction,
+    averaged = params.ema_momentum is not None
+    optimizer = keras.optimizers.Adam(
+        schedule(params, steps_per_epoch, learning_rate),
+        use_ema=averaged,
+        ema_momentum=params.ema_momentum if averaged else 0.99,
     )
-    optimizer = keras.optimizers.Adam(schedule)
     if policy == MIXED:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
@@ -221,10 +265,25 @@ def prepare(
     return model, trainable
 
 
+def schedule(
+    params: FinetuneParams, steps_per_epoch: int, learning_rate: float
+) -> keras.optimizers.schedules.LearningRateSchedule:
+    """A linear warm-up from 0 to ``learning_rate`` over ``warmup_epochs``, then a cosine decay
+    to ``learning_rate * final_lr_fraction`` at the end of the last epoch."""
+    total = max(1, params.epochs * steps_per_epoch)
+    warmup = min(total - 1, round(params.warmup_epochs * steps_per_epoch))
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else learning_rate,
+        decay_steps=total - warmup,
+        alpha=params.final_lr_fraction,
+        warmup_target=learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
 def run(
     *,
     trained: Path,
-    augmented: Path,
     dataset: Path,
     frozen_history: Path,
     out: Path,
@@ -233,28 +292,31 @@ def run(
     checkpoints: Path,
     model: ModelParams,
     finetune: FinetuneParams,
+    augment: AugmentParams,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune the ``trained`` frozen-phase model on the ``augmented`` shards, validated on
-    ``dataset``'s val split. ``out`` receives model.keras (the best epoch, its output bias moved
-    by the prior correction fitted on validation when ``prior_balance`` is set) and curves.png
-    (both phases); ``checkpoints`` holds epoch-NNN.keras and state.json, kept across runs (DVC
-    ``persist``): a rerun with the same inputs and params resumes from them."""
-    model_params, params = model, finetune
+    """Fine-tune the ``trained`` frozen-phase model on fresh views (``augment``'s transforms)
+    of ``dataset``'s train split each epoch, validated on its val split. ``out`` receives
+    model.keras (the kept epoch, its output layer carrying the prior correction and the
+    temperature fitted on validation when set) and curves.png (both phases); ``checkpoints``
+    holds epoch-NNN.keras and state.json, kept across runs (DVC ``persist``): a rerun with the
+    same inputs and params resumes from them."""
+    model_params, params, views = model, finetune, augment
     distribution = strategy()  # first: a multi-worker strategy must precede every other TF op
     chief = is_chief()
     replicas = distribution.num_replicas_in_sync
     policy = precision(params.mixed_precision)
     size = backbones.image_size(model_params)
-    train_files = split_files(augmented, "train")
+    train_files = split_files(dataset / SHARDS, "train")
     val_files = split_files(dataset / SHARDS, "val")
     batch_size, learning_rate = scaled(params.batch_size, params.learning_rate, replicas)
-    key = fingerprint(trained, train_files, model_params, params, replicas, policy)
+    key = fingerprint(trained, train_files, model_params, params, views, replicas, policy)
     state = _load_state(checkpoints, key, write=chief)
     frozen_rows = read_history(frozen_history)
     offset = int(max((r["step"] for r in frozen_rows), default=-1)) + 1
 
     keras.utils.set_random_seed(params.seed)
+    deterministic()
     n_train, n_val = count_records(train_files), count_records(val_files)
     steps = math.ceil(n_train / batch_size)
     with distribution.scope():
@@ -276,6 +338,10 @@ def run(
         checkpoints, key, params.monitor, params.early_stopping_patience, state, write=chief
     )
     logger = EpochLogger("finetune", offset, params.epochs, checkpoint.rows, progress, steps)
+    # First: validation, the logger and the checkpoint all see the averaged weights.
+    callbacks: list[keras.callbacks.Callback] = [logger, checkpoint]
+    if params.ema_momentum is not None:
+        callbacks.insert(0, AveragedWeights(resumed=bool(state)))
     started = time.perf_counter()
     if initial_epoch < params.epochs and not state.get("stopped_early"):
         train_batches = image_dataset(
@@ -285,6 +351,8 @@ def run(
             shuffle_seed=params.seed,
             epochs=params.epochs,
             first_epoch=initial_epoch,
+            count=n_train,
+            views=views,
         )
         val_batches = image_dataset(val_files, size, batch_size, count=n_val)
         try:
@@ -295,7 +363,7 @@ def run(
                     validation_data=val_batches,
                     epochs=params.epochs,
                     initial_epoch=initial_epoch,
-                    callbacks=[logger, checkpoint],
+                    callbacks=callbacks,
                     shuffle=False,  # the dataset shuffles itself, seeded
                     verbose=0,
                 )
@@ -307,7 +375,7 @@ def run(
                     val_batches,
                     steps,
                     range(initial_epoch, params.epochs),
-                    [logger, checkpoint],
+                    callbacks,
                 )
         except Exception as error:
             lost_worker(error, checkpoints, len(checkpoint.rows))
@@ -330,21 +398,28 @@ def run(
     val_labels, probs = np.concatenate(val_true), np.concatenate(val_probs)
     scores = validation_scores(val_labels, probs)
     correction: dict[str, float] = {}
+    shift = np.zeros(probs.shape[1])
     if params.prior_balance is not None:
         tau, shift = prior_correction(
             val_labels, probs, train_class_counts(dataset, probs.shape[1]), params.prior_balance
         )
-        output = best.get_layer(HEAD_NAME).get_layer("probabilities")
-        kernel, bias = output.get_weights()
-        output.set_weights([kernel, bias + shift.astype(bias.dtype)])
         corrected = validation_scores(val_labels, shift_probabilities(probs, shift))
         correction = {
             "prior_tau": tau,
             **{f"corrected_{k}": round(v, 6) for k, v in corrected.items() if k != "val_loss"},
         }
+    calibration = calibrate(val_labels, probs, shift, params.calibrate)
+    output = best.get_layer(HEAD_NAME).get_layer("probabilities")
+    kernel, bias = output.get_weights()
+    temperature = calibration["temperature"]
+    output.set_weights([kernel / temperature, (bias + shift.astype(bias.dtype)) / temperature])
     with atomic_path(out) as staged:
         staged.mkdir()
         best.save(staged / MODEL)
+        write_json_atomic(
+            staged / TEMPERATURE,
+            {"temperature": calibration["temperature"], "prior_offset": shift.tolist()},
+        )
         plot_curves(
             [*frozen_rows, *rows],
             staged / CURVES,
@@ -356,9 +431,10 @@ def run(
         "finetune": {
             **{name: round(value, 6) for name, value in scores.items()},
             **correction,
+            **calibration,
             "epochs": len(rows),
-            "best_epoch": best_epoch(rows, params.monitor),
-            "monitor": params.monitor,
+            "best_epoch": kept_epoch(rows, params),
+            "averaged_weights": params.ema_momentum is not None,
             "resumed_from_epoch": initial_epoch,
             "trainable_base_layers": trainable,
             "replicas": replicas,
@@ -401,7 +477,7 @@ def fit_multi_worker(
     def results(prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{k}": float(v) for k, v in model.get_metrics_result().items()}
 
-    hooks = keras.callbacks.CallbackList(callbacks, model=model)
+    hooks = keras.callbacks.CallbackList(callbacks, model=model, epochs=epochs.stop, steps=steps)
     batches = iter(distribution.experimental_distribute_dataset(train))
     model.stop_training = False
     hooks.on_train_begin()
@@ -414,8 +490,10 @@ def fit_multi_worker(
             hooks.on_train_batch_end(step)
         logs = results()
         model.reset_metrics()
+        hooks.on_test_begin()
         for batch in distribution.experimental_distribute_dataset(validation):
             test_step(batch)
+        hooks.on_test_end()
         hooks.on_epoch_end(epoch, logs | results("val_"))
         if model.stop_training:
             break
@@ -452,12 +530,44 @@ def train_class_counts(dataset: Path, classes: int) -> np.ndarray:
     return np.bincount(np.asarray(indices, np.int64), minlength=classes)
 
 
-def best_epoch(rows: list[dict[str, Any]], monitor: str) -> int:
-    """The epoch ResumableCheckpoint keeps: the first with the best ``monitor`` value."""
+def kept_epoch(rows: list[dict[str, Any]], params: FinetuneParams) -> int:
+    """The epoch ResumableCheckpoint keeps: the last one, or with early stopping the first with
+    the best ``monitor`` value."""
     if not rows:
         return -1
-    values = [r[monitor] for r in rows]
-    return int(np.argmin(values) if monitor.endswith("loss") else np.argmax(values))
+    if params.early_stopping_patience is None:
+        return int(rows[-1]["epoch"])
+    values = [r[params.monitor] for r in rows]
+    return int(
+        rows[int(np.argmin(values) if params.monitor.endswith("loss") else np.argmax(values))][
+            "epoch"
+        ]
+    )
+
+
+def calibrate(
+    labels: np.ndarray, probs: np.ndarray, shift: np.ndarray, fit: bool
+) -> dict[str, float]:
+    """The temperature fitted on validation (1 when not ``fit``) for the prior-corrected
+    scores ``probs`` shifted by ``shift``, with their validation ECE before and after."""
+    corrected = shift_probabilities(probs, shift)
+    temperature = fit_temperature(labels, corrected) if fit else 1.0
+    tempered = shift_probabilities(probs, shift, temperature)
+    return {
+        "temperature": round(temperature, 6),
+        "val_ece_uncalibrated": round(
+            expected_calibration_error(labels, corrected, CALIBRATION_BINS), 6
+        ),
+        "val_ece": round(expected_calibration_error(labels, tempered, CALIBRATION_BINS), 6),
+    }
+
+
+def deterministic() -> None:
+    """TensorFlow's op determinism: ops run with deterministic kernels (an op that has none
+    raises instead of varying), so one seed gives one model on one machine."""
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
 
 
 def metrics(summary: dict[str, Any]) -> dict[str, float]:

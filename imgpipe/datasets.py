@@ -4,9 +4,12 @@ training and evaluation, and the same ``decode_and_resize`` inside the serving s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgpipe.tfrecords import feature_spec
+
+if TYPE_CHECKING:
+    from imgpipe.params import AugmentParams
 
 
 def decode_and_resize(encoded: Any, image_size: int) -> Any:
@@ -31,6 +34,11 @@ def resize(images: Any, image_size: int) -> Any:
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
+SHUFFLE_BUFFER = 4096
+"""Records held for shuffling when their number is not given: a memory bound, not a tunable
+(image_dataset's callers that shuffle pass ``count``, so the whole epoch is permuted)."""
+
+
 def parse_example(serialized: Any) -> dict[str, Any]:
     import tensorflow as tf
 
@@ -47,6 +55,7 @@ def image_dataset(
     first_epoch: int = 0,
     with_ids: bool = False,
     count: int | None = None,
+    views: AugmentParams | None = None,
 ) -> Any:
     """(image, label) batches from TFRecord shards, in file order, or shuffled when a seed is
     given: then epochs ``first_epoch`` to ``epochs - 1`` follow one another (fit with
@@ -55,29 +64,45 @@ def image_dataset(
     resumed run and a run under a tf.distribute strategy see the batches one uninterrupted
     single-device run sees (tf.data's own per-iteration reshuffle does not: a distributed
     dataset draws other orders). ``count``, when known, tells Keras how many examples there
-    are (no "ran out of data")."""
+    are (no "ran out of data"). With ``views`` (and a seed), every epoch sees a fresh random
+    view of each image (imgpipe.augmentation), drawn from the epoch's seed and the image's
+    sha256: reproducible, and the same for one device, replicas or a resumed run."""
     import tensorflow as tf
+
+    from imgpipe.augmentation import tf_random_view
 
     records = tf.data.TFRecordDataset(list(files), num_parallel_reads=len(files))
     if count is not None:
         records = records.apply(tf.data.experimental.assert_cardinality(count))
 
-    def to_pair(serialized: Any) -> Any:
+    def to_pair(serialized: Any, view_key: Any = None) -> Any:
         ex = parse_example(serialized)
-        image = decode_and_resize(ex["image/encoded"], image_size)
+        if view_key is None or views is None or shuffle_seed is None:
+            image = decode_and_resize(ex["image/encoded"], image_size)
+        else:
+            drawn = tf_random_view(
+                ex["image/encoded"], ex["image/sha256"], shuffle_seed, view_key, views
+            )
+            image = resize(drawn, image_size)
         label = tf.cast(ex["image/class/label"], tf.int32)
         return (image, label, ex["image/sha256"]) if with_ids else (image, label)
 
-    def batches(ds: Any) -> Any:
-        return ds.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(
-            batch_size
-        )
+    def batches(ds: Any, view_key: Any = None) -> Any:
+        return ds.map(
+            lambda serialized: to_pair(serialized, view_key),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        ).batch(batch_size)
 
     if shuffle_seed is None:
         ds = batches(records)
     else:
+        # A buffer as large as the data, so every epoch is a full, seeded permutation.
+        buffer = count if count is not None else SHUFFLE_BUFFER
         ds = epoch_batches(
-            lambda seed: batches(records.shuffle(4096, seed=seed, reshuffle_each_iteration=False)),
+            lambda seed: batches(
+                records.shuffle(buffer, seed=seed, reshuffle_each_iteration=False), seed
+            ),
             shuffle_seed,
             epochs,
             first_epoch,

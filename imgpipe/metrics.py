@@ -187,10 +187,37 @@ def correction_text(result: Mapping[str, Any]) -> str:
     )
 
 
-def shift_probabilities(probs: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """softmax(log(probs) + offset): the probabilities of a softmax layer whose bias moved by
-    ``offset``."""
-    logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) + offset
+def shift_probabilities(
+    probs: np.ndarray, offset: np.ndarray | float = 0.0, temperature: float = 1.0
+) -> np.ndarray:
+    """softmax((log(probs) + offset) / temperature): the probabilities of a softmax layer whose
+    bias moved by ``offset`` and whose kernel and bias were then divided by ``temperature``."""
+    logits = (np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)) + offset) / temperature
     logits -= logits.max(axis=1, keepdims=True)
     shifted = np.exp(logits)
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+"""The search interval of ``fit_temperature``: wide enough for any softmax seen in practice."""
+
+
+def fit_temperature(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
+    """The temperature T for which softmax(log(probs) / T) has the lowest cross-entropy on
+    these (validation) labels: temperature scaling (Guo et al. 2017), one number that makes an
+    over- (T > 1) or under-confident (T < 1) model's scores calibrated without changing which
+    class wins."""
+    from scipy.optimize import minimize_scalar
+
+    actual = np.asarray(y_true, np.int64)
+    log_probs = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
+
+    def cross_entropy(log_t: float) -> float:
+        logits = log_probs / np.exp(log_t)
+        logits -= logits.max(axis=1, keepdims=True)
+        normaliser = np.log(np.exp(logits).sum(axis=1))
+        return float(-(logits[np.arange(len(actual)), actual] - normaliser).mean())
+
+    low, high = np.log(TEMPERATURE_BOUNDS)
+    found = minimize_scalar(cross_entropy, bounds=(low, high), method="bounded")
+    return float(np.exp(found.x))

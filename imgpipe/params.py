@@ -153,10 +153,11 @@ class TrainParams:
     reduce_lr_factor: float
 
 
-RESUME_IGNORES = ("prior_balance", "mixed_precision", "workers")
+RESUME_IGNORES = ("prior_balance", "calibrate", "mixed_precision", "workers")
 """finetune params that fine-tuning checkpoints do not depend on as written: ``prior_balance``
-acts after training (changing it reuses the epochs); ``mixed_precision`` and ``workers`` count
-as the precision and the replicas they resolve to (components.finetune.fingerprint)."""
+and ``calibrate`` act after training (changing them reuses the epochs); ``mixed_precision`` and
+``workers`` count as the precision and the replicas they resolve to
+(components.finetune.fingerprint)."""
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
@@ -165,16 +166,28 @@ class FinetuneParams:
     batch_size: int
     epochs: int
     learning_rate: float
-    """Peak learning rate; cosine decay to ``learning_rate * final_lr_fraction``."""
+    """Peak learning rate (per replica: scaled by the replicas, imgpipe.distribute), reached
+    by a linear warm-up, then a cosine decay to ``learning_rate * final_lr_fraction``."""
     final_lr_fraction: float
+    warmup_epochs: float
+    """Epochs of linear warm-up from 0 to the peak rate, so the first steps do not undo the
+    head trained in the frozen phase (and a rate scaled by many replicas starts gently)."""
+    ema_momentum: float | None
+    """The weights validated, checkpointed and kept are an exponential moving average of the
+    trained ones with this momentum (Keras' optimizer EMA): horizon ~ 1 / (1 - momentum)
+    steps. None: the trained weights themselves."""
     unfreeze_layers: int
     """Top N layers of the base become trainable (rounded up to a block boundary);
     BatchNormalization layers stay frozen, in inference mode."""
-    early_stopping_patience: int
+    early_stopping_patience: int | None
+    """None: the whole schedule runs and the last epoch's (averaged) weights are kept. A
+    number: stop after that many epochs without a better ``monitor`` and keep the best one."""
     monitor: str
-    """What picks the best epoch and stops early: ``val_accuracy`` (higher is better) or
-    ``val_loss``. On ELPV the validation loss rose while accuracy still improved (measured with
-    a class-balanced training set), so loss would keep a less accurate epoch."""
+    """What picks the best epoch when stopping early: ``val_accuracy`` (higher is better) or
+    ``val_loss``."""
+    calibrate: bool
+    """Fit a temperature on validation (after the prior correction) and fold it into the output
+    layer, so the served probabilities are calibrated; the class chosen does not change."""
     prior_balance: float | None
     """None: the model's own decision. A weight w in [0, 1]: after training, the output bias
     moves by ``tau * log(training class prior)``, ``tau`` chosen on validation to maximise
@@ -190,6 +203,20 @@ class FinetuneParams:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ParamsError(f"finetune.workers must be at least 1, got {self.workers}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ParamsError(
+                f"finetune.warmup_epochs must be within [0, epochs={self.epochs}], "
+                f"got {self.warmup_epochs}"
+            )
+        if self.ema_momentum is not None and not 0.0 < self.ema_momentum < 1.0:
+            raise ParamsError(
+                f"finetune.ema_momentum must be null or within (0, 1), got {self.ema_momentum}"
+            )
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ParamsError(
+                "finetune.early_stopping_patience must be null or at least 1, "
+                f"got {self.early_stopping_patience}"
+            )
         if self.monitor not in ("val_accuracy", "val_loss"):
             raise ParamsError(
                 f"finetune.monitor must be val_accuracy or val_loss, got {self.monitor!r}"

@@ -290,6 +290,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
     from imgpipe.metrics import correction_text
     from imgpipe.tracking import experiment_name, tracking_uri
+    from pipelines import seeds
 
     client = MlflowClient(tracking_uri())
     name = args.experiment or experiment_name()
@@ -326,6 +327,26 @@ def cmd_runs(args: argparse.Namespace) -> None:
             f"{balanced[0]} | {tuned:.4f}{balanced[1]} | {tuned - frozen:+.4f} | {corrected} | "
             f"{' + '.join(times)} |"
         )
+    recipes = [r for r in runs if seeds.PARENT_TAG in r.data.tags]
+    if recipes:
+        print(seeds.recipe_table(recipes))
+
+
+def cmd_seeds(args: argparse.Namespace) -> None:
+    """Run the recipe over several training seeds (DVC experiments), record the parent MLflow
+    run with each figure's mean, sd, min and max, and print them."""
+    from pipelines import seeds
+
+    summary = seeds.run_recipe(
+        args.seeds,
+        through=args.through,
+        overrides=args.set or [],
+        name=args.name,
+        out=args.out,
+    )
+    print(seeds.describe(summary))
+    if args.out:
+        print(f"summary: {args.out}; MLflow parent run {summary['parent_run']}")
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -472,6 +493,23 @@ def build_parser() -> argparse.ArgumentParser:
         "runs", cmd_runs, "the MLflow runs as an ablation table (validation figures)", params=False
     )
     p.add_argument("--experiment", help="MLflow experiment (default: the pipeline's)")
+
+    p = add(
+        "seeds",
+        cmd_seeds,
+        "run a recipe over several training seeds: mean ± sd of its figures, in MLflow",
+        params=False,
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], metavar="N")
+    p.add_argument(
+        "--through",
+        default="finetune",
+        help="last stage each seed runs: finetune (validation only, for choosing a recipe) or "
+        "evaluate (test figures too, for the final one)",
+    )
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="as dvc exp run -S")
+    p.add_argument("--name", help="the recipe's name (default: recipe-<time>)")
+    p.add_argument("--out", type=Path, help="write the summary as JSON (e.g. metrics/seeds.json)")
 
     p = add("profile", cmd_profile, "print a profile's overrides as `dvc exp run -S` flags")
     p.add_argument("name", help="profiles/<name>.yaml, e.g. full, or a path")

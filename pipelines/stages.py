@@ -164,10 +164,9 @@ STAGES: dict[str, Stage] = dict(
         _stage(
             Stage(
                 "finetune",
-                "unfreeze the top of the base and fine-tune; resumable",
+                "unfreeze the top of the base and fine-tune on fresh views; resumable",
                 inputs={
                     "trained": Input("train", "out", "model.keras"),
-                    "augmented": Input("augment", "out", "shards"),
                     "dataset": Input("ingest", "out"),
                     "frozen_history": Input("train", "history"),
                 },
@@ -177,7 +176,7 @@ STAGES: dict[str, Stage] = dict(
                     "history": Output("metrics/finetune_history.csv", "Dataset", "plot"),
                     "checkpoints": Output("outputs/finetune_checkpoints", "Dataset", "persist"),
                 },
-                params=("model", "finetune"),
+                params=("model", "finetune", "augment"),
             )
         ),
         _stage(
@@ -186,6 +185,7 @@ STAGES: dict[str, Stage] = dict(
                 "test-split metrics and the blessing gate vs the champion",
                 inputs={
                     "tuned": Input("finetune", "out", "model.keras"),
+                    "temperature": Input("finetune", "out", "temperature.json"),
                     "dataset": Input("ingest", "out"),
                 },
                 outputs={

@@ -54,7 +54,6 @@ def main(root: Path, out: Path, replicas: int, scale: int) -> None:
     )
     finetune.run(
         trained=out / "train" / "model.keras",
-        augmented=root / "outputs" / "augment" / "shards",
         dataset=root / "outputs" / "ingest",
         frozen_history=out / "train_history.csv",
         out=out / "finetune",
@@ -63,6 +62,7 @@ def main(root: Path, out: Path, replicas: int, scale: int) -> None:
         checkpoints=out / "checkpoints",
         model=model,
         finetune=params("finetune", **scaled(FINETUNE, scale), **FINETUNE_FIXED),
+        augment=params("augment"),
         progress=False,
     )
 

@@ -242,3 +242,52 @@ def test_summary_is_balanced_and_preview_is_a_png(augmented):
         width, height = image.size
         assert width > 100 and height > 100
         assert np.asarray(image.convert("L")).std() > 10  # not a blank canvas
+
+
+# ---------------------------------------------------------------- fine-tuning's per-epoch views
+
+
+def _epoch_views(shards: Path, seed: int, epochs: int) -> list[dict[str, np.ndarray]]:
+    """Each epoch's images of the train split, by sha256, as fine-tuning reads them."""
+    from imgpipe.datasets import image_dataset
+    from imgpipe.tfrecords import count_records, split_files
+
+    files = split_files(shards, "train")
+    n = count_records(files)
+    batches = image_dataset(
+        files,
+        IMAGE_SIZE,
+        n,  # one batch per epoch
+        shuffle_seed=seed,
+        epochs=epochs,
+        with_ids=True,
+        count=n,
+        views=params("augment"),
+    )
+    return [
+        {sha.decode(): image for image, sha in zip(images.numpy(), ids.numpy(), strict=True)}
+        for images, _, ids in batches
+    ]
+
+
+@pytest.mark.slow
+def test_finetune_views_are_fresh_each_epoch_and_fixed_by_the_seed(augmented):
+    """The views fine-tuning trains on: every epoch holds every training image once, each
+    epoch draws another view of (nearly) every image, the same seed gives the same views bit
+    for bit, and another seed other views. (Replicas and resumed runs see what one device sees:
+    tests/test_distribute.py, tests/test_training.py.)"""
+    root, _ = augmented
+    shards = root / "ingest" / "shards"
+    first, again, other = (
+        _epoch_views(shards, 42, 2),
+        _epoch_views(shards, 42, 2),
+        _epoch_views(shards, 43, 1),
+    )
+    assert len(first) == 2 and first[0].keys() == first[1].keys() == other[0].keys()
+    assert len(first[0]) == 15  # every training image (10 + 5), once
+    changed = sum(not np.array_equal(first[0][k], first[1][k]) for k in first[0])
+    assert changed >= len(first[0]) - 1, (changed, len(first[0]))
+    for epoch in range(2):
+        for key, image in first[epoch].items():
+            np.testing.assert_array_equal(image, again[epoch][key])
+    assert sum(not np.array_equal(first[0][k], other[0][k]) for k in first[0]) >= len(first[0]) - 1

@@ -129,7 +129,6 @@ def _workers(root: Path, folder: Path, trained: Path, attempt: str) -> list[subp
         "finetune",
         "--params", str(folder / "params.yaml"),
         "--trained", str(trained),
-        "--augmented", str(root / "outputs" / "augment" / "shards"),
         "--dataset", str(root / "outputs" / "ingest"),
         "--frozen-history", str(trained.parent.parent / "train_history.csv"),
         "--out", str(folder / "finetune"),

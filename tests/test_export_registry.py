@@ -62,8 +62,11 @@ def _evaluate(project: TinyProject, model: Path, root: Path, champion: Any = Non
     plots), against ``champion`` (None: the floors only)."""
     from components import evaluate
 
+    temperature = root / "temperature.json"  # finetune writes it; these models were not tempered
+    temperature.write_text('{"temperature": 1.0}')
     return evaluate.run(
         tuned=model,
+        temperature=temperature,
         dataset=project.ingest,
         out=root / "evaluate",
         summary=root / "evaluate.json",

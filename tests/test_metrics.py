@@ -177,3 +177,23 @@ def test_prior_correction_that_cannot_help_is_none():
         assert tau == 0.0 and not shift.any()
     _, shift = prior_correction(*_skewed_validation()[:2], [800, 150, 0], balance=1.0)
     assert shift[2] == 0.0
+
+
+def test_fitted_temperature_calibrates_an_overconfident_model():
+    """Scores built to be overconfident (calibrated logits tripled): the temperature fitted on
+    them is near 3, lowers the ECE several-fold and keeps every decision."""
+    from imgpipe.metrics import expected_calibration_error, fit_temperature, shift_probabilities
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4000, 4)) * 1.5
+    calibrated = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(4, p=p) for p in calibrated])
+    overconfident = shift_probabilities(calibrated, 0.0, 1 / 3)
+
+    temperature = fit_temperature(labels, overconfident)
+    tempered = shift_probabilities(overconfident, 0.0, temperature)
+    before = expected_calibration_error(labels, overconfident, 10)
+    after = expected_calibration_error(labels, tempered, 10)
+    assert 2.6 < temperature < 3.4, temperature
+    assert before > 0.1 and after < before / 4, (before, after)
+    assert (tempered.argmax(axis=1) == overconfident.argmax(axis=1)).all()

@@ -71,7 +71,6 @@ def _finetune(
 
     return finetune.run(
         trained=project.model,
-        augmented=project.augment / "shards",
         dataset=dataset or project.ingest,
         frozen_history=project.train_history,
         out=out / "finetune",
@@ -80,6 +79,7 @@ def _finetune(
         checkpoints=out / "checkpoints",
         model=model,
         finetune=tuning,
+        augment=params("augment"),
         progress=False,
     )["finetune"]
 
@@ -187,13 +187,18 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
         tmp_path / "checkpoints" / f"epoch-{metrics['best_epoch']:03d}.keras"
     )
     counts = np.array([16] * len(CLASSES))  # training images per class, before augment's views
+    kernel, bias = after.get_layer(HEAD_NAME).get_layer("probabilities").get_weights()
+    kept_kernel, kept_bias = best.get_layer(HEAD_NAME).get_layer("probabilities").get_weights()
+    temperature = metrics["temperature"]
+    assert tuning.calibrate and temperature > 0 and temperature != 1.0, metrics
+    np.testing.assert_allclose(kernel * temperature, kept_kernel, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
-        after.get_layer(HEAD_NAME).get_layer("probabilities").get_weights()[1]
-        - best.get_layer(HEAD_NAME).get_layer("probabilities").get_weights()[1],
+        bias * temperature - kept_bias,
         metrics["prior_tau"] * np.log(counts / counts.sum()),
-        atol=1e-6,
+        atol=1e-5,
     )
     assert {"corrected_val_accuracy", "corrected_val_balanced_accuracy"} <= metrics.keys()
+    assert metrics["val_ece"] <= metrics["val_ece_uncalibrated"] + 1e-6, metrics
 
     # Mixed precision while training; float32 in what the stage hands on.
     assert isinstance(best.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -208,6 +213,62 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     saved = [after, *after.layers, *base_of(after).layers, *after.get_layer(HEAD_NAME).layers]
     assert {layer.dtype_policy.name for layer in saved} == {"float32"}
     assert after(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)).dtype == "float32"
+
+
+def test_warmup_starts_below_the_peak_and_the_kept_weights_are_averaged(project, tmp_path):
+    """The first fine-tuning step's rate is 0, the peak comes after ``warmup_epochs``, then
+    the cosine decays it. The weights finetune validates, checkpoints and keeps are the moving
+    average: with a momentum of nearly 1 they stay within a hair of the frozen phase's, while
+    the trained weights (which the checkpoint's optimizer holds in their place) moved."""
+    import keras
+
+    from components import finetune
+
+    tuning = params(
+        "finetune",
+        **{**FINETUNE, "epochs": 1, "early_stopping_patience": None},
+        warmup_epochs=0.5,
+        ema_momentum=0.999999,
+        prior_balance=None,
+        calibrate=False,
+    )
+    rate = finetune.schedule(tuning, steps_per_epoch=10, learning_rate=1e-3)
+    assert float(rate(0)) == 0.0 < float(rate(1)) < float(rate(4)) < 1e-3
+    assert float(rate(5)) == pytest.approx(1e-3)
+    assert float(rate(9)) < 1e-3
+
+    metrics = _finetune(project, tmp_path, params("model", **MODEL), tuning)
+    assert metrics["averaged_weights"] and metrics["best_epoch"] == 0, metrics
+    start = keras.models.load_model(project.model, compile=False)
+    kept = keras.models.load_model(tmp_path / "finetune" / "model.keras", compile=False)
+    checkpoint = keras.models.load_model(tmp_path / "checkpoints" / "epoch-000.keras")
+    optimizer = checkpoint.optimizer
+    pairs = list(
+        zip(optimizer._trainable_variables, optimizer._model_variables_moving_average, strict=True)
+    )
+    assert pairs
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
+    drift = max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(start.weights, kept.weights, strict=True)
+    )
+    assert moved > 1e-4 and drift < moved / 100, (moved, drift)
+
+
+def test_same_seed_gives_the_same_fine_tuned_weights(project, tmp_path):
+    """Two fine-tuning runs with one seed on one machine (fresh checkpoints each) end with the
+    same weights bit for bit: op determinism, seeded views and order."""
+    import keras
+
+    tuning = params("finetune", **{**FINETUNE, "epochs": 1})
+    for run in ("a", "b"):
+        _finetune(project, tmp_path / run, params("model", **MODEL), tuning)
+    a, b = (
+        keras.models.load_model(tmp_path / run / "finetune" / "model.keras", compile=False)
+        for run in ("a", "b")
+    )
+    for x, y in zip(a.weights, b.weights, strict=True):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), x.path
 
 
 def test_head_on_cached_features_equals_frozen_model_on_images():
@@ -297,7 +358,6 @@ def test_finetune_cli_resumes_after_kill_9(project, tmp_path):
         "finetune",
         "--params", str(tmp_path / "params.yaml"),
         "--trained", str(project.model),
-        "--augmented", str(project.augment / "shards"),
         "--dataset", str(project.ingest),
         "--frozen-history", str(project.train_history),
         "--out", str(tmp_path / "outputs" / "finetune"),

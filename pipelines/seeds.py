@@ -1,0 +1,231 @@
+"""A recipe over several training seeds: one DVC experiment (and so one MLflow run) per seed,
+then a parent MLflow run with the mean, sd, min and max of the headline figures, the seed
+runs nested under it in the UI, and a JSON summary (``metrics/seeds.json`` for the default).
+
+One run's figure on a small data set moves by several points with the seed alone, so a recipe
+is compared with another by its mean and spread, not by one run (``imgpipe runs``).
+
+>>> seeds.run_recipe([1, 2, 42], through="finetune", overrides=["finetune.epochs=16"])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from imgpipe.fileio import write_json_atomic
+
+SEED_KEYS = ("train.seed", "finetune.seed")
+"""The training seeds a recipe is repeated over (the head's initialisation and dropout, the
+fine-tuning order and views); the data's split and augment's materialised views stay put."""
+PARENT_TAG = "imgpipe.seeds"
+"""Set on a parent run: the number of seeds it summarises."""
+RECIPE_TAG = "imgpipe.recipe"
+VALIDATION = ("finetune.val_accuracy", "finetune.val_balanced_accuracy", "finetune.val_ece")
+"""The validation figures summarised, from metrics/finetune.json; when the seed runs reached
+evaluate, the test split's accuracy, balanced accuracy, ECE and per-class recall too
+(validation figures choose recipes, test figures only report the final one)."""
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """mean, sample sd (0 for one value), min and max, rounded to 4 places.
+
+    >>> spread([0.8, 0.82, 0.84])
+    {'mean': 0.82, 'sd': 0.02, 'min': 0.8, 'max': 0.84}
+    """
+    values = [float(v) for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "sd": round(sd, 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
+
+
+def within_spread(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    """Whether two recipes' means differ by less than the larger of their seed sds: a gap the
+    seeds alone could make."""
+    return abs(a["mean"] - b["mean"]) < max(a["sd"], b["sd"])
+
+
+def headline(metrics_dir: Path) -> dict[str, float]:
+    """The headline figures of the run whose outputs are in ``metrics_dir``."""
+    figures: dict[str, float] = {}
+    tuned = _read(metrics_dir / "finetune.json").get("finetune", {})
+    for key in VALIDATION:
+        name = key.removeprefix("finetune.")
+        if name in tuned:
+            figures[key] = float(tuned[name])
+    test = _read(metrics_dir / "evaluate.json").get("test", {})
+    for key in ("accuracy", "balanced_accuracy", "ece"):
+        if key in test:
+            figures[f"test.{key}"] = float(test[key])
+    for label, row in test.get("per_class", {}).items():
+        figures[f"test.recall.{label}"] = float(row["recall"])
+    return figures
+
+
+def summarise(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each figure every seed reported: its spread over the seeds."""
+    keys = set.intersection(*(set(f) for f in per_seed.values())) if per_seed else set()
+    return {key: spread([f[key] for f in per_seed.values()]) for key in sorted(keys)}
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _current(params: Mapping[str, Any], key: str) -> Any:
+    section, name = key.split(".", 1)
+    return params[section][name]
+
+
+def run_recipe(
+    seeds: Sequence[int],
+    *,
+    through: str,
+    overrides: Sequence[str] = (),
+    name: str | None = None,
+    root: Path | None = None,
+    out: Path | None = None,
+    seed_keys: Sequence[str] = SEED_KEYS,
+) -> dict[str, Any]:
+    """Run the recipe (params.yaml with ``overrides``, ``key=value`` as ``dvc exp run -S``
+    takes them) once per seed, up to stage ``through``, each a DVC experiment named
+    ``<name>-seed<N>``; then record the parent MLflow run and write ``out``. A seed equal to
+    params.yaml's runs last, so that afterwards the workspace holds that run's outputs (the
+    others stay in DVC's experiments: ``dvc exp show``)."""
+    import mlflow
+    import yaml
+
+    from imgpipe.tracking import EXPERIMENT_TAG, ensure_experiment, tracking_uri
+
+    root = (root or Path.cwd()).resolve()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    name = name or "recipe-" + time.strftime("%m%d-%H%M%S")
+    default = {_current(params, key) for key in seed_keys}
+    ordered = sorted(seeds, key=lambda s: (s in default, seeds.index(s)))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    per_seed: dict[int, dict[str, float]] = {}
+    runs: dict[int, str] = {}
+    mlflow.set_tracking_uri(tracking_uri(root))
+    for seed in ordered:
+        experiment = f"{name}-seed{seed}"
+        command = ["dvc", "exp", "run", through, "--name", experiment]
+        for override in [*overrides, *(f"{key}={seed}" for key in seed_keys)]:
+            command += ["-S", override]
+        print(f"seeds: {' '.join(command)}", flush=True)
+        done = subprocess.run(command, cwd=root, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"seeds: `{' '.join(command)}` failed (exit {done.returncode}); "
+                f"the seeds before it are in `dvc exp show`"
+            )
+        per_seed[seed] = headline(root / "metrics")
+        found = mlflow.search_runs(
+            search_all_experiments=True,
+            filter_string=f"tags.`{EXPERIMENT_TAG}` = '{experiment}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+            output_format="list",
+        )
+        if found:
+            runs[seed] = found[0].info.run_id
+    summary = {
+        "recipe": name,
+        "overrides": list(overrides),
+        "through": through,
+        "seed_keys": list(seed_keys),
+        "seeds": list(ordered),
+        "per_seed": {str(seed): figures for seed, figures in per_seed.items()},
+        "summary": summarise(per_seed),
+        "mlflow_runs": {str(seed): run_id for seed, run_id in runs.items()},
+    }
+    summary["parent_run"] = log_parent(summary, ensure_experiment(mlflow, root))
+    if out is not None:
+        write_json_atomic(out, summary)
+    return summary
+
+
+def log_parent(summary: Mapping[str, Any], experiment_id: str) -> str:
+    """The parent MLflow run of a recipe's seed runs: its params (recipe, seeds, overrides),
+    ``<figure>.mean/.sd/.min/.max`` metrics, and ``mlflow.parentRunId`` on every seed run so
+    the UI nests them. Returns its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"{summary['recipe']} x {len(summary['seeds'])} seeds",
+        tags={PARENT_TAG: str(len(summary["seeds"])), RECIPE_TAG: summary["recipe"]},
+    )
+    run_id = parent.info.run_id
+    client.log_param(run_id, "seeds", " ".join(str(s) for s in summary["seeds"]))
+    client.log_param(run_id, "overrides", "; ".join(summary["overrides"]) or "none")
+    client.log_param(run_id, "through", summary["through"])
+    for key, stats in summary["summary"].items():
+        for stat, value in stats.items():
+            client.log_metric(run_id, f"{key}.{stat}", value)
+    for child in summary["mlflow_runs"].values():
+        client.set_tag(child, "mlflow.parentRunId", run_id)
+        client.set_tag(child, RECIPE_TAG, summary["recipe"])
+    client.set_terminated(run_id)
+    return str(run_id)
+
+
+def describe(summary: Mapping[str, Any]) -> str:
+    """One line per headline figure: ``finetune.val_accuracy 0.8123 ± 0.0101 (min .. max)``."""
+    lines = [f"{summary['recipe']}: {len(summary['seeds'])} seeds {summary['seeds']}"]
+    for key, stats in summary["summary"].items():
+        lines.append(
+            f"  {key:34s} {stats['mean']:.4f} ± {stats['sd']:.4f} "
+            f"({stats['min']:.4f} .. {stats['max']:.4f})"
+        )
+    return "\n".join(lines)
+
+
+def recipe_table(parents: Sequence[Any]) -> str:
+    """Parent runs (MLflow ``Run`` objects) as a markdown table of validation figures, mean ±
+    sd over their seeds, each compared with the first: a gap smaller than the larger sd is
+    within the seed spread, which one run cannot tell from noise."""
+    figures = ("finetune.val_accuracy", "finetune.val_balanced_accuracy")
+
+    def stats(run: Any, key: str) -> dict[str, float] | None:
+        metrics = run.data.metrics
+        if f"{key}.mean" not in metrics:
+            return None
+        return {"mean": metrics[f"{key}.mean"], "sd": metrics.get(f"{key}.sd", 0.0)}
+
+    lines = [
+        "",
+        "| recipe (mean ± sd over seeds) | seeds | val accuracy | val balanced accuracy | "
+        "vs the first recipe |",
+        "|---|---|---|---|---|",
+    ]
+    first = parents[0]
+    for run in parents:
+        cells = []
+        for key in figures:
+            value = stats(run, key)
+            cells.append(f"{value['mean']:.4f} ± {value['sd']:.4f}" if value else "")
+        verdicts = []
+        for key in figures:
+            a, b = stats(first, key), stats(run, key)
+            if run is first or a is None or b is None:
+                continue
+            gap = b["mean"] - a["mean"]
+            where = "within" if within_spread(a, b) else "beyond"
+            verdicts.append(f"{key.split('.')[-1]} {gap:+.4f} ({where} the seed spread)")
+        lines.append(
+            f"| {run.data.tags.get(RECIPE_TAG, run.info.run_name)} | "
+            f"{run.data.params.get('seeds', '')} | {cells[0]} | {cells[1]} | "
+            f"{'; '.join(verdicts) or '-'} |"
+        )
+    return "\n".join(lines)
