@@ -505,3 +505,59 @@ def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
     assert cells[rows[0] + 1 : rows[0] + 3] == [first.data.params[key]] * 2, cells[
         rows[0] : rows[0] + 5
     ]
+
+
+def test_seeds_runs_a_recipe_over_seeds_under_a_parent_mlflow_run(
+    repo, first_repro, experiment, tmp_path
+):
+    """``imgpipe seeds --seeds 1 2 --through finetune``: one DVC experiment per seed, each its
+    own MLflow run, nested under a parent run whose mean/sd/min/max are those of the seeds'
+    validation figures; the JSON summary says the same and ``imgpipe runs`` shows the recipe
+    as mean ± sd. The workspace is put back afterwards (params, lock and metrics as they were,
+    outputs from DVC's cache)."""
+    import statistics
+
+    from mlflow.tracking import MlflowClient
+
+    kept = {
+        name: (repo.root / name).read_bytes()
+        for name in (
+            "params.yaml",
+            "dvc.lock",
+            *(f"metrics/{p.name}" for p in (repo.root / "metrics").iterdir()),
+        )
+    }
+    out = tmp_path / "seeds.json"
+    try:
+        done = repo.run(
+            "imgpipe", "seeds", "--seeds", "1", "2", "--through", "finetune",
+            "--name", "tiny-recipe", "--out", str(out),
+        )  # fmt: skip
+        summary = json.loads(out.read_text())
+        table = repo.run("imgpipe", "runs").stdout
+    finally:
+        for name, content in kept.items():
+            (repo.root / name).write_bytes(content)
+        repo.run("dvc", "checkout", "-q")
+    assert "finetune.val_accuracy" in done.stdout, done.stdout
+    assert summary["seeds"] == [1, 2] and set(summary["mlflow_runs"]) == {"1", "2"}, summary
+    client = MlflowClient(tracking_uri=repo.env["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(summary["parent_run"])
+    assert parent.data.params["seeds"] == "1 2"
+    values = []
+    for seed, run_id in summary["mlflow_runs"].items():
+        child = client.get_run(run_id)
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["dvc.experiment"] == f"tiny-recipe-seed{seed}"
+        assert child.data.params["finetune.seed"] == seed == child.data.params["train.seed"]
+        values.append(child.data.metrics["finetune.val_accuracy"])
+        assert summary["per_seed"][seed]["finetune.val_accuracy"] == pytest.approx(values[-1])
+    stats = parent.data.metrics
+    assert stats["finetune.val_accuracy.mean"] == pytest.approx(statistics.fmean(values), abs=1e-4)
+    assert stats["finetune.val_accuracy.sd"] == pytest.approx(statistics.stdev(values), abs=1e-4)
+    assert stats["finetune.val_accuracy.min"] == pytest.approx(min(values), abs=1e-4)
+    assert not any(key.startswith("test.") for key in summary["summary"])  # test split sealed
+    row = next(line for line in table.splitlines() if line.startswith("| tiny-recipe |"))
+    assert f"{statistics.fmean(values):.4f} ± " in row, row
+    status = repo.run("dvc", "status", "--json")
+    assert json.loads(status.stdout or "{}") == {}, status.stdout
