@@ -27,6 +27,7 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from imgpipe import backbones, figures, registry
+from imgpipe.calibration import untempered
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
 from imgpipe.manifest import LABELS, MANIFEST, SHARDS
@@ -36,7 +37,6 @@ from imgpipe.metrics import (
     confusion_matrix,
     expected_calibration_error,
     rounded,
-    shift_probabilities,
 )
 from imgpipe.params import EvaluateParams, ModelParams, ServingParams
 from imgpipe.registry import Champion
@@ -311,13 +311,17 @@ def run(
             f"{len(missing)} test shard image(s) are not test rows of "
             f"{dataset / MANIFEST} (first sha256 {missing[0]}): rerun ingest"
         )
+    from imgpipe import ordinal  # noqa: F401 (registers the ordinal head for load_model)
+
     network = keras.models.load_model(tuned, compile=False)
     probs = predict_keras(network, test.encoded, size, params.batch_size)
     bins = params.calibration_bins
     candidate = classification_metrics(test.labels, probs, labels, bins)
     fitted = json.loads(temperature.read_text())["temperature"]
-    untempered = shift_probabilities(probs, 0.0, 1.0 / fitted)
-    candidate["ece_uncalibrated"] = expected_calibration_error(test.labels, untempered, bins)
+    before = untempered(
+        network, probs, fitted, lambda m: predict_keras(m, test.encoded, size, params.batch_size)
+    )
+    candidate["ece_uncalibrated"] = expected_calibration_error(test.labels, before, bins)
     candidate["temperature"] = fitted
     rows = [manifest[s] for s in test.sha256]
     slices = slice_metrics(rows, test.labels, probs, labels, params.slice_by, bins)

@@ -389,6 +389,8 @@ def run(
     size = backbones.image_size(model_params)
     labels = read_labels(dataset / LABELS)
     shards = dataset / SHARDS
+    from imgpipe import ordinal  # noqa: F401 (registers the ordinal head for load_model)
+
     network = keras.models.load_model(tuned, compile=False)
     started = time.perf_counter()
     with atomic_path(out) as staged:

@@ -15,8 +15,8 @@ BatchNormalization layers stay frozen and in inference mode (their statistics wo
 small batches). After every epoch the model, with its optimizer state, is checkpointed together
 with the stopping state, so a run killed at any moment (even ``kill -9`` mid-epoch) continues
 from the last finished epoch when rerun with the same inputs and params, instead of starting
-over. After training, a prior correction and a temperature fitted on validation are folded into
-the output layer (``prior_balance``, ``calibrate``).
+over. After training, the decision (a prior correction, or an ordinal head's cut-points) and a
+temperature fitted on validation are folded into the output layer (imgpipe.calibration).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import keras
 import numpy as np
 
 from imgpipe import backbones
+from imgpipe.calibration import fit_output
 from imgpipe.datasets import image_dataset
 from imgpipe.distribute import (
     FLOAT32,
@@ -49,14 +50,7 @@ from imgpipe.distribute import (
 )
 from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
 from imgpipe.manifest import MANIFEST, SHARDS
-from imgpipe.metrics import (
-    correction_text,
-    expected_calibration_error,
-    fit_temperature,
-    prior_correction,
-    shift_probabilities,
-    validation_scores,
-)
+from imgpipe.metrics import correction_text, validation_scores
 from imgpipe.params import RESUME_IGNORES, AugmentParams, FinetuneParams, ModelParams
 from imgpipe.tfrecords import count_records, split_files
 from imgpipe.training import (
@@ -76,9 +70,6 @@ STATE = "state.json"
 TEMPERATURE = "temperature.json"
 """Beside the model: the temperature and prior offset folded into its output layer (evaluate
 reports the test ECE the scores had without the temperature)."""
-CALIBRATION_BINS = 10
-"""Bins of the validation ECE that finetune reports before and after calibration (evaluate's
-test figure uses ``evaluate.calibration_bins``)."""
 
 
 def unfreeze_top(model: keras.Model, backbone: str, layers: int) -> int:
@@ -390,36 +381,32 @@ def run(
     # The served model needs no optimizer state: load without it, compile for evaluation only.
     best = keras.models.load_model(checkpoints / checkpoint.best_file, compile=False)
     set_precision(best, FLOAT32, keep_float32=HEAD_NAME)  # what export and serving expect
-    best.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    val_true, val_probs = [], []
+    head = best.get_layer(HEAD_NAME)
+    output = head.get_layer("probabilities")
+    # The probabilities and the output layer's inputs of every validation image, in one pass.
+    probe = keras.Model(best.inputs, [best.outputs[0], best.get_layer("gap").output])
+    to_output = keras.Model(head.inputs, output.input)
+    val_true, val_probs, val_features = [], [], []
     for images, labels in image_dataset(val_files, size, 64):
+        batch_probs, pooled = probe.predict_on_batch(images)
         val_true.append(labels.numpy())
-        val_probs.append(best.predict_on_batch(images))
+        val_probs.append(batch_probs)
+        val_features.append(to_output.predict_on_batch(pooled))
     val_labels, probs = np.concatenate(val_true), np.concatenate(val_probs)
     scores = validation_scores(val_labels, probs)
-    correction: dict[str, float] = {}
-    shift = np.zeros(probs.shape[1])
-    if params.prior_balance is not None:
-        tau, shift = prior_correction(
-            val_labels, probs, train_class_counts(dataset, probs.shape[1]), params.prior_balance
-        )
-        corrected = validation_scores(val_labels, shift_probabilities(probs, shift))
-        correction = {
-            "prior_tau": tau,
-            **{f"corrected_{k}": round(v, 6) for k, v in corrected.items() if k != "val_loss"},
-        }
-    calibration = calibrate(val_labels, probs, shift, params.calibrate)
-    output = best.get_layer(HEAD_NAME).get_layer("probabilities")
-    kernel, bias = output.get_weights()
-    temperature = calibration["temperature"]
-    output.set_weights([kernel / temperature, (bias + shift.astype(bias.dtype)) / temperature])
+    fitted = fit_output(
+        output,
+        val_labels,
+        probs,
+        np.concatenate(val_features),
+        train_class_counts(dataset, probs.shape[1]),
+        params.prior_balance,
+        params.calibrate,
+    )
     with atomic_path(out) as staged:
         staged.mkdir()
         best.save(staged / MODEL)
-        write_json_atomic(
-            staged / TEMPERATURE,
-            {"temperature": calibration["temperature"], "prior_offset": shift.tolist()},
-        )
+        write_json_atomic(staged / TEMPERATURE, {"temperature": fitted["temperature"]})
         plot_curves(
             [*frozen_rows, *rows],
             staged / CURVES,
@@ -430,8 +417,7 @@ def run(
     metrics = {
         "finetune": {
             **{name: round(value, 6) for name, value in scores.items()},
-            **correction,
-            **calibration,
+            **fitted,
             "epochs": len(rows),
             "best_epoch": kept_epoch(rows, params),
             "averaged_weights": params.ema_momentum is not None,
@@ -543,23 +529,6 @@ def kept_epoch(rows: list[dict[str, Any]], params: FinetuneParams) -> int:
             "epoch"
         ]
     )
-
-
-def calibrate(
-    labels: np.ndarray, probs: np.ndarray, shift: np.ndarray, fit: bool
-) -> dict[str, float]:
-    """The temperature fitted on validation (1 when not ``fit``) for the prior-corrected
-    scores ``probs`` shifted by ``shift``, with their validation ECE before and after."""
-    corrected = shift_probabilities(probs, shift)
-    temperature = fit_temperature(labels, corrected) if fit else 1.0
-    tempered = shift_probabilities(probs, shift, temperature)
-    return {
-        "temperature": round(temperature, 6),
-        "val_ece_uncalibrated": round(
-            expected_calibration_error(labels, corrected, CALIBRATION_BINS), 6
-        ),
-        "val_ece": round(expected_calibration_error(labels, tempered, CALIBRATION_BINS), 6),
-    }
 
 
 def deterministic() -> None:

@@ -213,7 +213,9 @@ def run(
     replicas = distribution.num_replicas_in_sync
     keras.utils.set_random_seed(params.seed)  # the head's initial weights, too, come from the seed
     with distribution.scope():
-        head = build_head(x.shape[1], len(labels), params.dropout, params.hidden_units, params.seed)
+        head = build_head(
+            x.shape[1], len(labels), params.dropout, params.hidden_units, params.seed, params.head
+        )
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)

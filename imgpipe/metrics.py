@@ -8,7 +8,7 @@ of the top-1 confidence, and the expected calibration error over them, are compu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -202,21 +202,20 @@ TEMPERATURE_BOUNDS = (0.05, 20.0)
 """The search interval of ``fit_temperature``: wide enough for any softmax seen in practice."""
 
 
-def fit_temperature(y_true: Sequence[int] | np.ndarray, probs: np.ndarray) -> float:
-    """The temperature T for which softmax(log(probs) / T) has the lowest cross-entropy on
-    these (validation) labels: temperature scaling (Guo et al. 2017), one number that makes an
-    over- (T > 1) or under-confident (T < 1) model's scores calibrated without changing which
-    class wins."""
+def fit_temperature(
+    y_true: Sequence[int] | np.ndarray, tempered: Callable[[float], np.ndarray]
+) -> float:
+    """The temperature T for which ``tempered(T)`` (a model's validation probabilities at
+    temperature T) has the lowest cross-entropy on these labels: temperature scaling (Guo et
+    al. 2017), one number that makes an over- (T > 1) or under-confident (T < 1) model's
+    scores calibrated. For a softmax, ``lambda t: shift_probabilities(probs, 0, t)``."""
     from scipy.optimize import minimize_scalar
 
     actual = np.asarray(y_true, np.int64)
-    log_probs = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
 
     def cross_entropy(log_t: float) -> float:
-        logits = log_probs / np.exp(log_t)
-        logits -= logits.max(axis=1, keepdims=True)
-        normaliser = np.log(np.exp(logits).sum(axis=1))
-        return float(-(logits[np.arange(len(actual)), actual] - normaliser).mean())
+        picked = tempered(float(np.exp(log_t)))[np.arange(len(actual)), actual]
+        return float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
 
     low, high = np.log(TEMPERATURE_BOUNDS)
     found = minimize_scalar(cross_entropy, bounds=(low, high), method="bounded")

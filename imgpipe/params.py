@@ -147,6 +147,10 @@ class TrainParams:
     dropout: float
     hidden_units: int
     """0: GAP -> Dropout -> Dense; >0 adds Dense(hidden_units, relu) -> Dropout before it."""
+    head: Literal["softmax", "ordinal"]
+    """The output: a softmax over the classes, or for ordered labels (listed in order, e.g.
+    ELPV's defect probabilities) a cumulative-logit layer with cut-points refitted on
+    validation (imgpipe.ordinal). Both give class probabilities to evaluate and serving."""
     class_weights: bool
     early_stopping_patience: int
     reduce_lr_patience: int
@@ -189,7 +193,8 @@ class FinetuneParams:
     """Fit a temperature on validation (after the prior correction) and fold it into the output
     layer, so the served probabilities are calibrated; the class chosen does not change."""
     prior_balance: float | None
-    """None: the model's own decision. A weight w in [0, 1]: after training, the output bias
+    """None: the model's own decision. With an ordinal head: the weight w of the same objective
+    for the cut-points refitted on validation. A weight w in [0, 1]: after training, the output bias
     moves by ``tau * log(training class prior)``, ``tau`` chosen on validation to maximise
     ``(1 - w) * accuracy + w * balanced accuracy`` (imgpipe.metrics.prior_correction)."""
     mixed_precision: bool | None

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from imgpipe.backbones import BASE_NAME
+from imgpipe.ordinal import OrdinalProbabilities
 
 HISTORY_COLUMNS = (
     "step",
@@ -34,16 +35,26 @@ MODEL, CURVES = "model.keras", "curves.png"
 
 
 def build_head(
-    feature_dim: int, num_classes: int, dropout: float, hidden_units: int, seed: int
+    feature_dim: int,
+    num_classes: int,
+    dropout: float,
+    hidden_units: int,
+    seed: int,
+    output: str = "softmax",
 ) -> keras.Model:
-    """Dropout -> [Dense(hidden, relu) -> Dropout] -> Dense(num_classes, softmax), on pooled
-    base features; the same layers serve the cached-feature and the end-to-end model."""
+    """Dropout -> [Dense(hidden, relu) -> Dropout] -> the ``probabilities`` layer, on pooled
+    base features; the same layers serve the cached-feature and the end-to-end model. The
+    output is Dense(num_classes, softmax), or with ``output="ordinal"`` a cumulative-logit
+    layer for ordered labels (imgpipe.ordinal): class probabilities either way."""
     inputs = keras.Input((feature_dim,), name="pooled_features")
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(inputs)
     if hidden_units:
         x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
         x = keras.layers.Dropout(dropout, seed=seed + 1, name="hidden_dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    if output == "ordinal":
+        outputs = OrdinalProbabilities(num_classes, name="probabilities")(x)
+    else:
+        outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=HEAD_NAME)
 
 

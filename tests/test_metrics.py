@@ -190,7 +190,7 @@ def test_fitted_temperature_calibrates_an_overconfident_model():
     labels = np.array([rng.choice(4, p=p) for p in calibrated])
     overconfident = shift_probabilities(calibrated, 0.0, 1 / 3)
 
-    temperature = fit_temperature(labels, overconfident)
+    temperature = fit_temperature(labels, lambda t: shift_probabilities(overconfident, 0.0, t))
     tempered = shift_probabilities(overconfident, 0.0, temperature)
     before = expected_calibration_error(labels, overconfident, 10)
     after = expected_calibration_error(labels, tempered, 10)

@@ -1,0 +1,134 @@
+"""What is fitted on validation after training and folded into the output layer, so that the
+exported graph (SavedModel, TF Serving, TFLite) returns the decisions and scores evaluate sees:
+
+- softmax head: the prior correction (bias += tau * log prior) and a temperature (kernel and
+  bias divided by T: calibrated scores, the same decisions);
+- ordinal head (imgpipe.ordinal): a temperature fitted first, then the cut-points refitted
+  for the decision at that temperature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from imgpipe.metrics import (
+    expected_calibration_error,
+    fit_temperature,
+    prior_correction,
+    shift_probabilities,
+    validation_scores,
+)
+
+ECE_BINS = 10
+"""Bins of the validation ECE reported before and after calibration (evaluate's test figure
+uses ``evaluate.calibration_bins``)."""
+
+
+def fit_output(
+    output: Any,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    features: np.ndarray,
+    class_counts: np.ndarray,
+    balance: float | None,
+    calibrate: bool,
+) -> dict[str, Any]:
+    """Fit on validation (``labels``; the model's ``probs``; ``features``, the output layer's
+    inputs) and set on ``output`` (the head's ``probabilities`` layer) the decision and the
+    temperature; ``balance`` weighs balanced accuracy against accuracy in the decision's fit
+    (None: the trained decision). Returns the figures for the summary."""
+    from imgpipe import ordinal
+
+    if isinstance(output, ordinal.OrdinalProbabilities):
+        return _fit_ordinal(output, labels, features, balance, calibrate)
+    return _fit_softmax(output, labels, probs, class_counts, balance, calibrate)
+
+
+def _figures(
+    labels: np.ndarray, before: np.ndarray, after: np.ndarray, temperature: float
+) -> dict[str, Any]:
+    return {
+        "temperature": round(temperature, 6),
+        "val_ece_uncalibrated": round(expected_calibration_error(labels, before, ECE_BINS), 6),
+        "val_ece": round(expected_calibration_error(labels, after, ECE_BINS), 6),
+    }
+
+
+def _corrected(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    scores = validation_scores(labels, probs)
+    return {f"corrected_{k}": round(v, 6) for k, v in scores.items() if k != "val_loss"}
+
+
+def _fit_softmax(
+    output: Any,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_counts: np.ndarray,
+    balance: float | None,
+    calibrate: bool,
+) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    shift = np.zeros(probs.shape[1])
+    if balance is not None:
+        tau, shift = prior_correction(labels, probs, class_counts, balance)
+        figures = {"prior_tau": tau, **_corrected(labels, shift_probabilities(probs, shift))}
+    corrected = shift_probabilities(probs, shift)
+    temperature = (
+        fit_temperature(labels, lambda t: shift_probabilities(probs, shift, t))
+        if calibrate
+        else 1.0
+    )
+    kernel, bias = output.get_weights()
+    output.set_weights([kernel / temperature, (bias + shift.astype(bias.dtype)) / temperature])
+    tempered = shift_probabilities(probs, shift, temperature)
+    return {**figures, **_figures(labels, corrected, tempered, temperature)}
+
+
+def _fit_ordinal(
+    output: Any,
+    labels: np.ndarray,
+    features: np.ndarray,
+    balance: float | None,
+    calibrate: bool,
+) -> dict[str, Any]:
+    from imgpipe import ordinal
+
+    scores = output.scores(features)
+    trained = np.asarray(output.cutpoints(), np.float64)
+    temperature = (
+        fit_temperature(labels, lambda t: ordinal.probabilities(scores, trained, t))
+        if calibrate
+        else 1.0
+    )
+    cut = trained
+    figures: dict[str, Any] = {}
+    if balance is not None:
+        cut = ordinal.fit_cutpoints(labels, scores, trained, balance, temperature)
+        figures = _corrected(labels, ordinal.probabilities(scores, cut, temperature))
+    output.set_decision(cut, temperature)
+    figures["cutpoints"] = [round(float(c), 6) for c in cut]
+    before = ordinal.probabilities(scores, cut)
+    after = ordinal.probabilities(scores, cut, temperature)
+    return {**figures, **_figures(labels, before, after, temperature)}
+
+
+def untempered(
+    network: Any, probs: np.ndarray, temperature: float, predict: Callable[[Any], np.ndarray]
+) -> np.ndarray:
+    """The probabilities ``network`` (whose output layer holds ``temperature``) gave before
+    calibration: for a softmax, softmax(T * log probs) exactly; an ordinal head is asked again
+    (``predict``) at temperature 1."""
+    from imgpipe import ordinal
+    from imgpipe.training import HEAD_NAME
+
+    output = network.get_layer(HEAD_NAME).get_layer(ordinal.NAME)
+    if not isinstance(output, ordinal.OrdinalProbabilities):
+        return shift_probabilities(probs, 0.0, 1.0 / temperature)
+    output.temperature.assign(1.0)
+    try:
+        return predict(network)
+    finally:
+        output.temperature.assign(temperature)
