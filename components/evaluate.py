@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import logging
 import tempfile
@@ -40,6 +39,7 @@ from imgpipe.metrics import (
 )
 from imgpipe.params import EvaluateParams, ModelParams, ServingParams
 from imgpipe.registry import Champion
+from imgpipe.saliency import grad_cam
 from imgpipe.savedmodel import SavedModelClassifier
 from imgpipe.tfrecords import Split, read_split
 
@@ -53,6 +53,15 @@ CONFUSION_PNG, CALIBRATION_PNG, MISCLASSIFIED_PNG = (
 )
 GATED = ("accuracy", "balanced_accuracy")
 """The metrics the blessing compares with the champion."""
+
+
+def decoded(encoded: Sequence[bytes], chosen: np.ndarray, image_size: int) -> np.ndarray:
+    """The ``chosen`` images as the model sees them: float RGB 0-255 at its input size."""
+    from imgpipe.datasets import decode_and_resize
+
+    if not len(chosen):
+        return np.zeros((0, image_size, image_size, 3), np.float32)
+    return np.stack([decode_and_resize(encoded[i], image_size).numpy() for i in chosen])
 
 
 def predict_keras(model: Any, encoded: Sequence[bytes], image_size: int, batch: int) -> np.ndarray:
@@ -203,35 +212,51 @@ def plot_calibration(rows: Sequence[dict[str, Any]], ece: float, path: Path) -> 
     figures.save(fig, path)
 
 
+def most_confidently_wrong(labels: np.ndarray, probs: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` misclassified images with the highest confidence."""
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    return wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:count]
+
+
 def plot_misclassified(
     test: Split,
     probs: np.ndarray,
     labels: Sequence[str],
-    count: int,
+    chosen: np.ndarray,
+    images: np.ndarray,
+    heat: np.ndarray,
     path: Path,
 ) -> int:
-    """The ``count`` most confidently wrong test images with actual, predicted and confidence."""
-    from PIL import Image
-
+    """The ``chosen`` test images (as the model saw them) with actual, predicted and
+    confidence, each beside its Grad-CAM map for the predicted class (``heat``)."""
     plt = figures.pyplot()
     predicted = probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != test.labels)
-    chosen = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:count]
     cols = 4
     rows = max(1, -(-len(chosen) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2.0 * 2 * cols, 2.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, chosen, strict=False):
-        ax.imshow(Image.open(io.BytesIO(test.encoded[i])).convert("RGB"))
-        ax.set_title(
+    for n, i in enumerate(chosen):
+        image, overlay = axes[n // cols][2 * (n % cols)], axes[n // cols][2 * (n % cols) + 1]
+        pixels = np.clip(images[n], 0, 255).astype(np.uint8)
+        image.imshow(pixels)
+        overlay.imshow(pixels)
+        overlay.imshow(heat[n], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        overlay.set_title("Grad-CAM", fontsize=7)
+        image.set_title(
             f"actual {labels[test.labels[i]]}\npredicted {labels[predicted[i]]} "
             f"({probs[i, predicted[i]]:.2f})",
             fontsize=7,
         )
     if not len(chosen):
         axes[0][0].text(0.5, 0.5, "no misclassified test images", ha="center")
-    fig.suptitle(f"most confidently misclassified ({len(wrong)} wrong in all)", fontsize=9)
+    fig.suptitle(
+        f"most confidently misclassified ({len(wrong)} wrong in all), with where the model "
+        "looked for the class it predicted",
+        fontsize=9,
+    )
     fig.tight_layout()
     figures.save(fig, path)
     return len(chosen)
@@ -364,9 +389,10 @@ def run(
             confusion_matrix(test.labels, predicted, len(labels)), labels, staged / CONFUSION_PNG
         )
         plot_calibration(reliability, candidate["ece"], staged / CALIBRATION_PNG)
-        plot_misclassified(
-            test, probs, labels, params.misclassified_examples, staged / MISCLASSIFIED_PNG
-        )
+        chosen = most_confidently_wrong(test.labels, probs, params.misclassified_examples)
+        images = decoded(test.encoded, chosen, size)
+        heat = grad_cam(network, images, predicted[chosen]) if len(chosen) else images[..., 0]
+        plot_misclassified(test, probs, labels, chosen, images, heat, staged / MISCLASSIFIED_PNG)
 
     with atomic_path(confusion) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
