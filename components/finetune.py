@@ -59,6 +59,7 @@ from imgpipe.training import (
     MODEL,
     EpochLogger,
     base_of,
+    deterministic,
     plot_curves,
     read_history,
     write_history,
@@ -529,14 +530,6 @@ def kept_epoch(rows: list[dict[str, Any]], params: FinetuneParams) -> int:
             "epoch"
         ]
     )
-
-
-def deterministic() -> None:
-    """TensorFlow's op determinism: ops run with deterministic kernels (an op that has none
-    raises instead of varying), so one seed gives one model on one machine."""
-    import tensorflow as tf
-
-    tf.config.experimental.enable_op_determinism()
 
 
 def metrics(summary: dict[str, Any]) -> dict[str, float]:

@@ -66,6 +66,14 @@ def assemble(base: keras.Model, head: keras.Model) -> keras.Model:
     return keras.Model(inputs, head(pooled), name="classifier")
 
 
+def deterministic() -> None:
+    """TensorFlow's op determinism: ops run with deterministic kernels (an op that has none
+    raises instead of varying), so one seed gives one model on one machine."""
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+
+
 def base_of(model: keras.Model) -> keras.Model:
     return model.get_layer(BASE_NAME)
 

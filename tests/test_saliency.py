@@ -8,7 +8,8 @@ import numpy as np
 def test_grad_cam_lights_up_the_region_that_decides_the_class():
     """A "base" that average-pools the image to a 4x4 map and a head that reads class 1 off
     the red channel: for an image red only in its top-left quadrant, the map for class 1
-    peaks there and is 0 in the other quadrants (away from the upsampling seam); maps are in [0, 1], at the image's size."""
+    peaks there and is 0 in the other quadrants (away from the upsampling seam); maps are in
+    [0, 1], at the image's size."""
     import keras
 
     from imgpipe.backbones import BASE_NAME
