@@ -27,8 +27,15 @@ fine-tuning order and views); the data's split and augment's materialised views 
 PARENT_TAG = "imgpipe.seeds"
 """Set on a parent run: the number of seeds it summarises."""
 RECIPE_TAG = "imgpipe.recipe"
-VALIDATION = ("finetune.val_accuracy", "finetune.val_balanced_accuracy", "finetune.val_ece")
-"""The validation figures summarised, from metrics/finetune.json; when the seed runs reached
+VALIDATION = (
+    "finetune.val_accuracy",
+    "finetune.val_balanced_accuracy",
+    "finetune.corrected_val_accuracy",
+    "finetune.corrected_val_balanced_accuracy",
+    "finetune.val_ece",
+)
+"""The validation figures summarised, from metrics/finetune.json (``corrected_``: with the
+decision fitted on validation, what is served); when the seed runs reached
 evaluate, the test split's accuracy, balanced accuracy, ECE and per-class recall too
 (validation figures choose recipes, test figures only report the final one)."""
 
@@ -108,7 +115,8 @@ def run_recipe(
     from imgpipe.tracking import EXPERIMENT_TAG, ensure_experiment, tracking_uri
 
     root = (root or Path.cwd()).resolve()
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
     name = name or "recipe-" + time.strftime("%m%d-%H%M%S")
     default = {_current(params, key) for key in seed_keys}
     ordered = sorted(seeds, key=lambda s: (s in default, seeds.index(s)))
@@ -129,6 +137,8 @@ def run_recipe(
                 f"the seeds before it are in `dvc exp show`"
             )
         per_seed[seed] = headline(root / "metrics")
+        if yaml.safe_load((root / "params.yaml").read_text()) == params:
+            (root / "params.yaml").write_text(original)  # DVC's -S rewrote it: keep its comments
         found = mlflow.search_runs(
             search_all_experiments=True,
             filter_string=f"tags.`{EXPERIMENT_TAG}` = '{experiment}'",
