@@ -46,8 +46,11 @@ class OrdinalProbabilities(keras.layers.Layer):
         self.classes = classes
 
     def build(self, input_shape: Sequence[int | None]) -> None:
+        features = input_shape[-1]
+        if features is None:
+            raise ValueError("OrdinalProbabilities needs a known number of input features")
         self.kernel = self.add_weight(
-            shape=(int(input_shape[-1]), 1), initializer="glorot_uniform", name="kernel"
+            shape=(int(features), 1), initializer="glorot_uniform", name="kernel"
         )
         self.first = self.add_weight(
             shape=(1,), initializer=keras.initializers.Constant(-1.0), name="first"
