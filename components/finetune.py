@@ -535,7 +535,11 @@ def kept_epoch(rows: list[dict[str, Any]], params: FinetuneParams) -> int:
 def metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The fine-tuning phase's final figures, for MLflow."""
     tuned = summary["finetune"]
-    return {f"finetune.{k}": v for k, v in tuned.items() if isinstance(v, int | float)}
+    return {
+        f"finetune.{k}": v
+        for k, v in tuned.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 def log_to_mlflow(out: Path, history: Path, dataset: Path, model: ModelParams) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.fileio import write_json_atomic
+from pipelines.stages import STAGES
 
 SEED_KEYS = ("train.seed", "finetune.seed")
 """The training seeds a recipe is repeated over (the head's initialisation and dropout, the
@@ -62,15 +63,16 @@ def within_spread(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
     return abs(a["mean"] - b["mean"]) < max(a["sd"], b["sd"])
 
 
-def headline(metrics_dir: Path) -> dict[str, float]:
-    """The headline figures of the run whose outputs are in ``metrics_dir``."""
+def headline(metrics_dir: Path, test: bool) -> dict[str, float]:
+    """The headline figures of the run whose outputs are in ``metrics_dir``; the test split's
+    only with ``test`` (the run reached evaluate: else its evaluate.json is an older run's)."""
     figures: dict[str, float] = {}
     tuned = _read(metrics_dir / "finetune.json").get("finetune", {})
     for key in VALIDATION:
         name = key.removeprefix("finetune.")
         if name in tuned:
             figures[key] = float(tuned[name])
-    test = _read(metrics_dir / "evaluate.json").get("test", {})
+    test = _read(metrics_dir / "evaluate.json").get("test", {}) if test else {}
     for key in ("accuracy", "balanced_accuracy", "ece"):
         if key in test:
             figures[f"test.{key}"] = float(test[key])
@@ -121,6 +123,10 @@ def run_recipe(
     default = {_current(params, key) for key in seed_keys}
     ordered = sorted(seeds, key=lambda s: (s in default, seeds.index(s)))
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    order = list(STAGES)
+    if through not in order:
+        raise ValueError(f"seeds: --through must be a stage, one of {order}; got {through!r}")
+    reaches_evaluate = order.index(through) >= order.index("evaluate")
     per_seed: dict[int, dict[str, float]] = {}
     runs: dict[int, str] = {}
     mlflow.set_tracking_uri(tracking_uri(root))
@@ -136,7 +142,7 @@ def run_recipe(
                 f"seeds: `{' '.join(command)}` failed (exit {done.returncode}); "
                 f"the seeds before it are in `dvc exp show`"
             )
-        per_seed[seed] = headline(root / "metrics")
+        per_seed[seed] = headline(root / "metrics", test=reaches_evaluate)
         if yaml.safe_load((root / "params.yaml").read_text()) == params:
             (root / "params.yaml").write_text(original)  # DVC's -S rewrote it: keep its comments
         found = mlflow.search_runs(

@@ -154,6 +154,7 @@ def test_a_kubeflow_overlay_changes_only_the_keys_it_names():
     arguments = {
         "base_params": json.dumps(_params()),
         "model": "{}",
+        "augment": "{}",
         "finetune": json.dumps({"learning_rate": 3e-4}),
     }
     params = overlaid(STAGES["finetune"].sections, arguments)

@@ -181,7 +181,6 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
     step = tmp_path / "step"
     inputs = {
         "trained": step / "train" / "model.keras",
-        "augmented": step / "augment" / "shards",
         "dataset": step / "ingest",
         "frozen_history": step / "train_history.csv",
     }
@@ -202,7 +201,7 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
         local = {k: shared / Path(v).relative_to(SHARED) for k, v in flags.items()}
         seen["params"] = local["--params"].read_text()
         seen["trained"] = local["--trained"].read_text()
-        seen["shards"] = (local["--augmented"] / "part" / "file").read_text()
+        seen["shards"] = (local["--dataset"] / "part" / "file").read_text()
         (local["--out"]).mkdir(parents=True)
         (local["--out"] / "model.keras").write_text("tuned")
         local["--summary"].write_text('{"val_accuracy": 0.9}')
@@ -230,7 +229,7 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
     (_, _, trainjob), *_ = _KubeStub.calls
     assert trainjob["metadata"]["name"] == name and trainjob["spec"]["trainer"]["numNodes"] == 3
     assert "workers: 3" in seen["params"]
-    assert (seen["trained"], seen["shards"]) == ("trained", "augmented")
+    assert (seen["trained"], seen["shards"]) == ("trained", "dataset")
     assert (outputs["out"] / "model.keras").read_text() == "tuned"
     assert json.loads(outputs["summary"].read_text()) == {"val_accuracy": 0.9}
     assert outputs["history"].read_text() == "epoch\n"
