@@ -514,7 +514,7 @@ def test_seeds_runs_a_recipe_over_seeds_under_a_parent_mlflow_run(
     own MLflow run, nested under a parent run whose mean/sd/min/max are those of the seeds'
     validation figures; the JSON summary says the same and ``imgpipe runs`` shows the recipe
     as mean ± sd. The workspace is put back afterwards (params, lock and metrics as they were,
-    outputs from DVC's cache)."""
+    outputs from DVC's cache, the persist checkpoints from a copy)."""
     import statistics
 
     from mlflow.tracking import MlflowClient
@@ -527,6 +527,8 @@ def test_seeds_runs_a_recipe_over_seeds_under_a_parent_mlflow_run(
             *(f"metrics/{p.name}" for p in (repo.root / "metrics").iterdir()),
         )
     }
+    checkpoints = repo.root / "outputs" / "finetune_checkpoints"  # persist, not in DVC's cache
+    shutil.copytree(checkpoints, tmp_path / "checkpoints")
     out = tmp_path / "seeds.json"
     try:
         done = repo.run(
@@ -538,6 +540,8 @@ def test_seeds_runs_a_recipe_over_seeds_under_a_parent_mlflow_run(
     finally:
         for name, content in kept.items():
             (repo.root / name).write_bytes(content)
+        shutil.rmtree(checkpoints)
+        shutil.copytree(tmp_path / "checkpoints", checkpoints)
         repo.run("dvc", "checkout", "-q")
     assert "finetune.val_accuracy" in done.stdout, done.stdout
     assert summary["seeds"] == [1, 2] and set(summary["mlflow_runs"]) == {"1", "2"}, summary
