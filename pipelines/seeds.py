@@ -63,16 +63,16 @@ def within_spread(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
     return abs(a["mean"] - b["mean"]) < max(a["sd"], b["sd"])
 
 
-def headline(metrics_dir: Path, test: bool) -> dict[str, float]:
+def headline(metrics_dir: Path, with_test: bool) -> dict[str, float]:
     """The headline figures of the run whose outputs are in ``metrics_dir``; the test split's
-    only with ``test`` (the run reached evaluate: else its evaluate.json is an older run's)."""
+    only ``with_test`` (the run reached evaluate: else its evaluate.json is an older run's)."""
     figures: dict[str, float] = {}
     tuned = _read(metrics_dir / "finetune.json").get("finetune", {})
     for key in VALIDATION:
         name = key.removeprefix("finetune.")
         if name in tuned:
             figures[key] = float(tuned[name])
-    test = _read(metrics_dir / "evaluate.json").get("test", {}) if test else {}
+    test = _read(metrics_dir / "evaluate.json").get("test", {}) if with_test else {}
     for key in ("accuracy", "balanced_accuracy", "ece"):
         if key in test:
             figures[f"test.{key}"] = float(test[key])
@@ -142,7 +142,7 @@ def run_recipe(
                 f"seeds: `{' '.join(command)}` failed (exit {done.returncode}); "
                 f"the seeds before it are in `dvc exp show`"
             )
-        per_seed[seed] = headline(root / "metrics", test=reaches_evaluate)
+        per_seed[seed] = headline(root / "metrics", with_test=reaches_evaluate)
         if yaml.safe_load((root / "params.yaml").read_text()) == params:
             (root / "params.yaml").write_text(original)  # DVC's -S rewrote it: keep its comments
         found = mlflow.search_runs(
