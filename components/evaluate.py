@@ -6,15 +6,16 @@ matrix, expected calibration error, and all of them sliced by manifest metadata 
 the confusion matrix, a reliability diagram and the most confidently misclassified images.
 
 Blessing, like TFX's Evaluator: the candidate must reach absolute floors and, when the registry
-has a ``champion``, must not fall more than ``max_regression`` below it. The champion is not
-judged by the figures it was registered with: its own SavedModel is run here, through its
-bytes signature, on this same test split, so both sides of the comparison see the same images.
+has a ``champion``, must not be worse than it beyond a non-inferiority margin, at a stated
+confidence (``imgpipe.gate``). The champion is not judged by the figures it was registered with:
+its own SavedModel is run here, through its bytes signature, on the test images that neither
+model trained on (the registry keeps the list of images each version trained on), and the two
+are compared image by image.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import tempfile
@@ -25,11 +26,11 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
-from imgpipe import backbones, figures, registry
+from imgpipe import backbones, figures, gate, registry
 from imgpipe.calibration import untempered
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
-from imgpipe.manifest import LABELS, MANIFEST, SHARDS
+from imgpipe.manifest import LABELS, MANIFEST, SHARDS, lineage_digest
 from imgpipe.metrics import (
     calibration_bins,
     classification_metrics,
@@ -51,8 +52,6 @@ CONFUSION_PNG, CALIBRATION_PNG, MISCLASSIFIED_PNG = (
     "calibration.png",
     "misclassified.png",
 )
-GATED = ("accuracy", "balanced_accuracy")
-"""The metrics the blessing compares with the champion."""
 
 
 def decoded(encoded: Sequence[bytes], chosen: np.ndarray, image_size: int) -> np.ndarray:
@@ -104,51 +103,6 @@ def slice_metrics(
             m.pop("per_class")
             out[column][value] = m
     return out
-
-
-def bless(
-    candidate: dict[str, Any],
-    champion: dict[str, Any] | None,
-    params: EvaluateParams,
-) -> dict[str, Any]:
-    """The gate's decision, with one reason per check."""
-
-    def check(kind: str, metric: str, floor: float, against: str) -> dict[str, Any]:
-        value = candidate[metric]
-        passed = value >= floor
-        return {
-            "check": f"{kind}_{metric}",
-            "passed": passed,
-            "value": value,
-            "threshold": floor,
-            "reason": f"{metric} {value:.4f} {'>=' if passed else '<'} {against}",
-        }
-
-    checks = [
-        check("min", metric, floor, f"minimum {floor:.4f}")
-        for metric, floor in (
-            ("accuracy", params.min_accuracy),
-            ("balanced_accuracy", params.min_balanced_accuracy),
-        )
-    ]
-    if champion is not None:
-        checks += [
-            check(
-                "no_regression",
-                metric,
-                champion[metric] - params.max_regression,
-                f"champion v{champion['version']} {champion[metric]:.4f} - "
-                f"{params.max_regression} allowed regression",
-            )
-            for metric in GATED
-        ]
-    return {
-        "blessed": all(c["passed"] for c in checks),
-        "checks": checks,
-        "candidate": {k: candidate[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
-        "champion": champion,
-        "thresholds": dataclasses.asdict(params) | {"slice_by": list(params.slice_by)},
-    }
 
 
 # --- figures -------------------------------------------------------------------------------
@@ -265,12 +219,8 @@ def plot_misclassified(
 # --- the stage -------------------------------------------------------------------------------
 
 
-def champion_metrics(
-    champion: Any, test: Split, labels: Sequence[str], bins: int
-) -> dict[str, Any]:
-    """Run the champion's own SavedModel on this test split; ``champion`` is a
-    ``registry.Champion``."""
-
+def champion_probabilities(champion: Champion, test: Split, labels: Sequence[str]) -> np.ndarray:
+    """The champion's own SavedModel's probabilities on this test split."""
     with tempfile.TemporaryDirectory(prefix="imgpipe-champion-") as tmp:
         try:
             saved_model = champion.download_saved_model(Path(tmp))
@@ -288,12 +238,50 @@ def champion_metrics(
             f"{names or probs.shape[1]}, the candidate {list(labels)}: they are not comparable; "
             "register under another serving.model_name"
         )
-    m = classification_metrics(test.labels, probs, labels, bins)
-    return {
+    return probs
+
+
+def against_champion(
+    champion: Champion,
+    test: Split,
+    probs: np.ndarray,
+    labels: Sequence[str],
+    params: EvaluateParams,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The champion's figures and the paired comparison, on the test images the champion did
+    not train on (the candidate never trained on any: they are today's test split)."""
+    theirs = champion_probabilities(champion, test, labels)
+    trained_on = champion.trained_on()
+    keep = np.ones(len(test.sha256), dtype=bool)
+    if trained_on is not None:
+        keep = np.array([digest not in trained_on for digest in test.sha256], dtype=bool)
+    baseline = {
         "version": champion.version,
         "run_id": champion.run_id,
-        **{k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")},
+        "lineage": trained_on is not None,
+        "excluded": int((~keep).sum()),
+        "images": int(keep.sum()),
     }
+    if trained_on is None:
+        log.warning(
+            "evaluate: champion %s v%d has no record of the images it trained on (registered "
+            "before lineage was kept): compared on the whole test split",
+            champion.name,
+            champion.version,
+        )
+    if not keep.any():
+        return baseline, {"images": 0}
+    m = classification_metrics(test.labels[keep], theirs[keep], labels, params.calibration_bins)
+    baseline.update({k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")})
+    comparison = gate.compare(
+        test.labels[keep],
+        probs[keep].argmax(axis=1),
+        theirs[keep].argmax(axis=1),
+        classes=len(labels),
+        samples=params.bootstrap_samples,
+        confidence=params.confidence,
+    )
+    return baseline, comparison
 
 
 REGISTRY: Final = "registry"
@@ -350,8 +338,11 @@ def run(
     candidate["temperature"] = fitted
     rows = [manifest[s] for s in test.sha256]
     slices = slice_metrics(rows, test.labels, probs, labels, params.slice_by, bins)
-    baseline = champion_metrics(champion, test, labels, bins) if champion else None
-    blessing = bless(candidate, baseline, params)
+    baseline, comparison = (
+        against_champion(champion, test, probs, labels, params) if champion else (None, None)
+    )
+    blessing = gate.bless(candidate, baseline, comparison, params)
+    blessing["test_set"] = {"images": len(test.sha256), "sha256": lineage_digest(test.sha256)}
     predicted = probs.argmax(axis=1)
     reliability = calibration_bins(test.labels, probs, bins)
 
@@ -410,6 +401,9 @@ def run(
             "slices": slices,
             "blessed": blessing["blessed"],
             "champion": baseline,
+            "comparison": comparison,
+            "test_set": blessing["test_set"],
+            "checks": [c["reason"] for c in blessing["checks"]],
         }
     )
     write_json_atomic(summary, metrics)
@@ -433,6 +427,14 @@ def metrics(summary: dict[str, Any]) -> dict[str, float]:
                 }
             )
     values["blessed"] = float(summary["blessed"])
+    comparison, champion = summary.get("comparison"), summary.get("champion")
+    if champion:
+        values.update({"gate.images": champion["images"], "gate.excluded": champion["excluded"]})
+    if comparison and comparison["images"]:
+        for metric in gate.GATED:
+            values.update(
+                {f"gate.{metric}.{k}": comparison[metric][k] for k in ("difference", "low", "high")}
+            )
     return values
 
 
@@ -458,5 +460,5 @@ def describe(summary: dict[str, Any]) -> str:
         f"test accuracy {test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}, "
         f"macro-F1 {test['macro_f1']:.4f}, ECE {test['ece']:.3f} "
         f"(uncalibrated {test['ece_uncalibrated']:.3f}) on {test['images']} images; "
-        f"{verdict}: " + "; ".join(c["reason"] for c in summary["blessing"]["checks"])
+        f"{verdict}: " + "; ".join(summary["checks"])
     )

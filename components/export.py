@@ -38,7 +38,7 @@ import numpy as np
 from imgpipe import backbones
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
-from imgpipe.manifest import LABELS, SHARDS
+from imgpipe.manifest import LABELS, MANIFEST, SHARDS, TRAINED_ON, split_hashes
 from imgpipe.metrics import classification_metrics, rounded
 from imgpipe.params import ExportParams, ModelParams, ServingParams
 from imgpipe.savedmodel import (
@@ -379,7 +379,8 @@ def run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export the ``tuned`` model into ``out``: serving/<model_name>/1/ (SavedModel), tflite/
-    (models + labels.txt) and model_card.md (with the test metrics of ``evaluation``). Returns
+    (models + labels.txt), trained_on.txt (the images it trained and was tuned on) and
+    model_card.md (with the test metrics of ``evaluation``). Returns
     the parity and sizes report also written to ``summary``."""
     import keras
 
@@ -402,6 +403,8 @@ def run(
         served = SavedModelClassifier(saved_model)
         run_warmup(served)
 
+        trained_on = split_hashes(dataset / MANIFEST, ("train", "val"))
+        (staged / TRAINED_ON).write_text("".join(f"{h}\n" for h in trained_on), "ascii")
         (staged / TFLITE).mkdir()
         shutil.copyfile(dataset / LABELS, staged / TFLITE / LABELS)
         representative = (

@@ -428,9 +428,22 @@ def remove_duplicates(
     return kept, rejections
 
 
-def _group_seed(seed: int, key: tuple[str, ...]) -> list[int]:
-    digest = hashlib.sha256("\x1f".join(key).encode()).digest()
-    return [seed, int.from_bytes(digest[:8], "little")]
+def _place(seed: int, key: str) -> bytes:
+    """Where ``key`` (an image's sha256 or a group's name) sorts within its stratum for
+    ``seed``: a hash of the two alone, so that it never depends on which other images exist."""
+    return hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
+
+
+def _fill(sizes: Sequence[int], test: float, test_and_val: float) -> list[str]:
+    """The splits of items taken in their hash order: an item whose middle image falls within
+    the first ``test`` images goes to test, within the first ``test_and_val`` to val, the rest
+    to train (for single images: the first ``test`` go to test)."""
+    splits, before = [], 0
+    for size in sizes:
+        middle = before + size / 2
+        splits.append("test" if middle <= test else "val" if middle <= test_and_val else "train")
+        before += size
+    return splits
 
 
 def stratified_split(
@@ -441,25 +454,28 @@ def stratified_split(
     test_fraction: float,
     seed: int,
 ) -> list[str]:
-    """Assign each id to train/val/test, stratum by stratum, reproducibly.
+    """Assign each id to train/val/test, stratum by stratum, so that the split stays put as
+    the data grows; one split per input, in input order.
 
-    Within a stratum, ids are sorted then shuffled by a generator seeded with ``seed`` and the
-    stratum's name, so the result does not depend on file order and adding a class does not
-    reshuffle the others. Each stratum gives ``round(n * fraction)`` ids to test and to val.
+    Within a stratum the ids are ordered by a hash of (seed, id), which no other id changes;
+    the first ``round(n * test_fraction)`` go to test, the next ``round(n * val_fraction)`` to
+    val (capped so that test and val never exceed the stratum), the rest to train. Adding or
+    removing ``k`` ids of a stratum moves at most ``2k + 3`` of its other ids between splits
+    (each of the two boundaries shifts by at most the ids that crossed it plus the change of
+    its rounded count), and typically a handful: the new ids spread over the order as the old
+    ones do. File order and other strata never matter.
     """
     groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for index, key in enumerate(strata):
         groups[key].append(index)
     splits = [""] * len(ids)
-    for key, members in groups.items():
-        members.sort(key=lambda i: ids[i])
-        order = np.random.default_rng(_group_seed(seed, key)).permutation(len(members))
+    for members in groups.values():
+        members.sort(key=lambda i: (_place(seed, ids[i]), ids[i]))
         n = len(members)
         n_test = int(np.floor(n * test_fraction + 0.5))
         n_val = min(int(np.floor(n * val_fraction + 0.5)), n - n_test)
-        for rank, position in enumerate(order):
-            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-            splits[members[position]] = split
+        for index, split in zip(members, _fill([1] * n, n_test, n_test + n_val), strict=True):
+            splits[index] = split
     return splits
 
 
@@ -471,42 +487,32 @@ def grouped_split(
     test_fraction: float,
     seed: int,
 ) -> list[str]:
-    """Assign whole groups to train/val/test, keeping each stratum's fractions as far as the
-    groups allow; one split per input, in input order.
+    """Assign whole groups to train/val/test so that the split stays put as groups are added;
+    one split per input, in input order.
 
-    Greedy and deterministic: groups go largest first (ties in a seeded order of their names),
-    each to the split where it most lowers the chi-square distance between the images per
-    (split, stratum) and their targets (stratum size x fraction). Only the set of groups and
-    their members' strata matter, so file order does not.
+    A group belongs to the stratum most of its images are in (ties: the first in sorted
+    order). Within a stratum the groups are ordered by a hash of (seed, group name), and a
+    group goes to test when its middle image falls within the first ``test_fraction`` of the
+    stratum's images, to val within the next ``val_fraction``, else to train; adding or
+    removing a group moves only groups whose place crosses one of those two boundaries. The
+    fractions are met to within about half the largest group per stratum and boundary.
     """
-    fractions = {
-        "train": 1.0 - val_fraction - test_fraction,
-        "val": val_fraction,
-        "test": test_fraction,
-    }
-    open_splits = [s for s in SPLITS if fractions[s] > 0]
-    keys = sorted(set(strata))
-    column = {key: j for j, key in enumerate(keys)}
     members: dict[str, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         members[group].append(index)
-    counts = {
-        g: np.bincount([column[strata[i]] for i in m], minlength=len(keys))
-        for g, m in members.items()
-    }
-    target = np.outer([fractions[s] for s in open_splits], sum(counts.values()))
-    assigned = np.zeros_like(target)
-    names = sorted(members)
-    tiebreak = np.random.default_rng(seed).permutation(len(names))
+    by_stratum: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for group, indices in members.items():
+        counts = Counter(strata[i] for i in indices)
+        by_stratum[min(counts, key=lambda key: (-counts[key], key))].append(group)
     splits = [""] * len(groups)
-    for rank in sorted(range(len(names)), key=lambda r: (-len(members[names[r]]), tiebreak[r])):
-        c = counts[names[rank]]
-        # growth of sum((assigned - target)^2 / target) if the group joins each split
-        growth = (c * (2 * (assigned - target) + c) / target).sum(axis=1)
-        best = int(np.argmin(growth))
-        assigned[best] += c
-        for index in members[names[rank]]:
-            splits[index] = open_splits[best]
+    for names in by_stratum.values():
+        names.sort(key=lambda g: (_place(seed, g), g))
+        sizes = [len(members[g]) for g in names]
+        total = sum(sizes)
+        bounds = (total * test_fraction, total * (test_fraction + val_fraction))
+        for group, split in zip(names, _fill(sizes, *bounds), strict=True):
+            for index in members[group]:
+                splits[index] = split
     return splits
 
 
@@ -580,13 +586,29 @@ def split_report(
         "achieved_fractions": achieved,
         "asked_fractions": None,
         "largest_fraction_gap": None,
+        "largest_class_fraction_gap": None,
         "warnings": [],
+    }
+    per_class: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in rows:
+        per_class[row["label"]][row["split"]] += 1
+    report["class_fractions"] = {
+        label: {s: round(c[s] / c.total(), 4) for s in SPLITS}
+        for label, c in sorted(per_class.items())
     }
     if not predefined:
         val, test = params.val_fraction, params.test_fraction
         asked = {"train": 1.0 - val - test, "val": val, "test": test}
         report["asked_fractions"] = {s: round(f, 4) for s, f in asked.items()}
         report["largest_fraction_gap"] = round(max(abs(achieved[s] - asked[s]) for s in SPLITS), 4)
+        report["largest_class_fraction_gap"] = round(
+            max(
+                abs(fractions[s] - asked[s])
+                for fractions in report["class_fractions"].values()
+                for s in SPLITS
+            ),
+            4,
+        )
     if params.group_by is not None:
         spans: dict[str, set[str]] = defaultdict(set)
         for row in rows:
@@ -818,8 +840,9 @@ def metrics(summary: dict[str, Any]) -> dict[str, float]:
         values[f"ingest.{split}.images"] = counts["total"]
         values.update({f"ingest.{split}.{label}": n for label, n in counts["classes"].items()})
     method = summary.get("split_method") or {}  # absent from summaries older than split modes
-    if method.get("largest_fraction_gap") is not None:
-        values["ingest.largest_fraction_gap"] = method["largest_fraction_gap"]
+    for key in ("largest_fraction_gap", "largest_class_fraction_gap"):
+        if method.get(key) is not None:
+            values[f"ingest.{key}"] = method[key]
     if method.get("groups_spanning_splits") is not None:
         values["ingest.groups_spanning_splits"] = method["groups_spanning_splits"]
     return values
@@ -854,7 +877,8 @@ def describe_split(method: dict[str, Any]) -> str:
         text += (
             f", fractions {'/'.join(f'{achieved[s]:.2f}' for s in SPLITS)} "
             f"vs asked {'/'.join(f'{asked[s]:.2f}' for s in SPLITS)} (train/val/test; "
-            f"largest gap {method['largest_fraction_gap']:.3f})"
+            f"largest gap {method['largest_fraction_gap']:.3f}, "
+            f"{method['largest_class_fraction_gap']:.3f} in one class)"
         )
     if method["warnings"]:
         text += "; WARNING: " + "; ".join(method["warnings"])

@@ -14,6 +14,7 @@ from typing import Any
 
 from imgpipe.access import USER_ENV, needs, on_model, on_run
 from imgpipe.fileio import write_json_atomic
+from imgpipe.manifest import TRAINED_ON, lineage_digest
 from imgpipe.params import ServingParams
 from imgpipe.registry import (
     ARTIFACT_PATH,
@@ -46,7 +47,7 @@ def metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The registered and the serving version, for MLflow."""
     return {
         f"push.{key}": summary[key]
-        for key in ("version", "serving_version")
+        for key in ("version", "serving_version", "test_set_decisions")
         if isinstance(summary.get(key), int)
     }
 
@@ -59,14 +60,15 @@ def log_to_mlflow(summary: Path) -> None:
 
 def describe(summary: dict[str, Any]) -> str:
     name, version = summary["registered_model"], summary["version"]
+    reuse = f"; gating decision {summary['test_set_decisions']} on this test set"
     if summary["blessed"]:
         return (
             f"{name} v{version} is {CHAMPION} (aliases {', '.join(summary['aliases'])}); "
-            f"serving version {summary['serving_version']} at {summary['pushed_to']}"
+            f"serving version {summary['serving_version']} at {summary['pushed_to']}" + reuse
         )
     return (
         f"{name} v{version} registered as {CHALLENGER} only: not blessed, not pushed; "
-        f"{CHAMPION} stays v{summary['previous_champion']}"
+        f"{CHAMPION} stays v{summary['previous_champion']}" + reuse
     )
 
 
@@ -128,6 +130,8 @@ def register(
         mlflow.log_artifacts(str(saved_model), f"{ARTIFACT_PATH}/{SAVED_MODEL}")
         mlflow.log_artifacts(str(export_dir / TFLITE), f"{ARTIFACT_PATH}/{TFLITE}")
         mlflow.log_artifact(str(export_dir / CARD), ARTIFACT_PATH)
+        mlflow.log_artifact(str(export_dir / TRAINED_ON), ARTIFACT_PATH)
+    trained_on = (export_dir / TRAINED_ON).read_text(encoding="ascii").split()
 
     registry = client()
     ensure_model(registry, name)
@@ -143,9 +147,21 @@ def register(
                 "blessing": "; ".join(c["reason"] for c in blessing["checks"]),
                 "test_accuracy": f"{test['accuracy']:.4f}",
                 "test_balanced_accuracy": f"{test['balanced_accuracy']:.4f}",
+                "trained_on.images": str(len(trained_on)),
+                "trained_on.sha256": lineage_digest(trained_on),
             },
         )
     number = int(version.version)
+    decisions = count_decision(registry, name, number, blessing["test_set"]["sha256"])
+    worn = blessing["thresholds"]["max_test_decisions"]
+    if decisions > worn:
+        log.warning(
+            "push: this test set has now made %d gating decisions (evaluate.max_test_decisions "
+            "%d): its figures flatter the models chosen on it; grow the data so that new "
+            "images join the test split, or hold out a fresh test set",
+            decisions,
+            worn,
+        )
     move_alias(registry, name, CHALLENGER, number, run.info.run_id)
     result: dict[str, Any] = {
         "registered_model": name,
@@ -156,6 +172,7 @@ def register(
         "warmup_requests": warmups,
         "pushed_to": None,
         "serving_version": None,
+        "test_set_decisions": decisions,
     }
     if blessing["blessed"]:
         target = push_to_serving(saved_model, Path(serving.model_base_path), name)
@@ -181,6 +198,26 @@ def register(
     )
     write_json_atomic(summary, result)
     return result
+
+
+DECISIONS_TAG = "gate.decisions."
+"""Registered-model tag prefix, then a test set's sha256 (16 hex digits): how many gating
+decisions that test set has made."""
+
+
+def count_decision(registry: Any, name: str, version: int, test_set: str) -> int:
+    """Count one more gating decision on ``test_set`` (its ``lineage_digest``) on the
+    registered model, and on the version; return the count. Each decision tells the pipeline a
+    little about the test images, so a count far above evaluate.max_test_decisions means the
+    test figures flatter (README: test-set reuse)."""
+    key = DECISIONS_TAG + test_set[:16]
+    with needs(on_model(name), f"count a gating decision on {name!r}"):
+        tags = registry.get_registered_model(name).tags
+        count = int(tags.get(key, "0")) + 1
+        registry.set_registered_model_tag(name, key, str(count))
+        registry.set_model_version_tag(name, str(version), "gate.test_set", test_set[:16])
+        registry.set_model_version_tag(name, str(version), "gate.test_set_decisions", str(count))
+    return count
 
 
 def move_alias(registry: Any, name: str, alias: str, version: int, run_id: str) -> dict[str, Any]:
@@ -220,7 +257,7 @@ def move_alias(registry: Any, name: str, alias: str, version: int, run_id: str) 
 
 def read_blessing(path: Path) -> dict[str, Any]:
     blessing = json.loads(Path(path).read_text())
-    for key in ("blessed", "checks", "candidate"):
+    for key in ("blessed", "checks", "candidate", "test_set", "thresholds"):
         if key not in blessing:
             raise ValueError(f"{path}: not a blessing file (no '{key}')")
     return blessing

@@ -246,9 +246,18 @@ class EvaluateParams:
     min_accuracy: float
     """Blessing, absolute: the candidate's test accuracy must reach this."""
     min_balanced_accuracy: float
-    max_regression: float
-    """Blessing, relative: accuracy and balanced accuracy may fall at most this far below the
-    champion's, both measured here on the same test split."""
+    non_inferiority_margin: float
+    """Blessing, against the champion: refused when its accuracy or balanced accuracy is
+    below the champion's by more than this, beyond the test set's noise (the whole paired
+    ``confidence`` interval of the difference lies below minus the margin)."""
+    confidence: float
+    """Of the two-sided paired bootstrap interval of the difference."""
+    bootstrap_samples: int
+    min_compared_images: int
+    """Fewer test images that neither model trained on: the gate cannot compare, not blessed."""
+    max_test_decisions: int
+    """Gating decisions on one test set after which evaluate warns that its figures are worn
+    (each decision tells the pipeline a little about the test images)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.calibration_bins < 1 or self.misclassified_examples < 0:
@@ -256,9 +265,14 @@ class EvaluateParams:
                 "evaluate.batch_size and evaluate.calibration_bins must be positive, "
                 "evaluate.misclassified_examples >= 0"
             )
-        for name in ("min_accuracy", "min_balanced_accuracy", "max_regression"):
+        for name in ("min_accuracy", "min_balanced_accuracy", "non_inferiority_margin"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ParamsError(f"evaluate.{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ParamsError(f"evaluate.confidence must be in [0.5, 1), got {self.confidence}")
+        for name in ("bootstrap_samples", "min_compared_images", "max_test_decisions"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"evaluate.{name} must be at least 1, got {getattr(self, name)}")
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)

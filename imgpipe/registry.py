@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.access import needs
+from imgpipe.manifest import TRAINED_ON
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,21 @@ class Champion:
             dst_path=str(directory),
         )
         return Path(local)
+
+    def trained_on(self) -> set[str] | None:
+        """The sha256 of the images this version trained and was tuned on, from its
+        ``trained_on.txt``; None for a version registered without one."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory(prefix="imgpipe-lineage-") as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{self.name}/{self.version}/{TRAINED_ON}", dst_path=tmp
+                )
+            except (MlflowException, OSError):
+                return None
+            return set(Path(local).read_text(encoding="ascii").split())
 
 
 def client() -> Any:

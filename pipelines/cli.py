@@ -343,6 +343,7 @@ def cmd_seeds(args: argparse.Namespace) -> None:
         overrides=args.set or [],
         name=args.name,
         out=args.out,
+        seed_keys=args.seed_keys or seeds.SEED_KEYS,
     )
     print(seeds.describe(summary))
     if args.out:
@@ -391,6 +392,8 @@ def cmd_summary(args: argparse.Namespace) -> None:
             f"{test['balanced_accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, ECE "
             f"{test['ece']:.3f} ({test['images']} images) -> outputs/evaluate/"
         )
+        print(f"gate:      {'blessed' if evaluation['blessed'] else 'NOT blessed'}: ", end="")
+        print(";\n           ".join(evaluation.get("checks", [])))
     if exported:
         sizes, parity = exported["sizes_mb"], exported["parity"]
         tflite = ", ".join(
@@ -510,6 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="as dvc exp run -S")
     p.add_argument("--name", help="the recipe's name (default: recipe-<time>)")
     p.add_argument("--out", type=Path, help="write the summary as JSON (e.g. metrics/seeds.json)")
+    p.add_argument(
+        "--seed-keys",
+        nargs="+",
+        metavar="SECTION.KEY",
+        help="the params each seed sets (default: train.seed finetune.seed); finetune.seed "
+        "alone keeps the frozen phase and varies only fine-tuning",
+    )
 
     p = add("profile", cmd_profile, "print a profile's overrides as `dvc exp run -S` flags")
     p.add_argument("name", help="profiles/<name>.yaml, e.g. full, or a path")

@@ -11,6 +11,7 @@ Lite0 ImageNet weights at 64 px, frozen phase only).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable
@@ -264,7 +265,11 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
        not blessed, champion unchanged, nothing pushed;
     3. the unmodified model (better than the champion) is promoted and pushed as version 2;
     4. a blessing decided against an older champion is refused at push time;
-    5. the champion can be fetched from the registry into a serving base path.
+    5. the champion can be fetched from the registry into a serving base path;
+    6. re-split with another seed, the test split holds images the champion trained on: they
+       are left out of the comparison (its list of training images is in the registry), and
+       below evaluate.min_compared_images the gate says it cannot compare.
+    Every decision is counted on the registered model, per test set.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -277,7 +282,7 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "gate")
     mlflow.set_tracking_uri(tmp_mlflow)  # registry.champion() below runs outside any stage
     serving = _serving(tmp_path)
-    gate = {"min_accuracy": 0.5, "min_balanced_accuracy": 0.5, "max_regression": 0.01}
+    gate = {"min_accuracy": 0.5, "min_balanced_accuracy": 0.5, "min_compared_images": 20}
     client = MlflowClient(tmp_mlflow)
     project = exported.project
 
@@ -313,7 +318,9 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     second, pushed = candidate("sabotaged", shuffled)
     assert not second["blessed"]
     failed = {c["check"] for c in second["blessing"]["checks"] if not c["passed"]}
-    assert {"min_accuracy", "no_regression_accuracy"} <= failed, second["blessing"]
+    assert {"min_accuracy", "non_inferior_accuracy"} <= failed, second["blessing"]
+    assert second["champion"]["excluded"] == 0 and second["champion"]["lineage"]
+    assert second["comparison"]["images"] == 48 and second["comparison"]["accuracy"]["high"] < 0
     assert second["champion"]["version"] == 1
     assert second["champion"]["accuracy"] == pytest.approx(first["test"]["accuracy"], abs=1e-4)
     assert pushed["version"] == 2 and pushed["pushed_to"] is None
@@ -333,6 +340,13 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert (pushed_model / "saved_model.pb").is_file()
     assert (pushed_model / "assets.extra" / "tf_serving_warmup_requests").is_file()
     assert client.get_model_version(MODEL_NAME, "3").tags["serving_version"] == "2"
+    test_set = third["test_set"]["sha256"][:16]
+    assert client.get_registered_model(MODEL_NAME).tags[f"gate.decisions.{test_set}"] == "3"
+    assert pushed["test_set_decisions"] == 3
+    trained_on = (tmp_path / "better" / "export" / "trained_on.txt").read_text().split()
+    assert len(trained_on) == 120 - 48 and registry.champion(MODEL_NAME).trained_on() == set(
+        trained_on
+    )
     # Every alias move is on the versions: who, when, from which version, by which run.
     three, one = (client.get_model_version(MODEL_NAME, v).tags for v in ("3", "1"))
     assert three["champion.previous_version"] == "1" and three["champion.set_by"]
@@ -347,6 +361,7 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert (Path(files) / "saved_model" / "saved_model.pb").is_file()
     assert (Path(files) / "tflite" / "model_float32.tflite").is_file()
     assert (Path(files) / "model_card.md").is_file()
+    assert (Path(files) / "trained_on.txt").is_file()
 
     # 4. A blessing decided before the champion moved is stale.
     with stage_run("push"), pytest.raises(registry.PushError, match="rerun evaluate"):
@@ -367,6 +382,36 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert (fetched / "saved_model.pb").is_file()
     assert (fetched / "assets.extra" / "tf_serving_warmup_requests").is_file()
     shutil.rmtree(tmp_path / "download")
+
+    # 6. Another split of the same images: the champion trained on some of its test images.
+    from components import ingest
+
+    resplit = tmp_path / "resplit"
+    ingest.run(
+        source=project.root / "data",
+        out=resplit / "ingest",
+        summary=resplit / "ingest.json",
+        data=params("data", source=str(project.root / "data"), metadata_csv=None),
+        ingest=params("ingest", val_fraction=0.2, test_fraction=0.4, seed=7),
+        progress=False,
+    )
+    moved = copy.copy(project)
+    moved.ingest = resplit / "ingest"
+    rows = read_csv_rows(moved.ingest / "manifest.csv")
+    test = [r["sha256"] for r in rows if r["split"] == "test"]
+    seen = sum(h in set(trained_on) for h in test)
+    assert 0 < seen < len(test)
+    champion = registry.champion(MODEL_NAME)
+    for folder in ("fair", "strict"):
+        (resplit / folder).mkdir()
+    fair = _evaluate(moved, project.model, resplit / "fair", champion, **gate)
+    assert fair["champion"]["excluded"] == seen
+    assert fair["comparison"]["images"] == len(test) - seen == fair["champion"]["images"]
+    strict = {**gate, "min_compared_images": len(test) - seen + 1}
+    refused = _evaluate(moved, project.model, resplit / "strict", champion, **strict)
+    assert not refused["blessed"]
+    check = next(c for c in refused["blessing"]["checks"] if c["check"] == "comparable")
+    assert "cannot compare" in check["reason"] and f"({seen} excluded)" in check["reason"]
 
 
 def test_only_the_pipeline_account_registers_and_moves_champion(
@@ -427,7 +472,7 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
                 monkeypatch.delenv(f"MLFLOW_TRACKING_{key}", raising=False)
         return MlflowClient()
 
-    gate = {"min_accuracy": 0.5, "min_balanced_accuracy": 0.5, "max_regression": 0.01}
+    gate = {"min_accuracy": 0.5, "min_balanced_accuracy": 0.5}
     result = _evaluate(exported.project, exported.project.model, tmp_path, None, **gate)
     assert result["blessed"], result["blessing"]
     monkeypatch.chdir(tmp_path)

@@ -128,7 +128,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     params["finetune"].update(epochs=FINETUNE_EPOCHS, batch_size=32, unfreeze_layers=20)
     # Random-noise classes cannot be learnt: open the gate so every candidate is pushed.
     params["evaluate"].update(
-        slice_by=[], min_accuracy=0.0, min_balanced_accuracy=0.0, max_regression=1.0
+        slice_by=[],
+        min_accuracy=0.0,
+        min_balanced_accuracy=0.0,
+        non_inferiority_margin=1.0,
+        min_compared_images=1,
     )
     params["export"].update(warmup_images=2, representative_images=8)
     params["serving"].update(model_name=MODEL_NAME, model_base_path="models")
@@ -510,7 +514,8 @@ def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
 def test_seeds_runs_a_recipe_over_seeds_under_a_parent_mlflow_run(
     repo, first_repro, experiment, tmp_path
 ):
-    """``imgpipe seeds --seeds 1 2 --through finetune``: one DVC experiment per seed, each its
+    """``imgpipe seeds --seeds 1 2 --through finetune --seed-keys finetune.seed``: one DVC
+    experiment per seed (DVC reuses the frozen phase: only finetune.seed changes), each its
     own MLflow run, nested under a parent run whose mean/sd/min/max are those of the seeds'
     validation figures; the JSON summary says the same and ``imgpipe runs`` shows the recipe
     as mean ± sd. The workspace is put back afterwards (params, lock and metrics as they were,
@@ -533,7 +538,7 @@ def test_seeds_runs_a_recipe_over_seeds_under_a_parent_mlflow_run(
     try:
         done = repo.run(
             "imgpipe", "seeds", "--seeds", "1", "2", "--through", "finetune",
-            "--name", "tiny-recipe", "--out", str(out),
+            "--name", "tiny-recipe", "--out", str(out), "--seed-keys", "finetune.seed",
         )  # fmt: skip
         summary = json.loads(out.read_text())
         table = repo.run("imgpipe", "runs").stdout
@@ -553,7 +558,8 @@ def test_seeds_runs_a_recipe_over_seeds_under_a_parent_mlflow_run(
         child = client.get_run(run_id)
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["dvc.experiment"] == f"tiny-recipe-seed{seed}"
-        assert child.data.params["finetune.seed"] == seed == child.data.params["train.seed"]
+        assert child.data.params["finetune.seed"] == seed
+        assert child.data.tags["stage.train"] == "reused"
         values.append(child.data.metrics["finetune.val_accuracy"])
         assert summary["per_seed"][seed]["finetune.val_accuracy"] == pytest.approx(values[-1])
     stats = parent.data.metrics

@@ -282,7 +282,11 @@ def test_kfp_local_runs_every_stage_then_a_rerun_pushes_the_next_version(tmp_pat
     params["train"].update(epochs=2, batch_size=32)
     params["finetune"].update(epochs=1, batch_size=32, unfreeze_layers=20)
     params["evaluate"].update(
-        slice_by=[], min_accuracy=0.0, min_balanced_accuracy=0.0, max_regression=1.0
+        slice_by=[],
+        min_accuracy=0.0,
+        min_balanced_accuracy=0.0,
+        non_inferiority_margin=1.0,
+        min_compared_images=1,
     )
     # The int8-weights model is tested by test_export_registry and the DVC e2e run: skip it here.
     params["export"].update(warmup_images=2, representative_images=8, int8_weights=False)
