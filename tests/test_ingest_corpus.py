@@ -637,9 +637,18 @@ def test_grouped_split_keeps_patients_whole_for_any_file_order(tmp_path):
     assert achieved == {s: round(summary["splits"][s]["total"] / n, 4) for s in asked}
     gap = max(abs(achieved[s] - asked[s]) for s in asked)
     assert method["largest_fraction_gap"] == pytest.approx(gap, abs=1e-4) and gap < 0.05
+    per_class = method["class_fractions"]
+    assert set(per_class) == set(overall)
+    for label, fractions in per_class.items():
+        rows = [r for r in manifest if r["label"] == label]
+        for split in asked:
+            share = sum(r["split"] == split for r in rows) / len(rows)
+            assert fractions[split] == pytest.approx(share, abs=1e-4), (label, split)
+    class_gap = max(abs(f[s] - asked[s]) for f in per_class.values() for s in asked)
+    assert method["largest_class_fraction_gap"] == pytest.approx(class_gap, abs=1e-4)
     line = ingest.describe(summary)
     assert "split: random, grouped by patient (40 groups), fractions " in line
-    assert f"largest gap {gap:.3f}" in line
+    assert f"largest gap {gap:.3f}, {class_gap:.3f} in one class" in line
 
 
 def test_group_by_column_missing_or_empty_is_a_clear_error(tmp_path):
