@@ -28,6 +28,7 @@ import numpy as np
 
 from imgpipe import backbones, figures, gate, registry
 from imgpipe.calibration import untempered
+from imgpipe.errors import InputError
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
 from imgpipe.manifest import LABELS, MANIFEST, SHARDS, lineage_digest
@@ -76,7 +77,7 @@ def _test_manifest(manifest: Path, columns: Sequence[str]) -> dict[str, dict[str
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"evaluate.slice_by names column(s) {missing} that {manifest} does not have; "
                 f"its columns are {reader.fieldnames}"
             )
@@ -233,7 +234,7 @@ def champion_probabilities(champion: Champion, test: Split, labels: Sequence[str
         probs = served.predict_bytes(test.encoded)
         names = served.class_names(test.encoded[0])
     if probs.shape[1] != len(labels) or names not in (None, list(labels)):
-        raise ValueError(
+        raise InputError(
             f"champion {champion.name} v{champion.version} predicts classes "
             f"{names or probs.shape[1]}, the candidate {list(labels)}: they are not comparable; "
             "register under another serving.model_name"
@@ -320,7 +321,7 @@ def run(
     test = read_split(dataset / SHARDS)
     missing = [s for s in test.sha256 if s not in manifest]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"{len(missing)} test shard image(s) are not test rows of "
             f"{dataset / MANIFEST} (first sha256 {missing[0]}): rerun ingest"
         )

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from imgpipe.errors import InputError
 from imgpipe.fileio import atomic_path, sha256_bytes, write_json_atomic
 from imgpipe.images import ImageRejected, check_image
 from imgpipe.labels import label_map, write_labels
@@ -118,11 +119,11 @@ def _read_metadata(path: Path | None) -> tuple[dict[str, dict[str, str]], list[s
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
         if "filepath" not in columns:
-            raise ValueError(f"{path}: metadata CSV needs a 'filepath' column, found {columns}")
+            raise InputError(f"{path}: metadata CSV needs a 'filepath' column, found {columns}")
         extra = [c for c in columns if c != "filepath"]
         clash = sorted(set(extra) & set(MANIFEST_COLUMNS))
         if clash:
-            raise ValueError(f"{path}: metadata columns {clash} clash with manifest columns")
+            raise InputError(f"{path}: metadata columns {clash} clash with manifest columns")
         table = {}
         for row in reader:
             table[Path(row["filepath"]).as_posix()] = {c: (row[c] or "") for c in extra}
@@ -259,14 +260,14 @@ def discover_csv(manifest: Path) -> Discovered:
         columns = list(reader.fieldnames or [])
         missing = [c for c in ("filepath", "label") if c not in columns]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{manifest}: CSV manifest needs columns filepath,label; "
                 f"missing {missing}, found {columns}"
             )
         extra = [c for c in columns if c not in ("filepath", "label", "split")]
         clash = sorted(set(extra) & set(MANIFEST_COLUMNS))
         if clash:
-            raise ValueError(f"{manifest}: metadata columns {clash} clash with manifest columns")
+            raise InputError(f"{manifest}: metadata columns {clash} clash with manifest columns")
         candidates, rejections = [], []
         for line, row in enumerate(reader, start=2):
             filepath, label = (row.get("filepath") or "").strip(), (row.get("label") or "").strip()
@@ -547,7 +548,7 @@ def assign_splits(
         return []
     given = {r["_given_split"] for r in rows}
     if "train" not in given:
-        raise ValueError(
+        raise InputError(
             f"the source's own splits hold no usable training image (found {sorted(given)}); "
             "name a train split or set ingest.split_mode: random"
         )
@@ -566,7 +567,7 @@ def _check_groups(rows: Sequence[dict[str, Any]], column: str, source: Path) -> 
     empty = sorted(r["filepath"] for r in rows if not str(r.get(column, "")).strip())
     if empty:
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        raise ValueError(
+        raise InputError(
             f"ingest.group_by is {column!r}, but {len(empty)} image(s) of {source} have no "
             f"{column} value (an empty cell, or no row in the metadata CSV): {shown}"
         )
@@ -798,7 +799,7 @@ def run(
         rejections += duplicates
         if not rows:
             reasons = Counter(r.reason for r in rejections).most_common()
-            raise ValueError(
+            raise InputError(
                 f"no usable image in {source}: {len(rejections)} file(s) rejected {reasons}"
             )
 
@@ -809,7 +810,7 @@ def run(
         try:
             carved = assign_splits(rows, params, predefined=predefined)
         except ValueError as exc:
-            raise ValueError(f"{source}: {exc}") from None
+            raise InputError(f"{source}: {exc}") from None
         for row in rows:
             row["label_index"] = index[row["label"]]
         rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["sha256"]))

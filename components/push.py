@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.access import USER_ENV, needs, on_model, on_run
+from imgpipe.errors import InputError
 from imgpipe.fileio import write_json_atomic
 from imgpipe.manifest import TRAINED_ON, lineage_digest
 from imgpipe.params import ServingParams
@@ -259,5 +260,5 @@ def read_blessing(path: Path) -> dict[str, Any]:
     blessing = json.loads(Path(path).read_text())
     for key in ("blessed", "checks", "candidate", "test_set", "thresholds"):
         if key not in blessing:
-            raise ValueError(f"{path}: not a blessing file (no '{key}')")
+            raise InputError(f"{path}: not a blessing file (no '{key}')")
     return blessing

@@ -29,6 +29,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from imgpipe.errors import InputError
+
 log = logging.getLogger(__name__)
 
 USER_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
@@ -118,7 +120,7 @@ def read_accounts(folder: Path) -> dict[str, str]:
             continue
         password = path.read_text(encoding="utf-8").strip()
         if not password:
-            raise ValueError(f"{path}: empty password for user {path.name!r}")
+            raise InputError(f"{path}: empty password for user {path.name!r}")
         accounts[path.name] = password
     return accounts
 
@@ -133,7 +135,7 @@ def _set_user(auth: Any, name: str, password: str) -> str:
         if exc.error_code in REFUSED:
             raise
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # a password MLflow refuses, say
-            raise ValueError(f"MLflow user {name!r}: {exc.message}") from None
+            raise InputError(f"MLflow user {name!r}: {exc.message}") from None
     auth.update_user_password(name, password)  # a changed Secret: its new password
     return "password set"
 
@@ -167,7 +169,7 @@ def provision(
 
     pipeline_user, pipeline_password = pipeline
     if pipeline_user in readers:
-        raise ValueError(f"{pipeline_user!r} is both the pipeline's account and a reader")
+        raise InputError(f"{pipeline_user!r} is both the pipeline's account and a reader")
     auth = get_app_client("basic-auth", tracking_uri=server)
     with needs("the admin's account", f"manage the users of {server}", server):
         users = {

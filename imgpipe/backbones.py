@@ -15,10 +15,12 @@ from typing import Any
 
 import keras
 
+from imgpipe.errors import InputError
+
 OFFLINE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
-class BackboneError(ValueError):
+class BackboneError(InputError):
     """Unknown backbone, or weights that cannot be had."""
 
 

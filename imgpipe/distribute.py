@@ -30,6 +30,8 @@ import logging
 import os
 from typing import Any
 
+from imgpipe.errors import InputError
+
 log = logging.getLogger(__name__)
 
 MIXED, FLOAT32 = "mixed_float16", "float32"
@@ -49,7 +51,7 @@ def cluster() -> dict[str, Any] | None:
         tasks = sum(len(hosts) for hosts in config["cluster"].values())
         config["task"]["type"], int(config["task"]["index"])
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(
+        raise InputError(
             "TF_CONFIG must be JSON like "
             '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
             f": {error!r} in {raw[:200]!r}"

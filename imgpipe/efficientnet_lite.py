@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from imgpipe.errors import InputError
 from imgpipe.torch_pickle import load_state_dict
 
 BN_EPSILON = 1e-3
@@ -197,7 +198,7 @@ def load_imagenet_weights(model: Any, path: str | Path | None = None) -> None:
         layer = model.get_layer(layer_name)
         expected = [tuple(w.shape) for w in layer.get_weights()]
         if expected != [v.shape for v in values]:
-            raise ValueError(
+            raise InputError(
                 f"{variant.name} weights for layer {layer_name}: expected shapes {expected}, "
                 f"file has {[v.shape for v in values]}"
             )
@@ -207,7 +208,7 @@ def load_imagenet_weights(model: Any, path: str | Path | None = None) -> None:
     if not any(layer.name == "predictions" for layer in model.layers):
         weighted = [k for k in weighted if not k.startswith("_fc.")]
     if used != len(weighted):
-        raise ValueError(
+        raise InputError(
             f"{variant.name}: {len(weighted)} tensors in the weights file, {used} loaded: "
             "the file is not this variant's"
         )

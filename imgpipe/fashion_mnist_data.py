@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from imgpipe.errors import InputError
 from imgpipe.fileio import atomic_path
 
 PACKAGE = "dataset-fashion-mnist"
@@ -53,15 +54,15 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 4:
-        raise ValueError(f"{path}: not an idx file (too short)")
+        raise InputError(f"{path}: not an idx file (too short)")
     (magic,) = struct.unpack(">I", data[:4])
     if magic not in (_IMAGES_MAGIC, _LABELS_MAGIC):
-        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {magic:#010x})")
+        raise InputError(f"{path}: not an unsigned-byte idx file (magic {magic:#010x})")
     ndim = magic & 0xFF
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = data[4 + 4 * ndim :]
     if len(body) != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape}, body holds {len(body)} bytes")
+        raise InputError(f"{path}: header says {shape}, body holds {len(body)} bytes")
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
@@ -80,11 +81,11 @@ def load(source: Path, which: str) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(_find(source, f"{which}-images-idx3-ubyte"))
     labels = read_idx(_find(source, f"{which}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(
+        raise InputError(
             f"{source}: {which} images {images.shape} do not match labels {labels.shape}"
         )
     if labels.size and int(labels.max()) >= len(CLASSES):
-        raise ValueError(f"{source}: {which} labels hold {int(labels.max())}, past the 10 classes")
+        raise InputError(f"{source}: {which} labels hold {int(labels.max())}, past the 10 classes")
     return images, labels
 
 
@@ -93,7 +94,7 @@ def select(labels: np.ndarray, per_class: int | None) -> np.ndarray:
     if per_class is None:
         return np.arange(len(labels))
     if per_class < 1:
-        raise ValueError(f"per_class must be at least 1, got {per_class}")
+        raise InputError(f"per_class must be at least 1, got {per_class}")
     keep = [np.flatnonzero(labels == c)[:per_class] for c in range(len(CLASSES))]
     return np.sort(np.concatenate(keep))
 
@@ -114,7 +115,7 @@ def run(
     target, source = Path(target), Path(source)
     unknown = [s for s in sets if s not in SETS]
     if unknown or not sets or len(set(sets)) != len(sets):
-        raise ValueError(f"sets must be distinct names among {', '.join(SETS)}; got {list(sets)}")
+        raise InputError(f"sets must be distinct names among {', '.join(SETS)}; got {list(sets)}")
     if target.exists() and not force:
         raise FileExistsError(f"{target}/ exists; move it away or pass --force to replace it")
     loaded = {which: load(source, which) for which in sets}

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgpipe.errors import InputError
+
 if TYPE_CHECKING:
     from imgpipe.params import EvaluateParams
 
@@ -57,7 +59,7 @@ def compare(
     labels, candidate, champion = (np.asarray(a) for a in (labels, candidate, champion))
     n = len(labels)
     if n == 0:
-        raise ValueError("no test image to compare the candidate and the champion on")
+        raise InputError("no test image to compare the candidate and the champion on")
     onehot = np.eye(classes)[labels]
     right = {"candidate": candidate == labels, "champion": champion == labels}
     whole = np.ones((1, n))

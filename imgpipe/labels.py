@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from imgpipe.errors import InputError
+
 
 def label_map(labels: Iterable[str]) -> dict[str, int]:
     return {name: index for index, name in enumerate(sorted(set(labels)))}
@@ -18,5 +20,5 @@ def write_labels(path: Path, labels: Iterable[str]) -> None:
 def read_labels(path: Path) -> list[str]:
     names = Path(path).read_text(encoding="utf-8").splitlines()
     if not names or len(set(names)) != len(names):
-        raise ValueError(f"{path}: expected one unique class name per line, got {names!r}")
+        raise InputError(f"{path}: expected one unique class name per line, got {names!r}")
     return names

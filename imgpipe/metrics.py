@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from imgpipe.errors import InputError
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np.ndarray:
     """``cm[actual, predicted]`` counts over class indices ``0 .. classes - 1``."""
@@ -75,7 +77,7 @@ def classification_metrics(
     actual = np.asarray(y_true, np.int64)
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2 or probs.shape != (len(actual), len(labels)):
-        raise ValueError(
+        raise InputError(
             f"expected probabilities of shape ({len(actual)}, {len(labels)}), got {probs.shape}"
         )
     if not len(actual):  # sklearn refuses empty input: no image, every score 0

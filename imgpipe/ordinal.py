@@ -19,6 +19,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from imgpipe.errors import InputError
+
 NAME = "probabilities"
 """The output layer's name, the same as the softmax head's."""
 
@@ -42,13 +44,13 @@ class OrdinalProbabilities(keras.layers.Layer):
     def __init__(self, classes: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if classes < 2:
-            raise ValueError(f"an ordinal output needs at least 2 classes, got {classes}")
+            raise InputError(f"an ordinal output needs at least 2 classes, got {classes}")
         self.classes = classes
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         features = input_shape[-1]
         if features is None:
-            raise ValueError("OrdinalProbabilities needs a known number of input features")
+            raise InputError("OrdinalProbabilities needs a known number of input features")
         self.kernel = self.add_weight(
             shape=(int(features), 1), initializer="glorot_uniform", name="kernel"
         )
@@ -93,7 +95,7 @@ class OrdinalProbabilities(keras.layers.Layer):
         calibration fitted on validation)."""
         cut = np.asarray(cutpoints, np.float64)
         if np.any(np.diff(cut) <= 0):
-            raise ValueError(f"cut-points must increase, got {cut.tolist()}")
+            raise InputError(f"cut-points must increase, got {cut.tolist()}")
         self.first.assign(cut[:1].astype("float32"))
         self.gaps.assign(_softplus_inverse(np.diff(cut)).astype("float32"))
         self.temperature.assign(np.float32(temperature))

@@ -23,6 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from imgpipe.errors import InputError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -66,7 +68,7 @@ class Workers:
 
     def __init__(self, workers: int) -> None:
         if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
+            raise InputError(f"workers must be at least 1, got {workers}")
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
 

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import pydantic
 import yaml
 
+from imgpipe.errors import InputError
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 T = TypeVar("T")
@@ -24,7 +26,7 @@ Names = Annotated[tuple[str, ...], pydantic.Field(strict=False)]
 _STRICT = pydantic.ConfigDict(extra="forbid", strict=True)
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """A params.yaml section is missing, has an unknown key or a value of the wrong type."""
 
 

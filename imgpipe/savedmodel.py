@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imgpipe.errors import InputError
+
 # The bytes signature and the warmup file are what a server relies on: their home is serving/.
 from serving.warmup import BYTES_INPUT, BYTES_SIGNATURE, read_warmup
 
@@ -45,7 +47,7 @@ class SavedModelClassifier:
         self.loaded = tf.saved_model.load(str(self.path))
         missing = {BYTES_SIGNATURE, IMAGES_SIGNATURE} - set(self.loaded.signatures)
         if missing:
-            raise ValueError(f"{self.path}: missing signature(s) {sorted(missing)}")
+            raise InputError(f"{self.path}: missing signature(s) {sorted(missing)}")
 
     def predict_bytes(self, encoded: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
         """Probabilities for encoded images through ``serving_default``."""
@@ -88,9 +90,9 @@ def run_warmup(served: SavedModelClassifier) -> int:
         request = record.predict_log.request
         name = request.model_spec.signature_name or BYTES_SIGNATURE
         if name not in loaded.signatures:
-            raise ValueError(f"warmup request {index} names unknown signature {name!r}")
+            raise InputError(f"warmup request {index} names unknown signature {name!r}")
         inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
         outputs = loaded.signatures[name](**inputs)
         if set(outputs) != set(OUTPUTS):
-            raise ValueError(f"warmup request {index}: outputs {sorted(outputs)}")
+            raise InputError(f"warmup request {index}: outputs {sorted(outputs)}")
     return len(records)

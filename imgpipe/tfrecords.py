@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from imgpipe.errors import InputError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -84,7 +86,7 @@ def write_split(
     for name in names:
         written = write_shard(directory / name, itertools.islice(records, per_shard), progress)
         if written < min(per_shard, total):
-            raise ValueError(f"{split}: {total} records announced, fewer arrived")
+            raise InputError(f"{split}: {total} records announced, fewer arrived")
         total -= written
     return names
 

@@ -17,6 +17,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from imgpipe.errors import InputError
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 LEGACY_PROTOCOL = 1001
 _STORAGE_DTYPES = {
@@ -66,7 +68,7 @@ class _TensorRef:
             )
             fits = last < len(base)
         if not fits:
-            raise ValueError(
+            raise InputError(
                 f"tensor view (offset {self.offset}, size {self.size}, stride {self.stride}) "
                 f"does not fit in its storage {self.storage.key} of {len(base)} elements"
             )
@@ -123,14 +125,14 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """
     with open(path, "rb") as f:
         if _plain_load(f) != LEGACY_MAGIC:
-            raise ValueError(
+            raise InputError(
                 f"{path}: not a legacy PyTorch file (zip-format files are not supported)"
             )
         if _plain_load(f) != LEGACY_PROTOCOL:
-            raise ValueError(f"{path}: unsupported PyTorch protocol version")
+            raise InputError(f"{path}: unsupported PyTorch protocol version")
         sys_info = _plain_load(f)
         if not sys_info.get("little_endian", True):
-            raise ValueError(f"{path}: big-endian weights are not supported")
+            raise InputError(f"{path}: big-endian weights are not supported")
         unpickler = _RestrictedUnpickler(f)
         state = unpickler.load()
         keys = _plain_load(f)
@@ -139,10 +141,10 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             count = int(np.frombuffer(f.read(8), dtype="<i8")[0])
             raw = f.read(count * storage.dtype.itemsize)
             if count != storage.numel or len(raw) != count * storage.dtype.itemsize:
-                raise ValueError(f"{path}: storage {key} is truncated")
+                raise InputError(f"{path}: storage {key} is truncated")
             storage.data = np.frombuffer(raw, dtype=storage.dtype.newbyteorder("<"))
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise InputError(f"{path}: expected a state dict, got {type(state).__name__}")
     return {name: ref.to_numpy() for name, ref in state.items() if isinstance(ref, _TensorRef)}
 
 

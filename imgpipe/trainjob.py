@@ -26,6 +26,8 @@ import os
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+from imgpipe.errors import InputError
+
 TF_PORT = 2222
 """The port each worker's TensorFlow gRPC server listens on (TFJob's default, kept: the runtime
 declares it as the container's port)."""
@@ -37,7 +39,7 @@ SUBDOMAIN = "JOBSET_SUBDOMAIN"
 """Optional: the JobSet's ``network.subdomain`` when it is not the JobSet's name."""
 
 
-class TrainJobEnvError(ValueError):
+class TrainJobEnvError(InputError):
     """The JobSet environment is incomplete or inconsistent (the message names the variable)."""
 
 

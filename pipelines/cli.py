@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgpipe.params import ParamsError
+from imgpipe.errors import InputError
 
 log = logging.getLogger("imgpipe")
 
@@ -119,7 +119,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise PredictError(str(exc)) from None
 
 
-class PredictError(ValueError):
+class PredictError(InputError):
     """The server refused or failed a prediction (the message says which call and why)."""
 
 
@@ -176,7 +176,7 @@ def cmd_pipeline_schedule(args: argparse.Namespace) -> None:
     from pipelines.kubeflow import compile_to
 
     if len(args.cron.split()) != CRON_FIELDS:
-        raise ValueError(
+        raise InputError(
             f"--cron needs 6 fields (seconds minutes hours day-of-month month day-of-week), "
             f"as Kubeflow reads it, got {args.cron!r}"
         )
@@ -242,7 +242,7 @@ def cmd_mlflow_access(args: argparse.Namespace) -> None:
 
     pipeline = access.read_accounts(Path(args.pipeline_account))
     if set(pipeline) != {"username", "password"}:
-        raise ValueError(
+        raise InputError(
             f"{args.pipeline_account}: expected the files username and password (a basic-auth "
             f"Secret), found {sorted(pipeline)}"
         )
@@ -647,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     try:
         args.func(args)
-    except (ParamsError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (InputError, FileNotFoundError, FileExistsError) as exc:  # ours: named, one line
         print(f"imgpipe {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:

@@ -2,8 +2,9 @@
 
 The file stays checked in and readable; ``python -m pipelines.dvc`` rewrites it, and
 ``tests/test_stages.py`` fails when the checked-in file differs from what this renders. Each
-stage's code deps are the project files its executor imports, found by reading the imports
-(lazy ones inside functions too), so a change to any of them reruns the stage.
+stage's code deps are the project files its executor (``components/<stage>.py``) imports,
+found by reading the imports (lazy ones inside functions too), so a change to any of them
+reruns the stage; the runner that hands it its params and MLflow run is not among them.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from typing import Any
 
 import yaml
 
+from imgpipe.errors import InputError
 from pipelines.stages import STAGES, SUMMARY, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("components", "imgpipe", "serving", "pipelines")
-RUNNER = "pipelines.runner"
-"""Every stage runs through it (params, MLflow run): its code is every stage's dep too."""
 
 HEADER = """\
 # The pipeline DAG, rendered from pipelines/stages.py by `python -m pipelines.dvc`: edit the
@@ -73,7 +73,7 @@ def code_deps(module: str) -> list[str]:
     """The project files ``module`` imports, directly or through other project files."""
     start = _module_file(module)
     if start is None:
-        raise ValueError(f"{module} is no module of {', '.join(PACKAGES)}")
+        raise InputError(f"{module} is no module of {', '.join(PACKAGES)}")
     seen, todo = {start}, [start]
     while todo:
         for name in _imports(todo.pop()):
@@ -89,7 +89,10 @@ def render_stage(stage: Stage) -> dict[str, Any]:
     deps += [STAGES[before].outputs[SUMMARY].path for before in stage.after]
     entry: dict[str, Any] = {
         "cmd": f"imgpipe {stage.name}",
-        "deps": [*deps, *sorted(set(code_deps(stage.module)) | set(code_deps(RUNNER)))],
+        # What the executor imports, down to the last helper; not pipelines.runner nor
+        # imgpipe.tracking, which say how a stage is run and logged, not what it computes:
+        # rewording a log line or an MLflow permission error reruns no stage.
+        "deps": [*deps, *code_deps(stage.module)],
         "params": list(stage.params),
     }
     for name, out in stage.outputs.items():
@@ -103,7 +106,7 @@ def render_stage(stage: Stage) -> dict[str, Any]:
             options = {"cache": False, **dict(out.plot)}
             entry.setdefault("plots", []).append({out.path: options})
         elif out.dvc != "cache":  # a cache folder is deliberately no DVC output
-            raise ValueError(f"stage {stage.name}: unknown DVC kind {out.dvc!r} of {name}")
+            raise InputError(f"stage {stage.name}: unknown DVC kind {out.dvc!r} of {name}")
     return entry
 
 

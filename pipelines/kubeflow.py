@@ -50,6 +50,7 @@ from kfp.dsl import (
 )
 
 from imgpipe.access import PASSWORD_ENV, PIPELINE_SECRET, USER_ENV
+from imgpipe.errors import InputError
 from imgpipe.params import SECTIONS
 from pipelines.kubeflow_step import SHARED_MOUNT
 from pipelines.stages import STAGES, Stage
@@ -237,7 +238,7 @@ def build(params: dict[str, Any], imported: dict[str, dict[str, str]] | None = N
     KFP's cache hands them over on a cluster (kfp.local has no cache)."""
     imported = imported or {}
     if set(imported) - set(CACHED):
-        raise ValueError(f"only cached steps can be imported, not {sorted(set(imported) - CACHED)}")
+        raise InputError(f"only cached steps can be imported, not {sorted(set(imported) - CACHED)}")
     base_params = json.dumps(params)
     components = {name: component(stage) for name, stage in STAGES.items()}
     start_run = _compiled("start_run", _start_run_source())
@@ -328,7 +329,7 @@ def _imported(stage: Stage, uris: dict[str, str]) -> Any:
     outputs = {}
     for name, kind in {**kinds, "mlflow_log": "Artifact"}.items():
         if name not in uris:
-            raise ValueError(f"stage {stage.name}: no URI for its output {name!r} to import")
+            raise InputError(f"stage {stage.name}: no URI for its output {name!r} to import")
         task = dsl.importer(
             artifact_uri=uris[name], artifact_class=classes.get(kind, Artifact), reimport=False
         )
@@ -370,7 +371,7 @@ def run_local(
     from kfp import local
 
     if not Path(shared_volume).is_absolute():
-        raise ValueError(
+        raise InputError(
             f"shared_volume {shared_volume!r}: kfp.local mounts no PersistentVolumeClaim; "
             "give the shared place as an absolute host folder"
         )

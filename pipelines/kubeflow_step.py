@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.access import needs, on_experiment, on_run
+from imgpipe.errors import InputError
 from pipelines.trainjob import SHARED
 
 
@@ -53,12 +54,12 @@ def run(name: str, arguments: dict[str, Any]) -> None:
                 paths[output_name] = Path(arguments[output_name].path)
             else:  # feature cache, checkpoints: kept across runs
                 if shared is None:
-                    raise ValueError(f"stage {name}: no shared place for its {output_name}")
+                    raise InputError(f"stage {name}: no shared place for its {output_name}")
                 paths[output_name] = kept_folder(shared, stage, output_name, params, arguments)
         workers = section(FinetuneParams, name, params).workers if name == "finetune" else 1
         compiled = json.loads(arguments["base_params"]).get("finetune", {}).get("workers", 1)
         if name == "finetune" and workers != compiled:
-            raise ValueError(
+            raise InputError(
                 f"finetune_params.workers = {workers}, but the pipeline was compiled with "
                 f"finetune.workers = {compiled}: it decides at compile time whether the step "
                 "takes a GPU or launches a TrainJob, so compile with the workers you want"
@@ -99,7 +100,7 @@ def shared_place(shared_volume: str) -> Path:
     if Path(shared_volume).is_absolute():
         return Path(shared_volume)
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", shared_volume):
-        raise ValueError(
+        raise InputError(
             f"shared_volume {shared_volume!r} is neither a PersistentVolumeClaim name nor an "
             "absolute folder"
         )

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from imgpipe.errors import InputError
 from imgpipe.manifest import MANIFEST
 from imgpipe.params import ParamsError, sections
 from pipelines.stages import STAGES, SUMMARY, Stage, upstream
@@ -67,7 +68,7 @@ def execute(
 
     missing = (set(stage.inputs) | set(stage.outputs)) - set(paths)
     if missing:
-        raise ValueError(f"stage {stage.name}: no path for {sorted(missing)}")
+        raise InputError(f"stage {stage.name}: no path for {sorted(missing)}")
     typed = sections(stage.sections, dict(params))  # every key checked before any work
     module = importlib.import_module(stage.module)
     arguments = {**paths, **typed}

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from imgpipe.errors import InputError
 from imgpipe.fileio import write_json_atomic
 from pipelines.stages import STAGES
 
@@ -125,7 +126,7 @@ def run_recipe(
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     order = list(STAGES)
     if through not in order:
-        raise ValueError(f"seeds: --through must be a stage, one of {order}; got {through!r}")
+        raise InputError(f"seeds: --through must be a stage, one of {order}; got {through!r}")
     reaches_evaluate = order.index(through) >= order.index("evaluate")
     per_seed: dict[int, dict[str, float]] = {}
     runs: dict[int, str] = {}

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from imgpipe.errors import InputError
+
 Kind = Literal["Dataset", "Model", "Metrics", "ClassificationMetrics", "HTML", "Markdown"]
 """The KFP artifact type (``kfp.dsl``) an input or output travels as in the Kubeflow pipeline."""
 
@@ -96,7 +98,7 @@ def _stage(stage: Stage) -> tuple[str, Stage]:
         (set(stage.inputs) | set(stage.outputs)) & set(stage.sections)
     )
     if overlap:  # they all become keyword arguments of one run()
-        raise ValueError(f"stage {stage.name}: {sorted(overlap)} named twice")
+        raise InputError(f"stage {stage.name}: {sorted(overlap)} named twice")
     return stage.name, stage
 
 

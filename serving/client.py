@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from imgpipe.errors import InputError
 from serving.warmup import BYTES_INPUT, BYTES_SIGNATURE
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -56,7 +57,7 @@ class TLS:
 
     def __post_init__(self) -> None:
         if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError(
+            raise InputError(
                 "a client certificate and its key go together (mTLS: --client-cert and "
                 "--client-key): give both or neither"
             )
@@ -149,9 +150,9 @@ class ServingClient:
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
         if not 0 <= retries <= MAX_RETRIES:
-            raise ValueError(f"retries must be 0 to {MAX_RETRIES} (gRPC's limit), got {retries}")
+            raise InputError(f"retries must be 0 to {MAX_RETRIES} (gRPC's limit), got {retries}")
         if not 0 < backoff <= max_backoff:
-            raise ValueError(f"need 0 < backoff <= max_backoff, got {backoff} and {max_backoff}")
+            raise InputError(f"need 0 < backoff <= max_backoff, got {backoff} and {max_backoff}")
         self.address, self.timeout, self.retries, self.tls = address, timeout, retries, tls
         options = [
             ("grpc.max_send_message_length", max_message_bytes),

@@ -24,7 +24,7 @@ def _predictions(labels: np.ndarray, accuracy: float, seed: int) -> np.ndarray:
     """Right on the first ``accuracy`` share of the images (in a seeded order), a wrong class
     on the rest."""
     order = np.random.default_rng(seed).permutation(len(labels))
-    wrong = order[int(round(accuracy * len(labels))) :]
+    wrong = order[round(accuracy * len(labels)) :]
     predicted = labels.copy()
     predicted[wrong] = (labels[wrong] + 1) % CLASSES
     return predicted
@@ -59,9 +59,7 @@ def test_a_candidate_equal_to_the_champion_is_blessed_with_a_zero_difference():
 
 def test_one_worse_by_far_more_than_the_margin_is_refused():
     labels = _labels()
-    blessing = _decide(
-        _predictions(labels, 0.6, seed=1), _predictions(labels, 0.8, seed=1), labels
-    )
+    blessing = _decide(_predictions(labels, 0.6, seed=1), _predictions(labels, 0.8, seed=1), labels)
     assert not blessing["blessed"]
     assert _failed(blessing) == {"non_inferior_accuracy", "non_inferior_balanced_accuracy"}
     check = next(c for c in blessing["checks"] if c["check"] == "non_inferior_accuracy")
@@ -104,9 +102,9 @@ def test_below_the_minimum_of_images_the_gate_cannot_compare():
     same = _predictions(labels, 0.8, seed=1)
     blessing = _decide(same, same, labels)
     assert not blessing["blessed"] and _failed(blessing) == {"comparable"}
-    assert "cannot compare with champion v1: only 60 test images" in blessing["checks"][-1][
-        "reason"
-    ]
+    assert (
+        "cannot compare with champion v1: only 60 test images" in blessing["checks"][-1]["reason"]
+    )
 
 
 def test_balanced_accuracy_difference_weighs_each_class_alike():
