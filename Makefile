@@ -72,7 +72,7 @@ serve: setup  ## serve models/ over TF Serving's gRPC API on 127.0.0.1:8500 (RES
 
 # Container images (infra/docker); IMAGE_BUILD_ARGS="--build-arg BASE=tensorflow/tensorflow:2.21.0"
 # for a CPU components image.
-IMAGE_TAG ?= dev
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 image:  ## build the components, serving and MLflow images (needs a running Docker engine)
 	@docker info >/dev/null 2>&1 || { echo "make image: no Docker engine answers (docker info failed); see infra/README.md"; exit 1; }
 	docker build -f infra/docker/components.Dockerfile $(IMAGE_BUILD_ARGS) -t imgpipe-components:$(IMAGE_TAG) .

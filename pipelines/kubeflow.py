@@ -28,6 +28,7 @@ TF Serving mounts its ``models/`` folder.
 """
 
 # No ``from __future__ import annotations``: KFP reads the component signatures' types.
+import importlib.metadata
 import inspect
 import json
 import linecache
@@ -55,8 +56,11 @@ from imgpipe.params import SECTIONS
 from pipelines.kubeflow_step import SHARED_MOUNT
 from pipelines.stages import STAGES, Stage
 
-IMAGE = os.environ.get("IMGPIPE_IMAGE", "ghcr.io/imgpipe/components:latest")
-"""The components image (``infra/docker/components.Dockerfile``); ignored by kfp.local."""
+IMAGE = os.environ.get(
+    "IMGPIPE_IMAGE", f"ghcr.io/imgpipe/components:{importlib.metadata.version('imgpipe')}"
+)
+"""The components image (``infra/docker/components.Dockerfile``), by default tagged with this
+package's version (pyproject.toml), never ``latest``; ignored by kfp.local."""
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU feature discovery
 
