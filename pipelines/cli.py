@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import InputError
+from imgpipe.logs import quiet_for_logs
 
 log = logging.getLogger("imgpipe")
 
@@ -643,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("alembic", "mlflow", "great_expectations", "tensorflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_for_logs()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     try:
         args.func(args)

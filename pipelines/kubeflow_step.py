@@ -24,7 +24,10 @@ from pipelines.trainjob import SHARED
 
 def run(name: str, arguments: dict[str, Any]) -> None:
     """Run stage ``name`` with a component's ``arguments`` (its ``locals()``)."""
+    from imgpipe.logs import quiet_for_logs
     from imgpipe.params import FinetuneParams, section
+
+    quiet_for_logs()
     from pipelines.runner import execute
     from pipelines.stages import STAGES
 
