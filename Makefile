@@ -59,7 +59,7 @@ ui: setup  ## MLflow UI on 127.0.0.1 to compare runs
 # The local TF Serving stand-in on the pushed models, with the config files the real
 # tensorflow/serving container uses; the model config is serving/models.config rendered for
 # params.yaml's serving.model_name (models/ is mounted where its base_path points). Plaintext
-# gRPC on loopback; for TLS add --ssl_config_file ssl.config to SERVE_FLAGS (README, serving).
+# gRPC on loopback; for TLS add --ssl_config_file ssl.config to SERVE_FLAGS (serving/README.md, TLS).
 SERVE_FLAGS ?= --port 8500 --rest_api_port 8501 --enable_batching
 SERVING_MODEL_CONFIG := outputs/serving/models.config
 serve: setup  ## serve models/ over TF Serving's gRPC API on 127.0.0.1:8500 (REST and metrics on :8501)

@@ -10,7 +10,7 @@ monitoring files, loads every version the version policy allows, warms each up b
 reports AVAILABLE, swaps versions without failing requests in flight, caps message sizes, serves
 gRPC over TLS or mTLS with TF Serving's ``--ssl_config_file`` (REST stays plaintext, as there),
 binds 127.0.0.1 unless told otherwise (another host only with TLS), and stops cleanly on SIGTERM.
-In production, run the real ``tensorflow/serving`` container with the same files (README,
+In production, run the real ``tensorflow/serving`` container with the same files (serving/README.md,
 ``infra/``).
 
     python -m serving.server --model_config_file serving/models.config --mount models:/models

@@ -1,0 +1,215 @@
+"""The docs: the README stays a short front door, and what the docs point at exists.
+
+Fast and offline: these tests read markdown, params.yaml and committed metrics; they import
+neither TensorFlow nor the project.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+README = PROJECT / "README.md"
+README_MAX_LINES = 250
+# Where the README's details live, beside what they describe.
+FOLDER_READMES = ("serving/README.md", "infra/README.md", "pipelines/README.md", "bench/README.md")
+# A backticked path under one of these folders names a file of the repository; paths under
+# other folders (outputs/, data/, models/, metrics/) are what the pipeline writes.
+PROJECT_FOLDERS = (
+    "components",
+    "imgpipe",
+    "pipelines",
+    "serving",
+    "infra",
+    "bench",
+    "tests",
+    "docs",
+    "profiles",
+)
+# The Python packages a dotted name such as `imgpipe.datasets.decode_and_resize` may name.
+PACKAGES = ("components", "imgpipe", "pipelines", "serving", "bench")
+# Named by the docs, written by `make bench`, ignored by git (.gitignore): absent from a clone.
+GENERATED = ("bench/results/", "bench/data/")
+
+FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.MULTILINE | re.DOTALL)
+# A code span may wrap onto the next line, never across a paragraph.
+CODE_SPAN = re.compile(r"`((?:[^`\n]|\n(?![ \t]*\n))+)`")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
+PATH = re.compile(rf"(?:{'|'.join(PROJECT_FOLDERS)})/[\w./-]*")
+DOTTED = re.compile(rf"(?:{'|'.join(PACKAGES)})(?:\.\w+)+")
+ISSUE = re.compile(r"\bissues?\s*#?\d+", re.IGNORECASE)
+
+
+def doc_files() -> list[Path]:
+    """README.md, every page in docs/ and the folder READMEs."""
+    pages = sorted((PROJECT / "docs").glob("*.md"))
+    return [README, *pages, *(PROJECT / p for p in FOLDER_READMES)]
+
+
+def prose(text: str) -> str:
+    """The text without its fenced code blocks (commands, not references)."""
+    return FENCE.sub("", text)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub makes for a page's headings (a repeated heading gets -1, -2, ...)."""
+    seen: dict[str, int] = {}
+    found = set()
+    for heading in HEADING.findall(prose(page.read_text())):
+        base = slug(heading)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+def relative_links(page: Path) -> list[str]:
+    """Every link target of a page that is not a URL."""
+    text = CODE_SPAN.sub("", prose(page.read_text()))
+    return [t for t in LINK.findall(text) if not re.match(r"[a-z][a-z+.-]*:", t)]
+
+
+def named_paths(page: Path) -> list[str]:
+    """Repository paths a page names in backticks; globs and placeholders are left out."""
+    paths = []
+    for span in CODE_SPAN.findall(prose(page.read_text())):
+        for token in span.split():
+            token = token.rstrip(".,;:)")
+            if re.search(r"[*?<>{}\[\]]|\.\.\.", token):
+                continue
+            if PATH.fullmatch(token):
+                paths.append(token)
+    return paths
+
+
+def named_modules(page: Path) -> list[str]:
+    """Dotted names of the project's packages a page names in backticks (`serving.client`)."""
+    names = []
+    for span in CODE_SPAN.findall(prose(page.read_text())):
+        for token in re.split(r"[\s(),;=]+", span):
+            if DOTTED.fullmatch(token.rstrip(".:")):
+                names.append(token.rstrip(".:"))
+    return names
+
+
+def test_readme_is_short_and_starts_with_the_two_commands() -> None:
+    """The README is the front door: at most 250 lines, and before any section the code block
+    with `make demo` and `make test`, both targets of the Makefile."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES, "README.md: move details to docs/"
+    first_block = FENCE.search(text)
+    assert first_block is not None, "README.md has no code block"
+    assert "\n## " not in text[: first_block.start()], "the commands must come before any section"
+    assert "make demo" in first_block.group(0)
+    assert "make test" in first_block.group(0)
+    targets = re.findall(r"^([\w-]+):", (PROJECT / "Makefile").read_text(), re.MULTILINE)
+    assert {"demo", "test"} <= set(targets)
+
+
+def test_relative_links_point_at_files_that_exist() -> None:
+    """Every relative link in the docs reaches a file or folder (docs move; links must follow)."""
+    broken = []
+    for page in doc_files():
+        for target in relative_links(page):
+            path = target.split("#", 1)[0]
+            if path and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(PROJECT)}: {target}")
+    assert not broken, broken
+
+
+def test_link_anchors_name_a_heading() -> None:
+    """A link's #anchor into a markdown page names one of that page's headings."""
+    broken = []
+    for page in doc_files():
+        for target in relative_links(page):
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{page.relative_to(PROJECT)}: {target}")
+    assert not broken, broken
+
+
+def test_named_paths_exist() -> None:
+    """A project path the docs name in backticks (`imgpipe/gate.py`, `tests/test_infra.py`)
+    exists, so a renamed or removed file cannot leave the docs pointing at nothing."""
+    missing = []
+    for page in doc_files():
+        for path in named_paths(page):
+            if not path.startswith(GENERATED) and not (PROJECT / path).exists():
+                missing.append(f"{page.relative_to(PROJECT)}: {path}")
+    assert not missing, missing
+
+
+def test_generated_paths_are_ignored_by_git() -> None:
+    """The paths the docs may name without their existing are outputs git ignores."""
+    ignored = (PROJECT / ".gitignore").read_text().splitlines()
+    for path in GENERATED:
+        assert f"/{path}" in ignored, path
+
+
+def test_named_modules_exist() -> None:
+    """A dotted name of the project's code in backticks (`serving.client.ServingClient`,
+    `python -m bench.serving`) names a module, and what follows it is defined there; a
+    params.yaml key such as `serving.model_name` is not a module and is left alone."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    missing = []
+    for page in doc_files():
+        for name in named_modules(page):
+            package, first, *rest = name.split(".")
+            if isinstance(params.get(package), dict) and first in params[package]:
+                continue
+            module = PROJECT / package / f"{first}.py"
+            if (PROJECT / package / first / "__init__.py").exists():
+                module = PROJECT / package / first / "__init__.py"
+            defined = module.exists() and (
+                not rest
+                or re.search(
+                    rf"^\s*(?:def|class)\s+{rest[0]}\b|^{rest[0]}\s*[:=]",
+                    module.read_text(),
+                    re.MULTILINE,
+                )
+            )
+            if not defined:
+                missing.append(f"{page.relative_to(PROJECT)}: {name}")
+    assert not missing, missing
+
+
+def test_no_internal_issue_numbers() -> None:
+    """The docs describe the project as it is; internal issue numbers mean nothing to a reader."""
+    found = [
+        f"{page.relative_to(PROJECT)}: {match}"
+        for page in doc_files()
+        for match in ISSUE.findall(page.read_text())
+    ]
+    assert not found, found
+
+
+def rounded(value: float, places: int = 3) -> str:
+    """A figure as the docs print it: rounded half up to ``places`` decimals."""
+    return str(Decimal(str(value)).quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP))
+
+
+def test_headline_figures_match_the_committed_metrics() -> None:
+    """The README's headline figures are those of metrics/seeds.json and metrics/export.json:
+    a rerun that changes them fails here until the README says so."""
+    text = README.read_text()
+    seeds = json.loads((PROJECT / "metrics/seeds.json").read_text())["summary"]
+    for key in ("test.accuracy", "test.balanced_accuracy"):
+        figure = f"{rounded(seeds[key]['mean'])} ± {rounded(seeds[key]['sd'])}"
+        assert figure in text, f"README.md should give {key} as {figure} (metrics/seeds.json)"
+    parity = json.loads((PROJECT / "metrics/export.json").read_text())["parity"]
+    agreement = " / ".join(
+        rounded(parity[model]["top1_agreement"]) for model in ("tflite_int8", "tflite_int8_weights")
+    )
+    assert agreement in text, f"README.md should give int8 agreement as {agreement}"
