@@ -210,7 +210,7 @@ def count_decision(registry: Any, name: str, version: int, test_set: str) -> int
     """Count one more gating decision on ``test_set`` (its ``lineage_digest``) on the
     registered model, and on the version; return the count. Each decision tells the pipeline a
     little about the test images, so a count far above evaluate.max_test_decisions means the
-    test figures flatter (README: test-set reuse)."""
+    test figures flatter (docs/evaluation.md: test-set reuse)."""
     key = DECISIONS_TAG + test_set[:16]
     with needs(on_model(name), f"count a gating decision on {name!r}"):
         tags = registry.get_registered_model(name).tags
