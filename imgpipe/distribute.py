@@ -12,7 +12,7 @@ Strategy, chosen from what is visible:
   ``MirroredStrategy`` over those, a CPU stand-in for a multi-GPU node.
 - Otherwise the default strategy: one device, exactly the single-device code path.
 
-Scaling rule (one, documented in docs/training.md): ``batch_size`` in params.yaml is **per replica**;
+Scaling rule (one, in docs/training.md): ``batch_size`` in params.yaml is **per replica**;
 the global batch is ``batch_size * replicas`` and the learning rate is multiplied by the number
 of replicas (the linear scaling rule of Goyal et al. 2017). One replica changes nothing, and
 N replicas with per-replica batch B take the same steps as one device with batch N*B at N

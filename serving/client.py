@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from imgpipe.errors import InputError
+from serving.tensors import apis, to_ndarray, to_proto
 from serving.warmup import BYTES_INPUT, BYTES_SIGNATURE
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -147,8 +148,6 @@ class ServingClient:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         tls: TLS | None = None,
     ) -> None:
-        from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
-
         if not 0 <= retries <= MAX_RETRIES:
             raise InputError(f"retries must be 0 to {MAX_RETRIES} (gRPC's limit), got {retries}")
         if not 0 < backoff <= max_backoff:
@@ -168,8 +167,9 @@ class ServingClient:
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self.channel = grpc.secure_channel(address, tls.credentials(), options=options)
-        self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self.apis = apis()
+        self.predictions = self.apis.prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.models = self.apis.model_service_pb2_grpc.ModelServiceStub(self.channel)
 
     def __enter__(self) -> ServingClient:
         return self
@@ -214,15 +214,12 @@ class ServingClient:
     ) -> dict[str, np.ndarray]:
         """Predict on ``signature``; the outputs, plus ``model_version``: the version that
         answered."""
-        import tensorflow as tf
-        from tensorflow_serving.apis import predict_pb2
-
-        request = predict_pb2.PredictRequest()
+        request = self.apis.predict_pb2.PredictRequest()
         target = self.spec(request, model, version, signature)
         for name, value in inputs.items():
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+            to_proto(value, request.inputs[name])
         response = self.call(self.predictions.Predict, request, f"Predict({target})")
-        outputs = {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+        outputs = {k: to_ndarray(v) for k, v in response.outputs.items()}
         outputs["model_version"] = np.array(response.model_spec.version.value)
         return outputs
 
@@ -236,8 +233,7 @@ class ServingClient:
 
     def metadata(self, model: str, version: int | None = None) -> Any:
         """The model's SignatureDefMap."""
-        from tensorflow_serving.apis import get_model_metadata_pb2
-
+        get_model_metadata_pb2 = self.apis.get_model_metadata_pb2
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         target = self.spec(request, model, version, None)
         response = self.call(
@@ -249,8 +245,7 @@ class ServingClient:
 
     def status(self, model: str, version: int | None = None) -> list[tuple[int, str]]:
         """(version, state name) of each version the server knows."""
-        from tensorflow_serving.apis import get_model_status_pb2
-
+        get_model_status_pb2 = self.apis.get_model_status_pb2
         request = get_model_status_pb2.GetModelStatusRequest()
         target = self.spec(request, model, version, None)
         response = self.call(self.models.GetModelStatus, request, f"GetModelStatus({target})")
