@@ -7,7 +7,8 @@ models through ai-edge-litert; all measured in one run on one image file.
 Per setting: p50/p99 latency of single-image Predict calls on the bytes signature and the
 throughput when ``clients`` threads (one channel each) send them back to back; one client's
 bytes request against the same image as a uint8 tensor (request sizes too); one image through
-the SavedModel in-process and through the float32 and int8 TFLite models. Each figure is the
+the SavedModel in-process and through the float32 and int8 TFLite models; and the wall time
+of ``imgpipe predict`` on one image, a process per call, as a user runs it. Each figure is the
 median over ``--repeats`` rounds, settings interleaved within each round. Needs ``models/`` and
 ``outputs/export`` from ``make demo``. Writes JSON (``--out``) and prints a table.
 """
@@ -19,6 +20,8 @@ import concurrent.futures
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,10 +82,22 @@ def in_process(saved_model: Path, image: bytes, requests: int) -> dict[str, floa
     return timed(lambda: signature(image_bytes=batch)["probabilities"].numpy(), requests)
 
 
-def timed(call: Any, requests: int) -> dict[str, float]:
-    """p50/p99 and images/s of ``requests`` back-to-back single-image calls, after 5 warm-up
+def command_line(address: str, model: str, image: Path, calls: int) -> dict[str, float]:
+    """Wall time of ``imgpipe predict`` on one image file as a user runs it: a new process
+    each call (interpreter start, imports, channel, request), one warm-up call first."""
+    imgpipe = Path(sys.executable).parent / "imgpipe"
+    command = [str(imgpipe), "predict", "--server", address, "--model", model, str(image)]
+
+    def call() -> None:
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+    return timed(call, calls, warmup=1)
+
+
+def timed(call: Any, requests: int, warmup: int = 5) -> dict[str, float]:
+    """p50/p99 and images/s of ``requests`` back-to-back single-image calls, after ``warmup``
     calls."""
-    for _ in range(5):
+    for _ in range(warmup):
         call()
     latencies = []
     for _ in range(requests):
@@ -177,6 +192,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
+        image_file = root / "image"
+        image_file.write_bytes(image)
         shutil.copytree(version, root / "models" / args.model / "1")
         config = model_config(root / "models.config", args.model, f"/models/{args.model}")
         common = ["--model_config_file", str(config), "--mount", f"{root / 'models'}:/models"]
@@ -210,6 +227,9 @@ def main() -> None:
                             args.requests,
                         )
                     )
+                rounds.setdefault("imgpipe_predict_cli/1", []).append(
+                    command_line(servers["unbatched"].address, args.model, image_file, 5)
+                )
                 rounds.setdefault("in_process/1", []).append(
                     in_process(root / "models" / args.model / "1", image, args.requests)
                 )
