@@ -636,6 +636,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OWN_PACKAGES = ("imgpipe", "components", "pipelines", "serving")
+
+
+def _ours(exc: Exception) -> bool:
+    """Bad input this project named in the message: an ``InputError`` (or another error class
+    of ours, like serving's ``ConfigError``), or a missing or existing file, which names it."""
+    if isinstance(exc, (InputError, FileNotFoundError, FileExistsError)):
+        return True
+    return type(exc).__module__.split(".")[0] in OWN_PACKAGES
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -648,7 +659,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     try:
         args.func(args)
-    except (InputError, FileNotFoundError, FileExistsError) as exc:  # ours: named, one line
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        if not _ours(exc):
+            raise  # a bug, here or in a library: its traceback says where
         print(f"imgpipe {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:

@@ -23,7 +23,6 @@ from typing import Any
 import grpc
 import numpy as np
 
-from imgpipe.errors import InputError
 from serving.tensors import apis, to_ndarray, to_proto
 from serving.warmup import BYTES_INPUT, BYTES_SIGNATURE
 
@@ -58,7 +57,7 @@ class TLS:
 
     def __post_init__(self) -> None:
         if (self.client_cert is None) != (self.client_key is None):
-            raise InputError(
+            raise ValueError(
                 "a client certificate and its key go together (mTLS: --client-cert and "
                 "--client-key): give both or neither"
             )
@@ -149,9 +148,9 @@ class ServingClient:
         tls: TLS | None = None,
     ) -> None:
         if not 0 <= retries <= MAX_RETRIES:
-            raise InputError(f"retries must be 0 to {MAX_RETRIES} (gRPC's limit), got {retries}")
+            raise ValueError(f"retries must be 0 to {MAX_RETRIES} (gRPC's limit), got {retries}")
         if not 0 < backoff <= max_backoff:
-            raise InputError(f"need 0 < backoff <= max_backoff, got {backoff} and {max_backoff}")
+            raise ValueError(f"need 0 < backoff <= max_backoff, got {backoff} and {max_backoff}")
         self.address, self.timeout, self.retries, self.tls = address, timeout, retries, tls
         options = [
             ("grpc.max_send_message_length", max_message_bytes),

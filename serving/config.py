@@ -43,15 +43,13 @@ from google.protobuf import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from imgpipe.errors import InputError
-
 HERE = Path(__file__).resolve().parent
 MODEL_CONFIG = HERE / "models.config"
 BATCHING_CONFIG = HERE / "batching.config"
 MONITORING_CONFIG = HERE / "monitoring.config"
 
 
-class ConfigError(InputError):
+class ConfigError(ValueError):
     """A serving config file is missing or does not parse."""
 
 

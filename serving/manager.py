@@ -24,7 +24,6 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import get_model_status_pb2
 
-from imgpipe.errors import InputError
 from serving.batching import Batcher
 from serving.config import versions_to_serve
 from serving.warmup import WARMUP, read_warmup
@@ -122,14 +121,14 @@ class Servable:
         count = 0
         for record in read_warmup(self.path):
             if record.WhichOneof("log_type") != "predict_log":
-                raise InputError(f"{path}: only predict_log warmup records are supported")
+                raise ValueError(f"{path}: only predict_log warmup records are supported")
             request = record.predict_log.request
             signature = request.model_spec.signature_name or "serving_default"
             if signature not in self.functions:
-                raise InputError(f"{path}: warmup request names unknown signature {signature!r}")
+                raise ValueError(f"{path}: warmup request names unknown signature {signature!r}")
             count += 1
             if count > MAX_WARMUP_RECORDS:
-                raise InputError(
+                raise ValueError(
                     f"{path}: more than {MAX_WARMUP_RECORDS} warmup records (TF Serving's limit)"
                 )
             self._run(signature, {k: tf.make_ndarray(v) for k, v in request.inputs.items()})

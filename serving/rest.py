@@ -38,7 +38,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from imgpipe.errors import InputError
 from serving.manager import ModelManager, ServingError
 from serving.metrics import Metrics
 from serving.predict import (
@@ -104,10 +103,10 @@ def _array(value: Any, info: Any, where: str) -> np.ndarray:
         if array.dtype == object or not (
             np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
         ):
-            raise InputError("not a rectangular array of numbers")
+            raise ValueError("not a rectangular array of numbers")
         cast = array.astype(dtype.as_numpy_dtype)
         if not np.array_equal(cast.astype(np.float64), array.astype(np.float64)):
-            raise InputError("values out of range or not whole numbers for this type")
+            raise ValueError("values out of range or not whole numbers for this type")
         return cast
     except (ValueError, TypeError) as exc:
         raise _bad(f"{where} cannot be read as {dtype.name}: {exc}") from None

@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from imgpipe.errors import InputError
-
 API_MODULES = (
     "predict_pb2",
     "prediction_service_pb2_grpc",
@@ -95,7 +93,7 @@ def to_proto(value: Any, proto: Any) -> Any:
             proto.dtype = dtype
             proto.tensor_content = np.ascontiguousarray(array, numpy_type).tobytes()
             return proto
-    raise InputError(
+    raise ValueError(
         f"cannot send a {array.dtype} tensor: use bytes or one of "
         + ", ".join(np.dtype(t).name for t in _NUMPY.values())
     )
@@ -109,7 +107,7 @@ def to_ndarray(proto: Any) -> np.ndarray:
         return np.array(list(proto.string_val), dtype=object).reshape(shape)
     numpy_type = _NUMPY.get(proto.dtype)
     if numpy_type is None:
-        raise InputError(f"the server answered with a tensor of DataType {proto.dtype}")
+        raise ValueError(f"the server answered with a tensor of DataType {proto.dtype}")
     if proto.tensor_content:
         return np.frombuffer(proto.tensor_content, numpy_type).reshape(shape).copy()
     values: np.ndarray = np.array(getattr(proto, _TYPED_FIELD[proto.dtype]), numpy_type)

@@ -15,16 +15,11 @@ import numpy as np
 import pytest
 from conftest import PROJECT, jpeg_with_orientation, make_class_folders, params, write_image
 
-from components.ingest import (
-    assign_splits,
-    discover_folder,
-    grouped_split,
-    remove_duplicates,
-    stratified_split,
-)
+from components.ingest import discover_folder, remove_duplicates
 from imgpipe import fileio
 from imgpipe.images import ImageRejected, check_image
 from imgpipe.params import DataParams, IngestParams, ParamsError, load_params, section
+from imgpipe.splits import assign_splits, grouped_split, stratified_split
 
 
 def _ids(prefix: str, n: int) -> list[str]:

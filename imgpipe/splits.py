@@ -1,0 +1,240 @@
+"""How ingest splits the images into train, val and test: stratified image by image, or by
+whole groups, both in an order that stays put as data grows; or the source's own splits, with a
+missing val or test split carved out of train. And the report of what the split reached.
+
+>>> stratified_split(["a1", "a2", "b1", "b2"], [("a",), ("a",), ("b",), ("b",)],
+...                  val_fraction=0.0, test_fraction=0.5, seed=0).count("test")
+2
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from imgpipe.errors import InputError
+from imgpipe.params import IngestParams
+from imgpipe.tfrecords import SPLITS
+
+
+def _place(seed: int, key: str) -> bytes:
+    """Where ``key`` (an image's sha256 or a group's name) sorts within its stratum for
+    ``seed``: a hash of the two alone, so that it never depends on which other images exist."""
+    return hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
+
+
+def _fill(sizes: Sequence[int], test: float, test_and_val: float) -> list[str]:
+    """The splits of items taken in their hash order: an item whose middle image falls within
+    the first ``test`` images goes to test, within the first ``test_and_val`` to val, the rest
+    to train (for single images: the first ``test`` go to test)."""
+    splits, before = [], 0
+    for size in sizes:
+        middle = before + size / 2
+        splits.append("test" if middle <= test else "val" if middle <= test_and_val else "train")
+        before += size
+    return splits
+
+
+def stratified_split(
+    ids: Sequence[str],
+    strata: Sequence[tuple[str, ...]],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> list[str]:
+    """Assign each id to train/val/test, stratum by stratum, so that the split stays put as
+    the data grows; one split per input, in input order.
+
+    Within a stratum the ids are ordered by a hash of (seed, id), which no other id changes;
+    the first ``round(n * test_fraction)`` go to test, the next ``round(n * val_fraction)`` to
+    val (capped so that test and val never exceed the stratum), the rest to train. Adding or
+    removing ``k`` ids of a stratum moves at most ``2k + 3`` of its other ids between splits
+    (each of the two boundaries shifts by at most the ids that crossed it plus the change of
+    its rounded count), and typically a handful: the new ids spread over the order as the old
+    ones do. File order and other strata never matter.
+    """
+    groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for index, key in enumerate(strata):
+        groups[key].append(index)
+    splits = [""] * len(ids)
+    for members in groups.values():
+        members.sort(key=lambda i: (_place(seed, ids[i]), ids[i]))
+        n = len(members)
+        n_test = math.floor(n * test_fraction + 0.5)
+        n_val = min(math.floor(n * val_fraction + 0.5), n - n_test)
+        for index, split in zip(members, _fill([1] * n, n_test, n_test + n_val), strict=True):
+            splits[index] = split
+    return splits
+
+
+def grouped_split(
+    groups: Sequence[str],
+    strata: Sequence[tuple[str, ...]],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> list[str]:
+    """Assign whole groups to train/val/test so that the split stays put as groups are added;
+    one split per input, in input order.
+
+    A group belongs to the stratum most of its images are in (ties: the first in sorted
+    order). Within a stratum the groups are ordered by a hash of (seed, group name), and a
+    group goes to test when its middle image falls within the first ``test_fraction`` of the
+    stratum's images, to val within the next ``val_fraction``, else to train; adding or
+    removing a group moves only groups whose place crosses one of those two boundaries. The
+    fractions are met to within about half the largest group per stratum and boundary.
+    """
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    by_stratum: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for group, indices in members.items():
+        counts = Counter(strata[i] for i in indices)
+        by_stratum[min(counts, key=lambda key: (-counts[key], key))].append(group)
+    splits = [""] * len(groups)
+    for names in by_stratum.values():
+        names.sort(key=lambda g: (_place(seed, g), g))
+        sizes = [len(members[g]) for g in names]
+        total = sum(sizes)
+        bounds = (total * test_fraction, total * (test_fraction + val_fraction))
+        for group, split in zip(names, _fill(sizes, *bounds), strict=True):
+            for index in members[group]:
+                splits[index] = split
+    return splits
+
+
+def assign_splits(
+    rows: Sequence[dict[str, Any]], params: IngestParams, *, predefined: bool
+) -> list[str]:
+    """Set each row's ``split``; return the splits carved out of the source's train split.
+
+    Random: every row is drawn, stratified (``stratified_split``) or by whole groups
+    (``grouped_split``). Predefined: each row keeps its ``_given_split``; a val or test split the
+    source lacks is carved out of its train split, ``val_fraction`` / ``test_fraction`` of the
+    train split's images, drawn the same way.
+    """
+
+    def draw(part: Sequence[dict[str, Any]], val: float, test: float) -> None:
+        strata = [tuple(str(r.get(c, "")) for c in params.stratify_by) for r in part]
+        if params.group_by is None:
+            ids = [r["sha256"] for r in part]
+            drawn = stratified_split(
+                ids, strata, val_fraction=val, test_fraction=test, seed=params.seed
+            )
+        else:
+            groups = [r[params.group_by] for r in part]
+            drawn = grouped_split(
+                groups, strata, val_fraction=val, test_fraction=test, seed=params.seed
+            )
+        for row, split in zip(part, drawn, strict=True):
+            row["split"] = split
+
+    if not predefined:
+        draw(rows, params.val_fraction, params.test_fraction)
+        return []
+    given = {r["_given_split"] for r in rows}
+    if "train" not in given:
+        raise InputError(
+            f"the source's own splits hold no usable training image (found {sorted(given)}); "
+            "name a train split or set ingest.split_mode: random"
+        )
+    asked = {"val": params.val_fraction, "test": params.test_fraction}
+    carved = [s for s in ("val", "test") if s not in given and asked[s] > 0]
+    for row in rows:
+        row["split"] = row["_given_split"]
+    if carved:
+        train = [r for r in rows if r["split"] == "train"]
+        fractions = {s: asked[s] if s in carved else 0.0 for s in asked}
+        draw(train, fractions["val"], fractions["test"])
+    return carved
+
+
+def check_groups(rows: Sequence[dict[str, Any]], column: str, source: Path) -> None:
+    empty = sorted(r["filepath"] for r in rows if not str(r.get(column, "")).strip())
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise InputError(
+            f"ingest.group_by is {column!r}, but {len(empty)} image(s) of {source} have no "
+            f"{column} value (an empty cell, or no row in the metadata CSV): {shown}"
+        )
+
+
+def split_report(
+    rows: Sequence[dict[str, Any]], params: IngestParams, *, predefined: bool, carved: list[str]
+) -> dict[str, Any]:
+    """How the split was made and how close it came to what was asked."""
+    total = len(rows)
+    counts = Counter(r["split"] for r in rows)
+    achieved = {s: round(counts[s] / total, 4) for s in SPLITS}
+    report: dict[str, Any] = {
+        "mode": "predefined" if predefined else "random",
+        "carved_from_train": carved,
+        "group_by": params.group_by,
+        "achieved_fractions": achieved,
+        "asked_fractions": None,
+        "largest_fraction_gap": None,
+        "largest_class_fraction_gap": None,
+        "warnings": [],
+    }
+    per_class: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in rows:
+        per_class[row["label"]][row["split"]] += 1
+    report["class_fractions"] = {
+        label: {s: round(c[s] / c.total(), 4) for s in SPLITS}
+        for label, c in sorted(per_class.items())
+    }
+    if not predefined:
+        val, test = params.val_fraction, params.test_fraction
+        asked = {"train": 1.0 - val - test, "val": val, "test": test}
+        report["asked_fractions"] = {s: round(f, 4) for s, f in asked.items()}
+        report["largest_fraction_gap"] = round(max(abs(achieved[s] - asked[s]) for s in SPLITS), 4)
+        report["largest_class_fraction_gap"] = round(
+            max(
+                abs(fractions[s] - asked[s])
+                for fractions in report["class_fractions"].values()
+                for s in SPLITS
+            ),
+            4,
+        )
+    if params.group_by is not None:
+        spans: dict[str, set[str]] = defaultdict(set)
+        for row in rows:
+            spans[row[params.group_by]].add(row["split"])
+        spanning = sorted(g for g, where in spans.items() if len(where) > 1)
+        report["groups"] = len(spans)
+        report["groups_spanning_splits"] = len(spanning)
+        if spanning:
+            shown = "; ".join(
+                f"{g} ({', '.join(s for s in SPLITS if s in spans[g])})" for g in spanning[:5]
+            )
+            report["warnings"].append(
+                f"{len(spanning)} {params.group_by} group(s) span the source's own splits, "
+                f"kept as given: {shown}" + (" ..." if len(spanning) > 5 else "")
+            )
+    return report
+
+
+def describe_split(method: dict[str, Any]) -> str:
+    """``predefined + carved test from train``, ``random, grouped by patient (40 groups), ...``"""
+    text = method["mode"]
+    if method["carved_from_train"]:
+        text += f" + carved {' and '.join(method['carved_from_train'])} from train"
+    if method["group_by"] is not None:
+        text += f", grouped by {method['group_by']} ({method['groups']} groups)"
+    if method["asked_fractions"] is not None:
+        achieved, asked = method["achieved_fractions"], method["asked_fractions"]
+        text += (
+            f", fractions {'/'.join(f'{achieved[s]:.2f}' for s in SPLITS)} "
+            f"vs asked {'/'.join(f'{asked[s]:.2f}' for s in SPLITS)} (train/val/test; "
+            f"largest gap {method['largest_fraction_gap']:.3f}, "
+            f"{method['largest_class_fraction_gap']:.3f} in one class)"
+        )
+    if method["warnings"]:
+        text += "; WARNING: " + "; ".join(method["warnings"])
+    return text
