@@ -32,6 +32,11 @@ MAX_RETRIES = 4
 SERVICES = ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
 
 
+class ClientSettingsError(ValueError):
+    """The client's own settings (TLS files, retries, backoff) do not go together; the message
+    says which."""
+
+
 class ServingClientError(RuntimeError):
     """A call failed; ``code`` is the gRPC status (None when no status came back) and
     ``details`` the server's message."""
@@ -57,7 +62,7 @@ class TLS:
 
     def __post_init__(self) -> None:
         if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError(
+            raise ClientSettingsError(
                 "a client certificate and its key go together (mTLS: --client-cert and "
                 "--client-key): give both or neither"
             )
@@ -148,9 +153,13 @@ class ServingClient:
         tls: TLS | None = None,
     ) -> None:
         if not 0 <= retries <= MAX_RETRIES:
-            raise ValueError(f"retries must be 0 to {MAX_RETRIES} (gRPC's limit), got {retries}")
+            raise ClientSettingsError(
+                f"retries must be 0 to {MAX_RETRIES} (gRPC's limit), got {retries}"
+            )
         if not 0 < backoff <= max_backoff:
-            raise ValueError(f"need 0 < backoff <= max_backoff, got {backoff} and {max_backoff}")
+            raise ClientSettingsError(
+                f"need 0 < backoff <= max_backoff, got {backoff} and {max_backoff}"
+            )
         self.address, self.timeout, self.retries, self.tls = address, timeout, retries, tls
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
