@@ -1,6 +1,8 @@
 """The ``imgpipe`` command: every declared stage (``pipelines.stages``), and more.
 
-Besides the stages: serving (predict), the Kubeflow pipeline, the sample data, the registry.
+Besides the stages: the sample data, profiles and seeds here; serving (predict, fetch-model) in
+``pipelines.serving_commands``, the Kubeflow pipeline in ``pipelines.kubeflow_commands``, MLflow
+(accounts, UI, runs, summary) in ``pipelines.mlflow_commands``.
 
 Stage paths default to ``dvc.yaml``'s, so ``imgpipe ingest`` alone does what ``dvc repro ingest``
 does. Expected failures (bad params, bad data, a failed expectation) print one clear message
@@ -10,7 +12,6 @@ and exit with status 1; anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -20,15 +21,19 @@ from typing import Any
 
 from imgpipe.errors import InputError
 from imgpipe.logs import quiet_for_logs
+from pipelines.cli_common import params_of as _params
+from pipelines.kubeflow_commands import (
+    cmd_pipeline_compile,
+    cmd_pipeline_delete,
+    cmd_pipeline_disable,
+    cmd_pipeline_run_local,
+    cmd_pipeline_schedule,
+    cmd_pipeline_schedules,
+)
+from pipelines.mlflow_commands import cmd_mlflow_access, cmd_runs, cmd_summary, cmd_ui
+from pipelines.serving_commands import cmd_fetch_model, cmd_predict
 
 log = logging.getLogger("imgpipe")
-
-
-def _params(args: argparse.Namespace) -> dict:
-    from imgpipe.params import load_params, with_profile
-
-    params = load_params(args.params)
-    return with_profile(params, args.profile) if getattr(args, "profile", None) else params
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -78,261 +83,6 @@ def cmd_stage(args: argparse.Namespace) -> None:
     print(runner.describe(stage, summary))
 
 
-def _tls(args: argparse.Namespace) -> Any:
-    """The client's TLS from predict's flags; any of them implies TLS, none means plaintext."""
-    from serving.client import TLS
-
-    given = (args.ca_cert, args.client_cert, args.client_key, args.tls_server_name)
-    if not args.tls and not any(given):
-        return None
-    return TLS(args.ca_cert, args.client_cert, args.client_key, args.tls_server_name)
-
-
-def cmd_predict(args: argparse.Namespace) -> None:
-    from serving.client import ServingClient, ServingClientError, top_k
-
-    tls = _tls(args)
-    model = args.model
-    if not model:
-        from imgpipe.params import ServingParams, section
-
-        model = section(ServingParams, "serving", _params(args)).model_name
-    images = []
-    for name in args.files:
-        path = Path(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such image file: {path}")
-        images.append((path, path.read_bytes()))
-    try:
-        with ServingClient(
-            args.server, timeout=args.timeout, retries=args.retries, tls=tls
-        ) as client:
-            for start in range(0, len(images), args.batch_size):
-                chunk = images[start : start + args.batch_size]
-                outputs = client.predict_bytes(
-                    [data for _, data in chunk], model=model, version=args.version
-                )
-                served = int(outputs["model_version"])
-                for (path, _), labels in zip(chunk, top_k(outputs, args.top_k), strict=True):
-                    ranked = ", ".join(f"{label} {p:.3f}" for label, p in labels)
-                    print(f"{path}: {ranked}  ({model} v{served})")
-    except ServingClientError as exc:
-        raise PredictError(str(exc)) from None
-
-
-class PredictError(InputError):
-    """The server refused or failed a prediction (the message says which call and why)."""
-
-
-def _pipeline_arguments(args: argparse.Namespace, tracking_uri: str) -> dict[str, Any]:
-    arguments: dict[str, Any] = {"mlflow_tracking_uri": tracking_uri}
-    if args.source:
-        arguments["source"] = args.source
-    if args.data_version:
-        arguments["data_version"] = args.data_version
-    if args.shared_volume:
-        arguments["shared_volume"] = args.shared_volume
-    return arguments
-
-
-def cmd_pipeline_compile(args: argparse.Namespace) -> None:
-    from pipelines.kubeflow import compile_to
-
-    path = compile_to(_params(args), Path(args.out))
-    print(f"pipeline: compiled to {path} (image {os.environ.get('IMGPIPE_IMAGE', 'default')})")
-
-
-def cmd_pipeline_run_local(args: argparse.Namespace) -> None:
-    import time
-
-    from imgpipe.tracking import tracking_uri
-    from pipelines.kubeflow import run_local
-
-    started = time.perf_counter()
-    args.shared_volume = str(Path(args.shared_volume).resolve())
-    run_local(
-        _params(args),
-        Path(args.pipeline_root).resolve(),
-        **_pipeline_arguments(args, args.mlflow_tracking_uri or tracking_uri()),
-    )
-    print(
-        f"pipeline: every stage ran with kfp.local in {time.perf_counter() - started:.0f} s; "
-        f"artifacts under {args.pipeline_root}, serving versions, feature cache and checkpoints "
-        f"under {args.shared_volume}"
-    )
-
-
-CRON_FIELDS = 6
-
-
-def _kfp_client(args: argparse.Namespace) -> Any:
-    import kfp
-
-    return kfp.Client(host=args.host)
-
-
-def cmd_pipeline_schedule(args: argparse.Namespace) -> None:
-    import tempfile
-
-    from pipelines.kubeflow import compile_to
-
-    if len(args.cron.split()) != CRON_FIELDS:
-        raise InputError(
-            f"--cron needs 6 fields (seconds minutes hours day-of-month month day-of-week), "
-            f"as Kubeflow reads it, got {args.cron!r}"
-        )
-    # A recurring run over a path reads whatever is there each night, with the same parameters:
-    # cached steps would keep serving the first night's data. Cache only the sample data.
-    caching = not args.source or args.source == "sample"
-    client = _kfp_client(args)
-    experiment = client.create_experiment(args.experiment)
-    with tempfile.TemporaryDirectory() as tmp:
-        package = compile_to(_params(args), Path(tmp) / "pipeline.yaml")
-        recurring = client.create_recurring_run(
-            experiment_id=experiment.experiment_id,
-            job_name=args.name,
-            cron_expression=args.cron,
-            pipeline_package_path=str(package),
-            params=_pipeline_arguments(args, args.mlflow_tracking_uri),
-            max_concurrency=1,
-            no_catchup=True,
-            enable_caching=caching,
-        )
-    print(
-        f"pipeline: scheduled {args.name!r} ({recurring.recurring_run_id}) in experiment "
-        f"{args.experiment!r}, cron {args.cron!r}, caching {'on' if caching else 'off'}"
-    )
-
-
-def cmd_pipeline_schedules(args: argparse.Namespace) -> None:
-    response = _kfp_client(args).list_recurring_runs(page_size=100)
-    for run in response.recurring_runs or []:
-        cron = getattr(getattr(run.trigger, "cron_schedule", None), "cron", None)
-        print(f"{run.recurring_run_id}  {run.status}  {cron}  {run.display_name}")
-
-
-def cmd_pipeline_disable(args: argparse.Namespace) -> None:
-    _kfp_client(args).disable_recurring_run(args.id)
-    print(f"pipeline: disabled recurring run {args.id}")
-
-
-def cmd_pipeline_delete(args: argparse.Namespace) -> None:
-    _kfp_client(args).delete_recurring_run(args.id)
-    print(f"pipeline: deleted recurring run {args.id}")
-
-
-def cmd_fetch_model(args: argparse.Namespace) -> None:
-    import mlflow
-
-    from imgpipe import registry
-    from imgpipe.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    target = registry.fetch(args.model, args.alias, Path(args.base))
-    print(f"fetch-model: {args.model}@{args.alias} -> {target}")
-
-
-def cmd_mlflow_access(args: argparse.Namespace) -> None:
-    """As MLflow's admin: the pipeline's account, the read-only users and the pipeline's grants
-    (``imgpipe.access``); what the deployment's Job runs after each change of the Secrets."""
-    import mlflow
-
-    from imgpipe import access, registry
-    from imgpipe.params import ServingParams, section
-    from imgpipe.tracking import ensure_experiment, experiment_name, tracking_uri
-
-    pipeline = access.read_accounts(Path(args.pipeline_account))
-    if set(pipeline) != {"username", "password"}:
-        raise InputError(
-            f"{args.pipeline_account}: expected the files username and password (a basic-auth "
-            f"Secret), found {sorted(pipeline)}"
-        )
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    model = args.model or section(ServingParams, "serving", _params(args)).model_name
-    experiment = args.experiment or experiment_name()
-    # Made by the admin, so that no other account takes their names first.
-    with access.needs("the admin's account", f"create {experiment!r} and {model!r} on {uri}"):
-        experiment_id = ensure_experiment(mlflow, Path.cwd(), experiment)
-        registry.ensure_model(registry.client(), model)
-    summary = access.provision(
-        uri,
-        experiment_id=experiment_id,
-        model=model,
-        pipeline=(pipeline["username"], pipeline["password"]),
-        readers=access.read_accounts(Path(args.readers)) if args.readers else {},
-    )
-    print(json.dumps(summary, indent=2))
-
-
-def cmd_ui(args: argparse.Namespace) -> None:
-    """MLflow's UI on this project's store, opened on the experiment's headline view."""
-    import sys
-
-    import mlflow
-
-    from imgpipe.tracking import ensure_experiment, headline_url, tracking_uri
-
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    experiment_id = ensure_experiment(mlflow, Path.cwd())  # its view tags, also when older
-    url = headline_url(f"http://{args.host}:{args.port}", experiment_id)
-    print(f"ui: the runs with their headline columns: {url}", flush=True)
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    command = [str(mlflow_bin), "ui", "--backend-store-uri", uri]
-    os.execv(command[0], [*command, "--host", args.host, "--port", str(args.port)])
-
-
-def cmd_runs(args: argparse.Namespace) -> None:
-    """The experiment's runs as a markdown table of validation figures and training time:
-    the ablation table of a set of ``dvc exp run`` experiments (test figures stay out of it:
-    recipes are chosen on validation)."""
-    from mlflow.tracking import MlflowClient
-
-    from imgpipe.metrics import correction_text
-    from imgpipe.tracking import experiment_name, tracking_uri
-    from pipelines import seeds
-
-    client = MlflowClient(tracking_uri())
-    name = args.experiment or experiment_name()
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise SystemExit(f"no MLflow experiment '{name}' at {tracking_uri()}")
-    runs = client.search_runs(
-        [experiment.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"]
-    )
-    print(
-        "| run | changed from the baseline | frozen val acc | fine-tuned val acc | gain | "
-        "prior-corrected val acc | train + finetune time |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for run in runs:
-        metrics, tags = run.data.metrics, run.data.tags
-        if "finetune.val_accuracy" not in metrics or "frozen.val_accuracy" not in metrics:
-            continue
-        frozen, tuned = metrics["frozen.val_accuracy"], metrics["finetune.val_accuracy"]
-        balanced = [
-            f" ({metrics[f'{phase}.val_balanced_accuracy']:.4f})"
-            if f"{phase}.val_balanced_accuracy" in metrics
-            else ""
-            for phase in ("frozen", "finetune")
-        ]
-        times = [
-            f"{metrics[f'{s}.wall_seconds']:.0f} s" if f"{s}.wall_seconds" in metrics else "reused"
-            for s in ("train", "finetune")
-        ]
-        tuned_metrics = {k.removeprefix("finetune."): v for k, v in metrics.items()}
-        corrected = correction_text(tuned_metrics) or "off"
-        print(
-            f"| {run.info.run_name} | {tags.get('params.changed', '')} | {frozen:.4f}"
-            f"{balanced[0]} | {tuned:.4f}{balanced[1]} | {tuned - frozen:+.4f} | {corrected} | "
-            f"{' + '.join(times)} |"
-        )
-    recipes = [r for r in runs if seeds.PARENT_TAG in r.data.tags]
-    if recipes:
-        print(seeds.recipe_table(recipes))
-
-
 def cmd_seeds(args: argparse.Namespace) -> None:
     """Run the recipe over several training seeds (DVC experiments), record the parent MLflow
     run with each figure's mean, sd, min and max, and print them."""
@@ -349,81 +99,6 @@ def cmd_seeds(args: argparse.Namespace) -> None:
     print(seeds.describe(summary))
     if args.out:
         print(f"summary: {args.out}; MLflow parent run {summary['parent_run']}")
-
-
-def cmd_summary(args: argparse.Namespace) -> None:
-    """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
-    from imgpipe.metrics import correction_text
-    from imgpipe.savedmodel import TFLITE_FILES
-    from imgpipe.tracking import experiment_name, tracking_uri
-
-    def load(name: str) -> dict:
-        path = Path("metrics") / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    ingest, validate, train, finetune = (
-        load(n) for n in ("ingest", "validate", "train", "finetune")
-    )
-    if ingest:
-        splits = ", ".join(f"{s} {c['total']}" for s, c in ingest["splits"].items())
-        print(
-            f"data:      {ingest['images']} images ({splits}), {ingest['quarantined']} "
-            "quarantined -> outputs/ingest/"
-        )
-    if validate:
-        print(
-            f"validate:  {'passed' if validate['success'] else 'FAILED'}, "
-            f"{validate['failed_warnings']} warning(s) -> outputs/validate/data_docs/index.html"
-        )
-    for name, metrics in (("frozen", train.get("frozen")), ("finetune", finetune.get("finetune"))):
-        if metrics:
-            corrected = correction_text(metrics)
-            corrected = f", prior-corrected {corrected}" if corrected else ""
-            print(
-                f"{name + ':':<10} val accuracy {metrics['val_accuracy']:.4f} "
-                f"({metrics['epochs']} epochs){corrected} -> "
-                f"outputs/{'train' if name == 'frozen' else name}/model.keras"
-            )
-
-    evaluation, exported, pushed = (load(n) for n in ("evaluate", "export", "push"))
-    if evaluation:
-        test = evaluation["test"]
-        print(
-            f"test:      accuracy {test['accuracy']:.4f}, balanced accuracy "
-            f"{test['balanced_accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, ECE "
-            f"{test['ece']:.3f} ({test['images']} images) -> outputs/evaluate/"
-        )
-        print(f"gate:      {'blessed' if evaluation['blessed'] else 'NOT blessed'}: ", end="")
-        print(";\n           ".join(evaluation.get("checks", [])))
-    if exported:
-        sizes, parity = exported["sizes_mb"], exported["parity"]
-        tflite = ", ".join(
-            f"{kind} {sizes[f'tflite_{kind}']:.1f} MB (top-1 agreement "
-            f"{parity[f'tflite_{kind}']['top1_agreement']:.3f})"
-            for kind in TFLITE_FILES
-            if f"tflite_{kind}" in parity
-        )
-        print(
-            f"export:    SavedModel {sizes['saved_model']:.1f} MB; TFLite {tflite}; "
-            "-> outputs/export/ (model_card.md)"
-        )
-    if pushed:
-        name, version = pushed["registered_model"], pushed["version"]
-        if pushed["blessed"]:
-            print(
-                f"registry:  {name} v{version} is champion; TF Serving version "
-                f"{pushed['serving_version']} at {pushed['pushed_to']}"
-            )
-        else:
-            print(
-                f"registry:  {name} v{version} NOT blessed (challenger only, not pushed); "
-                f"champion stays v{pushed['previous_champion']}: see "
-                "outputs/evaluate/blessing.json"
-            )
-
-    experiment = experiment_name()
-    print(f"MLflow:    experiment '{experiment}' at {tracking_uri()}; `make ui` to browse")
-    print("compare:   dvc metrics show; dvc plots show; dvc exp run -S train.learning_rate=3e-4")
 
 
 def build_parser() -> argparse.ArgumentParser:
