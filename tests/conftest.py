@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +129,15 @@ def make_class_folders(
     size: int | Sequence[int] = 64,
     seed: int = 0,
     ext: str = "png",
+    pattern: Callable[..., np.ndarray] | None = None,
 ) -> dict[str, list[Path]]:
     """Write ``root/<class>/<class>_NNN.<ext>`` images, ``classes[name]`` of each; return the paths.
 
-    Each class gets its own pattern (see :func:`class_pattern`), each image its own seed, so every
-    file is distinct. ``ext`` is ``png`` or ``jpg``.
+    Each class gets its own pattern (``pattern(class_index, size, seed=)``, default
+    :func:`class_pattern`), each image its own seed, so every file is distinct. ``ext`` is
+    ``png`` or ``jpg``.
     """
+    pattern = pattern or class_pattern
     root = Path(root)
     classes = {"a": 12, "b": 12} if classes is None else dict(classes)
     fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}[ext.lower()]
@@ -142,7 +145,7 @@ def make_class_folders(
     for class_index, (name, count) in enumerate(sorted(classes.items())):
         paths = []
         for i in range(count):
-            pixels = class_pattern(class_index, size, seed=seed * 100_003 + i)
+            pixels = pattern(class_index, size, seed=seed * 100_003 + i)
             paths.append(write_image(root / name / f"{name}_{i:03d}.{ext}", pixels, format=fmt))
         (root / name).mkdir(parents=True, exist_ok=True)  # a class with 0 images: empty folder
         written[name] = paths
@@ -326,6 +329,7 @@ def build_tiny_project(
     val_fraction: float,
     test_fraction: float,
     seed: int = 3,
+    pattern: Callable[..., np.ndarray] | None = None,
 ) -> TinyProject:
     """ingest -> augment (1 view per image) -> train (frozen base) in-process on class-pattern
     PNGs: a small model that really learns, in about 15 s. ``model`` and ``train_params``
@@ -333,7 +337,7 @@ def build_tiny_project(
     from components import augment, ingest, train
 
     p = TinyProject(root)
-    make_class_folders(root / "data", classes, size=image_size, seed=seed)
+    make_class_folders(root / "data", classes, size=image_size, seed=seed, pattern=pattern)
     model_params = params("model", **model)
     ingest.run(
         source=root / "data",
