@@ -26,10 +26,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     tls = _tls(args)
     model = args.model
-    if not model:
+    if not model and getattr(args, "profile", None):
         from imgpipe.params import ServingParams, section
 
         model = section(ServingParams, "serving", _params(args)).model_name
+    elif not model:  # params.yaml's serving section alone: no typed views to import
+        from serving.config import served_model_name
+
+        model = served_model_name(args.params)
     images = []
     for name in args.files:
         path = Path(name)

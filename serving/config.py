@@ -34,14 +34,7 @@ import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from google.protobuf import (
-    descriptor_pb2,
-    descriptor_pool,
-    message_factory,
-    text_format,
-    wrappers_pb2,
-)
-from tensorflow_serving.config import model_server_config_pb2
+# The protobuf modules load where they are used: `imgpipe predict` reads only the model name.
 
 HERE = Path(__file__).resolve().parent
 MODEL_CONFIG = HERE / "models.config"
@@ -54,6 +47,8 @@ class ConfigError(ValueError):
 
 
 def _parse(path: Path, message: Any) -> Any:
+    from google.protobuf import text_format
+
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -65,6 +60,8 @@ def _parse(path: Path, message: Any) -> Any:
 
 
 def read_model_config(path: Path) -> Any:
+    from tensorflow_serving.config import model_server_config_pb2
+
     """A ``ModelServerConfig`` with a ``model_config_list`` whose models are all TensorFlow."""
     config = _parse(path, model_server_config_pb2.ModelServerConfig())
     check_model_config(config, str(path))
@@ -126,6 +123,8 @@ def model_config_for(name: str, template: Any) -> Any:
 def write_config(config: Any, path: Path, source: str, *, mode: int = 0o666) -> Path:
     """``config`` in text format at ``path``, written whole and renamed into place; the file is
     created with ``mode`` (less the umask), so a private one is never readable by others."""
+    from google.protobuf import text_format
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)  # a leftover would keep its own mode
@@ -155,6 +154,8 @@ def versions_to_serve(available: list[int], policy: Any) -> list[int]:
 
 @functools.cache
 def _extra_messages() -> dict[str, Any]:
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
     """BatchingParameters and MonitoringConfig, declared field for field."""
     pool = descriptor_pool.DescriptorPool()
     wrappers = descriptor_pb2.FileDescriptorProto()
