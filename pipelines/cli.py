@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgpipe.errors import InputError
 from imgpipe.logs import quiet_for_logs
 from pipelines.cli_common import params_of as _params
 from pipelines.kubeflow_commands import (
@@ -317,9 +316,9 @@ OWN_PACKAGES = ("imgpipe", "components", "pipelines", "serving")
 def _ours(exc: Exception) -> bool:
     """Bad input this project named in the message: an ``InputError`` (or another error class
     of ours, like serving's ``ConfigError``), or a missing or existing file, which names it."""
-    if isinstance(exc, (InputError, FileNotFoundError, FileExistsError)):
+    if isinstance(exc, (FileNotFoundError, FileExistsError)):
         return True
-    return type(exc).__module__.split(".")[0] in OWN_PACKAGES
+    return type(exc).__module__.split(".")[0] in OWN_PACKAGES  # InputError is imgpipe.errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
