@@ -31,7 +31,8 @@ from imgpipe.calibration import untempered
 from imgpipe.errors import InputError
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
-from imgpipe.manifest import LABELS, MANIFEST, SHARDS, lineage_digest
+from imgpipe.lineage import changes, lineage_digest, manifest_labels, relabelled
+from imgpipe.manifest import LABELS, MANIFEST, SHARDS
 from imgpipe.metrics import (
     calibration_bins,
     classification_metrics,
@@ -248,20 +249,30 @@ def against_champion(
     probs: np.ndarray,
     labels: Sequence[str],
     params: EvaluateParams,
+    data_labels: dict[str, str],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The champion's figures and the paired comparison, on the test images the champion did
-    not train on (the candidate never trained on any: they are today's test split)."""
+    not train on (the candidate never trained on any: they are today's test split); and which
+    of the champion's training images carry another label in today's data (``data_labels``,
+    sha256 -> label of every image ingest kept)."""
     theirs = champion_probabilities(champion, test, labels)
     trained_on = champion.trained_on()
     keep = np.ones(len(test.sha256), dtype=bool)
     if trained_on is not None:
         keep = np.array([digest not in trained_on for digest in test.sha256], dtype=bool)
+    known = trained_on or {}
+    moved = relabelled(known, data_labels)
     baseline = {
         "version": champion.version,
         "run_id": champion.run_id,
         "lineage": trained_on is not None,
         "excluded": int((~keep).sum()),
         "images": int(keep.sum()),
+        "labels_known": sum(
+            was is not None and digest in data_labels for digest, was in known.items()
+        ),
+        "relabelled": len(moved),
+        "relabelled_by_class": changes(moved),
     }
     if trained_on is None:
         log.warning(
@@ -340,7 +351,9 @@ def run(
     rows = [manifest[s] for s in test.sha256]
     slices = slice_metrics(rows, test.labels, probs, labels, params.slice_by, bins)
     baseline, comparison = (
-        against_champion(champion, test, probs, labels, params) if champion else (None, None)
+        against_champion(champion, test, probs, labels, params, manifest_labels(dataset / MANIFEST))
+        if champion
+        else (None, None)
     )
     blessing = gate.bless(candidate, baseline, comparison, params)
     blessing["test_set"] = {"images": len(test.sha256), "sha256": lineage_digest(test.sha256)}
@@ -430,7 +443,7 @@ def metrics(summary: dict[str, Any]) -> dict[str, float]:
     values["blessed"] = float(summary["blessed"])
     comparison, champion = summary.get("comparison"), summary.get("champion")
     if champion:
-        values.update({"gate.images": champion["images"], "gate.excluded": champion["excluded"]})
+        values.update({f"gate.{k}": champion[k] for k in ("images", "excluded", "relabelled")})
     if comparison and comparison["images"]:
         for metric in gate.GATED:
             values.update(

@@ -38,7 +38,8 @@ import numpy as np
 from imgpipe import backbones
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
-from imgpipe.manifest import LABELS, MANIFEST, SHARDS, TRAINED_ON, split_hashes
+from imgpipe.lineage import TRAINED_ON, TRAINING_SPLITS, manifest_labels, write_trained_on
+from imgpipe.manifest import LABELS, MANIFEST, SHARDS
 from imgpipe.metrics import classification_metrics, rounded
 from imgpipe.params import ExportParams, ModelParams, ServingParams
 from imgpipe.savedmodel import (
@@ -403,8 +404,8 @@ def run(
         served = SavedModelClassifier(saved_model)
         run_warmup(served)
 
-        trained_on = split_hashes(dataset / MANIFEST, ("train", "val"))
-        (staged / TRAINED_ON).write_text("".join(f"{h}\n" for h in trained_on), "ascii")
+        trained_on = manifest_labels(dataset / MANIFEST, TRAINING_SPLITS)
+        write_trained_on(staged / TRAINED_ON, trained_on)
         (staged / TFLITE).mkdir()
         shutil.copyfile(dataset / LABELS, staged / TFLITE / LABELS)
         representative = (

@@ -15,7 +15,7 @@ from typing import Any
 from imgpipe.access import USER_ENV, needs, on_model, on_run
 from imgpipe.errors import InputError
 from imgpipe.fileio import write_json_atomic
-from imgpipe.manifest import TRAINED_ON, lineage_digest
+from imgpipe.lineage import TRAINED_ON, lineage_digest, read_trained_on
 from imgpipe.params import ServingParams
 from imgpipe.registry import (
     ARTIFACT_PATH,
@@ -132,7 +132,7 @@ def register(
         mlflow.log_artifacts(str(export_dir / TFLITE), f"{ARTIFACT_PATH}/{TFLITE}")
         mlflow.log_artifact(str(export_dir / CARD), ARTIFACT_PATH)
         mlflow.log_artifact(str(export_dir / TRAINED_ON), ARTIFACT_PATH)
-    trained_on = (export_dir / TRAINED_ON).read_text(encoding="ascii").split()
+    trained_on = read_trained_on(export_dir / TRAINED_ON)
 
     registry = client()
     ensure_model(registry, name)

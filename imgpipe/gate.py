@@ -142,21 +142,28 @@ def _against_champion(
     champion: dict[str, Any], comparison: dict[str, Any], params: EvaluateParams
 ) -> list[dict[str, Any]]:
     version, images = champion["version"], comparison["images"]
+    checks = [_labels_kept(champion, params)] if champion.get("labels_known") else []
+    where = (
+        "test images neither trained on"
+        if champion["lineage"]
+        else "test images (the champion's training images are unknown)"
+    )
     if images < params.min_compared_images:
         return [
+            *checks,
             {
                 "check": "comparable",
                 "passed": False,
                 "value": images,
                 "threshold": params.min_compared_images,
                 "reason": (
-                    f"cannot compare with champion v{version}: only {images} test images that "
-                    f"neither model trained on ({champion['excluded']} excluded), fewer than "
+                    f"cannot compare with champion v{version}: only {images} {where} "
+                    f"({champion['excluded']} excluded), fewer than "
                     f"evaluate.min_compared_images {params.min_compared_images}"
                 ),
-            }
+            },
         ]
-    margin, checks = params.non_inferiority_margin, []
+    margin = params.non_inferiority_margin
     for metric in GATED:
         d = comparison[metric]
         worse = worse_beyond(d, margin)
@@ -169,7 +176,7 @@ def _against_champion(
                 "interval": [d["low"], d["high"]],
                 "reason": (
                     f"{metric} {d['candidate']:.4f} vs champion v{version} {d['champion']:.4f} "
-                    f"on {images} test images neither trained on: difference "
+                    f"on {images} {where}: difference "
                     f"{d['difference']:+.4f} ({comparison['confidence']:.0%} interval "
                     f"{d['low']:+.4f} to {d['high']:+.4f}), "
                     + (
@@ -181,3 +188,32 @@ def _against_champion(
             }
         )
     return checks
+
+
+def _labels_kept(champion: dict[str, Any], params: EvaluateParams) -> dict[str, Any]:
+    """Whether the images the champion trained on kept their labels in today's data."""
+    changed, known = champion["relabelled"], champion["labels_known"]
+    fraction = changed / known
+    passed = fraction <= params.max_relabelled_fraction
+    moves = ", ".join(f"{k}: {n}" for k, n in champion["relabelled_by_class"].items())
+    return {
+        "check": "labels_kept",
+        "passed": passed,
+        "value": fraction,
+        "threshold": params.max_relabelled_fraction,
+        "reason": (
+            f"{changed} of the {known} images champion v{champion['version']} trained on that "
+            f"are still in the data carry another label now ({fraction:.2%}"
+            + (f"; {moves}" if moves else "")
+            + "), "
+            + (
+                f"within evaluate.max_relabelled_fraction {params.max_relabelled_fraction}"
+                if passed
+                else (
+                    f"more than evaluate.max_relabelled_fraction "
+                    f"{params.max_relabelled_fraction}: review the relabelling, then raise the "
+                    "limit for this run if it is meant"
+                )
+            )
+        ),
+    }

@@ -257,6 +257,10 @@ class EvaluateParams:
     bootstrap_samples: int
     min_compared_images: int
     """Fewer test images that neither model trained on: the gate cannot compare, not blessed."""
+    max_relabelled_fraction: float
+    """Refused when more than this fraction of the champion's training images that are still in
+    the data now carry another label: a relabelling is reviewed, then let through by raising
+    this for that run (the accuracy on today's labels cannot show that they changed)."""
     max_test_decisions: int
     """Gating decisions on one test set after which evaluate warns that its figures are worn
     (each decision tells the pipeline a little about the test images)."""
@@ -267,7 +271,8 @@ class EvaluateParams:
                 "evaluate.batch_size and evaluate.calibration_bins must be positive, "
                 "evaluate.misclassified_examples >= 0"
             )
-        for name in ("min_accuracy", "min_balanced_accuracy", "non_inferiority_margin"):
+        bounded = ("min_accuracy", "min_balanced_accuracy", "non_inferiority_margin")
+        for name in (*bounded, "max_relabelled_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ParamsError(f"evaluate.{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.5 <= self.confidence < 1.0:
@@ -401,19 +406,35 @@ def with_profile(params: dict[str, Any], name: str) -> dict[str, Any]:
     names. An unknown section or key, or a wrong type, is an error naming the profile and the
     key; the result is validated whole, as the pipeline validates params.yaml."""
     path = profile_path(name)
-    overrides = load_params(path)
+    return _overridden(params, load_params(path), str(path))
+
+
+def with_sets(params: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
+    """``params`` with ``section.key=value`` overrides (the values in YAML, as ``dvc exp run
+    -S`` takes them), checked like a profile's."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in sets:
+        key, equals, value = item.partition("=")
+        section_, dot, name = key.partition(".")
+        if not (equals and dot and name):
+            raise ParamsError(f"-S {item!r}: expected section.key=value")
+        overrides.setdefault(section_, {})[name] = yaml.safe_load(value)
+    return _overridden(params, overrides, "-S")
+
+
+def _overridden(params: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
     for name_, values in overrides.items():
         if name_ not in SECTIONS or not isinstance(values, dict):
-            raise ParamsError(f"{path}: '{name_}' is no params section")
+            raise ParamsError(f"{where}: '{name_}' is no params section")
         unknown = set(values) - set(merged.get(name_, {}))
         if unknown:
-            raise ParamsError(f"{path}: unknown key {name_}.{sorted(unknown)[0]}")
+            raise ParamsError(f"{where}: unknown key {name_}.{sorted(unknown)[0]}")
         merged[name_] = {**merged[name_], **values}
     try:
         sections(SECTIONS, merged)
     except ParamsError as exc:
-        raise ParamsError(f"{path}: {exc}") from None
+        raise ParamsError(f"{where}: {exc}") from None
     return merged
 
 

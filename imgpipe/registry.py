@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.access import needs
-from imgpipe.manifest import TRAINED_ON
+from imgpipe.lineage import TRAINED_ON, read_trained_on
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,10 @@ class Champion:
         )
         return Path(local)
 
-    def trained_on(self) -> set[str] | None:
-        """The sha256 of the images this version trained and was tuned on, from its
-        ``trained_on.txt``; None for a version registered without one."""
+    def trained_on(self) -> dict[str, str | None] | None:
+        """The images this version trained and was tuned on (sha256 -> label, the label None
+        in lists written before labels were kept), from its ``trained_on.txt``; None for a
+        version registered without one."""
         import mlflow
         from mlflow.exceptions import MlflowException
 
@@ -59,7 +60,7 @@ class Champion:
                 )
             except (MlflowException, OSError):
                 return None
-            return set(Path(local).read_text(encoding="ascii").split())
+            return read_trained_on(Path(local))
 
 
 def client() -> Any:

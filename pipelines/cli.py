@@ -100,6 +100,27 @@ def cmd_seeds(args: argparse.Namespace) -> None:
         print(f"summary: {args.out}; MLflow parent run {summary['parent_run']}")
 
 
+def cmd_growing_data(args: argparse.Namespace) -> None:
+    """The growing-data scenario through DVC or kfp.local; print its claims."""
+    from imgpipe.params import with_sets
+    from pipelines import growing
+
+    report = growing.run(
+        Path(args.source),
+        Path(args.work),
+        orchestrator=args.orchestrator,
+        params=with_sets(_params(args), args.set or []),
+        new_fraction=args.new_fraction,
+        corrupt_fraction=args.corrupt_fraction,
+        seed=args.seed,
+        out=args.out,
+    )
+    for version, record in report["versions"].items():
+        print(f"{version}: {record['images']} images {record['splits']} in {record['seconds']} s")
+    for claim in report["claims"]:
+        print(f"- {claim}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgpipe", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -195,6 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="the params each seed sets (default: train.seed finetune.seed); finetune.seed "
         "alone keeps the frozen phase and varies only fine-tuning",
     )
+
+    p = add(
+        "growing-data",
+        cmd_growing_data,
+        "run the pipeline on three versions of a data set (v1; v2 = v1 + new images; v3 = v2 "
+        "with a class partly relabelled) and check what the split and the gate do",
+    )
+    p.add_argument("source", help="a folder of class folders (e.g. data)")
+    p.add_argument("work", help="a new folder for the versions, the runs and their registry")
+    p.add_argument("--orchestrator", choices=["dvc", "kfp"], default="dvc")
+    p.add_argument("--profile", help="profiles/<name>.yaml overrides, e.g. quick")
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="as dvc exp run -S")
+    p.add_argument("--new-fraction", type=float, default=0.1, help="v2's new images, of v1's")
+    p.add_argument(
+        "--corrupt-fraction", type=float, default=0.25, help="of the largest class, in v3"
+    )
+    p.add_argument("--seed", type=int, default=0, help="draws the new and relabelled images")
+    p.add_argument("--out", type=Path, help="write the report as JSON")
 
     p = add("profile", cmd_profile, "print a profile's overrides as `dvc exp run -S` flags")
     p.add_argument("name", help="profiles/<name>.yaml, e.g. full, or a path")

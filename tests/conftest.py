@@ -214,6 +214,14 @@ def read_csv_rows(path: str | os.PathLike[str]) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def write_csv_rows(path: str | os.PathLike[str], rows: Sequence[Mapping[str, str]]) -> None:
+    """``rows`` (dicts with the same keys) as a UTF-8 CSV, the keys as its header."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 @pytest.fixture
 def class_folders(tmp_path: Path) -> tuple[Path, dict[str, list[Path]]]:
     """A fresh folder of two class folders (``a``, ``b``; 12 distinct 64x64 PNGs each)."""

@@ -28,7 +28,10 @@ from conftest import (
     mlflow_server,
     params,
     read_csv_rows,
+    write_csv_rows,
 )
+
+from imgpipe.lineage import read_trained_on
 
 pytestmark = pytest.mark.slow
 
@@ -268,7 +271,9 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     5. the champion can be fetched from the registry into a serving base path;
     6. re-split with another seed, the test split holds images the champion trained on: they
        are left out of the comparison (its list of training images is in the registry), and
-       below evaluate.min_compared_images the gate says it cannot compare.
+       below evaluate.min_compared_images the gate says it cannot compare;
+    7. a quarter of one class of the champion's training images under another label: refused,
+       however the accuracy compares.
     Every decision is counted on the registered model, per test set.
     """
     import mlflow
@@ -343,10 +348,10 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     test_set = third["test_set"]["sha256"][:16]
     assert client.get_registered_model(MODEL_NAME).tags[f"gate.decisions.{test_set}"] == "3"
     assert pushed["test_set_decisions"] == 3
-    trained_on = (tmp_path / "better" / "export" / "trained_on.txt").read_text().split()
-    assert len(trained_on) == 120 - 48 and registry.champion(MODEL_NAME).trained_on() == set(
-        trained_on
-    )
+    trained_on = read_trained_on(tmp_path / "better" / "export" / "trained_on.txt")
+    assert len(trained_on) == 120 - 48 and registry.champion(MODEL_NAME).trained_on() == trained_on
+    rows = read_csv_rows(project.ingest / "manifest.csv")
+    assert trained_on == {r["sha256"]: r["label"] for r in rows if r["split"] in ("train", "val")}
     # Every alias move is on the versions: who, when, from which version, by which run.
     three, one = (client.get_model_version(MODEL_NAME, v).tags for v in ("3", "1"))
     assert three["champion.previous_version"] == "1" and three["champion.set_by"]
@@ -412,6 +417,25 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert not refused["blessed"]
     check = next(c for c in refused["blessing"]["checks"] if c["check"] == "comparable")
     assert "cannot compare" in check["reason"] and f"({seen} excluded)" in check["reason"]
+    assert fair["champion"]["relabelled"] == 0
+
+    # 7. The same data with a quarter of class a's training images now labelled b.
+    relabelled = copy.copy(moved)
+    relabelled.ingest = resplit / "relabelled"
+    shutil.copytree(moved.ingest, relabelled.ingest)
+    changed = [r for r in rows if r["label"] == "a" and r["split"] != "test"]
+    changed = {r["sha256"] for r in changed[: len(changed) // 4]}
+    for row in rows:
+        row["label"] = "b" if row["sha256"] in changed else row["label"]
+    write_csv_rows(relabelled.ingest / "manifest.csv", rows)
+    (resplit / "relabel").mkdir()
+    comparable = {**gate, "min_compared_images": 1}
+    result = _evaluate(relabelled, project.model, resplit / "relabel", champion, **comparable)
+    assert not result["blessed"]
+    assert result["champion"]["relabelled"] == len(changed & set(trained_on))
+    assert result["champion"]["relabelled_by_class"] == {"a -> b": len(changed & set(trained_on))}
+    failed = {c["check"] for c in result["blessing"]["checks"] if not c["passed"]}
+    assert failed == {"labels_kept"}, result["blessing"]["checks"]
 
 
 def test_only_the_pipeline_account_registers_and_moves_champion(

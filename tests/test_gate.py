@@ -1,7 +1,7 @@
 """The blessing gate's comparison with the champion (imgpipe.gate), on made-up predictions with
-known answers: paired bootstrap intervals, non-inferiority, and the minimum of comparable
-images. No TensorFlow; evaluate's use of it against a real registry is in
-test_export_registry."""
+known answers: paired bootstrap intervals, non-inferiority, the minimum of comparable
+images and the labels the champion learnt from. No TensorFlow; evaluate's use of it against a
+real registry is in test_export_registry."""
 
 from __future__ import annotations
 
@@ -30,7 +30,13 @@ def _predictions(labels: np.ndarray, accuracy: float, seed: int) -> np.ndarray:
     return predicted
 
 
-def _decide(candidate: np.ndarray, champion: np.ndarray, labels: np.ndarray, **overrides) -> dict:
+def _decide(
+    candidate: np.ndarray,
+    champion: np.ndarray,
+    labels: np.ndarray,
+    lineage: dict | None = None,
+    **overrides,
+) -> dict:
     evaluate = params("evaluate", **{**GATE, **overrides})
     comparison = gate.compare(
         labels, candidate, champion, classes=CLASSES, samples=1000, confidence=0.95
@@ -40,7 +46,8 @@ def _decide(candidate: np.ndarray, champion: np.ndarray, labels: np.ndarray, **o
         "balanced_accuracy": comparison["balanced_accuracy"]["candidate"],
         "macro_f1": 0.0,
     }
-    champion_figures = {"version": 1, "excluded": 0, "images": len(labels)}
+    champion_figures = {"version": 1, "excluded": 0, "images": len(labels), "lineage": True}
+    champion_figures.update(lineage or {})
     return gate.bless(figures, champion_figures, comparison, evaluate)
 
 
@@ -119,3 +126,36 @@ def test_balanced_accuracy_difference_weighs_each_class_alike():
     )
     assert comparison["accuracy"]["difference"] == pytest.approx(-10 / 400)
     assert comparison["balanced_accuracy"]["difference"] == pytest.approx(-0.25)
+
+
+def test_the_champions_images_under_other_labels_refuse_beyond_the_limit():
+    """Relabelled training images cannot be seen in the accuracy on today's labels (the test
+    labels moved too): the gate counts them against the champion's record."""
+    labels = _labels()
+    same = _predictions(labels, 0.8, seed=1)
+    relabelled = {
+        "labels_known": 1000,
+        "relabelled": 140,
+        "relabelled_by_class": {"a -> d": 140},
+    }
+    blessing = _decide(same, same, labels, relabelled)
+    assert not blessing["blessed"] and _failed(blessing) == {"labels_kept"}
+    (check,) = [c for c in blessing["checks"] if c["check"] == "labels_kept"]
+    assert check["value"] == pytest.approx(0.14)
+    assert "140 of the 1000 images champion v1 trained on" in check["reason"]
+    assert "a -> d: 140" in check["reason"] and "review the relabelling" in check["reason"]
+    # A reviewed relabelling goes through with the limit raised for that run.
+    assert _decide(same, same, labels, relabelled, max_relabelled_fraction=0.2)["blessed"]
+    # A few fixed labels stay within the default limit.
+    few = {**relabelled, "relabelled": 5, "relabelled_by_class": {"a -> b": 5}}
+    assert _decide(same, same, labels, few)["blessed"]
+
+
+def test_without_the_champions_lineage_the_reason_says_the_whole_test_split():
+    labels = _labels()
+    same = _predictions(labels, 0.8, seed=1)
+    blessing = _decide(same, same, labels, {"lineage": False})
+    assert blessing["blessed"]
+    reasons = " ".join(c["reason"] for c in blessing["checks"])
+    assert "training images are unknown" in reasons and "neither trained on" not in reasons
+    assert "labels_kept" not in {c["check"] for c in blessing["checks"]}
