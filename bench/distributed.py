@@ -37,12 +37,12 @@ def child(args: argparse.Namespace) -> None:
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(args.replicas)]
         )
-    from imgpipe.distribute import cluster, scaled, strategy
+    from imgpipe.distribute import cluster, fit_multi_worker, scaled, strategy
 
     distribution = strategy()  # first: a multi-worker strategy precedes every other TF op
     import keras
 
-    from components.finetune import fit_multi_worker, prepare
+    from components.finetune import prepare
     from imgpipe import backbones
     from imgpipe.datasets import image_dataset
     from imgpipe.manifest import SHARDS

@@ -113,10 +113,10 @@ def requests_for(image: bytes, size: int) -> dict[str, tuple[dict[str, Any], int
     uint8 tensor of ``serving_images``. A float32 tensor of the same pixels has no signature to
     go to (the model takes uint8), so only its size is reported."""
     import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
 
     from imgpipe.datasets import decode_and_resize
     from imgpipe.savedmodel import BYTES_INPUT, IMAGES_INPUT, IMAGES_SIGNATURE
+    from serving.tensors import apis, to_proto
 
     pixels = decode_and_resize(tf.constant(image), size).numpy()[None]
     inputs = {
@@ -126,9 +126,9 @@ def requests_for(image: bytes, size: int) -> dict[str, tuple[dict[str, Any], int
     }
     sized = {}
     for name, (tensors, signature) in inputs.items():
-        request = predict_pb2.PredictRequest()
+        request = apis().predict_pb2.PredictRequest()
         for key, value in tensors.items():
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+            to_proto(value, request.inputs[key])  # what the client sends, as it builds it
         kwargs = {"inputs": tensors, **({"signature": signature} if signature else {})}
         sized[name] = (kwargs, request.ByteSize())
     return sized
@@ -138,8 +138,8 @@ def tflite(path: Path, image: bytes, size: int, requests: int) -> dict[str, floa
     """Single-image latency of a TFLite model through ai-edge-litert, decoding excluded."""
     import tensorflow as tf
 
-    from components.export import TFLiteClassifier
     from imgpipe.datasets import decode_and_resize
+    from imgpipe.tflite import TFLiteClassifier
 
     model = TFLiteClassifier(path)
     pixels = decode_and_resize(tf.constant(image), size).numpy()

@@ -443,7 +443,8 @@ def metrics(summary: dict[str, Any]) -> dict[str, float]:
     values["blessed"] = float(summary["blessed"])
     comparison, champion = summary.get("comparison"), summary.get("champion")
     if champion:
-        values.update({f"gate.{k}": champion[k] for k in ("images", "excluded", "relabelled")})
+        gated = ("images", "excluded", "relabelled")  # relabelled: not in older summaries
+        values.update({f"gate.{k}": champion[k] for k in gated if k in champion})
     if comparison and comparison["images"]:
         for metric in gate.GATED:
             values.update(

@@ -13,21 +13,18 @@ The recipe is built not to depend on luck:
 
 BatchNormalization layers stay frozen and in inference mode (their statistics would be ruined by
 small batches). After every epoch the model, with its optimizer state, is checkpointed together
-with the stopping state, so a run killed at any moment (even ``kill -9`` mid-epoch) continues
-from the last finished epoch when rerun with the same inputs and params, instead of starting
-over. After training, the decision (a prior correction, or an ordinal head's cut-points) and a
-temperature fitted on validation are folded into the output layer (imgpipe.calibration).
+with the stopping state (imgpipe.checkpoints), so a run killed at any moment (even ``kill -9``
+mid-epoch) continues from the last finished epoch when rerun with the same inputs and params,
+instead of starting over. Several workers run fit's epoch loop of imgpipe.distribute. After
+training, the decision (a prior correction, or an ordinal head's cut-points) and a temperature
+fitted on validation are folded into the output layer (imgpipe.calibration).
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import hashlib
-import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,21 +34,30 @@ import numpy as np
 
 from imgpipe import backbones
 from imgpipe.calibration import fit_output
+from imgpipe.checkpoints import (
+    AveragedWeights,
+    ResumableCheckpoint,
+    fingerprint,
+    kept_epoch,
+    load_state,
+)
 from imgpipe.datasets import image_dataset
 from imgpipe.distribute import (
     FLOAT32,
     MIXED,
     cluster,
+    fit_multi_worker,
     is_chief,
+    lost_worker,
     precision,
     scaled,
     set_precision,
     strategy,
 )
-from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
+from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.manifest import MANIFEST, SHARDS
 from imgpipe.metrics import correction_text, validation_scores
-from imgpipe.params import RESUME_IGNORES, AugmentParams, FinetuneParams, ModelParams
+from imgpipe.params import AugmentParams, FinetuneParams, ModelParams
 from imgpipe.tfrecords import count_records, split_files
 from imgpipe.training import (
     CURVES,
@@ -67,7 +73,6 @@ from imgpipe.training import (
 
 log = logging.getLogger(__name__)
 
-STATE = "state.json"
 TEMPERATURE = "temperature.json"
 """Beside the model: the temperature and prior offset folded into its output layer (evaluate
 reports the test ECE the scores had without the temperature)."""
@@ -92,138 +97,6 @@ def unfreeze_top(model: keras.Model, backbone: str, layers: int) -> int:
         layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
         trainable += int(layer.trainable and bool(layer.weights))
     return trainable
-
-
-def fingerprint(
-    train_model: Path,
-    files: list[str],
-    model: ModelParams,
-    params: FinetuneParams,
-    views: AugmentParams,
-    replicas: int,
-    policy: str = FLOAT32,
-) -> str:
-    """What a checkpoint must match to be resumed: the starting model, the data, the params
-    of training and of its views (not ``prior_balance`` or ``calibrate``, which act after it:
-    changing them reuses the epochs), the number of replicas (which sets the global batch and
-    rate, whatever ``workers`` asked) and the precision actually used (``mixed_precision:
-    null`` means another one on another machine)."""
-    training: dict[str, Any] = {
-        k: v for k, v in dataclasses.asdict(params).items() if k not in RESUME_IGNORES
-    }
-    training["replicas"] = replicas
-    training["precision"] = policy
-    drawn = {k: v for k, v in dataclasses.asdict(views).items() if k in VIEW_PARAMS}
-    digest = hashlib.sha256(
-        json.dumps([dataclasses.asdict(model), training, drawn], sort_keys=True).encode()
-    )
-    for path in [str(train_model), *files]:
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
-VIEW_PARAMS = (
-    "flip_horizontal",
-    "flip_vertical",
-    "rotate_90",
-    "rotation_degrees",
-    "zoom",
-    "brightness",
-    "contrast",
-)
-"""The augment params that shape fine-tuning's per-epoch views (the others, such as augment's
-own seed and view count, concern only the materialised set of the frozen phase)."""
-
-
-class AveragedWeights(keras.callbacks.SwapEMAWeights):
-    """Validation and the epoch's checkpoint see the optimizer's moving average of the
-    weights; training goes on from the trained weights. Between ``on_epoch_end`` and the next
-    ``on_epoch_begin`` the model holds the average and the optimizer the trained weights, and
-    that is how checkpoints store them: a run ``resumed`` from one starts in that state."""
-
-    def __init__(self, resumed: bool) -> None:
-        super().__init__(swap_on_epoch=True)
-        self._ema_weights_in_model = resumed
-
-
-class ResumableCheckpoint(keras.callbacks.Callback):
-    """A checkpoint each epoch plus, with a ``patience``, early stopping on ``monitor``
-    (``val_loss``: lower is better, ``val_accuracy``: higher is better), both resumable: the
-    epoch's model (with optimizer state), the kept model and the stopping state survive the
-    process. Without a patience every epoch runs and the last one is kept.
-
-    Order makes it crash-safe: the epoch's model is written first, then ``state.json`` (one
-    atomic rename) points to it, then older files go. A kill at any point leaves a state that
-    names files which exist. In a multi-worker job every worker keeps the same state (the
-    monitored value is the job's, read across workers by ``fit_multi_worker``, so all stop
-    together) but only the chief writes (``write``), into the folder all of them resume from.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        key: str,
-        monitor: str,
-        patience: int | None,
-        state: dict[str, Any],
-        write: bool = True,
-    ) -> None:
-        super().__init__()
-        self.directory, self.key, self.patience, self.write = directory, key, patience, write
-        self.monitor = monitor
-        self.sign = 1.0 if monitor.endswith("loss") else -1.0  # minimise sign * value
-        self.best = state.get("best", math.inf)
-        self.wait = state.get("wait", 0)
-        self.best_file = state.get("best_checkpoint")
-        self.rows: list[dict[str, Any]] = state.get("history", [])
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        value = self.sign * float((logs or {}).get(self.monitor, self.sign * math.inf))
-        last = f"epoch-{epoch:03d}.keras"
-        if self.patience is None or value < self.best:
-            self.best, self.wait, self.best_file = value, 0, last
-        else:
-            self.wait += 1
-        stop = self.patience is not None and self.wait >= self.patience
-        if stop:
-            self.model.stop_training = True
-        if not self.write:
-            return
-        with atomic_path(self.directory / last) as tmp:
-            self.model.save(tmp)
-        write_json_atomic(
-            self.directory / STATE,
-            {
-                "fingerprint": self.key,
-                "epoch": epoch,
-                "checkpoint": last,
-                "best_checkpoint": self.best_file,
-                "best": self.best,
-                "wait": self.wait,
-                "stopped_early": stop,
-                "history": self.rows,
-            },
-        )
-        for old in self.directory.glob("epoch-*.keras"):
-            if old.name not in (last, self.best_file):
-                old.unlink()
-
-
-def _load_state(directory: Path, key: str, write: bool = True) -> dict[str, Any]:
-    """The resumable state in ``directory`` if it matches ``key``; else none, and (when this
-    process ``write``s) the folder emptied."""
-    state_file = directory / STATE
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state.get("fingerprint") == key and (directory / state["checkpoint"]).is_file():
-            return state
-        log.info(
-            "finetune: checkpoints in %s are for other inputs or params; starting over", directory
-        )
-    if write:
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-    return {}
 
 
 def prepare(
@@ -303,7 +176,7 @@ def run(
     val_files = split_files(dataset / SHARDS, "val")
     batch_size, learning_rate = scaled(params.batch_size, params.learning_rate, replicas)
     key = fingerprint(trained, train_files, model_params, params, views, replicas, policy)
-    state = _load_state(checkpoints, key, write=chief)
+    state = load_state(checkpoints, key, write=chief)
     frozen_rows = read_history(frozen_history)
     offset = int(max((r["step"] for r in frozen_rows), default=-1)) + 1
 
@@ -436,77 +309,6 @@ def run(
     return metrics
 
 
-def fit_multi_worker(
-    model: keras.Model,
-    distribution: Any,
-    train: Any,
-    validation: Any,
-    steps: int,
-    epochs: range,
-    callbacks: list[keras.callbacks.Callback],
-) -> None:
-    """``fit``'s epoch loop under MultiWorkerMirroredStrategy, which Keras 3's own ``fit``
-    does not run (it averages scalar logs along an axis: keras-team/keras#20585). Each step is
-    the model's own ``train_step`` (``test_step`` for validation) run on every replica, so the
-    math is fit's. The logs are the metrics read afterwards, outside the replicas: their
-    variables are summed across every replica of every worker on reading, so each worker sees
-    the job's figures (not its own slice) and all of them stop early at the same epoch."""
-    import tensorflow as tf
-
-    @tf.function
-    def train_step(iterator: Any) -> None:
-        distribution.run(model.train_step, args=(next(iterator),))
-
-    @tf.function
-    def test_step(batch: Any) -> None:
-        distribution.run(model.test_step, args=(batch,))
-
-    def results(prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}{k}": float(v) for k, v in model.get_metrics_result().items()}
-
-    hooks = keras.callbacks.CallbackList(callbacks, model=model, epochs=epochs.stop, steps=steps)
-    batches = iter(distribution.experimental_distribute_dataset(train))
-    model.stop_training = False
-    hooks.on_train_begin()
-    for epoch in epochs:
-        model.reset_metrics()
-        hooks.on_epoch_begin(epoch)
-        for step in range(steps):
-            hooks.on_train_batch_begin(step)
-            train_step(batches)
-            hooks.on_train_batch_end(step)
-        logs = results()
-        model.reset_metrics()
-        hooks.on_test_begin()
-        for batch in distribution.experimental_distribute_dataset(validation):
-            test_step(batch)
-        hooks.on_test_end()
-        hooks.on_epoch_end(epoch, logs | results("val_"))
-        if model.stop_training:
-            break
-    hooks.on_train_end()
-
-
-def lost_worker(error: Exception, checkpoints: Path, epoch: int) -> None:
-    """In a multi-worker job, turn the error a dead or unreachable peer causes (a collective
-    or the coordination service failing) into one that says so and how to continue."""
-    import tensorflow as tf
-
-    peer_errors = (
-        tf.errors.UnavailableError,
-        tf.errors.DeadlineExceededError,
-        tf.errors.AbortedError,
-        tf.errors.CancelledError,
-        tf.errors.InternalError,
-    )
-    if cluster() is not None and isinstance(error, peer_errors):
-        raise RuntimeError(
-            f"finetune: the multi-worker job lost a worker during epoch {epoch} "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
-            f"rerun the job: it resumes from the last checkpoint in {checkpoints}"
-        ) from error
-
-
 def train_class_counts(dataset: Path, classes: int) -> np.ndarray:
     """Images per class index in the training split of ingest's manifest (the prior a
     prior correction divides out)."""
@@ -515,21 +317,6 @@ def train_class_counts(dataset: Path, classes: int) -> np.ndarray:
             int(row["label_index"]) for row in csv.DictReader(handle) if row["split"] == "train"
         ]
     return np.bincount(np.asarray(indices, np.int64), minlength=classes)
-
-
-def kept_epoch(rows: list[dict[str, Any]], params: FinetuneParams) -> int:
-    """The epoch ResumableCheckpoint keeps: the last one, or with early stopping the first with
-    the best ``monitor`` value."""
-    if not rows:
-        return -1
-    if params.early_stopping_patience is None:
-        return int(rows[-1]["epoch"])
-    values = [r[params.monitor] for r in rows]
-    return int(
-        rows[int(np.argmin(values) if params.monitor.endswith("loss") else np.argmax(values))][
-            "epoch"
-        ]
-    )
 
 
 def metrics(summary: dict[str, Any]) -> dict[str, float]:

@@ -20,6 +20,9 @@ times the rate.
 
 Precision: ``mixed_float16`` (float16 compute, float32 variables, dynamic loss scaling) for the
 base, while the head and its softmax stay float32; the saved model is float32 throughout.
+
+Multi-worker: Keras 3's ``fit`` does not run under ``MultiWorkerMirroredStrategy``;
+``fit_multi_worker`` is its epoch loop there, and ``lost_worker`` names a dead peer's error.
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ import functools
 import json
 import logging
 import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from imgpipe.errors import InputError
+
+if TYPE_CHECKING:
+    import keras
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +134,75 @@ def set_precision(model: Any, policy: str, keep_float32: str) -> None:
             visit(inner)
 
     visit(model)
+
+
+def fit_multi_worker(
+    model: keras.Model,
+    distribution: Any,
+    train: Any,
+    validation: Any,
+    steps: int,
+    epochs: range,
+    callbacks: list[keras.callbacks.Callback],
+) -> None:
+    """``fit``'s epoch loop under MultiWorkerMirroredStrategy, which Keras 3's own ``fit``
+    does not run (it averages scalar logs along an axis: keras-team/keras#20585). Each step is
+    the model's own ``train_step`` (``test_step`` for validation) run on every replica, so the
+    math is fit's. The logs are the metrics read afterwards, outside the replicas: their
+    variables are summed across every replica of every worker on reading, so each worker sees
+    the job's figures (not its own slice) and all of them stop early at the same epoch."""
+    import keras
+    import tensorflow as tf
+
+    @tf.function
+    def train_step(iterator: Any) -> None:
+        distribution.run(model.train_step, args=(next(iterator),))
+
+    @tf.function
+    def test_step(batch: Any) -> None:
+        distribution.run(model.test_step, args=(batch,))
+
+    def results(prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{k}": float(v) for k, v in model.get_metrics_result().items()}
+
+    hooks = keras.callbacks.CallbackList(callbacks, model=model, epochs=epochs.stop, steps=steps)
+    batches = iter(distribution.experimental_distribute_dataset(train))
+    model.stop_training = False
+    hooks.on_train_begin()
+    for epoch in epochs:
+        model.reset_metrics()
+        hooks.on_epoch_begin(epoch)
+        for step in range(steps):
+            hooks.on_train_batch_begin(step)
+            train_step(batches)
+            hooks.on_train_batch_end(step)
+        logs = results()
+        model.reset_metrics()
+        hooks.on_test_begin()
+        for batch in distribution.experimental_distribute_dataset(validation):
+            test_step(batch)
+        hooks.on_test_end()
+        hooks.on_epoch_end(epoch, logs | results("val_"))
+        if model.stop_training:
+            break
+    hooks.on_train_end()
+
+
+def lost_worker(error: Exception, checkpoints: Path, epoch: int) -> None:
+    """In a multi-worker job, turn the error a dead or unreachable peer causes (a collective
+    or the coordination service failing) into one that says so and how to continue."""
+    import tensorflow as tf
+
+    peer_errors = (
+        tf.errors.UnavailableError,
+        tf.errors.DeadlineExceededError,
+        tf.errors.AbortedError,
+        tf.errors.CancelledError,
+        tf.errors.InternalError,
+    )
+    if cluster() is not None and isinstance(error, peer_errors):
+        raise RuntimeError(
+            f"finetune: the multi-worker job lost a worker during epoch {epoch} "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:300]}); "
+            f"rerun the job: it resumes from the last checkpoint in {checkpoints}"
+        ) from error

@@ -163,7 +163,7 @@ RESUME_IGNORES = ("prior_balance", "calibrate", "mixed_precision", "workers")
 """finetune params that fine-tuning checkpoints do not depend on as written: ``prior_balance``
 and ``calibrate`` act after training (changing them reuses the epochs); ``mixed_precision`` and
 ``workers`` count as the precision and the replicas they resolve to
-(components.finetune.fingerprint)."""
+(imgpipe.checkpoints.fingerprint)."""
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)

@@ -1,10 +1,12 @@
-"""The exported SavedModel's contract, shared by export (writes it), evaluate (runs the
-champion's), push (replays its warmup) and the tests: signatures, inputs, outputs, layout."""
+"""The exported SavedModel: its contract (signatures, inputs, outputs, layout), shared by
+export (writes it with ``write_saved_model``), evaluate (runs the champion's), push (replays its
+warmup) and the tests."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,3 +98,74 @@ def run_warmup(served: SavedModelClassifier) -> int:
         if set(outputs) != set(OUTPUTS):
             raise InputError(f"warmup request {index}: outputs {sorted(outputs)}")
     return len(records)
+
+
+def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: Path) -> None:
+    """The serving signatures around ``model`` (whose preprocessing is already inside it)."""
+    import keras
+    import tensorflow as tf
+
+    from imgpipe.datasets import decode_and_resize, resize
+
+    names = tf.constant(list(labels))
+
+    def classify(images: Any) -> dict[str, Any]:
+        probabilities = model(images, training=False)
+        index = tf.argmax(probabilities, axis=1)
+        return {
+            "probabilities": probabilities,
+            "class_index": index,
+            "class_name": tf.gather(names, index),
+            "class_names": tf.tile(names[None], [tf.shape(probabilities)[0], 1]),
+        }
+
+    def from_bytes(image_bytes: Any) -> dict[str, Any]:
+        images = tf.map_fn(
+            lambda encoded: decode_and_resize(encoded, image_size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+        )
+        return classify(images)
+
+    def from_images(images: Any) -> dict[str, Any]:
+        return classify(resize(images, image_size))
+
+    def from_examples(inputs: Any) -> dict[str, Any]:
+        features = tf.io.parse_example(
+            inputs, {EXAMPLE_IMAGE_KEY: tf.io.FixedLenFeature([], tf.string)}
+        )
+        outputs = from_bytes(features[EXAMPLE_IMAGE_KEY])
+        return {"classes": outputs["class_names"], "scores": outputs["probabilities"]}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        BYTES_SIGNATURE, from_bytes, [tf.TensorSpec([None], tf.string, name=BYTES_INPUT)]
+    )
+    archive.add_endpoint(
+        IMAGES_SIGNATURE,
+        from_images,
+        [tf.TensorSpec([None, None, None, 3], tf.uint8, name=IMAGES_INPUT)],
+    )
+    archive.add_endpoint(
+        CLASSIFY_SIGNATURE, from_examples, [tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUT)]
+    )
+    archive.write_out(str(path), verbose=False)
+    _set_method_name(path, CLASSIFY_SIGNATURE, CLASSIFY_METHOD)
+
+
+def _set_method_name(path: Path, signature: str, method: str) -> None:
+    """Mark one signature with a TF Serving method name (Keras exports every signature as
+    predict). TF Serving's Classify API only runs signatures marked classify."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    pb = Path(path) / "saved_model.pb"
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString(pb.read_bytes())
+    for graph in saved.meta_graphs:
+        graph.signature_def[signature].method_name = method
+    pb.write_bytes(saved.SerializeToString(deterministic=True))
+    # fingerprint.pb hashes saved_model.pb: recompute it so it describes the edited graph.
+    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+
+    (Path(path) / "fingerprint.pb").write_bytes(fingerprinting.CreateFingerprintDef(str(path)))

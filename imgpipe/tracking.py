@@ -93,35 +93,26 @@ def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"{SQLITE}{root / 'mlflow.db'}"
 
 
-def _proc_stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, start time in clock ticks) of ``pid`` from /proc, or None off Linux."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
-    return int(fields[1]), fields[19]
-
-
-def _proc_args(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
 def execution_key() -> str | None:
-    """Identify the DVC process this stage runs under, or None when run on its own."""
-    pid = os.getppid()
-    for _ in range(32):
-        stat = _proc_stat(pid)
-        if stat is None or pid <= 1:
-            return None
-        args = [Path(a).name if i < 2 else a for i, a in enumerate(_proc_args(pid))]
-        for i, arg in enumerate(args[:3]):
-            if arg == "dvc" and i + 1 < len(args) and (arg, args[i + 1]) in _ORCHESTRATORS:
-                return f"{socket.gethostname()}:{pid}:{stat[1]}"
-        pid = stat[0]
+    """Identify the DVC process this stage runs under (``dvc repro`` or ``dvc exp``, walking up
+    the process tree), or None when run on its own."""
+    import psutil
+
+    try:
+        process = psutil.Process(os.getppid())
+        for _ in range(32):
+            if process.pid <= 1:
+                return None
+            args = [Path(a).name if i < 2 else a for i, a in enumerate(process.cmdline())]
+            for i, arg in enumerate(args[:3]):
+                if arg == "dvc" and i + 1 < len(args) and (arg, args[i + 1]) in _ORCHESTRATORS:
+                    return f"{socket.gethostname()}:{process.pid}:{process.create_time()}"
+            parent = process.parent()
+            if parent is None:
+                return None
+            process = parent
+    except psutil.Error:  # gone, or not ours to read
+        return None
     return None
 
 

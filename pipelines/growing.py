@@ -134,16 +134,19 @@ def _manifest(path: Path) -> dict[str, dict[str, str]]:
 
 
 def split_moves(before: Mapping[str, dict], after: Mapping[str, dict]) -> dict[str, Any]:
-    """How many images of both manifests changed split, per class (of ``after``), against the
-    bound ``2k + 3`` per class for ``k`` images added to or removed from it."""
+    """How many images of both manifests, under the same label, changed split, per class;
+    against the bound ``2k + 3`` per class for ``k`` images added to or removed from it (an
+    image relabelled from a to b is removed from a and added to b: its own split may move)."""
+
+    def keys(rows: Mapping[str, dict]) -> set[tuple[str, str]]:
+        return {(digest, row["label"]) for digest, row in rows.items()}
+
+    old, new = keys(before), keys(after)
     moved = Counter(
-        row["label"]
-        for digest, row in after.items()
-        if digest in before and before[digest]["split"] != row["split"]
+        label for digest, label in old & new if before[digest]["split"] != after[digest]["split"]
     )
-    added = Counter(row["label"] for d, row in after.items() if d not in before)
-    removed = Counter(row["label"] for d, row in before.items() if d not in after)
-    labels = sorted({row["label"] for row in after.values()})
+    added, removed = Counter(c for _, c in new - old), Counter(c for _, c in old - new)
+    labels = sorted({label for _, label in new})
     bound = {c: 2 * (added[c] + removed[c]) + 3 for c in labels}
     return {
         "images": sum(moved.values()),
@@ -240,7 +243,9 @@ def _sh(args: list[str], cwd: Path, env: dict[str, str], log_file: Path | None =
         output = result.stdout + result.stderr
     else:
         with open(log_file, "a", encoding="utf-8") as f:
-            result = subprocess.run(args, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+            result = subprocess.run(
+                args, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True
+            )
         output = f"see {log_file}"
     if result.returncode:
         raise ScenarioError(f"{' '.join(args)} exited {result.returncode} in {cwd}: {output}")

@@ -390,8 +390,8 @@ def export_classifier(
     serving tests, where what matters is the API, not the accuracy."""
     import keras
 
-    from components.export import write_saved_model
     from imgpipe import backbones
+    from imgpipe.savedmodel import write_saved_model
     from imgpipe.training import assemble, build_head
     from serving.warmup import write_warmup
 

@@ -201,8 +201,9 @@ def rounded(value: float, places: int = 3) -> str:
 
 
 def test_headline_figures_match_the_committed_metrics() -> None:
-    """The README's headline figures are those of metrics/seeds.json and metrics/export.json:
-    a rerun that changes them fails here until the README says so."""
+    """The README's headline figures are those of metrics/seeds.json, evaluate.json,
+    export.json and finetune.json: a rerun that changes them fails here until the README says
+    so."""
     text = README.read_text()
     seeds = json.loads((PROJECT / "metrics/seeds.json").read_text())["summary"]
     for key in ("test.accuracy", "test.balanced_accuracy"):
@@ -213,3 +214,9 @@ def test_headline_figures_match_the_committed_metrics() -> None:
         rounded(parity[model]["top1_agreement"]) for model in ("tflite_int8", "tflite_int8_weights")
     )
     assert agreement in text, f"README.md should give int8 agreement as {agreement}"
+    test = json.loads((PROJECT / "metrics/evaluate.json").read_text())["test"]
+    run = f"{test['accuracy']:.4f} / {test['balanced_accuracy']:.4f}"
+    assert run in text, f"README.md should give this release's run as {run}"
+    tuned = json.loads((PROJECT / "metrics/finetune.json").read_text())["finetune"]
+    timing = f"{tuned['seconds']:.0f} s at {tuned['images_per_second']} img/s"
+    assert timing in text, f"README.md should give fine-tuning as {timing}"

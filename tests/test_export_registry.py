@@ -163,9 +163,9 @@ def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported
     int8-weights models' top-1 agree with the SavedModel on at least 97% of images and the
     float model on all of them; the report's
     figures are recomputed here independently; labels and model card ship alongside."""
-    from components.export import TFLiteClassifier
     from imgpipe.labels import read_labels
     from imgpipe.savedmodel import TFLITE, TFLITE_FILES, SavedModelClassifier
+    from imgpipe.tflite import TFLiteClassifier
     from imgpipe.tfrecords import read_split
 
     parity = exported.report["parity"]

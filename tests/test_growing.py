@@ -79,3 +79,11 @@ def test_set_overrides_are_checked_like_a_profile():
         with_sets(params, ["model.size=96"])
     with pytest.raises(ParamsError, match=r"section\.key=value"):
         with_sets(params, ["image_size=96"])
+
+
+def test_a_relabelled_image_leaves_one_class_and_joins_another():
+    before = {"x": {"label": "a", "split": "train"}, "y": {"label": "a", "split": "test"}}
+    after = {"x": {"label": "b", "split": "test"}, "y": {"label": "a", "split": "train"}}
+    moves = growing.split_moves(before, after)
+    assert moves["added"] == 1 and moves["removed"] == 1
+    assert moves["by_class"] == {"a": {"moved": 1, "bound": 5}, "b": {"moved": 0, "bound": 5}}

@@ -455,133 +455,9 @@ def test_reload_config_adds_and_removes_models(local):
         assert code == grpc.StatusCode.NOT_FOUND
 
 
-def _flaky_server(failures: int):
-    """A gRPC server on 127.0.0.1 whose Predict answers UNAVAILABLE ``failures`` times, then
-    succeeds; returns it, its address and its servicer (``calls``: attempts that reached it)."""
-    from concurrent import futures
-
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-
-    class Flaky(prediction_service_pb2_grpc.PredictionServiceServicer):
-        def __init__(self) -> None:
-            self.calls, self.lock = 0, threading.Lock()
-
-        def Predict(self, request, context):
-            with self.lock:
-                self.calls += 1
-                attempt = self.calls
-            if attempt <= failures:
-                context.abort(grpc.StatusCode.UNAVAILABLE, f"attempt {attempt}: warming up")
-            response = predict_pb2.PredictResponse()
-            response.model_spec.name = request.model_spec.name
-            response.model_spec.version.value = 7
-            response.outputs["probabilities"].CopyFrom(tf.make_tensor_proto([[0.25, 0.75]]))
-            return response
-
-    servicer = Flaky()
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
-    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-    server.start()
-    return server, address, servicer
-
-
-@pytest.mark.parametrize(("failures", "retries"), [(2, 2), (2, 4), (2, 1), (1, 0)])
-def test_client_retries_unavailable_with_grpc_retry_policy(failures, retries):
-    """Guards the client's retry policy: a server that answers UNAVAILABLE ``failures`` times
-    is retried by gRPC itself; with enough retries the call succeeds on attempt failures + 1,
-    with too few it fails after exactly retries + 1 attempts, naming the call, server, model
-    and status. The request (300 KB) is larger than gRPC's default per-call retry buffer
-    (256 KiB), past which a call would not be retried at all."""
-    from serving.client import ServingClient, ServingClientError
-
-    server, address, servicer = _flaky_server(failures)
-    image = os.urandom(300_000)
-    try:
-        with ServingClient(address, timeout=30, retries=retries, backoff=0.01) as client:
-            if retries >= failures:
-                out = client.predict_bytes([image], model="flaky")
-                assert int(out["model_version"]) == 7
-                assert servicer.calls == failures + 1
-            else:
-                with pytest.raises(ServingClientError) as info:
-                    client.predict_bytes([image], model="flaky")
-                assert info.value.code == grpc.StatusCode.UNAVAILABLE
-                assert servicer.calls == retries + 1
-                assert str(info.value).startswith(
-                    f"Predict(model 'flaky') on {address} failed: UNAVAILABLE: "
-                    f"attempt {retries + 1}: warming up"
-                ), str(info.value)
-    finally:
-        server.stop(None)
-
-
-def test_client_refuses_more_retries_than_grpc_allows():
-    from serving.client import MAX_RETRIES, ServingClient
-
-    with pytest.raises(ValueError, match=r"retries must be 0 to 4 \(gRPC's limit\), got 5"):
-        ServingClient("127.0.0.1:1", retries=MAX_RETRIES + 1)
-
-
-def test_serving_configs_parse_and_reject_typos(tmp_path):
-    """Guards the shared configs: the committed files parse with TF Serving's schemas, and a
-    misspelt field is an error that names the file."""
-    from serving import config
-
-    models = config.read_model_config(config.MODEL_CONFIG)
-    (model,) = models.model_config_list.config
-    assert model.base_path.startswith("/models/")
-    assert model.model_version_policy.latest.num_versions == 2
-    settings = config.batching_settings(config.read_batching_parameters(config.BATCHING_CONFIG))
-    assert settings["max_batch_size"] == 32 and settings["batch_timeout_s"] == 0.002
-    monitoring = config.read_monitoring_config(config.MONITORING_CONFIG)
-    assert monitoring.prometheus_config.enable
-    bad = tmp_path / "batching.config"
-    bad.write_text("max_batch_sise { value: 8 }\n")
-    with pytest.raises(config.ConfigError, match=r"batching\.config.*max_batch_sise"):
-        config.read_batching_parameters(bad)
-
-
-def test_committed_model_config_serves_the_params_model_name():
-    """Guards the one home of the model name: serving/models.config (what the real
-    tensorflow/serving container reads) serves params.yaml's serving.model_name."""
-    from serving import config
-
-    name = config.served_model_name(PROJECT / "params.yaml")
-    (model,) = config.read_model_config(config.MODEL_CONFIG).model_config_list.config
-    assert (model.name, model.base_path) == (name, f"/models/{name}"), (
-        f"serving/models.config serves {model.name!r} at {model.base_path}; params.yaml "
-        f"serving.model_name is {name!r}: change the file to match"
-    )
-
-
 def _params(path: Path, serving: str) -> Path:
     path.write_text(f"train:\n  epochs: 1\n{serving}")
     return path
-
-
-def test_model_config_rendered_for_params_errors_name_the_key(tmp_path):
-    """``python -m serving.config`` names the missing section or key, exits 2, writes nothing."""
-    import subprocess
-    import sys
-
-    out = tmp_path / "models.config"
-    for serving, says in [
-        ("", "no 'serving' section"),
-        ("serving:\n  model_base_path: models\n", "serving.model_name is missing"),
-        ("serving:\n  model_name: a/b\n", "serving.model_name must name a folder"),
-    ]:
-        params = _params(tmp_path / "params.yaml", serving)
-        result = subprocess.run(
-            [sys.executable, "-m", "serving.config", "--params", str(params), "--out", str(out)],
-            cwd=PROJECT,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert result.returncode == 2 and says in result.stderr, result.stderr
-        assert not out.exists()
 
 
 @pytest.mark.skipif(bool(EXTERNAL), reason="starts a local server")
@@ -617,21 +493,6 @@ def test_make_serve_config_serves_the_params_model_name(local, tmp_path):
         assert client.status("clothing") == [(1, "AVAILABLE")]
         out = client.predict_bytes(_images(2), model=config.served_model_name(params))
         assert int(out["model_version"]) == 1 and out["probabilities"].shape == (2, len(LABELS))
-
-
-def test_version_policy_like_tf_serving():
-    from tensorflow_serving.config import model_server_config_pb2
-
-    from serving.config import versions_to_serve
-
-    policy = model_server_config_pb2.ModelConfig().model_version_policy
-    assert versions_to_serve([3, 1, 2], policy) == [3]  # default: latest 1
-    policy.latest.num_versions = 2
-    assert versions_to_serve([3, 1, 2], policy) == [2, 3]
-    policy.all.SetInParent()
-    assert versions_to_serve([3, 1, 2], policy) == [1, 2, 3]
-    policy.specific.versions.extend([1, 7])
-    assert versions_to_serve([3, 1, 2], policy) == [1]
 
 
 def test_a_version_whose_warmup_fails_never_becomes_available(tmp_path):
