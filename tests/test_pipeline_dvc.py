@@ -571,3 +571,69 @@ def test_seeds_runs_a_recipe_over_seeds_under_a_parent_mlflow_run(
     assert f"{statistics.fmean(values):.4f} ± " in row, row
     status = repo.run("dvc", "status", "--json")
     assert json.loads(status.stdout or "{}") == {}, status.stdout
+
+
+def test_grown_and_relabelled_data_moves_few_images_and_the_gate_refuses_it(repo, first_repro):
+    """The growing-data scenario through DVC, in one data version: two new images per class
+    and a quarter of one class moved into another class folder. ``dvc repro evaluate`` reruns
+    from ingest; at most ``2k + 3`` old images per class change split (``k`` images added to
+    or removed from it, a relabelled one counting as both); the champion is scored without the
+    test images it trained on (recounted here from its registered list); and the candidate is
+    refused because the champion's training images changed label, although the open gate of
+    this repo would pass any accuracy. Data, lock, metrics and outputs are put back."""
+    from mlflow.tracking import MlflowClient
+
+    from imgpipe.lineage import TRAINED_ON, read_trained_on
+    from imgpipe.registry import ARTIFACT_PATH
+    from pipelines.growing import split_moves
+
+    root = repo.root
+    kept = {name: (root / name).read_bytes() for name in ("data.dvc", "dvc.lock")}
+    kept |= {f"metrics/{p.name}": p.read_bytes() for p in (root / "metrics").iterdir()}
+    checkpoints = root / "outputs" / "finetune_checkpoints"  # persist, not in DVC's cache
+    shutil.copytree(checkpoints, root.parent / "grown-checkpoints")
+    before = {r["sha256"]: r for r in read_csv_rows(root / "outputs/ingest/manifest.csv")}
+    for class_index, label in enumerate(CLASSES):
+        for i in range(2):
+            pixels = np.random.default_rng([class_index, 100 + i]).integers(0, 256, (48, 48))
+            Image.fromarray(pixels.astype(np.uint8), mode="L").save(
+                root / "data" / label / f"{label}_new{i}.png"
+            )
+    moved_labels = sorted((root / "data" / CLASSES[0]).glob("*.png"))[: IMAGES_PER_CLASS // 4]
+    for path in moved_labels:
+        path.rename(root / "data" / CLASSES[1] / f"from_{path.name}")
+    client = MlflowClient(tracking_uri=repo.env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    local = client.download_artifacts(
+        champion.run_id, f"{ARTIFACT_PATH}/{TRAINED_ON}", str(root.parent)
+    )
+    trained_on = read_trained_on(Path(local))
+    try:
+        repo.run("dvc", "add", "-q", "data")
+        repro = repo.run("dvc", "repro", "evaluate")
+        after = {r["sha256"]: r for r in read_csv_rows(root / "outputs/ingest/manifest.csv")}
+        blessing = json.loads((root / "outputs/evaluate/blessing.json").read_text())
+    finally:
+        shutil.rmtree(root / "data")
+        for name, content in kept.items():
+            (root / name).write_bytes(content)
+        shutil.rmtree(checkpoints)
+        shutil.copytree(root.parent / "grown-checkpoints", checkpoints)
+        repo.run("dvc", "checkout", "-q", "--force")
+    assert "Running stage 'ingest'" in repro.stdout and "Running stage 'push'" not in repro.stdout
+
+    moves = split_moves(before, after)
+    assert moves["added"] == 2 * len(CLASSES) + len(moved_labels), moves
+    assert moves["images"] <= moves["bound"], moves
+    test = {d for d, r in after.items() if r["split"] == "test"}
+    gate = blessing["champion"]
+    assert gate["version"] == int(champion.version) and gate["lineage"]
+    assert gate["excluded"] == len(test & set(trained_on)), gate
+    assert blessing["comparison"]["images"] == len(test) - gate["excluded"]
+    relabelled = {d for d, r in after.items() if d in trained_on and r["label"] != trained_on[d]}
+    assert gate["relabelled"] == len(relabelled) > 0, gate
+    assert gate["relabelled_by_class"] == {f"{CLASSES[0]} -> {CLASSES[1]}": len(relabelled)}
+    failed = [c["check"] for c in blessing["checks"] if not c["passed"]]
+    assert failed == ["labels_kept"] and not blessing["blessed"], blessing["checks"]
+    status = repo.run("dvc", "status", "--json")
+    assert json.loads(status.stdout or "{}") == {}, status.stdout
