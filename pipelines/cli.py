@@ -30,7 +30,7 @@ from pipelines.kubeflow_commands import (
     cmd_pipeline_schedules,
 )
 from pipelines.mlflow_commands import cmd_mlflow_access, cmd_runs, cmd_summary, cmd_ui
-from pipelines.serving_commands import cmd_fetch_model, cmd_predict
+from pipelines.serving_commands import cmd_fetch_model, cmd_predict, cmd_score
 
 log = logging.getLogger("imgpipe")
 
@@ -265,6 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument(
         "--tls-server-name", metavar="NAME", help="the name to verify in the server's certificate"
     )
+
+    p = add(
+        "score",
+        cmd_score,
+        "score a folder or CSV of new images with the champion (or a SavedModel, or a server) "
+        "into a CSV or Parquet file",
+    )
+    p.add_argument("source", help="a folder of images, or a CSV with filepath[,label] columns")
+    p.add_argument("--out", required=True, help="predictions.csv or predictions.parquet")
+    p.add_argument(
+        "--labels-from-folders",
+        action="store_true",
+        help="the folder of each image below SOURCE is its label (labelled feedback)",
+    )
+    p.add_argument(
+        "--saved-model", type=Path, metavar="DIR", help="default: the registry's champion"
+    )
+    p.add_argument("--server", metavar="HOST:PORT", help="score through a TF Serving server")
+    p.add_argument("--model", help="served model name (default: serving.model_name)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per call")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline per server call, seconds")
 
     pipeline = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run, schedule")
     psub = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")

@@ -1,5 +1,5 @@
-"""``imgpipe predict`` and ``imgpipe fetch-model``: asking the served model, and seeding a
-serving volume from the registry."""
+"""``imgpipe predict``, ``imgpipe score`` and ``imgpipe fetch-model``: asking the served model,
+scoring a folder of new images with it, and seeding a serving volume from the registry."""
 
 from __future__ import annotations
 
@@ -55,6 +55,61 @@ def cmd_predict(args: argparse.Namespace) -> None:
                     print(f"{path}: {ranked}  ({model} v{served})")
     except ServingClientError as exc:
         raise PredictError(str(exc)) from None
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    """Score a folder or CSV of images with a SavedModel, the registry's champion or a server;
+    write the predictions and print the summary."""
+    import contextlib
+
+    from imgpipe import scoring
+    from imgpipe.params import IngestParams, ServingParams, section
+
+    params = _params(args)
+    serving = section(ServingParams, "serving", params)
+    items = scoring.discover(Path(args.source), args.labels_from_folders)
+    if not items:
+        raise InputError(f"{args.source}: no image files to score")
+    from serving.client import ServingClient, ServingClientError
+
+    with contextlib.ExitStack() as stack:
+        if args.server:
+            client = stack.enter_context(ServingClient(args.server, timeout=args.timeout))
+            predict = scoring.server_predictor(client, args.model or serving.model_name)
+        else:
+            saved_model = args.saved_model or _champion(serving.model_name, stack)
+            predict = scoring.saved_model_predictor(saved_model, args.batch_size)
+        try:
+            rows = scoring.score(
+                items,
+                predict,
+                max_pixels=section(IngestParams, "ingest", params).max_pixels,
+                batch_size=args.batch_size,
+            )
+        except ServingClientError as exc:
+            raise PredictError(str(exc)) from None
+    out = scoring.write(rows, Path(args.out))
+    print(scoring.describe(scoring.summarise(rows), out))
+
+
+def _champion(name: str, stack: Any) -> Path:
+    """The registry champion's SavedModel, in a temporary folder that ``stack`` removes."""
+    import tempfile
+
+    import mlflow
+
+    from imgpipe import registry
+    from imgpipe.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    champion = registry.champion(name)
+    if champion is None:
+        raise InputError(
+            f"no champion of {name!r} in the registry at {tracking_uri()}: run the pipeline, "
+            "or give --saved-model DIR or --server HOST:PORT"
+        )
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgpipe-score-")))
+    return champion.download_saved_model(folder)
 
 
 class PredictError(InputError):

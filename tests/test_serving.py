@@ -281,6 +281,34 @@ class TestContract:
                 np.testing.assert_allclose(got, expected[(index + i) % 6], atol=TOLERANCE)
 
 
+@pytest.mark.skipif(bool(EXTERNAL), reason="compares with the local server's SavedModel")
+def test_score_through_the_server_gives_the_saved_models_answers(local, client, tmp_path):
+    """``imgpipe score --server``: a folder of new images, one not an image, through the
+    server, with the probabilities of the SavedModel the server serves as its latest."""
+    from imgpipe import scoring
+    from imgpipe.savedmodel import SavedModelClassifier
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    images = _images(5)
+    for i, data in enumerate(images):
+        (folder / f"{i}.png").write_bytes(data)
+    (folder / "5.png").write_bytes(b"not an image")
+    latest = max(v for v, state in client.status(MODEL) if state == "AVAILABLE")
+    rows = scoring.score(
+        scoring.discover(folder),
+        scoring.server_predictor(client, MODEL),
+        max_pixels=10**8,
+        batch_size=2,
+        progress=False,
+    )
+    expected = SavedModelClassifier(local.base / str(latest)).predict_bytes(images)
+    assert [r.get("error") for r in rows] == [None] * 5 + ["not_an_image"]
+    for row, probs in zip(rows, expected, strict=False):
+        assert [row[f"p_{c}"] for c in LABELS] == pytest.approx(probs, abs=TOLERANCE)
+        assert row["predicted"] == LABELS[int(np.argmax(probs))]
+
+
 def _wait_for(condition, what: str, seconds: float = 120):
     """Poll ``condition()`` until it is truthy; fail naming ``what`` after ``seconds``."""
     deadline = time.monotonic() + seconds
