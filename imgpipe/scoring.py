@@ -60,6 +60,8 @@ def discover(source: Path, labels_from_folders: bool = False) -> list[Item]:
         return items
     if source.suffix.lower() != ".csv" or not source.is_file():
         raise InputError(f"{source}: give a folder of images or a CSV with a filepath column")
+    if labels_from_folders:
+        raise InputError(f"{source}: a CSV gives its labels in a label column, not by folders")
     with open(source, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if "filepath" not in (reader.fieldnames or []):
@@ -202,7 +204,8 @@ def describe(summary: dict[str, Any], out: Path) -> str:
     if summary["rejected"]:
         reasons = ", ".join(f"{k} {n}" for k, n in sorted(summary["rejected"].items()))
         text += f"; not scored (the rows say why): {reasons}"
-    text += "; predicted " + ", ".join(f"{k} {n}" for k, n in summary["predicted"].items())
+    if summary["predicted"]:
+        text += "; predicted " + ", ".join(f"{k} {n}" for k, n in summary["predicted"].items())
     if "accuracy" in summary:
         low, high = summary["accuracy_interval"]
         text += (

@@ -85,6 +85,9 @@ def test_bad_requests_name_what_is_wrong(tmp_path):
     (tmp_path / "flat" / "stray.png").write_bytes(b"x")
     with pytest.raises(scoring.InputError, match=r"stray\.png: with labels from folders"):
         scoring.discover(tmp_path / "flat", labels_from_folders=True)
+    (tmp_path / "list.csv").write_text("filepath\nflat/a/a_000.png\n")
+    with pytest.raises(scoring.InputError, match="label column, not by folders"):
+        scoring.discover(tmp_path / "list.csv", labels_from_folders=True)
     with pytest.raises(scoring.InputError, match=r"one of \.csv, \.parquet"):
         scoring.write([{"filepath": "a"}], tmp_path / "out.json")
     assert not (tmp_path / "out.json").exists()
