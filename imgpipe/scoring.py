@@ -81,10 +81,12 @@ def saved_model_predictor(saved_model: Path, batch_size: int) -> Predict:
     from imgpipe.savedmodel import SavedModelClassifier
 
     model = SavedModelClassifier(saved_model)
+    names: list[str] = []
 
     def predict(encoded: Sequence[bytes]) -> tuple[np.ndarray, list[str]]:
-        names = model.class_names(encoded[0])
-        if names is None:
+        if not names:  # the model's own labels, asked once
+            names.extend(model.class_names(encoded[0]) or [])
+        if not names:
             raise InputError(f"{saved_model}: exported without class_names; export it again")
         return model.predict_bytes(encoded, batch_size), names
 
