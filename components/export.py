@@ -14,7 +14,10 @@ clients can name the top k). A third signature, ``classify`` (method
 ``tensorflow/serving/classify``), serves TF Serving's Classify API: serialized ``tf.Example``
 protos with the encoded image under ``image/encoded`` in, ``classes`` and ``scores`` out.
 ``assets.extra/tf_serving_warmup_requests`` holds real validation images as TF Serving
-``PredictionLog`` records, so a server can warm the model before it reports AVAILABLE.
+``PredictionLog`` records, so a server can warm the model before it reports AVAILABLE. An
+``embedding`` signature (encoded images in, the backbone's pooled features out) and
+``assets.extra/reference_profile.npz`` (``imgpipe.reference``: a sample of validation images as
+this version sees them) are what ``imgpipe monitor`` compares served traffic with.
 
 The SavedModel's signatures are written by ``imgpipe.savedmodel``, the TFLite models and their
 parity with it by ``imgpipe.tflite``, the model card by ``imgpipe.model_card``: this stage puts
@@ -30,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from imgpipe import backbones
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
@@ -37,7 +42,8 @@ from imgpipe.lineage import TRAINED_ON, TRAINING_SPLITS, manifest_labels, write_
 from imgpipe.manifest import LABELS, MANIFEST, SHARDS
 from imgpipe.metrics import rounded
 from imgpipe.model_card import model_card
-from imgpipe.params import ExportParams, ModelParams, ServingParams
+from imgpipe.params import ExportParams, ModelParams, MonitorParams, ServingParams
+from imgpipe.reference import build_reference, write_reference
 from imgpipe.savedmodel import (
     CARD,
     TFLITE,
@@ -69,11 +75,13 @@ def run(
     export: ExportParams,
     model: ModelParams,
     serving: ServingParams,
+    monitor: MonitorParams,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export the ``tuned`` model into ``out``: serving/<model_name>/1/ (SavedModel), tflite/
-    (models + labels.txt), trained_on.txt (the images it trained and was tuned on) and
-    model_card.md (with the test metrics of ``evaluation``). Returns
+    (models + labels.txt), trained_on.txt (the images it trained and was tuned on), the
+    reference profile of ``monitor.reference_images`` validation images, and model_card.md
+    (with the test metrics of ``evaluation``). Returns
     the parity and sizes report also written to ``summary``."""
     import keras
 
@@ -95,6 +103,15 @@ def run(
         warmups = write_warmup(saved_model, serving.model_name, warmup)
         served = SavedModelClassifier(saved_model)
         run_warmup(served)
+        validation = read_split(shards, "val")
+        sample = np.random.default_rng(0).permutation(len(validation.encoded))
+        sample = np.sort(sample[: monitor.reference_images])
+        write_reference(
+            build_reference(
+                served, [validation.encoded[i] for i in sample], monitor.embedding_dims
+            ),
+            saved_model,
+        )
 
         trained_on = manifest_labels(dataset / MANIFEST, TRAINING_SPLITS)
         write_trained_on(staged / TRAINED_ON, trained_on)

@@ -63,6 +63,7 @@ from imgpipe.training import (
     CURVES,
     HEAD_NAME,
     MODEL,
+    POOLED_LAYER,
     EpochLogger,
     base_of,
     deterministic,
@@ -258,7 +259,7 @@ def run(
     head = best.get_layer(HEAD_NAME)
     output = head.get_layer("probabilities")
     # The probabilities and the output layer's inputs of every validation image, in one pass.
-    probe = keras.Model(best.inputs, [best.outputs[0], best.get_layer("gap").output])
+    probe = keras.Model(best.inputs, [best.outputs[0], best.get_layer(POOLED_LAYER).output])
     to_output = keras.Model(head.inputs, output.input)
     val_true, val_probs, val_features = [], [], []
     for images, labels in image_dataset(val_files, size, 64):

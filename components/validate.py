@@ -9,12 +9,12 @@ are reported and logged but let the pipeline go on. Data Docs HTML is written ei
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from imgpipe.expectations import describe_outcome, run_suites
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.manifest import MANIFEST_COLUMNS
 from imgpipe.params import ValidateParams
@@ -23,7 +23,6 @@ from imgpipe.tfrecords import SPLITS
 log = logging.getLogger(__name__)
 
 SHA256_REGEX = r"^[0-9a-f]{64}$"
-MAX_ROWS_IN_MESSAGE = 10
 TEXT_COLUMNS = ("filepath", "label", "split", "sha256", "mode", "format")
 
 
@@ -119,61 +118,10 @@ def class_expectations(params: ValidateParams) -> list[Any]:
     ]
 
 
-def _offending(result: Any) -> list[str]:
-    rows = result.result.get("unexpected_index_list") or []
-    keys = [
-        next((str(r[k]) for k in ("filepath", "key") if k in r), str(r))
-        if isinstance(r, dict)
-        else str(r)
-        for r in rows
-    ]
-    if not keys:  # aggregate expectations (e.g. distinct values) list values, not rows
-        unexpected = result.result.get("partial_unexpected_list") or []
-        missing = result.result.get("partial_missing_list") or []
-        keys = [f"unexpected value {v!r}" for v in unexpected] + [
-            f"missing value {v!r}" for v in missing
-        ]
-    if not keys:
-        observed = result.result.get("observed_value")
-        if observed is not None:
-            keys = [f"observed {observed}"]
-    return keys
-
-
-def _outcome(batch: str, result: Any) -> dict[str, Any]:
-    config = result.expectation_config
-    column = config.kwargs.get("column")
-    return {
-        "batch": batch,
-        "expectation": config.type,
-        "column": column,
-        "severity": str(getattr(config.severity, "value", config.severity)),
-        "success": bool(result.success),
-        "unexpected_count": result.result.get("unexpected_count"),
-        "offending": _offending(result)[:100],
-    }
-
-
-def _describe(outcome: dict[str, Any]) -> str:
-    where = f"[{outcome['batch']}] {outcome['expectation']}"
-    if outcome["column"]:
-        where += f" on column '{outcome['column']}'"
-    rows = outcome["offending"]
-    shown = ", ".join(rows[:MAX_ROWS_IN_MESSAGE]) + (
-        " ..." if len(rows) > MAX_ROWS_IN_MESSAGE else ""
-    )
-    count = outcome["unexpected_count"] if outcome["unexpected_count"] is not None else "some"
-    return f"{where}: {count} offending row(s): {shown or '(table level)'}"
-
-
 def run(*, manifest: Path, out: Path, summary: Path, validate: ValidateParams) -> dict[str, Any]:
     """Validate the manifest; write Data Docs and every outcome to ``out``, the counts to
     ``summary``; raise ``DataValidationError`` on error-level failures."""
     params, manifest_csv = validate, manifest
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
     # Text columns stay text (class folders "0", "1" or "NA" are labels, not numbers or nulls);
     # only empty cells are missing values.
     manifest = pd.read_csv(
@@ -183,47 +131,8 @@ def run(*, manifest: Path, out: Path, summary: Path, validate: ValidateParams) -
         "manifest": (manifest_frame(manifest), manifest_expectations(params), ["filepath"]),
         "classes": (class_table(manifest), class_expectations(params), ["key"]),
     }
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    outcomes: list[dict[str, Any]] = []
     with atomic_path(out) as staged:
-        docs = staged / DATA_DOCS
-        context.add_data_docs_site(
-            "imgpipe",
-            {
-                "class_name": "SiteBuilder",
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs.resolve()),
-                },
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            },
-        )
-        source = context.data_sources.add_pandas("ingest")
-        for name, (frame, expectations, id_columns) in batches.items():
-            definition = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
-            suite = context.suites.add(gx.ExpectationSuite(name=f"imgpipe_{name}"))
-            for expectation in expectations:
-                suite.add_expectation(expectation)
-            validation = context.validation_definitions.add(
-                gx.ValidationDefinition(name=f"validate_{name}", data=definition, suite=suite)
-            )
-            checkpoint = context.checkpoints.add(
-                gx.Checkpoint(
-                    name=f"checkpoint_{name}",
-                    validation_definitions=[validation],
-                    actions=[
-                        gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["imgpipe"])
-                    ],
-                    result_format={
-                        "result_format": "COMPLETE",
-                        "unexpected_index_column_names": id_columns,
-                    },
-                )
-            )
-            result = checkpoint.run(batch_parameters={"dataframe": frame})
-            for run_result in result.run_results.values():
-                outcomes += [_outcome(name, r) for r in run_result.results]
+        outcomes = run_suites(batches, staged / DATA_DOCS, "ingest")
         write_json_atomic(staged / RESULTS, outcomes)
 
     errors = [o for o in outcomes if not o["success"] and o["severity"] == "critical"]
@@ -236,12 +145,12 @@ def run(*, manifest: Path, out: Path, summary: Path, validate: ValidateParams) -
     }
     write_json_atomic(summary, counts)
     for outcome in warnings:
-        log.warning("data validation warning: %s", _describe(outcome))
+        log.warning("data validation warning: %s", describe_outcome(outcome))
     if errors:
         raise DataValidationError(
             f"{len(errors)} error-level expectation(s) failed on {manifest_csv} "
             f"(Data Docs: {out / DATA_DOCS / 'index.html'}):\n"
-            + "\n".join(f"  - {_describe(o)}" for o in errors)
+            + "\n".join(f"  - {describe_outcome(o)}" for o in errors)
         )
     return counts
 

@@ -326,6 +326,77 @@ class ServingParams:
             )
 
 
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
+class RequestLogParams:
+    """The logging sidecar in front of TF Serving (serving/sidecar.py)."""
+
+    sampling_rate: float
+    """Fraction of answered Predict and Classify calls written to the log."""
+    directory: str
+    """Where the log files go; relative: in the project (``make serve``); a pod's folder on
+    the shared volume under Kubernetes (the sidecar's ``--log_dir``)."""
+    max_file_mb: float
+    """A file is closed (and readable by ``imgpipe monitor``) past this size..."""
+    rotate_seconds: float
+    """...or this age."""
+    max_total_mb: float
+    """The folder's bound: the oldest closed files are deleted beyond it."""
+    retention_hours: float
+    """Files (and the images in them) are deleted after this."""
+    queue_records: int
+    """Records waiting for the writer; beyond it a record is dropped and counted."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sampling_rate <= 1.0:
+            raise ParamsError(
+                f"request_log.sampling_rate must be in [0, 1], got {self.sampling_rate}"
+            )
+        if not 0 < self.max_file_mb <= self.max_total_mb:
+            raise ParamsError(
+                "request_log.max_file_mb must be positive and at most request_log.max_total_mb"
+            )
+        if min(self.rotate_seconds, self.retention_hours, self.queue_records) <= 0:
+            raise ParamsError(
+                "request_log.rotate_seconds, retention_hours and queue_records must be positive"
+            )
+
+
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
+class MonitorParams:
+    """``imgpipe monitor``: the reference profile export writes, the drift tests on logged
+    requests, and when they start a retraining run."""
+
+    reference_images: int
+    """Validation images in each exported version's reference profile."""
+    embedding_dims: int
+    """Principal components of the backbone's pooled features that the drift test compares."""
+    min_requests: int
+    """Fewer logged requests since the last check: no verdict and no retraining."""
+    permutations: int
+    """Of the MMD permutation test."""
+    drift_p_value: float
+    """Embedding drift when the permutation test's p-value is below this."""
+    prediction_p_value: float
+    """Prediction drift when the predicted classes (chi-square) or the confidence
+    (Kolmogorov-Smirnov) differ from validation's with a p-value below this."""
+    max_accuracy_drop: float
+    """With labelled feedback: retrain when the live accuracy's upper 95 % bound is this far
+    below the champion's test accuracy."""
+    input_mostly: float
+    """Great Expectations ``mostly`` of the input checks: the fraction of logged images that
+    must be in range (size, mode, brightness)."""
+    directory: str
+    """Reports and state: which log files were read, the open retraining."""
+
+    def __post_init__(self) -> None:
+        for name in ("reference_images", "embedding_dims", "min_requests", "permutations"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"monitor.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("drift_p_value", "prediction_p_value", "max_accuracy_drop", "input_mostly"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ParamsError(f"monitor.{name} must be in (0, 1], got {getattr(self, name)}")
+
+
 def _where(name: str, loc: tuple[Any, ...]) -> str:
     return ".".join([name, *(str(part) for part in loc)])
 
@@ -382,6 +453,8 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateParams,
     "export": ExportParams,
     "serving": ServingParams,
+    "request_log": RequestLogParams,
+    "monitor": MonitorParams,
 }
 """Every params.yaml section and its typed view."""
 

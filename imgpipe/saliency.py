@@ -17,9 +17,9 @@ def grad_cam(model: Any, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
     import tensorflow as tf
 
     from imgpipe.backbones import BASE_NAME
-    from imgpipe.training import HEAD_NAME
+    from imgpipe.training import HEAD_NAME, POOLED_LAYER
 
-    base, gap, head = (model.get_layer(n) for n in (BASE_NAME, "gap", HEAD_NAME))
+    base, gap, head = (model.get_layer(n) for n in (BASE_NAME, POOLED_LAYER, HEAD_NAME))
     x = tf.convert_to_tensor(images, tf.float32)
     with tf.GradientTape() as tape:
         features = base(x, training=False)

@@ -19,6 +19,9 @@ CANDIDATE_VERSION = 1
 """The version folder export writes; push copies it to the serving base as the next version."""
 IMAGES_SIGNATURE, IMAGES_INPUT = "serving_images", "images"
 OUTPUTS = ("probabilities", "class_index", "class_name", "class_names")
+EMBEDDING_SIGNATURE, EMBEDDING_OUTPUT = "embedding", "embedding"
+"""Encoded images in (like ``serving_default``), the backbone's pooled features out: what the
+monitor compares served traffic with the reference profile on."""
 CLASSIFY_SIGNATURE, CLASSIFY_INPUT = "classify", "inputs"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 EXAMPLE_IMAGE_KEY = "image/encoded"
@@ -61,6 +64,22 @@ class SavedModelClassifier:
             for i in range(0, len(encoded), batch_size)
         ]
         return np.concatenate([c["probabilities"].numpy() for c in chunks])
+
+    def embed_bytes(self, encoded: Sequence[bytes], batch_size: int = 64) -> np.ndarray:
+        """The backbone's pooled features for encoded images through ``embedding``."""
+        import tensorflow as tf
+
+        if EMBEDDING_SIGNATURE not in self.loaded.signatures:
+            raise InputError(
+                f"{self.path}: no {EMBEDDING_SIGNATURE!r} signature (exported before the monitor "
+                "existed: export the model again)"
+            )
+        signature = self.loaded.signatures[EMBEDDING_SIGNATURE]
+        chunks = [
+            signature(**{BYTES_INPUT: tf.constant(list(encoded[i : i + batch_size]))})
+            for i in range(0, len(encoded), batch_size)
+        ]
+        return np.concatenate([c[EMBEDDING_OUTPUT].numpy() for c in chunks])
 
     def class_names(self, encoded: bytes) -> list[str] | None:
         """The label of each probability column (None for models exported before the
@@ -106,8 +125,10 @@ def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: 
     import tensorflow as tf
 
     from imgpipe.datasets import decode_and_resize, resize
+    from imgpipe.training import POOLED_LAYER
 
     names = tf.constant(list(labels))
+    pooled = keras.Model(model.inputs, model.get_layer(POOLED_LAYER).output, name="embedder")
 
     def classify(images: Any) -> dict[str, Any]:
         probabilities = model(images, training=False)
@@ -119,13 +140,18 @@ def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: 
             "class_names": tf.tile(names[None], [tf.shape(probabilities)[0], 1]),
         }
 
-    def from_bytes(image_bytes: Any) -> dict[str, Any]:
-        images = tf.map_fn(
+    def decoded(image_bytes: Any) -> Any:
+        return tf.map_fn(
             lambda encoded: decode_and_resize(encoded, image_size),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
-        return classify(images)
+
+    def from_bytes(image_bytes: Any) -> dict[str, Any]:
+        return classify(decoded(image_bytes))
+
+    def embedding(image_bytes: Any) -> dict[str, Any]:
+        return {EMBEDDING_OUTPUT: pooled(decoded(image_bytes), training=False)}
 
     def from_images(images: Any) -> dict[str, Any]:
         return classify(resize(images, image_size))
@@ -149,6 +175,9 @@ def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: 
     )
     archive.add_endpoint(
         CLASSIFY_SIGNATURE, from_examples, [tf.TensorSpec([None], tf.string, name=CLASSIFY_INPUT)]
+    )
+    archive.add_endpoint(
+        EMBEDDING_SIGNATURE, embedding, [tf.TensorSpec([None], tf.string, name=BYTES_INPUT)]
     )
     archive.write_out(str(path), verbose=False)
     _set_method_name(path, CLASSIFY_SIGNATURE, CLASSIFY_METHOD)

@@ -30,6 +30,8 @@ HISTORY_COLUMNS = (
     "seconds",
 )
 HEAD_NAME = "head"
+POOLED_LAYER = "gap"
+"""The layer whose output is the backbone's pooled features (the head's input, the embedding)."""
 MODEL, CURVES = "model.keras", "curves.png"
 """What train and finetune write into their output folder (the model, both phases' curves)."""
 
@@ -62,7 +64,7 @@ def assemble(base: keras.Model, head: keras.Model) -> keras.Model:
     """image -> base (frozen in inference mode unless unfrozen later) -> GAP -> head."""
     inputs = keras.Input(base.input_shape[1:], name="image")
     features = base(inputs, training=False)
-    pooled = keras.layers.GlobalAveragePooling2D(name="gap")(features)
+    pooled = keras.layers.GlobalAveragePooling2D(name=POOLED_LAYER)(features)
     return keras.Model(inputs, head(pooled), name="classifier")
 
 

@@ -30,7 +30,7 @@ from pipelines.kubeflow_commands import (
     cmd_pipeline_schedules,
 )
 from pipelines.mlflow_commands import cmd_mlflow_access, cmd_runs, cmd_summary, cmd_ui
-from pipelines.serving_commands import cmd_fetch_model, cmd_predict, cmd_score
+from pipelines.serving_commands import cmd_fetch_model, cmd_predict, cmd_score, cmd_sidecar
 
 log = logging.getLogger("imgpipe")
 
@@ -286,6 +286,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="served model name (default: serving.model_name)")
     p.add_argument("--batch-size", type=int, default=32, help="images per call")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per server call, seconds")
+
+    p = add(
+        "sidecar",
+        cmd_sidecar,
+        "the logging sidecar: a gRPC pass-through in front of TF Serving that logs sampled "
+        "Predict/Classify calls (params.yaml's request_log) until SIGTERM",
+    )
+    p.add_argument("--upstream", required=True, metavar="HOST:PORT", help="TF Serving's gRPC")
+    p.add_argument("--port", type=int, required=True, help="gRPC port to serve (0: any free)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (beyond loopback: TLS only)"
+    )
+    p.add_argument(
+        "--log-dir", "--log_dir", type=Path, help="replaces request_log.directory (a pod's folder)"
+    )
+    p.add_argument(
+        "--ssl-config-file",
+        "--ssl_config_file",
+        type=Path,
+        help="TF Serving's SSLConfig: serve gRPC over TLS",
+    )
+    p.add_argument(
+        "--port-file", "--port_file", type=Path, help="write the bound port here when ready"
+    )
 
     pipeline = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run, schedule")
     psub = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")

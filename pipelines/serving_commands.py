@@ -1,5 +1,6 @@
-"""``imgpipe predict``, ``imgpipe score`` and ``imgpipe fetch-model``: asking the served model,
-scoring a folder of new images with it, and seeding a serving volume from the registry."""
+"""``imgpipe predict``, ``imgpipe score``, ``imgpipe fetch-model`` and ``imgpipe sidecar``:
+asking the served model, scoring a folder of new images with it, seeding a serving volume from
+the registry, and logging what the served model is asked."""
 
 from __future__ import annotations
 
@@ -125,3 +126,21 @@ def cmd_fetch_model(args: argparse.Namespace) -> None:
     mlflow.set_tracking_uri(tracking_uri())
     target = registry.fetch(args.model, args.alias, Path(args.base))
     print(f"fetch-model: {args.model}@{args.alias} -> {target}")
+
+
+def cmd_sidecar(args: argparse.Namespace) -> None:
+    from imgpipe.params import RequestLogParams, section
+    from serving.request_log import LogSettings
+    from serving.sidecar import serve
+
+    params = section(RequestLogParams, "request_log", _params(args))
+    code = serve(
+        LogSettings.from_params(params, args.log_dir),
+        args.upstream,
+        host=args.host,
+        port=args.port,
+        ssl_config_file=args.ssl_config_file,
+        port_file=args.port_file,
+    )
+    if code:
+        raise SystemExit(code)

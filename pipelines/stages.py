@@ -231,7 +231,13 @@ STAGES: dict[str, Stage] = dict(
                     "out": Output("outputs/export", "Model"),
                     SUMMARY: Output("metrics/export.json", "Metrics", "metric"),
                 },
-                params=("export", "model", "serving.model_name"),
+                params=(
+                    "export",
+                    "model",
+                    "serving.model_name",
+                    "monitor.reference_images",
+                    "monitor.embedding_dims",
+                ),
                 views={"model_card": View("Markdown", "out", "model_card.md")},
             )
         ),

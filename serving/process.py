@@ -20,23 +20,30 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m serving.server ARGS`` on 127.0.0.1 with a free gRPC port (and a REST port
-    when ``rest`` is true); its output goes to ``workdir/server.log``."""
+    """``python -m serving.server ARGS`` (or another ``module`` that takes ``--host``, ``--port``
+    and ``--port_file``: the logging sidecar) on 127.0.0.1 with a free gRPC port (and a REST port
+    when ``rest`` is true); its output goes to ``workdir/<module>.log``."""
 
     def __init__(
-        self, args: list[str], workdir: Path, *, rest: bool = False, timeout: float = 180
+        self,
+        args: list[str],
+        workdir: Path,
+        *,
+        rest: bool = False,
+        timeout: float = 180,
+        module: str = "serving.server",
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         port_file = self.workdir / "port"
         port_file.unlink(missing_ok=True)
         self.rest_port = free_port() if rest else 0
-        self.log_path = self.workdir / "server.log"
+        self.log_path = self.workdir / f"{module.rpartition('.')[2]}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         command = [
             sys.executable,
             "-m",
-            "serving.server",
+            module,
             *args,
             "--host",
             "127.0.0.1",
@@ -44,8 +51,7 @@ class ServerProcess:
             "0",
             "--port_file",
             str(port_file),
-            "--rest_api_port",
-            str(self.rest_port),
+            *(["--rest_api_port", str(self.rest_port)] if module == "serving.server" else []),
         ]
         self.process = subprocess.Popen(
             command, cwd=PROJECT, stdout=self.log, stderr=subprocess.STDOUT, text=True
@@ -72,6 +78,8 @@ class ServerProcess:
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGUSR1)  # the sidecar prints its stacks
+                time.sleep(2)
                 self.process.kill()
                 self.process.wait()
         if not self.log.closed:

@@ -19,7 +19,6 @@ In production, run the real ``tensorflow/serving`` container with the same files
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import signal
 import sys
@@ -42,11 +41,9 @@ from serving.predict import (
     predict,
     run_signature,
 )
+from serving.transport import GRACE_SECONDS, MAX_MESSAGE_BYTES, is_loopback, server_credentials
 
 log = logging.getLogger("serving")
-
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-GRACE_SECONDS = 10.0
 
 
 def _abort(context: grpc.ServicerContext, error: ServingError) -> None:
@@ -200,27 +197,6 @@ class ModelService:
             response.status.error_code = 3  # INVALID_ARGUMENT
             response.status.error_message = str(exc)
         return response
-
-
-def server_credentials(ssl_config: Any) -> grpc.ServerCredentials:
-    """TLS for the gRPC port as TF Serving sets it up from an SSLConfig: the server's key and
-    certificate; with ``client_verify``, client certificates signed by ``custom_ca`` required."""
-    return grpc.ssl_server_credentials(
-        [(ssl_config.server_key.encode(), ssl_config.server_cert.encode())],
-        root_certificates=ssl_config.custom_ca.encode() or None,
-        require_client_auth=ssl_config.client_verify,
-    )
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address, IPv6 with or without brackets) stays on this
-    machine: ``localhost``, 127.0.0.0/8 or ::1."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # another name: it may resolve to any interface
-        return False
 
 
 class LocalServer:

@@ -28,6 +28,8 @@ API_MODULES = (
     "get_model_metadata_pb2",
     "get_model_status_pb2",
 )
+LOG_MODULES = ("classification_pb2", "logging_pb2", "prediction_log_pb2")
+"""What the request log adds: the Classify messages and TF Serving's ``PredictionLog``."""
 
 # TensorFlow's DataType enum (tensorflow/core/framework/types.proto) for the numpy dtypes
 # sent and read here; the values are the proto's, fixed by the wire format.
@@ -50,29 +52,29 @@ _TYPED_FIELD = {  # where a TensorProto without tensor_content keeps its values
 }
 
 
-def apis() -> types.SimpleNamespace:
+def apis(names: tuple[str, ...] = API_MODULES) -> types.SimpleNamespace:
     """The TF Serving API modules (``predict_pb2``, the gRPC stubs...), loaded without running
     ``tensorflow/__init__.py``: a stand-in parent package lends its path while the generated
     modules load, then goes, so that a later ``import tensorflow`` loads the real one (which
     finds the same message modules already loaded)."""
     if "tensorflow" in sys.modules:
-        return _import_apis()
+        return _import_apis(names)
     spec = importlib.util.find_spec("tensorflow")
     if spec is None or not spec.submodule_search_locations:
-        return _import_apis()
+        return _import_apis(names)
     stand_in = types.ModuleType("tensorflow")
     stand_in.__path__ = list(spec.submodule_search_locations)
     sys.modules["tensorflow"] = stand_in
     try:
-        return _import_apis()
+        return _import_apis(names)
     finally:
         if sys.modules.get("tensorflow") is stand_in:
             del sys.modules["tensorflow"]
 
 
-def _import_apis() -> types.SimpleNamespace:
+def _import_apis(names: tuple[str, ...]) -> types.SimpleNamespace:
     return types.SimpleNamespace(
-        **{name: importlib.import_module(f"tensorflow_serving.apis.{name}") for name in API_MODULES}
+        **{name: importlib.import_module(f"tensorflow_serving.apis.{name}") for name in names}
     )
 
 

@@ -104,6 +104,7 @@ def _export(project: TinyProject, model: Path, root: Path, **export_params) -> t
         ),
         model=params("model", **MODEL),
         serving=_serving(root),
+        monitor=params("monitor", reference_images=8, embedding_dims=4),
         progress=False,
     )
     return root / "export", report
@@ -156,6 +157,47 @@ def test_bytes_signature_gives_the_keras_probabilities_on_png_and_jpeg(exported)
 
     with pytest.raises(tf.errors.InvalidArgumentError):
         served.predict_bytes([b"this is not an image"])
+
+
+def test_embedding_signature_and_reference_profile_are_what_the_monitor_compares(exported):
+    """The ``embedding`` signature gives the Keras model's pooled features; the version's
+    reference profile holds a sample of validation images as the SavedModel sees them: their
+    embeddings in the profile's own principal components, their probabilities and their image
+    statistics."""
+    import keras
+    import tensorflow as tf
+
+    from imgpipe.datasets import decode_and_resize
+    from imgpipe.reference import image_stats, read_reference
+    from imgpipe.savedmodel import SavedModelClassifier
+    from imgpipe.tfrecords import read_split
+    from imgpipe.training import POOLED_LAYER
+
+    served = SavedModelClassifier(exported.saved_model)
+    reference = read_reference(exported.saved_model)
+    validation = read_split(exported.project.ingest / "shards", "val")
+    assert len(reference.embeddings) == 8 < len(validation.encoded)  # monitor.reference_images
+    assert reference.embeddings.shape[1] == reference.components.shape[0] == 4
+    encoded = validation.encoded[:5]
+    model = keras.models.load_model(exported.project.model, compile=False)
+    pooled = keras.Model(model.inputs, model.get_layer(POOLED_LAYER).output)
+    decoded = tf.stack([decode_and_resize(b, IMAGE_SIZE) for b in encoded])
+    features = served.embed_bytes(encoded)
+    np.testing.assert_allclose(features, pooled(decoded).numpy(), atol=1e-4)
+
+    index = {digest: i for i, digest in enumerate(validation.sha256)}
+    sample = [validation.encoded[i] for i in sorted(index.values())]
+    projected = reference.project(served.embed_bytes(sample))
+    matches = [int(np.argmin(np.abs(projected - row).sum(axis=1))) for row in reference.embeddings]
+    assert len(set(matches)) == 8  # each profile row is one validation image...
+    np.testing.assert_allclose(projected[matches], reference.embeddings, atol=1e-3)
+    np.testing.assert_allclose(  # ...with the probabilities the SavedModel gives it
+        served.predict_bytes([sample[i] for i in matches]), reference.probabilities, atol=1e-5
+    )
+    assert list(reference.class_names) == exported.labels
+    stats = image_stats([sample[i] for i in matches])
+    for key in ("width", "height", "mode", "brightness"):
+        np.testing.assert_array_equal(getattr(reference, key), stats[key], err_msg=key)
 
 
 def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported):

@@ -118,6 +118,7 @@ def test_ordinal_head_through_finetune_evaluate_export_and_serving(tmp_path):
         ),
         model=model,
         serving=serving,
+        monitor=params("monitor", reference_images=8, embedding_dims=4),
         progress=False,
     )
     assert report["parity"]["tflite_float32"]["top1_agreement"] == 1.0, report["parity"]

@@ -309,6 +309,82 @@ def test_score_through_the_server_gives_the_saved_models_answers(local, client, 
         assert row["predicted"] == LABELS[int(np.argmax(probs))]
 
 
+def _sidecar(upstream: str, root: Path, log_dir: Path) -> ServerProcess:
+    """The logging sidecar in front of ``upstream``, logging every call into ``log_dir``."""
+    import yaml
+
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["request_log"].update(directory=str(log_dir), sampling_rate=1.0)
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    args = ["sidecar", "--upstream", upstream, "--params", str(root / "params.yaml")]
+    return ServerProcess(args, root, module="pipelines", timeout=60)
+
+
+@pytest.mark.skipif(bool(EXTERNAL), reason="starts a local server")
+def test_the_logging_sidecar_passes_calls_through_and_logs_each_answered_one(
+    local, client, tmp_path
+):
+    """Clients of the sidecar get the server's answers and errors unchanged; every answered
+    Predict and Classify is in the log as a PredictionLog (TF Serving's record, which
+    TensorFlow's own TFRecord reader reads) holding the request sent, the response given and
+    the version that answered. With a log folder that cannot be written, every call is still
+    answered and the drops are counted."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import classification_pb2, prediction_log_pb2
+
+    from serving.client import ServingClient
+    from serving.request_log import closed_logs, read_logs
+
+    images = [_images(2), _images(3, "JPEG"), _images(1)]
+    direct = [client.predict_bytes(batch, model=MODEL) for batch in images]
+    with (
+        _sidecar(local.address, tmp_path / "sidecar", tmp_path / "logs") as sidecar,
+        ServingClient(sidecar.address, timeout=30) as logged,
+    ):
+        answers = [logged.predict_bytes(batch, model=MODEL) for batch in images]
+        request = classification_pb2.ClassificationRequest()
+        request.model_spec.name, request.model_spec.signature_name = MODEL, "classify"
+        example = request.input.example_list.examples.add()
+        example.features.feature["image/encoded"].bytes_list.value.append(images[0][0])
+        classified = logged.call(logged.predictions.Classify, request, "Classify")
+        assert logged.status(MODEL) == client.status(MODEL)
+        assert logged.metadata(MODEL) == client.metadata(MODEL)
+        code = _error(lambda: logged.predict_bytes(images[0], model="no_such_model"))
+        assert code == grpc.StatusCode.NOT_FOUND  # the server's status, passed through
+        assert sidecar.stop() == 0, sidecar.output()
+    for ours, theirs in zip(answers, direct, strict=True):
+        np.testing.assert_allclose(ours["probabilities"], theirs["probabilities"], atol=TOLERANCE)
+
+    records = [record for _, record in read_logs(tmp_path / "logs")]
+    assert [r.WhichOneof("log_type") for r in records] == ["predict_log"] * 3 + ["classify_log"]
+    latest = _available(client)[-1]
+    for record, batch, answer in zip(records, images, answers, strict=False):
+        sent = tf.make_ndarray(record.predict_log.request.inputs["image_bytes"])
+        assert list(sent) == batch
+        given = tf.make_ndarray(record.predict_log.response.outputs["probabilities"])
+        np.testing.assert_array_equal(given, answer["probabilities"])
+        assert record.log_metadata.model_spec.version.value == latest
+    assert records[-1].classify_log.response == classified
+    (path,) = closed_logs(tmp_path / "logs")
+    read_by_tf = [
+        prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+        for raw in tf.data.TFRecordDataset(str(path))
+    ]
+    assert read_by_tf == records
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the log folder should be")
+    with (
+        _sidecar(local.address, tmp_path / "failing", blocked) as sidecar,
+        ServingClient(sidecar.address, timeout=30) as logged,
+    ):
+        for batch in images:
+            assert logged.predict_bytes(batch, model=MODEL)["probabilities"].shape[0] == len(batch)
+        assert sidecar.stop() == 0
+    assert "0 records written, 3 dropped" in sidecar.output(), sidecar.output()
+
+
 def _wait_for(condition, what: str, seconds: float = 120):
     """Poll ``condition()`` until it is truthy; fail naming ``what`` after ``seconds``."""
     deadline = time.monotonic() + seconds

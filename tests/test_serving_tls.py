@@ -131,7 +131,7 @@ def tls_server(models, pki, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mtls_server(models, pki, tmp_path_factory):
     """The same server code in this process, verifying clients against ``ca``."""
-    from serving.server import server_credentials
+    from serving.transport import server_credentials
 
     ssl = _write_ssl_config(pki, tmp_path_factory.mktemp("mtls") / "ssl.config", client_verify=True)
     with _in_process(models, server_credentials(config.read_ssl_config(ssl))) as server:
@@ -248,7 +248,8 @@ def test_ssl_config_writer_refuses_non_pem_and_verify_without_ca(pki, tmp_path, 
 def test_plaintext_off_loopback_is_refused(capsys):
     """Guards the local default: without --ssl_config_file only loopback is bound; any other
     host is refused, naming the flag, before a model is read."""
-    from serving.server import is_loopback, main
+    from serving.server import main
+    from serving.transport import is_loopback
 
     assert main(["--host", "0.0.0.0", "--model_name", MODEL, "--model_base_path", "none"]) == 2
     error = capsys.readouterr().err

@@ -1,0 +1,281 @@
+"""What ``imgpipe monitor`` checks: the logged traffic of the champion version against its
+reference profile (``imgpipe.reference``), the logged images against the input suite, and the
+labelled feedback's accuracy against the champion's test accuracy; and whether that calls for
+retraining.
+
+    traffic = read_traffic(log_dir, "elpv_defects", version=2, skip=already_read)
+    check = check_traffic(traffic, reference, served, params, docs=report_dir / "data_docs")
+    check["retrain"], check["reasons"]
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgpipe.drift import class_test, confidence_test, mmd_test
+from imgpipe.params import MonitorParams, ValidateParams
+from imgpipe.reference import Reference, image_stats
+
+BYTES_INPUT, PROBABILITIES = "image_bytes", "probabilities"
+EXAMPLE_IMAGE_KEY = "image/encoded"
+
+
+@dataclass
+class Traffic:
+    """The images the champion version answered, one row each, from the request log."""
+
+    encoded: list[bytes] = field(default_factory=list)
+    probabilities: list[np.ndarray] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    other_versions: Counter[str] = field(default_factory=Counter)
+    """Rows answered by other models or versions: counted, not compared."""
+
+
+def read_traffic(log_dir: Path, model_name: str, version: int, skip: Iterable[str] = ()) -> Traffic:
+    """Every image of a logged Predict (bytes signature) or Classify call that ``model_name``
+    version ``version`` answered, in the closed log files under ``log_dir`` not in ``skip``."""
+    from serving.request_log import read_logs
+    from serving.tensors import to_ndarray
+
+    traffic = Traffic()
+    for path, record in read_logs(log_dir, skip):
+        relative = str(path.relative_to(log_dir))
+        if relative not in traffic.files:
+            traffic.files.append(relative)
+        spec = record.log_metadata.model_spec
+        kind = record.WhichOneof("log_type")
+        if kind == "predict_log":
+            request, response = record.predict_log.request, record.predict_log.response
+            if BYTES_INPUT not in request.inputs or PROBABILITIES not in response.outputs:
+                traffic.other_versions[f"{spec.name} v{spec.version.value} (other signature)"] += 1
+                continue
+            images = list(to_ndarray(request.inputs[BYTES_INPUT]).reshape(-1))
+            probs = to_ndarray(response.outputs[PROBABILITIES])
+        elif kind == "classify_log":
+            examples = record.classify_log.request.input.example_list.examples
+            images = [e.features.feature[EXAMPLE_IMAGE_KEY].bytes_list.value[0] for e in examples]
+            probs = np.array(
+                [
+                    [c.score for c in row.classes]
+                    for row in record.classify_log.response.result.classifications
+                ],
+                np.float32,
+            )
+        else:
+            continue
+        if spec.name != model_name or spec.version.value != version:
+            traffic.other_versions[f"{spec.name} v{spec.version.value}"] += len(images)
+            continue
+        traffic.encoded += [bytes(image) for image in images]
+        traffic.probabilities += list(probs)
+        traffic.times += [int(record.log_metadata.timestamp_secs)] * len(images)
+    return traffic
+
+
+def input_expectations(reference: Reference, validate: ValidateParams, mostly: float) -> list[Any]:
+    """The logged images' checks, in validate's style: size within validate's bounds, a mode the
+    reference images have, brightness within the reference's range; each for ``mostly`` of
+    the images (a stray image is no failure of the input)."""
+    from great_expectations import expectations as gxe
+
+    low, high = np.nanpercentile(reference.brightness, [0.5, 99.5])
+    return [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="width", min_value=validate.min_side, max_value=validate.max_side, mostly=mostly
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="height", min_value=validate.min_side, max_value=validate.max_side, mostly=mostly
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="mode", value_set=sorted(set(reference.mode.tolist())), mostly=mostly
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="brightness",
+            min_value=round(float(low), 2),
+            max_value=round(float(high), 2),
+            mostly=mostly,
+            description="mean brightness within the reference images' 0.5-99.5th percentiles",
+        ),
+    ]
+
+
+def check_traffic(
+    traffic: Traffic,
+    reference: Reference,
+    embed: Any,
+    params: MonitorParams,
+    validate: ValidateParams,
+    docs: Path,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The drift tests and input checks of ``traffic`` (``embed``: encoded images -> pooled
+    features, the served version's ``embedding`` signature). Below ``min_requests`` images,
+    nothing is tested."""
+    import pandas as pd
+
+    from imgpipe.expectations import describe_outcome, run_suites
+
+    count = len(traffic.encoded)
+    result: dict[str, Any] = {
+        "requests": count,
+        "other_versions": dict(traffic.other_versions),
+        "files": len(traffic.files),
+        "enough": count >= params.min_requests,
+    }
+    if count:
+        result["first_time"], result["last_time"] = min(traffic.times), max(traffic.times)
+    if not result["enough"]:
+        return result
+    probs = np.stack(traffic.probabilities)
+    embeddings = reference.project(embed(traffic.encoded))
+    embedding = mmd_test(
+        reference.embeddings, embeddings, permutations=params.permutations, seed=seed
+    )
+    classes = class_test(reference.probabilities, probs, len(reference.class_names))
+    confidence = confidence_test(reference.probabilities, probs)
+    stats = pd.DataFrame(image_stats(traffic.encoded))
+    outcomes = run_suites(
+        {"requests": (stats, input_expectations(reference, validate, params.input_mostly), [])},
+        docs,
+        "request_log",
+    )
+    failed = [describe_outcome(o) for o in outcomes if not o["success"]]
+    predicted = np.bincount(np.argmax(probs, axis=1), minlength=len(reference.class_names))
+    expected = np.bincount(
+        np.argmax(reference.probabilities, axis=1), minlength=len(reference.class_names)
+    )
+    result.update(
+        embedding_mmd=embedding.statistic,
+        embedding_p=embedding.p_value,
+        embedding_drift=embedding.p_value < params.drift_p_value,
+        class_chi2=classes.statistic,
+        class_p=classes.p_value,
+        confidence_ks=confidence.statistic,
+        confidence_p=confidence.p_value,
+        prediction_drift=min(classes.p_value, confidence.p_value) < params.prediction_p_value,
+        predicted={
+            str(name): int(n) for name, n in zip(reference.class_names, predicted, strict=True)
+        },
+        reference_predicted={
+            str(name): int(n) for name, n in zip(reference.class_names, expected, strict=True)
+        },
+        mean_confidence=float(np.max(probs, axis=1).mean()),
+        reference_mean_confidence=float(np.max(reference.probabilities, axis=1).mean()),
+        input_checks=len(outcomes),
+        input_failures=failed,
+        embeddings=embeddings,
+    )
+    return result
+
+
+def feedback_check(
+    summary: dict[str, Any], champion_accuracy: float | None, params: MonitorParams
+) -> dict[str, Any]:
+    """The labelled feedback's accuracy (``imgpipe.scoring.summarise`` of the scored feedback)
+    against the champion's test accuracy: a drop when the whole 95 % interval lies more than
+    ``max_accuracy_drop`` below it, with at least ``min_requests`` labelled images."""
+    labelled = summary.get("labelled", 0)
+    result: dict[str, Any] = {"labelled": labelled}
+    if not labelled:
+        return result
+    low, high = summary["accuracy_interval"]
+    result.update(accuracy=summary["accuracy"], accuracy_low=low, accuracy_high=high)
+    if champion_accuracy is not None:
+        result["champion_test_accuracy"] = champion_accuracy
+        result["accuracy_drop"] = bool(
+            labelled >= params.min_requests and high < champion_accuracy - params.max_accuracy_drop
+        )
+    return result
+
+
+def reasons_to_retrain(check: dict[str, Any], feedback: dict[str, Any]) -> list[str]:
+    """Why to retrain, in words; empty when nothing crossed its threshold."""
+    reasons = []
+    if check.get("embedding_drift"):
+        reasons.append(
+            f"embedding drift: MMD {check['embedding_mmd']:.4f}, p = {check['embedding_p']:.4f}"
+        )
+    if check.get("prediction_drift"):
+        reasons.append(
+            f"prediction drift: classes p = {check['class_p']:.4g}, "
+            f"confidence p = {check['confidence_p']:.4g}"
+        )
+    if feedback.get("accuracy_drop"):
+        reasons.append(
+            f"accuracy drop: live {feedback['accuracy']:.4f} (95% interval "
+            f"{feedback['accuracy_low']:.4f} to {feedback['accuracy_high']:.4f}) against the "
+            f"champion's test accuracy {feedback['champion_test_accuracy']:.4f}"
+        )
+    return reasons
+
+
+def _figure(reference: Reference, check: dict[str, Any]) -> str:
+    """Reference and traffic on the first two principal components, and the predicted classes
+    of each: a PNG as a data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.scatter(*reference.embeddings[:, :2].T, s=8, alpha=0.5, label="reference (validation)")
+    left.scatter(*check["embeddings"][:, :2].T, s=8, alpha=0.5, label="served traffic")
+    left.set(xlabel="PC 1", ylabel="PC 2", title=f"Embeddings (MMD p = {check['embedding_p']:.3g})")
+    left.legend()
+    names = list(check["predicted"])
+    total = max(1, check["requests"])
+    ref_total = max(1, sum(check["reference_predicted"].values()))
+    positions = np.arange(len(names))
+    right.bar(positions - 0.2, [check["reference_predicted"][n] / ref_total for n in names], 0.4)
+    right.bar(positions + 0.2, [check["predicted"][n] / total for n in names], 0.4)
+    right.set_xticks(positions, names, rotation=30, ha="right")
+    right.set(ylabel="fraction", title=f"Predicted classes (chi-square p = {check['class_p']:.3g})")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_report(
+    path: Path,
+    title: str,
+    reference: Reference,
+    check: dict[str, Any],
+    feedback: dict[str, Any],
+    reasons: list[str],
+    decision: str,
+) -> Path:
+    """One self-contained HTML page: the verdict, every figure, the plots."""
+    from imgpipe.fileio import atomic_path
+
+    rows = {k: v for k, v in {**check, **feedback}.items() if k != "embeddings"}
+    table = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in rows.items()
+    )
+    verdict = "".join(f"<li>{html.escape(r)}</li>" for r in reasons) or "<li>no drift</li>"
+    plot = (
+        f'<img alt="embeddings and predicted classes" src="{_figure(reference, check)}">'
+        if check.get("enough")
+        else f"<p>Fewer than the minimum requests: {check['requests']} logged.</p>"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}"
+        f"</style></head><body><h1>{html.escape(title)}</h1><ul>{verdict}</ul>"
+        f"<p><b>{html.escape(decision)}</b></p>{plot}<table>{table}</table></body></html>"
+    )
+    with atomic_path(path) as staged:
+        staged.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,35 @@
+"""What the gRPC servers here share (the local server and the logging sidecar), kept apart from
+the server so that the sidecar starts without loading TensorFlow."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import grpc
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""The message cap, both ways (TF Serving's ``grpc.max_receive_message_length`` set the same)."""
+GRACE_SECONDS = 10.0
+"""How long calls in flight may finish on SIGTERM."""
+
+
+def server_credentials(ssl_config: Any) -> grpc.ServerCredentials:
+    """TLS for the gRPC port as TF Serving sets it up from an SSLConfig: the server's key and
+    certificate; with ``client_verify``, client certificates signed by ``custom_ca`` required."""
+    return grpc.ssl_server_credentials(
+        [(ssl_config.server_key.encode(), ssl_config.server_cert.encode())],
+        root_certificates=ssl_config.custom_ca.encode() or None,
+        require_client_auth=ssl_config.client_verify,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) stays on this
+    machine: ``localhost``, 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another name: it may resolve to any interface
+        return False
