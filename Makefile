@@ -58,17 +58,23 @@ ui: setup  ## MLflow UI on 127.0.0.1 to compare runs
 
 # The local TF Serving stand-in on the pushed models, with the config files the real
 # tensorflow/serving container uses; the model config is serving/models.config rendered for
-# params.yaml's serving.model_name (models/ is mounted where its base_path points). Plaintext
-# gRPC on loopback; for TLS add --ssl_config_file ssl.config to SERVE_FLAGS (serving/README.md, TLS).
-SERVE_FLAGS ?= --port 8500 --rest_api_port 8501 --enable_batching
+# params.yaml's serving.model_name (models/ is mounted where its base_path points). Clients talk
+# to the logging sidecar on 127.0.0.1:8500, which passes every call to the server on :8490 and
+# logs sampled Predict/Classify calls into request_log.directory (imgpipe monitor reads them).
+# Plaintext gRPC on loopback; for TLS add --ssl-config-file ssl.config to SIDECAR_FLAGS
+# (serving/README.md, TLS).
+SERVE_FLAGS ?= --port 8490 --rest_api_port 8501 --enable_batching
+SIDECAR_FLAGS ?= --port 8500
 SERVING_MODEL_CONFIG := outputs/serving/models.config
-serve: setup  ## serve models/ over TF Serving's gRPC API on 127.0.0.1:8500 (REST and metrics on :8501)
+serve: setup  ## serve models/ over TF Serving's gRPC API on 127.0.0.1:8500, logged (REST and metrics on :8501)
 	@test -d models || { echo "no models/ yet: run make demo first (push copies the champion there)"; exit 1; }
 	$(BIN)/python -m serving.config --params params.yaml --out $(SERVING_MODEL_CONFIG)
 	$(BIN)/python -m serving.server --model_config_file $(SERVING_MODEL_CONFIG) \
 		--mount $(CURDIR)/models:/models \
 		--batching_parameters_file serving/batching.config \
-		--monitoring_config_file serving/monitoring.config $(SERVE_FLAGS)
+		--monitoring_config_file serving/monitoring.config $(SERVE_FLAGS) & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server' EXIT; \
+	$(BIN)/imgpipe sidecar --upstream 127.0.0.1:8490 $(SIDECAR_FLAGS)
 
 # Container images (infra/docker); IMAGE_BUILD_ARGS="--build-arg BASE=tensorflow/tensorflow:2.21.0"
 # for a CPU components image.

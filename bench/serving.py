@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from bench.machine import describe, require
 
@@ -209,14 +210,35 @@ def main() -> None:
                 root / "batched",
             ),
         }
+        logged = root / "params.yaml"  # the sidecar logs every call (sampling 1.0) into root/logs
+        sidecar_params = yaml.safe_load(args.params.read_text())
+        sidecar_params["request_log"].update(directory=str(root / "logs"), sampling_rate=1.0)
+        logged.write_text(yaml.safe_dump(sidecar_params))
+        servers["sidecar"] = ServerProcess(
+            ["sidecar", "--upstream", servers["unbatched"].address, "--params", str(logged)],
+            root / "sidecar",
+            module="pipelines",
+        )
         try:
             rounds: dict[str, list[dict[str, float]]] = {}
             for _ in range(args.repeats):  # settings interleaved within each round
                 for name, server in servers.items():
+                    if name == "sidecar":
+                        continue
                     for n in clients:
                         rounds.setdefault(f"{name}/{n}", []).append(
                             load(server.address, args.model, requests["bytes"][0], n, args.requests)
                         )
+                for name in ("unbatched", "sidecar"):  # the logging sidecar's cost, side by side
+                    rounds.setdefault(f"logged_{name}/1", []).append(
+                        load(
+                            servers[name].address,
+                            args.model,
+                            requests["bytes"][0],
+                            1,
+                            args.requests,
+                        )
+                    )
                 for kind in ("bytes", "uint8_tensor"):
                     rounds.setdefault(f"request_{kind}/1", []).append(
                         load(
@@ -239,6 +261,9 @@ def main() -> None:
                     )
         finally:
             codes = {name: server.stop() for name, server in servers.items()}
+        from serving.request_log import read_logs
+
+        logged_records = sum(1 for _ in read_logs(root / "logs"))
     results = {key: median_of(value) for key, value in rounds.items()}
     report = {
         "benchmark": "serving",
@@ -249,6 +274,11 @@ def main() -> None:
         "requests_per_setting": args.requests,
         "repeats": args.repeats,
         "server_exit_codes": codes,
+        "sidecar_logged_records": logged_records,
+        "sidecar_answered_requests": args.repeats * (args.requests + 1),  # + 1 to connect
+        "sidecar_overhead_p50_ms": round(
+            results["logged_sidecar/1"]["p50_ms"] - results["logged_unbatched/1"]["p50_ms"], 3
+        ),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -199,7 +199,8 @@ def feedback_check(
 
 
 def reasons_to_retrain(check: dict[str, Any], feedback: dict[str, Any]) -> list[str]:
-    """Why to retrain, in words; empty when nothing crossed its threshold."""
+    """Why to retrain, in words; empty when nothing crossed its threshold. An input check that
+    more than ``1 - monitor.input_mostly`` of the images fail is input drift too."""
     reasons = []
     if check.get("embedding_drift"):
         reasons.append(
@@ -210,6 +211,8 @@ def reasons_to_retrain(check: dict[str, Any], feedback: dict[str, Any]) -> list[
             f"prediction drift: classes p = {check['class_p']:.4g}, "
             f"confidence p = {check['confidence_p']:.4g}"
         )
+    for failure in check.get("input_failures", []):
+        reasons.append(f"input drift: {failure}")
     if feedback.get("accuracy_drop"):
         reasons.append(
             f"accuracy drop: live {feedback['accuracy']:.4f} (95% interval "

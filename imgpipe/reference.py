@@ -40,7 +40,8 @@ def image_stats(encoded: Sequence[bytes]) -> dict[str, np.ndarray]:
     for data in encoded:
         try:
             with Image.open(io.BytesIO(data)) as image:
-                size, mode = image.size, image.mode
+                size: tuple[float, float] = image.size
+                mode = image.mode
                 brightness = float(np.asarray(image.convert("L"), np.float32).mean())
         except Exception:  # PIL raises many types for bad data; the row says so
             size, mode, brightness = (np.nan, np.nan), "unreadable", np.nan

@@ -30,6 +30,7 @@ from pipelines.kubeflow_commands import (
     cmd_pipeline_schedules,
 )
 from pipelines.mlflow_commands import cmd_mlflow_access, cmd_runs, cmd_summary, cmd_ui
+from pipelines.monitor_command import cmd_monitor
 from pipelines.serving_commands import cmd_fetch_model, cmd_predict, cmd_score, cmd_sidecar
 
 log = logging.getLogger("imgpipe")
@@ -310,6 +311,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--port-file", "--port_file", type=Path, help="write the bound port here when ready"
     )
+
+    p = add(
+        "monitor",
+        cmd_monitor,
+        "check the served champion's logged traffic for drift (and labelled feedback for an "
+        "accuracy drop); past params.yaml's monitor thresholds, start a retraining",
+    )
+    p.add_argument("--log-dir", type=Path, help="default: request_log.directory")
+    p.add_argument(
+        "--feedback", metavar="FOLDER|CSV", help="served images with true labels (class folders)"
+    )
+    p.add_argument(
+        "--retrain",
+        choices=("none", "dvc", "kfp-local", "kfp"),
+        default="none",
+        help="how a retraining starts (none: print the commands)",
+    )
+    p.add_argument(
+        "--saved-model",
+        type=Path,
+        metavar="DIR",
+        help="a <model>/<version>/ folder, not the champion",
+    )
+    p.add_argument("--pipeline-root", default="outputs/pipeline/root", help="kfp-local")
+    p.add_argument("--shared-volume", default="outputs/pipeline/shared", help="kfp, kfp-local")
+    p.add_argument("--mlflow-tracking-uri", help="for the pipeline run (default: this one's)")
+    p.add_argument("--kfp-host", help="kfp: the Kubeflow Pipelines API")
+    p.add_argument("--kfp-experiment", default="imgpipe", help="kfp: the run's experiment")
 
     pipeline = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run, schedule")
     psub = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")

@@ -35,6 +35,7 @@ from imgpipe.lineage import read_trained_on
 
 pytestmark = pytest.mark.slow
 
+PROJECT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 64
 CLASSES = {"a": 40, "b": 40, "c": 40}  # ingest 20% val, 40% test: 48 test images
 MODEL = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": IMAGE_SIZE}
@@ -652,3 +653,88 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
             if mlflow.active_run() is not None:
                 mlflow.end_run()
             mlflow.set_tracking_uri(None)
+
+
+def test_monitor_sees_no_drift_in_like_traffic_and_starts_a_retraining_on_darkened_traffic(
+    exported, tmp_path, monkeypatch, tmp_mlflow, capsys
+):
+    """``imgpipe monitor`` over request logs as the sidecar writes them (PredictionLog records of
+    the served version's answers): below ``monitor.min_requests`` it decides nothing and keeps
+    the files for later; test images like the reference's validation images are no drift;
+    the same images darkened are input drift (their brightness is outside the reference's),
+    and it names the retraining commands. Each check is one step of the version's run in the
+    MLflow experiment ``monitoring``, with an HTML report."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from imgpipe.reference import build_reference, write_reference
+    from imgpipe.savedmodel import SavedModelClassifier
+    from imgpipe.tfrecords import read_split
+    from pipelines.cli import main
+    from serving.request_log import LogSettings, RequestLog
+    from serving.tensors import apis, to_proto
+
+    monkeypatch.chdir(tmp_path)
+    served_dir = tmp_path / "models" / MODEL_NAME / "1"
+    shutil.copytree(exported.saved_model, served_dir)
+    served = SavedModelClassifier(served_dir)
+    shards = exported.project.ingest / "shards"
+    write_reference(build_reference(served, read_split(shards, "val").encoded, 4), served_dir)
+    test = read_split(shards, "test").encoded  # 48 images
+
+    def darkened(data: bytes) -> bytes:
+        import io
+
+        image = Image.open(io.BytesIO(data))
+        return encode_image(np.asarray(image) // 4, "PNG")
+
+    m = apis()
+
+    def log_traffic(images: list[bytes]) -> None:
+        log = RequestLog(
+            LogSettings(tmp_path / "logs", 1.0, 1 << 20, 3600.0, 1 << 26, 86400.0, 1000)
+        )
+        for image in images:
+            request = m.predict_pb2.PredictRequest()
+            request.model_spec.name = MODEL_NAME
+            to_proto(np.array([image], dtype=object), request.inputs["image_bytes"])
+            response = m.predict_pb2.PredictResponse()
+            response.model_spec.name = MODEL_NAME
+            response.model_spec.version.value = 1
+            to_proto(served.predict_bytes([image]), response.outputs["probabilities"])
+            log.offer("predict", request.SerializeToString(), response.SerializeToString())
+        log.close()
+
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["serving"].update(model_name=MODEL_NAME, model_base_path="models")
+    params["validate"].update(min_side=16, max_side=4096)
+    params["monitor"].update(  # 24 reference images: their brightness range is a narrow one
+        min_requests=40, permutations=200, directory="monitor", input_mostly=0.9
+    )
+    params["request_log"].update(directory="logs")
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    run = ["monitor", "--saved-model", str(served_dir)]
+
+    log_traffic(test[:10])
+    assert main(run) == 0
+    assert "no verdict: fewer than 40" in capsys.readouterr().out
+    log_traffic(test[10:])
+    assert main(run) == 0
+    out = capsys.readouterr().out
+    assert "48 logged images; no drift" in out, out  # the first 10 were kept for this check
+    log_traffic([darkened(image) for image in test])
+    assert main(run) == 0
+    out = capsys.readouterr().out
+    assert "48 logged images; retraining: input drift" in out and "'brightness'" in out, out
+    assert "dvc repro" in out, out
+    summary = json.loads(Path("monitor/checks/0003/summary.json").read_text())
+    assert summary["check"]["requests"] == 48 and 0 < summary["check"]["embedding_p"] <= 1
+    assert Path("monitor/checks/0003/report.html").read_text().count("<img") == 1
+
+    client = MlflowClient()
+    (experiment,) = [e for e in client.search_experiments() if e.name == "monitoring"]
+    (monitor_run,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(monitor_run.info.run_id, "input_failures")
+    assert [(h.step, h.value) for h in history] == [(1, 0.0), (2, 0.0), (3, 1.0)]
+    assert monitor_run.data.tags["version"] == "1"

@@ -57,6 +57,7 @@ def test_overlays_build_and_validate_strictly(overlay):
     assert len(config_map) == 1, kinds
     assert [k for k in kinds if k not in config_map] == sorted(
         [
+            "CronJob/imgpipe-monitor",
             "Deployment/mlflow",
             "Deployment/tf-serving",
             "HorizontalPodAutoscaler/tf-serving",
@@ -75,6 +76,11 @@ def test_overlays_build_and_validate_strictly(overlay):
     mlflow = _by_kind(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
     assert {s["secretRef"]["name"] for s in mlflow["envFrom"]} == {"mlflow-db", "mlflow-artifacts"}
     assert "--allowed-hosts" in mlflow["args"][0] and "localhost" in mlflow["args"][0]
+
+
+def _container(pod: dict, name: str) -> dict:
+    (container,) = [c for c in pod["containers"] if c["name"] == name]
+    return container
 
 
 def _secret_refs(env: list[dict]) -> dict[str, tuple[str, str]]:
@@ -156,13 +162,13 @@ def test_gpu_serving_deployment():
     docs = build("gpu")
     deployment = _by_kind(docs, "Deployment", "tf-serving")
     pod = deployment["spec"]["template"]["spec"]
-    (server,) = pod["containers"]
+    server = _container(pod, "tf-serving")
     assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert server["image"] == "tensorflow/serving:2.21.0-gpu"
     assert server["readinessProbe"]["httpGet"]["path"] == "/v1/models/elpv_defects"
-    assert {p["containerPort"] for p in server["ports"]} == {8500, 8501}
+    assert {p["containerPort"] for p in server["ports"]} == {8490, 8501}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert server["securityContext"]["readOnlyRootFilesystem"] is True
     assert "--model_config_file=/config/models.config" in server["args"]
@@ -171,12 +177,14 @@ def test_gpu_serving_deployment():
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
     for name in ("models.config", "batching.config", "monitoring.config"):
         assert config_map["data"][name] == (PROJECT / "serving" / name).read_text(), name
+    assert config_map["data"]["params.yaml"] == (PROJECT / "params.yaml").read_text()
     service = _by_kind(docs, "Service", "tf-serving")
     assert {p["port"] for p in service["spec"]["ports"]} == {8500, 8501}
 
     local = _by_kind(build("local"), "Deployment", "tf-serving")["spec"]["template"]["spec"]
-    assert "nvidia.com/gpu" not in local["containers"][0]["resources"].get("limits", {})
-    assert local["containers"][0]["image"] == "tensorflow/serving:2.21.0"
+    local_server = _container(local, "tf-serving")
+    assert "nvidia.com/gpu" not in local_server["resources"].get("limits", {})
+    assert local_server["image"] == "tensorflow/serving:2.21.0"
 
 
 @pytest.mark.parametrize("overlay", ["local", "gpu"])
@@ -196,7 +204,7 @@ def test_serving_reads_the_volume_the_kubeflow_push_writes(overlay):
     pod = _by_kind(docs, "Deployment", "tf-serving")["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert volume["persistentVolumeClaim"]["claimName"] == SHARED_VOLUME
-    (server,) = pod["containers"]
+    server = _container(pod, "tf-serving")
     (mount,) = [m for m in server["volumeMounts"] if m["name"] == volume["name"]]
     base = load_params(PROJECT / "params.yaml")["serving"]["model_base_path"]
     assert (mount["mountPath"], mount["subPath"], mount["readOnly"]) == ("/models", base, True)
@@ -204,28 +212,59 @@ def test_serving_reads_the_volume_the_kubeflow_push_writes(overlay):
 
 @pytest.mark.parametrize("overlay", ["local", "gpu"])
 def test_serving_grpc_is_tls_from_a_referenced_secret(overlay):
-    """Guards TLS on TF Serving's gRPC port: --ssl_config_file names the key ssl.config of the
-    Secret tf-serving-tls (referenced, not committed, not optional), mounted read-only with a
-    mode only root and the pod's fsGroup can read, a group the non-root server is in; the
-    probes stay on plaintext REST and a TCP connect to gRPC."""
+    """Guards TLS on the gRPC port clients reach, the logging sidecar's: --ssl-config-file names
+    the key ssl.config of the Secret tf-serving-tls (referenced, not committed, not optional),
+    mounted read-only with a mode only root and the pod's fsGroup can read, a group the
+    non-root sidecar is in; it passes calls to TF Serving's port inside the pod, which the
+    Service does not expose; the probes stay on plaintext REST and TCP connects."""
     docs = build(overlay)
     assert not [d for d in docs if d["kind"] == "Secret"]
     pod = _by_kind(docs, "Deployment", "tf-serving")["spec"]["template"]["spec"]
-    (server,) = pod["containers"]
-    (flag,) = [a for a in server["args"] if a.startswith("--ssl_config_file=")]
-    folder, _, name = flag.removeprefix("--ssl_config_file=").rpartition("/")
-    (mount,) = [m for m in server["volumeMounts"] if m["mountPath"] == folder]
+    server, sidecar = _container(pod, "tf-serving"), _container(pod, "request-log")
+    (flag,) = [a for a in sidecar["args"] if a.startswith("--ssl-config-file=")]
+    folder, _, name = flag.removeprefix("--ssl-config-file=").rpartition("/")
+    (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == folder]
     assert mount["readOnly"] is True
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     secret = volume["secret"]
     assert secret["secretName"] == "tf-serving-tls" and not secret.get("optional", False)
     assert secret["items"] == [{"key": "ssl.config", "path": name}]
-    # a Secret's files belong to root and, with fsGroup, to that group, which the server is in
+    # a Secret's files belong to root and, with fsGroup, to that group, which the sidecar is in
     assert secret["defaultMode"] == 0o440, oct(secret["defaultMode"])
     assert pod["securityContext"]["fsGroup"] and pod["securityContext"]["runAsNonRoot"]
+    assert not [a for a in server["args"] if a.startswith("--ssl_config_file")]
+    (port,) = [a for a in server["args"] if a.startswith("--port=")]
+    assert f"--upstream=127.0.0.1:{port.removeprefix('--port=')}" in sidecar["args"]
+    service = _by_kind(docs, "Service", "tf-serving")
+    (grpc_port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc_port["targetPort"] == "grpc" and sidecar["ports"][0]["name"] == "grpc"
     for probe in ("readinessProbe", "startupProbe"):
         assert server[probe]["httpGet"]["port"] == "http", probe
-    assert server["livenessProbe"]["tcpSocket"]["port"] == "grpc"
+    assert server["livenessProbe"]["tcpSocket"]["port"] == "grpc-upstream"
+    assert sidecar["livenessProbe"]["tcpSocket"]["port"] == "grpc"
+
+
+@pytest.mark.parametrize("overlay", ["local", "gpu"])
+def test_the_sidecar_logs_into_the_shared_volume_the_monitor_reads(overlay):
+    """Guards the closed loop's wiring: each serving pod's sidecar writes request_logs/<pod>
+    on the shared claim; the hourly monitor CronJob reads request_logs/ there, with the
+    champion's models/ beside it, and may create one Kubeflow run at a time."""
+    docs = build(overlay)
+    pod = _by_kind(docs, "Deployment", "tf-serving")["spec"]["template"]["spec"]
+    sidecar = _container(pod, "request-log")
+    (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == "/request_logs"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == "imgpipe-shared"
+    assert "--log-dir=/request_logs/$(POD_NAME)" in sidecar["args"]
+    assert sidecar["command"] == ["imgpipe", "sidecar"]
+    cron = _by_kind(docs, "CronJob", "imgpipe-monitor")["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"
+    job = cron["jobTemplate"]["spec"]["template"]["spec"]
+    (monitor,) = job["containers"]
+    (shared,) = [m for m in monitor["volumeMounts"] if m["name"] == "shared"]
+    assert f"--log-dir={shared['mountPath']}/{mount['subPath']}" in monitor["args"]
+    assert monitor["workingDir"] == shared["mountPath"]  # models/ and outputs/monitor there
+    assert "--retrain=kfp" in monitor["args"]
 
 
 def test_manifests_serve_the_params_model_name():
@@ -239,7 +278,7 @@ def test_manifests_serve_the_params_model_name():
     for overlay in ("local", "gpu"):
         docs = build(overlay)
         pod = _by_kind(docs, "Deployment", "tf-serving")["spec"]["template"]["spec"]
-        (server,) = pod["containers"]
+        server = _container(pod, "tf-serving")
         for probe in ("readinessProbe", "startupProbe"):
             assert server[probe]["httpGet"]["path"] == f"/v1/models/{name}", (overlay, probe)
         mentioned = set(re.findall(r"/models/([\w.-]+)", json.dumps(docs)))

@@ -1,0 +1,346 @@
+"""``imgpipe monitor``: the served champion's logged traffic since the last check, against its
+reference profile; labelled feedback against its test accuracy; and, when a threshold is
+crossed, a retraining run that the blessing gate judges as always.
+
+Each check reads the closed request-log files it has not read before (``monitor.directory``
+keeps which), writes an HTML report and logs its figures into the MLflow experiment
+``monitoring``, one run per served version, one step per check: drift over time is one chart
+there. Below ``monitor.min_requests`` logged images nothing is decided and the files stay
+unread. A retraining starts at most once while one is open:
+
+- ``--retrain none`` (the default) prints the commands;
+- ``--retrain dvc`` appends the labelled feedback to the data folder as a new version and runs
+  ``dvc add`` and ``dvc repro``;
+- ``--retrain kfp-local`` runs the Kubeflow pipeline with kfp.local on that data version;
+- ``--retrain kfp`` creates a run of the Kubeflow pipeline on a cluster (``--kfp-host``); the
+  retraining stays open until that run ends (the monitoring CronJob in infra/k8s runs this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from imgpipe.errors import InputError
+from pipelines.cli_common import params_of as _params
+
+EXPERIMENT = "monitoring"
+STATE = "state.json"
+KFP_DONE = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED"}
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    path = directory / STATE
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    return {"read": [], "checks": 0, "runs": {}, "retraining": None, **state}
+
+
+def write_state(directory: Path, state: dict[str, Any]) -> None:
+    from imgpipe.fileio import write_json_atomic
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(directory / STATE, state)
+
+
+def decide(
+    state: dict[str, Any], enough: bool, reasons: list[str], version: int, minimum: int
+) -> tuple[str, bool]:
+    """What this check does, in words, and whether it starts a retraining: never below the
+    minimum of requests, never without a reason, never while one started against this champion
+    version is still open."""
+    if not enough:
+        return f"no verdict: fewer than {minimum} logged requests since the last check", False
+    if not reasons:
+        return "no drift, no accuracy drop: nothing to do", False
+    open_ = state.get("retraining")
+    if open_ and open_.get("against_version") == version and not open_.get("finished"):
+        return (
+            f"retraining already open since {open_['started']} ({open_['how']} "
+            f"{open_.get('run', '')}): not starting another",
+            False,
+        )
+    return "retraining: " + "; ".join(reasons), True
+
+
+def _champion(args: argparse.Namespace, params: dict[str, Any]) -> tuple[Path, int, float | None]:
+    """The served champion's SavedModel, its serving version and its test accuracy."""
+    from imgpipe import registry
+    from imgpipe.params import ServingParams, section
+
+    if args.saved_model:
+        if not args.saved_model.name.isdigit():
+            raise InputError(f"--saved-model {args.saved_model}: give a <model>/<version>/ folder")
+        return args.saved_model, int(args.saved_model.name), None
+    serving = section(ServingParams, "serving", params)
+    holder = registry.champion(serving.model_name)
+    if holder is None:
+        raise InputError(f"no champion of {serving.model_name!r} in the registry: run the pipeline")
+    saved_model = registry.fetch(serving.model_name, "champion", Path(serving.model_base_path))
+    accuracy = None
+    if holder.run_id:
+        accuracy = registry.client().get_run(holder.run_id).data.metrics.get("test.accuracy")
+    return saved_model, int(saved_model.name), accuracy
+
+
+def _feedback(source: Path, saved_model: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from imgpipe import scoring
+
+    items = scoring.discover(source, labels_from_folders=source.is_dir())
+    if not any(item.label for item in items):
+        raise InputError(f"--feedback {source}: no labels (class folders, or a label column)")
+    rows = scoring.score(
+        items, scoring.saved_model_predictor(saved_model, 32), max_pixels=10**8, batch_size=32
+    )
+    for row, item in zip(rows, items, strict=True):
+        row["path"] = item.path
+    return rows, scoring.summarise(rows)
+
+
+def append_feedback(rows: list[dict[str, Any]], source: Path, stamp: str) -> int:
+    """The labelled feedback images that could be scored, copied into the data folder's class
+    folders (``<label>/feedback-<stamp>/``): the next data version. Existing files are kept."""
+    if not source.is_dir():
+        raise InputError(f"data.source {source} is no folder of class folders: add feedback there")
+    copied = 0
+    for row in rows:
+        if row.get("label") is None or "predicted" not in row:
+            continue
+        target = source / row["label"] / f"feedback-{stamp}" / Path(row["filepath"]).name
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(row["path"], target)
+        copied += 1
+    return copied
+
+
+def _retrain(
+    args: argparse.Namespace, params: dict[str, Any], rows: list[dict[str, Any]], stamp: str
+) -> dict[str, Any]:
+    """Start the retraining ``args.retrain`` names; what started (and, when it ran here, how
+    it ended)."""
+    from imgpipe.params import DataParams, ServingParams, section
+
+    source = Path(section(DataParams, "data", params).source)
+    name = section(ServingParams, "serving", params).model_name
+    commands = [["dvc", "add", str(source)], ["dvc", "repro"]]
+    if args.retrain == "none":
+        steps = [" ".join(c) for c in commands]
+        if rows:
+            steps.insert(0, f"copy the labelled feedback into {source}/<label>/feedback-{stamp}/")
+        return {"how": "commands", "commands": steps}
+    copied = append_feedback(rows, source, stamp) if rows else 0
+    started: dict[str, Any] = {"how": args.retrain, "feedback_images": copied}
+    if args.retrain == "dvc":
+        for command in commands:
+            if command[1] == "add" and not Path(f"{source}.dvc").is_file():
+                continue
+            done = subprocess.run(command, check=False)
+            if done.returncode:
+                return {**started, "finished": True, "failed": " ".join(command)}
+        pushed = json.loads(Path("metrics/push.json").read_text())
+        return {**started, "finished": True, **_registered(name, pushed["version"], pushed)}
+    from imgpipe.tracking import tracking_uri
+    from pipelines.kubeflow import compile_to, run_local
+
+    arguments: dict[str, str] = {
+        "source": str(source.resolve()),
+        "data_version": f"feedback-{stamp}",
+        "mlflow_tracking_uri": args.mlflow_tracking_uri or tracking_uri(),
+    }
+    if args.retrain == "kfp-local":
+        run_local(
+            params,
+            Path(args.pipeline_root).resolve() / stamp,
+            shared_volume=str(Path(args.shared_volume).resolve()),
+            reused_from=None,
+            **arguments,
+        )
+        latest = max(int(v.version) for v in _client().search_model_versions(f"name = '{name}'"))
+        return {**started, "finished": True, **_registered(name, latest, None)}
+    import tempfile
+
+    import kfp
+
+    if args.shared_volume:
+        arguments["shared_volume"] = args.shared_volume
+    client = kfp.Client(host=args.kfp_host)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = client.create_run_from_pipeline_package(
+            str(compile_to(params, Path(tmp) / "pipeline.yaml")),
+            arguments=arguments,
+            run_name=f"retrain-{stamp}",
+            experiment_name=args.kfp_experiment,
+            enable_caching=False,
+        )
+    return {**started, "run": run.run_id}
+
+
+def _client() -> Any:
+    from imgpipe import registry
+
+    return registry.client()
+
+
+def _registered(name: str, version: int, pushed: dict[str, Any] | None) -> dict[str, Any]:
+    model = _client().get_model_version(name, str(version))
+    result = {"run": model.run_id, "registered_version": int(version)}
+    if pushed is not None:
+        result["blessed"] = bool(pushed.get("blessed"))
+    else:
+        result["blessed"] = "champion" in (model.aliases or [])
+    return result
+
+
+def _still_open(args: argparse.Namespace, retraining: dict[str, Any] | None) -> None:
+    """Close a cluster retraining whose run has ended."""
+    if not retraining or retraining.get("finished") or retraining.get("how") != "kfp":
+        return
+    import kfp
+
+    state = kfp.Client(host=args.kfp_host).get_run(retraining["run"]).state
+    if str(state).upper() in KFP_DONE:
+        retraining.update(finished=True, state=str(state))
+
+
+def _log_check(
+    state: dict[str, Any],
+    key: str,
+    step: int,
+    figures: dict[str, float],
+    report: Path,
+    tags: dict[str, str],
+) -> str:
+    """This check's figures at ``step`` of the version's monitoring run (made on first use)."""
+    import mlflow
+
+    from imgpipe.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    run_id = state["runs"].get(key)
+    with mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else f"monitor {key}",
+        experiment_id=None if run_id else experiment.experiment_id,
+    ) as run:
+        mlflow.log_metrics(figures, step=step)
+        mlflow.set_tags(tags)
+        mlflow.log_artifact(str(report), f"checks/{step}")
+        return str(run.info.run_id)
+
+
+def cmd_monitor(args: argparse.Namespace) -> None:
+    from imgpipe.monitoring import (
+        check_traffic,
+        feedback_check,
+        read_traffic,
+        reasons_to_retrain,
+        write_report,
+    )
+    from imgpipe.params import (
+        MonitorParams,
+        RequestLogParams,
+        ServingParams,
+        ValidateParams,
+        section,
+    )
+    from imgpipe.reference import read_reference
+    from imgpipe.savedmodel import SavedModelClassifier
+
+    params = _params(args)
+    monitor = section(MonitorParams, "monitor", params)
+    name = section(ServingParams, "serving", params).model_name
+    log_dir = Path(args.log_dir or section(RequestLogParams, "request_log", params).directory)
+    directory = Path(monitor.directory)
+    state = read_state(directory)
+    saved_model, version, champion_accuracy = _champion(args, params)
+    served = SavedModelClassifier(saved_model)
+    reference = read_reference(saved_model)
+    step = state["checks"] + 1
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    out = directory / "checks" / f"{step:04d}"
+
+    traffic = read_traffic(log_dir, name, version, state["read"])
+    check = check_traffic(
+        traffic,
+        reference,
+        served.embed_bytes,
+        monitor,
+        section(ValidateParams, "validate", params),
+        out / "data_docs",
+        seed=step,
+    )
+    rows: list[dict[str, Any]] = []
+    feedback: dict[str, Any] = {}
+    if args.feedback:
+        rows, summary = _feedback(Path(args.feedback), saved_model)
+        feedback = feedback_check(summary, champion_accuracy, monitor)
+    reasons = reasons_to_retrain(check, feedback)
+    _still_open(args, state["retraining"])
+    decision, start = decide(
+        state,
+        check["enough"] or bool(feedback.get("accuracy_drop")),
+        reasons,
+        version,
+        monitor.min_requests,
+    )
+    retraining = None
+    if start:
+        retraining = {
+            "started": stamp,
+            "against_version": version,
+            "check": step,
+            "reasons": reasons,
+            "how": args.retrain,
+        }
+        if args.retrain != "none":
+            state["retraining"] = retraining
+            write_state(directory, state)  # open before it runs: a crash leaves it open
+        retraining.update(_retrain(args, params, rows, stamp))
+        if args.retrain != "none":
+            state["retraining"] = retraining
+        decision += f" -> {json.dumps({k: v for k, v in retraining.items() if k != 'reasons'})}"
+
+    report = write_report(
+        out / "report.html",
+        f"{name} v{version}: check {step}",
+        reference,
+        check,
+        feedback,
+        reasons,
+        decision,
+    )
+    figures = {
+        k: float(v)
+        for k, v in {**check, **feedback}.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "files"
+    }
+    figures.update(
+        embedding_drift=float(bool(check.get("embedding_drift"))),
+        prediction_drift=float(bool(check.get("prediction_drift"))),
+        input_failures=float(len(check.get("input_failures", []))),
+        retraining_started=float(start and args.retrain != "none"),
+    )
+    tags = {"model": name, "version": str(version), f"decision.{step}": decision[:5000]}
+    if retraining and retraining.get("run"):
+        tags[f"retraining.{step}"] = str(retraining["run"])
+    key = f"{name}/{version}"
+    state["runs"][key] = _log_check(state, key, step, figures, report, tags)
+    if check["enough"]:
+        state["read"] = sorted(set(state["read"]) | set(traffic.files))
+    state["checks"] = step
+    write_state(directory, state)
+    summary = {k: v for k, v in check.items() if k != "embeddings"}
+    (out / "summary.json").write_text(
+        json.dumps({"check": summary, "feedback": feedback, "decision": decision}, indent=2)
+    )
+    print(f"monitor: {name} v{version}, {check['requests']} logged images; {decision}")
+    for reason in check.get("input_failures", []):
+        print(f"monitor: input check failed: {reason}")
+    print(f"monitor: report {report}; MLflow experiment {EXPERIMENT!r}, run {state['runs'][key]}")
