@@ -41,7 +41,14 @@ from serving.predict import (
     predict,
     run_signature,
 )
-from serving.transport import GRACE_SECONDS, MAX_MESSAGE_BYTES, is_loopback, server_credentials
+from serving.transport import (
+    GRACE_SECONDS,
+    MAX_MESSAGE_BYTES,
+    bind,
+    is_loopback,
+    server_credentials,
+    write_port_file,
+)
 
 log = logging.getLogger("serving")
 
@@ -230,14 +237,7 @@ class LocalServer:
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelService(manager), self.server
         )
-        self.port = (
-            self.server.add_secure_port(f"{host}:{port}", credentials)
-            if credentials is not None
-            else self.server.add_insecure_port(f"{host}:{port}")
-        )
-        if not self.port:
-            raise OSError(f"cannot bind {host}:{port}")
-        self.address = f"{host}:{self.port}"
+        self.port, self.address = bind(self.server, host, port, credentials)
 
     def start(self) -> None:
         self.server.start()
@@ -399,9 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     if args.port_file:
-        tmp = args.port_file.with_suffix(".tmp")
-        tmp.write_text(str(server.port))
-        tmp.replace(args.port_file)
+        write_port_file(args.port_file, server.port)
     stop.wait()
     log.info("stopping: finishing requests in flight")
     if rest is not None:

@@ -26,7 +26,14 @@ from typing import Any
 import grpc
 
 from serving.request_log import LogSettings, RequestLog
-from serving.transport import GRACE_SECONDS, MAX_MESSAGE_BYTES, is_loopback, server_credentials
+from serving.transport import (
+    GRACE_SECONDS,
+    MAX_MESSAGE_BYTES,
+    bind,
+    is_loopback,
+    server_credentials,
+    write_port_file,
+)
 
 log = logging.getLogger("serving.sidecar")
 
@@ -99,14 +106,7 @@ class Sidecar:
             handlers=[PassThrough(self.channel, request_log)],
             options=[*sizes, ("grpc.so_reuseport", 0)],
         )
-        self.port = (
-            self.server.add_secure_port(f"{host}:{port}", credentials)
-            if credentials is not None
-            else self.server.add_insecure_port(f"{host}:{port}")
-        )
-        if not self.port:
-            raise OSError(f"cannot bind {host}:{port}")
-        self.address = f"{host}:{self.port}"
+        self.port, self.address = bind(self.server, host, port, credentials)
 
     def start(self) -> None:
         self.server.start()
@@ -167,9 +167,7 @@ def serve(
         settings.directory,
     )
     if port_file:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(sidecar.port))
-        tmp.replace(port_file)
+        write_port_file(port_file, sidecar.port)
     stop.wait()
     sidecar.stop()
     counts = sidecar.request_log.counts

@@ -4,6 +4,7 @@ the server so that the sidecar starts without loading TensorFlow."""
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,3 +34,23 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # another name: it may resolve to any interface
         return False
+
+
+def bind(server: grpc.Server, host: str, port: int, credentials: Any = None) -> tuple[int, str]:
+    """Add ``host:port`` to ``server`` (TLS with ``credentials``); the bound port (0 picks a
+    free one) and the address."""
+    bound = (
+        server.add_secure_port(f"{host}:{port}", credentials)
+        if credentials is not None
+        else server.add_insecure_port(f"{host}:{port}")
+    )
+    if not bound:
+        raise OSError(f"cannot bind {host}:{port}")
+    return bound, f"{host}:{bound}"
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """The bound port, written in one rename: a waiting test or script reads it whole."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(port))
+    tmp.replace(path)
