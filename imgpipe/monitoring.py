@@ -24,9 +24,9 @@ import numpy as np
 from imgpipe.drift import class_test, confidence_test, mmd_test
 from imgpipe.params import MonitorParams, ValidateParams
 from imgpipe.reference import Reference, image_stats
+from imgpipe.savedmodel import BYTES_INPUT, EXAMPLE_IMAGE_KEY
 
-BYTES_INPUT, PROBABILITIES = "image_bytes", "probabilities"
-EXAMPLE_IMAGE_KEY = "image/encoded"
+PROBABILITIES = "probabilities"
 
 
 @dataclass
@@ -50,7 +50,7 @@ def read_traffic(log_dir: Path, model_name: str, version: int, skip: Iterable[st
     traffic = Traffic()
     for path, record in read_logs(log_dir, skip):
         relative = str(path.relative_to(log_dir))
-        if relative not in traffic.files:
+        if not traffic.files or traffic.files[-1] != relative:  # records come file by file
             traffic.files.append(relative)
         spec = record.log_metadata.model_spec
         kind = record.WhichOneof("log_type")

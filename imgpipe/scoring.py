@@ -77,10 +77,15 @@ def discover(source: Path, labels_from_folders: bool = False) -> list[Item]:
         ]
 
 
-def saved_model_predictor(saved_model: Path, batch_size: int) -> Predict:
+def saved_model_predictor(saved_model: Path | Any, batch_size: int) -> Predict:
+    """A SavedModel folder, or a ``SavedModelClassifier`` already loaded, as a ``Predict``."""
     from imgpipe.savedmodel import SavedModelClassifier
 
-    model = SavedModelClassifier(saved_model)
+    model = (
+        saved_model
+        if isinstance(saved_model, SavedModelClassifier)
+        else SavedModelClassifier(saved_model)
+    )
     names: list[str] = []
 
     def predict(encoded: Sequence[bytes]) -> tuple[np.ndarray, list[str]]:

@@ -87,14 +87,15 @@ def _champion(args: argparse.Namespace, params: dict[str, Any]) -> tuple[Path, i
     return saved_model, int(saved_model.name), accuracy
 
 
-def _feedback(source: Path, saved_model: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _feedback(source: Path, served: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The labelled feedback scored by ``served`` (the loaded SavedModel), and its summary."""
     from imgpipe import scoring
 
     items = scoring.discover(source, labels_from_folders=source.is_dir())
     if not any(item.label for item in items):
         raise InputError(f"--feedback {source}: no labels (class folders, or a label column)")
     rows = scoring.score(
-        items, scoring.saved_model_predictor(saved_model, 32), max_pixels=10**8, batch_size=32
+        items, scoring.saved_model_predictor(served, 32), max_pixels=10**8, batch_size=32
     )
     for row, item in zip(rows, items, strict=True):
         row["path"] = item.path
@@ -279,7 +280,7 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     feedback: dict[str, Any] = {}
     if args.feedback:
-        rows, summary = _feedback(Path(args.feedback), saved_model)
+        rows, summary = _feedback(Path(args.feedback), served)
         feedback = feedback_check(summary, champion_accuracy, monitor)
     reasons = reasons_to_retrain(check, feedback)
     _still_open(args, state["retraining"])

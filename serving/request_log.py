@@ -181,7 +181,7 @@ class RequestLog:
     def _write(self, kind: str, request: bytes, response: bytes, when: float) -> None:
         try:
             frame = tfrecord_frame(self._record(kind, request, response, when))
-            self._maintain()
+            self._rotate_if_old()
             if self._file is None:
                 self._open()
             self._file.write(frame)
@@ -227,8 +227,13 @@ class RequestLog:
             self._file = None
             self._path = None
 
+    def _rotate_if_old(self) -> None:
+        if self._file is not None and self.clock() - self._opened >= self.settings.rotate_seconds:
+            self._close_file()  # applies the bound
+
     def _maintain(self) -> None:
-        """Rotate an open file past its age; apply retention and the size bound."""
+        """When idle: rotate an open file past its age; apply retention and the size bound
+        (which also run whenever a file is closed, not on every record)."""
         if self._file is not None and self.clock() - self._opened >= self.settings.rotate_seconds:
             self._close_file()
         else:
