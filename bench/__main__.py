@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "frozen_cache": ["--images", "512", "--val-images", "128", "--epochs", "3", "--repeats", "3"],
     "serving": ["--clients", "1,8,32", "--requests", "200", "--repeats", "3"],
     "ingest_scale": ["--images", "50000", "--small", "5000"],
+    "drift": ["--repeats", "20", "--requests", "200", "--shift-repeats", "3"],
 }
 
 
@@ -149,7 +150,35 @@ def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> st
             f"Request size: {sizes['bytes']:,} B for the encoded image (bytes signature), "
             f"{sizes['uint8_tensor']:,} B as a uint8 tensor, {sizes['float32_tensor']:,} B as a "
             "float32 tensor (size only: the model's tensor signature takes uint8).",
+            "",
+            f"Logging sidecar in front of the unbatched server (sampling 1.0): p50 "
+            f"+{r['sidecar_overhead_p50_ms']} ms over the direct call, side by side "
+            f"(`logged_sidecar/1` against `logged_unbatched/1`); {r['failed_requests']} failed "
+            f"requests in the whole run; {r['sidecar_logged_records']:,} of "
+            f"{r['sidecar_answered_requests']:,} answered calls logged.",
         ]
+    if "drift" in reports:
+        r = reports["drift"]
+        null = r["no_shift"]
+        lines += [
+            "",
+            f"## Drift detection on served traffic ({r['model']}; {r['requests_per_draw']} "
+            "requests per draw through the logging sidecar, `imgpipe monitor`'s checks at "
+            "params.yaml's thresholds)",
+            "",
+            f"No shift (test images): {null['alarms']} alarms in {null['repeats']} draws, "
+            f"false-alarm rate {null['false_alarm_rate']:.2f} (checks that fired: "
+            f"{null['fired']}).",
+            "",
+            *_table(
+                ("shift", "strength: draws flagged", "smallest flagged in every draw"),
+                *((kind, ", ".join(f"{v['level']:g}: {v['detected']}" for v in levels),
+                   r["smallest_detected"][kind]) for kind, levels in r["shifts"].items()),
+            ),
+            "",
+            f"{r['failed_requests']} failed requests; {r['logged_requests']:,} of "
+            f"{r['sent_requests']:,} logged.",
+        ]  # fmt: skip
     if "ingest_scale" in reports:
         r = reports["ingest_scale"]
         rate, rss = r["images_per_second"], r["peak_rss_mb"]

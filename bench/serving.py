@@ -53,26 +53,38 @@ def load(
     address: str, model: str, request: dict[str, Any], clients: int, requests: int
 ) -> dict[str, Any]:
     """``requests`` single-image Predict calls spread over ``clients`` threads; ``request``
-    holds the keyword arguments of ``ServingClient.predict`` besides the model."""
-    from serving.client import ServingClient
+    holds the keyword arguments of ``ServingClient.predict`` besides the model. A failed call
+    is counted (``failed``, beside ``calls``: every call made, the connecting ones too), not
+    timed."""
+    from serving.client import ServingClient, ServingClientError
 
     per_client = max(1, requests // clients)
 
-    def worker(_: int) -> list[float]:
-        latencies = []
+    def worker(_: int) -> tuple[list[float], int]:
+        latencies, failed = [], 0
         with ServingClient(address, timeout=120) as client:
             client.predict(**request, model=model)  # connect outside the timing
             for _ in range(per_client):
                 started = time.perf_counter()
-                client.predict(**request, model=model)
+                try:
+                    client.predict(**request, model=model)
+                except ServingClientError:
+                    failed += 1
+                    continue
                 latencies.append(time.perf_counter() - started)
-        return latencies
+        return latencies, failed
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        latencies = [x for chunk in pool.map(worker, range(clients)) for x in chunk]
+        done = list(pool.map(worker, range(clients)))
     elapsed = time.perf_counter() - started
-    return {**percentiles(latencies), "images_per_second": len(latencies) / elapsed}
+    latencies = [x for chunk, _ in done for x in chunk]
+    return {
+        **percentiles(latencies),
+        "images_per_second": len(latencies) / elapsed,
+        "calls": clients * (per_client + 1),
+        "failed": sum(failed for _, failed in done),
+    }
 
 
 def in_process(saved_model: Path, image: bytes, requests: int) -> dict[str, float]:
@@ -148,7 +160,16 @@ def tflite(path: Path, image: bytes, size: int, requests: int) -> dict[str, floa
 
 
 def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
-    return {k: round(statistics.median(r[k] for r in rounds), 2) for k in rounds[0]}
+    return {
+        k: round(statistics.median(r[k] for r in rounds), 2)
+        for k in rounds[0]
+        if k not in ("calls", "failed")  # counts: summed over the rounds instead
+    }
+
+
+def total(rounds: dict[str, list[dict[str, float]]], key: str, prefix: str = "") -> int:
+    """``key`` (calls or failed) summed over every round of the settings starting ``prefix``."""
+    return int(sum(r.get(key, 0) for k, v in rounds.items() if k.startswith(prefix) for r in v))
 
 
 def main() -> None:
@@ -222,9 +243,7 @@ def main() -> None:
         try:
             rounds: dict[str, list[dict[str, float]]] = {}
             for _ in range(args.repeats):  # settings interleaved within each round
-                for name, server in servers.items():
-                    if name == "sidecar":
-                        continue
+                for name, server in servers.items():  # the sidecar fronts the unbatched server
                     for n in clients:
                         rounds.setdefault(f"{name}/{n}", []).append(
                             load(server.address, args.model, requests["bytes"][0], n, args.requests)
@@ -265,6 +284,8 @@ def main() -> None:
 
         logged_records = sum(1 for _ in read_logs(root / "logs"))
     results = {key: median_of(value) for key, value in rounds.items()}
+    through_sidecar = ("sidecar", "logged_sidecar")  # every call the sidecar answered
+    answered = sum(total(rounds, "calls", p) - total(rounds, "failed", p) for p in through_sidecar)
     report = {
         "benchmark": "serving",
         "machine": describe(),
@@ -274,8 +295,10 @@ def main() -> None:
         "requests_per_setting": args.requests,
         "repeats": args.repeats,
         "server_exit_codes": codes,
+        "failed_requests": total(rounds, "failed"),
+        "sidecar_answered_requests": answered,
         "sidecar_logged_records": logged_records,
-        "sidecar_answered_requests": args.repeats * (args.requests + 1),  # + 1 to connect
+        "every_answered_request_logged": logged_records == answered,
         "sidecar_overhead_p50_ms": round(
             results["logged_sidecar/1"]["p50_ms"] - results["logged_unbatched/1"]["p50_ms"], 3
         ),
