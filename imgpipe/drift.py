@@ -52,14 +52,17 @@ def mmd_test(
     return TestResult(float(observed), float(p_value))
 
 
+def predicted_counts(probabilities: np.ndarray, classes: int) -> np.ndarray:
+    """How often each class is the argmax of a row of ``probabilities``."""
+    return np.bincount(np.argmax(probabilities, axis=1), minlength=classes)
+
+
 def class_test(reference: np.ndarray, sample: np.ndarray, classes: int) -> TestResult:
     """Chi-square test that the predicted classes (argmax of each row of probabilities) of the
     two samples come from one distribution (classes neither predicts are left out)."""
     from scipy.stats import chi2_contingency
 
-    counts = np.stack(
-        [np.bincount(np.argmax(p, axis=1), minlength=classes) for p in (reference, sample)]
-    )
+    counts = np.stack([predicted_counts(p, classes) for p in (reference, sample)])
     counts = counts[:, counts.sum(axis=0) > 0]
     if counts.shape[1] < 2:
         return TestResult(0.0, 1.0)  # one class predicted by both: nothing to compare

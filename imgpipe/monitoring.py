@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from imgpipe.drift import class_test, confidence_test, mmd_test
+from imgpipe.drift import class_test, confidence_test, mmd_test, predicted_counts
 from imgpipe.params import MonitorParams, ValidateParams
 from imgpipe.reference import Reference, image_stats
 from imgpipe.savedmodel import BYTES_INPUT, EXAMPLE_IMAGE_KEY
@@ -150,10 +150,8 @@ def check_traffic(
         "request_log",
     )
     failed = [describe_outcome(o) for o in outcomes if not o["success"]]
-    predicted = np.bincount(np.argmax(probs, axis=1), minlength=len(reference.class_names))
-    expected = np.bincount(
-        np.argmax(reference.probabilities, axis=1), minlength=len(reference.class_names)
-    )
+    predicted = predicted_counts(probs, len(reference.class_names))
+    expected = predicted_counts(reference.probabilities, len(reference.class_names))
     result.update(
         embedding_mmd=embedding.statistic,
         embedding_p=embedding.p_value,

@@ -379,15 +379,20 @@ def run_local(
             f"shared_volume {shared_volume!r}: kfp.local mounts no PersistentVolumeClaim; "
             "give the shared place as an absolute host folder"
         )
-    imported = {}
-    if reused_from is not None:
-        for name in CACHED_ORDER:
-            names = [n for n, out in STAGES[name].outputs.items() if out.dvc not in KEPT]
-            imported[name] = {n: str(Path(reused_from) / name / n) for n in names}
-            imported[name]["mlflow_log"] = str(Path(reused_from) / name / "mlflow_log")
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(pipeline_root),
         raise_on_error=True,
     )
+    imported = imported_from(Path(reused_from)) if reused_from is not None else {}
     return build(params, imported)(shared_volume=shared_volume, **arguments)
+
+
+def imported_from(execution: Path) -> dict[str, dict[str, str]]:
+    """``build``'s ``imported`` for an earlier kfp.local execution's folder: each cached step's
+    outputs there (those kept in the shared place excepted) and its MLflow log."""
+    imported = {}
+    for name in CACHED_ORDER:
+        names = [n for n, out in STAGES[name].outputs.items() if out.dvc not in KEPT]
+        imported[name] = {n: str(execution / name / n) for n in [*names, "mlflow_log"]}
+    return imported

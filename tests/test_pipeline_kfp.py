@@ -3,15 +3,19 @@ set, and scheduling against a local HTTP stub that records what ``kfp.Client`` s
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import yaml
-from conftest import make_class_folders
+from conftest import encode_image, make_class_folders
+from PIL import Image
 
 PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = {"a": 16, "b": 16, "c": 16}
@@ -256,16 +260,42 @@ def test_the_shared_place_is_a_mounted_claim_or_an_absolute_folder(tmp_path):
     assert served_from(tmp_path, absolute) == absolute
 
 
+def test_a_kfp_local_rerun_imports_the_cached_steps_of_an_earlier_execution(tmp_path):
+    """kfp.local has no cache; ``run_local(reused_from=...)`` stands in for KFP's: the pipeline
+    it builds has no task for a cached step, an importer of each of that step's outputs (and
+    its MLflow log) from the earlier execution's folder instead, and the first step after them
+    reads the imported artifacts."""
+    from kfp import compiler
+
+    from pipelines.kubeflow import build, imported_from
+
+    imported = imported_from(tmp_path / "earlier")
+    compiler.Compiler().compile(build(_params(), imported), str(tmp_path / "p.yaml"))
+    spec, _ = yaml.safe_load_all((tmp_path / "p.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert not set(tasks) & CACHED
+    importers = {
+        task["inputs"]["parameters"]["uri"]["runtimeValue"]["constant"]
+        for name, task in tasks.items()
+        if name.startswith("importer")
+    }
+    assert importers == {uri for uris in imported.values() for uri in uris.values()}
+    evaluate = tasks["evaluate"]["inputs"]["artifacts"]
+    producers = {v["taskOutputArtifact"]["producerTask"] for v in evaluate.values()}
+    assert producers and all(p.startswith("importer") for p in producers), producers
+
+
 @pytest.mark.slow
-def test_kfp_local_runs_every_stage_then_a_rerun_pushes_the_next_version(tmp_path, monkeypatch):
+def test_kfp_local_runs_every_stage_then_the_monitor_retrains_and_serves_the_next_version(
+    tmp_path, monkeypatch
+):
     """Guards the pipeline for real: kfp.local (SubprocessRunner, this venv) runs all ten
     steps on a tiny data set; each leaves its artifacts; every stage's MLflow log ends in the
     one run that start-run made (the cached steps' through import-logs: params, metric
     histories, artifacts); the blessed model is registered as champion and pushed into the
-    shared place, where the feature cache and the checkpoints stay too. A second execution,
-    its cached steps taken from the first (KFP's cache on a cluster; kfp.local has none), runs
-    only evaluate, export and push: the same model, blessed again against the champion it now
-    is, becomes serving version 2 beside version 1, and the serving side loads both."""
+    shared place, where the feature cache and the checkpoints stay too. Then the closed loop
+    (``_closed_loop``): served traffic drifts, ``imgpipe monitor`` starts the pipeline again on
+    the data plus the labelled feedback, and the served model moves to version 2."""
     from mlflow.tracking import MlflowClient
 
     from components.push import serving_versions
@@ -354,39 +384,131 @@ def test_kfp_local_runs_every_stage_then_a_rerun_pushes_the_next_version(tmp_pat
     assert not (tmp_path / "models").exists()  # nothing in the step's working folder
     features = sorted((shared / "outputs" / "cache" / "features").glob("*.npz"))
     assert len(features) == 2, features  # train and val, keyed by content
-    (checkpoints,) = (shared / "outputs" / "finetune_checkpoints").glob("*/state.json")
+    assert len(list((shared / "outputs" / "finetune_checkpoints").glob("*/state.json"))) == 1
 
-    run_local(params, tmp_path / "root2", reused_from=run_dir, **arguments)
+    _closed_loop(tmp_path, params, shared, client)
 
-    (rerun_dir,) = (tmp_path / "root2").iterdir()
-    ran = {p.name for p in rerun_dir.iterdir() if (p / "executor_output.json").is_file()}
-    assert ran == set(ORDER) - CACHED, ran
-    runs = client.search_runs([experiment.experiment_id])
-    (rerun,) = [r for r in runs if r.info.run_id != run.info.run_id]
-    for stage in STAGES:
-        assert rerun.data.tags[f"stage.{stage}"] == ("reused" if stage in CACHED else "done")
-    second = client.get_model_version_by_alias("tiny", "champion")
-    assert (int(second.version), second.run_id) == (2, rerun.info.run_id)
-    assert second.tags["serving_version"] == "2"
+
+def _closed_loop(tmp_path: Path, params: dict[str, Any], shared: Path, client: Any) -> None:
+    """The loop, after the first run made version 1 champion: the server serves the shared
+    place's models/ (as TF Serving does on the claim) behind the logging sidecar. Traffic darker
+    than anything the champion trained on arrives, with its true labels as feedback.
+    ``imgpipe monitor --retrain kfp-local`` finds the drift and runs the pipeline on the data
+    plus that feedback (a new data version); the gate blesses the candidate, push puts version 2
+    beside version 1, and the server, called all along, answers with version 2 without a failed
+    request. The monitor's MLflow run links the training run it started."""
+    from components.push import serving_versions
+    from pipelines.cli import main
+    from serving.client import ServingClient, ServingClientError
+    from serving.config import MODEL_CONFIG, model_config_for, read_model_config, write_config
+    from serving.process import ServerProcess
+    from serving.request_log import read_logs
+
+    models = shared / params["serving"]["model_base_path"]
+    params = copy.deepcopy(params)
+    params["request_log"].update(directory=str(tmp_path / "logs"), rotate_seconds=1)
+    params["monitor"].update(min_requests=24, permutations=200, directory="monitor")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    darkened: dict[str, list[bytes]] = {}
+    for label, paths in make_class_folders(
+        tmp_path / "new", {"a": 10, "b": 10, "c": 10}, 48, 7
+    ).items():
+        for path in paths:
+            image = encode_image(np.asarray(Image.open(path)) // 4, "PNG")
+            (tmp_path / "feedback" / label).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "feedback" / label / path.name).write_bytes(image)
+            darkened.setdefault(label, []).append(image)
+    bright = (tmp_path / "data" / "a" / "a_000.png").read_bytes()
+
+    # serving/models.config, as make serve renders it: the newest 2 versions are served
+    template = read_model_config(MODEL_CONFIG)
+    config = write_config(model_config_for("tiny", template), tmp_path / "models.config", "test")
+    server_args = ["--model_config_file", str(config), "--mount", f"{models}:/models"]
+    answered: list[int | str] = []  # the version that answered each steady call, or the error
+    stop = threading.Event()
+    with (
+        ServerProcess(
+            [*server_args, "--file_system_poll_wait_seconds", "0.5"], tmp_path / "srv"
+        ) as server,
+        ServerProcess(
+            ["sidecar", "--upstream", server.address, "--params", str(tmp_path / "params.yaml")],
+            tmp_path / "sidecar",
+            module="pipelines",
+            timeout=60,
+        ) as sidecar,
+        ServingClient(sidecar.address, timeout=30) as serving,
+    ):
+        for image in (i for images in darkened.values() for i in images):
+            assert serving.predict_bytes([image], model="tiny")["model_version"] == 1
+
+        def steady() -> None:
+            with ServingClient(sidecar.address, timeout=30) as caller:
+                while not stop.is_set():
+                    try:
+                        answered.append(
+                            int(caller.predict_bytes([bright], model="tiny")["model_version"])
+                        )
+                    except ServingClientError as exc:
+                        answered.append(str(exc))
+                    stop.wait(0.1)
+
+        deadline = time.monotonic() + 30
+        while sum(1 for _ in read_logs(tmp_path / "logs")) < 30:  # the closed files
+            assert time.monotonic() < deadline, "the sidecar closed no log file"
+            time.sleep(0.2)
+        caller = threading.Thread(target=steady)
+        caller.start()
+        try:
+            code = main(
+                [
+                    "monitor",
+                    "--params",
+                    str(tmp_path / "params.yaml"),
+                    "--feedback",
+                    str(tmp_path / "feedback"),
+                    "--retrain",
+                    "kfp-local",
+                    "--pipeline-root",
+                    str(tmp_path / "root2"),
+                    "--shared-volume",
+                    str(shared),
+                ]
+            )
+            deadline = time.monotonic() + 60
+            while not answered or answered[-1] != 2:
+                assert time.monotonic() < deadline, answered[-5:]
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            caller.join()
+        status = serving.status("tiny")
+    assert code == 0
+    assert [a for a in answered if not isinstance(a, int)] == []  # no failed call
+    assert answered[0] == 1 and sorted(answered) == answered  # 1, then 2 once loaded
+    assert sorted(status) == [(1, "AVAILABLE"), (2, "AVAILABLE")], status
+
+    state = json.loads((tmp_path / "monitor" / "state.json").read_text())
+    retraining = state["retraining"]
+    assert any(r.startswith("input drift") for r in retraining["reasons"]), retraining
+    assert (retraining["how"], retraining["finished"], retraining["blessed"]) == (
+        "kfp-local",
+        True,
+        True,
+    )
+    assert (retraining["registered_version"], retraining["feedback_images"]) == (2, 30)
+    champion = client.get_model_version_by_alias("tiny", "champion")
+    assert (int(champion.version), champion.run_id) == (2, retraining["run"])
+    assert champion.tags["serving_version"] == "2"
+    trained = client.get_run(champion.run_id)
+    assert trained.data.tags["data.version"] == f"feedback-{retraining['started']}"
+    assert trained.data.tags["stage.ingest"] == "done"  # a new data version: nothing reused
+    (monitoring,) = [e for e in client.search_experiments() if e.name == "monitoring"]
+    (check,) = client.search_runs([monitoring.experiment_id])
+    assert check.data.tags["retraining.1"] == champion.run_id
+    assert check.data.metrics["retraining_started"] == 1.0
     assert serving_versions(models, "tiny") == [1, 2]
-    assert sorted((shared / "outputs" / "cache" / "features").glob("*.npz")) == features
-    assert checkpoints.is_file()
-
-    # What TF Serving does with serving/models.config, /models being the shared models/ folder
-    # (infra/k8s): both versions load (policy: latest 2) and the newest answers by default.
-    from tensorflow_serving.apis.model_pb2 import ModelSpec
-
-    from serving.config import MODEL_CONFIG, model_config_for, read_model_config
-    from serving.manager import ModelManager, State
-
-    config = model_config_for("tiny", read_model_config(MODEL_CONFIG))
-    manager = ModelManager(config, mounts={"/models": models}, poll_seconds=0)
-    try:
-        states = [(version, state.state) for version, state in manager.states("tiny")]
-        assert states == [(1, State.AVAILABLE), (2, State.AVAILABLE)], states
-        assert manager.servable(ModelSpec(name="tiny")).version == 2
-    finally:
-        manager.stop()
+    feedback = sorted(p.name for p in (tmp_path / "data").glob("*/feedback-*/*.png"))
+    assert feedback == sorted(p.name for p in (tmp_path / "feedback").glob("*/*.png"))
 
 
 class _KfpStub(BaseHTTPRequestHandler):
