@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.logs import quiet_for_logs
+from pipelines.cli_common import LOCAL_PIPELINE_ROOT, LOCAL_SHARED
 from pipelines.cli_common import params_of as _params
 from pipelines.kubeflow_commands import (
     cmd_pipeline_compile,
@@ -334,8 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a <model>/<version>/ folder, not the champion",
     )
-    p.add_argument("--pipeline-root", default="outputs/pipeline/root", help="kfp-local")
-    p.add_argument("--shared-volume", default="outputs/pipeline/shared", help="kfp, kfp-local")
+    p.add_argument("--pipeline-root", default=LOCAL_PIPELINE_ROOT, help="kfp-local: its artifacts")
+    p.add_argument(
+        "--shared-volume",
+        help=f"kfp-local: the folder standing in for the claim (default {LOCAL_SHARED}); kfp: "
+        "the PersistentVolumeClaim (default: the pipeline's)",
+    )
     p.add_argument("--mlflow-tracking-uri", help="for the pipeline run (default: this one's)")
     p.add_argument("--kfp-host", help="kfp: the Kubeflow Pipelines API")
     p.add_argument("--kfp-experiment", default="imgpipe", help="kfp: the run's experiment")
@@ -357,10 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = padd("run-local", cmd_pipeline_run_local, "run every stage for real with kfp.local")
     q.add_argument("--source", help="'sample' (default) or a folder of class folders")
     q.add_argument("--data-version", help="the data's version, part of the cache key")
-    q.add_argument("--pipeline-root", default="outputs/kfp")
+    q.add_argument("--pipeline-root", default=LOCAL_PIPELINE_ROOT)
     q.add_argument(
         "--shared-volume",
-        default="outputs/kfp-shared",
+        default=LOCAL_SHARED,
         help="folder standing in for the shared claim: serving versions (models/), feature "
         "cache, checkpoints, kept across runs",
     )

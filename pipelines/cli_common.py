@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+LOCAL_PIPELINE_ROOT = "outputs/kfp"
+"""kfp.local's artifacts (``pipeline run-local``, ``monitor --retrain kfp-local``)."""
+LOCAL_SHARED = "outputs/kfp-shared"
+"""The folder standing in for the shared claim under kfp.local: serving versions (models/),
+feature cache, checkpoints, kept across runs."""
+
 
 def params_of(args: argparse.Namespace) -> dict:
     """params.yaml (``--params``), with ``--profile``'s overrides when one is given."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import InputError
+from pipelines.cli_common import LOCAL_SHARED
 from pipelines.cli_common import params_of as _params
 
 EXPERIMENT = "monitoring"
@@ -158,7 +159,7 @@ def _retrain(
         run_local(
             params,
             Path(args.pipeline_root).resolve() / stamp,
-            shared_volume=str(Path(args.shared_volume).resolve()),
+            shared_volume=str(Path(args.shared_volume or LOCAL_SHARED).resolve()),
             reused_from=None,
             **arguments,
         )

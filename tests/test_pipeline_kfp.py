@@ -515,6 +515,7 @@ class _KfpStub(BaseHTTPRequestHandler):
     """Answers the KFP v2beta1 API calls the client makes; records each one."""
 
     calls: ClassVar[list[tuple[str, str, Any]]] = []
+    run_state: ClassVar[str] = "RUNNING"
 
     def _reply(self, payload: Any) -> None:
         body = json.dumps(payload).encode()
@@ -530,6 +531,8 @@ class _KfpStub(BaseHTTPRequestHandler):
             self._reply({"commit_sha": "stub", "tag_name": "2.16.1", "multi_user": False})
         elif self.path.startswith("/apis/v2beta1/experiments"):
             self._reply({"experiments": [], "total_size": 0})
+        elif self.path.startswith("/apis/v2beta1/runs/"):
+            self._reply({"run_id": self.path.rsplit("/", 1)[-1], "state": self.run_state})
         elif self.path.startswith("/apis/v2beta1/recurringruns"):
             self._reply(
                 {
@@ -555,6 +558,8 @@ class _KfpStub(BaseHTTPRequestHandler):
             self._reply({"experiment_id": "exp-1", "display_name": body["display_name"]})
         elif self.path == "/apis/v2beta1/recurringruns":
             self._reply({**body, "recurring_run_id": "rr-1"})
+        elif self.path == "/apis/v2beta1/runs":
+            self._reply({**body, "run_id": "run-1", "state": "PENDING"})
         else:
             self._reply({})
 
@@ -569,6 +574,7 @@ class _KfpStub(BaseHTTPRequestHandler):
 @pytest.fixture
 def kfp_stub():
     _KfpStub.calls = []
+    _KfpStub.run_state = "RUNNING"
     server = ThreadingHTTPServer(("127.0.0.1", 0), _KfpStub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -637,6 +643,45 @@ def test_schedule_list_disable_delete_send_the_right_requests(kfp_stub, capsys):
     assert ("GET", "/apis/v2beta1/recurringruns") in paths
     assert ("POST", "/apis/v2beta1/recurringruns/rr-1:disable") in paths
     assert ("DELETE", "/apis/v2beta1/recurringruns/rr-1") in paths
+
+
+def test_monitor_retrain_kfp_creates_a_cluster_run_that_stays_open_until_it_ends(
+    kfp_stub, tmp_path, monkeypatch
+):
+    """``imgpipe monitor --retrain kfp`` (the CronJob's) creates one run of the compiled pipeline
+    through the real kfp.Client: caching off, the data version named after the check, the
+    pipeline's own claim unless ``--shared-volume`` names one. The retraining stays open while
+    the run is RUNNING and closes when it has SUCCEEDED."""
+    from pipelines.cli import build_parser
+    from pipelines.monitor_command import _retrain, _still_open
+
+    host, calls = kfp_stub
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(
+        [
+            "monitor",
+            "--retrain=kfp",
+            f"--kfp-host={host}",
+            "--mlflow-tracking-uri=http://mlflow:5000",
+        ]
+    )
+    retraining = _retrain(args, _params(), [], "20261205T000000")
+    assert retraining == {"how": "kfp", "feedback_images": 0, "run": "run-1"}
+    (run,) = [b for m, p, b in calls if (m, p) == ("POST", "/apis/v2beta1/runs")]
+    assert run["display_name"] == "retrain-20261205T000000"
+    parameters = run["runtime_config"]["parameters"]
+    assert parameters["data_version"] == "feedback-20261205T000000"
+    assert parameters["mlflow_tracking_uri"] == "http://mlflow:5000"
+    assert "shared_volume" not in parameters  # the compiled default: the claim infra/k8s makes
+    spec = run["pipeline_spec"]
+    tasks = spec.get("pipeline_spec", spec)["root"]["dag"]["tasks"]  # with a platform_spec
+    assert not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
+
+    _still_open(args, retraining)
+    assert not retraining.get("finished")
+    _KfpStub.run_state = "SUCCEEDED"
+    _still_open(args, retraining)
+    assert (retraining["finished"], retraining["state"]) == (True, "SUCCEEDED")
 
 
 def test_a_five_field_cron_is_refused_before_any_request(kfp_stub, capsys):
