@@ -132,6 +132,13 @@ SHARED = [
 """Steps that keep files in the shared place: a ``KEPT`` output, or push's serving versions
 (``serving.model_base_path``, relative to the shared place under Kubeflow)."""
 
+READS_SOURCE = [
+    name for name, stage in STAGES.items() if any(not i.stage for i in stage.inputs.values())
+]
+"""Steps that read the raw data (the ``source`` parameter): they mount the shared place too, so
+that a data folder there, the one ``imgpipe monitor`` appends labelled feedback to under
+Kubeflow, is a path they can read."""
+
 NOT_RETRIED = {"push"}
 """push registers a model version before it promotes: a blind retry could register twice."""
 
@@ -160,7 +167,7 @@ def _configure(
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
         kubernetes.add_node_selector(task, *GPU_NODE_LABEL)
         kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
-    if stage in SHARED:  # kfp.local ignores the mount: there the parameter is a host folder
+    if stage in SHARED or stage in READS_SOURCE:  # kfp.local ignores it: a host folder there
         kubernetes.mount_pvc(task, pvc_name=shared_volume, mount_path=SHARED_MOUNT)
     if credentials is not None:  # kfp.local ignores it: there the steps inherit the shell's
         kubernetes.use_secret_as_env(task, credentials, CREDENTIALS, optional=True)

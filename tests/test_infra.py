@@ -265,6 +265,11 @@ def test_the_sidecar_logs_into_the_shared_volume_the_monitor_reads(overlay):
     assert f"--log-dir={shared['mountPath']}/{mount['subPath']}" in monitor["args"]
     assert monitor["workingDir"] == shared["mountPath"]  # models/ and outputs/monitor there
     assert "--retrain=kfp" in monitor["args"]
+    # data.source (data/, relative) holds the feedback it appends: the path it gives the
+    # pipeline is the claim's, mounted where the pipeline's steps mount it
+    from pipelines.kubeflow_step import SHARED_MOUNT
+
+    assert shared["mountPath"] == SHARED_MOUNT
 
 
 def test_manifests_serve_the_params_model_name():

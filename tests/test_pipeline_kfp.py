@@ -114,9 +114,10 @@ def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tm
         assert k8s[name]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
         assert k8s[name]["tolerations"][0]["key"] == "nvidia.com/gpu"
     # the shared place: the claim named by the shared_volume parameter, in the steps that keep
-    # files across runs (feature cache, checkpoints, serving versions) and no other
+    # files across runs (feature cache, checkpoints, serving versions), in ingest (a data folder
+    # there, as imgpipe monitor's feedback under Kubeflow, is readable) and no other
     mounted = {name for name, executor in k8s.items() if executor.get("pvcMount")}
-    assert mounted == {"exec-train", "exec-finetune", "exec-push"}
+    assert mounted == {"exec-ingest", "exec-train", "exec-finetune", "exec-push"}
     for name in mounted:
         (mount,) = k8s[name]["pvcMount"]
         assert mount["pvcNameParameter"] == {"componentInputParameter": "shared_volume"}
