@@ -410,15 +410,14 @@ def _closed_loop(tmp_path: Path, params: dict[str, Any], shared: Path, client: A
     params["request_log"].update(directory=str(tmp_path / "logs"), rotate_seconds=1)
     params["monitor"].update(min_requests=24, permutations=200, directory="monitor")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    darkened: dict[str, list[bytes]] = {}
+    darkened: list[bytes] = []  # each also written as labelled feedback
     for label, paths in make_class_folders(
         tmp_path / "new", {"a": 10, "b": 10, "c": 10}, 48, 7
     ).items():
+        (tmp_path / "feedback" / label).mkdir(parents=True)
         for path in paths:
-            image = encode_image(np.asarray(Image.open(path)) // 4, "PNG")
-            (tmp_path / "feedback" / label).mkdir(parents=True, exist_ok=True)
-            (tmp_path / "feedback" / label / path.name).write_bytes(image)
-            darkened.setdefault(label, []).append(image)
+            darkened.append(encode_image(np.asarray(Image.open(path)) // 4, "PNG"))
+            (tmp_path / "feedback" / label / path.name).write_bytes(darkened[-1])
     bright = (tmp_path / "data" / "a" / "a_000.png").read_bytes()
 
     # serving/models.config, as make serve renders it: the newest 2 versions are served
@@ -439,7 +438,7 @@ def _closed_loop(tmp_path: Path, params: dict[str, Any], shared: Path, client: A
         ) as sidecar,
         ServingClient(sidecar.address, timeout=30) as serving,
     ):
-        for image in (i for images in darkened.values() for i in images):
+        for image in darkened:
             assert serving.predict_bytes([image], model="tiny")["model_version"] == 1
 
         def steady() -> None:
