@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from serving.tensors import apis, to_ndarray, to_proto
+from serving.transport import message_options
 from serving.warmup import BYTES_INPUT, BYTES_SIGNATURE
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -162,8 +163,7 @@ class ServingClient:
             )
         self.address, self.timeout, self.retries, self.tls = address, timeout, retries, tls
         options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            *message_options(max_message_bytes),
             ("grpc.enable_retries", 1),
             ("grpc.service_config", service_config(retries, backoff, max_backoff)),
             # a request larger than the retry buffer is never retried: make room for any

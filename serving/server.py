@@ -47,6 +47,7 @@ from serving.transport import (
     bind,
     is_loopback,
     server_credentials,
+    server_options,
     write_port_file,
 )
 
@@ -225,11 +226,7 @@ class LocalServer:
         self.manager, self.metrics = manager, Metrics()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(max_message_bytes),
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionService(manager, self.metrics), self.server

@@ -31,7 +31,9 @@ from serving.transport import (
     MAX_MESSAGE_BYTES,
     bind,
     is_loopback,
+    message_options,
     server_credentials,
+    server_options,
     write_port_file,
 )
 
@@ -95,16 +97,14 @@ class Sidecar:
         workers: int = 16,
         credentials: grpc.ServerCredentials | None = None,
     ) -> None:
-        sizes = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
         self.request_log = request_log
-        self.channel = grpc.insecure_channel(upstream, options=sizes)  # same pod or host
+        self.channel = grpc.insecure_channel(  # same pod or host
+            upstream, options=message_options(max_message_bytes)
+        )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sidecar"),
             handlers=[PassThrough(self.channel, request_log)],
-            options=[*sizes, ("grpc.so_reuseport", 0)],
+            options=server_options(max_message_bytes),
         )
         self.port, self.address = bind(self.server, host, port, credentials)
 

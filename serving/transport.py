@@ -1,5 +1,5 @@
-"""What the gRPC servers here share (the local server and the logging sidecar), kept apart from
-the server so that the sidecar starts without loading TensorFlow."""
+"""What the gRPC servers here (the local server, the logging sidecar) and the client share, kept
+apart from the server so that the sidecar and the client start without loading TensorFlow."""
 
 from __future__ import annotations
 
@@ -13,6 +13,19 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """The message cap, both ways (TF Serving's ``grpc.max_receive_message_length`` set the same)."""
 GRACE_SECONDS = 10.0
 """How long calls in flight may finish on SIGTERM."""
+
+
+def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC options for messages up to ``max_message_bytes`` each way (a server or channel)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """A server's options: ``message_options``, and no port shared with another process."""
+    return [*message_options(max_message_bytes), ("grpc.so_reuseport", 0)]
 
 
 def server_credentials(ssl_config: Any) -> grpc.ServerCredentials:
