@@ -336,7 +336,7 @@ def run(
             f"{len(missing)} test shard image(s) are not test rows of "
             f"{dataset / MANIFEST} (first sha256 {missing[0]}): rerun ingest"
         )
-    from imgpipe import ordinal  # noqa: F401 (registers the ordinal head for load_model)
+    from imgpipe import ordinal, quantization  # noqa: F401 (register their layers for load_model)
 
     network = keras.models.load_model(tuned, compile=False)
     probs = predict_keras(network, test.encoded, size, params.batch_size)

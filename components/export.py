@@ -91,7 +91,7 @@ def run(
     size = backbones.image_size(model_params)
     labels = read_labels(dataset / LABELS)
     shards = dataset / SHARDS
-    from imgpipe import ordinal  # noqa: F401 (registers the ordinal head for load_model)
+    from imgpipe import ordinal, quantization  # noqa: F401 (register their layers for load_model)
 
     network = keras.models.load_model(tuned, compile=False)
     started = time.perf_counter()

@@ -256,6 +256,27 @@ def run(
     # The served model needs no optimizer state: load without it, compile for evaluation only.
     best = keras.models.load_model(checkpoints / checkpoint.best_file, compile=False)
     set_precision(best, FLOAT32, keep_float32=HEAD_NAME)  # what export and serving expect
+    quantized: dict[str, Any] = {}
+    quantize_rows: list[dict[str, Any]] = []
+    if params.quantization_aware_epochs:
+        best, quantized = quantization_aware_phase(
+            best,
+            model_params,
+            params,
+            views,
+            train_files,
+            val_files,
+            (size, batch_size, steps, n_train, n_val),
+            learning_rate * params.final_lr_fraction,
+            EpochLogger(
+                "quantize",
+                offset + len(rows),
+                params.quantization_aware_epochs,
+                quantize_rows,
+                progress,
+                steps,
+            ),
+        )
     head = best.get_layer(HEAD_NAME)
     output = head.get_layer("probabilities")
     # The probabilities and the output layer's inputs of every validation image, in one pass.
@@ -278,21 +299,24 @@ def run(
         params.prior_balance,
         params.calibrate,
     )
+    if params.quantization_aware_epochs:  # the output layer changed: measure its range again
+        remeasure(best, train_files, size, batch_size, params.seed)
     with atomic_path(out) as staged:
         staged.mkdir()
         best.save(staged / MODEL)
         write_json_atomic(staged / TEMPERATURE, {"temperature": fitted["temperature"]})
         plot_curves(
-            [*frozen_rows, *rows],
+            [*frozen_rows, *rows, *quantize_rows],
             staged / CURVES,
             f"{model_params.backbone} {size}px: frozen phase, then fine-tuning",
         )
-    write_history(history, rows)
+    write_history(history, [*rows, *quantize_rows])
     epochs_run = len(rows) - sum(1 for r in rows if r["epoch"] < initial_epoch)
     metrics = {
         "finetune": {
             **{name: round(value, 6) for name, value in scores.items()},
             **fitted,
+            **quantized,
             "epochs": len(rows),
             "best_epoch": kept_epoch(rows, params),
             "averaged_weights": params.ema_momentum is not None,
@@ -308,6 +332,88 @@ def run(
     }
     write_json_atomic(summary, metrics)
     return metrics
+
+
+RANGE_BATCHES = 16
+"""Training batches whose activations set the quantized model's ranges before its first step
+and after the output layer is refitted (a measurement, not a tunable: 512 images at the
+default batch size)."""
+
+
+def quantization_aware_phase(
+    model: keras.Model,
+    model_params: ModelParams,
+    params: FinetuneParams,
+    views: AugmentParams,
+    train_files: list[str],
+    val_files: list[str],
+    shape: tuple[int, int, int, int, int],
+    learning_rate: float,
+    logger: EpochLogger,
+) -> tuple[keras.Model, dict[str, Any]]:
+    """Quantization-aware fine-tuning (imgpipe.quantization): ``model`` folded into the form
+    that computes what the full-integer TFLite model will, its ranges measured on training
+    images, then ``params.quantization_aware_epochs`` more epochs of fresh views at the
+    schedule's final rate, so the weights settle where int8 rounding leaves the decisions
+    alone. Returns the quantized model and its figures (validation accuracy of the float
+    model, of the quantized one before and after these epochs)."""
+    from imgpipe import quantization
+    from imgpipe.training import quantization_aware
+
+    size, batch_size, steps, n_train, n_val = shape
+    started = time.perf_counter()
+    val_batches = image_dataset(val_files, size, batch_size, count=n_val)
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    float_accuracy = model.evaluate(val_batches, verbose=0, return_dict=True)["accuracy"]
+    quantized = quantization_aware(model, model_params)
+    remeasure(quantized, train_files, size, batch_size, params.seed)
+    quantized.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    start_accuracy = quantized.evaluate(val_batches, verbose=0, return_dict=True)["accuracy"]
+    epochs = params.quantization_aware_epochs
+    quantized.fit(
+        image_dataset(
+            train_files,
+            size,
+            batch_size,
+            shuffle_seed=params.seed,
+            epochs=params.epochs + epochs,
+            first_epoch=params.epochs,  # views no fine-tuning epoch drew
+            count=n_train,
+            views=views,
+        ),
+        steps_per_epoch=steps,
+        validation_data=val_batches,
+        epochs=epochs,
+        callbacks=[logger],
+        shuffle=False,
+        verbose=0,
+    )
+    quantization.refresh_bounds(quantized)
+    log.info(
+        "finetune: quantization-aware, val accuracy float %.4f, quantized %.4f -> %.4f",
+        float_accuracy,
+        start_accuracy,
+        logger.rows[-1].get("val_accuracy", float("nan")),
+    )
+    return quantized, {
+        "quantization_aware_epochs": epochs,
+        "float_val_accuracy": round(float(float_accuracy), 6),
+        "quantized_start_val_accuracy": round(float(start_accuracy), 6),
+        "quantization_aware_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def remeasure(model: keras.Model, train_files: list[str], size: int, batch: int, seed: int) -> None:
+    """Measure every rounded kernel and every tracked activation range of a quantized model
+    again, the ranges on ``RANGE_BATCHES`` shuffled training batches in inference mode."""
+    from imgpipe import quantization
+
+    batches = image_dataset(train_files, size, batch, shuffle_seed=seed).take(RANGE_BATCHES)
+    quantization.measure(model, (images for images, _ in batches))
 
 
 def train_class_counts(dataset: Path, classes: int) -> np.ndarray:

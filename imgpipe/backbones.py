@@ -176,6 +176,25 @@ def create(model_params: Any) -> Any:
     return keras.Model(built.input, built.output, name=BASE_NAME)
 
 
+def quantized_base(model_params: Any, trained: Any) -> Any:
+    """The folded, quantization-simulating form of ``trained`` (a base of ``model_params``'s
+    backbone), named :data:`BASE_NAME`, its weights folded from ``trained``
+    (imgpipe.quantization). Only the EfficientNet-Lite backbones have one."""
+    from imgpipe import efficientnet_lite
+
+    name = model_params.backbone
+    if name not in efficientnet_lite.VARIANTS:
+        raise BackboneError(
+            f"finetune.quantization_aware_epochs: quantization-aware fine-tuning is built for "
+            f"the EfficientNet-Lite backbones ({', '.join(OFFLINE_BACKBONES)}), not {name}: "
+            "set it to 0 (export then quantizes after training)"
+        )
+    size = image_size(model_params)
+    built = efficientnet_lite.build((size, size, 3), name=name, quantized=True)
+    efficientnet_lite.fold_weights(built, inner_base(trained))
+    return keras.Model(built.input, built.output, name=BASE_NAME)
+
+
 def image_size(model_params: Any) -> int:
     """The input size a run uses: ``model.image_size`` or the backbone's native size."""
     return int(model_params.image_size or get(model_params.backbone).image_size)

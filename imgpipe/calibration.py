@@ -81,8 +81,9 @@ def _fit_softmax(
         if calibrate
         else 1.0
     )
-    kernel, bias = output.get_weights()
-    output.set_weights([kernel / temperature, (bias + shift.astype(bias.dtype)) / temperature])
+    kernel, bias = output.kernel.numpy(), output.bias.numpy()  # a quantized layer has more
+    output.kernel.assign(kernel / temperature)
+    output.bias.assign((bias + shift.astype(bias.dtype)) / temperature)
     tempered = shift_probabilities(probs, shift, temperature)
     return {**figures, **_figures(labels, corrected, tempered, temperature)}
 

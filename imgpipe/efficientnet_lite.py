@@ -111,18 +111,60 @@ def build(
     *,
     include_top: bool = False,
     name: str = "efficientnet_lite0",
+    quantized: bool = False,
 ) -> Any:
     """The Lite variant ``name`` on RGB 0-255 input (preprocessing inside); no-top output is
-    the 1280-channel map."""
+    the 1280-channel map.
+
+    ``quantized``: the form quantization-aware fine-tuning trains (imgpipe.quantization), with
+    each BatchNormalization folded into its convolution (``fold_weights`` fills it from a
+    trained model), kernels rounded to int8 per channel, and every tensor TFLite's integer model
+    stores (the pixels, each activation, each residual sum) rounded to 256 levels of its range."""
     import keras
     from keras import layers
 
+    from imgpipe import quantization as q
+
+    def conv(filters: int, kernel: int, name: str, strides: int = 1) -> Any:
+        if quantized:
+            return q.QuantizedConv2D(filters, kernel, strides, "same", use_bias=True, name=name)
+        return layers.Conv2D(filters, kernel, strides, "same", use_bias=False, name=name)
+
+    def depthwise(kernel: int, strides: int, name: str) -> Any:
+        if quantized:
+            return q.QuantizedDepthwiseConv2D(kernel, strides, "same", use_bias=True, name=name)
+        return layers.DepthwiseConv2D(kernel, strides, "same", use_bias=False, name=name)
+
+    def normalized(x: Any, bn: str) -> Any:
+        return x if quantized else _bn(x, bn)
+
+    def stored(x: Any, name: str) -> Any:
+        return q.FakeQuant(name=name + "_quant")(x) if quantized else x
+
+    def relu6(x: Any, bn: str, name: str) -> Any:
+        return stored(layers.ReLU(6.0, name=name)(normalized(x, bn)), name)
+
     inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / INPUT_SCALE, offset=-INPUT_OFFSET / INPUT_SCALE, name="preprocess")(
-        inputs
-    )
-    x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
-    x = layers.ReLU(6.0, name="stem_relu")(_bn(x, "stem_bn"))
+    if quantized:
+        # Whole grey levels in (TFLite's uint8 input), then the scaling as a fixed 1x1
+        # depthwise convolution: an affine map the integer model computes exactly (a Rescaling
+        # layer's multiply and add would stay float between a dequantize and a quantize).
+        x = q.FakeQuant(*q.PIXELS, fixed=True, name="image_quant")(inputs)
+        x = q.QuantizedDepthwiseConv2D(
+            1,
+            use_bias=True,
+            depthwise_initializer=keras.initializers.Constant(1.0 / INPUT_SCALE),
+            bias_initializer=keras.initializers.Constant(-INPUT_OFFSET / INPUT_SCALE),
+            trainable=False,
+            name="preprocess",
+        )(x)
+        low, high = ((p - INPUT_OFFSET) / INPUT_SCALE for p in q.PIXELS)
+        x = q.FakeQuant(low, high, fixed=True, name="preprocess_quant")(x)
+    else:
+        x = layers.Rescaling(
+            1.0 / INPUT_SCALE, offset=-INPUT_OFFSET / INPUT_SCALE, name="preprocess"
+        )(inputs)
+    x = relu6(conv(32, 3, "stem_conv", strides=2)(x), "stem_bn", "stem_relu")
     filters_in, block = 32, 0
     for expand, kernel, stride, filters_out, repeats in VARIANTS[name].blocks:
         for repeat in range(repeats):
@@ -130,25 +172,58 @@ def build(
             strides = stride if repeat == 0 else 1
             shortcut = x
             if expand != 1:
-                x = layers.Conv2D(
-                    filters_in * expand, 1, use_bias=False, name=prefix + "expand_conv"
-                )(x)
-                x = layers.ReLU(6.0, name=prefix + "expand_relu")(_bn(x, prefix + "expand_bn"))
-            x = layers.DepthwiseConv2D(
-                kernel, strides=strides, padding="same", use_bias=False, name=prefix + "dwconv"
-            )(x)
-            x = layers.ReLU(6.0, name=prefix + "dw_relu")(_bn(x, prefix + "dw_bn"))
-            x = layers.Conv2D(filters_out, 1, use_bias=False, name=prefix + "project_conv")(x)
-            x = _bn(x, prefix + "project_bn")
+                x = conv(filters_in * expand, 1, prefix + "expand_conv")(x)
+                x = relu6(x, prefix + "expand_bn", prefix + "expand_relu")
+            x = depthwise(kernel, strides, prefix + "dwconv")(x)
+            x = relu6(x, prefix + "dw_bn", prefix + "dw_relu")
+            x = conv(filters_out, 1, prefix + "project_conv")(x)
+            x = stored(normalized(x, prefix + "project_bn"), prefix + "project")
             if strides == 1 and filters_in == filters_out:
-                x = layers.Add(name=prefix + "add")([x, shortcut])
+                x = stored(layers.Add(name=prefix + "add")([x, shortcut]), prefix + "add")
             filters_in, block = filters_out, block + 1
-    x = layers.Conv2D(FEATURES, 1, use_bias=False, name="head_conv")(x)
-    x = layers.ReLU(6.0, name="head_relu")(_bn(x, "head_bn"))
+    x = conv(FEATURES, 1, "head_conv")(x)
+    x = relu6(x, "head_bn", "head_relu")
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dense(1000, activation="softmax", name="predictions")(x)
     return keras.Model(inputs, x, name=name)
+
+
+def fold_weights(quantized: Any, trained: Any) -> int:
+    """Fill ``quantized`` (``build(..., quantized=True)``) from ``trained``, the same variant
+    with BatchNormalization layers in inference mode: each convolution's kernel scaled per
+    output channel by gamma / sqrt(var + eps), its bias beta - mean * that scale (what BN does
+    at inference, exactly). Each folded convolution keeps the trained one's ``trainable``.
+    Returns the convolutions folded."""
+    import keras
+
+    folded = 0
+    for layer in quantized.layers:
+        if layer.name == "preprocess" or not isinstance(
+            layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D
+        ):
+            continue
+        source = trained.get_layer(layer.name)
+        bn = trained.get_layer(_bn_of(layer.name))
+        gamma, beta, mean, variance = (np.asarray(w, np.float64) for w in bn.get_weights())
+        scale = gamma / np.sqrt(variance + bn.epsilon)
+        kernel = np.asarray(source.get_weights()[0], np.float64)
+        # Conv2D kernels are HWIO (out channel last), depthwise kernels HWC1 (channel third).
+        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+        kernel = kernel * (scale[:, None] if depthwise else scale)
+        layer.kernel.assign(kernel.astype(np.float32))
+        layer.bias.assign((beta - mean * scale).astype(np.float32))
+        layer.refresh_bound()
+        layer.trainable = source.trainable
+        folded += 1
+    return folded
+
+
+def _bn_of(conv: str) -> str:
+    """The BatchNormalization after convolution ``conv`` (build's names)."""
+    if conv.endswith("_dwconv"):
+        return conv.removesuffix("dwconv") + "dw_bn"
+    return conv.removesuffix("_conv") + "_bn"
 
 
 def _bn_weights(state: dict[str, np.ndarray], key: str) -> list[np.ndarray]:

@@ -202,6 +202,11 @@ class FinetuneParams:
     mixed_precision: bool | None
     """None: ``mixed_float16`` when a GPU is visible, float32 otherwise; true/false force it.
     The head stays float32 and the saved model is float32 either way (imgpipe.distribute)."""
+    quantization_aware_epochs: int
+    """0: export quantizes the float model after training. N: after the schedule, N more
+    epochs train the model in the form that computes what the full-integer TFLite model will
+    (BatchNorm folded, int8 kernels, 8-bit activations; imgpipe.quantization), which is then
+    the model evaluated, served and converted (EfficientNet-Lite backbones, softmax head)."""
     workers: int
     """Machines that fine-tune together. 1: one pod, as DVC and kfp.local run it. More: the
     Kubeflow step launches a Kubeflow Trainer TrainJob of that many nodes
@@ -231,6 +236,11 @@ class FinetuneParams:
         if self.prior_balance is not None and not 0.0 <= self.prior_balance <= 1.0:
             raise ParamsError(
                 f"finetune.prior_balance must be null or within [0, 1], got {self.prior_balance}"
+            )
+        if self.quantization_aware_epochs < 0:
+            raise ParamsError(
+                "finetune.quantization_aware_epochs must be 0 or more, "
+                f"got {self.quantization_aware_epochs}"
             )
 
 

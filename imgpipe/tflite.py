@@ -4,6 +4,10 @@ Each takes one ``image`` (1 x size x size x 3, RGB 0-255: float32, or uint8 for 
 int8 model whose output is uint8 probabilities in steps of 1/256); the int8-weights model
 (dynamic-range quantization) takes and returns float32 like the float one. Parity runs over the
 whole test split: the TFLite models see the same decoded pixels as the SavedModel.
+
+A quantization-aware model (imgpipe.quantization) already computes what the integer model
+will: its full-integer model takes its quantization from the model's own roundings, with no
+calibration images, and it has no float32 or int8-weights form.
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ def write_tflite(
     import keras
     import tensorflow as tf
 
+    from imgpipe.quantization import is_quantized
+
     paths: dict[str, Path] = {}
+    if is_quantized(model):
+        if int8:
+            paths["int8"] = directory / TFLITE_FILES["int8"]
+            paths["int8"].write_bytes(_quantization_aware_int8(model, image_size))
+        return paths
     with tempfile.TemporaryDirectory(prefix="imgpipe-tflite-") as tmp:
         archive = keras.export.ExportArchive()
         archive.track(model)
@@ -71,6 +82,28 @@ def write_tflite(
     return paths
 
 
+def _quantization_aware_int8(model: Any, image_size: int) -> bytes:
+    """The full-integer model of a quantization-aware ``model``: uint8 in and out, every
+    tensor quantized as the model's roundings say. The converter reads those roundings as
+    quantization only from a frozen graph (not from a SavedModel), so the model is converted
+    from its concrete function; the file then has no signature (TFLiteClassifier runs its one
+    input and output)."""
+    import tensorflow as tf
+
+    function = tf.function(
+        lambda image: {"probabilities": model(image, training=False)},
+        input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="image")],
+    )
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [function.get_concrete_function()], model
+    )
+    converter.experimental_lower_to_saved_model = False
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    return bytes(converter.convert())
+
+
 class TFLiteClassifier:
     """One TFLite model through ai-edge-litert: float RGB 0-255 images in, probabilities out,
     (de)quantising where the model is integer."""
@@ -78,9 +111,16 @@ class TFLiteClassifier:
     def __init__(self, path: Path) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        self.runner = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
-        self.input = self.runner.get_input_details()["image"]
-        self.output = self.runner.get_output_details()["probabilities"]
+        self.interpreter = Interpreter(model_path=str(path))
+        self.runner: Any = None
+        if "serving_default" in self.interpreter.get_signature_list():
+            self.runner = self.interpreter.get_signature_runner("serving_default")
+            self.input = self.runner.get_input_details()["image"]
+            self.output = self.runner.get_output_details()["probabilities"]
+        else:  # a quantization-aware model's: one input, one output, no signature
+            self.interpreter.allocate_tensors()
+            self.input = self.interpreter.get_input_details()[0]
+            self.output = self.interpreter.get_output_details()[0]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         x = image[None]
@@ -88,7 +128,13 @@ class TFLiteClassifier:
             scale, zero = self.input["quantization"]
             info = np.iinfo(self.input["dtype"])
             x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        y = self.runner(image=x.astype(self.input["dtype"]))["probabilities"][0]
+        x = x.astype(self.input["dtype"])
+        if self.runner is not None:
+            y = self.runner(image=x)["probabilities"][0]
+        else:
+            self.interpreter.set_tensor(self.input["index"], x)
+            self.interpreter.invoke()
+            y = self.interpreter.get_tensor(self.output["index"])[0]
         if self.output["dtype"] != np.float32:
             scale, zero = self.output["quantization"]
             y = (y.astype(np.float32) - zero) * scale

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from imgpipe.backbones import BASE_NAME
 from imgpipe.ordinal import OrdinalProbabilities
+from imgpipe.quantization import FakeQuant, QuantizedDense
 
 HISTORY_COLUMNS = (
     "step",
@@ -43,18 +44,33 @@ def build_head(
     hidden_units: int,
     seed: int,
     output: str = "softmax",
+    quantized: bool = False,
 ) -> keras.Model:
     """Dropout -> [Dense(hidden, relu) -> Dropout] -> the ``probabilities`` layer, on pooled
     base features; the same layers serve the cached-feature and the end-to-end model. The
     output is Dense(num_classes, softmax), or with ``output="ordinal"`` a cumulative-logit
-    layer for ordered labels (imgpipe.ordinal): class probabilities either way."""
+    layer for ordered labels (imgpipe.ordinal): class probabilities either way.
+
+    ``quantized`` (softmax only): the form quantization-aware fine-tuning trains, rounding the
+    features, the kernels and the logits as TFLite's integer model stores them; its
+    ``probabilities`` layer then gives the logits and a Softmax layer follows."""
+    if quantized and output != "softmax":
+        raise ValueError("a quantized head has a softmax output")
+    dense = QuantizedDense if quantized else keras.layers.Dense
+
+    def stored(x: Any, name: str) -> Any:
+        return FakeQuant(name=name)(x) if quantized else x
+
     inputs = keras.Input((feature_dim,), name="pooled_features")
-    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(inputs)
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(stored(inputs, "features_quant"))
     if hidden_units:
-        x = keras.layers.Dense(hidden_units, activation="relu", name="hidden")(x)
+        x = stored(dense(hidden_units, activation="relu", name="hidden")(x), "hidden_quant")
         x = keras.layers.Dropout(dropout, seed=seed + 1, name="hidden_dropout")(x)
     if output == "ordinal":
         outputs = OrdinalProbabilities(num_classes, name="probabilities")(x)
+    elif quantized:
+        logits = stored(dense(num_classes, name="probabilities")(x), "logits_quant")
+        outputs = keras.layers.Softmax(name="softmax")(logits)
     else:
         outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=HEAD_NAME)
@@ -66,6 +82,40 @@ def assemble(base: keras.Model, head: keras.Model) -> keras.Model:
     features = base(inputs, training=False)
     pooled = keras.layers.GlobalAveragePooling2D(name=POOLED_LAYER)(features)
     return keras.Model(inputs, head(pooled), name="classifier")
+
+
+def quantization_aware(model: keras.Model, model_params: Any) -> keras.Model:
+    """``model`` (a trained classifier with a softmax head) in the form that computes what the
+    full-integer TFLite model will (imgpipe.quantization): BatchNormalization folded into the
+    convolutions, kernels rounded to int8, every stored tensor rounded to 256 levels. The same
+    layers train as in ``model``; the ranges of the activations are still to be measured
+    (``quantization.measure``)."""
+    from imgpipe import backbones
+
+    head = model.get_layer(HEAD_NAME)
+    output = head.get_layer("probabilities")
+    if isinstance(output, OrdinalProbabilities):
+        raise ValueError(
+            "finetune.quantization_aware_epochs needs train.head: softmax (the ordinal head "
+            "has no quantized form): set it to 0"
+        )
+    dropout = head.get_layer("dropout")
+    hidden = [layer for layer in head.layers if layer.name == "hidden"]
+    quantized_head = build_head(
+        int(head.inputs[0].shape[-1]),
+        output.units,
+        dropout.rate,
+        hidden[0].units if hidden else 0,
+        dropout.seed or 0,
+        quantized=True,
+    )
+    for name in ("probabilities", *(["hidden"] if hidden else [])):
+        source, target = head.get_layer(name), quantized_head.get_layer(name)
+        target.kernel.assign(source.kernel)
+        target.bias.assign(source.bias)
+        target.refresh_bound()
+        target.trainable = source.trainable
+    return assemble(backbones.quantized_base(model_params, base_of(model)), quantized_head)
 
 
 def deterministic() -> None:

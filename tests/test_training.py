@@ -265,6 +265,58 @@ def test_warmup_averaging_and_same_seed_same_weights(project, tmp_path):
         assert x.tobytes() == y.tobytes()
 
 
+def test_quantization_aware_finetuning_serves_what_the_int8_model_computes(project, tmp_path):
+    """With ``quantization_aware_epochs`` the kept model is the folded, int8-simulating form:
+    right after folding it decides like the float model; it trains one more epoch (logged as
+    the quantize phase), takes the prior correction and temperature, and the full-integer
+    TFLite model converted from it (uint8 in and out, no float tensor, no calibration images)
+    gives the same class as the Keras model on every validation image."""
+    import keras
+
+    from imgpipe import quantization
+    from imgpipe.backbones import BackboneError, quantized_base
+    from imgpipe.datasets import image_dataset
+    from imgpipe.manifest import SHARDS
+    from imgpipe.tflite import TFLiteClassifier, write_tflite
+    from imgpipe.tfrecords import split_files
+    from imgpipe.training import quantization_aware
+
+    val = split_files(project.ingest / SHARDS, "val")
+    images = np.concatenate([x.numpy() for x, _ in image_dataset(val, IMAGE_SIZE, 64)])
+    frozen = keras.models.load_model(project.model, compile=False)
+    folded = quantization_aware(frozen, params("model", **MODEL))
+    quantization.measure(folded, [images])
+    agree = np.mean(
+        folded.predict(images, verbose=0).argmax(1) == frozen.predict(images, verbose=0).argmax(1)
+    )
+    assert agree >= 0.9, agree
+    with pytest.raises(BackboneError, match=r"quantization_aware_epochs.*mobilenet_v2"):
+        quantized_base(params("model", backbone="mobilenet_v2"), None)
+
+    tuning = params(
+        "finetune",
+        **{**FINETUNE, "epochs": 1, "early_stopping_patience": None},
+        quantization_aware_epochs=1,
+    )
+    summary = _finetune(project, tmp_path, params("model", **MODEL), tuning)
+    assert summary["quantization_aware_epochs"] == 1 and "float_val_accuracy" in summary
+    phases = [r["phase"] for r in read_csv_rows(tmp_path / "finetune_history.csv")]
+    assert phases == ["finetune", "quantize"], phases
+    model = keras.models.load_model(tmp_path / "finetune" / "model.keras", compile=False)
+    assert quantization.is_quantized(model)
+
+    paths = write_tflite(model, IMAGE_SIZE, tmp_path, [], int8=True, int8_weights=True)
+    assert set(paths) == {"int8"}  # a quantized graph has no float32 or int8-weights form
+    int8 = TFLiteClassifier(paths["int8"])
+    assert int8.input["dtype"] == np.uint8 and int8.output["dtype"] == np.uint8
+    details = int8.interpreter.get_tensor_details()
+    assert not [d["name"] for d in details if d["dtype"] == np.float32]
+    served = model.predict(images, verbose=0)
+    integer = np.stack([int8(image) for image in images])
+    assert (integer.argmax(1) == served.argmax(1)).all(), (integer, served)
+    assert np.abs(integer - served).max() < 0.05
+
+
 def test_head_on_cached_features_equals_frozen_model_on_images():
     """The frozen phase's shortcut is exact: train.fit of the head alone on
     train.extract_features(images) ends with the same head weights (atol 1e-4, measured ~1e-6)
