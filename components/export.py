@@ -138,6 +138,9 @@ def run(
                 **{f"tflite_{kind}": _size_mb(path) for kind, path in tflite.items()},
             },
             "parity": parity(served, tflite, read_split(shards), labels, size, progress),
+            # The same on validation: what a recipe (post-training or quantization-aware
+            # int8) is chosen on; the test split's figures above only report.
+            "parity_validation": parity(served, tflite, validation, labels, size, progress),
         }
         evaluation_metrics = json.loads(Path(evaluation).read_text())
         (staged / CARD).write_text(
@@ -162,8 +165,9 @@ def metrics(summary: dict[str, Any]) -> dict[str, float]:
     return {
         **{f"export.size_mb.{k}": v for k, v in summary["sizes_mb"].items()},
         **{
-            f"parity.{kind}.{k}": v
-            for kind, values in summary["parity"].items()
+            f"{section}.{kind}.{k}": v
+            for section in ("parity", "parity_validation")
+            for kind, values in summary.get(section, {}).items()
             if isinstance(values, dict)
             for k, v in values.items()
         },

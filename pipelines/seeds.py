@@ -35,11 +35,14 @@ VALIDATION = (
     "finetune.corrected_val_accuracy",
     "finetune.corrected_val_balanced_accuracy",
     "finetune.val_ece",
+    "finetune.float_val_accuracy",
 )
 """The validation figures summarised, from metrics/finetune.json (``corrected_``: with the
-decision fitted on validation, what is served); when the seed runs reached
-evaluate, the test split's accuracy, balanced accuracy, ECE and per-class recall too
-(validation figures choose recipes, test figures only report the final one)."""
+decision fitted on validation, what is served; ``float_``: a quantization-aware run's float
+model before its quantized epochs); when the seed runs reached evaluate, the test split's
+accuracy, balanced accuracy, ECE and per-class recall too, and when they reached export, the
+TFLite models' agreement with the SavedModel on validation (validation figures choose
+recipes, test figures only report the final one)."""
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -64,9 +67,10 @@ def within_spread(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
     return abs(a["mean"] - b["mean"]) < max(a["sd"], b["sd"])
 
 
-def headline(metrics_dir: Path, with_test: bool) -> dict[str, float]:
+def headline(metrics_dir: Path, with_test: bool, with_export: bool = False) -> dict[str, float]:
     """The headline figures of the run whose outputs are in ``metrics_dir``; the test split's
-    only ``with_test`` (the run reached evaluate: else its evaluate.json is an older run's)."""
+    only ``with_test`` (the run reached evaluate: else its evaluate.json is an older run's),
+    export's only ``with_export``."""
     figures: dict[str, float] = {}
     tuned = _read(metrics_dir / "finetune.json").get("finetune", {})
     for key in VALIDATION:
@@ -79,6 +83,10 @@ def headline(metrics_dir: Path, with_test: bool) -> dict[str, float]:
             figures[f"test.{key}"] = float(test[key])
     for label, row in test.get("per_class", {}).items():
         figures[f"test.recall.{label}"] = float(row["recall"])
+    exported = _read(metrics_dir / "export.json") if with_export else {}
+    for kind, row in exported.get("parity_validation", {}).items():
+        if isinstance(row, dict) and "top1_agreement" in row:
+            figures[f"export.val_agreement.{kind}"] = float(row["top1_agreement"])
     return figures
 
 
@@ -143,7 +151,11 @@ def run_recipe(
                 f"seeds: `{' '.join(command)}` failed (exit {done.returncode}); "
                 f"the seeds before it are in `dvc exp show`"
             )
-        per_seed[seed] = headline(root / "metrics", with_test=reaches_evaluate)
+        per_seed[seed] = headline(
+            root / "metrics",
+            with_test=reaches_evaluate,
+            with_export=order.index(through) >= order.index("export"),
+        )
         if yaml.safe_load((root / "params.yaml").read_text()) == params:
             (root / "params.yaml").write_text(original)  # DVC's -S rewrote it: keep its comments
         found = mlflow.search_runs(
