@@ -76,13 +76,6 @@ class FakeQuant(keras.layers.Layer):
         high = tf.maximum(self.high, self.low + 1e-6)
         return tf.quantization.fake_quant_with_min_max_vars(inputs, self.low, high, num_bits=8)
 
-    def scale_range(self, factor: float, shift_low: float = 0.0, shift_high: float = 0.0) -> None:
-        """The range of ``(x + shift) * factor`` for x in the current range, shifts per class:
-        the logits' range after a prior correction and a temperature are folded upstream."""
-        low, high = float(self.low.numpy()), float(self.high.numpy())
-        self.low.assign(min(0.0, (low + shift_low) * factor))
-        self.high.assign(max(0.0, (high + shift_high) * factor))
-
     def get_config(self) -> dict[str, Any]:
         low, high = self.initial
         return {
@@ -148,6 +141,15 @@ class _RoundedKernel:
     def _flat_kernel(self) -> Any:
         return self.kernel
 
+    def _finish(self, outputs: Any) -> Any:
+        """The bias and the activation, as the float layer adds them."""
+        from keras import ops
+
+        layer: Any = self
+        if layer.use_bias:
+            outputs = ops.add(outputs, layer.bias)
+        return layer.activation(outputs) if layer.activation is not None else outputs
+
 
 @keras.saving.register_keras_serializable(package="imgpipe")
 class QuantizedConv2D(_RoundedKernel, keras.layers.Conv2D):
@@ -158,12 +160,7 @@ class QuantizedConv2D(_RoundedKernel, keras.layers.Conv2D):
         self._add_bound(self, self.filters)
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
-        from keras import ops
-
-        outputs = self.convolution_op(inputs, self._rounded(self.kernel, training))
-        if self.use_bias:
-            outputs = ops.add(outputs, self.bias)
-        return self.activation(outputs) if self.activation is not None else outputs
+        return self._finish(self.convolution_op(inputs, self._rounded(self.kernel, training)))
 
 
 @keras.saving.register_keras_serializable(package="imgpipe")
@@ -193,9 +190,7 @@ class QuantizedDepthwiseConv2D(_RoundedKernel, keras.layers.DepthwiseConv2D):
             dilation_rate=self.dilation_rate,
             data_format=self.data_format,
         )
-        if self.use_bias:
-            outputs = ops.add(outputs, self.bias)
-        return self.activation(outputs) if self.activation is not None else outputs
+        return self._finish(outputs)
 
 
 @keras.saving.register_keras_serializable(package="imgpipe")
@@ -213,9 +208,7 @@ class QuantizedDense(_RoundedKernel, keras.layers.Dense):
         from keras import ops
 
         outputs = ops.matmul(inputs, self._rounded(self.kernel, training))
-        if self.use_bias:
-            outputs = ops.add(outputs, self.bias)
-        return self.activation(outputs) if self.activation is not None else outputs
+        return self._finish(outputs)
 
 
 def refresh_bounds(model: Any) -> int:
