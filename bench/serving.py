@@ -204,13 +204,14 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",")]
     size = backbones.image_size(section(ModelParams, "model", load_params(args.params)))
     requests = requests_for(image, size)
-    tflite_files = {  # int8 only when the export made it (export.int8)
+    # What the export made: export.int8 and int8_weights; only int8 when quantization-aware.
+    tflite_files = {
         kind: args.tflite / name
         for kind, name in TFLITE_FILES.items()
-        if kind == "float32" or (args.tflite / name).is_file()
+        if (args.tflite / name).is_file()
     }
-    for path in tflite_files.values():
-        require(path)
+    if not tflite_files:
+        require(args.tflite / TFLITE_FILES["int8"])
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
