@@ -31,7 +31,7 @@ from imgpipe.calibration import untempered
 from imgpipe.errors import InputError
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
-from imgpipe.lineage import changes, lineage_digest, manifest_labels, relabelled
+from imgpipe.lineage import changes, lineage_digest, relabelled
 from imgpipe.manifest import LABELS, MANIFEST, SHARDS
 from imgpipe.metrics import (
     calibration_bins,
@@ -73,7 +73,8 @@ def predict_keras(model: Any, encoded: Sequence[bytes], image_size: int, batch: 
     return np.concatenate([np.asarray(model(x, training=False)) for x in batches])
 
 
-def _test_manifest(manifest: Path, columns: Sequence[str]) -> dict[str, dict[str, str]]:
+def _read_manifest(manifest: Path, columns: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Every row of ingest's manifest by sha256, checked to have the ``columns`` slices need."""
     with open(manifest, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
@@ -82,7 +83,7 @@ def _test_manifest(manifest: Path, columns: Sequence[str]) -> dict[str, dict[str
                 f"evaluate.slice_by names column(s) {missing} that {manifest} does not have; "
                 f"its columns are {reader.fieldnames}"
             )
-        return {row["sha256"]: row for row in reader if row["split"] == "test"}
+        return {row["sha256"]: row for row in reader}
 
 
 def slice_metrics(
@@ -328,7 +329,8 @@ def run(
         champion = registry.champion(serving.model_name)
     size = backbones.image_size(model)
     labels = read_labels(dataset / LABELS)
-    manifest = _test_manifest(dataset / MANIFEST, params.slice_by)
+    every_image = _read_manifest(dataset / MANIFEST, params.slice_by)
+    manifest = {sha: row for sha, row in every_image.items() if row["split"] == "test"}
     test = read_split(dataset / SHARDS)
     missing = [s for s in test.sha256 if s not in manifest]
     if missing:
@@ -351,7 +353,9 @@ def run(
     rows = [manifest[s] for s in test.sha256]
     slices = slice_metrics(rows, test.labels, probs, labels, params.slice_by, bins)
     baseline, comparison = (
-        against_champion(champion, test, probs, labels, params, manifest_labels(dataset / MANIFEST))
+        against_champion(
+            champion, test, probs, labels, params, {s: r["label"] for s, r in every_image.items()}
+        )
         if champion
         else (None, None)
     )

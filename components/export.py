@@ -99,11 +99,12 @@ def run(
         saved_model = saved_model_dir(staged, serving.model_name)
         saved_model.parent.mkdir(parents=True)
         write_saved_model(network, labels, size, saved_model)
-        warmup = read_split(shards, "val", params.warmup_images).encoded
-        warmups = write_warmup(saved_model, serving.model_name, warmup)
+        validation = read_split(shards, "val")  # the warmup, the reference profile, parity
+        warmups = write_warmup(
+            saved_model, serving.model_name, validation.encoded[: params.warmup_images]
+        )
         served = SavedModelClassifier(saved_model)
         run_warmup(served)
-        validation = read_split(shards, "val")
         sample = np.random.default_rng(0).permutation(len(validation.encoded))
         sample = np.sort(sample[: monitor.reference_images])
         write_reference(
