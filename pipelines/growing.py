@@ -217,15 +217,21 @@ def check(records: Mapping[str, dict[str, Any]]) -> list[str]:
     return said
 
 
-def _env(work: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "GIT_"))}
+def dvc_env(work: Path, experiment: str = EXPERIMENT) -> dict[str, str]:
+    """The environment of a throwaway DVC project under ``work``: this venv's commands first,
+    DVC's and git's configuration and MLflow's store inside ``work``, no analytics."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))}
     env.update(
         {
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             "DVC_NO_ANALYTICS": "1",
+            "DVC_SITE_CACHE_DIR": str(work / "dvc-site-cache"),
+            "DVC_GLOBAL_CONFIG_DIR": str(work / "dvc-global-config"),
+            "DVC_SYSTEM_CONFIG_DIR": str(work / "dvc-system-config"),
             "GX_ANALYTICS_ENABLED": "false",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
             "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-            "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
+            "MLFLOW_EXPERIMENT_NAME": experiment,
             "GIT_AUTHOR_NAME": "imgpipe",
             "GIT_AUTHOR_EMAIL": "imgpipe@example.invalid",
             "GIT_COMMITTER_NAME": "imgpipe",
@@ -349,7 +355,7 @@ def run(
     data = make_versions(
         source, work, new_fraction=new_fraction, corrupt_fraction=corrupt_fraction, seed=seed
     )
-    env = _env(work)
+    env = dvc_env(work)
     ran = (_run_dvc if orchestrator == "dvc" else _run_kfp)(work, params, env)
     records: dict[str, dict[str, Any]] = {}
     previous = None

@@ -12,10 +12,8 @@ pass in any order.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +22,11 @@ import yaml
 from conftest import mlflow_server, read_csv_rows
 from PIL import Image
 
+from pipelines.growing import dvc_env, dvc_project
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 PROJECT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 CLASSES = ("circle", "square", "triangle")
 IMAGES_PER_CLASS = 16  # ingest's 75/10/15 rounding gives 10 train, 2 val, 4 test per class
 EXPERIMENT = "imgpipe-e2e"
@@ -87,38 +86,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     """The repo with the tiny data set committed and tracked by DVC, not yet reproduced."""
     base = tmp_path_factory.mktemp("dvc_e2e")
     root = base / "repo"
-    root.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))}
-    env.update(
-        {
-            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-            "DVC_NO_ANALYTICS": "1",
-            "DVC_SITE_CACHE_DIR": str(base / "dvc-site-cache"),
-            "DVC_GLOBAL_CONFIG_DIR": str(base / "dvc-global-config"),
-            "DVC_SYSTEM_CONFIG_DIR": str(base / "dvc-system-config"),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
-            "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
-            "GX_ANALYTICS_ENABLED": "false",
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            "GIT_AUTHOR_NAME": "imgpipe tests",
-            "GIT_AUTHOR_EMAIL": "tests@example.invalid",
-            "GIT_COMMITTER_NAME": "imgpipe tests",
-            "GIT_COMMITTER_EMAIL": "tests@example.invalid",
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": os.devnull,
-        }
-    )
+    env = dvc_env(base, EXPERIMENT)
     repo = Repo(root, env)
-
-    shutil.copy(PROJECT / "dvc.yaml", root / "dvc.yaml")
-    shutil.copy(PROJECT / "params.yaml", root / "params.yaml")
-    shutil.copy(PROJECT / ".dvcignore", root / ".dvcignore")
-    for package in ("components", "imgpipe", "pipelines", "serving"):  # the stages' code deps
-        shutil.copytree(
-            PROJECT / package, root / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    (root / ".gitignore").write_text("/mlartifacts/\n/models/\n__pycache__/\n")
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["data"].update(source="data", metadata_csv=None)
     params["validate"].update(labels=list(CLASSES), min_images_per_class=2)
     # Small and quick: 32 px (Lite0's feature map is 1x1), 1 view per image, few epochs.
@@ -136,11 +106,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     )
     params["export"].update(warmup_images=2, representative_images=8)
     params["serving"].update(model_name=MODEL_NAME, model_base_path="models")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_project(root, params, env)  # the project's dvc.yaml and stage code, git and DVC
     write_tiny_dataset(root / "data")
-
-    repo.run("git", "init", "-q")
-    repo.run("dvc", "init", "-q")
     repo.run("dvc", "add", "-q", "data")
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-q", "-m", "tiny data set")
