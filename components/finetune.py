@@ -69,6 +69,7 @@ from imgpipe.training import (
     deterministic,
     plot_curves,
     read_history,
+    require_quantizable,
     write_history,
 )
 
@@ -200,6 +201,8 @@ def run(
                 trained, model_params, params, steps, learning_rate, policy
             )
 
+    if params.quantization_aware_epochs:  # before the schedule, not after it
+        require_quantizable(network, model_params)
     checkpoint = ResumableCheckpoint(
         checkpoints, key, params.monitor, params.early_stopping_patience, state, write=chief
     )

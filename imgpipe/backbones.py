@@ -179,18 +179,12 @@ def create(model_params: Any) -> Any:
 def quantized_base(model_params: Any, trained: Any) -> Any:
     """The folded, quantization-simulating form of ``trained`` (a base of ``model_params``'s
     backbone), named :data:`BASE_NAME`, its weights folded from ``trained``
-    (imgpipe.quantization). Only the EfficientNet-Lite backbones have one."""
+    (imgpipe.quantization). Only the EfficientNet-Lite backbones have one
+    (``training.require_quantizable`` says so first)."""
     from imgpipe import efficientnet_lite
 
-    name = model_params.backbone
-    if name not in efficientnet_lite.VARIANTS:
-        raise BackboneError(
-            f"finetune.quantization_aware_epochs: quantization-aware fine-tuning is built for "
-            f"the EfficientNet-Lite backbones ({', '.join(OFFLINE_BACKBONES)}), not {name}: "
-            "set it to 0 (export then quantizes after training)"
-        )
     size = image_size(model_params)
-    built = efficientnet_lite.build((size, size, 3), name=name, quantized=True)
+    built = efficientnet_lite.build((size, size, 3), name=model_params.backbone, quantized=True)
     efficientnet_lite.fold_weights(built, inner_base(trained))
     return keras.Model(built.input, built.output, name=BASE_NAME)
 

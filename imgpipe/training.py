@@ -84,6 +84,26 @@ def assemble(base: keras.Model, head: keras.Model) -> keras.Model:
     return keras.Model(inputs, head(pooled), name="classifier")
 
 
+def require_quantizable(model: keras.Model, model_params: Any) -> None:
+    """Raise, naming the params, unless quantization-aware fine-tuning can fold ``model``: an
+    EfficientNet-Lite backbone and a softmax head."""
+    from imgpipe import backbones, efficientnet_lite
+    from imgpipe.errors import InputError
+
+    if model_params.backbone not in efficientnet_lite.VARIANTS:
+        raise backbones.BackboneError(
+            f"finetune.quantization_aware_epochs: quantization-aware fine-tuning is built for "
+            f"the EfficientNet-Lite backbones ({', '.join(efficientnet_lite.VARIANTS)}), not "
+            f"model.backbone {model_params.backbone}: set it to 0 (export then quantizes "
+            "after training)"
+        )
+    if isinstance(model.get_layer(HEAD_NAME).get_layer("probabilities"), OrdinalProbabilities):
+        raise InputError(
+            "finetune.quantization_aware_epochs needs train.head: softmax (the ordinal head "
+            "has no quantized form): set it to 0"
+        )
+
+
 def quantization_aware(model: keras.Model, model_params: Any) -> keras.Model:
     """``model`` (a trained classifier with a softmax head) in the form that computes what the
     full-integer TFLite model will (imgpipe.quantization): BatchNormalization folded into the
@@ -92,13 +112,9 @@ def quantization_aware(model: keras.Model, model_params: Any) -> keras.Model:
     (``quantization.measure``)."""
     from imgpipe import backbones
 
+    require_quantizable(model, model_params)
     head = model.get_layer(HEAD_NAME)
     output = head.get_layer("probabilities")
-    if isinstance(output, OrdinalProbabilities):
-        raise ValueError(
-            "finetune.quantization_aware_epochs needs train.head: softmax (the ordinal head "
-            "has no quantized form): set it to 0"
-        )
     dropout = head.get_layer("dropout")
     hidden = [layer for layer in head.layers if layer.name == "hidden"]
     quantized_head = build_head(

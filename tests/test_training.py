@@ -274,12 +274,12 @@ def test_quantization_aware_finetuning_serves_what_the_int8_model_computes(proje
     import keras
 
     from imgpipe import quantization
-    from imgpipe.backbones import BackboneError, quantized_base
+    from imgpipe.backbones import BackboneError
     from imgpipe.datasets import image_dataset
     from imgpipe.manifest import SHARDS
     from imgpipe.tflite import TFLiteClassifier, write_tflite
     from imgpipe.tfrecords import split_files
-    from imgpipe.training import quantization_aware
+    from imgpipe.training import quantization_aware, require_quantizable
 
     val = split_files(project.ingest / SHARDS, "val")
     images = np.concatenate([x.numpy() for x, _ in image_dataset(val, IMAGE_SIZE, 64)])
@@ -291,7 +291,7 @@ def test_quantization_aware_finetuning_serves_what_the_int8_model_computes(proje
     )
     assert agree >= 0.9, agree
     with pytest.raises(BackboneError, match=r"quantization_aware_epochs.*mobilenet_v2"):
-        quantized_base(params("model", backbone="mobilenet_v2"), None)
+        require_quantizable(frozen, params("model", backbone="mobilenet_v2"))
 
     tuning = params(
         "finetune",
