@@ -204,8 +204,8 @@ def test_embedding_signature_and_reference_profile_are_what_the_monitor_compares
 def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported):
     """Guards the edge artifacts: over the whole test split the full-integer and the
     int8-weights models' top-1 agree with the SavedModel on at least 97% of images and the
-    float model on all of them; the report's
-    figures are recomputed here independently; labels and model card ship alongside."""
+    float model on all of them; the report's figures are recomputed here independently, and
+    given on validation too; labels and model card ship alongside."""
     from imgpipe.labels import read_labels
     from imgpipe.savedmodel import TFLITE, TFLITE_FILES, SavedModelClassifier
     from imgpipe.tflite import TFLiteClassifier
@@ -219,6 +219,11 @@ def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported
     assert parity["tflite_float32"]["top1_agreement"] == 1.0, parity
     assert parity["tflite_float32"]["max_abs_probability_diff"] < 1e-4, parity
     assert json.loads(exported.summary.read_text()) == exported.report
+    on_validation = exported.report["parity_validation"]  # what an int8 recipe is chosen on
+    assert set(on_validation) == set(parity)
+    assert on_validation["images"] == len(
+        read_split(exported.project.ingest / "shards", "val").labels
+    )
 
     # Recompute the int8 agreement from the files the report describes.
     from imgpipe.datasets import decode_and_resize
