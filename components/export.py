@@ -161,13 +161,17 @@ def run(
     return report
 
 
+PARITY_METRICS = (("parity", "parity"), ("parity_validation", "parity.validation"))
+"""The report's parity sections and their MLflow metric prefixes."""
+
+
 def metrics(summary: dict[str, Any]) -> dict[str, float]:
     """Sizes and the parity report, for MLflow."""
     return {
         **{f"export.size_mb.{k}": v for k, v in summary["sizes_mb"].items()},
-        **{
-            f"{section}.{kind}.{k}": v
-            for section in ("parity", "parity_validation")
+        **{  # the test split's as parity.<model>.*, validation's as parity.validation.<model>.*
+            f"{prefix}.{kind}.{k}": v
+            for section, prefix in PARITY_METRICS
             for kind, values in summary.get(section, {}).items()
             if isinstance(values, dict)
             for k, v in values.items()

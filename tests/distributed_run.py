@@ -14,7 +14,14 @@ from typing import Any
 
 TRAIN = {"seed": 42, "batch_size": 12, "epochs": 2, "learning_rate": 0.001, "dropout": 0.0}
 FINETUNE = {"seed": 42, "batch_size": 6, "epochs": 2, "learning_rate": 0.0001}
-FINETUNE_FIXED = {"unfreeze_layers": 20, "prior_balance": None, "early_stopping_patience": 2}
+# The replicas and workers are compared on fine-tuning itself: the quantized epoch after it
+# runs on the chief alone (quantization_aware_epochs 0 here).
+FINETUNE_FIXED = {
+    "unfreeze_layers": 20,
+    "prior_balance": None,
+    "early_stopping_patience": 2,
+    "quantization_aware_epochs": 0,
+}
 MODEL = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 32}
 
 

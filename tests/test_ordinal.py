@@ -85,7 +85,9 @@ def test_ordinal_head_through_finetune_evaluate_export_and_serving(tmp_path):
         history=tmp_path / "finetune_history.csv",
         checkpoints=tmp_path / "checkpoints",
         model=model,
-        finetune=params("finetune", epochs=1, batch_size=16, unfreeze_layers=20),
+        finetune=params(  # the ordinal head has no quantized form
+            "finetune", epochs=1, batch_size=16, unfreeze_layers=20, quantization_aware_epochs=0
+        ),
         augment=params("augment"),
         progress=False,
     )["finetune"]

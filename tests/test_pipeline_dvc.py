@@ -159,10 +159,11 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     frozen_rows = read_csv_rows(root / "metrics/train_history.csv")
     tuned_rows = read_csv_rows(root / "metrics/finetune_history.csv")
     assert [int(r["step"]) for r in frozen_rows] == list(range(TRAIN_EPOCHS))
-    assert [int(r["step"]) for r in tuned_rows] == [
-        TRAIN_EPOCHS + epoch for epoch in range(FINETUNE_EPOCHS)
+    assert [int(r["step"]) for r in tuned_rows] == [  # then the one quantization-aware epoch
+        TRAIN_EPOCHS + epoch for epoch in range(FINETUNE_EPOCHS + 1)
     ]
-    assert {r["phase"] for r in frozen_rows + tuned_rows} == {"frozen", "finetune"}
+    assert [r["phase"] for r in tuned_rows] == ["finetune"] * FINETUNE_EPOCHS + ["quantize"]
+    assert {r["phase"] for r in frozen_rows} == {"frozen"}
 
     evaluation = json.loads((root / "metrics/evaluate.json").read_text())
     assert evaluation["test"]["images"] == len(CLASSES) * 4 and evaluation["blessed"] is True
@@ -171,7 +172,9 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
         assert (root / "outputs/evaluate" / figure).is_file(), figure
     report = json.loads((root / "metrics/export.json").read_text())
     assert report["parity"]["images"] == len(CLASSES) * 4
-    assert report["parity"]["tflite_float32"]["top1_agreement"] == 1.0
+    # The default model is quantization-aware: one full-integer file, converted from it.
+    assert set(report["parity"]) == {"images", "saved_model", "tflite_int8"}, report["parity"]
+    assert report["parity"]["tflite_int8"]["top1_agreement"] >= 0.9, report["parity"]
     assert (root / f"outputs/export/serving/{MODEL_NAME}/1/saved_model.pb").is_file()
     pushed = json.loads((root / "metrics/push.json").read_text())
     assert pushed["version"] == 1 and pushed["serving_version"] == 1, pushed
@@ -264,7 +267,10 @@ def test_all_stages_log_into_one_mlflow_run(repo, first_repro):
     assert "val_accuracy" in metrics  # per-epoch curves on the shared step axis
     client = MlflowClient(tracking_uri=repo.env["MLFLOW_TRACKING_URI"])
     history = client.get_metric_history(run.info.run_id, "val_loss")
-    assert sorted(m.step for m in history) == list(range(TRAIN_EPOCHS + FINETUNE_EPOCHS))
+    quantized = 1  # the quantization-aware epoch after fine-tuning
+    assert sorted(m.step for m in history) == list(
+        range(TRAIN_EPOCHS + FINETUNE_EPOCHS + quantized)
+    )
     ingest_artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "ingest")}
     assert {
         "ingest/manifest.csv",

@@ -375,7 +375,7 @@ def test_kfp_local_runs_every_stage_then_the_monitor_retrains_and_serves_the_nex
     for stage in ("ingest", "finetune"):  # imported from the step's own log, which is named
         assert run.data.tags[f"stage.{stage}.log_run"] != run.info.run_id, stage
     epochs = client.get_metric_history(run.info.run_id, "val_accuracy")
-    assert [m.step for m in epochs] == [0, 1, 2]  # 2 frozen epochs, then 1 fine-tuning
+    assert [m.step for m in epochs] == [0, 1, 2, 3]  # 2 frozen, 1 fine-tuning, 1 quantized
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"ingest", "validate", "augment", "finetune", "evaluate", "export"} <= logged, logged
     champion = client.get_model_version_by_alias("tiny", "champion")

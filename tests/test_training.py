@@ -40,6 +40,7 @@ FINETUNE = {
     "learning_rate": 0.0001,
     "unfreeze_layers": 20,
     "early_stopping_patience": 5,
+    "quantization_aware_epochs": 0,  # the float schedule; its quantized epoch has a test of its own
 }
 
 
@@ -295,8 +296,12 @@ def test_quantization_aware_finetuning_serves_what_the_int8_model_computes(proje
 
     tuning = params(
         "finetune",
-        **{**FINETUNE, "epochs": 1, "early_stopping_patience": None},
-        quantization_aware_epochs=1,
+        **{
+            **FINETUNE,
+            "epochs": 1,
+            "early_stopping_patience": None,
+            "quantization_aware_epochs": 1,
+        },
     )
     summary = _finetune(project, tmp_path, params("model", **MODEL), tuning)
     assert summary["quantization_aware_epochs"] == 1 and "float_val_accuracy" in summary
