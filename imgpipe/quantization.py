@@ -6,8 +6,8 @@ the float one on ELPV: rounding the input to whole grey levels, int8 weights and
 activations each flip images whose top two classes are nearly tied. Here the float model itself
 carries those roundings, the way TensorFlow's QAT does it and the TFLite converter reads it:
 
-- :class:`FakeQuant` rounds a tensor to 256 levels of a range that is fixed (pixels 0-255,
-  ReLU6's 0-6) or tracked as a moving average of each batch's min and max while training
+- :class:`FakeQuant` rounds a tensor to 256 levels of a range that is fixed (the pixels, 0-255)
+  or tracked as a moving average of each batch's min and max while training
   (``tf.quantization.fake_quant_with_min_max_vars``: the converter takes its range as the
   tensor's int8 quantization);
 - :class:`QuantizedConv2D` and :class:`QuantizedDepthwiseConv2D` round their kernels per output
@@ -28,7 +28,7 @@ from typing import Any
 import keras
 
 PIXELS = (0.0, 255.0)
-RELU6 = (0.0, 6.0)
+"""The range of the model's input: whole grey levels, as TFLite's uint8 input carries them."""
 
 
 @keras.saving.register_keras_serializable(package="imgpipe")

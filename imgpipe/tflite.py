@@ -2,8 +2,9 @@
 
 Each takes one ``image`` (1 x size x size x 3, RGB 0-255: float32, or uint8 for the full-integer
 int8 model whose output is uint8 probabilities in steps of 1/256); the int8-weights model
-(dynamic-range quantization) takes and returns float32 like the float one. Parity runs over the
-whole test split: the TFLite models see the same decoded pixels as the SavedModel.
+(dynamic-range quantization) takes and returns float32 like the float one. Parity runs over a
+whole split (export: the test split, and validation): the TFLite models see the same decoded
+pixels as the SavedModel.
 
 A quantization-aware model (imgpipe.quantization) already computes what the integer model
 will: its full-integer model takes its quantization from the model's own roundings, with no

@@ -172,9 +172,10 @@ def test_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
         assert (root / "outputs/evaluate" / figure).is_file(), figure
     report = json.loads((root / "metrics/export.json").read_text())
     assert report["parity"]["images"] == len(CLASSES) * 4
-    # The default model is quantization-aware: one full-integer file, converted from it.
+    # The default model is quantization-aware: one full-integer file, converted from it, that
+    # computes its probabilities (noise classes are near ties: the top class says little).
     assert set(report["parity"]) == {"images", "saved_model", "tflite_int8"}, report["parity"]
-    assert report["parity"]["tflite_int8"]["top1_agreement"] >= 0.9, report["parity"]
+    assert report["parity"]["tflite_int8"]["max_abs_probability_diff"] < 0.02, report["parity"]
     assert (root / f"outputs/export/serving/{MODEL_NAME}/1/saved_model.pb").is_file()
     pushed = json.loads((root / "metrics/push.json").read_text())
     assert pushed["version"] == 1 and pushed["serving_version"] == 1, pushed
