@@ -2,7 +2,10 @@
 report), and the blessing gate.
 
 Metrics: accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1, the confusion
-matrix, expected calibration error, and all of them sliced by manifest metadata columns. Figures:
+matrix, expected calibration error, and all of them sliced by manifest metadata columns. They
+are the served model's (with the decision finetune fitted for ``finetune.objective``, if any);
+beside them, the network's own decision (the calibrated argmax) and the figures of the groups
+of classes declared in ``evaluate.class_groups``, for both decisions. Figures:
 the confusion matrix, a reliability diagram and the most confidently misclassified images.
 
 Blessing, like TFX's Evaluator: the candidate must reach absolute floors and, when the registry
@@ -20,14 +23,14 @@ import json
 import logging
 import tempfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
 
 from imgpipe import backbones, figures, gate, registry
-from imgpipe.calibration import untempered
+from imgpipe.calibration import Decision, own_decision, untempered
 from imgpipe.errors import InputError
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
@@ -37,7 +40,10 @@ from imgpipe.metrics import (
     calibration_bins,
     classification_metrics,
     confusion_matrix,
+    decision_metrics,
     expected_calibration_error,
+    group_index,
+    group_metrics,
     rounded,
 )
 from imgpipe.params import EvaluateParams, ModelParams, ServingParams
@@ -301,10 +307,28 @@ REGISTRY: Final = "registry"
 """``champion=REGISTRY``: compare with the registry's current champion of ``serving.model_name``."""
 
 
+def decisions(
+    y_true: np.ndarray,
+    served: np.ndarray,
+    own: np.ndarray,
+    labels: Sequence[str],
+    groups: Mapping[str, Sequence[str]],
+) -> dict[str, Any]:
+    """The network's own decision's figures (``own``: its calibrated probabilities) and, when
+    ``groups`` are declared, both decisions' figures on the groups of classes."""
+    figures: dict[str, Any] = {"argmax": decision_metrics(y_true, own.argmax(axis=1), labels)}
+    if groups:
+        figures["groups"] = {
+            name: group_metrics(y_true, probs.argmax(axis=1), labels, groups)
+            for name, probs in (("served", served), ("argmax", own))
+        }
+    return figures
+
+
 def run(
     *,
     tuned: Path,
-    temperature: Path,
+    decision: Path,
     dataset: Path,
     out: Path,
     summary: Path,
@@ -316,8 +340,8 @@ def run(
     champion: Champion | Literal["registry"] | None = REGISTRY,
 ) -> dict[str, Any]:
     """Evaluate the ``tuned`` model on ``dataset``'s test split and decide its blessing.
-    ``temperature``: finetune's temperature.json, to report the ECE the scores had before the
-    temperature was folded into the model.
+    ``decision``: finetune's decision.json, to score the network's own decision beside the
+    served one and report the ECE the scores had before the temperature was folded in.
 
     ``out`` receives predictions.csv, blessing.json and the figures; ``confusion`` (one row per
     test image) and ``calibration`` (one row per confidence bin) are DVC plots. ``champion``:
@@ -329,6 +353,9 @@ def run(
         champion = registry.champion(serving.model_name)
     size = backbones.image_size(model)
     labels = read_labels(dataset / LABELS)
+    groups = {name: list(members) for name, members in params.class_groups.items()}
+    if groups:  # before the model runs: a typo in params is an error at once
+        group_index(groups, labels, "evaluate.class_groups")
     every_image = _read_manifest(dataset / MANIFEST, params.slice_by)
     manifest = {sha: row for sha, row in every_image.items() if row["split"] == "test"}
     test = read_split(dataset / SHARDS)
@@ -344,12 +371,17 @@ def run(
     probs = predict_keras(network, test.encoded, size, params.batch_size)
     bins = params.calibration_bins
     candidate = classification_metrics(test.labels, probs, labels, bins)
-    fitted = json.loads(temperature.read_text())["temperature"]
-    before = untempered(
-        network, probs, fitted, lambda m: predict_keras(m, test.encoded, size, params.batch_size)
-    )
+    folded: Decision = json.loads(decision.read_text())
+    fitted = float(folded["temperature"])
+
+    def again(m: Any) -> np.ndarray:
+        return predict_keras(m, test.encoded, size, params.batch_size)
+
+    before = untempered(network, probs, fitted, again)
     candidate["ece_uncalibrated"] = expected_calibration_error(test.labels, before, bins)
     candidate["temperature"] = fitted
+    candidate["objective"] = folded.get("objective", "accuracy")
+    own = own_decision(network, probs, folded, again)
     rows = [manifest[s] for s in test.sha256]
     slices = slice_metrics(rows, test.labels, probs, labels, params.slice_by, bins)
     baseline, comparison = (
@@ -416,6 +448,7 @@ def run(
     metrics = rounded(
         {
             "test": candidate,
+            **decisions(test.labels, probs, own, labels, groups),
             "slices": slices,
             "blessed": blessing["blessed"],
             "champion": baseline,
@@ -435,6 +468,14 @@ def metrics(summary: dict[str, Any]) -> dict[str, float]:
     values = {f"test.{k}": test[k] for k in keys if k in test}
     for label, per_class in test["per_class"].items():
         values.update({f"test.{k}.{label}": per_class[k] for k in ("precision", "recall", "f1")})
+    headline = ("accuracy", "balanced_accuracy", "macro_f1")
+    if "argmax" in summary:
+        values.update({f"test.argmax.{k}": summary["argmax"][k] for k in headline})
+        for label, per_class in summary["argmax"]["per_class"].items():
+            values[f"test.argmax.recall.{label}"] = per_class["recall"]
+    for decided, m in summary.get("groups", {}).items():
+        prefix = "test.groups" if decided == "served" else f"test.{decided}.groups"
+        values.update({f"{prefix}.{k}": m[k] for k in headline})
     for column, groups in summary["slices"].items():
         for value, m in groups.items():
             key = "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in value)
@@ -472,12 +513,32 @@ def log_to_mlflow(out: Path) -> None:
         mlflow.log_artifact(str(out / name), "evaluate")
 
 
+def decision_text(summary: dict[str, Any]) -> str:
+    """``served (objective accuracy) 0.7260 / balanced 0.5837; argmax 0.7778 / 0.4740;
+    functional/defective: served 0.8539, argmax 0.8798``: the test figures of both decisions,
+    and of the class groups when declared (what the summary and the stage's log print)."""
+    test, own = summary["test"], summary.get("argmax")
+    text = (
+        f"served (objective {test.get('objective', 'accuracy')}) accuracy "
+        f"{test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}"
+    )
+    if own:
+        text += f"; argmax {own['accuracy']:.4f}, balanced {own['balanced_accuracy']:.4f}"
+    groups = summary.get("groups")
+    if groups:
+        names = "/".join(groups["served"]["per_class"])
+        text += f"; {names}: " + ", ".join(
+            f"{decided} {m['accuracy']:.4f} (balanced {m['balanced_accuracy']:.4f})"
+            for decided, m in groups.items()
+        )
+    return text
+
+
 def describe(summary: dict[str, Any]) -> str:
     test = summary["test"]
     verdict = "BLESSED" if summary["blessed"] else "NOT blessed"
     return (
-        f"test accuracy {test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}, "
-        f"macro-F1 {test['macro_f1']:.4f}, ECE {test['ece']:.3f} "
+        f"test {decision_text(summary)}, macro-F1 {test['macro_f1']:.4f}, ECE {test['ece']:.3f} "
         f"(uncalibrated {test['ece_uncalibrated']:.3f}) on {test['images']} images; "
         f"{verdict}: " + "; ".join(summary["checks"])
     )

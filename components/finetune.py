@@ -75,9 +75,10 @@ from imgpipe.training import (
 
 log = logging.getLogger(__name__)
 
-TEMPERATURE = "temperature.json"
-"""Beside the model: the temperature and prior offset folded into its output layer (evaluate
-reports the test ECE the scores had without the temperature)."""
+DECISION = "decision.json"
+"""Beside the model: the objective, and the temperature and decision folded into its output
+layer (imgpipe.calibration.Decision): evaluate scores the network's own decision beside the
+served one, and the test ECE the scores had without the temperature."""
 
 
 def unfreeze_top(model: keras.Model, backbone: str, layers: int) -> int:
@@ -293,13 +294,13 @@ def run(
         val_features.append(to_output.predict_on_batch(pooled))
     val_labels, probs = np.concatenate(val_true), np.concatenate(val_probs)
     scores = validation_scores(val_labels, probs)
-    fitted = fit_output(
+    fitted, decision = fit_output(
         output,
         val_labels,
         probs,
         np.concatenate(val_features),
         train_class_counts(dataset, probs.shape[1]),
-        params.prior_balance,
+        params.balance,
         params.calibrate,
     )
     if params.quantization_aware_epochs:  # the output layer changed: measure its range again
@@ -307,7 +308,7 @@ def run(
     with atomic_path(out) as staged:
         staged.mkdir()
         best.save(staged / MODEL)
-        write_json_atomic(staged / TEMPERATURE, {"temperature": fitted["temperature"]})
+        write_json_atomic(staged / DECISION, {"objective": params.objective, **decision})
         plot_curves(
             [*frozen_rows, *rows, *quantize_rows],
             staged / CURVES,
@@ -318,6 +319,7 @@ def run(
     metrics = {
         "finetune": {
             **{name: round(value, 6) for name, value in scores.items()},
+            "objective": params.objective,
             **fitted,
             **quantized,
             "epochs": len(rows),

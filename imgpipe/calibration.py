@@ -5,12 +5,16 @@ exported graph (SavedModel, TF Serving, TFLite) returns the decisions and scores
   bias divided by T: calibrated scores, the same decisions);
 - ordinal head (imgpipe.ordinal): a temperature fitted first, then the cut-points refitted
   for the decision at that temperature.
+
+The decision is fitted only for an objective other than accuracy (``finetune.objective``); what
+was folded in is written beside the model (``Decision``), so evaluate can also score the
+network's own decision, the calibrated argmax.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -27,6 +31,19 @@ ECE_BINS = 10
 uses ``evaluate.calibration_bins``)."""
 
 
+class Decision(TypedDict, total=False):
+    """What ``fit_output`` folded into the output layer (finetune's decision.json, with the
+    ``objective`` it was fitted for)."""
+
+    objective: str | float
+    temperature: float
+    offset: list[float]
+    """Softmax head: the logit offset added to the bias (zeros: the network's own decision)."""
+    cutpoints: list[float]
+    """Ordinal head: the cut-points served, and those the network trained."""
+    trained_cutpoints: list[float]
+
+
 def fit_output(
     output: Any,
     labels: np.ndarray,
@@ -35,11 +52,11 @@ def fit_output(
     class_counts: np.ndarray,
     balance: float | None,
     calibrate: bool,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Decision]:
     """Fit on validation (``labels``; the model's ``probs``; ``features``, the output layer's
     inputs) and set on ``output`` (the head's ``probabilities`` layer) the decision and the
     temperature; ``balance`` weighs balanced accuracy against accuracy in the decision's fit
-    (None: the trained decision). Returns the figures for the summary."""
+    (None: the trained decision). Returns the figures for the summary and the decision."""
     from imgpipe import ordinal
 
     if isinstance(output, ordinal.OrdinalProbabilities):
@@ -69,7 +86,7 @@ def _fit_softmax(
     class_counts: np.ndarray,
     balance: float | None,
     calibrate: bool,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Decision]:
     figures: dict[str, Any] = {}
     shift = np.zeros(probs.shape[1])
     if balance is not None:
@@ -85,7 +102,8 @@ def _fit_softmax(
     output.kernel.assign(kernel / temperature)
     output.bias.assign((bias + shift.astype(bias.dtype)) / temperature)
     tempered = shift_probabilities(probs, shift, temperature)
-    return {**figures, **_figures(labels, corrected, tempered, temperature)}
+    decision = Decision(temperature=temperature, offset=[float(v) for v in shift])
+    return {**figures, **_figures(labels, corrected, tempered, temperature)}, decision
 
 
 def _fit_ordinal(
@@ -94,7 +112,7 @@ def _fit_ordinal(
     features: np.ndarray,
     balance: float | None,
     calibrate: bool,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Decision]:
     from imgpipe import ordinal
 
     scores = output.scores(features)
@@ -113,7 +131,12 @@ def _fit_ordinal(
     figures["cutpoints"] = [round(float(c), 6) for c in cut]
     before = ordinal.probabilities(scores, cut)
     after = ordinal.probabilities(scores, cut, temperature)
-    return {**figures, **_figures(labels, before, after, temperature)}
+    decision = Decision(
+        temperature=temperature,
+        cutpoints=[float(c) for c in cut],
+        trained_cutpoints=[float(c) for c in trained],
+    )
+    return {**figures, **_figures(labels, before, after, temperature)}, decision
 
 
 def untempered(
@@ -133,3 +156,26 @@ def untempered(
         return predict(network)
     finally:
         output.temperature.assign(temperature)
+
+
+def own_decision(
+    network: Any, probs: np.ndarray, decision: Decision, predict: Callable[[Any], np.ndarray]
+) -> np.ndarray:
+    """The probabilities of ``network``'s own decision, calibrated (the argmax the network
+    learned, at the fitted temperature), from ``probs``, what it serves with ``decision`` folded
+    in: for a softmax, the offset taken off the logits exactly; an ordinal head is asked again
+    (``predict``) with its trained cut-points. Equal to ``probs`` when nothing was fitted."""
+    from imgpipe import ordinal
+    from imgpipe.training import HEAD_NAME
+
+    temperature = float(decision["temperature"])
+    output = network.get_layer(HEAD_NAME).get_layer(ordinal.NAME)
+    if not isinstance(output, ordinal.OrdinalProbabilities):
+        offset = np.asarray(decision.get("offset", 0.0), np.float64)
+        return shift_probabilities(probs, -offset / temperature)
+    served = np.asarray(decision["cutpoints"], np.float64)
+    output.set_decision(np.asarray(decision["trained_cutpoints"], np.float64), temperature)
+    try:
+        return predict(network)
+    finally:
+        output.set_decision(served, temperature)

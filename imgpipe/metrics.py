@@ -80,14 +80,27 @@ def classification_metrics(
         raise InputError(
             f"expected probabilities of shape ({len(actual)}, {len(labels)}), got {probs.shape}"
         )
+    return {
+        **decision_metrics(actual, probs.argmax(axis=1), labels),
+        "ece": expected_calibration_error(actual, probs, bins) if len(actual) else 0.0,
+    }
+
+
+def decision_metrics(
+    y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, labels: Sequence[str]
+) -> dict[str, Any]:
+    """The figures of a decision alone (class indices into ``labels``): accuracy, balanced
+    accuracy, macro-F1 and per-class precision/recall/F1/support, averaged as in
+    ``classification_metrics``."""
+    actual = np.asarray(y_true, np.int64)
+    predicted = np.asarray(y_pred, np.int64)
     if not len(actual):  # sklearn refuses empty input: no image, every score 0
-        scores = dict.fromkeys(("accuracy", "balanced_accuracy", "macro_f1", "ece"), 0.0)
+        scores = dict.fromkeys(("accuracy", "balanced_accuracy", "macro_f1"), 0.0)
         zero = {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
         return {"images": 0, **scores, "per_class": {label: dict(zero) for label in labels}}
-    y_pred = probs.argmax(axis=1)
     # Every class, by index, so that a class absent from this slice still has its row.
     precision, recall, f1, support = skm.precision_recall_fscore_support(
-        actual, y_pred, labels=np.arange(len(labels)), zero_division=0.0
+        actual, predicted, labels=np.arange(len(labels)), zero_division=0.0
     )
     # Balanced accuracy is the macro recall over the classes present in y_true: what
     # skm.balanced_accuracy_score computes, which has no labels argument and warns on every
@@ -96,10 +109,9 @@ def classification_metrics(
     averaged = {"labels": present, "average": "macro", "zero_division": 0.0}
     return {
         "images": len(actual),
-        "accuracy": float(skm.accuracy_score(actual, y_pred)),
-        "balanced_accuracy": float(skm.recall_score(actual, y_pred, **averaged)),
-        "macro_f1": float(skm.f1_score(actual, y_pred, **averaged)),
-        "ece": expected_calibration_error(actual, probs, bins),
+        "accuracy": float(skm.accuracy_score(actual, predicted)),
+        "balanced_accuracy": float(skm.recall_score(actual, predicted, **averaged)),
+        "macro_f1": float(skm.f1_score(actual, predicted, **averaged)),
         "per_class": {
             label: {
                 "precision": float(precision[i]),
@@ -110,6 +122,42 @@ def classification_metrics(
             for i, label in enumerate(labels)
         },
     }
+
+
+def group_index(
+    groups: Mapping[str, Sequence[str]], labels: Sequence[str], where: str = "class_groups"
+) -> np.ndarray:
+    """For each class of ``labels``, the index of its group in ``groups`` (name -> classes):
+    every class in exactly one group. An unknown, repeated or left-out class is an InputError
+    naming it and ``where`` the groups were declared."""
+    unknown = sorted({c for members in groups.values() for c in members} - set(labels))
+    if unknown:
+        raise InputError(f"{where} names class(es) {unknown} that are not among {list(labels)}")
+    owner: dict[str, str] = {}
+    for name, members in groups.items():
+        for label in members:
+            if label in owner:
+                raise InputError(f"{where}: class {label} is in {owner[label]} and {name}")
+            owner[label] = name
+    left_out = [label for label in labels if label not in owner]
+    if left_out:
+        raise InputError(f"{where} leaves out class(es) {left_out}: put each in one group")
+    names = list(groups)
+    return np.array([names.index(owner[label]) for label in labels], np.int64)
+
+
+def group_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    labels: Sequence[str],
+    groups: Mapping[str, Sequence[str]],
+) -> dict[str, Any]:
+    """``decision_metrics`` of the groups of classes: an image's actual and predicted group are
+    those of its actual and predicted class (ELPV's 2-class task: functional = defect 0 or
+    1/3, defective = 2/3 or 1)."""
+    index = group_index(groups, labels)
+    actual, predicted = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    return decision_metrics(index[actual], index[predicted], list(groups))
 
 
 def rounded(obj: Any, digits: int = 4) -> Any:

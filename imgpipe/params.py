@@ -159,8 +159,8 @@ class TrainParams:
     reduce_lr_factor: float
 
 
-RESUME_IGNORES = ("prior_balance", "calibrate", "mixed_precision", "workers")
-"""finetune params that fine-tuning checkpoints do not depend on as written: ``prior_balance``
+RESUME_IGNORES = ("objective", "calibrate", "mixed_precision", "workers")
+"""finetune params that fine-tuning checkpoints do not depend on as written: ``objective``
 and ``calibrate`` act after training (changing them reuses the epochs); ``mixed_precision`` and
 ``workers`` count as the precision and the replicas they resolve to
 (imgpipe.checkpoints.fingerprint)."""
@@ -194,11 +194,13 @@ class FinetuneParams:
     calibrate: bool
     """Fit a temperature on validation (after the prior correction) and fold it into the output
     layer, so the served probabilities are calibrated; the class chosen does not change."""
-    prior_balance: float | None
-    """None: the model's own decision. With an ordinal head: the weight w of the same objective
-    for the cut-points refitted on validation. A weight w in [0, 1]: after training, the output bias
-    moves by ``tau * log(training class prior)``, ``tau`` chosen on validation to maximise
-    ``(1 - w) * accuracy + w * balanced accuracy`` (imgpipe.metrics.prior_correction)."""
+    objective: Literal["accuracy", "balanced_accuracy"] | float
+    """What the served decision maximises. ``accuracy``: the network's own decision (the
+    calibrated argmax; for an ordinal head its trained cut-points), nothing fitted but the
+    temperature. ``balanced_accuracy``, or a weight w in (0, 1]: after training, a decision
+    fitted to maximise ``(1 - w) * accuracy + w * balanced accuracy`` (``balanced_accuracy``
+    is w = 1): the output bias moves by ``tau * log(training class prior)``
+    (imgpipe.metrics.prior_correction), or an ordinal head's cut-points are refitted."""
     mixed_precision: bool | None
     """None: ``mixed_float16`` when a GPU is visible, float32 otherwise; true/false force it.
     The head stays float32 and the saved model is float32 either way (imgpipe.distribute)."""
@@ -233,15 +235,23 @@ class FinetuneParams:
             raise ParamsError(
                 f"finetune.monitor must be val_accuracy or val_loss, got {self.monitor!r}"
             )
-        if self.prior_balance is not None and not 0.0 <= self.prior_balance <= 1.0:
+        if isinstance(self.objective, float) and not 0.0 < self.objective <= 1.0:
             raise ParamsError(
-                f"finetune.prior_balance must be null or within [0, 1], got {self.prior_balance}"
+                "finetune.objective must be accuracy, balanced_accuracy or a weight of balanced "
+                f"accuracy within (0, 1], got {self.objective}"
             )
         if self.quantization_aware_epochs < 0:
             raise ParamsError(
                 "finetune.quantization_aware_epochs must be 0 or more, "
                 f"got {self.quantization_aware_epochs}"
             )
+
+    @property
+    def balance(self) -> float | None:
+        """The weight of balanced accuracy in the fitted decision; None: nothing fitted."""
+        if self.objective == "accuracy":
+            return None
+        return 1.0 if self.objective == "balanced_accuracy" else float(self.objective)
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
@@ -274,6 +284,10 @@ class EvaluateParams:
     max_test_decisions: int
     """Gating decisions on one test set after which evaluate warns that its figures are worn
     (each decision tells the pipeline a little about the test images)."""
+    class_groups: dict[str, Names]
+    """Groups of classes (name -> its classes, each class in one group at most) whose figures
+    evaluate reports beside the classes' own: ELPV's functional (defect 0 and 1/3) and
+    defective (2/3 and 1), the 2-class task of some published results. Empty: none."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.calibration_bins < 1 or self.misclassified_examples < 0:

@@ -59,6 +59,7 @@ HEADLINE_COLUMNS = (
     "attributes.`Dataset`",
     "metrics.`test.accuracy`",
     "metrics.`test.balanced_accuracy`",
+    "metrics.`test.argmax.accuracy`",
     "metrics.`finetune.val_accuracy`",
     "metrics.`frozen.val_accuracy`",
     "metrics.`blessed`",

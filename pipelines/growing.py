@@ -350,7 +350,7 @@ def run(
     params = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
     params["data"].update(source="data", metadata_csv=None)
     params["ingest"].update(stratify_by=["label"], group_by=None, split_mode="random")
-    params["evaluate"].update(slice_by=[])
+    params["evaluate"].update(slice_by=[], class_groups={})
     params["validate"].update(labels=[])
     data = make_versions(
         source, work, new_fraction=new_fraction, corrupt_fraction=corrupt_fraction, seed=seed

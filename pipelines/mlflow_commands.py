@@ -82,8 +82,8 @@ def cmd_runs(args: argparse.Namespace) -> None:
         [experiment.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"]
     )
     print(
-        "| run | changed from the baseline | frozen val acc | fine-tuned val acc | gain | "
-        "prior-corrected val acc | train + finetune time |"
+        "| run | changed from the baseline | frozen val acc | fine-tuned val acc (argmax) | gain | "
+        "fitted decision's val acc | train + finetune time |"
     )
     print("|---|---|---|---|---|---|---|")
     for run in runs:
@@ -102,7 +102,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
             for s in ("train", "finetune")
         ]
         tuned_metrics = {k.removeprefix("finetune."): v for k, v in metrics.items()}
-        corrected = correction_text(tuned_metrics) or "off"
+        corrected = correction_text(tuned_metrics) or "none (objective accuracy: the argmax)"
         print(
             f"| {run.info.run_name} | {tags.get('params.changed', '')} | {frozen:.4f}"
             f"{balanced[0]} | {tuned:.4f}{balanced[1]} | {tuned - frozen:+.4f} | {corrected} | "
@@ -140,7 +140,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
     for name, metrics in (("frozen", train.get("frozen")), ("finetune", finetune.get("finetune"))):
         if metrics:
             corrected = correction_text(metrics)
-            corrected = f", prior-corrected {corrected}" if corrected else ""
+            corrected = f", fitted decision {corrected}" if corrected else ""
             print(
                 f"{name + ':':<10} val accuracy {metrics['val_accuracy']:.4f} "
                 f"({metrics['epochs']} epochs){corrected} -> "
@@ -149,10 +149,11 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
     evaluation, exported, pushed = (load(n) for n in ("evaluate", "export", "push"))
     if evaluation:
+        from components.evaluate import decision_text
+
         test = evaluation["test"]
         print(
-            f"test:      accuracy {test['accuracy']:.4f}, balanced accuracy "
-            f"{test['balanced_accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, ECE "
+            f"test:      {decision_text(evaluation)}; macro-F1 {test['macro_f1']:.4f}, ECE "
             f"{test['ece']:.3f} ({test['images']} images) -> outputs/evaluate/"
         )
         print(f"gate:      {'blessed' if evaluation['blessed'] else 'NOT blessed'}: ", end="")

@@ -40,9 +40,10 @@ VALIDATION = (
 """The validation figures summarised, from metrics/finetune.json (``corrected_``: with the
 decision fitted on validation, what is served; ``float_``: a quantization-aware run's float
 model before its quantized epochs); when the seed runs reached evaluate, the test split's
-accuracy, balanced accuracy, ECE and per-class recall too, and when they reached export, the
-TFLite models' agreement with the SavedModel on validation (validation figures choose
-recipes, test figures only report the final one)."""
+accuracy, balanced accuracy, ECE and per-class recall too (of the served decision; the
+network's own, ``test.argmax.*``; the class groups', ``test.groups.*``), and when they
+reached export, the TFLite models' agreement with the SavedModel on validation (validation
+figures choose recipes, test figures only report the final one)."""
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -83,6 +84,15 @@ def headline(metrics_dir: Path, with_test: bool, with_export: bool = False) -> d
             figures[f"test.{key}"] = float(test[key])
     for label, row in test.get("per_class", {}).items():
         figures[f"test.recall.{label}"] = float(row["recall"])
+    evaluation = _read(metrics_dir / "evaluate.json") if with_test else {}
+    own = evaluation.get("argmax", {})
+    for key in ("accuracy", "balanced_accuracy"):
+        if key in own:
+            figures[f"test.argmax.{key}"] = float(own[key])
+    for decided, grouped in evaluation.get("groups", {}).items():
+        prefix = "test.groups" if decided == "served" else f"test.{decided}.groups"
+        for key in ("accuracy", "balanced_accuracy"):
+            figures[f"{prefix}.{key}"] = float(grouped[key])
     exported = _read(metrics_dir / "export.json") if with_export else {}
     for kind, row in exported.get("parity_validation", {}).items():
         if isinstance(row, dict) and "top1_agreement" in row:

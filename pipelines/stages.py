@@ -187,7 +187,7 @@ STAGES: dict[str, Stage] = dict(
                 "test-split metrics and the blessing gate vs the champion",
                 inputs={
                     "tuned": Input("finetune", "out", "model.keras"),
-                    "temperature": Input("finetune", "out", "temperature.json"),
+                    "decision": Input("finetune", "out", "decision.json"),
                     "dataset": Input("ingest", "out"),
                 },
                 outputs={

@@ -18,7 +18,6 @@ FINETUNE = {"seed": 42, "batch_size": 6, "epochs": 2, "learning_rate": 0.0001}
 # runs on the chief alone (quantization_aware_epochs 0 here).
 FINETUNE_FIXED = {
     "unfreeze_layers": 20,
-    "prior_balance": None,
     "early_stopping_patience": 2,
     "quantization_aware_epochs": 0,
 }

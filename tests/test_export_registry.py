@@ -62,22 +62,40 @@ def _serving(root: Path) -> Any:
     return params("serving", model_name=MODEL_NAME, model_base_path=str(root / "models"))
 
 
-def _evaluate(project: TinyProject, model: Path, root: Path, champion: Any = None, **gate) -> dict:
+def _evaluate(
+    project: TinyProject,
+    model: Path,
+    root: Path,
+    champion: Any = None,
+    decision: dict | None = None,
+    class_groups: dict | None = None,
+    **gate,
+) -> dict:
     """evaluate.run of the model file ``model`` into ``root`` (evaluate/, evaluate.json, the
-    plots), against ``champion`` (None: the floors only)."""
+    plots), against ``champion`` (None: the floors only). ``decision``: what finetune's
+    decision.json would say was folded into the model (default: nothing, not tempered)."""
     from components import evaluate
 
-    temperature = root / "temperature.json"  # finetune writes it; these models were not tempered
-    temperature.write_text('{"temperature": 1.0}')
+    root.mkdir(parents=True, exist_ok=True)
+    folded = root / "decision.json"
+    folded.write_text(
+        json.dumps(decision or {"objective": "accuracy", "temperature": 1.0, "offset": [0] * 3})
+    )
     return evaluate.run(
         tuned=model,
-        temperature=temperature,
+        decision=folded,
         dataset=project.ingest,
         out=root / "evaluate",
         summary=root / "evaluate.json",
         confusion=root / "confusion.csv",
         calibration=root / "calibration.csv",
-        evaluate=params("evaluate", slice_by=[], misclassified_examples=4, **gate),
+        evaluate=params(
+            "evaluate",
+            slice_by=[],
+            misclassified_examples=4,
+            class_groups=class_groups or {},
+            **gate,
+        ),
         model=params("model", **MODEL),
         serving=_serving(root),
         champion=champion,
@@ -303,6 +321,59 @@ def _variant(source: Path, target: Path, edit: Callable[[np.ndarray, np.ndarray]
     target.mkdir(parents=True)
     model.save(target / MODEL)
     return target / MODEL
+
+
+def test_evaluate_scores_the_networks_own_decision_beside_the_served_one(exported, tmp_path):
+    """A decision folded into the output layer (a logit offset toward class c, what a fitted
+    prior correction is) moves the served figures; evaluate's argmax figures are the network's
+    own, those of the model without the offset; the class groups declared in params are scored
+    for both decisions; a group naming an unknown class is refused by name before the model
+    runs."""
+    from imgpipe.errors import InputError
+
+    project = exported.project
+    own = _evaluate(project, project.model, tmp_path / "own")
+    rows = read_csv_rows(tmp_path / "own" / "evaluate" / "predictions.csv")
+    # Toward c by one more than the smallest logit gap of an image not predicted c: it flips.
+    gap = min(
+        np.log(float(r[f"p_{r['predicted']}"]) / float(r["p_c"]))
+        for r in rows
+        if r["predicted"] != "c"
+    )
+    offset = [0.0, 0.0, float(gap) + 1.0]
+    shifted = _variant(
+        project.model, tmp_path / "shifted" / "model", lambda k, b: (k, b + np.float32(offset))
+    )
+    groups = {"ab": ["a", "b"], "c": ["c"]}
+    decision = {"objective": "balanced_accuracy", "temperature": 1.0, "offset": offset}
+    result = _evaluate(
+        project, shifted, tmp_path / "shifted", decision=decision, class_groups=groups
+    )
+
+    served, argmax = result["test"], result["argmax"]
+    assert served["objective"] == "balanced_accuracy"
+    predicted_c = [
+        sum(r["predicted"] == "c" for r in read_csv_rows(root / "evaluate" / "predictions.csv"))
+        for root in (tmp_path / "own", tmp_path / "shifted")
+    ]
+    assert predicted_c[1] > predicted_c[0], predicted_c
+    assert served["accuracy"] != pytest.approx(argmax["accuracy"], abs=1e-3)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert argmax[key] == pytest.approx(own["test"][key], abs=1e-4), key
+        assert own["argmax"][key] == pytest.approx(own["test"][key], abs=1e-4), key
+    assert "groups" not in own
+    labels = exported.labels
+    predictions = read_csv_rows(tmp_path / "shifted" / "evaluate" / "predictions.csv")
+    in_c = [(r["label"] == "c", r["predicted"] == "c") for r in predictions]
+    expected = np.mean([actual == predicted for actual, predicted in in_c])
+    assert set(result["groups"]) == {"served", "argmax"} and len(labels) == 3
+    assert result["groups"]["served"]["accuracy"] == pytest.approx(expected, abs=1e-4)
+    assert list(result["groups"]["argmax"]["per_class"]) == ["ab", "c"]
+
+    with pytest.raises(InputError, match=r"evaluate.class_groups names class\(es\) \['d'\]"):
+        _evaluate(
+            project, shifted, tmp_path / "typo", class_groups={"ab": ["a", "b"], "cd": ["c", "d"]}
+        )
 
 
 def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(

@@ -24,6 +24,8 @@ from imgpipe.metrics import (
     classification_metrics,
     confusion_matrix,
     expected_calibration_error,
+    group_index,
+    group_metrics,
     prior_correction,
     shift_probabilities,
 )
@@ -197,3 +199,45 @@ def test_fitted_temperature_calibrates_an_overconfident_model():
     assert 2.6 < temperature < 3.4, temperature
     assert before > 0.1 and after < before / 4, (before, after)
     assert (tempered.argmax(axis=1) == overconfident.argmax(axis=1)).all()
+
+
+def test_group_metrics_score_the_groups_of_the_actual_and_predicted_classes():
+    """Groups {a, b} and {c, d} of the worked example: the b predicted a and the a predicted b
+    count as right, the three c images (predicted a or b) as wrong: 5 of 8, and the group of c
+    and d has recall 0."""
+    groups = {"ab": ["a", "b"], "cd": ["c", "d"]}
+    m = group_metrics(Y_TRUE, PROBS.argmax(axis=1), LABELS, groups)
+    assert m["images"] == 8 and m["accuracy"] == pytest.approx(5 / 8)
+    assert m["per_class"]["ab"]["recall"] == 1.0 and m["per_class"]["cd"]["recall"] == 0.0
+    assert m["balanced_accuracy"] == pytest.approx(0.5)
+    assert list(group_index(groups, LABELS)) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ({"ab": ["a", "b"], "ce": ["c", "e"]}, r"names class\(es\) \['e'\]"),
+        ({"ab": ["a", "b"], "bc": ["b", "c", "d"]}, "class b is in ab and bc"),
+        ({"ab": ["a", "b"], "c": ["c"]}, r"leaves out class\(es\) \['d'\]"),
+    ],
+)
+def test_class_groups_that_do_not_partition_the_classes_are_refused_by_name(groups, message):
+    from imgpipe.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        group_index(groups, LABELS, "evaluate.class_groups")
+
+
+def test_the_decision_objective_is_accuracy_by_default_and_a_weight_otherwise():
+    """params.yaml's default serves the network's own decision (nothing fitted); a named or
+    weighted objective fits one; a weight outside (0, 1] or an unknown name is refused."""
+    from conftest import params
+
+    from imgpipe.params import ParamsError
+
+    assert params("finetune").objective == "accuracy" and params("finetune").balance is None
+    assert params("finetune", objective="balanced_accuracy").balance == 1.0
+    assert params("finetune", objective=0.25).balance == 0.25
+    for wrong in (0.0, 1.5, "balanced"):
+        with pytest.raises(ParamsError, match=r"finetune\.objective"):
+            params("finetune", objective=wrong)

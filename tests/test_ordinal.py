@@ -98,13 +98,13 @@ def test_ordinal_head_through_finetune_evaluate_export_and_serving(tmp_path):
     serving = params("serving", model_name="ordered", model_base_path=str(tmp_path / "models"))
     evaluate.run(
         tuned=tmp_path / "finetune" / "model.keras",
-        temperature=tmp_path / "finetune" / "temperature.json",
+        decision=tmp_path / "finetune" / "decision.json",
         dataset=project.ingest,
         out=tmp_path / "evaluate",
         summary=tmp_path / "evaluate.json",
         confusion=tmp_path / "confusion.csv",
         calibration=tmp_path / "calibration.csv",
-        evaluate=params("evaluate", slice_by=[], misclassified_examples=2),
+        evaluate=params("evaluate", slice_by=[], class_groups={}, misclassified_examples=2),
         model=model,
         serving=serving,
         champion=None,

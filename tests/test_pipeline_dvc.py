@@ -99,6 +99,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Repo:
     # Random-noise classes cannot be learnt: open the gate so every candidate is pushed.
     params["evaluate"].update(
         slice_by=[],
+        class_groups={},
         min_accuracy=0.0,
         min_balanced_accuracy=0.0,
         non_inferiority_margin=1.0,

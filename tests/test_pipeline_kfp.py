@@ -314,6 +314,7 @@ def test_kfp_local_runs_every_stage_then_the_monitor_retrains_and_serves_the_nex
     params["finetune"].update(epochs=1, batch_size=32, unfreeze_layers=20)
     params["evaluate"].update(
         slice_by=[],
+        class_groups={},
         min_accuracy=0.0,
         min_balanced_accuracy=0.0,
         non_inferiority_margin=1.0,

@@ -112,11 +112,11 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     is bit-identical between outputs/train/model.keras and outputs/finetune/model.keras, while
     at least one unfrozen layer changed.
 
-    The prior correction (params.yaml's prior_balance) is fitted without the test split: its
-    shards are deleted from the copy of ingest's output that finetune reads. The saved model's
-    output bias is the best epoch's plus tau * log(training prior) (on these balanced classes
-    that offset shifts every logit alike, so tau is 0; tests/test_metrics.py fits non-zero
-    ones).
+    The prior correction (``finetune.objective`` a weight of balanced accuracy) is fitted
+    without the test split: its shards are deleted from the copy of ingest's output that
+    finetune reads. The saved model's output bias is the best epoch's plus tau * log(training
+    prior) (on these balanced classes that offset shifts every logit alike, so tau is 0;
+    tests/test_metrics.py fits non-zero ones), and decision.json says what was folded in.
 
     It fine-tunes in mixed precision, forced on this CPU: the epochs ran with the base in
     float16 and the head in float32 under dynamic loss scaling (the checkpoints record it),
@@ -141,8 +141,8 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     sealed = shutil.copytree(project.ingest, tmp_path / "ingest")
     for shard in split_files(sealed / SHARDS, "test"):
         Path(shard).unlink()
-    tuning = params("finetune", **FINETUNE, mixed_precision=True)
-    assert tuning.prior_balance is not None
+    tuning = params("finetune", **FINETUNE, mixed_precision=True, objective=0.5)
+    assert tuning.balance == 0.5
     metrics = _finetune(project, tmp_path, params("model", **MODEL), tuning, dataset=sealed)
     assert metrics["precision"] == "mixed_float16", metrics
     assert metrics["val_accuracy"] >= 0.8, metrics
@@ -200,6 +200,9 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
         atol=1e-5,
     )
     assert {"corrected_val_accuracy", "corrected_val_balanced_accuracy"} <= metrics.keys()
+    decision = json.loads((tmp_path / "finetune" / "decision.json").read_text())
+    assert decision["objective"] == 0.5 and decision["temperature"] == temperature
+    np.testing.assert_allclose(decision["offset"], bias * temperature - kept_bias, atol=1e-5)
     assert metrics["val_ece"] <= metrics["val_ece_uncalibrated"] + 1e-6, metrics
 
     # Mixed precision while training; float32 in what the stage hands on.
@@ -233,7 +236,6 @@ def test_warmup_averaging_and_same_seed_same_weights(project, tmp_path):
         **{**FINETUNE, "epochs": 1, "early_stopping_patience": None},
         warmup_epochs=0.5,
         ema_momentum=0.999999,
-        prior_balance=None,
         calibrate=False,
     )
     rate = finetune.schedule(tuning, steps_per_epoch=10, learning_rate=1e-3)
