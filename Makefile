@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export UV_NO_PROGRESS := 1
 
-.PHONY: setup demo test test-fast bench lint typecheck dvc-yaml ui serve image sample-data clean
+.PHONY: setup demo test test-fast bench lint typecheck dvc-yaml docs ui serve image sample-data clean
 
 $(UV):
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .tools "uv==$(UV_VERSION)"
@@ -52,6 +52,9 @@ typecheck: setup
 
 dvc-yaml: setup  ## rewrite dvc.yaml from the stage declarations (pipelines/stages.py)
 	$(BIN)/python -m pipelines.dvc
+
+docs: setup  ## render the README's and docs/accuracy.md's figure tables from metrics/ and docs/accuracy.yaml
+	$(BIN)/python -m pipelines.figures_doc
 
 ui: setup  ## MLflow UI on 127.0.0.1 to compare runs
 	$(BIN)/imgpipe ui --host 127.0.0.1 --port 5000

@@ -78,6 +78,8 @@ def headline(metrics_dir: Path, with_test: bool, with_export: bool = False) -> d
         name = key.removeprefix("finetune.")
         if name in tuned:
             figures[key] = float(tuned[name])
+    if "seconds" in tuned:  # the time a run costs, beside what it buys
+        figures["finetune.seconds"] = float(tuned["seconds"])
     test = _read(metrics_dir / "evaluate.json").get("test", {}) if with_test else {}
     for key in ("accuracy", "balanced_accuracy", "ece"):
         if key in test:

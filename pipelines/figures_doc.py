@@ -1,0 +1,331 @@
+"""The figure tables of the README and docs/accuracy.md, rendered from the committed files that
+hold the figures (``metrics/*.json``, ``docs/accuracy.yaml``), so that a quoted figure cannot
+drift from its source: ``make docs`` rewrites them, and tests/test_docs.py fails when a page
+differs from what its sources render or quotes a figure outside a rendered block.
+
+A rendered block sits between ``<!-- render: NAME -->`` and ``<!-- end render -->``; NAME is a
+key of ``BLOCKS``. Only files that ``make demo`` writes from the code and the seed alone are read
+(evaluate.json, export.json) besides those it never writes (seeds files, docs/accuracy.yaml):
+no figure of the machine (a time, a throughput) from a file a rerun elsewhere rewrites.
+
+>>> render_page(Path("docs/accuracy.md").read_text(), Path("."))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PAGES = ("README.md", "docs/accuracy.md")
+BLOCK = re.compile(r"(<!-- render: ([\w-]+) -->\n)(.*?)(<!-- end render -->)", re.DOTALL)
+SEEDS = "metrics/seeds.json"
+SOURCES = "docs/accuracy.yaml"
+"""Published figures on ELPV (each with its classes, split, hardware and citation) and the
+targets set for this pipeline."""
+
+
+class RenderError(ValueError):
+    """A page names a block no renderer knows, or a source lacks what a block needs."""
+
+
+def _json(root: Path, path: str) -> dict[str, Any]:
+    file = root / path
+    if not file.is_file():
+        raise RenderError(f"{path}: missing; it is the source of a rendered table")
+    return json.loads(file.read_text())
+
+
+def _groups(root: Path) -> str:
+    """``functional/defective``: the class groups of params.yaml's evaluate section."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    return "/".join(params["evaluate"].get("class_groups") or {}) or "class groups"
+
+
+def spread_text(stats: Mapping[str, float], places: int = 3) -> str:
+    """``0.737 ± 0.032``: a mean ± sd of ``imgpipe seeds``."""
+    return f"{stats['mean']:.{places}f} ± {stats['sd']:.{places}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _seed_figures(root: Path) -> list[tuple[str, str]]:
+    """The figures a seeds summary may hold, in reading order, with what each one is."""
+    groups = _groups(root)
+    return [
+        ("test.accuracy", "test accuracy, served decision"),
+        ("test.argmax.accuracy", "test accuracy, the network's argmax"),
+        ("test.balanced_accuracy", "test balanced accuracy, served"),
+        ("test.argmax.balanced_accuracy", "test balanced accuracy, argmax"),
+        ("test.groups.accuracy", f"test 2-class accuracy ({groups}), served"),
+        ("test.argmax.groups.accuracy", f"test 2-class accuracy ({groups}), argmax"),
+        ("test.groups.balanced_accuracy", f"test 2-class balanced accuracy ({groups}), served"),
+        ("test.ece", "test expected calibration error, served"),
+        ("finetune.val_accuracy", "validation accuracy, argmax"),
+        ("finetune.corrected_val_accuracy", "validation accuracy, fitted decision"),
+        ("finetune.val_balanced_accuracy", "validation balanced accuracy, argmax"),
+        ("finetune.corrected_val_balanced_accuracy", "validation balanced accuracy, fitted"),
+        ("export.val_agreement.tflite_int8", "full-integer int8 agreement, validation"),
+        ("finetune.seconds", "fine-tuning seconds per seed, the machine of that run"),
+    ]
+
+
+def render_seeds(root: Path) -> str:
+    """The default recipe over training seeds (metrics/seeds.json): each figure's mean ± sd,
+    range and per-seed values."""
+    summary = _json(root, SEEDS)
+    stats, per_seed = summary["summary"], summary["per_seed"]
+    seeds = [str(s) for s in summary["seeds"]]
+    known = _seed_figures(root)
+    recalls = sorted(k for k in stats if k.startswith("test.recall."))
+    figures = [*known, *((k, f"test recall of {k.removeprefix('test.recall.')}") for k in recalls)]
+    rows = []
+    for key, what in figures:
+        if key not in stats:
+            continue
+        places = 0 if key.endswith("seconds") else 4  # a time in whole seconds
+        rows.append(
+            [
+                what,
+                f"**{spread_text(stats[key], min(places, 3))}**",
+                f"{stats[key]['min']:.{places}f} .. {stats[key]['max']:.{places}f}",
+                *(f"{per_seed[s][key]:.{places}f}" for s in seeds),
+            ]
+        )
+    overrides = ", ".join(f"`-S {o}`" for o in summary["overrides"]) or "none"
+    return (
+        f"`imgpipe seeds --seeds {' '.join(seeds)} --through {summary['through']}` "
+        f"(recipe `{summary['recipe']}`, overrides: {overrides}; `{SEEDS}`, MLflow parent run "
+        f"`{summary['parent_run']}`):\n\n"
+        + _table(["figure", "mean ± sd", "min .. max", *(f"seed {s}" for s in seeds)], rows)
+    )
+
+
+def render_release(root: Path) -> str:
+    """This release's run (metrics/evaluate.json, export.json): the served decision, the
+    network's own and the class groups, per class recall, and the int8 file's agreement."""
+    evaluation = _json(root, "metrics/evaluate.json")
+    served, own = evaluation["test"], evaluation.get("argmax")
+    groups = evaluation.get("groups", {})
+    objective = served.get("objective", "accuracy")
+    header = ["figure", f"served (objective {objective})", "argmax"]
+    rows = []
+    for key, what in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")):
+        rows.append([f"test {what}", f"{served[key]:.4f}", f"{own[key]:.4f}" if own else ""])
+    for key in ("accuracy", "balanced_accuracy"):
+        if groups:
+            names = "/".join(groups["served"]["per_class"])
+            rows.append(
+                [
+                    f"test 2-class {key.replace('_', ' ')} ({names})",
+                    f"{groups['served'][key]:.4f}",
+                    f"{groups['argmax'][key]:.4f}",
+                ]
+            )
+    for label, row in served["per_class"].items():
+        theirs = f"{own['per_class'][label]['recall']:.4f}" if own else ""
+        rows.append(
+            [f"test recall of {label} ({row['support']} images)", f"{row['recall']:.4f}", theirs]
+        )
+    rows.append(["test expected calibration error", f"{served['ece']:.4f}", ""])
+    exported = _json(root, "metrics/export.json")
+    for split, key in (("test", "parity"), ("validation", "parity_validation")):
+        for kind, parity in sorted(exported.get(key, {}).items()):
+            if isinstance(parity, dict) and "top1_agreement" in parity:
+                rows.append(
+                    [
+                        f"{kind} agreement with the served model, {split}",
+                        f"{parity['top1_agreement']:.4f}",
+                        "",
+                    ]
+                )
+    return (
+        f"Seed 42, `metrics/evaluate.json` and `metrics/export.json` ({served['images']} test "
+        "images):\n\n" + _table(header, rows)
+    )
+
+
+def _recipe_files(root: Path) -> list[Path]:
+    return sorted((root / "metrics").glob("seeds*.json"))
+
+
+def render_recipes(root: Path) -> str:
+    """Every recipe measured over seeds (metrics/seeds*.json), on validation: the network's
+    argmax, the decision fitted on validation (where one was), the int8 agreement."""
+    columns = (
+        ("finetune.val_accuracy", "val accuracy, argmax"),
+        ("finetune.val_balanced_accuracy", "val balanced, argmax"),
+        ("finetune.corrected_val_accuracy", "val accuracy, fitted decision"),
+        ("finetune.corrected_val_balanced_accuracy", "val balanced, fitted decision"),
+        ("export.val_agreement.tflite_int8", "int8 agreement, val"),
+    )
+    rows = []
+    for path in _recipe_files(root):
+        summary = json.loads(path.read_text())
+        stats = summary["summary"]
+        changed = ", ".join(f"`{o}`" for o in summary["overrides"]) or "none (the default)"
+        rows.append(
+            [
+                f"`{path.relative_to(root)}`",
+                changed,
+                " ".join(str(s) for s in summary["seeds"]),
+                *(spread_text(stats[key]) if key in stats else "" for key, _ in columns),
+            ]
+        )
+    header = ["file", "changed from the default of its day", "seeds", *(w for _, w in columns)]
+    return _table(header, rows)
+
+
+def render_published(root: Path) -> str:
+    """Published figures on ELPV with what each one measures (docs/accuracy.yaml)."""
+    sources = yaml.safe_load((root / SOURCES).read_text())
+    rows = [
+        [
+            str(entry["figure"]),
+            entry["method"],
+            entry["classes"],
+            entry["split"],
+            entry["hardware"],
+            f"[{entry['citation']}]({entry['url']})",
+            entry["checked"],
+        ]
+        for entry in sources["published"]
+    ]
+    header = ["accuracy", "method", "classes", "split", "hardware", "source", "checked in"]
+    return _table(header, rows)
+
+
+def render_targets(root: Path) -> str:
+    """The targets of docs/accuracy.yaml beside the figure measured for each (from the seeds
+    file it names), and whether it is met."""
+    sources = yaml.safe_load((root / SOURCES).read_text())
+    rows = []
+    for target in sources["targets"]:
+        measured, met = "not measured yet", ""
+        source = target.get("source")
+        if source and (root / source).is_file():
+            stats = json.loads((root / source).read_text())["summary"].get(target["figure"])
+            if stats and "value" in target:
+                measured = f"{spread_text(stats)} (`{source}`)"
+                value = stats[target.get("statistic", "mean")]
+                met = "yes" if _meets(value, target["op"], target["value"]) else "no"
+        wanted = target.get("target") or f"{target['op']} {target['value']}"
+        rows.append([target["model"], target["what"], wanted, measured, met])
+    return _table(["model", "figure", "target", "measured", "met"], rows)
+
+
+def _meets(value: float, op: str, target: float) -> bool:
+    return value >= target if op == "≥" else value <= target
+
+
+def render_headline(root: Path) -> str:
+    """The README's headline: the default over seeds (served and argmax, 4 and 2 classes),
+    this release's run, and the int8 file's agreement."""
+    stats = _json(root, SEEDS)["summary"]
+    groups = _groups(root)
+    rows = []
+    for key, what in _seed_figures(root):
+        if key.startswith("test.") and key in stats and "ece" not in key:
+            rows.append(
+                [
+                    f"{what}, mean of 3 training seeds",
+                    f"**{spread_text(stats[key])}**",
+                    f"`{SEEDS}`",
+                ]
+            )
+    evaluation = _json(root, "metrics/evaluate.json")
+    served, own = evaluation["test"], evaluation.get("argmax")
+    run = f"{served['accuracy']:.4f} / {served['balanced_accuracy']:.4f}"
+    if own:
+        run += f" (argmax {own['accuracy']:.4f} / {own['balanced_accuracy']:.4f})"
+    rows.append(
+        [
+            "this release's run, seed 42: test accuracy / balanced accuracy, served "
+            f"(objective {served.get('objective', 'accuracy')})",
+            run,
+            "`metrics/evaluate.json`",
+        ]
+    )
+    if "groups" in evaluation:
+        grouped = evaluation["groups"]
+        rows.append(
+            [
+                f"this release's run: test 2-class accuracy ({groups}), served / argmax",
+                f"{grouped['served']['accuracy']:.4f} / {grouped['argmax']['accuracy']:.4f}",
+                "`metrics/evaluate.json`",
+            ]
+        )
+    parity = _json(root, "metrics/export.json")
+    agreement = [
+        f"{parity[split]['tflite_int8']['top1_agreement']:.3f}"
+        for split in ("parity", "parity_validation")
+        if "tflite_int8" in parity.get(split, {})
+    ]
+    rows.append(
+        [
+            "full-integer int8 TFLite agreement with the served model, seed 42: test / validation",
+            " / ".join(agreement),
+            "`metrics/export.json`",
+        ]
+    )
+    return _table(["figure", "value", "from"], rows)
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "headline": render_headline,
+    "seeds": render_seeds,
+    "release": render_release,
+    "recipes": render_recipes,
+    "published": render_published,
+    "targets": render_targets,
+}
+
+
+def render_page(text: str, root: Path) -> str:
+    """``text`` with every rendered block's content made anew from the files under ``root``."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(2)
+        if name not in BLOCKS:
+            raise RenderError(f"no renderer for block {name!r}; known: {sorted(BLOCKS)}")
+        return f"{match.group(1)}{BLOCKS[name](root)}{match.group(4)}"
+
+    return BLOCK.sub(replace, text)
+
+
+def outside_blocks(text: str) -> str:
+    """``text`` without its rendered blocks: the prose that may quote no figure."""
+    return BLOCK.sub("", text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for page in PAGES:
+        path = args.root / page
+        text = path.read_text()
+        rendered = render_page(text, args.root)
+        if rendered != text:
+            stale.append(page)
+            if not args.check:
+                path.write_text(rendered)
+    verb = "out of date" if args.check else "rendered"
+    print(f"figures_doc: {verb}: {', '.join(stale) or 'none'}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
