@@ -55,10 +55,11 @@ from imgpipe.distribute import (
     strategy,
 )
 from imgpipe.fileio import atomic_path, write_json_atomic
-from imgpipe.manifest import MANIFEST, SHARDS
+from imgpipe.labels import read_labels
+from imgpipe.manifest import LABELS, MANIFEST, SHARDS
 from imgpipe.metrics import correction_text, validation_scores
 from imgpipe.params import AugmentParams, FinetuneParams, ModelParams
-from imgpipe.tfrecords import count_records, split_files
+from imgpipe.tfrecords import count_records, read_split, split_files
 from imgpipe.training import (
     CURVES,
     HEAD_NAME,
@@ -75,10 +76,28 @@ from imgpipe.training import (
 
 log = logging.getLogger(__name__)
 
+VAL_PREDICTIONS = "val_predictions.csv"
+"""Beside the model: the network's own probabilities (before any fitted decision or
+temperature) of every validation image, by sha256: a cross-validation fold's out-of-fold
+predictions (``imgpipe crossval``)."""
 DECISION = "decision.json"
 """Beside the model: the objective, and the temperature and decision folded into its output
 layer (imgpipe.calibration.Decision): evaluate scores the network's own decision beside the
 served one, and the test ECE the scores had without the temperature."""
+
+
+def write_val_predictions(path: Path, dataset: Path, labels: np.ndarray, probs: np.ndarray) -> None:
+    """``probs`` of ``dataset``'s validation images (in their shard order, checked against
+    ``labels``) as CSV: sha256, label, one probability column per class."""
+    names = read_labels(dataset / LABELS)
+    val = read_split(dataset / SHARDS, "val")
+    if not np.array_equal(val.labels, labels):
+        raise RuntimeError(f"{dataset}: the validation shards changed order while read")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["sha256", "label", *(f"p_{name}" for name in names)])
+        for digest, label, row in zip(val.sha256, val.labels, probs, strict=True):
+            writer.writerow([digest, names[label], *(f"{p:.6f}" for p in row)])
 
 
 def unfreeze_top(model: keras.Model, backbone: str, layers: int) -> int:
@@ -309,6 +328,7 @@ def run(
         staged.mkdir()
         best.save(staged / MODEL)
         write_json_atomic(staged / DECISION, {"objective": params.objective, **decision})
+        write_val_predictions(staged / VAL_PREDICTIONS, dataset, val_labels, probs)
         plot_curves(
             [*frozen_rows, *rows, *quantize_rows],
             staged / CURVES,

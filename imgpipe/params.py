@@ -58,6 +58,13 @@ class IngestParams:
     group_by: str | None
     """A metadata column (patient, module, photographer...): images sharing a value stay in one
     split. None splits image by image."""
+    folds: int
+    """Cross-validation (``imgpipe crossval``): the non-test images cut into this many folds,
+    class by class in the split's own hash order, so that fold 0 is about the val split when
+    ``val_fraction / (1 - test_fraction)`` is ``1 / folds``."""
+    fold: int | None
+    """None: the train/val split above. A fold in ``[0, folds)``: val is that fold of the
+    non-test images and train the other folds; the test split is the same as without it."""
     workers: int | None
     """Processes that check images and read them into shards; None: every core this process
     may use (imgpipe.parallel.cpu_count), one per 2,000 images at most (a smaller source does
@@ -81,6 +88,12 @@ class IngestParams:
             raise ParamsError("ingest.images_per_shard and ingest.max_pixels must be positive")
         if self.workers is not None and self.workers < 1:
             raise ParamsError(f"ingest.workers must be null or at least 1, got {self.workers}")
+        if self.folds < 2:
+            raise ParamsError(f"ingest.folds must be at least 2, got {self.folds}")
+        if self.fold is not None and not 0 <= self.fold < self.folds:
+            raise ParamsError(
+                f"ingest.fold must be null or in [0, folds={self.folds}), got {self.fold}"
+            )
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)

@@ -109,6 +109,60 @@ def grouped_split(
     return splits
 
 
+def fold_of(
+    units: Sequence[str],
+    sizes: Sequence[int],
+    strata: Sequence[tuple[str, ...]],
+    *,
+    folds: int,
+    seed: int,
+) -> list[int]:
+    """The cross-validation fold of each unit (an image's sha256, or a group's name with its
+    ``sizes`` images), one per input, in input order: within each stratum the units in the
+    split's own hash order are cut into ``folds`` runs of about equal images, a unit going to
+    the run its middle image falls in. So every fold holds about ``1 / folds`` of each class,
+    a group stays whole, and adding units moves only those whose place crosses a cut."""
+    by_stratum: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for index, key in enumerate(strata):
+        by_stratum[key].append(index)
+    fold = [0] * len(units)
+    for members in by_stratum.values():
+        members.sort(key=lambda i: (_place(seed, units[i]), units[i]))
+        total, before = sum(sizes[i] for i in members), 0
+        for index in members:
+            middle = before + sizes[index] / 2
+            fold[index] = min(folds - 1, int(middle / total * folds))
+            before += sizes[index]
+    return fold
+
+
+def cross_validation_fold(rows: Sequence[dict[str, Any]], params: IngestParams) -> None:
+    """Make fold ``params.fold`` of the non-test rows val and the other folds train (rows of
+    the test split keep it); by whole groups when ``params.group_by`` is set."""
+    part = [r for r in rows if r["split"] != "test"]
+    strata_of = [tuple(str(r.get(c, "")) for c in params.stratify_by) for r in part]
+    if params.group_by is None:
+        units = [r["sha256"] for r in part]
+        folds = fold_of(units, [1] * len(part), strata_of, folds=params.folds, seed=params.seed)
+    else:
+        members: dict[str, list[int]] = defaultdict(list)
+        for index, row in enumerate(part):
+            members[row[params.group_by]].append(index)
+        names = sorted(members)
+        majority = []
+        for name in names:
+            counts = Counter(strata_of[i] for i in members[name])
+            majority.append(min(counts, key=lambda key: (-counts[key], key)))
+        sizes = [len(members[name]) for name in names]
+        by_group = fold_of(names, sizes, majority, folds=params.folds, seed=params.seed)
+        folds = [0] * len(part)
+        for name, fold in zip(names, by_group, strict=True):
+            for index in members[name]:
+                folds[index] = fold
+    for row, fold in zip(part, folds, strict=True):
+        row["split"] = "val" if fold == params.fold else "train"
+
+
 def assign_splits(
     rows: Sequence[dict[str, Any]], params: IngestParams, *, predefined: bool
 ) -> list[str]:
@@ -117,7 +171,8 @@ def assign_splits(
     Random: every row is drawn, stratified (``stratified_split``) or by whole groups
     (``grouped_split``). Predefined: each row keeps its ``_given_split``; a val or test split the
     source lacks is carved out of its train split, ``val_fraction`` / ``test_fraction`` of the
-    train split's images, drawn the same way.
+    train split's images, drawn the same way. With ``params.fold`` set, train and val are then
+    that cross-validation fold of the non-test rows (``cross_validation_fold``).
     """
 
     def draw(part: Sequence[dict[str, Any]], val: float, test: float) -> None:
@@ -137,6 +192,8 @@ def assign_splits(
 
     if not predefined:
         draw(rows, params.val_fraction, params.test_fraction)
+        if params.fold is not None:
+            cross_validation_fold(rows, params)
         return []
     given = {r["_given_split"] for r in rows}
     if "train" not in given:
@@ -152,6 +209,8 @@ def assign_splits(
         train = [r for r in rows if r["split"] == "train"]
         fractions = {s: asked[s] if s in carved else 0.0 for s in asked}
         draw(train, fractions["val"], fractions["test"])
+    if params.fold is not None:
+        cross_validation_fold(rows, params)
     return carved
 
 
@@ -189,8 +248,12 @@ def split_report(
         label: {s: round(c[s] / c.total(), 4) for s in SPLITS}
         for label, c in sorted(per_class.items())
     }
+    if params.fold is not None:
+        report["fold"] = {"fold": params.fold, "folds": params.folds}
     if not predefined:
         val, test = params.val_fraction, params.test_fraction
+        if params.fold is not None:  # val is one fold of the non-test images
+            val = (1.0 - test) / params.folds
         asked = {"train": 1.0 - val - test, "val": val, "test": test}
         report["asked_fractions"] = {s: round(f, 4) for s, f in asked.items()}
         report["largest_fraction_gap"] = round(max(abs(achieved[s] - asked[s]) for s in SPLITS), 4)
@@ -225,6 +288,10 @@ def describe_split(method: dict[str, Any]) -> str:
     text = method["mode"]
     if method["carved_from_train"]:
         text += f" + carved {' and '.join(method['carved_from_train'])} from train"
+    if method.get("fold"):
+        text += (
+            f", val = cross-validation fold {method['fold']['fold']} of {method['fold']['folds']}"
+        )
     if method["group_by"] is not None:
         text += f", grouped by {method['group_by']} ({method['groups']} groups)"
     if method["asked_fractions"] is not None:

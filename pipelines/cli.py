@@ -102,6 +102,25 @@ def cmd_seeds(args: argparse.Namespace) -> None:
         print(f"summary: {args.out}; MLflow parent run {summary['parent_run']}")
 
 
+def cmd_crossval(args: argparse.Namespace) -> None:
+    """Cross-validate the recipe over the non-test images (DVC experiments through finetune),
+    record the parent MLflow run and the out-of-fold predictions, and print the figures."""
+    from pipelines import crossval, seeds
+
+    summary = crossval.run_crossval(
+        args.folds,
+        args.seeds,
+        overrides=args.set or [],
+        name=args.name,
+        out=args.out,
+        seed_keys=args.seed_keys or seeds.SEED_KEYS,
+    )
+    print(crossval.describe(summary))
+    print(f"out-of-fold predictions: {summary['predictions']}")
+    if args.out:
+        print(f"summary: {args.out}; MLflow parent run {summary['parent_run']}")
+
+
 def cmd_growing_data(args: argparse.Namespace) -> None:
     """The growing-data scenario through DVC or kfp.local; print its claims."""
     from imgpipe.params import with_sets
@@ -217,6 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY",
         help="the params each seed sets (default: train.seed finetune.seed); finetune.seed "
         "alone keeps the frozen phase and varies only fine-tuning",
+    )
+
+    p = add(
+        "crossval",
+        cmd_crossval,
+        "compare a recipe by k-fold cross-validation over the non-test images: mean ± sd over "
+        "folds and seeds, out-of-fold predictions, the decision fitted on them",
+        params=False,
+    )
+    p.add_argument("--folds", type=int, default=5, metavar="K")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42], metavar="N")
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="as dvc exp run -S")
+    p.add_argument("--name", default="crossval", help="the recipe's name (default: crossval)")
+    p.add_argument(
+        "--out", type=Path, help="write the summary as JSON (e.g. metrics/crossval.json)"
+    )
+    p.add_argument(
+        "--seed-keys",
+        nargs="+",
+        metavar="SECTION.KEY",
+        help="the params each seed sets (default: train.seed finetune.seed)",
     )
 
     p = add(

@@ -15,7 +15,7 @@ import os
 import statistics
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +102,8 @@ def headline(metrics_dir: Path, with_test: bool, with_export: bool = False) -> d
     return figures
 
 
-def summarise(per_seed: Mapping[int, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """Each figure every seed reported: its spread over the seeds."""
+def summarise(per_seed: Mapping[Any, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each figure every seed (or fold run) reported: its spread over them."""
     keys = set.intersection(*(set(f) for f in per_seed.values())) if per_seed else set()
     return {key: spread([f[key] for f in per_seed.values()]) for key in sorted(keys)}
 
@@ -115,6 +115,57 @@ def _read(path: Path) -> dict[str, Any]:
 def _current(params: Mapping[str, Any], key: str) -> Any:
     section, name = key.split(".", 1)
     return params[section][name]
+
+
+def run_experiments(
+    variants: Sequence[tuple[str, Sequence[str]]],
+    *,
+    through: str,
+    root: Path,
+    after: Callable[[str], Mapping[str, float]],
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Run each ``(name, overrides)`` of ``variants`` as the DVC experiment ``name`` (``dvc exp
+    run <through> --name <name> -S ...``), one after another in the workspace; after each, call
+    ``after(name)`` for its figures (it reads the workspace's outputs, which the next run
+    replaces). Returns the figures and the MLflow run of each experiment. params.yaml keeps its
+    text (DVC's -S rewrites it without comments)."""
+    import mlflow
+    import yaml
+
+    from imgpipe.tracking import EXPERIMENT_TAG, tracking_uri
+
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    if through not in STAGES:
+        raise InputError(f"--through must be a stage, one of {list(STAGES)}; got {through!r}")
+    mlflow.set_tracking_uri(tracking_uri(root))
+    figures: dict[str, dict[str, float]] = {}
+    runs: dict[str, str] = {}
+    for experiment, overrides in variants:
+        command = ["dvc", "exp", "run", through, "--name", experiment]
+        for override in overrides:
+            command += ["-S", override]
+        print(f"{' '.join(command)}", flush=True)
+        done = subprocess.run(command, cwd=root, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"`{' '.join(command)}` failed (exit {done.returncode}); "
+                f"the runs before it are in `dvc exp show`"
+            )
+        figures[experiment] = dict(after(experiment))
+        if yaml.safe_load((root / "params.yaml").read_text()) == params:
+            (root / "params.yaml").write_text(original)  # DVC's -S rewrote it: keep its comments
+        found = mlflow.search_runs(
+            search_all_experiments=True,
+            filter_string=f"tags.`{EXPERIMENT_TAG}` = '{experiment}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+            output_format="list",
+        )
+        if found:
+            runs[experiment] = found[0].info.run_id
+    return figures, runs
 
 
 def run_recipe(
@@ -135,59 +186,43 @@ def run_recipe(
     import mlflow
     import yaml
 
-    from imgpipe.tracking import EXPERIMENT_TAG, ensure_experiment, tracking_uri
+    from imgpipe.tracking import ensure_experiment
 
     root = (root or Path.cwd()).resolve()
-    original = (root / "params.yaml").read_text()
-    params = yaml.safe_load(original)
+    params = yaml.safe_load((root / "params.yaml").read_text())
     name = name or "recipe-" + time.strftime("%m%d-%H%M%S")
     default = {_current(params, key) for key in seed_keys}
     ordered = sorted(seeds, key=lambda s: (s in default, seeds.index(s)))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     order = list(STAGES)
     if through not in order:
         raise InputError(f"seeds: --through must be a stage, one of {order}; got {through!r}")
     reaches_evaluate = order.index(through) >= order.index("evaluate")
-    per_seed: dict[int, dict[str, float]] = {}
-    runs: dict[int, str] = {}
-    mlflow.set_tracking_uri(tracking_uri(root))
-    for seed in ordered:
-        experiment = f"{name}-seed{seed}"
-        command = ["dvc", "exp", "run", through, "--name", experiment]
-        for override in [*overrides, *(f"{key}={seed}" for key in seed_keys)]:
-            command += ["-S", override]
-        print(f"seeds: {' '.join(command)}", flush=True)
-        done = subprocess.run(command, cwd=root, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"seeds: `{' '.join(command)}` failed (exit {done.returncode}); "
-                f"the seeds before it are in `dvc exp show`"
-            )
-        per_seed[seed] = headline(
-            root / "metrics",
-            with_test=reaches_evaluate,
-            with_export=order.index(through) >= order.index("export"),
-        )
-        if yaml.safe_load((root / "params.yaml").read_text()) == params:
-            (root / "params.yaml").write_text(original)  # DVC's -S rewrote it: keep its comments
-        found = mlflow.search_runs(
-            search_all_experiments=True,
-            filter_string=f"tags.`{EXPERIMENT_TAG}` = '{experiment}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-            output_format="list",
-        )
-        if found:
-            runs[seed] = found[0].info.run_id
+    reaches_export = order.index(through) >= order.index("export")
+    experiment = {seed: f"{name}-seed{seed}" for seed in ordered}
+    variants = [
+        (experiment[seed], [*overrides, *(f"{key}={seed}" for key in seed_keys)])
+        for seed in ordered
+    ]
+    figures, runs = run_experiments(
+        variants,
+        through=through,
+        root=root,
+        after=lambda _: headline(
+            root / "metrics", with_test=reaches_evaluate, with_export=reaches_export
+        ),
+    )
+    per_seed = {seed: figures[experiment[seed]] for seed in ordered}
     summary = {
         "recipe": name,
         "overrides": list(overrides),
         "through": through,
         "seed_keys": list(seed_keys),
         "seeds": list(ordered),
-        "per_seed": {str(seed): figures for seed, figures in per_seed.items()},
+        "per_seed": {str(seed): per_seed[seed] for seed in ordered},
         "summary": summarise(per_seed),
-        "mlflow_runs": {str(seed): run_id for seed, run_id in runs.items()},
+        "mlflow_runs": {
+            str(seed): runs[experiment[seed]] for seed in ordered if experiment[seed] in runs
+        },
     }
     summary["parent_run"] = log_parent(summary, ensure_experiment(mlflow, root))
     if out is not None:
@@ -195,16 +230,16 @@ def run_recipe(
     return summary
 
 
-def log_parent(summary: Mapping[str, Any], experiment_id: str) -> str:
+def log_parent(summary: Mapping[str, Any], experiment_id: str, label: str | None = None) -> str:
     """The parent MLflow run of a recipe's seed runs: its params (recipe, seeds, overrides),
     ``<figure>.mean/.sd/.min/.max`` metrics, and ``mlflow.parentRunId`` on every seed run so
-    the UI nests them. Returns its id."""
+    the UI nests them; ``label`` names what it spans (default: ``N seeds``). Returns its id."""
     import mlflow
 
     client = mlflow.MlflowClient()
     parent = client.create_run(
         experiment_id,
-        run_name=f"{summary['recipe']} x {len(summary['seeds'])} seeds",
+        run_name=f"{summary['recipe']} x {label or str(len(summary['seeds'])) + ' seeds'}",
         tags={PARENT_TAG: str(len(summary["seeds"])), RECIPE_TAG: summary["recipe"]},
     )
     run_id = parent.info.run_id

@@ -596,3 +596,63 @@ def test_check_image_rejection_detail_is_reproducible():
         details.add(excinfo.value.detail)
     assert len(details) == 1
     assert " at 0x" not in details.pop()
+
+
+# ---------------------------------------------------------------- cross-validation folds
+
+
+def _rows(ids: list[str], labels: list[str], groups: list[str] | None = None) -> list[dict]:
+    rows = [
+        {"sha256": i, "label": label, "split": ""} for i, label in zip(ids, labels, strict=True)
+    ]
+    for row, group in zip(rows, groups or [], strict=False):
+        row["patient"] = group
+    return rows
+
+
+def test_folds_partition_the_non_test_images_and_leave_test_alone():
+    """Over the five folds, every non-test image is val exactly once and train otherwise, each
+    fold holds a fifth of each class (within one image), the test split is the one drawn
+    without folds, and fold 0 is the val split itself when val is a fifth of the non-test."""
+    ids = _ids("a", 160) + _ids("b", 80) + _ids("c", 33)
+    labels = ["a"] * 160 + ["b"] * 80 + ["c"] * 33
+    base = params("ingest", val_fraction=0.15, test_fraction=0.25, stratify_by=["label"])
+    plain = _rows(ids, labels)
+    assign_splits(plain, base, predefined=False)
+    held_out: Counter[str] = Counter()
+    for fold in range(5):
+        rows = _rows(ids, labels)
+        assign_splits(rows, params("ingest", stratify_by=["label"], fold=fold), predefined=False)
+        assert [r["split"] == "test" for r in rows] == [r["split"] == "test" for r in plain]
+        val = [r for r in rows if r["split"] == "val"]
+        held_out.update(r["sha256"] for r in val)
+        for label in sorted(set(labels)):
+            non_test = sum(1 for r in plain if r["label"] == label and r["split"] != "test")
+            in_fold = sum(1 for r in val if r["label"] == label)
+            assert abs(in_fold - non_test / 5) <= 1, (fold, label, in_fold, non_test)
+        if fold == 0:
+            plain_val = {r["sha256"] for r in plain if r["split"] == "val"}
+            assert len(plain_val ^ {r["sha256"] for r in val}) <= 3  # rounding at the cuts
+    non_test = {r["sha256"] for r in plain if r["split"] != "test"}
+    assert set(held_out) == non_test and set(held_out.values()) == {1}
+
+
+def test_grouped_folds_keep_groups_whole():
+    """With ingest.group_by, a group is in one fold: never val in one run and train in it."""
+    groups, strata = _grouped_data(3, n_groups=120)
+    ids = [f"img{i:04d}" for i in range(len(groups))]
+    held_out: dict[str, set[int]] = defaultdict(set)
+    for fold in range(4):
+        rows = _rows(ids, [s[0] for s in strata], groups)
+        ingest = params("ingest", group_by="patient", stratify_by=["label"], folds=4, fold=fold)
+        assign_splits(rows, ingest, predefined=False)
+        for row in rows:
+            if row["split"] == "val":
+                held_out[row["patient"]].add(fold)
+    assert held_out and all(len(folds) == 1 for folds in held_out.values())
+
+
+@pytest.mark.parametrize("fold", [-1, 5])
+def test_a_fold_outside_the_folds_is_refused(fold):
+    with pytest.raises(ParamsError, match=r"ingest\.fold must be null or in \[0, folds=5\)"):
+        params("ingest", fold=fold)

@@ -201,6 +201,14 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     )
     assert {"corrected_val_accuracy", "corrected_val_balanced_accuracy"} <= metrics.keys()
     decision = json.loads((tmp_path / "finetune" / "decision.json").read_text())
+    # The network's own validation probabilities, by image: a fold's out-of-fold predictions.
+    held_out = read_csv_rows(tmp_path / "finetune" / "val_predictions.csv")
+    val_rows = [r for r in read_csv_rows(sealed / "manifest.csv") if r["split"] == "val"]
+    assert sorted(r["sha256"] for r in held_out) == sorted(r["sha256"] for r in val_rows)
+    labels = {r["sha256"]: r["label"] for r in val_rows}
+    assert all(r["label"] == labels[r["sha256"]] for r in held_out)
+    sums = [sum(float(v) for k, v in r.items() if k.startswith("p_")) for r in held_out]
+    assert np.allclose(sums, 1.0, atol=1e-4)
     assert decision["objective"] == 0.5 and decision["temperature"] == temperature
     np.testing.assert_allclose(decision["offset"], bias * temperature - kept_bias, atol=1e-5)
     assert metrics["val_ece"] <= metrics["val_ece_uncalibrated"] + 1e-6, metrics

@@ -1,0 +1,300 @@
+"""A recipe by cross-validation over the non-test images: each of ``ingest.folds`` folds in turn
+is the validation split (``ingest.fold``), one DVC experiment through finetune per fold and
+seed. What comes of it:
+
+- the figures of every fold run, as mean ± sd over folds and seeds (the validation figures
+  ``imgpipe seeds`` reports), under a parent MLflow run that nests the fold runs;
+- the out-of-fold predictions: every non-test image once per seed, predicted by the fold model
+  that never trained on it (finetune's ``val_predictions.csv``, the network's own
+  probabilities), and their figures, over the classes and the groups of
+  ``evaluate.class_groups``;
+- the decision ``finetune.objective`` asks for, fitted on the out-of-fold predictions of all
+  the non-test images rather than on one validation split, and scored honestly: each fold's
+  images are decided by a correction fitted on the other folds' predictions; and the
+  temperature fitted on them.
+
+The test split is never read: every run stops at finetune.
+
+>>> run_crossval(5, [42], name="default")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgpipe.errors import InputError
+from imgpipe.fileio import write_json_atomic
+from pipelines.seeds import SEED_KEYS, headline, log_parent, run_experiments, spread, summarise
+
+THROUGH = "finetune"
+"""The last stage of a fold run: validation only, the test split sealed."""
+PREDICTIONS = "outputs/finetune/val_predictions.csv"
+OUT_DIR = Path("outputs/crossval")
+FOLDS_TAG = "imgpipe.folds"
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    """One seed's out-of-fold predictions: every non-test image once."""
+
+    sha256: list[str]
+    labels: np.ndarray
+    folds: np.ndarray
+    probs: np.ndarray
+    classes: list[str]
+
+
+def read_predictions(path: Path) -> tuple[list[str], list[str], np.ndarray, list[str]]:
+    """finetune's val_predictions.csv: sha256s, labels, probabilities, class names."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = [c for c in reader.fieldnames or [] if c.startswith("p_")]
+        rows = list(reader)
+    probs = np.array([[float(r[c]) for c in columns] for r in rows], np.float64)
+    return [r["sha256"] for r in rows], [r["label"] for r in rows], probs, [c[2:] for c in columns]
+
+
+def out_of_fold(fold_files: Mapping[int, Path], non_test: set[str]) -> OutOfFold:
+    """The folds' validation predictions of one seed joined, checked to hold every non-test
+    image (``non_test``, by sha256) exactly once."""
+    digests: list[str] = []
+    labels: list[str] = []
+    folds: list[int] = []
+    probs: list[np.ndarray] = []
+    classes: list[str] | None = None
+    for fold, path in sorted(fold_files.items()):
+        shas, names, p, columns = read_predictions(path)
+        if classes is not None and columns != classes:
+            raise InputError(f"{path}: classes {columns}, the other folds {classes}")
+        classes = columns
+        digests += shas
+        labels += names
+        folds += [fold] * len(shas)
+        probs.append(p)
+    seen = set(digests)
+    twice = len(digests) - len(seen)
+    missing, extra = non_test - seen, seen - non_test
+    if twice or missing or extra:
+        raise InputError(
+            f"the folds' validation images are not the non-test images once each: {twice} seen "
+            f"twice, {len(missing)} never held out, {len(extra)} not in the non-test split"
+        )
+    assert classes is not None
+    index = {name: i for i, name in enumerate(classes)}
+    return OutOfFold(
+        digests,
+        np.array([index[name] for name in labels], np.int64),
+        np.array(folds, np.int64),
+        np.concatenate(probs),
+        classes,
+    )
+
+
+def nested_decision(oof: OutOfFold, balance: float) -> np.ndarray:
+    """Each image's class under the prior correction for ``balance``
+    (imgpipe.metrics.prior_correction) fitted on the other folds' predictions and labels alone:
+    a fitted decision scored on images it was not fitted on."""
+    from imgpipe.metrics import prior_correction, shift_probabilities
+
+    decided = np.empty(len(oof.labels), np.int64)
+    for fold in np.unique(oof.folds):
+        fitted_on, held = oof.folds != fold, oof.folds == fold
+        counts = np.bincount(oof.labels[fitted_on], minlength=len(oof.classes))
+        _, shift = prior_correction(oof.labels[fitted_on], oof.probs[fitted_on], counts, balance)
+        decided[held] = shift_probabilities(oof.probs[held], shift).argmax(axis=1)
+    return decided
+
+
+def oof_figures(
+    oof: OutOfFold, groups: Mapping[str, Sequence[str]], balance: float | None
+) -> dict[str, float]:
+    """The out-of-fold figures of the network's own decision (4 classes and the groups), the
+    temperature fitted on them, and for a fitted objective (``balance``) the decision each
+    fold gets from a correction fitted on the other folds' predictions."""
+    from imgpipe.metrics import (
+        decision_metrics,
+        fit_temperature,
+        group_metrics,
+        prior_correction,
+        shift_probabilities,
+    )
+
+    predicted = oof.probs.argmax(axis=1)
+    own = decision_metrics(oof.labels, predicted, oof.classes)
+    figures = {
+        "oof.accuracy": own["accuracy"],
+        "oof.balanced_accuracy": own["balanced_accuracy"],
+        "oof.temperature": fit_temperature(
+            oof.labels, lambda t: shift_probabilities(oof.probs, 0.0, t)
+        ),
+    }
+    if groups:
+        grouped = group_metrics(oof.labels, predicted, oof.classes, groups)
+        figures["oof.groups.accuracy"] = grouped["accuracy"]
+        figures["oof.groups.balanced_accuracy"] = grouped["balanced_accuracy"]
+    if balance is not None:
+        fitted = decision_metrics(oof.labels, nested_decision(oof, balance), oof.classes)
+        figures["oof.fitted.accuracy"] = fitted["accuracy"]
+        figures["oof.fitted.balanced_accuracy"] = fitted["balanced_accuracy"]
+        counts = np.bincount(oof.labels, minlength=len(oof.classes))
+        figures["oof.fitted.tau"], _ = prior_correction(oof.labels, oof.probs, counts, balance)
+    return {key: round(float(value), 6) for key, value in figures.items()}
+
+
+def _non_test(manifest: Path) -> set[str]:
+    with open(manifest, newline="", encoding="utf-8") as f:
+        return {row["sha256"] for row in csv.DictReader(f) if row["split"] != "test"}
+
+
+def write_oof(path: Path, oofs: Mapping[int, OutOfFold]) -> None:
+    """Every seed's out-of-fold predictions in one CSV: sha256, label, seed, fold, p_<class>."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        classes = next(iter(oofs.values())).classes
+        writer.writerow(["sha256", "label", "seed", "fold", *(f"p_{c}" for c in classes)])
+        for seed, oof in oofs.items():
+            for digest, label, fold, row in zip(
+                oof.sha256, oof.labels, oof.folds, oof.probs, strict=True
+            ):
+                writer.writerow([digest, classes[label], seed, fold, *(f"{p:.6f}" for p in row)])
+
+
+def run_crossval(
+    folds: int,
+    seeds: Sequence[int],
+    *,
+    overrides: Sequence[str] = (),
+    name: str = "crossval",
+    root: Path | None = None,
+    out: Path | None = None,
+    seed_keys: Sequence[str] = SEED_KEYS,
+) -> dict[str, Any]:
+    """Cross-validate the recipe (params.yaml with ``overrides``, as ``dvc exp run -S`` takes
+    them) over ``folds`` folds and ``seeds``: ``folds * len(seeds)`` DVC experiments
+    ``<name>-seed<S>-fold<F>`` through finetune; then the out-of-fold predictions
+    (``outputs/crossval/<name>/oof_predictions.csv``), the parent MLflow run and ``out``.
+    Afterwards the workspace's dvc.lock and metrics are put back and DVC checks out the
+    outputs they name (the fold runs stay in ``dvc exp show``)."""
+    import mlflow
+
+    from imgpipe.params import EvaluateParams, FinetuneParams, load_params, section, with_sets
+    from imgpipe.tracking import ensure_experiment
+
+    root = (root or Path.cwd()).resolve()
+    if folds < 2:
+        raise InputError(f"crossval: --folds must be at least 2, got {folds}")
+    raw = with_sets(load_params(root / "params.yaml"), list(overrides))
+    tuning = section(FinetuneParams, "finetune", raw)
+    groups = dict(section(EvaluateParams, "evaluate", raw).class_groups)
+    kept = {
+        path: path.read_bytes()
+        for path in [root / "dvc.lock", *(root / "metrics").glob("*")]
+        if path.is_file()
+    }
+    saved = root / OUT_DIR / name
+    if saved.exists():
+        shutil.rmtree(saved)
+    saved.mkdir(parents=True)
+    experiment = {
+        (seed, fold): f"{name}-seed{seed}-fold{fold}" for seed in seeds for fold in range(folds)
+    }
+    variants = [
+        (
+            experiment[seed, fold],
+            [
+                *overrides,
+                f"ingest.folds={folds}",
+                f"ingest.fold={fold}",
+                *(f"{key}={seed}" for key in seed_keys),
+            ],
+        )
+        for seed in seeds
+        for fold in range(folds)
+    ]
+    non_test: set[str] = set()
+
+    def collect(run: str) -> Mapping[str, float]:
+        shutil.copy(root / PREDICTIONS, saved / f"{run}.csv")
+        non_test.update(_non_test(root / "outputs/ingest/manifest.csv"))
+        return headline(root / "metrics", with_test=False)
+
+    try:
+        figures, runs = run_experiments(variants, through=THROUGH, root=root, after=collect)
+    finally:
+        for path, content in kept.items():
+            path.write_bytes(content)
+        restored = subprocess.run(
+            ["dvc", "checkout", "--force", "-q"], cwd=root, capture_output=True, text=True
+        )
+        if restored.returncode != 0:
+            print(f"crossval: dvc checkout could not restore the outputs: {restored.stderr}")
+    oofs = {
+        seed: out_of_fold({f: saved / f"{experiment[seed, f]}.csv" for f in range(folds)}, non_test)
+        for seed in seeds
+    }
+    per_seed = {seed: oof_figures(oofs[seed], groups, tuning.balance) for seed in seeds}
+    write_oof(saved / "oof_predictions.csv", oofs)
+    pooled = OutOfFold(
+        [d for o in oofs.values() for d in o.sha256],
+        np.concatenate([o.labels for o in oofs.values()]),
+        np.concatenate([o.folds for o in oofs.values()]),
+        np.concatenate([o.probs for o in oofs.values()]),
+        oofs[seeds[0]].classes,
+    )
+    decision = oof_figures(pooled, groups, tuning.balance)
+    summary: dict[str, Any] = {
+        "recipe": name,
+        "overrides": list(overrides),
+        "through": THROUGH,
+        "folds": folds,
+        "seeds": list(seeds),
+        "seed_keys": list(seed_keys),
+        "objective": tuning.objective,
+        "per_run": figures,
+        "summary": summarise(figures),
+        "out_of_fold": {str(seed): per_seed[seed] for seed in seeds},
+        "out_of_fold_summary": {
+            key: spread([per_seed[s][key] for s in seeds]) for key in per_seed[seeds[0]]
+        },
+        "decision": {
+            "objective": tuning.objective,
+            "temperature": decision["oof.temperature"],
+            **({"tau": decision["oof.fitted.tau"]} if "oof.fitted.tau" in decision else {}),
+            "images": len(pooled.sha256),
+        },
+        "predictions": str((saved / "oof_predictions.csv").relative_to(root)),
+        "mlflow_runs": dict(runs),
+    }
+    parent = {
+        **summary,
+        "summary": {**summary["summary"], **summary["out_of_fold_summary"]},
+    }
+    summary["parent_run"] = log_parent(
+        parent, ensure_experiment(mlflow, root), label=f"{folds} folds x {len(seeds)} seeds"
+    )
+    mlflow.MlflowClient().set_tag(summary["parent_run"], FOLDS_TAG, str(folds))
+    if out is not None:
+        write_json_atomic(out, summary)
+    return summary
+
+
+def describe(summary: Mapping[str, Any]) -> str:
+    """The out-of-fold figures and the fitted decision, then each fold figure's mean ± sd."""
+    lines = [
+        f"{summary['recipe']}: {summary['folds']} folds x seeds {summary['seeds']}, "
+        f"{summary['decision']['images']} out-of-fold predictions"
+    ]
+    for key, stats in {**summary["out_of_fold_summary"], **summary["summary"]}.items():
+        lines.append(f"  {key:40s} {stats['mean']:.4f} ± {stats['sd']:.4f}")
+    lines.append(f"  decision: {json.dumps(summary['decision'])}")
+    return "\n".join(lines)
