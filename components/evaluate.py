@@ -41,6 +41,7 @@ from imgpipe.metrics import (
     classification_metrics,
     confusion_matrix,
     decision_metrics,
+    decision_text,
     expected_calibration_error,
     group_index,
     group_metrics,
@@ -511,27 +512,6 @@ def log_to_mlflow(out: Path) -> None:
     )
     for name in (BLESSING, PREDICTIONS, CONFUSION_PNG, CALIBRATION_PNG, MISCLASSIFIED_PNG):
         mlflow.log_artifact(str(out / name), "evaluate")
-
-
-def decision_text(summary: dict[str, Any]) -> str:
-    """``served (objective accuracy) 0.7260 / balanced 0.5837; argmax 0.7778 / 0.4740;
-    functional/defective: served 0.8539, argmax 0.8798``: the test figures of both decisions,
-    and of the class groups when declared (what the summary and the stage's log print)."""
-    test, own = summary["test"], summary.get("argmax")
-    text = (
-        f"served (objective {test.get('objective', 'accuracy')}) accuracy "
-        f"{test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}"
-    )
-    if own:
-        text += f"; argmax {own['accuracy']:.4f}, balanced {own['balanced_accuracy']:.4f}"
-    groups = summary.get("groups")
-    if groups:
-        names = "/".join(groups["served"]["per_class"])
-        text += f"; {names}: " + ", ".join(
-            f"{decided} {m['accuracy']:.4f} (balanced {m['balanced_accuracy']:.4f})"
-            for decided, m in groups.items()
-        )
-    return text
 
 
 def describe(summary: dict[str, Any]) -> str:

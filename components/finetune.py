@@ -59,7 +59,7 @@ from imgpipe.labels import read_labels
 from imgpipe.manifest import LABELS, MANIFEST, SHARDS
 from imgpipe.metrics import correction_text, validation_scores
 from imgpipe.params import AugmentParams, FinetuneParams, ModelParams
-from imgpipe.tfrecords import count_records, read_split, split_files
+from imgpipe.tfrecords import count_records, split_files
 from imgpipe.training import (
     CURVES,
     HEAD_NAME,
@@ -86,17 +86,16 @@ layer (imgpipe.calibration.Decision): evaluate scores the network's own decision
 served one, and the test ECE the scores had without the temperature."""
 
 
-def write_val_predictions(path: Path, dataset: Path, labels: np.ndarray, probs: np.ndarray) -> None:
-    """``probs`` of ``dataset``'s validation images (in their shard order, checked against
-    ``labels``) as CSV: sha256, label, one probability column per class."""
+def write_val_predictions(
+    path: Path, dataset: Path, sha256: list[str], labels: np.ndarray, probs: np.ndarray
+) -> None:
+    """``probs`` of ``dataset``'s validation images (``sha256`` and ``labels``: each image's,
+    in the order predicted) as CSV: sha256, label, one probability column per class."""
     names = read_labels(dataset / LABELS)
-    val = read_split(dataset / SHARDS, "val")
-    if not np.array_equal(val.labels, labels):
-        raise RuntimeError(f"{dataset}: the validation shards changed order while read")
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["sha256", "label", *(f"p_{name}" for name in names)])
-        for digest, label, row in zip(val.sha256, val.labels, probs, strict=True):
+        for digest, label, row in zip(sha256, labels, probs, strict=True):
             writer.writerow([digest, names[label], *(f"{p:.6f}" for p in row)])
 
 
@@ -305,12 +304,13 @@ def run(
     # The probabilities and the output layer's inputs of every validation image, in one pass.
     probe = keras.Model(best.inputs, [best.outputs[0], best.get_layer(POOLED_LAYER).output])
     to_output = keras.Model(head.inputs, output.input)
-    val_true, val_probs, val_features = [], [], []
-    for images, labels in image_dataset(val_files, size, 64):
+    val_true, val_probs, val_features, val_ids = [], [], [], []
+    for images, labels, digests in image_dataset(val_files, size, 64, with_ids=True):
         batch_probs, pooled = probe.predict_on_batch(images)
         val_true.append(labels.numpy())
         val_probs.append(batch_probs)
         val_features.append(to_output.predict_on_batch(pooled))
+        val_ids += [d.decode() for d in digests.numpy()]
     val_labels, probs = np.concatenate(val_true), np.concatenate(val_probs)
     scores = validation_scores(val_labels, probs)
     fitted, decision = fit_output(
@@ -328,7 +328,7 @@ def run(
         staged.mkdir()
         best.save(staged / MODEL)
         write_json_atomic(staged / DECISION, {"objective": params.objective, **decision})
-        write_val_predictions(staged / VAL_PREDICTIONS, dataset, val_labels, probs)
+        write_val_predictions(staged / VAL_PREDICTIONS, dataset, val_ids, val_labels, probs)
         plot_curves(
             [*frozen_rows, *rows, *quantize_rows],
             staged / CURVES,

@@ -163,8 +163,10 @@ def own_decision(
 ) -> np.ndarray:
     """The probabilities of ``network``'s own decision, calibrated (the argmax the network
     learned, at the fitted temperature), from ``probs``, what it serves with ``decision`` folded
-    in: for a softmax, the offset taken off the logits exactly; an ordinal head is asked again
-    (``predict``) with its trained cut-points. Equal to ``probs`` when nothing was fitted."""
+    in: for a softmax, the offset taken off the logits (exact for a float output layer; a
+    quantization-aware one rounds its logits after the offset, so there it is the network's
+    decision to within that rounding); an ordinal head is asked again (``predict``) with its
+    trained cut-points. Equal to ``probs`` when nothing was fitted."""
     from imgpipe import ordinal
     from imgpipe.training import HEAD_NAME
 

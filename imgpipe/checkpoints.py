@@ -38,7 +38,7 @@ def fingerprint(
     policy: str = FLOAT32,
 ) -> str:
     """What a checkpoint must match to be resumed: the starting model, the data, the params
-    of training and of its views (not ``prior_balance`` or ``calibrate``, which act after it:
+    of training and of its views (not ``objective`` or ``calibrate``, which act after it:
     changing them reuses the epochs), the number of replicas (which sets the global batch and
     rate, whatever ``workers`` asked) and the precision actually used (``mixed_precision:
     null`` means another one on another machine)."""

@@ -224,6 +224,28 @@ def prior_correction(
     return best[1], best[2]
 
 
+def decision_text(summary: Mapping[str, Any]) -> str:
+    """``served (objective accuracy) accuracy 0.7260, balanced 0.5837; argmax 0.7778, balanced
+    0.4740; functional/defective: served 0.8539 (balanced ...), argmax ...``: the test figures
+    of both decisions in an evaluate summary, and of its class groups when declared (what
+    ``imgpipe summary`` and the stage's log print)."""
+    test, own = summary["test"], summary.get("argmax")
+    text = (
+        f"served (objective {test.get('objective', 'not recorded')}) accuracy "
+        f"{test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}"
+    )
+    if own:
+        text += f"; argmax {own['accuracy']:.4f}, balanced {own['balanced_accuracy']:.4f}"
+    groups = summary.get("groups")
+    if groups:
+        names = "/".join(groups["served"]["per_class"])
+        text += f"; {names}: " + ", ".join(
+            f"{decided} {m['accuracy']:.4f} (balanced {m['balanced_accuracy']:.4f})"
+            for decided, m in groups.items()
+        )
+    return text
+
+
 def correction_text(result: Mapping[str, Any]) -> str:
     """``0.8015 (balanced 0.6072), tau -0.10``: the prior-corrected validation figures of a
     finetune summary (or of its MLflow metrics, ``finetune.`` prefix dropped); ``""`` when no

@@ -149,7 +149,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
     evaluation, exported, pushed = (load(n) for n in ("evaluate", "export", "push"))
     if evaluation:
-        from components.evaluate import decision_text
+        from imgpipe.metrics import decision_text
 
         test = evaluation["test"]
         print(
