@@ -33,13 +33,20 @@ import numpy as np
 
 from imgpipe.errors import InputError
 from imgpipe.fileio import write_json_atomic
-from pipelines.seeds import SEED_KEYS, headline, log_parent, run_experiments, spread, summarise
+from pipelines.seeds import (
+    FOLDS_TAG,
+    SEED_KEYS,
+    headline,
+    log_parent,
+    run_experiments,
+    spread,
+    summarise,
+)
 
 THROUGH = "finetune"
 """The last stage of a fold run: validation only, the test split sealed."""
 PREDICTIONS = "outputs/finetune/val_predictions.csv"
 OUT_DIR = Path("outputs/crossval")
-FOLDS_TAG = "imgpipe.folds"
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,8 @@ def oof_figures(
 ) -> dict[str, float]:
     """The out-of-fold figures of the network's own decision (4 classes and the groups), the
     temperature fitted on them, and for a fitted objective (``balance``) the decision each
-    fold gets from a correction fitted on the other folds' predictions."""
+    fold gets from a correction fitted on the other folds' predictions (``oof.fitted.*``);
+    for the accuracy objective, what the balanced one would give (``oof.if_balanced.*``)."""
     from imgpipe.metrics import (
         decision_metrics,
         fit_temperature,
@@ -130,23 +138,29 @@ def oof_figures(
 
     predicted = oof.probs.argmax(axis=1)
     own = decision_metrics(oof.labels, predicted, oof.classes)
-    figures = {
+    shift = np.zeros(len(oof.classes))
+    figures: dict[str, float] = {
         "oof.accuracy": own["accuracy"],
         "oof.balanced_accuracy": own["balanced_accuracy"],
-        "oof.temperature": fit_temperature(
-            oof.labels, lambda t: shift_probabilities(oof.probs, 0.0, t)
-        ),
     }
     if groups:
         grouped = group_metrics(oof.labels, predicted, oof.classes, groups)
         figures["oof.groups.accuracy"] = grouped["accuracy"]
         figures["oof.groups.balanced_accuracy"] = grouped["balanced_accuracy"]
-    if balance is not None:
+    if balance is None:  # what the balanced objective would trade, from the same predictions
+        traded = decision_metrics(oof.labels, nested_decision(oof, 1.0), oof.classes)
+        figures["oof.if_balanced.accuracy"] = traded["accuracy"]
+        figures["oof.if_balanced.balanced_accuracy"] = traded["balanced_accuracy"]
+    else:
         fitted = decision_metrics(oof.labels, nested_decision(oof, balance), oof.classes)
         figures["oof.fitted.accuracy"] = fitted["accuracy"]
         figures["oof.fitted.balanced_accuracy"] = fitted["balanced_accuracy"]
         counts = np.bincount(oof.labels, minlength=len(oof.classes))
-        figures["oof.fitted.tau"], _ = prior_correction(oof.labels, oof.probs, counts, balance)
+        figures["oof.fitted.tau"], shift = prior_correction(oof.labels, oof.probs, counts, balance)
+    # As finetune folds them in: the temperature is fitted after the correction.
+    figures["oof.temperature"] = fit_temperature(
+        oof.labels, lambda t: shift_probabilities(oof.probs, shift, t)
+    )
     return {key: round(float(value), 6) for key, value in figures.items()}
 
 
@@ -183,8 +197,8 @@ def run_crossval(
     them) over ``folds`` folds and ``seeds``: ``folds * len(seeds)`` DVC experiments
     ``<name>-seed<S>-fold<F>`` through finetune; then the out-of-fold predictions
     (``outputs/crossval/<name>/oof_predictions.csv``), the parent MLflow run and ``out``.
-    Afterwards the workspace's dvc.lock and metrics are put back and DVC checks out the
-    outputs they name (the fold runs stay in ``dvc exp show``)."""
+    Afterwards the workspace's params.yaml, dvc.lock and metrics are put back and DVC checks
+    out the outputs they name (the fold runs stay in ``dvc exp show``)."""
     import mlflow
 
     from imgpipe.params import EvaluateParams, FinetuneParams, load_params, section, with_sets
@@ -196,9 +210,9 @@ def run_crossval(
     raw = with_sets(load_params(root / "params.yaml"), list(overrides))
     tuning = section(FinetuneParams, "finetune", raw)
     groups = dict(section(EvaluateParams, "evaluate", raw).class_groups)
-    kept = {
+    kept = {  # DVC's -S leaves the last fold's params in params.yaml: put all of it back
         path: path.read_bytes()
-        for path in [root / "dvc.lock", *(root / "metrics").glob("*")]
+        for path in [root / "params.yaml", root / "dvc.lock", *(root / "metrics").glob("*")]
         if path.is_file()
     }
     saved = root / OUT_DIR / name

@@ -48,6 +48,13 @@ def _groups(root: Path) -> str:
     return "/".join(params["evaluate"].get("class_groups") or {}) or "class groups"
 
 
+def _seed(root: Path) -> str:
+    """params.yaml's training seeds, as the run in the workspace used them (``42``)."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    seeds = {params["train"]["seed"], params["finetune"]["seed"]}
+    return " / ".join(str(s) for s in sorted(seeds))
+
+
 def spread_text(stats: Mapping[str, float], places: int = 3) -> str:
     """``0.737 ± 0.032``: a mean ± sd of ``imgpipe seeds``."""
     return f"{stats['mean']:.{places}f} ± {stats['sd']:.{places}f}"
@@ -117,7 +124,7 @@ def render_release(root: Path) -> str:
     evaluation = _json(root, "metrics/evaluate.json")
     served, own = evaluation["test"], evaluation.get("argmax")
     groups = evaluation.get("groups", {})
-    objective = served.get("objective", "accuracy")
+    objective = served.get("objective", "not recorded")
     header = ["figure", f"served (objective {objective})", "argmax"]
     rows = []
     for key, what in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")):
@@ -150,7 +157,8 @@ def render_release(root: Path) -> str:
                     ]
                 )
     return (
-        f"Seed 42, `metrics/evaluate.json` and `metrics/export.json` ({served['images']} test "
+        f"Seed {_seed(root)}, `metrics/evaluate.json` and `metrics/export.json` "
+        f"({served['images']} test "
         "images):\n\n" + _table(header, rows)
     )
 
@@ -245,13 +253,14 @@ def render_headline(root: Path) -> str:
             )
     evaluation = _json(root, "metrics/evaluate.json")
     served, own = evaluation["test"], evaluation.get("argmax")
+    seed = _seed(root)
     run = f"{served['accuracy']:.4f} / {served['balanced_accuracy']:.4f}"
     if own:
         run += f" (argmax {own['accuracy']:.4f} / {own['balanced_accuracy']:.4f})"
     rows.append(
         [
-            "this release's run, seed 42: test accuracy / balanced accuracy, served "
-            f"(objective {served.get('objective', 'accuracy')})",
+            f"this release's run, seed {seed}: test accuracy / balanced accuracy, served "
+            f"(objective {served.get('objective', 'not recorded')})",
             run,
             "`metrics/evaluate.json`",
         ]
@@ -273,7 +282,8 @@ def render_headline(root: Path) -> str:
     ]
     rows.append(
         [
-            "full-integer int8 TFLite agreement with the served model, seed 42: test / validation",
+            f"full-integer int8 TFLite agreement with the served model, seed {seed}: "
+            "test / validation",
             " / ".join(agreement),
             "`metrics/export.json`",
         ]
@@ -281,7 +291,43 @@ def render_headline(root: Path) -> str:
     return _table(["figure", "value", "from"], rows)
 
 
+CROSSVAL = "metrics/crossval.json"
+CROSSVAL_FIGURES = (
+    ("oof.accuracy", "out-of-fold accuracy, argmax"),
+    ("oof.balanced_accuracy", "out-of-fold balanced accuracy, argmax"),
+    ("oof.groups.accuracy", "out-of-fold 2-class accuracy, argmax"),
+    ("oof.fitted.accuracy", "out-of-fold accuracy, the objective's decision fitted on other folds"),
+    ("oof.fitted.balanced_accuracy", "out-of-fold balanced accuracy, the same decision"),
+    ("oof.if_balanced.accuracy", "out-of-fold accuracy, were the objective balanced accuracy"),
+    ("oof.if_balanced.balanced_accuracy", "out-of-fold balanced accuracy, the same"),
+    ("oof.temperature", "temperature fitted on the out-of-fold predictions"),
+    ("finetune.val_accuracy", "fold runs: validation accuracy, argmax"),
+    ("finetune.val_balanced_accuracy", "fold runs: validation balanced accuracy, argmax"),
+    ("finetune.seconds", "fold runs: fine-tuning seconds, the machine of that run"),
+)
+
+
+def render_crossval(root: Path) -> str:
+    """``imgpipe crossval``'s summary (metrics/crossval.json): the out-of-fold figures over
+    every non-test image, mean ± sd over seeds, and the fold runs' figures over folds and
+    seeds."""
+    if not (root / CROSSVAL).is_file():
+        return f"`{CROSSVAL}` is not there yet: no cross-validation of this release.\n"
+    summary = _json(root, CROSSVAL)
+    stats = {**summary["out_of_fold_summary"], **summary["summary"]}
+    rows = [[what, spread_text(stats[key])] for key, what in CROSSVAL_FIGURES if key in stats]
+    overrides = ", ".join(f"`-S {o}`" for o in summary["overrides"]) or "none"
+    return (
+        f"`imgpipe crossval --folds {summary['folds']} --seeds "
+        f"{' '.join(str(s) for s in summary['seeds'])}` (overrides: {overrides}; objective "
+        f"{summary['objective']}; {summary['decision']['images']} out-of-fold predictions; "
+        f"`{CROSSVAL}`, MLflow parent run `{summary['parent_run']}`):\n\n"
+        + _table(["figure", "mean ± sd"], rows)
+    )
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
+    "crossval": render_crossval,
     "headline": render_headline,
     "seeds": render_seeds,
     "release": render_release,

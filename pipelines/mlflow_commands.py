@@ -108,9 +108,13 @@ def cmd_runs(args: argparse.Namespace) -> None:
             f"{balanced[0]} | {tuned:.4f}{balanced[1]} | {tuned - frozen:+.4f} | {corrected} | "
             f"{' + '.join(times)} |"
         )
-    recipes = [r for r in runs if seeds.PARENT_TAG in r.data.tags]
+    parents = [r for r in runs if seeds.PARENT_TAG in r.data.tags]
+    recipes = [r for r in parents if seeds.FOLDS_TAG not in r.data.tags]
+    folded = [r for r in parents if seeds.FOLDS_TAG in r.data.tags]
     if recipes:
         print(seeds.recipe_table(recipes))
+    if folded:  # a spread over folds is not one over seeds: a table of its own
+        print(seeds.recipe_table(folded, over="folds and seeds"))
 
 
 def cmd_summary(args: argparse.Namespace) -> None:

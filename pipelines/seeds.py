@@ -29,6 +29,9 @@ fine-tuning order and views); the data's split and augment's materialised views 
 PARENT_TAG = "imgpipe.seeds"
 """Set on a parent run: the number of seeds it summarises."""
 RECIPE_TAG = "imgpipe.recipe"
+FOLDS_TAG = "imgpipe.folds"
+"""Set on a cross-validation's parent run (``imgpipe crossval``): the number of folds; its
+spread is over folds and seeds, not seeds alone."""
 VALIDATION = (
     "finetune.val_accuracy",
     "finetune.val_balanced_accuracy",
@@ -267,10 +270,10 @@ def describe(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def recipe_table(parents: Sequence[Any]) -> str:
+def recipe_table(parents: Sequence[Any], over: str = "seeds") -> str:
     """Parent runs (MLflow ``Run`` objects) as a markdown table of validation figures, mean ±
-    sd over their seeds, each compared with the first: a gap smaller than the larger sd is
-    within the seed spread, which one run cannot tell from noise."""
+    sd over their seeds (or ``over`` what else they span), each compared with the first: a gap
+    smaller than the larger sd is within the spread, which one run cannot tell from noise."""
     figures = ("finetune.val_accuracy", "finetune.val_balanced_accuracy")
 
     def stats(run: Any, key: str) -> dict[str, float] | None:
@@ -281,7 +284,7 @@ def recipe_table(parents: Sequence[Any]) -> str:
 
     lines = [
         "",
-        "| recipe (mean ± sd over seeds) | seeds | val accuracy | val balanced accuracy | "
+        f"| recipe (mean ± sd over {over}) | seeds | val accuracy | val balanced accuracy | "
         "vs the first recipe |",
         "|---|---|---|---|---|",
     ]
@@ -298,7 +301,7 @@ def recipe_table(parents: Sequence[Any]) -> str:
                 continue
             gap = b["mean"] - a["mean"]
             where = "within" if within_spread(a, b) else "beyond"
-            verdicts.append(f"{key.split('.')[-1]} {gap:+.4f} ({where} the seed spread)")
+            verdicts.append(f"{key.split('.')[-1]} {gap:+.4f} ({where} the spread)")
         lines.append(
             f"| {run.data.tags.get(RECIPE_TAG, run.info.run_name)} | "
             f"{run.data.params.get('seeds', '')} | {cells[0]} | {cells[1]} | "

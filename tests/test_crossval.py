@@ -73,4 +73,8 @@ def test_a_fitted_decision_is_scored_on_folds_it_was_not_fitted_on(tmp_path):
     assert {"oof.accuracy", "oof.groups.accuracy", "oof.temperature", "oof.fitted.tau"} <= set(
         figures
     )
-    assert "oof.fitted.accuracy" not in oof_figures(oof, {}, balance=None)
+    argmax_only = oof_figures(oof, {}, balance=None)
+    assert "oof.fitted.accuracy" not in argmax_only
+    assert (
+        argmax_only["oof.if_balanced.balanced_accuracy"] == figures["oof.fitted.balanced_accuracy"]
+    )

@@ -58,7 +58,8 @@ MODEL = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": 
 @pytest.mark.slow
 def test_ordinal_head_through_finetune_evaluate_export_and_serving(tmp_path):
     """``train.head: ordinal`` on three ordered class patterns: fine-tuning refits monotone
-    cut-points and a temperature on validation; the Keras model (evaluate's predictions),
+    cut-points (objective balanced accuracy) and a temperature on validation, and evaluate
+    scores the trained cut-points beside them; the Keras model (evaluate's predictions),
     the exported SavedModel, the local TF Serving stand-in and the TFLite float model give the
     same class on every test image, and the same probabilities within 1e-4."""
     from components import evaluate, export, finetune
@@ -86,7 +87,12 @@ def test_ordinal_head_through_finetune_evaluate_export_and_serving(tmp_path):
         checkpoints=tmp_path / "checkpoints",
         model=model,
         finetune=params(  # the ordinal head has no quantized form
-            "finetune", epochs=1, batch_size=16, unfreeze_layers=20, quantization_aware_epochs=0
+            "finetune",
+            epochs=1,
+            batch_size=16,
+            unfreeze_layers=20,
+            quantization_aware_epochs=0,
+            objective=1.0,  # the cut-points refitted for balanced accuracy
         ),
         augment=params("augment"),
         progress=False,
@@ -147,5 +153,10 @@ def test_ordinal_head_through_finetune_evaluate_export_and_serving(tmp_path):
         served = client.predict_bytes(encoded, model="ordered")
     assert [n.decode() for n in served["class_name"]] == wanted
     np.testing.assert_allclose(served["probabilities"], keras_probs, atol=1e-4)
-    summary = json.loads((tmp_path / "evaluate.json").read_text())["test"]
+    evaluation = json.loads((tmp_path / "evaluate.json").read_text())
+    summary = evaluation["test"]
     assert summary["temperature"] == pytest.approx(tuned["temperature"], rel=1e-6)
+    # evaluate also scored the network's own cut-points (asked again with the trained ones).
+    decision = json.loads((tmp_path / "finetune" / "decision.json").read_text())
+    assert decision["cutpoints"] != decision["trained_cutpoints"], decision
+    assert summary["objective"] == 1.0 and 0.0 <= evaluation["argmax"]["accuracy"] <= 1.0

@@ -388,7 +388,7 @@ def test_a_run_that_reuses_stages_is_as_complete_as_the_first(repo, first_repro,
     table = repo.run("imgpipe", "runs").stdout  # the ablation table, from these runs
     row = next(line for line in table.splitlines() if line.startswith(f"| {EXPERIMENT_NAME} |"))
     assert f"finetune.learning_rate: {old} -> {NEW_LR}" in row and "| reused + " in row, row
-    assert ", tau " in row, row  # params.yaml's prior correction, fitted on validation
+    assert "none (objective accuracy" in row, row  # params.yaml's decision: the argmax
     first_test = [i.dataset for i in first.inputs.dataset_inputs if i.dataset.name == "test"]
     assert first_test[0].digest.startswith(second.data.tags["data.version"][:12])
 
