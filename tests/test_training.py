@@ -209,7 +209,8 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     assert all(r["label"] == labels[r["sha256"]] for r in held_out)
     sums = [sum(float(v) for k, v in r.items() if k.startswith("p_")) for r in held_out]
     assert np.allclose(sums, 1.0, atol=1e-4)
-    assert decision["objective"] == 0.5 and decision["temperature"] == temperature
+    assert decision["objective"] == 0.5
+    assert decision["temperature"] == pytest.approx(temperature, abs=1e-6)  # the summary rounds
     np.testing.assert_allclose(decision["offset"], bias * temperature - kept_bias, atol=1e-5)
     assert metrics["val_ece"] <= metrics["val_ece_uncalibrated"] + 1e-6, metrics
 
