@@ -315,7 +315,11 @@ def render_crossval(root: Path) -> str:
         return f"`{CROSSVAL}` is not there yet: no cross-validation of this release.\n"
     summary = _json(root, CROSSVAL)
     stats = {**summary["out_of_fold_summary"], **summary["summary"]}
-    rows = [[what, spread_text(stats[key])] for key, what in CROSSVAL_FIGURES if key in stats]
+    rows = [
+        [what, spread_text(stats[key], 0 if key.endswith("seconds") else 3)]
+        for key, what in CROSSVAL_FIGURES
+        if key in stats
+    ]
     overrides = ", ".join(f"`-S {o}`" for o in summary["overrides"]) or "none"
     return (
         f"`imgpipe crossval --folds {summary['folds']} --seeds "
