@@ -83,13 +83,13 @@ def headline(metrics_dir: Path, with_test: bool, with_export: bool = False) -> d
             figures[key] = float(tuned[name])
     if "seconds" in tuned:  # the time a run costs, beside what it buys
         figures["finetune.seconds"] = float(tuned["seconds"])
-    test = _read(metrics_dir / "evaluate.json").get("test", {}) if with_test else {}
+    evaluation = _read(metrics_dir / "evaluate.json") if with_test else {}
+    test = evaluation.get("test", {})
     for key in ("accuracy", "balanced_accuracy", "ece"):
         if key in test:
             figures[f"test.{key}"] = float(test[key])
     for label, row in test.get("per_class", {}).items():
         figures[f"test.recall.{label}"] = float(row["recall"])
-    evaluation = _read(metrics_dir / "evaluate.json") if with_test else {}
     own = evaluation.get("argmax", {})
     for key in ("accuracy", "balanced_accuracy"):
         if key in own:
