@@ -18,6 +18,11 @@ mid-epoch) continues from the last finished epoch when rerun with the same input
 instead of starting over. Several workers run fit's epoch loop of imgpipe.distribute. After
 training, the decision (a prior correction, or an ordinal head's cut-points) and a temperature
 fitted on validation are folded into the output layer (imgpipe.calibration).
+
+The production run (``finetune.train_on``) trains on every non-test image, train and val, with
+the same fixed schedule; having no held-out image of its own, it folds in the decision and
+temperature that ``imgpipe crossval --apply`` fitted on out-of-fold predictions of those same
+images under the same recipe (``finetune.decision``, checked by ``training_digest``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import keras
 import numpy as np
 
 from imgpipe import backbones
-from imgpipe.calibration import fit_output
+from imgpipe.calibration import Decision, fit_output, fold_fitted
 from imgpipe.checkpoints import (
     AveragedWeights,
     ResumableCheckpoint,
@@ -54,11 +59,13 @@ from imgpipe.distribute import (
     set_precision,
     strategy,
 )
+from imgpipe.errors import InputError
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
+from imgpipe.lineage import TRAINING_SPLITS, manifest_labels, training_digest
 from imgpipe.manifest import LABELS, MANIFEST, SHARDS
 from imgpipe.metrics import correction_text, validation_scores
-from imgpipe.params import AugmentParams, FinetuneParams, ModelParams
+from imgpipe.params import AugmentParams, FinetuneParams, ModelParams, TrainParams
 from imgpipe.tfrecords import count_records, split_files
 from imgpipe.training import (
     CURVES,
@@ -84,6 +91,44 @@ DECISION = "decision.json"
 """Beside the model: the objective, and the temperature and decision folded into its output
 layer (imgpipe.calibration.Decision): evaluate scores the network's own decision beside the
 served one, and the test ECE the scores had without the temperature."""
+
+
+HELD_OUT, ALL_NON_TEST = "train", "train+val"
+"""What trains the model (``finetune.train_on``, resolved by ``training_images``)."""
+
+
+def training_images(
+    dataset: Path, params: FinetuneParams, recipe: dict[str, Any], head: str
+) -> tuple[str, str]:
+    """What trains the model, and why: ``ALL_NON_TEST`` when ``params.train_on`` allows it and
+    ``params.decision`` was fitted out-of-fold on ``dataset``'s non-test images under
+    ``recipe`` (the typed model, augment, train and finetune sections); else ``HELD_OUT``. An
+    explicit ``train+val`` that cannot be had is an error that says what to do."""
+    if params.train_on == HELD_OUT:
+        return HELD_OUT, "finetune.train_on: train"
+    fitted = params.decision
+    images = manifest_labels(dataset / MANIFEST, TRAINING_SPLITS)
+    problem = ""
+    if fitted is None:
+        problem = "finetune.decision is null: no decision was fitted out-of-fold yet"
+    elif params.early_stopping_patience is not None:
+        problem = "early stopping needs held-out images"
+    elif fitted.fitted_on != training_digest(images, recipe):
+        problem = (
+            f"finetune.decision ({fitted.source}) was fitted on other images or under another "
+            f"recipe than these {len(images)} non-test images and params"
+        )
+    elif head == "ordinal" and fitted.tau is not None:
+        problem = "an ordinal head takes no out-of-fold prior correction"
+    if not problem:
+        assert fitted is not None
+        return ALL_NON_TEST, f"all {len(images)} non-test images; decision from {fitted.source}"
+    if params.train_on == ALL_NON_TEST:
+        raise InputError(
+            f"finetune.train_on is train+val, but {problem}. Fit it on this data and recipe "
+            "with `imgpipe crossval --folds K --apply`, or set finetune.train_on: train"
+        )
+    return HELD_OUT, f"val held out ({problem})"
 
 
 def write_val_predictions(
@@ -179,10 +224,12 @@ def run(
     model: ModelParams,
     finetune: FinetuneParams,
     augment: AugmentParams,
+    train: TrainParams,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune the ``trained`` frozen-phase model on fresh views (``augment``'s transforms)
-    of ``dataset``'s train split each epoch, validated on its val split. ``out`` receives
+    of ``dataset``'s train split each epoch, validated on its val split (or, as
+    ``training_images`` decides, of train and val with the out-of-fold decision). ``out`` receives
     model.keras (the kept epoch, its output layer carrying the prior correction and the
     temperature fitted on validation when set) and curves.png (both phases); ``checkpoints``
     holds epoch-NNN.keras and state.json, kept across runs (DVC ``persist``): a rerun with the
@@ -193,8 +240,14 @@ def run(
     replicas = distribution.num_replicas_in_sync
     policy = precision(params.mixed_precision)
     size = backbones.image_size(model_params)
-    train_files = split_files(dataset / SHARDS, "train")
+    recipe = {"model": model_params, "augment": views, "train": train, "finetune": params}
+    trained_on, why = training_images(dataset, params, recipe, train.head)
+    log.info("finetune: trains on %s: %s", trained_on, why)
+    held_out = trained_on == HELD_OUT
     val_files = split_files(dataset / SHARDS, "val")
+    train_files = split_files(dataset / SHARDS, "train") + ([] if held_out else val_files)
+    if not held_out:
+        val_files = []  # seen in training: no validation figure is computed on them
     batch_size, learning_rate = scaled(params.batch_size, params.learning_rate, replicas)
     key = fingerprint(trained, train_files, model_params, params, views, replicas, policy)
     state = load_state(checkpoints, key, write=chief)
@@ -242,7 +295,7 @@ def run(
             count=n_train,
             views=views,
         )
-        val_batches = image_dataset(val_files, size, batch_size, count=n_val)
+        val_batches = image_dataset(val_files, size, batch_size, count=n_val) if n_val else None
         try:
             if cluster() is None:
                 network.fit(
@@ -299,36 +352,38 @@ def run(
                 steps,
             ),
         )
-    head = best.get_layer(HEAD_NAME)
-    output = head.get_layer("probabilities")
-    # The probabilities and the output layer's inputs of every validation image, in one pass.
-    probe = keras.Model(best.inputs, [best.outputs[0], best.get_layer(POOLED_LAYER).output])
-    to_output = keras.Model(head.inputs, output.input)
-    val_true, val_probs, val_features, val_ids = [], [], [], []
-    for images, labels, digests in image_dataset(val_files, size, 64, with_ids=True):
-        batch_probs, pooled = probe.predict_on_batch(images)
-        val_true.append(labels.numpy())
-        val_probs.append(batch_probs)
-        val_features.append(to_output.predict_on_batch(pooled))
-        val_ids += [d.decode() for d in digests.numpy()]
-    val_labels, probs = np.concatenate(val_true), np.concatenate(val_probs)
-    scores = validation_scores(val_labels, probs)
-    fitted, decision = fit_output(
-        output,
-        val_labels,
-        probs,
-        np.concatenate(val_features),
-        train_class_counts(dataset, probs.shape[1]),
-        params.balance,
-        params.calibrate,
-    )
+    output = best.get_layer(HEAD_NAME).get_layer("probabilities")
+    classes = len(read_labels(dataset / LABELS))
+    if held_out:
+        scores, fitted, decision, predictions = fit_on_validation(
+            best, dataset, val_files, size, params
+        )
+        fitted_on = "val"
+    else:
+        assert params.decision is not None
+        fitted_on = f"out-of-fold: {params.decision.source}"
+        temperature = params.decision.temperature if params.calibrate else 1.0
+        tau = params.decision.tau
+        decision = fold_fitted(
+            output, temperature, tau, class_counts(dataset, classes, TRAINING_SPLITS)
+        )
+        scores, predictions = {}, None
+        fitted = {"temperature": temperature, **({"prior_tau": tau} if tau is not None else {})}
     if params.quantization_aware_epochs:  # the output layer changed: measure its range again
         remeasure(best, train_files, size, batch_size, params.seed)
     with atomic_path(out) as staged:
         staged.mkdir()
         best.save(staged / MODEL)
-        write_json_atomic(staged / DECISION, {"objective": params.objective, **decision})
-        write_val_predictions(staged / VAL_PREDICTIONS, dataset, val_ids, val_labels, probs)
+        write_json_atomic(
+            staged / DECISION,
+            {
+                "objective": params.objective,
+                **decision,
+                "fitted_on": fitted_on,
+            },
+        )
+        if predictions is not None:
+            write_val_predictions(staged / VAL_PREDICTIONS, dataset, *predictions)
         plot_curves(
             [*frozen_rows, *rows, *quantize_rows],
             staged / CURVES,
@@ -339,6 +394,8 @@ def run(
     metrics = {
         "finetune": {
             **{name: round(value, 6) for name, value in scores.items()},
+            "trained_on": trained_on,
+            "training_images": n_train,
             "objective": params.objective,
             **fitted,
             **quantized,
@@ -357,6 +414,38 @@ def run(
     }
     write_json_atomic(summary, metrics)
     return metrics
+
+
+def fit_on_validation(
+    model: keras.Model, dataset: Path, val_files: list[str], size: int, params: FinetuneParams
+) -> tuple[dict[str, float], dict[str, Any], Decision, tuple[list[str], np.ndarray, np.ndarray]]:
+    """Fit the decision and temperature on the held-out val split and fold them into ``model``'s
+    output layer. Returns the validation figures (the network's own), the fitted figures, the
+    decision, and the validation predictions (sha256s, labels, probabilities)."""
+    head = model.get_layer(HEAD_NAME)
+    output = head.get_layer("probabilities")
+    # The probabilities and the output layer's inputs of every validation image, in one pass.
+    probe = keras.Model(model.inputs, [model.outputs[0], model.get_layer(POOLED_LAYER).output])
+    to_output = keras.Model(head.inputs, output.input)
+    val_true, val_probs, val_features, val_ids = [], [], [], []
+    for images, labels, digests in image_dataset(val_files, size, 64, with_ids=True):
+        batch_probs, pooled = probe.predict_on_batch(images)
+        val_true.append(labels.numpy())
+        val_probs.append(batch_probs)
+        val_features.append(to_output.predict_on_batch(pooled))
+        val_ids += [d.decode() for d in digests.numpy()]
+    val_labels, probs = np.concatenate(val_true), np.concatenate(val_probs)
+    scores = validation_scores(val_labels, probs)
+    fitted, decision = fit_output(
+        output,
+        val_labels,
+        probs,
+        np.concatenate(val_features),
+        class_counts(dataset, probs.shape[1]),
+        params.balance,
+        params.calibrate,
+    )
+    return scores, fitted, decision, (val_ids, val_labels, probs)
 
 
 RANGE_BATCHES = 16
@@ -381,15 +470,21 @@ def quantization_aware_phase(
     images, then ``params.quantization_aware_epochs`` more epochs of fresh views at the
     schedule's final rate, so the weights settle where int8 rounding leaves the decisions
     alone. Returns the quantized model and its figures (validation accuracy of the float
-    model, of the quantized one before and after these epochs)."""
+    model, of the quantized one before and after these epochs; none without ``val_files``)."""
     from imgpipe import quantization
     from imgpipe.training import quantization_aware
 
     size, batch_size, steps, n_train, n_val = shape
     started = time.perf_counter()
-    val_batches = image_dataset(val_files, size, batch_size, count=n_val)
+    val_batches = image_dataset(val_files, size, batch_size, count=n_val) if n_val else None
+
+    def accuracy(network: keras.Model) -> float:
+        if val_batches is None:
+            return math.nan
+        return float(network.evaluate(val_batches, verbose=0, return_dict=True)["accuracy"])
+
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    float_accuracy = model.evaluate(val_batches, verbose=0, return_dict=True)["accuracy"]
+    float_accuracy = accuracy(model)
     quantized = quantization_aware(model, model_params)
     remeasure(quantized, train_files, size, batch_size, params.seed)
     quantized.compile(
@@ -397,7 +492,7 @@ def quantization_aware_phase(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    start_accuracy = quantized.evaluate(val_batches, verbose=0, return_dict=True)["accuracy"]
+    start_accuracy = accuracy(quantized)
     epochs = params.quantization_aware_epochs
     quantized.fit(
         image_dataset(
@@ -424,10 +519,10 @@ def quantization_aware_phase(
         start_accuracy,
         logger.rows[-1].get("val_accuracy", float("nan")),
     )
+    figures = {"float_val_accuracy": float_accuracy, "quantized_start_val_accuracy": start_accuracy}
     return quantized, {
         "quantization_aware_epochs": epochs,
-        "float_val_accuracy": round(float(float_accuracy), 6),
-        "quantized_start_val_accuracy": round(float(start_accuracy), 6),
+        **{name: round(value, 6) for name, value in figures.items() if not math.isnan(value)},
         "quantization_aware_seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -441,12 +536,12 @@ def remeasure(model: keras.Model, train_files: list[str], size: int, batch: int,
     quantization.measure(model, (images for images, _ in batches))
 
 
-def train_class_counts(dataset: Path, classes: int) -> np.ndarray:
-    """Images per class index in the training split of ingest's manifest (the prior a
-    prior correction divides out)."""
+def class_counts(dataset: Path, classes: int, splits: tuple[str, ...] = (HELD_OUT,)) -> np.ndarray:
+    """Images per class index in ``splits`` of ingest's manifest, the images that trained the
+    model (the prior a prior correction divides out)."""
     with open(dataset / MANIFEST, newline="", encoding="utf-8") as handle:
         indices = [
-            int(row["label_index"]) for row in csv.DictReader(handle) if row["split"] == "train"
+            int(row["label_index"]) for row in csv.DictReader(handle) if row["split"] in splits
         ]
     return np.bincount(np.asarray(indices, np.int64), minlength=classes)
 
@@ -485,8 +580,14 @@ def log_to_mlflow(out: Path, history: Path, dataset: Path, model: ModelParams) -
 
 def describe(summary: dict[str, Any]) -> str:
     result = summary["finetune"]
-    if "val_accuracy" not in result:  # a non-chief worker of a multi-worker job
+    if "trained_on" not in result:  # a non-chief worker of a multi-worker job
         return f"{result['epochs']} epochs trained as a worker; the chief writes the model"
+    if result["trained_on"] == ALL_NON_TEST:
+        return (
+            f"trained on all {result['training_images']} non-test images for {result['epochs']} "
+            f"epochs ({result['trainable_base_layers']} base layers trained), the decision "
+            f"fitted out-of-fold, temperature {result['temperature']:.3f}; model: {MODEL}"
+        )
     corrected = correction_text(result)
     corrected = f"; prior-corrected val accuracy {corrected}" if corrected else ""
     return (

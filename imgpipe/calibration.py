@@ -1,5 +1,7 @@
 """What is fitted on validation after training and folded into the output layer, so that the
-exported graph (SavedModel, TF Serving, TFLite) returns the decisions and scores evaluate sees:
+exported graph (SavedModel, TF Serving, TFLite) returns the decisions and scores evaluate sees
+(a run that trains on every non-test image folds in the decision fitted out-of-fold instead:
+``fold_fitted``):
 
 - softmax head: the prior correction (bias += tau * log prior) and a temperature (kernel and
   bias divided by T: calibrated scores, the same decisions);
@@ -19,6 +21,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from imgpipe.metrics import (
+    class_log_prior,
     expected_calibration_error,
     fit_temperature,
     prior_correction,
@@ -98,12 +101,36 @@ def _fit_softmax(
         if calibrate
         else 1.0
     )
+    decision = _fold_softmax(output, shift, temperature)
+    tempered = shift_probabilities(probs, shift, temperature)
+    return {**figures, **_figures(labels, corrected, tempered, temperature)}, decision
+
+
+def _fold_softmax(output: Any, shift: np.ndarray, temperature: float) -> Decision:
     kernel, bias = output.kernel.numpy(), output.bias.numpy()  # a quantized layer has more
     output.kernel.assign(kernel / temperature)
     output.bias.assign((bias + shift.astype(bias.dtype)) / temperature)
-    tempered = shift_probabilities(probs, shift, temperature)
-    decision = Decision(temperature=temperature, offset=[float(v) for v in shift])
-    return {**figures, **_figures(labels, corrected, tempered, temperature)}, decision
+    return Decision(temperature=temperature, offset=[float(v) for v in shift])
+
+
+def fold_fitted(
+    output: Any, temperature: float, tau: float | None, class_counts: np.ndarray
+) -> Decision:
+    """Fold into ``output`` a decision fitted elsewhere (out-of-fold, ``imgpipe crossval``):
+    the ``temperature``, and for a softmax the prior correction ``tau * log prior`` of this
+    run's ``class_counts`` (None: the network's own decision). An ordinal head keeps its trained
+    cut-points: a fitted one is refused (cut-points fitted on other models' scores do not carry
+    over)."""
+    from imgpipe import ordinal
+
+    if isinstance(output, ordinal.OrdinalProbabilities):
+        if tau is not None:
+            raise ValueError("an ordinal head takes no out-of-fold prior correction")
+        trained = [float(c) for c in np.asarray(output.cutpoints(), np.float64)]
+        output.set_decision(np.asarray(trained, np.float64), temperature)
+        return Decision(temperature=temperature, cutpoints=trained, trained_cutpoints=trained)
+    shift = (tau or 0.0) * class_log_prior(class_counts)
+    return _fold_softmax(output, shift, temperature)
 
 
 def _fit_ordinal(

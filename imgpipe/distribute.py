@@ -177,12 +177,14 @@ def fit_multi_worker(
             train_step(batches)
             hooks.on_train_batch_end(step)
         logs = results()
-        model.reset_metrics()
-        hooks.on_test_begin()
-        for batch in distribution.experimental_distribute_dataset(validation):
-            test_step(batch)
-        hooks.on_test_end()
-        hooks.on_epoch_end(epoch, logs | results("val_"))
+        if validation is not None:  # None: every non-test image trains (finetune.train_on)
+            model.reset_metrics()
+            hooks.on_test_begin()
+            for batch in distribution.experimental_distribute_dataset(validation):
+                test_step(batch)
+            hooks.on_test_end()
+            logs |= results("val_")
+        hooks.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
     hooks.on_train_end()

@@ -14,10 +14,13 @@ relabelling, deliberate or not, that the accuracy on today's labels cannot show)
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from imgpipe.errors import InputError
 
@@ -29,6 +32,32 @@ def lineage_digest(hashes: Iterable[str]) -> str:
     """One sha256 for a set of images (their sorted sha256, a line each): what the registry
     tags a version's training images, and a test set, with."""
     return hashlib.sha256("".join(f"{h}\n" for h in sorted(hashes)).encode()).hexdigest()
+
+
+NOT_RECIPE = frozenset({"seed", "train_on", "decision", "workers"})
+"""Keys of the recipe's sections that do not make another recipe: seeds (a fitted decision
+serves every seed), where the decision comes from, and how many processes do the work."""
+
+
+def training_digest(images: Mapping[str, str], recipe: Mapping[str, Any]) -> str:
+    """One sha256 for what a decision fitted out-of-fold is valid for: the images and labels
+    (sha256 -> label) of the non-test splits, and the recipe (the typed params sections that
+    shape the network: model, augment, train, finetune, minus ``NOT_RECIPE``)."""
+    sections = {
+        name: {
+            key: value
+            for key, value in (
+                dataclasses.asdict(view)
+                if dataclasses.is_dataclass(view) and not isinstance(view, type)
+                else dict(view)
+            ).items()
+            if key not in NOT_RECIPE
+        }
+        for name, view in sorted(recipe.items())
+    }
+    text = "".join(f"{h}\t{images[h]}\n" for h in sorted(images))
+    text += json.dumps(sections, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def manifest_labels(manifest: Path, splits: Iterable[str] | None = None) -> dict[str, str]:

@@ -194,6 +194,13 @@ PRIOR_SCALES = np.round(np.arange(-2.0, 2.0001, 0.05), 2)
 ones), in steps of 0.05."""
 
 
+def class_log_prior(class_counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """log of the training classes' frequencies; 0 for a class absent from training (its
+    logit is left alone by a prior correction)."""
+    counts = np.asarray(class_counts, np.float64)
+    return np.where(counts > 0, np.log(np.maximum(counts, 1) / counts.sum()), 0.0)
+
+
 def prior_correction(
     y_true: Sequence[int] | np.ndarray,
     probs: np.ndarray,
@@ -208,8 +215,7 @@ def prior_correction(
     does not help is none. Adding the offset to the output layer's bias applies it in the
     served graph; classes absent from training keep their logit."""
     actual = np.asarray(y_true, np.int64)
-    counts = np.asarray(class_counts, np.float64)
-    log_prior = np.where(counts > 0, np.log(np.maximum(counts, 1) / counts.sum()), 0.0)
+    log_prior = class_log_prior(class_counts)
     log_probs = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
     classes = np.unique(actual)
     best: tuple[float, float, np.ndarray] = (-np.inf, 0.0, np.zeros_like(log_prior))

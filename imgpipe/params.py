@@ -180,6 +180,35 @@ and ``calibrate`` act after training (changing them reuses the epochs); ``mixed_
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
+class FittedDecision:
+    """The served decision fitted on out-of-fold predictions of all the non-test images
+    (``imgpipe crossval --apply`` writes it): what a run that trains on train and validation
+    folds into its output layer, having no held-out images of its own to fit it on."""
+
+    objective: Literal["accuracy", "balanced_accuracy"] | float
+    temperature: float
+    tau: float | None
+    """The prior correction's scale (``imgpipe.metrics.prior_correction``); None: the accuracy
+    objective's argmax, nothing fitted."""
+    fitted_on: str
+    """``training_digest`` of the images and the recipe it was fitted for: a run on other data
+    or another recipe does not use it."""
+    source: str
+    """Where it was fitted (the folds, seeds and number of predictions), for the reader."""
+
+
+def _fitted_decision(value: Any) -> Any:
+    """A mapping in params.yaml -> FittedDecision, its keys checked as strictly as a section's."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return FittedDecision(**value)
+    except pydantic.ValidationError as exc:
+        problems = [f"{_where('', e['loc']).lstrip('.')}: {e['msg']}" for e in exc.errors()]
+        raise ValueError("; ".join(problems)) from None
+
+
+@pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class FinetuneParams:
     seed: int
     batch_size: int
@@ -226,8 +255,21 @@ class FinetuneParams:
     """Machines that fine-tune together. 1: one pod, as DVC and kfp.local run it. More: the
     Kubeflow step launches a Kubeflow Trainer TrainJob of that many nodes
     (MultiWorkerMirroredStrategy; ``pipelines/trainjob.py``, ``infra/k8s/trainer``)."""
+    train_on: Literal["auto", "train", "train+val"]
+    """``train``: the val split is held out, the decision and temperature are fitted on it
+    (recipe runs, cross-validation folds). ``train+val``: every non-test image trains the served
+    model with the fixed schedule, and ``decision`` (fitted out-of-fold) is folded in; refused
+    when ``decision`` was fitted on other images or another recipe. ``auto``: ``train+val`` when
+    ``decision`` fits this data and recipe, else ``train`` (finetune says which and why)."""
+    decision: Annotated[FittedDecision | None, pydantic.BeforeValidator(_fitted_decision)]
+    """The decision fitted out-of-fold by ``imgpipe crossval --apply``; None: none yet."""
 
     def __post_init__(self) -> None:
+        if self.train_on == "train+val" and self.early_stopping_patience is not None:
+            raise ParamsError(
+                "finetune.train_on: train+val has no held-out images to stop early on: "
+                "set finetune.early_stopping_patience to null, or train_on to train"
+            )
         if self.workers < 1:
             raise ParamsError(f"finetune.workers must be at least 1, got {self.workers}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
@@ -517,6 +559,42 @@ def with_profile(params: dict[str, Any], name: str) -> dict[str, Any]:
     key; the result is validated whole, as the pipeline validates params.yaml."""
     path = profile_path(name)
     return _overridden(params, load_params(path), str(path))
+
+
+def set_value(path: Path, section_name: str, key: str, value: Any) -> None:
+    """Set ``section_name.key`` of the params file ``path`` to ``value`` (YAML on one line,
+    flow style), keeping every other line and the key's comment as they are; the file is
+    replaced atomically and read back to check it."""
+    from imgpipe.fileio import write_text_atomic
+
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    top = next(
+        (i for i, line in enumerate(lines) if line.split("#")[0].rstrip() == f"{section_name}:"),
+        None,
+    )
+    if top is None:
+        raise ParamsError(f"{path}: no top-level section '{section_name}' to set {key} in")
+    end = next(
+        (i for i in range(top + 1, len(lines)) if lines[i][:1] not in (" ", "#", "\n")),
+        len(lines),
+    )
+    prefix = f"  {key}:"
+    at = next((i for i in range(top + 1, end) if lines[i].startswith(prefix)), None)
+    if at is None:
+        raise ParamsError(f"{path}: section '{section_name}' has no key '{key}' to set")
+    follows = at + 1  # a block value's own lines, more deeply indented
+    while follows < end and lines[follows].startswith("    "):
+        follows += 1
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
+    text = text.removesuffix("\n...").strip()
+    _, hash_, comment = lines[at].partition("  #")
+    line = f"{prefix} {text}" + (f"  #{comment}" if hash_ else "\n")
+    lines[at:follows] = [line if line.endswith("\n") else line + "\n"]
+    content = "".join(lines)
+    written = (yaml.safe_load(content) or {}).get(section_name, {}).get(key)
+    if written != value:
+        raise ParamsError(f"{path}: {section_name}.{key} would read back as {written!r}")
+    write_text_atomic(path, content)
 
 
 def with_sets(params: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:

@@ -114,11 +114,17 @@ def cmd_crossval(args: argparse.Namespace) -> None:
         name=args.name,
         out=args.out,
         seed_keys=args.seed_keys or seeds.SEED_KEYS,
+        apply=args.apply,
     )
     print(crossval.describe(summary))
     print(f"out-of-fold predictions: {summary['predictions']}")
     if args.out:
         print(f"summary: {args.out}; MLflow parent run {summary['parent_run']}")
+    if args.apply:
+        print(
+            "params.yaml: finetune.decision set; `dvc repro` now trains the served model on "
+            "every non-test image with it (finetune.train_on)"
+        )
 
 
 def cmd_growing_data(args: argparse.Namespace) -> None:
@@ -257,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="SECTION.KEY",
         help="the params each seed sets (default: train.seed finetune.seed)",
+    )
+    p.add_argument(
+        "--apply",
+        action="store_true",
+        help="set params.yaml's finetune.decision to the decision fitted out-of-fold, for the "
+        "production run on every non-test image",
     )
 
     p = add(

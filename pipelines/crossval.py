@@ -11,9 +11,12 @@ seed. What comes of it:
 - the decision ``finetune.objective`` asks for, fitted on the out-of-fold predictions of all
   the non-test images rather than on one validation split, and scored honestly: each fold's
   images are decided by a correction fitted on the other folds' predictions; and the
-  temperature fitted on them.
+  temperature fitted on them. ``apply`` writes it into params.yaml (``finetune.decision``,
+  marked with the images and recipe it was fitted for), and the production run, trained on
+  every non-test image, folds it in (``finetune.train_on``).
 
-The test split is never read: every run stops at finetune.
+The test split is never read: every run stops at finetune, and holds its fold out
+(``finetune.train_on=train``).
 
 >>> run_crossval(5, [42], name="default")  # doctest: +SKIP
 """
@@ -33,6 +36,7 @@ import numpy as np
 
 from imgpipe.errors import InputError
 from imgpipe.fileio import write_json_atomic
+from imgpipe.lineage import training_digest
 from pipelines.seeds import (
     FOLDS_TAG,
     SEED_KEYS,
@@ -43,6 +47,8 @@ from pipelines.seeds import (
     summarise,
 )
 
+RECIPE = ("model", "augment", "train", "finetune")
+"""The params sections a fitted decision is valid for (with the images: training_digest)."""
 THROUGH = "finetune"
 """The last stage of a fold run: validation only, the test split sealed."""
 PREDICTIONS = "outputs/finetune/val_predictions.csv"
@@ -192,23 +198,40 @@ def run_crossval(
     root: Path | None = None,
     out: Path | None = None,
     seed_keys: Sequence[str] = SEED_KEYS,
+    apply: bool = False,
 ) -> dict[str, Any]:
     """Cross-validate the recipe (params.yaml with ``overrides``, as ``dvc exp run -S`` takes
     them) over ``folds`` folds and ``seeds``: ``folds * len(seeds)`` DVC experiments
     ``<name>-seed<S>-fold<F>`` through finetune; then the out-of-fold predictions
     (``outputs/crossval/<name>/oof_predictions.csv``), the parent MLflow run and ``out``.
     Afterwards the workspace's params.yaml, dvc.lock and metrics are put back and DVC checks
-    out the outputs they name (the fold runs stay in ``dvc exp show``)."""
+    out the outputs they name (the fold runs stay in ``dvc exp show``). ``apply``: then set
+    params.yaml's ``finetune.decision`` to the decision fitted here (params.yaml's own recipe
+    only: not with ``overrides``)."""
     import mlflow
 
-    from imgpipe.params import EvaluateParams, FinetuneParams, load_params, section, with_sets
+    from imgpipe.params import (
+        EvaluateParams,
+        FinetuneParams,
+        load_params,
+        section,
+        sections,
+        set_value,
+        with_sets,
+    )
     from imgpipe.tracking import ensure_experiment
 
     root = (root or Path.cwd()).resolve()
     if folds < 2:
         raise InputError(f"crossval: --folds must be at least 2, got {folds}")
+    if apply and overrides:
+        raise InputError(
+            "crossval: --apply sets the decision of params.yaml's own recipe; make the -S "
+            f"values {list(overrides)} params.yaml's first, then cross-validate it"
+        )
     raw = with_sets(load_params(root / "params.yaml"), list(overrides))
     tuning = section(FinetuneParams, "finetune", raw)
+    recipe = sections(RECIPE, raw)
     groups = dict(section(EvaluateParams, "evaluate", raw).class_groups)
     kept = {  # DVC's -S leaves the last fold's params in params.yaml: put all of it back
         path: path.read_bytes()
@@ -229,6 +252,7 @@ def run_crossval(
                 *overrides,
                 f"ingest.folds={folds}",
                 f"ingest.fold={fold}",
+                "finetune.train_on=train",
                 *(f"{key}={seed}" for key in seed_keys),
             ],
         )
@@ -266,6 +290,17 @@ def run_crossval(
         oofs[seeds[0]].classes,
     )
     decision = oof_figures(pooled, groups, tuning.balance)
+    images = {
+        d: pooled.classes[label] for d, label in zip(pooled.sha256, pooled.labels, strict=True)
+    }
+    fitted = {
+        "objective": tuning.objective,
+        "temperature": decision["oof.temperature"],
+        "tau": decision.get("oof.fitted.tau"),
+        "fitted_on": training_digest(images, recipe),
+        "source": f"imgpipe crossval {name}: {folds} folds x seeds "
+        f"{', '.join(map(str, seeds))}, {len(pooled.sha256)} out-of-fold predictions",
+    }
     summary: dict[str, Any] = {
         "recipe": name,
         "overrides": list(overrides),
@@ -280,12 +315,7 @@ def run_crossval(
         "out_of_fold_summary": {
             key: spread([per_seed[s][key] for s in seeds]) for key in per_seed[seeds[0]]
         },
-        "decision": {
-            "objective": tuning.objective,
-            "temperature": decision["oof.temperature"],
-            **({"tau": decision["oof.fitted.tau"]} if "oof.fitted.tau" in decision else {}),
-            "images": len(pooled.sha256),
-        },
+        "decision": fitted,
         "predictions": str((saved / "oof_predictions.csv").relative_to(root)),
         "mlflow_runs": dict(runs),
     }
@@ -299,6 +329,8 @@ def run_crossval(
     mlflow.MlflowClient().set_tag(summary["parent_run"], FOLDS_TAG, str(folds))
     if out is not None:
         write_json_atomic(out, summary)
+    if apply:
+        set_value(root / "params.yaml", "finetune", "decision", fitted)
     return summary
 
 
@@ -306,7 +338,7 @@ def describe(summary: Mapping[str, Any]) -> str:
     """The out-of-fold figures and the fitted decision, then each fold figure's mean ± sd."""
     lines = [
         f"{summary['recipe']}: {summary['folds']} folds x seeds {summary['seeds']}, "
-        f"{summary['decision']['images']} out-of-fold predictions"
+        f"{summary['decision']['source']}"
     ]
     for key, stats in {**summary["out_of_fold_summary"], **summary["summary"]}.items():
         lines.append(f"  {key:40s} {stats['mean']:.4f} ± {stats['sd']:.4f}")

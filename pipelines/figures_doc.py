@@ -324,7 +324,7 @@ def render_crossval(root: Path) -> str:
     return (
         f"`imgpipe crossval --folds {summary['folds']} --seeds "
         f"{' '.join(str(s) for s in summary['seeds'])}` (overrides: {overrides}; objective "
-        f"{summary['objective']}; {summary['decision']['images']} out-of-fold predictions; "
+        f"{summary['objective']}; {summary['decision']['source']}; "
         f"`{CROSSVAL}`, MLflow parent run `{summary['parent_run']}`):\n\n"
         + _table(["figure", "mean ± sd"], rows)
     )

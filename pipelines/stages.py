@@ -178,7 +178,7 @@ STAGES: dict[str, Stage] = dict(
                     "history": Output("metrics/finetune_history.csv", "Dataset", "plot"),
                     "checkpoints": Output("outputs/finetune_checkpoints", "Dataset", "persist"),
                 },
-                params=("model", "finetune", "augment"),
+                params=("model", "finetune", "augment", "train"),
             )
         ),
         _stage(

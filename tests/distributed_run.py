@@ -69,6 +69,7 @@ def main(root: Path, out: Path, replicas: int, scale: int) -> None:
         model=model,
         finetune=params("finetune", **scaled(FINETUNE, scale), **FINETUNE_FIXED),
         augment=params("augment"),
+        train=params("train", **scaled(TRAIN, scale), class_weights=False),
         progress=False,
     )
 

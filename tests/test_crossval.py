@@ -78,3 +78,42 @@ def test_a_fitted_decision_is_scored_on_folds_it_was_not_fitted_on(tmp_path):
     assert (
         argmax_only["oof.if_balanced.balanced_accuracy"] == figures["oof.fitted.balanced_accuracy"]
     )
+
+
+def test_apply_sets_the_fitted_decision_in_params_and_keeps_every_other_line(tmp_path):
+    """``imgpipe crossval --apply`` writes the decision into params.yaml's
+    ``finetune.decision`` (read back as the typed view), every other line and the key's
+    comment as they were; it refuses a recipe given with -S, which params.yaml does not hold."""
+    from conftest import PROJECT
+
+    from imgpipe.params import (
+        FinetuneParams,
+        FittedDecision,
+        ParamsError,
+        load_params,
+        section,
+        set_value,
+    )
+    from pipelines.crossval import run_crossval
+
+    path = tmp_path / "params.yaml"
+    before = (PROJECT / "params.yaml").read_text().splitlines()
+    path.write_text("\n".join(before) + "\n")
+    fitted = {
+        "objective": 0.5,
+        "temperature": 1.25,
+        "tau": 0.75,
+        "fitted_on": "ab" * 32,
+        "source": "imgpipe crossval x: 3 folds x seeds 1, 2: a test",
+    }
+    set_value(path, "finetune", "decision", fitted)
+    after = path.read_text().splitlines()
+    changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert len(changed) == 1 and after[changed[0]].startswith("  decision: {")
+    assert after[changed[0]].endswith(before[changed[0]].partition("  #")[2])
+    tuning = section(FinetuneParams, "finetune", load_params(path))
+    assert tuning.decision == FittedDecision(**fitted)
+    with pytest.raises(ParamsError, match="no key 'nope'"):
+        set_value(path, "finetune", "nope", 1)
+    with pytest.raises(InputError, match="--apply sets the decision of params"):
+        run_crossval(3, [1], overrides=["finetune.epochs=2"], apply=True, root=tmp_path)

@@ -68,12 +68,13 @@ def test_ordinal_head_through_finetune_evaluate_export_and_serving(tmp_path):
     from serving.client import ServingClient
     from serving.process import ServerProcess, model_config
 
+    frozen = {"seed": 42, "batch_size": 16, "epochs": 6, "learning_rate": 0.003, "head": "ordinal"}
     project = build_tiny_project(
         tmp_path,
         CLASSES,
         IMAGE_SIZE,
         MODEL,
-        {"seed": 42, "batch_size": 16, "epochs": 6, "learning_rate": 0.003, "head": "ordinal"},
+        frozen,
         val_fraction=0.25,
         test_fraction=0.25,
     )
@@ -96,6 +97,7 @@ def test_ordinal_head_through_finetune_evaluate_export_and_serving(tmp_path):
             objective=1.0,  # the cut-points refitted for balanced accuracy
         ),
         augment=params("augment"),
+        train=params("train", **frozen),
         progress=False,
     )["finetune"]
     cut = tuned["cutpoints"]

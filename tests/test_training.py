@@ -82,6 +82,7 @@ def _finetune(
         model=model,
         finetune=tuning,
         augment=params("augment"),
+        train=params("train", **TRAIN),
         progress=False,
     )["finetune"]
 
@@ -275,6 +276,82 @@ def test_warmup_averaging_and_same_seed_same_weights(project, tmp_path):
     again = kept("again", None)
     for x, y in zip(trained, again, strict=True):
         assert x.tobytes() == y.tobytes()
+
+
+def test_the_production_run_trains_on_train_and_val_with_the_out_of_fold_decision(
+    project, tmp_path
+):
+    """With a decision fitted out-of-fold for these images and this recipe
+    (``finetune.decision``), ``train_on: auto`` trains on every non-test image, computes no
+    validation figure on images it trained on, and folds that decision in: the temperature,
+    and the prior correction's tau times the log prior of train and val. Fitted for other
+    images or another recipe, auto holds val out and says why; train+val refuses, naming the
+    command that fits it. Seeds do not make another recipe; epochs or one label do."""
+    import keras
+
+    from components import finetune
+    from imgpipe.errors import InputError
+    from imgpipe.lineage import TRAINING_SPLITS, manifest_labels, training_digest
+    from imgpipe.metrics import class_log_prior
+    from imgpipe.params import FittedDecision
+    from imgpipe.training import HEAD_NAME
+
+    model, views, frozen = params("model", **MODEL), params("augment"), params("train", **TRAIN)
+    base = params(
+        "finetune", **{**FINETUNE, "epochs": 1, "early_stopping_patience": None}, objective=1.0
+    )
+    images = manifest_labels(project.ingest / "manifest.csv", TRAINING_SPLITS)
+    recipe = {"model": model, "augment": views, "train": frozen, "finetune": base}
+    digest = training_digest(images, recipe)
+    fitted = FittedDecision(1.0, temperature=1.5, tau=0.5, fitted_on=digest, source="a test")
+    tuning = dataclasses.replace(base, decision=fitted)
+
+    summary = _finetune(project, tmp_path / "all", model, tuning)
+    assert summary["trained_on"] == "train+val", summary
+    assert summary["training_images"] == len(images) > 0
+    assert "val_accuracy" not in summary and (summary["temperature"], summary["prior_tau"]) == (
+        1.5,
+        0.5,
+    )
+    out = tmp_path / "all" / "finetune"
+    assert not (out / "val_predictions.csv").exists()
+    decision = json.loads((out / "decision.json").read_text())
+    rows = read_csv_rows(project.ingest / "manifest.csv")
+    counts = np.bincount([int(r["label_index"]) for r in rows if r["split"] != "test"], None, 3)
+    assert decision["offset"] == pytest.approx(0.5 * class_log_prior(counts))
+    assert decision["fitted_on"] == "out-of-fold: a test"
+
+    def output(path: Path) -> Any:
+        network = keras.models.load_model(path, compile=False)
+        return network.get_layer(HEAD_NAME).get_layer("probabilities")
+
+    trained = output(tmp_path / "all" / "checkpoints" / "epoch-000.keras")
+    served = output(out / "model.keras")
+    np.testing.assert_allclose(served.kernel.numpy() * 1.5, trained.kernel.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        served.bias.numpy() * 1.5, trained.bias.numpy() + decision["offset"], atol=1e-5
+    )
+
+    other = dataclasses.replace(
+        fitted, fitted_on=training_digest({**images, "0" * 64: "a"}, recipe)
+    )
+    held, why = finetune.training_images(
+        project.ingest, dataclasses.replace(tuning, decision=other), recipe, "softmax"
+    )
+    assert held == "train" and "other images or under another recipe" in why
+    with pytest.raises(InputError, match="imgpipe crossval --folds K --apply"):
+        finetune.training_images(
+            project.ingest,
+            dataclasses.replace(tuning, decision=other, train_on="train+val"),
+            recipe,
+            "softmax",
+        )
+    assert finetune.training_images(project.ingest, tuning, recipe, "ordinal")[0] == "train"
+    reseeded = {**recipe, "finetune": dataclasses.replace(base, seed=7)}
+    longer = {**recipe, "finetune": dataclasses.replace(base, epochs=3)}
+    relabelled = {**images, next(iter(images)): "c" if next(iter(images.values())) != "c" else "a"}
+    assert training_digest(images, reseeded) == digest
+    assert digest != training_digest(images, longer) != training_digest(relabelled, recipe)
 
 
 def test_quantization_aware_finetuning_serves_what_the_int8_model_computes(project, tmp_path):
