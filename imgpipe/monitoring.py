@@ -260,7 +260,19 @@ def write_report(
     """One self-contained HTML page: the verdict, every figure, the plots."""
     from imgpipe.fileio import atomic_path
 
-    rows = {k: v for k, v in {**check, **feedback}.items() if k != "embeddings"}
+    listed = {
+        "feedback_for_review": "Feedback held for review (the same image is in the data under "
+        "another label)",
+        "feedback_skipped_files": "Feedback not appended",
+    }
+    rows = {k: v for k, v in {**check, **feedback}.items() if k != "embeddings" and k not in listed}
+    lists = "".join(
+        f"<h2>{html.escape(heading)} ({len(feedback[key])})</h2><ul>"
+        + "".join(f"<li>{html.escape(str(line))}</li>" for line in feedback[key])
+        + "</ul>"
+        for key, heading in listed.items()
+        if feedback.get(key)
+    )
     table = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
         for k, v in rows.items()
@@ -275,7 +287,7 @@ def write_report(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}"
         f"</style></head><body><h1>{html.escape(title)}</h1><ul>{verdict}</ul>"
-        f"<p><b>{html.escape(decision)}</b></p>{plot}<table>{table}</table></body></html>"
+        f"<p><b>{html.escape(decision)}</b></p>{plot}<table>{table}</table>{lists}</body></html>"
     )
     with atomic_path(path) as staged:
         staged.write_text(page, encoding="utf-8")

@@ -376,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--feedback", metavar="FOLDER|CSV", help="served images with true labels (class folders)"
     )
     p.add_argument(
+        "--new-class",
+        action="append",
+        metavar="NAME",
+        help="a feedback label that is not one of the champion's classes, added on purpose "
+        "(repeatable); any other unknown label is refused",
+    )
+    p.add_argument(
         "--retrain",
         choices=("none", "dvc", "kfp-local", "kfp"),
         default="none",

@@ -241,12 +241,14 @@ def render_headline(root: Path) -> str:
     this release's run, and the int8 file's agreement."""
     stats = _json(root, SEEDS)["summary"]
     groups = _groups(root)
+    images = stats.get("finetune.training_images")
+    trained = f" (trained on {images['mean']:.0f} images)" if images else ""
     rows = []
     for key, what in _seed_figures(root):
         if key.startswith("test.") and key in stats and "ece" not in key:
             rows.append(
                 [
-                    f"{what}, mean of 3 training seeds",
+                    f"{what}, mean of 3 training seeds{trained}",
                     f"**{spread_text(stats[key])}**",
                     f"`{SEEDS}`",
                 ]
@@ -254,12 +256,19 @@ def render_headline(root: Path) -> str:
     evaluation = _json(root, "metrics/evaluate.json")
     served, own = evaluation["test"], evaluation.get("argmax")
     seed = _seed(root)
+    tuned = _json(root, "metrics/finetune.json")["finetune"]
+    trained_on = (
+        f", trained on {tuned['training_images']} images ({tuned['trained_on']})"
+        if "training_images" in tuned
+        else ""
+    )
     run = f"{served['accuracy']:.4f} / {served['balanced_accuracy']:.4f}"
     if own:
         run += f" (argmax {own['accuracy']:.4f} / {own['balanced_accuracy']:.4f})"
     rows.append(
         [
-            f"this release's run, seed {seed}: test accuracy / balanced accuracy, served "
+            f"this release's run, seed {seed}{trained_on}: test accuracy / balanced accuracy, "
+            "served "
             f"(objective {served.get('objective', 'not recorded')})",
             run,
             "`metrics/evaluate.json`",

@@ -9,8 +9,10 @@ there. Below ``monitor.min_requests`` logged images nothing is decided and the f
 unread. A retraining starts at most once while one is open:
 
 - ``--retrain none`` (the default) prints the commands;
-- ``--retrain dvc`` appends the labelled feedback to the data folder as a new version and runs
-  ``dvc add`` and ``dvc repro``;
+- ``--retrain dvc`` appends the labelled feedback to the data folder as a new version
+  (imgpipe.feedback: labels checked against the champion's classes, nothing written outside the
+  data folder, duplicates skipped or held for review, all or nothing) and runs ``dvc add`` and
+  ``dvc repro``;
 - ``--retrain kfp-local`` runs the Kubeflow pipeline with kfp.local on that data version;
 - ``--retrain kfp`` creates a run of the Kubeflow pipeline on a cluster (``--kfp-host``); the
   retraining stays open until that run ends (the monitoring CronJob in infra/k8s runs this).
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -88,44 +89,54 @@ def _champion(args: argparse.Namespace, params: dict[str, Any]) -> tuple[Path, i
     return saved_model, int(saved_model.name), accuracy
 
 
-def _feedback(source: Path, served: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The labelled feedback scored by ``served`` (the loaded SavedModel), and its summary."""
-    from imgpipe import scoring
+def _feedback(
+    source: Path, served: Any, classes: list[str], new_classes: list[str], max_pixels: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The labelled feedback scored by ``served`` (the loaded SavedModel), and its summary:
+    labels checked against the champion's ``classes`` (and ``new_classes``) before anything is
+    scored; images of a new class are not counted in the accuracy."""
+    from imgpipe import feedback, scoring
 
     items = scoring.discover(source, labels_from_folders=source.is_dir())
     if not any(item.label for item in items):
         raise InputError(f"--feedback {source}: no labels (class folders, or a label column)")
+    feedback.check_labels((item.label for item in items), classes, new_classes)
     rows = scoring.score(
-        items, scoring.saved_model_predictor(served, 32), max_pixels=10**8, batch_size=32
+        items, scoring.saved_model_predictor(served, 32), max_pixels=max_pixels, batch_size=32
     )
     for row, item in zip(rows, items, strict=True):
         row["path"] = item.path
-    return rows, scoring.summarise(rows)
+    known = [r for r in rows if r.get("label") is None or r["label"] in classes]
+    summary = scoring.summarise(known)
+    summary["new_class_images"] = len(rows) - len(known)
+    return rows, summary
 
 
-def append_feedback(rows: list[dict[str, Any]], source: Path, stamp: str) -> int:
-    """The labelled feedback images that could be scored, copied into the data folder's class
-    folders (``<label>/feedback-<stamp>/``): the next data version. Existing files are kept."""
+def _feedback_plan(rows: list[dict[str, Any]], source: Path) -> dict[str, Any]:
+    """What appending ``rows`` to ``source`` would do, counted and named for the report."""
+    from imgpipe import feedback
+
     if not source.is_dir():
         raise InputError(f"data.source {source} is no folder of class folders: add feedback there")
-    copied = 0
-    for row in rows:
-        if row.get("label") is None or "predicted" not in row:
-            continue
-        target = source / row["label"] / f"feedback-{stamp}" / Path(row["filepath"]).name
-        if target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(row["path"], target)
-        copied += 1
-    return copied
+    planned = feedback.plan(rows, feedback.data_images(source))
+    return {
+        "plan": planned,
+        **{f"feedback_{k}": v for k, v in planned.counts().items()},
+        "feedback_skipped_files": [f"{name}: {why}" for name, why in planned.skipped],
+        "feedback_for_review": [
+            f"{name} (labelled {label}) is {there} (labelled {was}) in the data"
+            for name, label, there, was in planned.review
+        ],
+    }
 
 
 def _retrain(
-    args: argparse.Namespace, params: dict[str, Any], rows: list[dict[str, Any]], stamp: str
+    args: argparse.Namespace, params: dict[str, Any], planned: Any, stamp: str
 ) -> dict[str, Any]:
-    """Start the retraining ``args.retrain`` names; what started (and, when it ran here, how
-    it ended)."""
+    """Start the retraining ``args.retrain`` names, after appending ``planned`` feedback
+    (imgpipe.feedback.FeedbackPlan, or None); what started (and, when it ran here, how it
+    ended)."""
+    from imgpipe import feedback
     from imgpipe.params import DataParams, ServingParams, section
 
     source = Path(section(DataParams, "data", params).source)
@@ -133,10 +144,14 @@ def _retrain(
     commands = [["dvc", "add", str(source)], ["dvc", "repro"]]
     if args.retrain == "none":
         steps = [" ".join(c) for c in commands]
-        if rows:
-            steps.insert(0, f"copy the labelled feedback into {source}/<label>/feedback-{stamp}/")
+        if planned is not None and planned.copies:
+            steps.insert(
+                0,
+                f"imgpipe monitor --feedback ... --retrain dvc appends {len(planned.copies)} "
+                f"images into {source}/<label>/feedback-{stamp}/",
+            )
         return {"how": "commands", "commands": steps}
-    copied = append_feedback(rows, source, stamp) if rows else 0
+    copied = len(feedback.append(planned, source, stamp)) if planned is not None else 0
     started: dict[str, Any] = {"how": args.retrain, "feedback_images": copied}
     if args.retrain == "dvc":
         for command in commands:
@@ -278,11 +293,24 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         out / "data_docs",
         seed=step,
     )
-    rows: list[dict[str, Any]] = []
     feedback: dict[str, Any] = {}
+    planned = None
     if args.feedback:
-        rows, summary = _feedback(Path(args.feedback), served)
+        from imgpipe.params import DataParams, IngestParams
+
+        rows, summary = _feedback(
+            Path(args.feedback),
+            served,
+            [str(c) for c in reference.class_names],
+            args.new_class or [],
+            section(IngestParams, "ingest", params).max_pixels,
+        )
         feedback = feedback_check(summary, champion_accuracy, monitor)
+        feedback["new_class_images"] = summary["new_class_images"]
+        source = Path(section(DataParams, "data", params).source)
+        if rows and source.is_dir():
+            feedback.update(_feedback_plan(rows, source))
+            planned = feedback.pop("plan")
     reasons = reasons_to_retrain(check, feedback)
     _still_open(args, state["retraining"])
     decision, start = decide(
@@ -304,7 +332,7 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         if args.retrain != "none":
             state["retraining"] = retraining
             write_state(directory, state)  # open before it runs: a crash leaves it open
-        retraining.update(_retrain(args, params, rows, stamp))
+        retraining.update(_retrain(args, params, planned, stamp))
         if args.retrain != "none":
             state["retraining"] = retraining
         decision += f" -> {json.dumps({k: v for k, v in retraining.items() if k != 'reasons'})}"
@@ -345,4 +373,8 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     print(f"monitor: {name} v{version}, {check['requests']} logged images; {decision}")
     for reason in check.get("input_failures", []):
         print(f"monitor: input check failed: {reason}")
+    for line in feedback.get("feedback_skipped_files", []):
+        print(f"monitor: feedback not appended: {line}")
+    for line in feedback.get("feedback_for_review", []):
+        print(f"monitor: feedback held for review: {line}")
     print(f"monitor: report {report}; MLflow experiment {EXPERIMENT!r}, run {state['runs'][key]}")

@@ -81,8 +81,9 @@ def headline(metrics_dir: Path, with_test: bool, with_export: bool = False) -> d
         name = key.removeprefix("finetune.")
         if name in tuned:
             figures[key] = float(tuned[name])
-    if "seconds" in tuned:  # the time a run costs, beside what it buys
-        figures["finetune.seconds"] = float(tuned["seconds"])
+    for key in ("seconds", "training_images"):  # what a run costs and what it trained on
+        if key in tuned:
+            figures[f"finetune.{key}"] = float(tuned[key])
     evaluation = _read(metrics_dir / "evaluate.json") if with_test else {}
     test = evaluation.get("test", {})
     for key in ("accuracy", "balanced_accuracy", "ece"):
