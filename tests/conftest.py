@@ -313,6 +313,80 @@ def mlflow_server(
             output.close()  # type: ignore[union-attr]
 
 
+def postgres_bin() -> Path | None:
+    """The folder of an installed PostgreSQL server's programs (Debian's
+    ``/usr/lib/postgresql/<N>/bin``, or ``initdb`` on PATH); None where there is none."""
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    installed = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return installed[-1].parent if installed else None
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """PostgreSQL started here for one test: a fresh cluster in a temporary folder, listening
+    on 127.0.0.1 only, its user ``mlflow`` with a password (SCRAM) owning the database
+    ``mlflow``; yields its SQLAlchemy URI, then stops the server by its PID and removes the
+    folder. Run as ``postgres`` when this process is root (PostgreSQL refuses root). Skips
+    where no PostgreSQL server is installed (``.ci/run`` installs Debian's)."""
+    import secrets
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    bindir = postgres_bin()
+    if bindir is None:
+        missing = "no PostgreSQL server installed (Debian: apt-get install postgresql)"
+        if os.environ.get("IMGPIPE_REQUIRE_POSTGRES"):
+            pytest.fail(f"{missing}, and IMGPIPE_REQUIRE_POSTGRES is set")
+        pytest.skip(missing)
+    folder = Path(tempfile.mkdtemp(prefix="imgpipe-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        owner = pwd.getpwnam("postgres")
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    folder.chmod(0o700)
+    password = secrets.token_urlsafe(16)
+    secret = folder / "password"
+    secret.write_text(password)
+    if as_user:
+        os.chown(secret, owner.pw_uid, owner.pw_gid)
+    data, port = folder / "data", free_port()
+
+    def run(*argv: str) -> None:
+        done = subprocess.run(
+            [*as_user, *argv],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PGPASSWORD": password},
+        )
+        assert done.returncode == 0, f"{argv[0]}: {done.stdout}{done.stderr}"
+
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "-E", "UTF8",
+        "--auth=scram-sha-256", f"--pwfile={secret}")  # fmt: skip
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w",
+        "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "start")  # fmt: skip
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow",
+            "mlflow")  # fmt: skip
+        yield f"postgresql://mlflow:{password}@127.0.0.1:{port}/mlflow"
+    finally:
+        os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+        deadline = time.monotonic() + 30
+        while (data / "postmaster.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class TinyProject:
     """Paths of one tiny project: the stage outputs under ``root`` as dvc.yaml lays them out."""
 

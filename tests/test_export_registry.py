@@ -11,8 +11,10 @@ Lite0 ImageNet weights at 64 px, frozen phase only).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,8 @@ from conftest import (
     encode_image,
     mlflow_server,
     params,
+    postgres_bin,
+    postgres_server,
     read_csv_rows,
     write_csv_rows,
 )
@@ -561,7 +565,9 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
     exported, tmp_path, monkeypatch, capsys
 ):
     """Guards who may promote a model, against MLflow's own basic-auth server started here on
-    127.0.0.1 (permissions in its SQLite database, as the deployment's in its Postgres):
+    127.0.0.1, on the deployment's backend: runs, registry and permissions in PostgreSQL
+    (started here too; SQLite only where no PostgreSQL server is installed, and never in CI,
+    which sets IMGPIPE_REQUIRE_POSTGRES):
 
     1. the admin provisions the accounts with `imgpipe mlflow-access` (mounted-Secret folders);
     2. the pipeline's account pushes: registers version 1 and moves ``champion`` to it, and
@@ -571,8 +577,33 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
     4. a read-only user and a client without credentials can read, but neither can register a
        version nor move ``champion``: the server answers 403 and 401, and what reaches the user
        is an error naming the action, the code and the permission it takes (on the command
-       line too, where no step names the permission).
+       line too, where no step names the permission);
+    5. the server restarted on the same database still holds every run, version, alias, its
+       move's history, the gate's decision count and the accounts.
     """
+    import secrets
+
+    users = ("admin", "pipeline", "reader", "writer")
+    passwords = {user: secrets.token_urlsafe(16) for user in users}
+    with contextlib.ExitStack() as stack:
+        if postgres_bin() is None and not os.environ.get("IMGPIPE_REQUIRE_POSTGRES"):
+            store, auth_store = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path}/a.db"
+        else:
+            store = auth_store = stack.enter_context(postgres_server())
+        _promotions(exported, tmp_path, monkeypatch, capsys, store, auth_store, passwords)
+
+
+def _promotions(
+    exported: Any,
+    tmp_path: Path,
+    monkeypatch: Any,
+    capsys: Any,
+    store: str,
+    auth_store: str,
+    passwords: dict[str, str],
+) -> None:
+    """The body of test_only_the_pipeline_account_registers_and_moves_champion on the
+    tracking ``store`` and the permissions' ``auth_store``."""
     import secrets
 
     import mlflow
@@ -586,11 +617,10 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
     from imgpipe.tracking import stage_run
     from pipelines.cli import main
 
-    users = ("admin", "pipeline", "reader", "writer")
-    passwords = {user: secrets.token_urlsafe(16) for user in users}
+    users = tuple(passwords)
     config = tmp_path / "auth.ini"
     config.write_text(
-        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_store}\n"
         "admin_username = admin\n"
     )
     server_env = {
@@ -621,13 +651,9 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "promotions")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with mlflow_server(
-        f"sqlite:///{tmp_path / 'mlflow.db'}",
-        server_env,
-        "--app-name", "basic-auth",
-        "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts",
-        log=tmp_path / "server.log",
-    ) as uri:  # fmt: skip
+    server_args = ["--app-name", "basic-auth", "--serve-artifacts",
+                   "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
+    with mlflow_server(store, server_env, *server_args, log=tmp_path / "server.log") as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         try:
@@ -725,10 +751,43 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
             assert main(["runs"]) == 1
             error = capsys.readouterr().err
             assert "401 UNAUTHENTICATED" in error and "no user was given" in error, error
+            before = _registry_state(as_user("reader"), run_id)
         finally:
             if mlflow.active_run() is not None:
                 mlflow.end_run()
             mlflow.set_tracking_uri(None)
+
+    # 5. Restarted on the same database: everything a team relies on is still there.
+    with mlflow_server(store, server_env, *server_args, log=tmp_path / "again.log") as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            assert _registry_state(as_user("reader"), run_id) == before
+            assert before["decisions"] and before["champion"] == "1", before
+            as_user("admin")
+            auth = get_app_client("basic-auth", tracking_uri=uri)
+            assert {u: auth.get_user(u).username for u in users[1:]} == {u: u for u in users[1:]}
+            as_user("writer")  # the writer's grant survived: it may still log to the experiment
+            MlflowClient().log_metric(run_id, "after_restart", 1.0)
+        except MlflowException as refused:
+            raise AssertionError(f"after the restart: {refused}") from refused
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+def _registry_state(client: Any, run_id: str) -> dict[str, Any]:
+    """What the registry and tracking store hold that a team relies on, for comparison."""
+    from components import push
+
+    run = client.get_run(run_id)
+    model = client.get_registered_model(MODEL_NAME)
+    versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    return {
+        "run": (run.info.status, dict(run.data.params), dict(run.data.tags)),
+        "versions": sorted((v.version, v.run_id, dict(v.tags)) for v in versions),
+        "champion": client.get_model_version_by_alias(MODEL_NAME, "champion").version,
+        "decisions": {k: v for k, v in model.tags.items() if k.startswith(push.DECISIONS_TAG)},
+    }
 
 
 def test_monitor_sees_no_drift_in_like_traffic_and_starts_a_retraining_on_darkened_traffic(

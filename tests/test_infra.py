@@ -107,15 +107,21 @@ def test_mlflow_authenticates_and_the_job_provisions_the_pipeline_account(tmp_pa
     # the database URI as given (a percent-encoded password included), for its user alone.
     prelude, _, server_command = script.partition(" && exec ")
     assert server_command.startswith("mlflow server --app-name basic-auth"), script
+    # The database password never reaches a command line (ps, /proc/<pid>/cmdline): the
+    # server reads its store from the environment.
+    assert "--backend-store-uri" not in server_command and "PASSWORD" not in server_command
     config = tmp_path / "basic_auth.ini"
     password = f"p%40{secrets.token_hex(4)}%2F"  # percent-encoded @ and /, as a URI needs
     database = {"POSTGRES_USER": "mlflow", "POSTGRES_PASSWORD": password, "POSTGRES_HOST": "db"}
     database["POSTGRES_DB"] = "mlflow"
-    subprocess.run(
-        ["sh", "-c", prelude],
+    store = subprocess.run(
+        ["sh", "-c", f'{prelude} && printf %s "$MLFLOW_BACKEND_STORE_URI"'],
         env={**database, "MLFLOW_AUTH_CONFIG_PATH": str(config), "PATH": "/usr/bin:/bin"},
         check=True,
-    )
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert store == f"postgresql://mlflow:{password}@db:5432/mlflow"
     assert config.stat().st_mode & 0o777 == 0o600
     from mlflow.server.auth.config import read_auth_config
 
