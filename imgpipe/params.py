@@ -422,8 +422,9 @@ class RequestLogParams:
     """The folder's bound: the oldest closed files are deleted beyond it."""
     retention_hours: float
     """Files (and the images in them) are deleted after this."""
-    queue_records: int
-    """Records waiting for the writer; beyond it a record is dropped and counted."""
+    queue_mb: float
+    """Bytes of records waiting for the writer (each counted with a fixed overhead); beyond
+    it a record is dropped and counted."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sampling_rate <= 1.0:
@@ -434,9 +435,9 @@ class RequestLogParams:
             raise ParamsError(
                 "request_log.max_file_mb must be positive and at most request_log.max_total_mb"
             )
-        if min(self.rotate_seconds, self.retention_hours, self.queue_records) <= 0:
+        if min(self.rotate_seconds, self.retention_hours, self.queue_mb) <= 0:
             raise ParamsError(
-                "request_log.rotate_seconds, retention_hours and queue_records must be positive"
+                "request_log.rotate_seconds, retention_hours and queue_mb must be positive"
             )
 
 

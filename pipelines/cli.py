@@ -353,7 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (beyond loopback: TLS only)"
     )
     p.add_argument(
-        "--log-dir", "--log_dir", type=Path, help="replaces request_log.directory (a pod's folder)"
+        "--log-dir",
+        "--log_dir",
+        type=Path,
+        help="replaces request_log.directory, the log root (retention and the bound cover it all)",
+    )
+    p.add_argument(
+        "--log-folder",
+        default="",
+        help="this sidecar's folder under the log root (a pod's name); default: the root",
     )
     p.add_argument(
         "--ssl-config-file",

@@ -135,7 +135,7 @@ def cmd_sidecar(args: argparse.Namespace) -> None:
 
     params = section(RequestLogParams, "request_log", _params(args))
     code = serve(
-        LogSettings.from_params(params, args.log_dir),
+        LogSettings.from_params(params, args.log_dir, args.log_folder),
         args.upstream,
         host=args.host,
         port=args.port,

@@ -828,7 +828,7 @@ def test_monitor_sees_no_drift_in_like_traffic_and_starts_a_retraining_on_darken
 
     def log_traffic(images: list[bytes]) -> None:
         log = RequestLog(
-            LogSettings(tmp_path / "logs", 1.0, 1 << 20, 3600.0, 1 << 26, 86400.0, 1000)
+            LogSettings(tmp_path / "logs", 1.0, 1 << 20, 3600.0, 1 << 26, 86400.0, 1 << 26)
         )
         for image in images:
             request = m.predict_pb2.PredictRequest()

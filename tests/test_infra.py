@@ -261,7 +261,7 @@ def test_the_sidecar_logs_into_the_shared_volume_the_monitor_reads(overlay):
     (mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == "/request_logs"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["persistentVolumeClaim"]["claimName"] == "imgpipe-shared"
-    assert "--log-dir=/request_logs/$(POD_NAME)" in sidecar["args"]
+    assert {"--log-dir=/request_logs", "--log-folder=$(POD_NAME)"} <= set(sidecar["args"])
     assert sidecar["command"] == ["imgpipe", "sidecar"]
     cron = _by_kind(docs, "CronJob", "imgpipe-monitor")["spec"]
     assert cron["concurrencyPolicy"] == "Forbid"

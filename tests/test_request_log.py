@@ -12,6 +12,7 @@ import pytest
 
 from serving.request_log import (
     OPEN_SUFFIX,
+    RECORD_OVERHEAD,
     LogSettings,
     RequestLog,
     closed_logs,
@@ -32,7 +33,7 @@ def settings(directory: Path, **overrides) -> LogSettings:
         "rotate_seconds": 3600.0,
         "max_total_bytes": 8 << 20,
         "retention_seconds": 86400.0,
-        "queue_records": 64,
+        "queue_bytes": 1 << 22,
     }
     return LogSettings(**{**values, **overrides})
 
@@ -124,7 +125,7 @@ def test_retention_deletes_old_files(tmp_path):
 def test_sampling_logs_the_drawn_fraction(tmp_path):
     draws = iter(np.random.default_rng(0).random(1000))
     log = RequestLog(
-        settings(tmp_path, sampling_rate=0.25, queue_records=1000), sample=lambda: next(draws)
+        settings(tmp_path, sampling_rate=0.25, queue_bytes=1 << 26), sample=lambda: next(draws)
     )
     queued = sum(log.offer("predict", *call(i)) for i in range(1000))
     log.close()
@@ -152,7 +153,9 @@ def test_a_full_queue_drops_and_counts_without_blocking(tmp_path, monkeypatch):
         real_write(self, *item)
 
     monkeypatch.setattr(RequestLog, "_write", slow_write)
-    log = RequestLog(settings(tmp_path, queue_records=4))
+    request, response = call(0)
+    one = len(request) + len(response) + RECORD_OVERHEAD
+    log = RequestLog(settings(tmp_path, queue_bytes=4 * one))
     offered = [log.offer("predict", *call(i)) for i in range(20)]
     release.set()
     log.close()
@@ -170,3 +173,111 @@ def test_tfrecord_checksums_catch_a_corrupt_record(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"x.tfrecord: truncated or corrupt TFRecord at byte 21"):
         list(read_tfrecords(path))
+
+
+def _open_file(folder: Path, records: list[bytes], tail: bytes = b"") -> Path:
+    """A ``.open`` log file as a writer killed mid-record leaves it: whole records, then
+    ``tail`` (the start of one more)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"requests-20261206T000000-dead0000-000001{OPEN_SUFFIX}"
+    path.write_bytes(b"".join(tfrecord_frame(r) for r in records) + tail)
+    return path
+
+
+def test_retention_and_the_bound_cover_every_pods_folder_of_the_root(tmp_path):
+    """A rollout replaces pods, and with them the folder names: the new pod's writer applies
+    retention and the size bound to the whole log root, so the old pods' images go when due
+    and count toward the bound, and their emptied folders go too."""
+    import os
+
+    now = [3_000_000.0]
+    old_pod = tmp_path / "serving-old"
+    log = RequestLog(settings(tmp_path, folder="serving-old"), clock=lambda: now[0])
+    for i in range(3):
+        log.offer("predict", *call(i))
+    log.close()
+    (expired,) = closed_logs(old_pod)
+    os.utime(expired, (now[0] - 7200, now[0] - 7200))
+    other = RequestLog(settings(tmp_path, folder="serving-other"), clock=lambda: now[0])
+    other.offer("predict", *call(9))
+    other.close()
+    (kept,) = closed_logs(tmp_path / "serving-other")
+
+    size = kept.stat().st_size
+    new = RequestLog(
+        settings(
+            tmp_path, folder="serving-new", retention_seconds=3600.0, max_total_bytes=size + 100
+        ),
+        clock=lambda: now[0],
+    )
+    assert not expired.exists() and not old_pod.exists()  # retention, then the empty folder
+    assert new.counts["files_deleted_retention"] == 1
+    new.offer("predict", *call(10))
+    new.close()  # its own file closes: the total is over the bound, the oldest file goes
+    assert not kept.exists() and new.counts["files_deleted_size"] == 1
+    assert [p.parent.name for p in closed_logs(tmp_path)] == ["serving-new"]
+
+
+def test_a_killed_writers_open_file_is_salvaged_and_a_live_one_is_left_alone(tmp_path):
+    """Left ``.open`` by a SIGKILL (no writer holds its lock), a file is cut after its last
+    whole record and closed by the next writer, wherever it is under the root, so the monitor
+    reads its records and retention and the bound count it; another live writer's open file
+    is not touched. Files holding images are owner-only."""
+    records = [b"first record", b"second record"]
+    live = RequestLog(settings(tmp_path, folder="serving-live"))
+    live.offer("predict", *call(0))
+    live.flush()
+    (held,) = (tmp_path / "serving-live").glob(f"*{OPEN_SUFFIX}")
+    dead = _open_file(tmp_path / "serving-killed", records, tail=tfrecord_frame(b"third")[:9])
+
+    log = RequestLog(settings(tmp_path, folder="serving-new"))
+    assert not dead.exists() and held.exists()
+    salvaged = dead.with_name(dead.name.removesuffix(".open"))
+    assert list(read_tfrecords(salvaged)) == records
+    log.close()
+    live.close()
+    # the new writer's start-up pass, or the live writer's idle one: either salvages it once
+    assert log.counts["files_salvaged"] + live.counts["files_salvaged"] == 1
+    assert log.counts["bytes_cut"] + live.counts["bytes_cut"] == 9
+    for path in closed_logs(tmp_path):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert (tmp_path / "serving-live").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_failed_write_closes_the_file_readable_instead_of_orphaning_it(tmp_path, monkeypatch):
+    log = RequestLog(settings(tmp_path))
+    log.offer("predict", *call(0))
+    log.flush()
+    real = RequestLog._record
+
+    def broken(self, kind, request, response, when):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(RequestLog, "_record", broken)
+    log.offer("predict", *call(1))
+    log.flush()
+    monkeypatch.setattr(RequestLog, "_record", real)
+    assert not list(tmp_path.glob(f"*{OPEN_SUFFIX}"))
+    assert sum(1 for _ in read_logs(tmp_path)) == 1 and log.counts["dropped_write_error"] == 1
+    log.close()
+
+
+def test_the_queue_is_bounded_in_bytes_under_a_flood_of_large_calls(tmp_path, monkeypatch):
+    """16 MB requests (the message cap) while the writer is stuck: what waits stays within
+    ``queue_bytes``; everything beyond is dropped and counted, never blocking the caller."""
+    release = threading.Event()
+    real_write = RequestLog._write
+
+    def stuck(self, *item):
+        release.wait(10)
+        real_write(self, *item)
+
+    monkeypatch.setattr(RequestLog, "_write", stuck)
+    big = b"x" * (16 << 20)
+    log = RequestLog(settings(tmp_path, queue_bytes=64 << 20, max_file_bytes=1 << 30))
+    offered = [log.offer("predict", big, b"") for _ in range(40)]
+    assert offered.count(True) == 3  # 3 x (16 MB + overhead) fit in 64 MB, a 4th does not
+    assert log._queued_bytes <= 64 << 20
+    release.set()
+    log.close()
+    assert log.counts["dropped_queue_full"] == 37
