@@ -98,7 +98,7 @@ def run(
     with atomic_path(out) as staged:
         saved_model = saved_model_dir(staged, serving.model_name)
         saved_model.parent.mkdir(parents=True)
-        write_saved_model(network, labels, size, saved_model)
+        write_saved_model(network, labels, size, saved_model, serving.max_image_pixels)
         validation = read_split(shards, "val")  # the warmup, the reference profile, parity
         warmups = write_warmup(
             saved_model, serving.model_name, validation.encoded[: params.warmup_images]

@@ -24,6 +24,48 @@ def decode_and_resize(encoded: Any, image_size: int) -> Any:
     return resize(image, image_size)
 
 
+def header_pixels(encoded: Any) -> Any:
+    """The pixels an encoded image's header claims, read without decoding it (int64; 0 for a
+    format decode_image does not take, which then refuses it): PNG's IHDR, JPEG's frame header
+    (``tf.image.extract_jpeg_shape``), GIF's logical screen, BMP's info header."""
+    import tensorflow as tf
+
+    head = tf.io.decode_raw(
+        tf.strings.substr(encoded + tf.constant(bytes(32)), 0, 32), tf.uint8
+    )
+    head = tf.cast(tf.reshape(head, [32]), tf.int64)
+
+    def number(start: int, width: int, big_endian: bool) -> Any:
+        digits = [head[start + i] for i in range(width)]
+        value = tf.constant(0, tf.int64)
+        for digit in digits if big_endian else reversed(digits):
+            value = value * 256 + digit
+        return value
+
+    def starts(magic: bytes) -> Any:
+        return tf.reduce_all(tf.equal(head[: len(magic)], tf.constant(list(magic), tf.int64)))
+
+    def bmp() -> Any:  # signed 32-bit, a negative height means top-down rows
+        width, height = number(18, 4, False), number(22, 4, False)
+        return tf.abs(width - tf.where(width >= 2**31, 2**32, 0)) * tf.abs(
+            height - tf.where(height >= 2**31, 2**32, 0)
+        )
+
+    def jpeg() -> Any:
+        shape = tf.image.extract_jpeg_shape(encoded, output_type=tf.int64)
+        return shape[0] * shape[1]
+
+    return tf.case(
+        [
+            (starts(b"\x89PNG\r\n\x1a\n"), lambda: number(16, 4, True) * number(20, 4, True)),
+            (starts(b"\xff\xd8"), jpeg),
+            (starts(b"GIF8"), lambda: number(6, 2, False) * number(8, 2, False)),
+            (starts(b"BM"), bmp),
+        ],
+        default=lambda: tf.constant(0, tf.int64),
+    )
+
+
 def resize(images: Any, image_size: int) -> Any:
     """uint8 or float RGB 0-255, one image or a batch -> float32 0-255, ``image_size`` square."""
     import tensorflow as tf

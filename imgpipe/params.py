@@ -394,9 +394,17 @@ class ServingParams:
     """TF Serving model name and MLflow registered model name."""
     model_base_path: str
     """Push target, TF Serving layout: ``<model_base_path>/<model_name>/<version>/``."""
+    max_image_pixels: int
+    """The served graph reads each image's header before decoding it and refuses one of more
+    pixels (INVALID_ARGUMENT naming this limit): a small PNG can claim 20,000 x 20,000."""
 
     def __post_init__(self) -> None:
         import re
+
+        if self.max_image_pixels < 1:
+            raise ParamsError(
+                f"serving.max_image_pixels must be positive, got {self.max_image_pixels}"
+            )
 
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name):
             raise ParamsError(

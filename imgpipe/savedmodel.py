@@ -119,12 +119,16 @@ def run_warmup(served: SavedModelClassifier) -> int:
     return len(records)
 
 
-def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: Path) -> None:
-    """The serving signatures around ``model`` (whose preprocessing is already inside it)."""
+def write_saved_model(
+    model: Any, labels: Sequence[str], image_size: int, path: Path, max_pixels: int
+) -> None:
+    """The serving signatures around ``model`` (whose preprocessing is already inside it).
+    Encoded images are refused before decoding when their header claims more than
+    ``max_pixels`` pixels: INVALID_ARGUMENT naming the limit, from TF Serving as from here."""
     import keras
     import tensorflow as tf
 
-    from imgpipe.datasets import decode_and_resize, resize
+    from imgpipe.datasets import decode_and_resize, header_pixels, resize
     from imgpipe.training import POOLED_LAYER
 
     names = tf.constant(list(labels))
@@ -140,9 +144,19 @@ def write_saved_model(model: Any, labels: Sequence[str], image_size: int, path: 
             "class_names": tf.tile(names[None], [tf.shape(probabilities)[0], 1]),
         }
 
+    def checked(encoded: Any) -> Any:
+        within = tf.debugging.assert_less_equal(
+            header_pixels(encoded),
+            tf.constant(max_pixels, tf.int64),
+            message=f"image refused before decoding: its header claims more pixels than "
+            f"serving.max_image_pixels = {max_pixels}",
+        )
+        with tf.control_dependencies([within]):
+            return decode_and_resize(encoded, image_size)
+
     def decoded(image_bytes: Any) -> Any:
         return tf.map_fn(
-            lambda encoded: decode_and_resize(encoded, image_size),
+            checked,
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )

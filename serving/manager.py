@@ -42,6 +42,17 @@ class ServingError(Exception):
         self.code, self.message = code, message
 
 
+def internal_error(what: str) -> str:
+    """Log the exception being handled with its trace under a fresh id, and return the
+    answer for the client: the id, never the exception's text (it can hold paths, tensors or
+    data of other requests)."""
+    import secrets
+
+    incident = secrets.token_hex(6)
+    logging.getLogger("serving").exception("%s failed (incident %s)", what, incident)
+    return f"{what} failed: internal error, incident {incident} (the server's log has the trace)"
+
+
 @dataclass
 class VersionState:
     state: int

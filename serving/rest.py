@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.manager import ModelManager, ServingError
+from serving.manager import ModelManager, ServingError, internal_error
 from serving.metrics import Metrics
 from serving.predict import (
     STATUS_BY_NUMBER,
@@ -232,12 +232,9 @@ class RestApi:
         except ServingError as error:
             code = error.code
             raise
-        except Exception as exc:  # a bug: answer 500 with the reason, count it
-            log.exception("REST predict failed")
+        except Exception:  # a bug: the trace in the log, an id in the answer, counted
             code = grpc.StatusCode.INTERNAL
-            return JSONResponse(
-                {"error": f"predict failed: {type(exc).__name__}: {exc}"}, status_code=500
-            )
+            return JSONResponse({"error": internal_error("REST predict")}, status_code=500)
         finally:
             self.metrics.record("RestPredict", name, code, time.perf_counter() - started)
 

@@ -474,7 +474,7 @@ def export_classifier(
         params("model", backbone="efficientnet_lite0", weights="imagenet", image_size=image_size)
     )
     model = assemble(base, build_head(1280, len(labels), 0.0, 0, seed))
-    write_saved_model(model, labels, image_size, path)
+    write_saved_model(model, labels, image_size, path, params("serving").max_image_pixels)
     if warmup:
         write_warmup(path, model_name, warmup)
     return path

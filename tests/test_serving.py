@@ -113,6 +113,49 @@ def client(address):
         yield c
 
 
+def _claims(width: int, height: int) -> bytes:
+    """A small, valid PNG whose header claims ``width`` x ``height`` pixels (a decompression
+    bomb's header: decoding it would allocate width * height * 3 bytes)."""
+    import struct
+    import zlib
+
+    png = bytearray(_images(1)[0])
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(png[24:29])
+    png[12:29] = header
+    png[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(png)
+
+
+def test_an_internal_error_is_logged_with_its_trace_and_answered_without_it(caplog):
+    """A bug in a handler answers INTERNAL with an incident id; the exception's text (paths,
+    data of the request) stays in the server's log, with its trace, under that id."""
+    from serving.server import PredictionService
+
+    class Context:
+        def abort(self, code, message):
+            self.code, self.message = code, message
+            raise RuntimeError("aborted")
+
+    class Metrics:
+        def record(self, *args):
+            self.recorded = args
+
+    def bug(request):
+        raise ValueError("/secret/path/of/another/request")
+
+    request, context = (
+        type("Request", (), {"model_spec": type("Spec", (), {"name": "m"})})(),
+        Context(),
+    )
+    with pytest.raises(RuntimeError, match="aborted"):
+        PredictionService(None, Metrics())._serve("Predict", request, context, bug)
+    assert context.code == grpc.StatusCode.INTERNAL
+    assert "secret" not in context.message and "incident" in context.message
+    incident = context.message.split("incident ")[1].split()[0]
+    (logged,) = [r for r in caplog.records if incident in r.getMessage()]
+    assert logged.exc_info and "/secret/path" in str(logged.exc_info[1])
+
+
 def _available(client) -> list[int]:
     return sorted(v for v, state in client.status(MODEL) if state == "AVAILABLE")
 
@@ -224,6 +267,7 @@ class TestContract:
             ("unknown model", grpc.StatusCode.NOT_FOUND, r"no_such_model"),
             ("unknown version", grpc.StatusCode.NOT_FOUND, r"999"),
             ("oversized", grpc.StatusCode.RESOURCE_EXHAUSTED, r"larger than max"),
+            ("decompression bomb", grpc.StatusCode.INVALID_ARGUMENT, r"max_image_pixels"),
         ],
     )
     def test_bad_requests_get_clear_errors(self, client, case, expected, says):
@@ -248,6 +292,9 @@ class TestContract:
             "unknown version": lambda: client.predict_bytes(_images(1), model=MODEL, version=999),
             "oversized": lambda: client.predict_bytes(
                 [b"\0" * (MAX_MESSAGE_BYTES + 1024)], model=MODEL
+            ),
+            "decompression bomb": lambda: client.predict_bytes(
+                [_claims(20_000, 20_000)], model=MODEL
             ),
         }
         from serving.client import ServingClientError
