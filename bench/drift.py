@@ -182,7 +182,9 @@ def main() -> None:
                     failed = send(sidecar.address, model, images, args.clients)
                 finally:
                     sidecar.stop()  # closes the log file: the monitor reads closed files only
-                traffic = read_traffic(logs, model, version)
+                traffic = read_traffic(
+                    logs, model, version, max_requests=monitor.max_requests, seed=seed
+                )
                 check = check_traffic(
                     traffic,
                     reference,
@@ -233,8 +235,8 @@ def main() -> None:
         model=f"{model} v{version} (from {saved_model})",
         reference_images=len(reference.embeddings),
         thresholds={
-            "drift_p_value": monitor.drift_p_value,
-            "prediction_p_value": monitor.prediction_p_value,
+            "false_alarm_rate": monitor.false_alarm_rate,
+            "max_requests": monitor.max_requests,
             "input_mostly": monitor.input_mostly,
             "permutations": monitor.permutations,
         },

@@ -30,9 +30,7 @@ def header_pixels(encoded: Any) -> Any:
     (``tf.image.extract_jpeg_shape``), GIF's logical screen, BMP's info header."""
     import tensorflow as tf
 
-    head = tf.io.decode_raw(
-        tf.strings.substr(encoded + tf.constant(bytes(32)), 0, 32), tf.uint8
-    )
+    head = tf.io.decode_raw(tf.strings.substr(encoded + tf.constant(bytes(32)), 0, 32), tf.uint8)
     head = tf.cast(tf.reshape(head, [32]), tf.int64)
 
     def number(start: int, width: int, big_endian: bool) -> Any:

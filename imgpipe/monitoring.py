@@ -29,56 +29,107 @@ from imgpipe.savedmodel import BYTES_INPUT, EXAMPLE_IMAGE_KEY
 PROBABILITIES = "probabilities"
 
 
+TESTS = 3
+"""The drift tests of a check (embedding, predicted classes, confidence): each alarms below
+``monitor.false_alarm_rate / TESTS``."""
+
+
 @dataclass
 class Traffic:
-    """The images the champion version answered, one row each, from the request log."""
+    """What the champion version answered since the last check, from the request log: every
+    request counted, a uniform sample of at most ``monitor.max_requests`` kept to compare."""
 
     encoded: list[bytes] = field(default_factory=list)
+    """The sample's images..."""
     probabilities: list[np.ndarray] = field(default_factory=list)
-    times: list[int] = field(default_factory=list)
+    """...and the answers they got."""
+    requests: int = 0
+    """Every image the version answered (the sample is drawn from them)."""
+    first_time: int | None = None
+    last_time: int | None = None
     files: list[str] = field(default_factory=list)
+    """The files read, relative to the log root (a quarantined one too: never read again)."""
+    quarantined: dict[str, str] = field(default_factory=dict)
+    """Files with a corrupt record: why; the records before it are read."""
     other_versions: Counter[str] = field(default_factory=Counter)
     """Rows answered by other models or versions: counted, not compared."""
 
 
-def read_traffic(log_dir: Path, model_name: str, version: int, skip: Iterable[str] = ()) -> Traffic:
-    """Every image of a logged Predict (bytes signature) or Classify call that ``model_name``
-    version ``version`` answered, in the closed log files under ``log_dir`` not in ``skip``."""
-    from serving.request_log import read_logs
+def _answers(record: Any) -> tuple[str, list[bytes], np.ndarray] | None:
+    """(what answered, the images, their probabilities) of one PredictionLog; None for a call
+    that carries no image (another signature)."""
     from serving.tensors import to_ndarray
 
+    spec = record.log_metadata.model_spec
+    answered = f"{spec.name} v{spec.version.value}"
+    kind = record.WhichOneof("log_type")
+    if kind == "predict_log":
+        request, response = record.predict_log.request, record.predict_log.response
+        if BYTES_INPUT not in request.inputs or PROBABILITIES not in response.outputs:
+            return f"{answered} (other signature)", [], np.zeros((1, 0))
+        images = [bytes(i) for i in to_ndarray(request.inputs[BYTES_INPUT]).reshape(-1)]
+        return answered, images, to_ndarray(response.outputs[PROBABILITIES])
+    if kind == "classify_log":
+        examples = record.classify_log.request.input.example_list.examples
+        images = [e.features.feature[EXAMPLE_IMAGE_KEY].bytes_list.value[0] for e in examples]
+        scores = [
+            [c.score for c in row.classes]
+            for row in record.classify_log.response.result.classifications
+        ]
+        return answered, images, np.array(scores, np.float32)
+    return None
+
+
+def read_traffic(
+    log_dir: Path,
+    model_name: str,
+    version: int,
+    skip: Iterable[str] = (),
+    max_requests: int = 2000,
+    seed: int = 0,
+) -> Traffic:
+    """Every image of a logged Predict (bytes signature) or Classify call that ``model_name``
+    version ``version`` answered, in the closed log files under ``log_dir`` not in ``skip``,
+    streamed file by file: counted, and sampled uniformly (reservoir, ``seed``) to at most
+    ``max_requests``. A file with a corrupt or cut-off record is read up to it and
+    quarantined with the reason, not read again."""
+    from serving.request_log import closed_logs, read_tfrecords
+    from serving.tensors import API_MODULES, LOG_MODULES, apis
+
+    messages = apis(API_MODULES + LOG_MODULES)
+    rng = np.random.default_rng(seed)
+    wanted = f"{model_name} v{version}"
     traffic = Traffic()
-    for path, record in read_logs(log_dir, skip):
+    skipped = set(skip)
+    for path in closed_logs(log_dir):
         relative = str(path.relative_to(log_dir))
-        if not traffic.files or traffic.files[-1] != relative:  # records come file by file
-            traffic.files.append(relative)
-        spec = record.log_metadata.model_spec
-        kind = record.WhichOneof("log_type")
-        if kind == "predict_log":
-            request, response = record.predict_log.request, record.predict_log.response
-            if BYTES_INPUT not in request.inputs or PROBABILITIES not in response.outputs:
-                traffic.other_versions[f"{spec.name} v{spec.version.value} (other signature)"] += 1
-                continue
-            images = list(to_ndarray(request.inputs[BYTES_INPUT]).reshape(-1))
-            probs = to_ndarray(response.outputs[PROBABILITIES])
-        elif kind == "classify_log":
-            examples = record.classify_log.request.input.example_list.examples
-            images = [e.features.feature[EXAMPLE_IMAGE_KEY].bytes_list.value[0] for e in examples]
-            probs = np.array(
-                [
-                    [c.score for c in row.classes]
-                    for row in record.classify_log.response.result.classifications
-                ],
-                np.float32,
-            )
-        else:
+        if relative in skipped:
             continue
-        if spec.name != model_name or spec.version.value != version:
-            traffic.other_versions[f"{spec.name} v{spec.version.value}"] += len(images)
-            continue
-        traffic.encoded += [bytes(image) for image in images]
-        traffic.probabilities += list(probs)
-        traffic.times += [int(record.log_metadata.timestamp_secs)] * len(images)
+        traffic.files.append(relative)
+        try:
+            for data in read_tfrecords(path):
+                record = messages.prediction_log_pb2.PredictionLog.FromString(data)
+                answers = _answers(record)
+                if answers is None:
+                    continue
+                answered, images, probs = answers
+                if answered != wanted:
+                    traffic.other_versions[answered] += max(1, len(images))
+                    continue
+                when = int(record.log_metadata.timestamp_secs)
+                traffic.first_time = min(traffic.first_time or when, when)
+                traffic.last_time = max(traffic.last_time or when, when)
+                for image, row in zip(images, probs, strict=True):
+                    traffic.requests += 1
+                    if len(traffic.encoded) < max_requests:
+                        traffic.encoded.append(image)
+                        traffic.probabilities.append(row)
+                    else:  # Algorithm R: each of the n so far is kept with probability k/n
+                        slot = int(rng.integers(traffic.requests))
+                        if slot < max_requests:
+                            traffic.encoded[slot], traffic.probabilities[slot] = image, row
+        except Exception as error:  # a corrupt record or an unreadable message
+            traffic.quarantined[relative] = str(error)
     return traffic
 
 
@@ -125,15 +176,18 @@ def check_traffic(
 
     from imgpipe.expectations import describe_outcome, run_suites
 
-    count = len(traffic.encoded)
+    count = traffic.requests
     result: dict[str, Any] = {
         "requests": count,
+        "compared": len(traffic.encoded),
         "other_versions": dict(traffic.other_versions),
         "files": len(traffic.files),
+        "quarantined_files": dict(traffic.quarantined),
         "enough": count >= params.min_requests,
+        "test_p_value": params.false_alarm_rate / TESTS,
     }
     if count:
-        result["first_time"], result["last_time"] = min(traffic.times), max(traffic.times)
+        result["first_time"], result["last_time"] = traffic.first_time, traffic.last_time
     if not result["enough"]:
         return result
     probs = np.stack(traffic.probabilities)
@@ -155,12 +209,12 @@ def check_traffic(
     result.update(
         embedding_mmd=embedding.statistic,
         embedding_p=embedding.p_value,
-        embedding_drift=embedding.p_value < params.drift_p_value,
+        embedding_drift=embedding.p_value < result["test_p_value"],
         class_chi2=classes.statistic,
         class_p=classes.p_value,
         confidence_ks=confidence.statistic,
         confidence_p=confidence.p_value,
-        prediction_drift=min(classes.p_value, confidence.p_value) < params.prediction_p_value,
+        prediction_drift=min(classes.p_value, confidence.p_value) < result["test_p_value"],
         predicted={
             str(name): int(n) for name, n in zip(reference.class_names, predicted, strict=True)
         },

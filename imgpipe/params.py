@@ -462,11 +462,15 @@ class MonitorParams:
     """Fewer logged requests since the last check: no verdict and no retraining."""
     permutations: int
     """Of the MMD permutation test."""
-    drift_p_value: float
-    """Embedding drift when the permutation test's p-value is below this."""
-    prediction_p_value: float
-    """Prediction drift when the predicted classes (chi-square) or the confidence
-    (Kolmogorov-Smirnov) differ from validation's with a p-value below this."""
+    false_alarm_rate: float
+    """The rate at which a check with no shift raises drift, for its three tests together
+    (embedding MMD, predicted classes by chi-square, confidence by Kolmogorov-Smirnov): each
+    test alarms below ``false_alarm_rate / 3`` (Bonferroni, as Alibi Detect corrects its
+    feature-wise tests), so the stated rate is the check's, not each test's."""
+    max_requests: int
+    """Logged images a check compares at most: a uniform sample (reservoir) of everything
+    logged since the last check, streamed file by file, so the check's memory and time stay
+    bounded however much traffic there was; every request is still counted."""
     max_accuracy_drop: float
     """With labelled feedback: retrain when the live accuracy's upper 95 % bound is this far
     below the champion's test accuracy."""
@@ -477,10 +481,21 @@ class MonitorParams:
     """Reports and state: which log files were read, the open retraining."""
 
     def __post_init__(self) -> None:
-        for name in ("reference_images", "embedding_dims", "min_requests", "permutations"):
+        for name in (
+            "reference_images",
+            "embedding_dims",
+            "min_requests",
+            "permutations",
+            "max_requests",
+        ):
             if getattr(self, name) < 1:
                 raise ParamsError(f"monitor.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("drift_p_value", "prediction_p_value", "max_accuracy_drop", "input_mostly"):
+        if self.max_requests < self.min_requests:
+            raise ParamsError(
+                f"monitor.max_requests ({self.max_requests}) must be at least min_requests "
+                f"({self.min_requests})"
+            )
+        for name in ("false_alarm_rate", "max_accuracy_drop", "input_mostly"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ParamsError(f"monitor.{name} must be in (0, 1], got {getattr(self, name)}")
 

@@ -283,7 +283,9 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     out = directory / "checks" / f"{step:04d}"
 
-    traffic = read_traffic(log_dir, name, version, state["read"])
+    traffic = read_traffic(
+        log_dir, name, version, state["read"], max_requests=monitor.max_requests, seed=step
+    )
     check = check_traffic(
         traffic,
         reference,
@@ -362,8 +364,9 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         tags[f"retraining.{step}"] = str(retraining["run"])
     key = f"{name}/{version}"
     state["runs"][key] = _log_check(state, key, step, figures, report, tags)
-    if check["enough"]:
-        state["read"] = sorted(set(state["read"]) | set(traffic.files))
+    done = set(traffic.files) if check["enough"] else set(traffic.quarantined)
+    state["read"] = sorted(set(state["read"]) | done)  # a corrupt file is never read again
+    state.setdefault("quarantined", {}).update(traffic.quarantined)
     state["checks"] = step
     write_state(directory, state)
     summary = {k: v for k, v in check.items() if k != "embeddings"}
@@ -373,6 +376,10 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     print(f"monitor: {name} v{version}, {check['requests']} logged images; {decision}")
     for reason in check.get("input_failures", []):
         print(f"monitor: input check failed: {reason}")
+    for path, why in traffic.quarantined.items():
+        print(
+            f"monitor: log file quarantined (read up to its bad record, never again): {path}: {why}"
+        )
     for line in feedback.get("feedback_skipped_files", []):
         print(f"monitor: feedback not appended: {line}")
     for line in feedback.get("feedback_for_review", []):
