@@ -10,9 +10,6 @@ retraining.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -272,77 +269,3 @@ def reasons_to_retrain(check: dict[str, Any], feedback: dict[str, Any]) -> list[
             f"champion's test accuracy {feedback['champion_test_accuracy']:.4f}"
         )
     return reasons
-
-
-def _figure(reference: Reference, check: dict[str, Any]) -> str:
-    """Reference and traffic on the first two principal components, and the predicted classes
-    of each: a PNG as a data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.scatter(*reference.embeddings[:, :2].T, s=8, alpha=0.5, label="reference (validation)")
-    left.scatter(*check["embeddings"][:, :2].T, s=8, alpha=0.5, label="served traffic")
-    left.set(xlabel="PC 1", ylabel="PC 2", title=f"Embeddings (MMD p = {check['embedding_p']:.3g})")
-    left.legend()
-    names = list(check["predicted"])
-    total = max(1, check["requests"])
-    ref_total = max(1, sum(check["reference_predicted"].values()))
-    positions = np.arange(len(names))
-    right.bar(positions - 0.2, [check["reference_predicted"][n] / ref_total for n in names], 0.4)
-    right.bar(positions + 0.2, [check["predicted"][n] / total for n in names], 0.4)
-    right.set_xticks(positions, names, rotation=30, ha="right")
-    right.set(ylabel="fraction", title=f"Predicted classes (chi-square p = {check['class_p']:.3g})")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def write_report(
-    path: Path,
-    title: str,
-    reference: Reference,
-    check: dict[str, Any],
-    feedback: dict[str, Any],
-    reasons: list[str],
-    decision: str,
-) -> Path:
-    """One self-contained HTML page: the verdict, every figure, the plots."""
-    from imgpipe.fileio import atomic_path
-
-    listed = {
-        "feedback_for_review": "Feedback held for review (the same image is in the data under "
-        "another label)",
-        "feedback_skipped_files": "Feedback not appended",
-    }
-    rows = {k: v for k, v in {**check, **feedback}.items() if k != "embeddings" and k not in listed}
-    lists = "".join(
-        f"<h2>{html.escape(heading)} ({len(feedback[key])})</h2><ul>"
-        + "".join(f"<li>{html.escape(str(line))}</li>" for line in feedback[key])
-        + "</ul>"
-        for key, heading in listed.items()
-        if feedback.get(key)
-    )
-    table = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-        for k, v in rows.items()
-    )
-    verdict = "".join(f"<li>{html.escape(r)}</li>" for r in reasons) or "<li>no drift</li>"
-    plot = (
-        f'<img alt="embeddings and predicted classes" src="{_figure(reference, check)}">'
-        if check.get("enough")
-        else f"<p>Fewer than the minimum requests: {check['requests']} logged.</p>"
-    )
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}th{text-align:left;padding-right:1em}"
-        f"</style></head><body><h1>{html.escape(title)}</h1><ul>{verdict}</ul>"
-        f"<p><b>{html.escape(decision)}</b></p>{plot}<table>{table}</table>{lists}</body></html>"
-    )
-    with atomic_path(path) as staged:
-        staged.write_text(page, encoding="utf-8")
-    return path

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import InputError
+from imgpipe.fileio import atomic_path, write_json_atomic
 from pipelines.cli_common import LOCAL_SHARED
 from pipelines.cli_common import params_of as _params
 
@@ -225,6 +226,35 @@ def _still_open(args: argparse.Namespace, retraining: dict[str, Any] | None) -> 
         retraining.update(finished=True, state=str(state))
 
 
+def _history(checks: Path, key: str) -> list[dict[str, Any]]:
+    """The earlier checks of model version ``key``, oldest first (their summary.json)."""
+    found = []
+    for path in sorted(checks.glob("*/summary.json")):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a check that was cut short: no point on the trend
+        if summary.get("model") == key and "step" in summary:
+            found.append(summary)
+    return found
+
+
+def _training_note(retraining: dict[str, Any] | None) -> str | None:
+    """The monitoring run's description (markdown, shown by MLflow's UI): a link to the
+    training run each retraining registered, where MLflow knows it."""
+    if not retraining or not retraining.get("registered_version") or not retraining.get("run"):
+        return None
+    try:
+        run = _client().get_run(str(retraining["run"]))
+    except Exception:  # a Kubeflow run id, or a run this server does not hold
+        return None
+    link = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return (
+        f"Check {retraining['check']} started a retraining ({retraining['how']}): "
+        f"[its training run]({link}), registered as version {retraining['registered_version']}."
+    )
+
+
 def _log_check(
     state: dict[str, Any],
     key: str,
@@ -232,14 +262,24 @@ def _log_check(
     figures: dict[str, float],
     report: Path,
     tags: dict[str, str],
+    retraining: dict[str, Any] | None = None,
 ) -> str:
-    """This check's figures at ``step`` of the version's monitoring run (made on first use)."""
+    """This check's figures at ``step`` of the version's monitoring run (made on first use),
+    in the experiment ``monitoring`` (a model experiment, like the training one); a
+    retraining's training run is linked from the run's description."""
     import mlflow
 
-    from imgpipe.tracking import tracking_uri
+    from imgpipe.tracking import EXPERIMENT_KIND, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.set_experiment(EXPERIMENT)
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    note = _training_note(retraining)
+    if note:
+        previous = state.setdefault("notes", {}).get(key, "")
+        tags["mlflow.note.content"] = f"{previous}\n\n{note}".strip()
+        state["notes"][key] = tags["mlflow.note.content"]
     run_id = state["runs"].get(key)
     with mlflow.start_run(
         run_id=run_id,
@@ -253,12 +293,14 @@ def _log_check(
 
 
 def cmd_monitor(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from imgpipe import monitor_report as report_page
     from imgpipe.monitoring import (
         check_traffic,
         feedback_check,
         read_traffic,
         reasons_to_retrain,
-        write_report,
     )
     from imgpipe.params import (
         MonitorParams,
@@ -337,17 +379,33 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         retraining.update(_retrain(args, params, planned, stamp))
         if args.retrain != "none":
             state["retraining"] = retraining
-        decision += f" -> {json.dumps({k: v for k, v in retraining.items() if k != 'reasons'})}"
+        decision += f" -> started: {report_page._started(retraining)}"
 
-    report = write_report(
-        out / "report.html",
+    key = f"{name}/{version}"
+    summary = {
+        "step": step,
+        "checked_at": time.time(),
+        "model": key,
+        "check": {k: v for k, v in check.items() if k != "embeddings"},
+        "feedback": feedback,
+        "decision": decision,
+        "retraining": retraining,
+    }
+    history = [*_history(directory / "checks", key), summary]
+    page = report_page.render(
         f"{name} v{version}: check {step}",
         reference,
         check,
         feedback,
         reasons,
-        decision,
+        retraining,
+        history,
+        traffic.encoded,
+        np.stack(traffic.probabilities) if traffic.probabilities else np.zeros((0, 0)),
     )
+    report = out / "report.html"
+    with atomic_path(report) as staged:
+        staged.write_text(page, encoding="utf-8")
     figures = {
         k: float(v)
         for k, v in {**check, **feedback}.items()
@@ -362,18 +420,16 @@ def cmd_monitor(args: argparse.Namespace) -> None:
     tags = {"model": name, "version": str(version), f"decision.{step}": decision[:5000]}
     if retraining and retraining.get("run"):
         tags[f"retraining.{step}"] = str(retraining["run"])
-    key = f"{name}/{version}"
-    state["runs"][key] = _log_check(state, key, step, figures, report, tags)
+    state["runs"][key] = _log_check(state, key, step, figures, report, tags, retraining)
     done = set(traffic.files) if check["enough"] else set(traffic.quarantined)
     state["read"] = sorted(set(state["read"]) | done)  # a corrupt file is never read again
     state.setdefault("quarantined", {}).update(traffic.quarantined)
     state["checks"] = step
     write_state(directory, state)
-    summary = {k: v for k, v in check.items() if k != "embeddings"}
-    (out / "summary.json").write_text(
-        json.dumps({"check": summary, "feedback": feedback, "decision": decision}, indent=2)
-    )
+    write_json_atomic(out / "summary.json", summary)
     print(f"monitor: {name} v{version}, {check['requests']} logged images; {decision}")
+    for command in (retraining or {}).get("commands", []):
+        print(f"monitor: to retrain: {command}")
     for reason in check.get("input_failures", []):
         print(f"monitor: input check failed: {reason}")
     for path, why in traffic.quarantined.items():

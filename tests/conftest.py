@@ -313,6 +313,32 @@ def mlflow_server(
             output.close()  # type: ignore[union-attr]
 
 
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--virtual-time-budget=15000",
+)
+
+
+def rendered_dom(url: str, profile: Path) -> str:
+    """The DOM of ``url`` (a page or a ``file://`` path) after headless Chromium rendered it
+    (its scripts run, offline); skips where Chromium is not installed (.ci/run installs it)."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        print("chromium is not on PATH (apt-get install chromium): page not rendered")
+        pytest.skip("chromium is not on PATH (apt-get install chromium)")
+    argv = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+
+
 def postgres_bin() -> Path | None:
     """The folder of an installed PostgreSQL server's programs (Debian's
     ``/usr/lib/postgresql/<N>/bin``, or ``initdb`` on PATH); None where there is none."""

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ from conftest import (
     postgres_bin,
     postgres_server,
     read_csv_rows,
+    rendered_dom,
     write_csv_rows,
 )
 
@@ -865,10 +867,20 @@ def test_monitor_sees_no_drift_in_like_traffic_and_starts_a_retraining_on_darken
     assert "dvc repro" in out, out
     summary = json.loads(Path("monitor/checks/0003/summary.json").read_text())
     assert summary["check"]["requests"] == 48 and 0 < summary["check"]["embedding_p"] <= 1
-    assert Path("monitor/checks/0003/report.html").read_text().count("<img") == 1
+    # The page a person on call reads, as headless Chromium renders it: the verdict first,
+    # times in ISO form, the trend over the 3 checks, the traffic plots, the 12 logged images
+    # farthest from the reference with their answers.
+    dom = rendered_dom(Path("monitor/checks/0003/report.html").resolve().as_uri(), tmp_path / "c")
+    verdict = dom.split('id="verdict"')[1].split("</div>")[0]
+    assert "Drift found: input drift" in verdict and "What to do" in verdict, verdict
+    assert "dvc repro" in dom.split("Retraining commands")[1]
+    assert re.search(r"<td>20\d\d-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00</td>", dom), dom[:3000]
+    assert "Across checks" in dom and 'alt="traffic"' in dom
+    assert dom.split('id="farthest"')[1].count('alt="logged image"') == 12
 
     client = MlflowClient()
     (experiment,) = [e for e in client.search_experiments() if e.name == "monitoring"]
+    assert experiment.tags["mlflow.experimentKind"] == "classification"  # not the GenAI view
     (monitor_run,) = client.search_runs([experiment.experiment_id])
     history = client.get_metric_history(monitor_run.info.run_id, "input_failures")
     assert [(h.step, h.value) for h in history] == [(1, 0.0), (2, 0.0), (3, 1.0)]

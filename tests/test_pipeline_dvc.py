@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import mlflow_server, read_csv_rows
+from conftest import mlflow_server, read_csv_rows, rendered_dom
 from PIL import Image
 
 from pipelines.growing import dvc_env, dvc_project
@@ -426,18 +426,6 @@ def test_failed_expectation_stops_repro_naming_expectation_and_row(repo, first_r
     assert "stage.ingest" not in run.data.tags
 
 
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--virtual-time-budget=15000",
-)
-
-
 def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
     repo, first_repro, experiment, tmp_path
 ):
@@ -449,10 +437,6 @@ def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
     import re
     import urllib.parse
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        print("chromium is not on PATH (apt-get install chromium): compare page not rendered")
-        pytest.skip("chromium is not on PATH (apt-get install chromium)")
     first, second = (
         repo.mlflow_runs()[0],
         {r.info.run_name: r for r in repo.mlflow_runs()}[EXPERIMENT_NAME],
@@ -462,18 +446,7 @@ def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
         experiments = json.dumps([first.info.experiment_id])
         query = urllib.parse.urlencode({"runs": ids, "experiments": experiments})
         url = f"{uri}/#/compare-runs?{query}"
-        dom = subprocess.run(
-            [
-                chromium,
-                *CHROMIUM_FLAGS,
-                f"--user-data-dir={tmp_path / 'chromium'}",
-                "--dump-dom",
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
+        dom = rendered_dom(url, tmp_path / "chromium")
 
     cells = [html.unescape(c).strip() for c in re.split(r"<[^>]+>", dom)]
     cells = [c for c in cells if c]
