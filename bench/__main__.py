@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "serving": ["--clients", "1,8,32", "--requests", "200", "--repeats", "3"],
     "ingest_scale": ["--images", "50000", "--small", "5000"],
     "drift": ["--repeats", "20", "--requests", "200", "--shift-repeats", "3"],
+    "faults": [],
 }
 
 
@@ -156,6 +157,31 @@ def summary(reports: dict[str, dict[str, Any]], seconds: dict[str, float]) -> st
             f"(`logged_sidecar/1` against `logged_unbatched/1`); {r['failed_requests']} failed "
             f"requests in the whole run; {r['sidecar_logged_records']:,} of "
             f"{r['sidecar_answered_requests']:,} answered calls logged.",
+        ]
+    if "faults" in reports:
+        r = reports["faults"]
+        lines += [
+            "",
+            f"## Hostile input and failure ({r['saved_model']})",
+            "",
+            f"{r['as_expected']} of {r['cases']} cases ended as expected; "
+            f"{r['files_outside']} files written outside their folders.",
+            "",
+            *_table(
+                ("case", "outcome", "process up", "records lost (bound)", "peak RSS MB"),
+                *(
+                    (
+                        row["case"],
+                        row["outcome"].splitlines()[0][:120],
+                        {True: "yes", False: "killed", None: ""}[row["process_up"]],
+                        ""
+                        if row["records_lost"] is None
+                        else f"{row['records_lost']} ({row['records_lost_bound']})",
+                        f"{row['peak_rss_mb']:.0f}",
+                    )
+                    for row in r["rows"]
+                ),
+            ),
         ]
     if "drift" in reports:
         r = reports["drift"]
