@@ -439,6 +439,30 @@ def group_monitor(work: Path, _: Path | None) -> list[Row]:
             up=True,
         )
     )
+    # two monitors at once: the second is refused before it reads or writes anything
+    import yaml
+
+    from pipelines.monitor_command import one_check_at_a_time
+
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["monitor"]["directory"] = str(work / "monitor")
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    with one_check_at_a_time(work / "monitor"):
+        second = subprocess.run(
+            [sys.executable, "-m", "pipelines", "monitor", "--params", str(work / "params.yaml"),
+             "--saved-model", str(work / "m" / "1"), "--log-dir", str(logs)],
+            cwd=PROJECT, capture_output=True, text=True,
+        )  # fmt: skip
+    written = sorted(p.name for p in (work / "monitor").iterdir() if p.name != ".lock")
+    rows.append(
+        _case(
+            "two monitors at once",
+            "another imgpipe monitor is checking",
+            f"exit {second.returncode}: {second.stderr.strip().splitlines()[-1][:200]}; "
+            f"the second wrote {written or 'nothing'}",
+            up=True,
+        )
+    )
     cut = logs / "requests-cut.tfrecord"
     frame = tfrecord_frame(b"x" * 100)
     cut.write_bytes(frame[:50])

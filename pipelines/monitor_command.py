@@ -21,9 +21,12 @@ unread. A retraining starts at most once while one is open:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -292,7 +295,40 @@ def _log_check(
         return str(run.info.run_id)
 
 
+LOCK = ".lock"
+"""In ``monitor.directory``: held by the one check running at a time."""
+
+
+@contextlib.contextmanager
+def one_check_at_a_time(directory: Path) -> Iterator[None]:
+    """Hold ``directory``'s lock for the whole check; a second check started meanwhile (two
+    crons, a cron and a person) is refused at once, before it reads or writes anything."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(
+                f"another imgpipe monitor is checking (it holds {directory / LOCK}): its "
+                "verdict, files read and any retraining are its own; run this one later"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def cmd_monitor(args: argparse.Namespace) -> None:
+    from imgpipe.params import MonitorParams, section
+
+    directory = Path(section(MonitorParams, "monitor", _params(args)).directory)
+    with one_check_at_a_time(directory):
+        _check(args)
+
+
+def _check(args: argparse.Namespace) -> None:
     import numpy as np
 
     from imgpipe import monitor_report as report_page
