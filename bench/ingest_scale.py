@@ -86,7 +86,7 @@ def child(source: Path, out: Path, workers: int) -> None:
     """One ingest of ``source`` with ``workers`` processes, in this fresh process; prints its
     figures as JSON."""
     from components import ingest
-    from imgpipe.params import DataParams, IngestParams, load_params, section
+    from imgpipe.params import DataParams, IngestParams, ValidateParams, load_params, section
 
     params = load_params("params.yaml")
     params["ingest"]["workers"] = workers
@@ -97,6 +97,7 @@ def child(source: Path, out: Path, workers: int) -> None:
         summary=out / "ingest.json",
         data=section(DataParams, "data", {"data": {"source": str(source), "metadata_csv": None}}),
         ingest=section(IngestParams, "ingest", params),
+        validate=section(ValidateParams, "validate", params),
         progress=False,
     )
     seconds = time.perf_counter() - started

@@ -40,8 +40,14 @@ from imgpipe.manifest import (
     SHARDS,
 )
 from imgpipe.parallel import Workers, batches, resolve
-from imgpipe.params import DataParams, IngestParams, ParamsError
-from imgpipe.splits import assign_splits, check_groups, describe_split, split_report
+from imgpipe.params import DataParams, IngestParams, ParamsError, ValidateParams
+from imgpipe.splits import (
+    assign_splits,
+    check_groups,
+    describe_split,
+    require_grouped_classes,
+    split_report,
+)
 from imgpipe.tfrecords import SPLITS, ShardRecord, write_split
 
 log = logging.getLogger(__name__)
@@ -552,11 +558,14 @@ def run(
     summary: Path,
     data: DataParams,
     ingest: IngestParams,
+    validate: ValidateParams,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Ingest ``source`` (folder of class or split folders, or CSV manifest) into ``out``
     (manifest.csv, quarantine_report.csv, labels.txt, shards/); return the counts also written
-    to ``summary``."""
+    to ``summary``. A grouped split that leaves a class fewer than
+    ``validate.min_images_per_class`` validation or test images is refused here, naming the
+    class, the groups that decide it and the ways forward."""
     params = ingest
     source = Path(source)
     if source.is_file():
@@ -611,6 +620,8 @@ def run(
             carved = assign_splits(rows, params, predefined=predefined)
         except ValueError as exc:
             raise InputError(f"{source}: {exc}") from None
+        if params.group_by is not None:
+            require_grouped_classes(rows, params, validate.min_images_per_class, predefined)
         for row in rows:
             row["label_index"] = index[row["label"]]
         rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["sha256"]))

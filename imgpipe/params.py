@@ -56,6 +56,13 @@ class IngestParams:
     ``test/`` folders, or a CSV ``split`` column), carving a missing val or test split out of
     train; ``random`` draws every split; ``auto`` is ``predefined`` when the source has splits."""
     group_by: str | None
+    group_method: Literal["stable", "balanced"]
+    """How whole groups are placed (``group_by``; also the cross-validation folds). ``stable``:
+    by a hash of each group's name within its majority class, so adding groups moves only the
+    few whose place crosses a boundary (for data that grows), at the cost of per-class fractions
+    that follow a few large groups. ``balanced``: largest groups first, each to the split that
+    brings every class closest to its fractions (as scikit-learn's StratifiedGroupKFold), for a
+    fixed data set; adding groups may move many. Ingest reports what the method reached."""
     """A metadata column (patient, module, photographer...): images sharing a value stay in one
     split. None splits image by image."""
     folds: int

@@ -79,9 +79,11 @@ def grouped_split(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    method: str = "stable",
 ) -> list[str]:
-    """Assign whole groups to train/val/test so that the split stays put as groups are added;
-    one split per input, in input order.
+    """Assign whole groups to train/val/test; one split per input, in input order. ``balanced``:
+    ``balanced_assignment`` over the three splits. ``stable`` (below): the split stays put as
+    groups are added.
 
     A group belongs to the stratum most of its images are in (ties: the first in sorted
     order). Within a stratum the groups are ordered by a hash of (seed, group name), and a
@@ -93,6 +95,11 @@ def grouped_split(
     members: dict[str, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         members[group].append(index)
+    if method == "balanced":
+        per_group = {g: Counter(strata[i] for i in indices) for g, indices in members.items()}
+        fractions = (test_fraction, val_fraction, 1.0 - test_fraction - val_fraction)
+        placed = balanced_assignment(per_group, fractions, seed)
+        return [("test", "val", "train")[placed[group]] for group in groups]
     by_stratum: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for group, indices in members.items():
         counts = Counter(strata[i] for i in indices)
@@ -107,6 +114,74 @@ def grouped_split(
             for index in members[group]:
                 splits[index] = split
     return splits
+
+
+def balanced_assignment(
+    counts: dict[str, Counter[tuple[str, ...]]], fractions: Sequence[float], seed: int
+) -> dict[str, int]:
+    """Each unit (a group: its images per stratum in ``counts``) to one of ``len(fractions)``
+    parts, so that every stratum is split as close to ``fractions`` as whole units allow.
+
+    The cost is the sum over strata and parts of the squared gap between the part's share of
+    the stratum and its fraction. Units are first placed largest first (ties in the seed's hash
+    order), each where it adds the least cost (the greedy of scikit-learn's
+    StratifiedGroupKFold, for unequal parts); then single moves and pairwise swaps of units
+    between parts are made while one lowers the cost. Deterministic for a seed; not stable:
+    adding a unit can move many."""
+    import numpy as np
+
+    names = sorted(counts, key=lambda u: (-counts[u].total(), _place(seed, u), u))
+    strata = sorted({stratum for unit in counts.values() for stratum in unit})
+    column = {stratum: k for k, stratum in enumerate(strata)}
+    images = np.zeros((len(names), len(strata)))
+    for row, name in enumerate(names):
+        for stratum, n in counts[name].items():
+            images[row, column[stratum]] = n
+    share = images / images.sum(axis=0)  # each unit's share of each stratum
+    target = np.asarray(fractions, np.float64)[:, None]
+    held = np.zeros((len(fractions), len(strata)))
+    part = np.zeros(len(names), np.int64)
+    for row in range(len(names)):
+        before = ((held - target) ** 2).sum(axis=1)
+        after = ((held + share[row] - target) ** 2).sum(axis=1)
+        part[row] = int(np.argmin(after - before))
+        held[part[row]] += share[row]
+
+    def gain(row: int, to: int) -> float:
+        """How much moving unit ``row`` to part ``to`` lowers the cost."""
+        src = part[row]
+        old = ((held[src] - target[src]) ** 2).sum() + ((held[to] - target[to]) ** 2).sum()
+        new = ((held[src] - share[row] - target[src]) ** 2).sum()
+        new += ((held[to] + share[row] - target[to]) ** 2).sum()
+        return float(old - new)
+
+    for _ in range(20):  # passes; each either improves or stops
+        improved = False
+        for row in range(len(names)):
+            moves = [(gain(row, to), to) for to in range(len(fractions)) if to != part[row]]
+            best, to = max(moves, default=(0.0, -1))
+            if best > 1e-12:
+                held[part[row]] -= share[row]
+                held[to] += share[row]
+                part[row] = to
+                improved = True
+        for row in range(len(names)):
+            for other in range(row + 1, len(names)):
+                a, b = part[row], part[other]
+                if a == b:
+                    continue
+                delta = share[row] - share[other]
+                old = ((held[a] - target[a]) ** 2).sum() + ((held[b] - target[b]) ** 2).sum()
+                new = ((held[a] - delta - target[a]) ** 2).sum()
+                new += ((held[b] + delta - target[b]) ** 2).sum()
+                if old - new > 1e-12:
+                    held[a] -= delta
+                    held[b] += delta
+                    part[row], part[other] = b, a
+                    improved = True
+        if not improved:
+            break
+    return {name: int(part[row]) for row, name in enumerate(names)}
 
 
 def fold_of(
@@ -149,12 +224,17 @@ def cross_validation_fold(rows: Sequence[dict[str, Any]], params: IngestParams) 
         for index, row in enumerate(part):
             members[row[params.group_by]].append(index)
         names = sorted(members)
-        majority = []
-        for name in names:
-            counts = Counter(strata_of[i] for i in members[name])
-            majority.append(min(counts, key=lambda key: (-counts[key], key)))
-        sizes = [len(members[name]) for name in names]
-        by_group = fold_of(names, sizes, majority, folds=params.folds, seed=params.seed)
+        if params.group_method == "balanced":
+            counts = {n: Counter(strata_of[i] for i in members[n]) for n in names}
+            placed = balanced_assignment(counts, [1.0 / params.folds] * params.folds, params.seed)
+            by_group = [placed[n] for n in names]
+        else:
+            majority = []
+            for name in names:
+                counts_of = Counter(strata_of[i] for i in members[name])
+                majority.append(min(counts_of, key=lambda key: (-counts_of[key], key)))
+            sizes = [len(members[name]) for name in names]
+            by_group = fold_of(names, sizes, majority, folds=params.folds, seed=params.seed)
         folds = [0] * len(part)
         for name, fold in zip(names, by_group, strict=True):
             for index in members[name]:
@@ -185,7 +265,12 @@ def assign_splits(
         else:
             groups = [r[params.group_by] for r in part]
             drawn = grouped_split(
-                groups, strata, val_fraction=val, test_fraction=test, seed=params.seed
+                groups,
+                strata,
+                val_fraction=val,
+                test_fraction=test,
+                seed=params.seed,
+                method=params.group_method,
             )
         for row, split in zip(part, drawn, strict=True):
             row["split"] = split
@@ -222,6 +307,63 @@ def check_groups(rows: Sequence[dict[str, Any]], column: str, source: Path) -> N
             f"ingest.group_by is {column!r}, but {len(empty)} image(s) of {source} have no "
             f"{column} value (an empty cell, or no row in the metadata CSV): {shown}"
         )
+
+
+DECIDING = 3
+"""Groups named per class in the report and the refusal: the largest of the class."""
+
+
+def deciding_groups(
+    rows: Sequence[dict[str, Any]], column: str
+) -> dict[str, list[tuple[str, int, str]]]:
+    """Per class, its largest groups: (group, the class's images in it, the group's split)."""
+    per_class: dict[str, Counter[str]] = defaultdict(Counter)
+    where: dict[str, str] = {}
+    for row in rows:
+        per_class[row["label"]][row[column]] += 1
+        where[row[column]] = row["split"]
+    return {
+        label: [(g, n, where[g]) for g, n in groups.most_common(DECIDING)]
+        for label, groups in sorted(per_class.items())
+    }
+
+
+def require_grouped_classes(
+    rows: Sequence[dict[str, Any]], params: IngestParams, minimum: int, predefined: bool
+) -> None:
+    """Refuse a grouped split that leaves a class fewer than ``minimum`` validation or test
+    images (validate would stop the run later, with no way forward but to lower a check),
+    naming the class, its counts, the groups that decide them and the options."""
+    assert params.group_by is not None
+    per_class: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in rows:
+        per_class[row["label"]][row["split"]] += 1
+    short = {
+        label: counts
+        for label, counts in sorted(per_class.items())
+        if min(counts["val"], counts["test"]) < minimum
+    }
+    if not short:
+        return
+    deciding = deciding_groups(rows, params.group_by)
+    lines = []
+    for label, counts in short.items():
+        groups = ", ".join(f"{g} ({n} images, {s})" for g, n, s in deciding[label])
+        lines.append(
+            f"class {label!r}: {counts['train']} train, {counts['val']} val, {counts['test']} "
+            f"test images in {len({r[params.group_by] for r in rows if r['label'] == label})} "
+            f"groups; the largest: {groups}"
+        )
+    method = "predefined" if predefined else params.group_method
+    other = "balanced" if params.group_method == "stable" else "stable"
+    raise InputError(
+        f"grouped by {params.group_by!r} ({method} method), "
+        f"{len(short)} class(es) get fewer than validate.min_images_per_class = {minimum} "
+        "validation or test images:\n  " + "\n  ".join(lines) + "\nOptions: "
+        f"ingest.group_method: {other}; other fractions (ingest.val_fraction, "
+        "ingest.test_fraction); merge the class with another or drop it from the data; or, "
+        "knowing the figures will be noisy, a lower validate.min_images_per_class"
+    )
 
 
 def split_report(
@@ -266,19 +408,29 @@ def split_report(
             4,
         )
     if params.group_by is not None:
-        spans: dict[str, set[str]] = defaultdict(set)
+        spans: dict[str, Counter[str]] = defaultdict(Counter)
         for row in rows:
-            spans[row[params.group_by]].add(row["split"])
+            spans[row[params.group_by]][row["split"]] += 1
         spanning = sorted(g for g, where in spans.items() if len(where) > 1)
+        report["group_method"] = "predefined" if predefined else params.group_method
         report["groups"] = len(spans)
         report["groups_spanning_splits"] = len(spanning)
+        report["deciding_groups"] = {
+            label: [{"group": g, "images": n, "split": s} for g, n, s in groups]
+            for label, groups in deciding_groups(rows, params.group_by).items()
+        }
         if spanning:
+            leaks = {g: {s: spans[g][s] for s in SPLITS if spans[g][s]} for g in spanning}
+            report["group_leaks"] = leaks
             shown = "; ".join(
-                f"{g} ({', '.join(s for s in SPLITS if s in spans[g])})" for g in spanning[:5]
+                f"{g} ({', '.join(f'{n} {s}' for s, n in leaks[g].items())})" for g in spanning[:10]
             )
             report["warnings"].append(
-                f"{len(spanning)} {params.group_by} group(s) span the source's own splits, "
-                f"kept as given: {shown}" + (" ..." if len(spanning) > 5 else "")
+                f"LEAK: {len(spanning)} {params.group_by} group(s) of the source's own splits "
+                f"sit in more than one split, so test images share a {params.group_by} with "
+                f"training images and the test figures flatter: {shown}"
+                + (f" and {len(spanning) - 10} more" if len(spanning) > 10 else "")
+                + " (ingest.split_mode: random re-splits by whole groups)"
             )
     return report
 
@@ -293,7 +445,10 @@ def describe_split(method: dict[str, Any]) -> str:
             f", val = cross-validation fold {method['fold']['fold']} of {method['fold']['folds']}"
         )
     if method["group_by"] is not None:
-        text += f", grouped by {method['group_by']} ({method['groups']} groups)"
+        text += (
+            f", grouped by {method['group_by']} ({method['groups']} groups, "
+            f"{method.get('group_method', 'stable')})"
+        )
     if method["asked_fractions"] is not None:
         achieved, asked = method["achieved_fractions"], method["asked_fractions"]
         text += (

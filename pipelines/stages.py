@@ -117,7 +117,7 @@ STAGES: dict[str, Stage] = dict(
                     "out": Output(_INGEST, "Dataset"),
                     SUMMARY: Output("metrics/ingest.json", "Metrics", "metric"),
                 },
-                params=("data", "ingest"),
+                params=("data", "ingest", "validate.min_images_per_class"),
             )
         ),
         _stage(

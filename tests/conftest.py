@@ -453,6 +453,7 @@ def build_tiny_project(
         summary=root / "metrics" / "ingest.json",
         data=params("data", source=str(root / "data"), metadata_csv=None),
         ingest=params("ingest", val_fraction=val_fraction, test_fraction=test_fraction),
+        validate=params("validate"),
         progress=False,
     )
     augment.run(

@@ -92,6 +92,7 @@ def augmented(tmp_path_factory):
         summary=root / "metrics" / "ingest.json",
         data=params("data", source=str(root / "data"), metadata_csv=None),
         ingest=params("ingest", val_fraction=0.15, test_fraction=0.15, images_per_shard=8),
+        validate=params("validate"),
         progress=False,
     )
     # The image size is the model's: augment reads it from the model params.

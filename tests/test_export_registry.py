@@ -523,6 +523,7 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
         summary=resplit / "ingest.json",
         data=params("data", source=str(project.root / "data"), metadata_csv=None),
         ingest=params("ingest", val_fraction=0.2, test_fraction=0.4, seed=7),
+        validate=params("validate"),
         progress=False,
     )
     moved = copy.copy(project)

@@ -112,6 +112,7 @@ def run_ingest(root: Path, out_base: Path, ingest_params: IngestParams = PARAMS)
         summary=out_base / "summary.json",
         data=params("data", source=str(root), metadata_csv=None),
         ingest=ingest_params,
+        validate=params("validate"),
         progress=False,
     )
 
@@ -386,6 +387,7 @@ def test_csv_manifest_source(tmp_path):
         summary=tmp_path / "summary.json",
         data=params("data", source=str(csv_path), metadata_csv=None),
         ingest=PARAMS,
+        validate=params("validate"),
         progress=False,
     )
 
@@ -429,6 +431,7 @@ def ingest_with(source: Path, out_base: Path, metadata_csv: Path | None = None, 
             "data", source=str(source), metadata_csv=str(metadata_csv) if metadata_csv else None
         ),
         ingest=params("ingest", val_fraction=0.2, test_fraction=0.25, **overrides),
+        validate=params("validate"),
         progress=False,
     )
     assert json.loads((out_base / "summary.json").read_text()) == summary

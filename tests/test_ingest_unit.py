@@ -656,3 +656,140 @@ def test_grouped_folds_keep_groups_whole():
 def test_a_fold_outside_the_folds_is_refused(fold):
     with pytest.raises(ParamsError, match=r"ingest\.fold must be null or in \[0, folds=5\)"):
         params("ingest", fold=fold)
+
+
+def _heavy_tailed(groups: int = 344, images: int = 5096, seed: int = 0, prefix: str = "s"):
+    """Grouped data like a photo set by sender: group sizes fall off as 1 / rank^0.9 (the
+    largest about 12 % of the images, the five largest about 29 %), and most groups hold
+    several of 17 classes (each group its own mix around the data set's class frequencies)."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, groups + 1) ** 0.9
+    sizes = np.maximum(1, np.round(weights / weights.sum() * images)).astype(int)
+    frequencies = rng.dirichlet(np.full(17, 2.0))
+    rows = []
+    for g, size in enumerate(sizes):
+        mix = rng.dirichlet(frequencies * 17 * 0.3)
+        rows += [(f"{prefix}{g:04d}", f"c{c:02d}") for c in rng.choice(17, size=size, p=mix)]
+    return rows
+
+
+ASKED = {"train": 0.6, "val": 0.15, "test": 0.25}
+
+
+def _class_gap(rows, splits, asked=ASKED) -> float:
+    per_class = defaultdict(Counter)
+    for (_, label), split in zip(rows, splits, strict=True):
+        per_class[label][split] += 1
+    return max(abs(c[s] / c.total() - f) for c in per_class.values() for s, f in asked.items())
+
+
+def test_grouped_methods_on_heavy_tailed_multiclass_groups():
+    """On sender-like data (the largest group over 10 % of the images, most groups spanning
+    several classes): both methods keep every group whole; ``balanced`` meets every class's
+    fractions to within 0.05 where ``stable`` (each group placed by its name's hash within its
+    majority class) misses by far more; adding 10 % new groups moves few old images under
+    ``stable``: within its stated bound (per stratum and boundary: the images added plus the
+    largest group) and under 10 %."""
+    rows = _heavy_tailed()
+    sizes = Counter(g for g, _ in rows)
+    assert max(sizes.values()) / len(rows) >= 0.10
+    groups, strata = [g for g, _ in rows], [(label,) for _, label in rows]
+    split = {}
+    for method in ("stable", "balanced"):
+        split[method] = grouped_split(
+            groups, strata, val_fraction=0.15, test_fraction=0.25, seed=42, method=method
+        )
+        where = defaultdict(set)
+        for group, s in zip(groups, split[method], strict=True):
+            where[group].add(s)
+        assert all(len(s) == 1 for s in where.values()), method
+    assert _class_gap(rows, split["balanced"]) <= 0.05
+    assert _class_gap(rows, split["stable"]) > 2 * _class_gap(rows, split["balanced"])
+
+    added = _heavy_tailed(groups=34, images=510, seed=1, prefix="new")
+    grown = rows + added
+    again = grouped_split(
+        [g for g, _ in grown], [(label,) for _, label in grown],
+        val_fraction=0.15, test_fraction=0.25, seed=42, method="stable",
+    )  # fmt: skip
+    moved = sum(a != b for a, b in zip(split["stable"], again, strict=False))
+    majority = {}
+    for group in sizes:
+        labels = Counter(label for g, label in rows if g == group)
+        majority[group] = min(labels, key=lambda k: (-labels[k], k))
+    largest = Counter()
+    for group, stratum in majority.items():
+        largest[stratum] = max(largest[stratum], sizes[group])
+    bound = 2 * (len(added) + sum(largest.values()))
+    assert moved <= bound and moved <= 0.10 * len(rows), (moved, bound)
+
+
+def test_a_grouped_split_that_starves_a_class_is_refused_naming_it_and_the_ways_forward():
+    from imgpipe.errors import InputError
+    from imgpipe.splits import require_grouped_classes
+
+    rows = [
+        {"label": "common", "patient": f"p{i % 40}", "split": s, "sha256": f"{i:064d}"}
+        for i, s in enumerate(["train"] * 60 + ["val"] * 20 + ["test"] * 20)
+    ]
+    rows += [
+        {"label": "rare", "patient": "big", "split": "train", "sha256": f"r{i:063d}"}
+        for i in range(30)
+    ]
+    ingest = params("ingest", group_by="patient", group_method="stable")
+    with pytest.raises(InputError) as refused:
+        require_grouped_classes(rows, ingest, minimum=3, predefined=False)
+    message = str(refused.value)
+    assert "class 'rare': 30 train, 0 val, 0 test images in 1 groups" in message, message
+    assert "big (30 images, train)" in message and "ingest.group_method: balanced" in message
+    assert "merge the class with another or drop it" in message
+    require_grouped_classes(rows[:100], ingest, minimum=3, predefined=False)  # common alone: ok
+
+
+def test_balanced_folds_keep_groups_whole_and_spread_classes():
+    """``group_method: balanced`` folds (imgpipe crossval): no group in two folds, and each
+    class's non-test images spread over the 5 folds near a fifth each: off by no more than
+    its largest group's share of it (which must sit in one fold) and 0.05."""
+    from imgpipe.splits import cross_validation_fold
+
+    data = _heavy_tailed(groups=200, images=3000)
+    rows = [
+        {"sha256": f"{i:064d}", "label": label, "sender": group, "split": "train"}
+        for i, (group, label) in enumerate(data)
+    ]
+    folds_of = {}
+    for fold in range(5):
+        copy = [dict(r) for r in rows]
+        ingest = params("ingest", group_by="sender", group_method="balanced", fold=fold)
+        cross_validation_fold(copy, ingest)
+        for row in copy:
+            if row["split"] == "val":
+                assert row["sha256"] not in folds_of
+                folds_of[row["sha256"]] = fold
+    assert len(folds_of) == len(rows)  # every image in exactly one fold
+    per_group = defaultdict(set)
+    for row in rows:
+        per_group[row["sender"]].add(folds_of[row["sha256"]])
+    assert all(len(f) == 1 for f in per_group.values())
+    per_class = defaultdict(Counter)
+    for row in rows:
+        per_class[row["label"]][folds_of[row["sha256"]]] += 1
+    for label, counts in per_class.items():
+        largest = max(Counter(g for g, c in data if c == label).values()) / counts.total()
+        worst = max(abs(counts[f] / counts.total() - 0.2) for f in range(5))
+        assert worst <= largest + 0.05, (label, counts, largest)
+
+
+def test_a_predefined_split_with_a_group_in_two_splits_is_reported_as_a_leak(tmp_path):
+    from imgpipe.splits import split_report
+
+    rows = [
+        {"label": "a", "patient": "p1", "split": "train"},
+        {"label": "a", "patient": "p1", "split": "test"},
+        {"label": "a", "patient": "p1", "split": "test"},
+        {"label": "b", "patient": "p2", "split": "train"},
+    ]
+    report = split_report(rows, params("ingest", group_by="patient"), predefined=True, carved=[])
+    assert report["group_leaks"] == {"p1": {"train": 1, "test": 2}}
+    (warning,) = report["warnings"]
+    assert warning.startswith("LEAK: 1 patient group(s)") and "p1 (1 train, 2 test)" in warning

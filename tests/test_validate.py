@@ -375,7 +375,7 @@ def test_validate_passes_the_sample_data(tmp_path):
     params.yaml, passes the suite with those params and nothing is quarantined."""
     from components import ingest
     from imgpipe import sample_data
-    from imgpipe.params import DataParams, IngestParams, section
+    from imgpipe.params import DataParams, IngestParams, ValidateParams, section
 
     data = tmp_path / "data"
     assert sample_data.run(data, progress=False) == 2624
@@ -387,6 +387,7 @@ def test_validate_passes_the_sample_data(tmp_path):
         summary=tmp_path / "metrics" / "ingest.json",
         data=section(DataParams, "data", raw),
         ingest=section(IngestParams, "ingest", raw),
+        validate=section(ValidateParams, "validate", raw),
         progress=False,
     )
     assert ingest_summary["images"] == 2624
