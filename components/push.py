@@ -61,6 +61,8 @@ def log_to_mlflow(summary: Path) -> None:
 
 def describe(summary: dict[str, Any]) -> str:
     name, version = summary["registered_model"], summary["version"]
+    if summary.get("same_as_champion"):
+        return f"{name} v{version}, the {CHAMPION}, has these weights: nothing registered again"
     reuse = f"; gating decision {summary['test_set_decisions']} on this test set"
     if summary["blessed"]:
         return (
@@ -123,6 +125,29 @@ def register(
         )
     # A server would fail on what the warmup requests fail on: probe before anything is recorded.
     warmups = run_warmup(SavedModelClassifier(saved_model))
+    weights = weights_digest(saved_model)
+    if current is not None and current.tags.get(WEIGHTS_TAG) == weights:
+        # the champion itself, exported again (a forced rerun): nothing new to register, and
+        # no decision to count on the test set
+        log.warning(
+            "push: the candidate has the weights of %s version %s: not registered again",
+            CHAMPION,
+            current.version,
+        )
+        same: dict[str, Any] = {
+            "registered_model": name,
+            "version": current.version,
+            "same_as_champion": True,
+            "blessed": bool(blessing["blessed"]),
+            "aliases": [CHAMPION],
+            "previous_champion": current.version,
+            "warmup_requests": warmups,
+            "pushed_to": None,
+            "serving_version": None,
+            "test_set_decisions": None,
+        }
+        write_json_atomic(summary, same)
+        return same
 
     run = mlflow.active_run()
     if run is None:
@@ -150,6 +175,7 @@ def register(
                 "test_balanced_accuracy": f"{test['balanced_accuracy']:.4f}",
                 "trained_on.images": str(len(trained_on)),
                 "trained_on.sha256": lineage_digest(trained_on),
+                WEIGHTS_TAG: weights,
             },
         )
     number = int(version.version)
@@ -199,6 +225,30 @@ def register(
     )
     write_json_atomic(summary, result)
     return result
+
+
+WEIGHTS_TAG = "weights.sha256"
+"""Version tag: ``weights_digest`` of its SavedModel, to know the same model again."""
+
+
+def weights_digest(saved_model: Path) -> str:
+    """One sha256 of a SavedModel's weights: of each floating-point variable's dtype, shape
+    and values, sorted, so that the same trained weights exported twice give the same digest (the
+    checkpoint's own bytes differ from one export to the next)."""
+    import hashlib
+
+    import numpy as np
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(saved_model / "variables" / "variables"))
+    parts = []
+    for name in reader.get_variable_to_shape_map():
+        value = np.asarray(reader.get_tensor(name))
+        if value.dtype.kind != "f":  # counters, seed generators' states, the checkpoint's own
+            continue
+        meta = f"{value.dtype}{value.shape}".encode()
+        parts.append(hashlib.sha256(meta + np.ascontiguousarray(value).tobytes()).hexdigest())
+    return hashlib.sha256("".join(sorted(parts)).encode()).hexdigest()
 
 
 DECISIONS_TAG = "gate.decisions."

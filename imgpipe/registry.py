@@ -35,6 +35,8 @@ class Champion:
     name: str
     version: int
     run_id: str | None
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The version's tags (its gate decision, lineage and weights digest)."""
 
     def download_saved_model(self, directory: Path) -> Path:
         """The champion's SavedModel, copied from the registry into ``directory``."""
@@ -88,7 +90,7 @@ def alias_holder(name: str, alias: str, registry: Any = None) -> Champion | None
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
-    return Champion(name, int(version.version), version.run_id)
+    return Champion(name, int(version.version), version.run_id, dict(version.tags or {}))
 
 
 def champion(name: str) -> Champion | None:

@@ -466,6 +466,14 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert pushed["version"] == 3 and pushed["serving_version"] == 2
     assert registry.champion(MODEL_NAME).version == 3
     assert push.serving_versions(tmp_path / "models", MODEL_NAME) == [1, 2]
+    decisions = client.get_registered_model(MODEL_NAME).tags
+    # The champion's weights exported and pushed again (a forced rerun): nothing is registered
+    # again, nothing pushed, no decision counted on the test set.
+    _, again = candidate("again", lambda kernel, bias: (kernel, bias))
+    assert again["same_as_champion"] and again["version"] == 3 and again["pushed_to"] is None
+    assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 3
+    assert client.get_registered_model(MODEL_NAME).tags == decisions
+    assert push.serving_versions(tmp_path / "models", MODEL_NAME) == [1, 2]
     pushed_model = tmp_path / "models" / MODEL_NAME / "2"
     assert (pushed_model / "saved_model.pb").is_file()
     assert (pushed_model / "assets.extra" / "tf_serving_warmup_requests").is_file()
