@@ -35,7 +35,7 @@ from imgpipe.errors import InputError
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
 from imgpipe.lineage import changes, lineage_digest, relabelled
-from imgpipe.manifest import LABELS, MANIFEST, SHARDS
+from imgpipe.manifest import LABELS, MANIFEST, SHARDS, read_manifest
 from imgpipe.metrics import (
     calibration_bins,
     classification_metrics,
@@ -82,15 +82,10 @@ def predict_keras(model: Any, encoded: Sequence[bytes], image_size: int, batch: 
 
 def _read_manifest(manifest: Path, columns: Sequence[str]) -> dict[str, dict[str, str]]:
     """Every row of ingest's manifest by sha256, checked to have the ``columns`` slices need."""
-    with open(manifest, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(
-                f"evaluate.slice_by names column(s) {missing} that {manifest} does not have; "
-                f"its columns are {reader.fieldnames}"
-            )
-        return {row["sha256"]: row for row in reader}
+    try:
+        return {row["sha256"]: row for row in read_manifest(manifest, columns=columns)}
+    except InputError as error:
+        raise InputError(f"evaluate.slice_by: {error}") from None
 
 
 def slice_metrics(

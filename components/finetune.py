@@ -63,7 +63,7 @@ from imgpipe.errors import InputError
 from imgpipe.fileio import atomic_path, write_json_atomic
 from imgpipe.labels import read_labels
 from imgpipe.lineage import TRAINING_SPLITS, manifest_labels, training_digest
-from imgpipe.manifest import LABELS, MANIFEST, SHARDS
+from imgpipe.manifest import LABELS, MANIFEST, SHARDS, read_manifest
 from imgpipe.metrics import correction_text, validation_scores
 from imgpipe.params import AugmentParams, FinetuneParams, ModelParams, TrainParams
 from imgpipe.tfrecords import count_records, split_files
@@ -539,10 +539,7 @@ def remeasure(model: keras.Model, train_files: list[str], size: int, batch: int,
 def class_counts(dataset: Path, classes: int, splits: tuple[str, ...] = (HELD_OUT,)) -> np.ndarray:
     """Images per class index in ``splits`` of ingest's manifest, the images that trained the
     model (the prior a prior correction divides out)."""
-    with open(dataset / MANIFEST, newline="", encoding="utf-8") as handle:
-        indices = [
-            int(row["label_index"]) for row in csv.DictReader(handle) if row["split"] in splits
-        ]
+    indices = [int(row["label_index"]) for row in read_manifest(dataset / MANIFEST, splits)]
     return np.bincount(np.asarray(indices, np.int64), minlength=classes)
 
 

@@ -13,7 +13,6 @@ relabelling, deliberate or not, that the accuracy on today's labels cannot show)
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -62,13 +61,9 @@ def training_digest(images: Mapping[str, str], recipe: Mapping[str, Any]) -> str
 
 def manifest_labels(manifest: Path, splits: Iterable[str] | None = None) -> dict[str, str]:
     """sha256 -> label of the manifest's images (in ``splits``; None: all of them)."""
-    wanted = None if splits is None else set(splits)
-    with open(manifest, newline="", encoding="utf-8") as f:
-        return {
-            row["sha256"]: row["label"]
-            for row in csv.DictReader(f)
-            if wanted is None or row["split"] in wanted
-        }
+    from imgpipe.manifest import read_manifest
+
+    return {row["sha256"]: row["label"] for row in read_manifest(manifest, splits)}
 
 
 def write_trained_on(path: Path, images: Mapping[str, str]) -> None:

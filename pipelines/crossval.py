@@ -37,6 +37,7 @@ import numpy as np
 from imgpipe.errors import InputError
 from imgpipe.fileio import write_json_atomic
 from imgpipe.lineage import training_digest
+from imgpipe.manifest import read_manifest
 from pipelines.seeds import (
     FOLDS_TAG,
     SEED_KEYS,
@@ -171,8 +172,7 @@ def oof_figures(
 
 
 def _non_test(manifest: Path) -> set[str]:
-    with open(manifest, newline="", encoding="utf-8") as f:
-        return {row["sha256"] for row in csv.DictReader(f) if row["split"] != "test"}
+    return {row["sha256"] for row in read_manifest(manifest, ("train", "val"))}
 
 
 def write_oof(path: Path, oofs: Mapping[int, OutOfFold]) -> None:

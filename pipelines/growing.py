@@ -21,7 +21,6 @@ compared by sha256), and a failed claim is an error.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import yaml
 
 from imgpipe.errors import InputError
 from imgpipe.fileio import write_json_atomic
+from imgpipe.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,7 @@ def make_versions(
 
 
 def _manifest(path: Path) -> dict[str, dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return {row["sha256"]: row for row in csv.DictReader(f)}
+    return {row["sha256"]: row for row in read_manifest(path)}
 
 
 def split_moves(before: Mapping[str, dict], after: Mapping[str, dict]) -> dict[str, Any]:

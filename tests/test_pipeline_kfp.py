@@ -160,6 +160,7 @@ def test_a_kubeflow_overlay_changes_only_the_keys_it_names():
         "base_params": json.dumps(_params()),
         "model": "{}",
         "augment": "{}",
+        "train": "{}",
         "finetune": json.dumps({"learning_rate": 3e-4}),
     }
     params = overlaid(STAGES["finetune"].sections, arguments)
@@ -666,7 +667,7 @@ def test_monitor_retrain_kfp_creates_a_cluster_run_that_stays_open_until_it_ends
             "--mlflow-tracking-uri=http://mlflow:5000",
         ]
     )
-    retraining = _retrain(args, _params(), [], "20261205T000000")
+    retraining = _retrain(args, _params(), None, "20261205T000000")
     assert retraining == {"how": "kfp", "feedback_images": 0, "run": "run-1"}
     (run,) = [b for m, p, b in calls if (m, p) == ("POST", "/apis/v2beta1/runs")]
     assert run["display_name"] == "retrain-20261205T000000"
