@@ -242,7 +242,11 @@ def render_headline(root: Path) -> str:
     stats = _json(root, SEEDS)["summary"]
     groups = _groups(root)
     images = stats.get("finetune.training_images")
-    trained = f" (trained on {images['mean']:.0f} images)" if images else ""
+    trained = (
+        f" (trained on {images['mean']:.0f} images)"
+        if images
+        else " (val held out: the recipe before the production run)"
+    )
     rows = []
     for key, what in _seed_figures(root):
         if key.startswith("test.") and key in stats and "ece" not in key:
