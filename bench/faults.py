@@ -481,24 +481,31 @@ def group_monitor(work: Path, _: Path | None) -> list[Row]:
 # --- the gRPC server and the sidecar (subprocesses, a real SavedModel) ---------------------
 
 
-def group_server(work: Path, saved_model: Path | None) -> list[Row]:
+def _serve(work: Path, saved_model: Path) -> tuple[str, Any]:
+    """The local gRPC server on 127.0.0.1 serving a copy of ``saved_model`` as version 1 of a
+    model named after its folder: (the model's name, the ServerProcess)."""
     import shutil
 
-    import grpc
-
-    from serving.client import ServingClient, ServingClientError
     from serving.process import ServerProcess, model_config
-    from serving.transport import MAX_MESSAGE_BYTES
 
-    if saved_model is None:
-        return []
     model = saved_model.parent.name
     models = work / "models"
     shutil.copytree(saved_model, models / model / "1")
     config = model_config(work / "models.config", model, f"/models/{model}")
-    server = ServerProcess(
-        ["--model_config_file", str(config), "--mount", f"{models}:/models"], work / "server"
-    )
+    command = ["--model_config_file", str(config), "--mount", f"{models}:/models"]
+    return model, ServerProcess(command, work / "server")
+
+
+def group_server(work: Path, saved_model: Path | None) -> list[Row]:
+
+    import grpc
+
+    from serving.client import ServingClient, ServingClientError
+    from serving.transport import MAX_MESSAGE_BYTES
+
+    if saved_model is None:
+        return []
+    model, server = _serve(work, saved_model)
     rows = []
     try:
         with ServingClient(server.address, timeout=120) as client:
@@ -558,23 +565,16 @@ def group_server(work: Path, saved_model: Path | None) -> list[Row]:
 
 
 def group_sidecar(work: Path, saved_model: Path | None) -> list[Row]:
-    import shutil
 
     import yaml
 
     from serving.client import ServingClient
-    from serving.process import ServerProcess, model_config
+    from serving.process import ServerProcess
     from serving.request_log import OPEN_SUFFIX, read_logs
 
     if saved_model is None:
         return []
-    model = saved_model.parent.name
-    models = work / "models"
-    shutil.copytree(saved_model, models / model / "1")
-    config = model_config(work / "models.config", model, f"/models/{model}")
-    server = ServerProcess(
-        ["--model_config_file", str(config), "--mount", f"{models}:/models"], work / "server"
-    )
+    model, server = _serve(work, saved_model)
     rows = []
     logs = work / "logs"
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())

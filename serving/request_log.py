@@ -276,7 +276,11 @@ class RequestLog:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock()))
         name = f"requests-{stamp}-{self._writer_id}-{self._sequence:06d}{OPEN_SUFFIX}"
         self._path = directory / name
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except FileNotFoundError:  # another writer removed the folder while it was empty
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while open: a free lock means its writer died
         self._file = os.fdopen(fd, "ab")
         self._opened = self.clock()

@@ -144,15 +144,22 @@ def test_a_failing_log_folder_drops_records_and_never_raises(tmp_path):
     assert "not-a-folder" in log.last_error
 
 
-def test_a_full_queue_drops_and_counts_without_blocking(tmp_path, monkeypatch):
+@pytest.fixture
+def stuck_writer(monkeypatch) -> threading.Event:
+    """The log's writer thread waits (up to 10 s) until the returned event is set."""
     release = threading.Event()
     real_write = RequestLog._write
 
-    def slow_write(self, *item):
+    def stuck(self, *item):
         release.wait(10)
         real_write(self, *item)
 
-    monkeypatch.setattr(RequestLog, "_write", slow_write)
+    monkeypatch.setattr(RequestLog, "_write", stuck)
+    return release
+
+
+def test_a_full_queue_drops_and_counts_without_blocking(tmp_path, stuck_writer):
+    release = stuck_writer
     request, response = call(0)
     one = len(request) + len(response) + RECORD_OVERHEAD
     log = RequestLog(settings(tmp_path, queue_bytes=4 * one))
@@ -262,17 +269,10 @@ def test_a_failed_write_closes_the_file_readable_instead_of_orphaning_it(tmp_pat
     log.close()
 
 
-def test_the_queue_is_bounded_in_bytes_under_a_flood_of_large_calls(tmp_path, monkeypatch):
+def test_the_queue_is_bounded_in_bytes_under_a_flood_of_large_calls(tmp_path, stuck_writer):
     """16 MB requests (the message cap) while the writer is stuck: what waits stays within
     ``queue_bytes``; everything beyond is dropped and counted, never blocking the caller."""
-    release = threading.Event()
-    real_write = RequestLog._write
-
-    def stuck(self, *item):
-        release.wait(10)
-        real_write(self, *item)
-
-    monkeypatch.setattr(RequestLog, "_write", stuck)
+    release = stuck_writer
     big = b"x" * (16 << 20)
     log = RequestLog(settings(tmp_path, queue_bytes=64 << 20, max_file_bytes=1 << 30))
     offered = [log.offer("predict", big, b"") for _ in range(40)]
