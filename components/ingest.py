@@ -620,8 +620,8 @@ def run(
             carved = assign_splits(rows, params, predefined=predefined)
         except ValueError as exc:
             raise InputError(f"{source}: {exc}") from None
-        if params.group_by is not None:
-            require_grouped_classes(rows, params, validate.min_images_per_class, predefined)
+        if params.group_by is not None and not predefined:  # the source's own split is kept
+            require_grouped_classes(rows, params, validate.min_images_per_class)
         for row in rows:
             row["label_index"] = index[row["label"]]
         rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["sha256"]))

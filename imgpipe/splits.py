@@ -329,7 +329,7 @@ def deciding_groups(
 
 
 def require_grouped_classes(
-    rows: Sequence[dict[str, Any]], params: IngestParams, minimum: int, predefined: bool
+    rows: Sequence[dict[str, Any]], params: IngestParams, minimum: int
 ) -> None:
     """Refuse a grouped split that leaves a class fewer than ``minimum`` validation or test
     images (validate would stop the run later, with no way forward but to lower a check),
@@ -354,10 +354,9 @@ def require_grouped_classes(
             f"test images in {len({r[params.group_by] for r in rows if r['label'] == label})} "
             f"groups; the largest: {groups}"
         )
-    method = "predefined" if predefined else params.group_method
     other = "balanced" if params.group_method == "stable" else "stable"
     raise InputError(
-        f"grouped by {params.group_by!r} ({method} method), "
+        f"grouped by {params.group_by!r} ({params.group_method} method), "
         f"{len(short)} class(es) get fewer than validate.min_images_per_class = {minimum} "
         "validation or test images:\n  " + "\n  ".join(lines) + "\nOptions: "
         f"ingest.group_method: {other}; other fractions (ingest.val_fraction, "

@@ -704,9 +704,14 @@ def _promotions(
             unblessed = json.loads((tmp_path / "evaluate" / "blessing.json").read_text())
             unblessed["blessed"] = False  # a challenger: registered, never promoted
             (tmp_path / "unblessed.json").write_text(json.dumps(unblessed))
+            # other weights than the champion's (the champion's own are not registered again)
+            nudged = _variant(
+                exported.project.model, tmp_path / "nudged", lambda k, b: (k, b + 0.1)
+            )
+            other, _ = _export(exported.project, nudged, tmp_path, int8=False)
             with pytest.raises(AccessError) as refused, stage_run("push"):
                 push.run(
-                    exported=exported.out,
+                    exported=other,
                     blessing=tmp_path / "unblessed.json",
                     summary=tmp_path / "writer.json",
                     serving=_serving(tmp_path),

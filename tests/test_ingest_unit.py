@@ -738,12 +738,12 @@ def test_a_grouped_split_that_starves_a_class_is_refused_naming_it_and_the_ways_
     ]
     ingest = params("ingest", group_by="patient", group_method="stable")
     with pytest.raises(InputError) as refused:
-        require_grouped_classes(rows, ingest, minimum=3, predefined=False)
+        require_grouped_classes(rows, ingest, minimum=3)
     message = str(refused.value)
     assert "class 'rare': 30 train, 0 val, 0 test images in 1 groups" in message, message
     assert "big (30 images, train)" in message and "ingest.group_method: balanced" in message
     assert "merge the class with another or drop it" in message
-    require_grouped_classes(rows[:100], ingest, minimum=3, predefined=False)  # common alone: ok
+    require_grouped_classes(rows[:100], ingest, minimum=3)  # common alone: ok
 
 
 def test_balanced_folds_keep_groups_whole_and_spread_classes():

@@ -416,14 +416,14 @@ def test_failed_expectation_stops_repro_naming_expectation_and_row(repo, first_r
     assert "data validation failed" in out, out
     assert "expect_column_values_to_be_between on column 'images'" in out, out
     assert f"{CLASSES[0]}/train" in out and f"{CLASSES[-1]}/test" in out, out
-    assert "Running stage 'ingest'" not in out  # only the validate params changed
+    # ingest reads validate.min_images_per_class too (a grouped split that starves a class is
+    # refused there): it may run again, but writes the same outputs, so nothing downstream runs
     for stage in ("augment", "train", "finetune"):
         assert f"Running stage '{stage}'" not in out, out  # nothing to redo downstream
     assert len(runs) == earlier + 1
     run = runs[-1]
     assert run.info.status == "FAILED"
     assert run.data.tags["stage.validate"] == "failed"
-    assert "stage.ingest" not in run.data.tags
 
 
 def test_mlflow_compare_page_shows_both_runs_with_upstream_params(
