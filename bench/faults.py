@@ -498,8 +498,6 @@ def _serve(work: Path, saved_model: Path) -> tuple[str, Any]:
 
 def group_server(work: Path, saved_model: Path | None) -> list[Row]:
 
-    import grpc
-
     from serving.client import ServingClient, ServingClientError
     from serving.transport import MAX_MESSAGE_BYTES
 
@@ -560,7 +558,6 @@ def group_server(work: Path, saved_model: Path | None) -> list[Row]:
     finally:
         code = server.stop()
     rows.append(_case("gRPC server: SIGTERM after the hostile calls", "exit 0", f"exit {code}"))
-    del grpc
     return rows
 
 

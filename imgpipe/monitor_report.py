@@ -220,7 +220,7 @@ def render(
     level, headline, todo = verdict(check, reasons, retraining)
     banner = (
         f'<div class="banner {level}" id="verdict"><h2>{html.escape(headline)}</h2>'
-        + (f"<p><b>Started:</b> {html.escape(_started(retraining))}</p>" if retraining else "")
+        + (f"<p><b>Started:</b> {html.escape(started_text(retraining))}</p>" if retraining else "")
         + "<p><b>What to do:</b></p><ul>"
         + "".join(f"<li>{html.escape(t)}</li>" for t in todo)
         + "</ul></div>"
@@ -305,7 +305,7 @@ def render(
     )
 
 
-def _started(retraining: Mapping[str, Any]) -> str:
+def started_text(retraining: Mapping[str, Any]) -> str:
     how = retraining.get("how", "")
     if how in ("none", "commands") or retraining.get("commands"):
         return "nothing (--retrain none): the commands are listed below"

@@ -415,7 +415,7 @@ def _check(args: argparse.Namespace) -> None:
         retraining.update(_retrain(args, params, planned, stamp))
         if args.retrain != "none":
             state["retraining"] = retraining
-        decision += f" -> started: {report_page._started(retraining)}"
+        decision += f" -> started: {report_page.started_text(retraining)}"
 
     key = f"{name}/{version}"
     summary = {
