@@ -28,7 +28,7 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from imgpipe.tracking import DEFAULT_EXPERIMENT, tracking_uri
+    from imgpipe.tracking.runs import DEFAULT_EXPERIMENT, tracking_uri
 
     stages = list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"])
     client = MlflowClient(tracking_uri())

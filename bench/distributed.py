@@ -7,7 +7,7 @@ device.
     python -m bench.distributed --steps 12
 
 Each run fine-tunes the demo's frozen model exactly as the stage does (``finetune.prepare``,
-per-replica batch from params.yaml, the rate scaled by imgpipe.distribute.scaled) for two
+per-replica batch from params.yaml, the rate scaled by imgpipe.model.distribute.scaled) for two
 epochs of ``--steps`` steps and times the second (the first traces and fills buffers). On one
 CPU the replicas share the same cores, so the ratios show what the strategy costs, not what
 more GPUs or nodes give. Needs ``outputs/`` from ``make demo``. Writes JSON (``--out``).
@@ -37,17 +37,17 @@ def child(args: argparse.Namespace) -> None:
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(args.replicas)]
         )
-    from imgpipe.distribute import cluster, fit_multi_worker, scaled, strategy
+    from imgpipe.model.distribute import cluster, fit_multi_worker, scaled, strategy
 
     distribution = strategy()  # first: a multi-worker strategy precedes every other TF op
     import keras
 
     from components.finetune import prepare
-    from imgpipe import backbones
-    from imgpipe.datasets import image_dataset
-    from imgpipe.manifest import SHARDS
-    from imgpipe.params import FinetuneParams, ModelParams, load_params, section
-    from imgpipe.tfrecords import split_files
+    from imgpipe.core.params import FinetuneParams, ModelParams, load_params, section
+    from imgpipe.data.datasets import image_dataset
+    from imgpipe.data.manifest import SHARDS
+    from imgpipe.data.tfrecords import split_files
+    from imgpipe.model import backbones
 
     params = load_params(args.params)
     model_params = section(ModelParams, "model", params)

@@ -7,11 +7,11 @@ the logging sidecar in front of the local server (what ``make serve`` runs).
 Each scenario is a seeded draw of ``--requests`` test-split images (without replacement),
 changed by its shift, sent one per Predict call (bytes signature, 4 client threads) through a
 sidecar that logs into a folder of its own; then the monitor's checks
-(``imgpipe.monitoring.check_traffic`` and ``reasons_to_retrain``, at params.yaml's thresholds)
-run on what the sidecar logged. An alarm is any reason to retrain: embedding drift, prediction
-drift or an input check. Shifts, each at several strengths: darkened (pixels times a factor),
-blurred (Gaussian, radius in pixels of the 300 px cell), rotated (degrees, corners black), and
-images of another data set (scikit-learn's handwritten digits, upscaled to 300 px grayscale).
+(``imgpipe.monitoring.traffic.check_traffic`` and ``reasons_to_retrain``, at params.yaml's
+thresholds) run on what the sidecar logged. An alarm is any reason to retrain: embedding drift,
+prediction drift or an input check. Shifts, each at several strengths: darkened (pixels times a
+factor), blurred (Gaussian, radius in pixels of the 300 px cell), rotated (degrees, corners black),
+and images of another data set (scikit-learn's handwritten digits, upscaled to 300 px grayscale).
 The no-shift draws overlap (200 of the 657 test images each), so they are not independent.
 Needs ``models/`` and ``outputs/ingest`` from ``make demo``. Writes JSON (``--out``).
 """
@@ -118,11 +118,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown shift(s) {sorted(unknown)}; known: {list(SHIFTS)}")
 
-    from imgpipe.monitoring import check_traffic, read_traffic, reasons_to_retrain
-    from imgpipe.params import MonitorParams, ValidateParams, load_params, section
-    from imgpipe.reference import read_reference
-    from imgpipe.savedmodel import SavedModelClassifier
-    from imgpipe.tfrecords import read_split
+    from imgpipe.core.params import MonitorParams, ValidateParams, load_params, section
+    from imgpipe.data.tfrecords import read_split
+    from imgpipe.export.savedmodel import SavedModelClassifier
+    from imgpipe.monitoring.reference import read_reference
+    from imgpipe.monitoring.traffic import check_traffic, read_traffic, reasons_to_retrain
     from serving.config import served_model_name
     from serving.process import ServerProcess, model_config
 

@@ -48,7 +48,7 @@ def stale_stages() -> dict[str, Any]:
 def would_run(params_file: Path, section: str, key: str, value: Any) -> tuple[list[str], list[str]]:
     """With ``section.key`` set to ``value`` in params.yaml: the stages it invalidates, and
     the stages a repro would run (those and everything downstream of them)."""
-    from imgpipe.fileio import atomic_path
+    from imgpipe.core.fileio import atomic_path
 
     def write(data: bytes) -> None:
         with atomic_path(params_file) as tmp:

@@ -77,9 +77,9 @@ def _case(
 
 
 def group_feedback(work: Path, _: Path | None) -> list[Row]:
-    from imgpipe import feedback
-    from imgpipe.errors import InputError
-    from imgpipe.fileio import sha256_file
+    from imgpipe.core.errors import InputError
+    from imgpipe.core.fileio import sha256_file
+    from imgpipe.data import feedback
 
     rows = []
     data = work / "data"
@@ -164,7 +164,7 @@ def group_feedback(work: Path, _: Path | None) -> list[Row]:
         "    real(src, dst, **kw)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "feedback.shutil.copyfile = die\n"
-        "from imgpipe.fileio import sha256_file\n"
+        "from imgpipe.core.fileio import sha256_file\n"
         "p = Path(sys.argv[2])\n"
         "rows = [{'filepath': p.name, 'path': p, 'label': 'ok', 'sha256': sha256_file(p),"
         " 'predicted': 'ok'}]\n"
@@ -192,7 +192,7 @@ def group_feedback(work: Path, _: Path | None) -> list[Row]:
 
 
 def group_images(work: Path, _: Path | None) -> list[Row]:
-    from imgpipe.images import ImageRejected, check_image
+    from imgpipe.data.images import ImageRejected, check_image
 
     cases = {
         "ingest: PNG header claiming 20,000 x 20,000": (png_claiming(20_000, 20_000), "bomb"),
@@ -403,7 +403,7 @@ def group_request_log(work: Path, _: Path | None) -> list[Row]:
 
 
 def group_monitor(work: Path, _: Path | None) -> list[Row]:
-    from imgpipe.monitoring import read_traffic
+    from imgpipe.monitoring.traffic import read_traffic
     from serving.request_log import RequestLog, tfrecord_frame
 
     rows = []

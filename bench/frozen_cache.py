@@ -22,7 +22,7 @@ from bench.machine import describe
 
 
 def load_images(shards: list[str], size: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    from imgpipe.datasets import image_dataset
+    from imgpipe.data.datasets import image_dataset
 
     xs, ys = [], []
     for x, y in image_dataset(shards, size, 64):
@@ -48,11 +48,11 @@ def main() -> None:
     import keras
 
     from components.train import extract_features, fit
-    from imgpipe import backbones
-    from imgpipe.labels import read_labels
-    from imgpipe.params import ModelParams, TrainParams, load_params, section
-    from imgpipe.tfrecords import split_files
-    from imgpipe.training import assemble, build_head
+    from imgpipe.core.params import ModelParams, TrainParams, load_params, section
+    from imgpipe.data.labels import read_labels
+    from imgpipe.data.tfrecords import split_files
+    from imgpipe.model import backbones
+    from imgpipe.model.training import assemble, build_head
 
     params = load_params(args.params)
     model_params = section(ModelParams, "model", params)

@@ -86,7 +86,7 @@ def child(source: Path, out: Path, workers: int) -> None:
     """One ingest of ``source`` with ``workers`` processes, in this fresh process; prints its
     figures as JSON."""
     from components import ingest
-    from imgpipe.params import DataParams, IngestParams, ValidateParams, load_params, section
+    from imgpipe.core.params import DataParams, IngestParams, ValidateParams, load_params, section
 
     params = load_params("params.yaml")
     params["ingest"]["workers"] = workers

@@ -127,8 +127,8 @@ def requests_for(image: bytes, size: int) -> dict[str, tuple[dict[str, Any], int
     go to (the model takes uint8), so only its size is reported."""
     import tensorflow as tf
 
-    from imgpipe.datasets import decode_and_resize
-    from imgpipe.savedmodel import BYTES_INPUT, IMAGES_INPUT, IMAGES_SIGNATURE
+    from imgpipe.data.datasets import decode_and_resize
+    from imgpipe.export.savedmodel import BYTES_INPUT, IMAGES_INPUT, IMAGES_SIGNATURE
     from serving.tensors import apis, to_proto
 
     pixels = decode_and_resize(tf.constant(image), size).numpy()[None]
@@ -151,8 +151,8 @@ def tflite(path: Path, image: bytes, size: int, requests: int) -> dict[str, floa
     """Single-image latency of a TFLite model through ai-edge-litert, decoding excluded."""
     import tensorflow as tf
 
-    from imgpipe.datasets import decode_and_resize
-    from imgpipe.tflite import TFLiteClassifier
+    from imgpipe.data.datasets import decode_and_resize
+    from imgpipe.export.tflite import TFLiteClassifier
 
     model = TFLiteClassifier(path)
     pixels = decode_and_resize(tf.constant(image), size).numpy()
@@ -191,9 +191,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     args = parser.parse_args()
 
-    from imgpipe import backbones
-    from imgpipe.params import ModelParams, load_params, section
-    from imgpipe.savedmodel import TFLITE_FILES
+    from imgpipe.core.params import ModelParams, load_params, section
+    from imgpipe.export.savedmodel import TFLITE_FILES
+    from imgpipe.model import backbones
     from serving.config import served_model_name
     from serving.process import ServerProcess, model_config
 
@@ -314,7 +314,7 @@ def main() -> None:
 
 
 def _test_image() -> bytes:
-    from imgpipe.tfrecords import read_split
+    from imgpipe.data.tfrecords import read_split
 
     return read_split(PROJECT / "outputs" / "ingest" / "shards", limit=1).encoded[0]
 

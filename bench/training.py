@@ -24,7 +24,7 @@ from bench.machine import describe, require
 
 def pipeline_rate(files: list[str], size: int, batch: int, images: int, seed: int) -> float:
     """Images/s of the training input pipeline alone, over ``images`` images."""
-    from imgpipe.datasets import image_dataset
+    from imgpipe.data.datasets import image_dataset
 
     steps = math.ceil(images / batch)
     dataset = image_dataset(files, size, batch, shuffle_seed=seed)
@@ -54,9 +54,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from components.finetune import prepare
-    from imgpipe import backbones
-    from imgpipe.params import FinetuneParams, ModelParams, load_params, section
-    from imgpipe.tfrecords import count_records, split_files
+    from imgpipe.core.params import FinetuneParams, ModelParams, load_params, section
+    from imgpipe.data.tfrecords import count_records, split_files
+    from imgpipe.model import backbones
 
     params = load_params(args.params)
     model_params = section(ModelParams, "model", params)
@@ -72,7 +72,7 @@ def main() -> None:
         finetune.learning_rate,
     )
 
-    from imgpipe.datasets import image_dataset
+    from imgpipe.data.datasets import image_dataset
 
     x, y = next(iter(image_dataset(files, size, finetune.batch_size)))
     model.train_on_batch(x, y)  # traces the train step, outside the timing

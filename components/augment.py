@@ -28,12 +28,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from imgpipe import backbones
-from imgpipe.augmentation import augment, view_rng
-from imgpipe.fileio import atomic_path, sha256_bytes, write_json_atomic
-from imgpipe.parallel import Workers, resolve
-from imgpipe.params import AugmentParams, ModelParams
-from imgpipe.tfrecords import ShardRecord, shard_names, split_files, write_shard
+from imgpipe.core.fileio import atomic_path, sha256_bytes, write_json_atomic
+from imgpipe.core.parallel import Workers, resolve
+from imgpipe.core.params import AugmentParams, ModelParams
+from imgpipe.data.augmentation import augment, view_rng
+from imgpipe.data.tfrecords import ShardRecord, shard_names, split_files, write_shard
+from imgpipe.model import backbones
 
 SHARDS, VIEWS, PREVIEW = "shards", "views.csv", "preview.png"
 SHARDS_PER_WORKER = 8
@@ -56,7 +56,7 @@ class Source:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Source:
-        """From one parsed example of ingest's shards (imgpipe.tfrecords.iter_records)."""
+        """From one parsed example of ingest's shards (imgpipe.data.tfrecords.iter_records)."""
         return cls(
             record["image/sha256"].decode(),
             record["image/class/text"].decode(),
@@ -87,7 +87,7 @@ def plan_views(labels: Sequence[str], views_per_image: int, balance: bool) -> li
 
 
 def _resize(image: Image.Image, size: int) -> Image.Image:
-    """Resize exactly as training and serving do (imgpipe.datasets.decode_and_resize)."""
+    """Resize exactly as training and serving do (imgpipe.data.datasets.decode_and_resize)."""
     import tensorflow as tf
 
     array = np.asarray(image.convert("RGB"))
@@ -135,7 +135,7 @@ def _view_row(source: Source, view: int, drawn: dict) -> dict[str, Any]:
 def augment_shard(task: ShardTask) -> list[dict[str, Any]]:
     """Materialise every view of one input shard into its output shards, in an order seeded
     by (seed, shard index); return the views' rows for views.csv, in that order."""
-    from imgpipe.tfrecords import iter_records
+    from imgpipe.data.tfrecords import iter_records
 
     sources = [Source.from_record(r) for r in iter_records([task.source])]
     if len(sources) != len(task.views):
@@ -180,7 +180,7 @@ def plan_shards(
     """One task per input shard, with every record's number of views (planned over the whole
     training set, in sha256 order) and the names of its output shards; and the first
     ``preview_images`` sources of each class by sha256, for the preview."""
-    from imgpipe.tfrecords import iter_records
+    from imgpipe.data.tfrecords import iter_records
 
     index: list[list[str]] = []  # each file's sha256s, in file order
     labels: dict[str, str] = {}
@@ -221,7 +221,7 @@ def preview_grid(
 ) -> None:
     """Originals (left column) beside augmented views, a few images from each class (their
     first by sha256)."""
-    from imgpipe import figures
+    from imgpipe.core import figures
 
     plt = figures.pyplot()
     by_class = {label: list(sources) for label, sources in by_class.items()}

@@ -10,10 +10,10 @@ the confusion matrix, a reliability diagram and the most confidently misclassifi
 
 Blessing, like TFX's Evaluator: the candidate must reach absolute floors and, when the registry
 has a ``champion``, must not be worse than it beyond a non-inferiority margin, at a stated
-confidence (``imgpipe.gate``). The champion is not judged by the figures it was registered with:
-its own SavedModel is run here, through its bytes signature, on the test images that neither
-model trained on (the registry keeps the list of images each version trained on), and the two
-are compared image by image.
+confidence (``imgpipe.evaluation.gate``). The champion is not judged by the figures it was
+registered with: its own SavedModel is run here, through its bytes signature, on the test images
+that neither model trained on (the registry keeps the list of images each version trained on), and
+the two are compared image by image.
 """
 
 from __future__ import annotations
@@ -29,14 +29,17 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
-from imgpipe import backbones, figures, gate, registry
-from imgpipe.calibration import Decision, own_decision, untempered
-from imgpipe.errors import InputError
-from imgpipe.fileio import atomic_path, write_json_atomic
-from imgpipe.labels import read_labels
-from imgpipe.lineage import changes, lineage_digest, relabelled
-from imgpipe.manifest import LABELS, MANIFEST, SHARDS, read_manifest
-from imgpipe.metrics import (
+from imgpipe.core import figures
+from imgpipe.core.errors import InputError
+from imgpipe.core.fileio import atomic_path, write_json_atomic
+from imgpipe.core.params import EvaluateParams, ModelParams, ServingParams
+from imgpipe.data.labels import read_labels
+from imgpipe.data.lineage import changes, lineage_digest, relabelled
+from imgpipe.data.manifest import LABELS, MANIFEST, SHARDS, read_manifest
+from imgpipe.data.tfrecords import Split, read_split
+from imgpipe.evaluation import gate
+from imgpipe.evaluation.calibration import Decision, own_decision, untempered
+from imgpipe.evaluation.metrics import (
     calibration_bins,
     classification_metrics,
     confusion_matrix,
@@ -47,11 +50,11 @@ from imgpipe.metrics import (
     group_metrics,
     rounded,
 )
-from imgpipe.params import EvaluateParams, ModelParams, ServingParams
-from imgpipe.registry import Champion
-from imgpipe.saliency import grad_cam
-from imgpipe.savedmodel import SavedModelClassifier
-from imgpipe.tfrecords import Split, read_split
+from imgpipe.export.savedmodel import SavedModelClassifier
+from imgpipe.model import backbones
+from imgpipe.model.saliency import grad_cam
+from imgpipe.tracking import registry
+from imgpipe.tracking.registry import Champion
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ CONFUSION_PNG, CALIBRATION_PNG, MISCLASSIFIED_PNG = (
 
 def decoded(encoded: Sequence[bytes], chosen: np.ndarray, image_size: int) -> np.ndarray:
     """The ``chosen`` images as the model sees them: float RGB 0-255 at its input size."""
-    from imgpipe.datasets import decode_and_resize
+    from imgpipe.data.datasets import decode_and_resize
 
     if not len(chosen):
         return np.zeros((0, image_size, image_size, 3), np.float32)
@@ -74,7 +77,7 @@ def decoded(encoded: Sequence[bytes], chosen: np.ndarray, image_size: int) -> np
 
 def predict_keras(model: Any, encoded: Sequence[bytes], image_size: int, batch: int) -> np.ndarray:
     """The Keras model on the images decoded exactly as in training and serving."""
-    from imgpipe.datasets import encoded_dataset
+    from imgpipe.data.datasets import encoded_dataset
 
     batches = encoded_dataset(encoded, image_size, batch)
     return np.concatenate([np.asarray(model(x, training=False)) for x in batches])
@@ -361,7 +364,7 @@ def run(
             f"{len(missing)} test shard image(s) are not test rows of "
             f"{dataset / MANIFEST} (first sha256 {missing[0]}): rerun ingest"
         )
-    from imgpipe import ordinal, quantization  # noqa: F401 (register their layers for load_model)
+    from imgpipe.model import ordinal, quantization  # noqa: F401 (register their layers for load_model)
 
     network = keras.models.load_model(tuned, compile=False)
     probs = predict_keras(network, test.encoded, size, params.batch_size)

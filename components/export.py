@@ -5,7 +5,7 @@ The SavedModel (TF Serving layout ``serving/<model_name>/1/``) carries the whole
 in its graph, so clients send what they have:
 
 - ``serving_default``: ``image_bytes``, a batch of encoded images (JPEG, PNG, GIF, BMP), decoded
-  and resized exactly as in training (``imgpipe.datasets.decode_and_resize``);
+  and resized exactly as in training (``imgpipe.data.datasets.decode_and_resize``);
 - ``serving_images``: ``images``, a batch of uint8 RGB tensors of any size, resized the same way.
 
 Both return ``probabilities`` (float32, one column per class), ``class_index`` (int64),
@@ -16,12 +16,12 @@ protos with the encoded image under ``image/encoded`` in, ``classes`` and ``scor
 ``assets.extra/tf_serving_warmup_requests`` holds real validation images as TF Serving
 ``PredictionLog`` records, so a server can warm the model before it reports AVAILABLE. An
 ``embedding`` signature (encoded images in, the backbone's pooled features out) and
-``assets.extra/reference_profile.npz`` (``imgpipe.reference``: a sample of validation images as
-this version sees them) are what ``imgpipe monitor`` compares served traffic with.
+``assets.extra/reference_profile.npz`` (``imgpipe.monitoring.reference``: a sample of validation
+images as this version sees them) are what ``imgpipe monitor`` compares served traffic with.
 
-The SavedModel's signatures are written by ``imgpipe.savedmodel``, the TFLite models and their
-parity with it by ``imgpipe.tflite``, the model card by ``imgpipe.model_card``: this stage puts
-them together, atomically, in one folder.
+The SavedModel's signatures are written by ``imgpipe.export.savedmodel``, the TFLite models and
+their parity with it by ``imgpipe.export.tflite``, the model card by ``imgpipe.export.model_card``:
+this stage puts them together, atomically, in one folder.
 """
 
 from __future__ import annotations
@@ -35,16 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from imgpipe import backbones
-from imgpipe.fileio import atomic_path, write_json_atomic
-from imgpipe.labels import read_labels
-from imgpipe.lineage import TRAINED_ON, TRAINING_SPLITS, manifest_labels, write_trained_on
-from imgpipe.manifest import LABELS, MANIFEST, SHARDS
-from imgpipe.metrics import rounded
-from imgpipe.model_card import model_card
-from imgpipe.params import ExportParams, ModelParams, MonitorParams, ServingParams
-from imgpipe.reference import build_reference, write_reference
-from imgpipe.savedmodel import (
+from imgpipe.core.fileio import atomic_path, write_json_atomic
+from imgpipe.core.params import ExportParams, ModelParams, MonitorParams, ServingParams
+from imgpipe.data.labels import read_labels
+from imgpipe.data.lineage import TRAINED_ON, TRAINING_SPLITS, manifest_labels, write_trained_on
+from imgpipe.data.manifest import LABELS, MANIFEST, SHARDS
+from imgpipe.data.tfrecords import read_split, split_files
+from imgpipe.evaluation.metrics import rounded
+from imgpipe.export.model_card import model_card
+from imgpipe.export.savedmodel import (
     CARD,
     TFLITE,
     TFLITE_FILES,
@@ -53,8 +52,9 @@ from imgpipe.savedmodel import (
     saved_model_dir,
     write_saved_model,
 )
-from imgpipe.tflite import parity, write_tflite
-from imgpipe.tfrecords import read_split, split_files
+from imgpipe.export.tflite import parity, write_tflite
+from imgpipe.model import backbones
+from imgpipe.monitoring.reference import build_reference, write_reference
 from serving.warmup import write_warmup
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,13 @@ def run(
     the parity and sizes report also written to ``summary``."""
     import keras
 
-    from imgpipe.datasets import image_dataset
+    from imgpipe.data.datasets import image_dataset
 
     params, model_params = export, model
     size = backbones.image_size(model_params)
     labels = read_labels(dataset / LABELS)
     shards = dataset / SHARDS
-    from imgpipe import ordinal, quantization  # noqa: F401 (register their layers for load_model)
+    from imgpipe.model import ordinal, quantization  # noqa: F401 (register their layers for load_model)
 
     network = keras.models.load_model(tuned, compile=False)
     started = time.perf_counter()

@@ -2,8 +2,8 @@
 
 The recipe is built not to depend on luck:
 
-- every epoch sees a fresh random view of each training image (imgpipe.augmentation), drawn from
-  the seed, the epoch and the image, instead of the few views augment materialised once;
+- every epoch sees a fresh random view of each training image (imgpipe.data.augmentation), drawn
+  from the seed, the epoch and the image, instead of the few views augment materialised once;
 - the learning rate warms up linearly from 0 (the first steps would otherwise undo the head
   trained in the frozen phase), then follows a cosine decay;
 - the weights validated, checkpointed and kept are an exponential moving average of the trained
@@ -13,11 +13,11 @@ The recipe is built not to depend on luck:
 
 BatchNormalization layers stay frozen and in inference mode (their statistics would be ruined by
 small batches). After every epoch the model, with its optimizer state, is checkpointed together
-with the stopping state (imgpipe.checkpoints), so a run killed at any moment (even ``kill -9``
+with the stopping state (imgpipe.model.checkpoints), so a run killed at any moment (even ``kill -9``
 mid-epoch) continues from the last finished epoch when rerun with the same inputs and params,
-instead of starting over. Several workers run fit's epoch loop of imgpipe.distribute. After
+instead of starting over. Several workers run fit's epoch loop of imgpipe.model.distribute. After
 training, the decision (a prior correction, or an ordinal head's cut-points) and a temperature
-fitted on validation are folded into the output layer (imgpipe.calibration).
+fitted on validation are folded into the output layer (imgpipe.evaluation.calibration).
 
 The production run (``finetune.train_on``) trains on every non-test image, train and val, with
 the same fixed schedule; having no held-out image of its own, it folds in the decision and
@@ -37,17 +37,25 @@ from typing import Any
 import keras
 import numpy as np
 
-from imgpipe import backbones
-from imgpipe.calibration import Decision, fit_output, fold_fitted
-from imgpipe.checkpoints import (
+from imgpipe.core.errors import InputError
+from imgpipe.core.fileio import atomic_path, write_json_atomic
+from imgpipe.core.params import AugmentParams, FinetuneParams, ModelParams, TrainParams
+from imgpipe.data.datasets import image_dataset
+from imgpipe.data.labels import read_labels
+from imgpipe.data.lineage import TRAINING_SPLITS, manifest_labels, training_digest
+from imgpipe.data.manifest import LABELS, MANIFEST, SHARDS, read_manifest
+from imgpipe.data.tfrecords import count_records, split_files
+from imgpipe.evaluation.calibration import Decision, fit_output, fold_fitted
+from imgpipe.evaluation.metrics import correction_text, validation_scores
+from imgpipe.model import backbones
+from imgpipe.model.checkpoints import (
     AveragedWeights,
     ResumableCheckpoint,
     fingerprint,
     kept_epoch,
     load_state,
 )
-from imgpipe.datasets import image_dataset
-from imgpipe.distribute import (
+from imgpipe.model.distribute import (
     FLOAT32,
     MIXED,
     cluster,
@@ -59,15 +67,7 @@ from imgpipe.distribute import (
     set_precision,
     strategy,
 )
-from imgpipe.errors import InputError
-from imgpipe.fileio import atomic_path, write_json_atomic
-from imgpipe.labels import read_labels
-from imgpipe.lineage import TRAINING_SPLITS, manifest_labels, training_digest
-from imgpipe.manifest import LABELS, MANIFEST, SHARDS, read_manifest
-from imgpipe.metrics import correction_text, validation_scores
-from imgpipe.params import AugmentParams, FinetuneParams, ModelParams, TrainParams
-from imgpipe.tfrecords import count_records, split_files
-from imgpipe.training import (
+from imgpipe.model.training import (
     CURVES,
     HEAD_NAME,
     MODEL,
@@ -89,8 +89,8 @@ temperature) of every validation image, by sha256: a cross-validation fold's out
 predictions (``imgpipe crossval``)."""
 DECISION = "decision.json"
 """Beside the model: the objective, and the temperature and decision folded into its output
-layer (imgpipe.calibration.Decision): evaluate scores the network's own decision beside the
-served one, and the test ECE the scores had without the temperature."""
+layer (imgpipe.evaluation.calibration.Decision): evaluate scores the network's own decision beside
+the served one, and the test ECE the scores had without the temperature."""
 
 
 HELD_OUT, ALL_NON_TEST = "train", "train+val"
@@ -465,14 +465,14 @@ def quantization_aware_phase(
     learning_rate: float,
     logger: EpochLogger,
 ) -> tuple[keras.Model, dict[str, Any]]:
-    """Quantization-aware fine-tuning (imgpipe.quantization): ``model`` folded into the form
+    """Quantization-aware fine-tuning (imgpipe.model.quantization): ``model`` folded into the form
     that computes what the full-integer TFLite model will, its ranges measured on training
     images, then ``params.quantization_aware_epochs`` more epochs of fresh views at the
     schedule's final rate, so the weights settle where int8 rounding leaves the decisions
     alone. Returns the quantized model and its figures (validation accuracy of the float
     model, of the quantized one before and after these epochs; none without ``val_files``)."""
-    from imgpipe import quantization
-    from imgpipe.training import quantization_aware
+    from imgpipe.model import quantization
+    from imgpipe.model.training import quantization_aware
 
     size, batch_size, steps, n_train, n_val = shape
     started = time.perf_counter()
@@ -530,7 +530,7 @@ def quantization_aware_phase(
 def remeasure(model: keras.Model, train_files: list[str], size: int, batch: int, seed: int) -> None:
     """Measure every rounded kernel and every tracked activation range of a quantized model
     again, the ranges on ``RANGE_BATCHES`` shuffled training batches in inference mode."""
-    from imgpipe import quantization
+    from imgpipe.model import quantization
 
     batches = image_dataset(train_files, size, batch, shuffle_seed=seed).take(RANGE_BATCHES)
     quantization.measure(model, (images for images, _ in batches))

@@ -27,11 +27,13 @@ from typing import Any, NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from imgpipe.errors import InputError
-from imgpipe.fileio import atomic_path, sha256_bytes, write_json_atomic
-from imgpipe.images import ImageRejected, check_image
-from imgpipe.labels import label_map, write_labels
-from imgpipe.manifest import (
+from imgpipe.core.errors import InputError
+from imgpipe.core.fileio import atomic_path, sha256_bytes, write_json_atomic
+from imgpipe.core.parallel import Workers, batches, resolve
+from imgpipe.core.params import DataParams, IngestParams, ParamsError, ValidateParams
+from imgpipe.data.images import ImageRejected, check_image
+from imgpipe.data.labels import label_map, write_labels
+from imgpipe.data.manifest import (
     LABELS,
     MANIFEST,
     MANIFEST_COLUMNS,
@@ -39,16 +41,14 @@ from imgpipe.manifest import (
     QUARANTINE_COLUMNS,
     SHARDS,
 )
-from imgpipe.parallel import Workers, batches, resolve
-from imgpipe.params import DataParams, IngestParams, ParamsError, ValidateParams
-from imgpipe.splits import (
+from imgpipe.data.splits import (
     assign_splits,
     check_groups,
     describe_split,
     require_grouped_classes,
     split_report,
 )
-from imgpipe.tfrecords import SPLITS, ShardRecord, write_split
+from imgpipe.data.tfrecords import SPLITS, ShardRecord, write_split
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from imgpipe.access import USER_ENV, needs, on_model, on_run
-from imgpipe.errors import InputError
-from imgpipe.fileio import write_json_atomic
-from imgpipe.lineage import TRAINED_ON, lineage_digest, read_trained_on
-from imgpipe.params import ServingParams
-from imgpipe.registry import (
+from imgpipe.core.errors import InputError
+from imgpipe.core.fileio import write_json_atomic
+from imgpipe.core.params import ServingParams
+from imgpipe.data.lineage import TRAINED_ON, lineage_digest, read_trained_on
+from imgpipe.export.savedmodel import (
+    CARD,
+    TFLITE,
+    SavedModelClassifier,
+    run_warmup,
+    saved_model_dir,
+)
+from imgpipe.tracking.access import USER_ENV, needs, on_model, on_run
+from imgpipe.tracking.registry import (
     ARTIFACT_PATH,
     CHALLENGER,
     CHAMPION,
@@ -28,7 +35,6 @@ from imgpipe.registry import (
     client,
     ensure_model,
 )
-from imgpipe.savedmodel import CARD, TFLITE, SavedModelClassifier, run_warmup, saved_model_dir
 
 log = logging.getLogger(__name__)
 

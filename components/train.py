@@ -21,16 +21,16 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from imgpipe import backbones
-from imgpipe.datasets import epoch_batches, image_dataset
-from imgpipe.distribute import scaled, strategy
-from imgpipe.fileio import atomic_path, sha256_file, write_json_atomic
-from imgpipe.labels import read_labels
-from imgpipe.manifest import LABELS, SHARDS
-from imgpipe.metrics import validation_scores
-from imgpipe.params import ModelParams, TrainParams
-from imgpipe.tfrecords import count_records, split_files
-from imgpipe.training import (
+from imgpipe.core.fileio import atomic_path, sha256_file, write_json_atomic
+from imgpipe.core.params import ModelParams, TrainParams
+from imgpipe.data.datasets import epoch_batches, image_dataset
+from imgpipe.data.labels import read_labels
+from imgpipe.data.manifest import LABELS, SHARDS
+from imgpipe.data.tfrecords import count_records, split_files
+from imgpipe.evaluation.metrics import validation_scores
+from imgpipe.model import backbones
+from imgpipe.model.distribute import scaled, strategy
+from imgpipe.model.training import (
     CURVES,
     MODEL,
     EpochLogger,
@@ -112,7 +112,7 @@ def fit(
     categorical cross-entropy, class weights, a seeded per-epoch shuffle. The same function
     trains the head on features and, in tests, the whole frozen model on images. Under a
     strategy of ``replicas`` replicas (``model`` built in its scope) the batch and rate scale
-    by imgpipe.distribute.scaled."""
+    by imgpipe.model.distribute.scaled."""
     import tensorflow as tf
 
     batch_size, learning_rate = scaled(params.batch_size, params.learning_rate, replicas)

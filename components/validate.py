@@ -14,11 +14,11 @@ from typing import Any
 
 import pandas as pd
 
-from imgpipe.expectations import describe_outcome, run_suites
-from imgpipe.fileio import atomic_path, write_json_atomic
-from imgpipe.manifest import MANIFEST_COLUMNS
-from imgpipe.params import ValidateParams
-from imgpipe.tfrecords import SPLITS
+from imgpipe.core.fileio import atomic_path, write_json_atomic
+from imgpipe.core.params import ValidateParams
+from imgpipe.data.expectations import describe_outcome, run_suites
+from imgpipe.data.manifest import MANIFEST_COLUMNS
+from imgpipe.data.tfrecords import SPLITS
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgpipe.logs import quiet_for_logs
+from imgpipe.core.logs import quiet_for_logs
 from pipelines.cli_common import LOCAL_PIPELINE_ROOT, LOCAL_SHARED
 from pipelines.cli_common import params_of as _params
 from pipelines.kubeflow_commands import (
@@ -39,20 +39,20 @@ log = logging.getLogger("imgpipe")
 
 def cmd_profile(args: argparse.Namespace) -> None:
     """The profile as ``dvc exp run`` flags: ``dvc exp run -n full $(imgpipe profile full)``."""
-    from imgpipe.params import load_params, set_flags, with_profile
+    from imgpipe.core.params import load_params, set_flags, with_profile
 
     with_profile(load_params(args.params), args.name)  # every override checked first
     print(" ".join(set_flags(args.name)))
 
 
 def cmd_sample_data(args: argparse.Namespace) -> None:
-    from imgpipe import sample_data
+    from imgpipe.data import sample_data
 
     sample_data.run(Path(args.target), force=args.force)
 
 
 def cmd_fashion_mnist_data(args: argparse.Namespace) -> None:
-    from imgpipe import fashion_mnist_data
+    from imgpipe.data import fashion_mnist_data
 
     given: dict[str, Any] = {}  # options left out keep fashion_mnist_data.run's defaults
     if args.source is not None:
@@ -64,13 +64,13 @@ def cmd_fashion_mnist_data(args: argparse.Namespace) -> None:
 
 def cmd_stage(args: argparse.Namespace) -> None:
     """``imgpipe <stage>``: the declared stage on the paths given, DVC's paths by default."""
-    from imgpipe.distribute import is_chief
+    from imgpipe.model.distribute import is_chief
     from pipelines import runner
     from pipelines.stages import STAGES
 
     stage = STAGES[args.command]
     if stage.name == "finetune":  # a TrainJob pod: TensorFlow's cluster from JobSet's env
-        from imgpipe.trainjob import set_tf_config
+        from imgpipe.model.trainjob import set_tf_config
 
         set_tf_config()
     params = _params(args)
@@ -129,7 +129,7 @@ def cmd_crossval(args: argparse.Namespace) -> None:
 
 def cmd_growing_data(args: argparse.Namespace) -> None:
     """The growing-data scenario through DVC or kfp.local; print its claims."""
-    from imgpipe.params import with_sets
+    from imgpipe.core.params import with_sets
     from pipelines import growing
 
     report = growing.run(
@@ -503,7 +503,7 @@ def _ours(exc: Exception) -> bool:
     of ours, like serving's ``ConfigError``), or a missing or existing file, which names it."""
     if isinstance(exc, (FileNotFoundError, FileExistsError)):
         return True
-    return type(exc).__module__.split(".")[0] in OWN_PACKAGES  # InputError is imgpipe.errors
+    return type(exc).__module__.split(".")[0] in OWN_PACKAGES  # InputError is imgpipe.core.errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -525,8 +525,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except RuntimeError as exc:
         from components.validate import DataValidationError
-        from imgpipe.access import AccessError
-        from imgpipe.registry import PushError
+        from imgpipe.tracking.access import AccessError
+        from imgpipe.tracking.registry import PushError
 
         if isinstance(exc, DataValidationError):
             print(f"imgpipe {args.command}: data validation failed: {exc}", file=sys.stderr)
@@ -536,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     except Exception as exc:  # MLflow's 401 or 403 on a call no `needs` names
-        from imgpipe.access import refused
+        from imgpipe.tracking.access import refused
 
         if (message := refused(exc)) is None:
             raise

@@ -13,7 +13,7 @@ feature cache, checkpoints, kept across runs."""
 
 def params_of(args: argparse.Namespace) -> dict:
     """params.yaml (``--params``), with ``--profile``'s overrides when one is given."""
-    from imgpipe.params import load_params, with_profile
+    from imgpipe.core.params import load_params, with_profile
 
     params = load_params(args.params)
     return with_profile(params, args.profile) if getattr(args, "profile", None) else params

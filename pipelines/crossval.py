@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from imgpipe.errors import InputError
-from imgpipe.fileio import write_json_atomic
-from imgpipe.lineage import training_digest
-from imgpipe.manifest import read_manifest
+from imgpipe.core.errors import InputError
+from imgpipe.core.fileio import write_json_atomic
+from imgpipe.data.lineage import training_digest
+from imgpipe.data.manifest import read_manifest
 from pipelines.seeds import (
     FOLDS_TAG,
     SEED_KEYS,
@@ -115,9 +115,9 @@ def out_of_fold(fold_files: Mapping[int, Path], non_test: set[str]) -> OutOfFold
 
 def nested_decision(oof: OutOfFold, balance: float) -> np.ndarray:
     """Each image's class under the prior correction for ``balance``
-    (imgpipe.metrics.prior_correction) fitted on the other folds' predictions and labels alone:
-    a fitted decision scored on images it was not fitted on."""
-    from imgpipe.metrics import prior_correction, shift_probabilities
+    (imgpipe.evaluation.metrics.prior_correction) fitted on the other folds' predictions and labels
+    alone: a fitted decision scored on images it was not fitted on."""
+    from imgpipe.evaluation.metrics import prior_correction, shift_probabilities
 
     decided = np.empty(len(oof.labels), np.int64)
     for fold in np.unique(oof.folds):
@@ -135,7 +135,7 @@ def oof_figures(
     temperature fitted on them, and for a fitted objective (``balance``) the decision each
     fold gets from a correction fitted on the other folds' predictions (``oof.fitted.*``);
     for the accuracy objective, what the balanced one would give (``oof.if_balanced.*``)."""
-    from imgpipe.metrics import (
+    from imgpipe.evaluation.metrics import (
         decision_metrics,
         fit_temperature,
         group_metrics,
@@ -210,7 +210,7 @@ def run_crossval(
     only: not with ``overrides``)."""
     import mlflow
 
-    from imgpipe.params import (
+    from imgpipe.core.params import (
         EvaluateParams,
         FinetuneParams,
         load_params,
@@ -219,7 +219,7 @@ def run_crossval(
         set_value,
         with_sets,
     )
-    from imgpipe.tracking import ensure_experiment
+    from imgpipe.tracking.runs import ensure_experiment
 
     root = (root or Path.cwd()).resolve()
     if folds < 2:

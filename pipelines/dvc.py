@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from imgpipe.errors import InputError
+from imgpipe.core.errors import InputError
 from pipelines.stages import STAGES, SUMMARY, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def _imports(path: Path) -> set[str]:
             modules.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             modules.add(node.module)
-            # `from imgpipe import backbones` imports the module imgpipe.backbones
+            # `from imgpipe.model import backbones` imports the module imgpipe.model.backbones
             modules.update(f"{node.module}.{alias.name}" for alias in node.names)
     return modules
 
@@ -90,7 +90,7 @@ def render_stage(stage: Stage) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "cmd": f"imgpipe {stage.name}",
         # What the executor imports, down to the last helper; not pipelines.runner nor
-        # imgpipe.tracking, which say how a stage is run and logged, not what it computes:
+        # imgpipe.tracking.runs, which say how a stage is run and logged, not what it computes:
         # rewording a log line or an MLflow permission error reruns no stage.
         "deps": [*deps, *code_deps(stage.module)],
         "params": list(stage.params),

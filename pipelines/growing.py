@@ -4,7 +4,7 @@ meets as its data grows, and what the split, the lineage and the gate do about i
 - v1: the source's images less a held-back share -> the first model, blessed on the floors
   alone, becomes the champion;
 - v2: v1 plus the held-back images (``new_fraction`` of v1) -> how many of v1's images changed
-  split (at most ``2k + 3`` per class for ``k`` new images of the class, ``imgpipe.splits``);
+  split (at most ``2k + 3`` per class for ``k`` new images of the class, ``imgpipe.data.splits``);
   the champion is re-scored on the test images it never trained on, and the gate decides;
 - v3: v2 with ``corrupt_fraction`` of one class's images moved into another class folder (a
   labelling gone wrong) -> the candidate is refused.
@@ -36,9 +36,9 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from imgpipe.errors import InputError
-from imgpipe.fileio import write_json_atomic
-from imgpipe.manifest import read_manifest
+from imgpipe.core.errors import InputError
+from imgpipe.core.fileio import write_json_atomic
+from imgpipe.data.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -50,9 +50,9 @@ from kfp.dsl import (
     Output,
 )
 
-from imgpipe.access import PASSWORD_ENV, PIPELINE_SECRET, USER_ENV
-from imgpipe.errors import InputError
-from imgpipe.params import SECTIONS
+from imgpipe.core.errors import InputError
+from imgpipe.core.params import SECTIONS
+from imgpipe.tracking.access import PASSWORD_ENV, PIPELINE_SECRET, USER_ENV
 from pipelines.kubeflow_step import SHARED_MOUNT
 from pipelines.stages import STAGES, Stage
 
@@ -99,7 +99,7 @@ RESOURCES = {
 PARALLEL = {"ingest", "augment"}
 """Steps with a ``workers`` param: their CPU request is that count (params.yaml, compiled in;
 RESOURCES' when null) and so is their CPU limit, which ``workers: null`` reads back as every
-core the container may use (imgpipe.parallel.cpu_count). A run-time overlay of ``workers``
+core the container may use (imgpipe.core.parallel.cpu_count). A run-time overlay of ``workers``
 changes the processes, not the request."""
 CACHED = {"ingest", "validate", "augment", "train", "finetune"}
 CACHED_ORDER = [name for name in STAGES if name in CACHED]
@@ -114,7 +114,7 @@ CREDENTIALS = {"username": USER_ENV, "password": PASSWORD_ENV}
 uncached stages), from the Secret named by the ``mlflow_credentials`` parameter (default
 ``mlflow-pipeline``, type basic-auth) into MLflow's own variables. Optional: without it a step
 talks to the server unauthenticated, which an authenticating server refuses with an error
-naming the Secret (``imgpipe.access``)."""
+naming the Secret (``imgpipe.tracking.access``)."""
 
 ARTIFACT_TYPES = (Dataset, Model, Metrics, ClassificationMetrics, HTML, Markdown)
 KEPT = {"cache", "persist"}

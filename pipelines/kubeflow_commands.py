@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from imgpipe.errors import InputError
+from imgpipe.core.errors import InputError
 from pipelines.cli_common import params_of as _params
 
 
@@ -33,7 +33,7 @@ def cmd_pipeline_compile(args: argparse.Namespace) -> None:
 def cmd_pipeline_run_local(args: argparse.Namespace) -> None:
     import time
 
-    from imgpipe.tracking import tracking_uri
+    from imgpipe.tracking.runs import tracking_uri
     from pipelines.kubeflow import run_local
 
     started = time.perf_counter()

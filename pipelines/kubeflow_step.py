@@ -17,15 +17,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from imgpipe.access import needs, on_experiment, on_run
-from imgpipe.errors import InputError
+from imgpipe.core.errors import InputError
+from imgpipe.tracking.access import needs, on_experiment, on_run
 from pipelines.trainjob import SHARED
 
 
 def run(name: str, arguments: dict[str, Any]) -> None:
     """Run stage ``name`` with a component's ``arguments`` (its ``locals()``)."""
-    from imgpipe.logs import quiet_for_logs
-    from imgpipe.params import FinetuneParams, section
+    from imgpipe.core.logs import quiet_for_logs
+    from imgpipe.core.params import FinetuneParams, section
 
     quiet_for_logs()
     from pipelines.runner import execute
@@ -132,7 +132,7 @@ def kept_folder(
     folder = shared / stage.outputs[output].path
     if stage.outputs[output].dvc == "cache":
         return folder
-    from imgpipe.params import RESUME_IGNORES
+    from imgpipe.core.params import RESUME_IGNORES
 
     inputs = {n: arguments[n].uri for n, spec in stage.inputs.items() if spec.stage}
     sections = {s: params[s] for s in stage.sections}
@@ -169,7 +169,7 @@ def stage_log(folder: str) -> str:
     cache would never hit): it logs into this store instead, and ``import_stage_logs`` copies
     the store into the execution's run, whether the step ran or came from the cache.
     """
-    from imgpipe.tracking import SQLITE, STAGE_LOG_DB
+    from imgpipe.tracking.runs import SQLITE, STAGE_LOG_DB
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     return f"{SQLITE}{Path(folder).resolve() / STAGE_LOG_DB}"
@@ -194,7 +194,7 @@ def _import_stage_logs(target: Any, folders: list[str], run_id: str) -> list[str
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from imgpipe.tracking import RUN_TAGS, SQLITE, STAGE_LOG_DB
+    from imgpipe.tracking.runs import RUN_TAGS, SQLITE, STAGE_LOG_DB
 
     started = target.get_run(run_id).info.start_time
     imported = []
@@ -234,15 +234,15 @@ def _import_stage_logs(target: Any, folders: list[str], run_id: str) -> list[str
 
 def start_run(arguments: dict[str, Any]) -> str:
     """A new MLflow run for this pipeline execution, from the start-run component's
-    ``arguments``: named and tagged like a DVC run (``imgpipe.tracking.run_identity``), with
+    ``arguments``: named and tagged like a DVC run (``imgpipe.tracking.runs.run_identity``), with
     every param of the execution (params.yaml and all the run's overlays), so that runs of
     the pipeline share their param keys whichever steps came from the cache."""
     import time
 
     import mlflow
 
-    from imgpipe.params import SECTIONS
-    from imgpipe.tracking import (
+    from imgpipe.core.params import SECTIONS
+    from imgpipe.tracking.runs import (
         DATA_VERSION_TAG,
         ensure_experiment,
         flatten,
@@ -275,7 +275,7 @@ def source_folder(source: str, workdir: Path, data: dict[str, Any]) -> tuple[str
     can read (a mounted volume). Returns the source and the data section to use with it."""
     if source != "sample":
         return source, data
-    from imgpipe import sample_data
+    from imgpipe.data import sample_data
 
     target = workdir / "data"
     sample_data.run(target)

@@ -9,18 +9,19 @@ import os
 import sys
 from pathlib import Path
 
-from imgpipe.errors import InputError
+from imgpipe.core.errors import InputError
 from pipelines.cli_common import params_of as _params
 
 
 def cmd_mlflow_access(args: argparse.Namespace) -> None:
     """As MLflow's admin: the pipeline's account, the read-only users and the pipeline's grants
-    (``imgpipe.access``); what the deployment's Job runs after each change of the Secrets."""
+    (``imgpipe.tracking.access``); what the deployment's Job runs after each change of the
+    Secrets."""
     import mlflow
 
-    from imgpipe import access, registry
-    from imgpipe.params import ServingParams, section
-    from imgpipe.tracking import ensure_experiment, experiment_name, tracking_uri
+    from imgpipe.core.params import ServingParams, section
+    from imgpipe.tracking import access, registry
+    from imgpipe.tracking.runs import ensure_experiment, experiment_name, tracking_uri
 
     pipeline = access.read_accounts(Path(args.pipeline_account))
     if set(pipeline) != {"username", "password"}:
@@ -51,7 +52,7 @@ def cmd_ui(args: argparse.Namespace) -> None:
 
     import mlflow
 
-    from imgpipe.tracking import ensure_experiment, headline_url, tracking_uri
+    from imgpipe.tracking.runs import ensure_experiment, headline_url, tracking_uri
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -69,8 +70,8 @@ def cmd_runs(args: argparse.Namespace) -> None:
     recipes are chosen on validation)."""
     from mlflow.tracking import MlflowClient
 
-    from imgpipe.metrics import correction_text
-    from imgpipe.tracking import experiment_name, tracking_uri
+    from imgpipe.evaluation.metrics import correction_text
+    from imgpipe.tracking.runs import experiment_name, tracking_uri
     from pipelines import seeds
 
     client = MlflowClient(tracking_uri())
@@ -119,9 +120,9 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 def cmd_summary(args: argparse.Namespace) -> None:
     """What `make demo` prints at the end: data, accuracy per phase, artifacts, the MLflow run."""
-    from imgpipe.metrics import correction_text
-    from imgpipe.savedmodel import TFLITE_FILES
-    from imgpipe.tracking import experiment_name, tracking_uri
+    from imgpipe.evaluation.metrics import correction_text
+    from imgpipe.export.savedmodel import TFLITE_FILES
+    from imgpipe.tracking.runs import experiment_name, tracking_uri
 
     def load(name: str) -> dict:
         path = Path("metrics") / f"{name}.json"
@@ -153,7 +154,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
     evaluation, exported, pushed = (load(n) for n in ("evaluate", "export", "push"))
     if evaluation:
-        from imgpipe.metrics import decision_text
+        from imgpipe.evaluation.metrics import decision_text
 
         test = evaluation["test"]
         print(

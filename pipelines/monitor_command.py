@@ -10,7 +10,7 @@ unread. A retraining starts at most once while one is open:
 
 - ``--retrain none`` (the default) prints the commands;
 - ``--retrain dvc`` appends the labelled feedback to the data folder as a new version
-  (imgpipe.feedback: labels checked against the champion's classes, nothing written outside the
+  (imgpipe.data.feedback: labels checked against the champion's classes, nothing written outside the
   data folder, duplicates skipped or held for review, all or nothing) and runs ``dvc add`` and
   ``dvc repro``;
 - ``--retrain kfp-local`` runs the Kubeflow pipeline with kfp.local on that data version;
@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from imgpipe.errors import InputError
-from imgpipe.fileio import atomic_path, write_json_atomic
+from imgpipe.core.errors import InputError
+from imgpipe.core.fileio import atomic_path, write_json_atomic
 from pipelines.cli_common import LOCAL_SHARED
 from pipelines.cli_common import params_of as _params
 
@@ -47,7 +47,7 @@ def read_state(directory: Path) -> dict[str, Any]:
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:
-    from imgpipe.fileio import write_json_atomic
+    from imgpipe.core.fileio import write_json_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(directory / STATE, state)
@@ -75,8 +75,8 @@ def decide(
 
 def _champion(args: argparse.Namespace, params: dict[str, Any]) -> tuple[Path, int, float | None]:
     """The served champion's SavedModel, its serving version and its test accuracy."""
-    from imgpipe import registry
-    from imgpipe.params import ServingParams, section
+    from imgpipe.core.params import ServingParams, section
+    from imgpipe.tracking import registry
 
     if args.saved_model:
         if not args.saved_model.name.isdigit():
@@ -99,7 +99,8 @@ def _feedback(
     """The labelled feedback scored by ``served`` (the loaded SavedModel), and its summary:
     labels checked against the champion's ``classes`` (and ``new_classes``) before anything is
     scored; images of a new class are not counted in the accuracy."""
-    from imgpipe import feedback, scoring
+    from imgpipe.data import feedback
+    from imgpipe.monitoring import scoring
 
     items = scoring.discover(source, labels_from_folders=source.is_dir())
     if not any(item.label for item in items):
@@ -118,7 +119,7 @@ def _feedback(
 
 def _feedback_plan(rows: list[dict[str, Any]], source: Path) -> dict[str, Any]:
     """What appending ``rows`` to ``source`` would do, counted and named for the report."""
-    from imgpipe import feedback
+    from imgpipe.data import feedback
 
     if not source.is_dir():
         raise InputError(f"data.source {source} is no folder of class folders: add feedback there")
@@ -138,10 +139,10 @@ def _retrain(
     args: argparse.Namespace, params: dict[str, Any], planned: Any, stamp: str
 ) -> dict[str, Any]:
     """Start the retraining ``args.retrain`` names, after appending ``planned`` feedback
-    (imgpipe.feedback.FeedbackPlan, or None); what started (and, when it ran here, how it
+    (imgpipe.data.feedback.FeedbackPlan, or None); what started (and, when it ran here, how it
     ended)."""
-    from imgpipe import feedback
-    from imgpipe.params import DataParams, ServingParams, section
+    from imgpipe.core.params import DataParams, ServingParams, section
+    from imgpipe.data import feedback
 
     source = Path(section(DataParams, "data", params).source)
     name = section(ServingParams, "serving", params).model_name
@@ -166,7 +167,7 @@ def _retrain(
                 return {**started, "finished": True, "failed": " ".join(command)}
         pushed = json.loads(Path("metrics/push.json").read_text())
         return {**started, "finished": True, **_registered(name, pushed["version"], pushed)}
-    from imgpipe.tracking import tracking_uri
+    from imgpipe.tracking.runs import tracking_uri
     from pipelines.kubeflow import compile_to, run_local
 
     arguments: dict[str, str] = {
@@ -203,7 +204,7 @@ def _retrain(
 
 
 def _client() -> Any:
-    from imgpipe import registry
+    from imgpipe.tracking import registry
 
     return registry.client()
 
@@ -272,7 +273,7 @@ def _log_check(
     retraining's training run is linked from the run's description."""
     import mlflow
 
-    from imgpipe.tracking import EXPERIMENT_KIND, tracking_uri
+    from imgpipe.tracking.runs import EXPERIMENT_KIND, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.set_experiment(EXPERIMENT)
@@ -321,7 +322,7 @@ def one_check_at_a_time(directory: Path) -> Iterator[None]:
 
 
 def cmd_monitor(args: argparse.Namespace) -> None:
-    from imgpipe.params import MonitorParams, section
+    from imgpipe.core.params import MonitorParams, section
 
     directory = Path(section(MonitorParams, "monitor", _params(args)).directory)
     with one_check_at_a_time(directory):
@@ -331,22 +332,22 @@ def cmd_monitor(args: argparse.Namespace) -> None:
 def _check(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from imgpipe import monitor_report as report_page
-    from imgpipe.monitoring import (
-        check_traffic,
-        feedback_check,
-        read_traffic,
-        reasons_to_retrain,
-    )
-    from imgpipe.params import (
+    from imgpipe.core.params import (
         MonitorParams,
         RequestLogParams,
         ServingParams,
         ValidateParams,
         section,
     )
-    from imgpipe.reference import read_reference
-    from imgpipe.savedmodel import SavedModelClassifier
+    from imgpipe.export.savedmodel import SavedModelClassifier
+    from imgpipe.monitoring import report as report_page
+    from imgpipe.monitoring.reference import read_reference
+    from imgpipe.monitoring.traffic import (
+        check_traffic,
+        feedback_check,
+        read_traffic,
+        reasons_to_retrain,
+    )
 
     params = _params(args)
     monitor = section(MonitorParams, "monitor", params)
@@ -376,7 +377,7 @@ def _check(args: argparse.Namespace) -> None:
     feedback: dict[str, Any] = {}
     planned = None
     if args.feedback:
-        from imgpipe.params import DataParams, IngestParams
+        from imgpipe.core.params import DataParams, IngestParams
 
         rows, summary = _feedback(
             Path(args.feedback),

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from imgpipe.errors import InputError
-from imgpipe.manifest import MANIFEST
-from imgpipe.params import ParamsError, sections
+from imgpipe.core.errors import InputError
+from imgpipe.core.params import ParamsError, sections
+from imgpipe.data.manifest import MANIFEST
 from pipelines.stages import STAGES, SUMMARY, Stage, upstream
 
 
@@ -64,7 +64,7 @@ def execute(
     """
     import mlflow
 
-    from imgpipe.tracking import execution_key, flatten, log_params, stage_run
+    from imgpipe.tracking.runs import execution_key, flatten, log_params, stage_run
 
     missing = (set(stage.inputs) | set(stage.outputs)) - set(paths)
     if missing:
@@ -96,7 +96,7 @@ def execute(
 def execute_as_worker(
     stage: Stage, paths: Mapping[str, Path], params: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """``stage`` as a non-chief worker of a multi-worker job (imgpipe.distribute.is_chief)
+    """``stage`` as a non-chief worker of a multi-worker job (imgpipe.model.distribute.is_chief)
     runs it: beside the chief, neither tracked nor writing the stage's outputs, which go to a
     folder of its own, dropped afterwards. The resumable checkpoints stay shared (the chief
     writes them, every worker resumes from them)."""
@@ -126,7 +126,7 @@ def log_datasets_of(manifest: Path, params: Mapping[str, Any]) -> None:
     """The splits of ``manifest`` as MLflow datasets; the source is ``data.source``."""
     import mlflow
 
-    from imgpipe.tracking import DATA_VERSION_TAG, dvc_data_hash, log_datasets
+    from imgpipe.tracking.runs import DATA_VERSION_TAG, dvc_data_hash, log_datasets
 
     source = str(params["data"]["source"])
     if "://" not in source:

@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgpipe.errors import InputError
-from imgpipe.fileio import write_json_atomic
+from imgpipe.core.errors import InputError
+from imgpipe.core.fileio import write_json_atomic
 from pipelines.stages import STAGES
 
 SEED_KEYS = ("train.seed", "finetune.seed")
@@ -136,7 +136,7 @@ def run_experiments(
     import mlflow
     import yaml
 
-    from imgpipe.tracking import EXPERIMENT_TAG, tracking_uri
+    from imgpipe.tracking.runs import EXPERIMENT_TAG, tracking_uri
 
     original = (root / "params.yaml").read_text()
     params = yaml.safe_load(original)
@@ -190,7 +190,7 @@ def run_recipe(
     import mlflow
     import yaml
 
-    from imgpipe.tracking import ensure_experiment
+    from imgpipe.tracking.runs import ensure_experiment
 
     root = (root or Path.cwd()).resolve()
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from imgpipe.errors import InputError
+from imgpipe.core.errors import InputError
 from pipelines.cli_common import params_of as _params
 
 
@@ -28,7 +28,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     tls = _tls(args)
     model = args.model
     if not model and getattr(args, "profile", None):
-        from imgpipe.params import ServingParams, section
+        from imgpipe.core.params import ServingParams, section
 
         model = section(ServingParams, "serving", _params(args)).model_name
     elif not model:  # params.yaml's serving section alone: no typed views to import
@@ -63,8 +63,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     write the predictions and print the summary."""
     import contextlib
 
-    from imgpipe import scoring
-    from imgpipe.params import IngestParams, ServingParams, section
+    from imgpipe.core.params import IngestParams, ServingParams, section
+    from imgpipe.monitoring import scoring
 
     params = _params(args)
     serving = section(ServingParams, "serving", params)
@@ -99,8 +99,8 @@ def _champion(name: str, stack: Any) -> Path:
 
     import mlflow
 
-    from imgpipe import registry
-    from imgpipe.tracking import tracking_uri
+    from imgpipe.tracking import registry
+    from imgpipe.tracking.runs import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     champion = registry.champion(name)
@@ -120,8 +120,8 @@ class PredictError(InputError):
 def cmd_fetch_model(args: argparse.Namespace) -> None:
     import mlflow
 
-    from imgpipe import registry
-    from imgpipe.tracking import tracking_uri
+    from imgpipe.tracking import registry
+    from imgpipe.tracking.runs import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     target = registry.fetch(args.model, args.alias, Path(args.base))
@@ -129,7 +129,7 @@ def cmd_fetch_model(args: argparse.Namespace) -> None:
 
 
 def cmd_sidecar(args: argparse.Namespace) -> None:
-    from imgpipe.params import RequestLogParams, section
+    from imgpipe.core.params import RequestLogParams, section
     from serving.request_log import LogSettings
     from serving.sidecar import serve
 

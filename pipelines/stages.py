@@ -12,7 +12,7 @@ Everything that runs a stage is derived from these declarations, never written a
 
 The executor of stage ``<name>`` is ``components.<name>.run``: a plain function whose keyword
 arguments are the declared inputs and outputs (as paths) and params sections (as the typed views
-of ``imgpipe.params``); it returns the stage's summary, which it also writes to ``summary``.
+of ``imgpipe.core.params``); it returns the stage's summary, which it also writes to ``summary``.
 ``log_to_mlflow`` logs what a person compares in MLflow, ``describe`` is the line the CLI prints.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from imgpipe.errors import InputError
+from imgpipe.core.errors import InputError
 
 Kind = Literal["Dataset", "Model", "Metrics", "ClassificationMetrics", "HTML", "Markdown"]
 """The KFP artifact type (``kfp.dsl``) an input or output travels as in the Kubeflow pipeline."""

@@ -6,7 +6,7 @@ both), renders a TrainJob on the ``imgpipe-tensorflow`` runtime (``infra/k8s/tra
 pods run ``imgpipe finetune`` on those paths (the DVC layout under one folder per TrainJob),
 creates it through the Kubernetes API, waits for its ``Complete`` or ``Failed`` condition, and
 copies the outputs and the stage's MLflow log back into the step's artifacts. Each pod builds
-TF_CONFIG from its JobSet identity (``imgpipe.trainjob``).
+TF_CONFIG from its JobSet identity (``imgpipe.model.trainjob``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from imgpipe.trainjob import NUM_NODES
+from imgpipe.model.trainjob import NUM_NODES
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 RUNTIME = "imgpipe-tensorflow"
@@ -58,7 +58,7 @@ def render(
     ``imgpipe finetune`` on the paths of ``job_paths(job_dir)`` (the checkpoints at
     ``checkpoints`` when given), the volume claim ``claim`` mounted at ``SHARED`` (``job_dir``
     lies under it)."""
-    from imgpipe.tracking import SQLITE, STAGE_LOG_DB
+    from imgpipe.tracking.runs import SQLITE, STAGE_LOG_DB
 
     # --stage-log: the step imports this store into the execution's run, which start-run has
     # given every param already (as with every other step's own store).

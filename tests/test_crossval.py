@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgpipe.errors import InputError
+from imgpipe.core.errors import InputError
 from pipelines.crossval import OutOfFold, nested_decision, oof_figures, out_of_fold
 
 CLASSES = ["ok", "minor", "broken"]
@@ -86,7 +86,7 @@ def test_apply_sets_the_fitted_decision_in_params_and_keeps_every_other_line(tmp
     comment as they were; it refuses a recipe given with -S, which params.yaml does not hold."""
     from conftest import PROJECT
 
-    from imgpipe.params import (
+    from imgpipe.core.params import (
         FinetuneParams,
         FittedDecision,
         ParamsError,

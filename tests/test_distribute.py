@@ -23,7 +23,7 @@ import pytest
 import yaml
 from conftest import PROJECT, build_tiny_project, free_port, read_csv_rows
 
-from imgpipe.params import load_params
+from imgpipe.core.params import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ order, moves weights by 1e-3 and more; one fine-tuning epoch moves the unfrozen 
 
 
 def test_scaled_batch_and_rate():
-    from imgpipe.distribute import scaled
+    from imgpipe.model.distribute import scaled
 
     assert scaled(32, 1e-4, 1) == (32, 1e-4)
     assert scaled(32, 1e-4, 4) == (128, 4e-4)

@@ -32,7 +32,7 @@ PROJECT_FOLDERS = (
     "docs",
     "profiles",
 )
-# The Python packages a dotted name such as `imgpipe.datasets.decode_and_resize` may name.
+# The Python packages a dotted name such as `imgpipe.data.datasets.decode_and_resize` may name.
 PACKAGES = ("components", "imgpipe", "pipelines", "serving", "bench")
 # Named by the docs, written by `make bench`, ignored by git (.gitignore): absent from a clone.
 GENERATED = ("bench/results/", "bench/data/")
@@ -142,8 +142,9 @@ def test_link_anchors_name_a_heading() -> None:
 
 
 def test_named_paths_exist() -> None:
-    """A project path the docs name in backticks (`imgpipe/gate.py`, `tests/test_infra.py`)
-    exists, so a renamed or removed file cannot leave the docs pointing at nothing."""
+    """A project path the docs name in backticks (`imgpipe/evaluation/gate.py`,
+    `tests/test_infra.py`) exists, so a renamed or removed file cannot leave the docs pointing at
+    nothing."""
     missing = []
     for page in doc_files():
         for path in named_paths(page):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgpipe.drift import class_test, confidence_test, mmd_test
+from imgpipe.monitoring.drift import class_test, confidence_test, mmd_test
 from pipelines.monitor_command import decide
 
 

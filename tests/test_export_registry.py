@@ -37,7 +37,7 @@ from conftest import (
     write_csv_rows,
 )
 
-from imgpipe.lineage import read_trained_on
+from imgpipe.data.lineage import read_trained_on
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ DATA_LICENCE = "CC0-1.0 (test data)"
 
 class Exported:
     def __init__(self, project: TinyProject, out: Path, report: dict, labels: list[str]):
-        from imgpipe.savedmodel import saved_model_dir
+        from imgpipe.export.savedmodel import saved_model_dir
 
         self.project, self.out, self.report, self.labels = project, out, report, labels
         self.summary = out.parent / "export.json"
@@ -137,7 +137,7 @@ def _export(project: TinyProject, model: Path, root: Path, **export_params) -> t
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Exported:
-    from imgpipe.labels import read_labels
+    from imgpipe.data.labels import read_labels
 
     root = tmp_path_factory.mktemp("export")
     project = build_tiny_project(
@@ -156,8 +156,8 @@ def test_bytes_signature_gives_the_keras_probabilities_on_png_and_jpeg(exported)
     import keras
     import tensorflow as tf
 
-    from imgpipe.datasets import decode_and_resize
-    from imgpipe.savedmodel import SavedModelClassifier
+    from imgpipe.data.datasets import decode_and_resize
+    from imgpipe.export.savedmodel import SavedModelClassifier
 
     served = SavedModelClassifier(exported.saved_model)
     model = keras.models.load_model(exported.project.model, compile=False)
@@ -192,11 +192,11 @@ def test_embedding_signature_and_reference_profile_are_what_the_monitor_compares
     import keras
     import tensorflow as tf
 
-    from imgpipe.datasets import decode_and_resize
-    from imgpipe.reference import image_stats, read_reference
-    from imgpipe.savedmodel import SavedModelClassifier
-    from imgpipe.tfrecords import read_split
-    from imgpipe.training import POOLED_LAYER
+    from imgpipe.data.datasets import decode_and_resize
+    from imgpipe.data.tfrecords import read_split
+    from imgpipe.export.savedmodel import SavedModelClassifier
+    from imgpipe.model.training import POOLED_LAYER
+    from imgpipe.monitoring.reference import image_stats, read_reference
 
     served = SavedModelClassifier(exported.saved_model)
     reference = read_reference(exported.saved_model)
@@ -230,10 +230,10 @@ def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported
     int8-weights models' top-1 agree with the SavedModel on at least 97% of images and the
     float model on all of them; the report's figures are recomputed here independently, and
     given on validation too; labels and model card ship alongside."""
-    from imgpipe.labels import read_labels
-    from imgpipe.savedmodel import TFLITE, TFLITE_FILES, SavedModelClassifier
-    from imgpipe.tflite import TFLiteClassifier
-    from imgpipe.tfrecords import read_split
+    from imgpipe.data.labels import read_labels
+    from imgpipe.data.tfrecords import read_split
+    from imgpipe.export.savedmodel import TFLITE, TFLITE_FILES, SavedModelClassifier
+    from imgpipe.export.tflite import TFLiteClassifier
 
     parity = exported.report["parity"]
     test = read_split(exported.project.ingest / "shards")
@@ -250,7 +250,7 @@ def test_int8_tflite_agrees_with_the_saved_model_and_the_report_says_so(exported
     )
 
     # Recompute the int8 agreement from the files the report describes.
-    from imgpipe.datasets import decode_and_resize
+    from imgpipe.data.datasets import decode_and_resize
 
     reference = SavedModelClassifier(exported.saved_model).predict_bytes(test.encoded).argmax(1)
     int8 = TFLiteClassifier(exported.out / TFLITE / TFLITE_FILES["int8"])
@@ -318,7 +318,7 @@ def _variant(source: Path, target: Path, edit: Callable[[np.ndarray, np.ndarray]
     (kernel, bias) edited; returns the new model file."""
     import keras
 
-    from imgpipe.training import HEAD_NAME, MODEL
+    from imgpipe.model.training import HEAD_NAME, MODEL
 
     model = keras.models.load_model(source, compile=False)
     dense = [layer for layer in model.get_layer(HEAD_NAME).layers if layer.weights][-1]
@@ -335,7 +335,7 @@ def test_evaluate_scores_the_networks_own_decision_beside_the_served_one(exporte
     own, those of the model without the offset; the class groups declared in params are scored
     for both decisions; a group naming an unknown class is refused by name before the model
     runs."""
-    from imgpipe.errors import InputError
+    from imgpipe.core.errors import InputError
 
     project = exported.project
     own = _evaluate(project, project.model, tmp_path / "own")
@@ -405,8 +405,8 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     from mlflow.tracking import MlflowClient
 
     from components import push
-    from imgpipe import registry
-    from imgpipe.tracking import stage_run
+    from imgpipe.tracking import registry
+    from imgpipe.tracking.runs import stage_run
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "gate")
@@ -623,9 +623,9 @@ def _promotions(
     from mlflow.tracking import MlflowClient
 
     from components import push
-    from imgpipe import registry
-    from imgpipe.access import AccessError
-    from imgpipe.tracking import stage_run
+    from imgpipe.tracking import registry
+    from imgpipe.tracking.access import AccessError
+    from imgpipe.tracking.runs import stage_run
     from pipelines.cli import main
 
     users = tuple(passwords)
@@ -819,9 +819,9 @@ def test_monitor_sees_no_drift_in_like_traffic_and_starts_a_retraining_on_darken
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    from imgpipe.reference import build_reference, write_reference
-    from imgpipe.savedmodel import SavedModelClassifier
-    from imgpipe.tfrecords import read_split
+    from imgpipe.data.tfrecords import read_split
+    from imgpipe.export.savedmodel import SavedModelClassifier
+    from imgpipe.monitoring.reference import build_reference, write_reference
     from pipelines.cli import main
     from serving.request_log import LogSettings, RequestLog
     from serving.tensors import apis, to_proto

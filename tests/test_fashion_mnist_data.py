@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgpipe import fashion_mnist_data as fm
+from imgpipe.data import fashion_mnist_data as fm
 from pipelines.cli import main
 
 

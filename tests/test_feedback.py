@@ -1,4 +1,4 @@
-"""Labelled feedback into the data folder (imgpipe.feedback): labels checked by name, nothing
+"""Labelled feedback into the data folder (imgpipe.data.feedback): labels checked by name, nothing
 written outside the data folder, duplicates skipped or held for review and named, and an append
 that a crash leaves either whole or absent."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from imgpipe import feedback
-from imgpipe.errors import InputError
+from imgpipe.core.errors import InputError
+from imgpipe.data import feedback
 
 
 def _data(root: Path) -> Path:
@@ -25,7 +25,7 @@ def _data(root: Path) -> Path:
 
 
 def _row(path: Path, label: str | None, scored: bool = True) -> dict:
-    from imgpipe.fileio import sha256_file
+    from imgpipe.core.fileio import sha256_file
 
     row = {"filepath": path.name, "path": path, "label": label, "sha256": sha256_file(path)}
     if scored:

@@ -1,7 +1,7 @@
-"""The blessing gate's comparison with the champion (imgpipe.gate), on made-up predictions with
-known answers: paired bootstrap intervals, non-inferiority, the minimum of comparable
-images and the labels the champion learnt from. No TensorFlow; evaluate's use of it against a
-real registry is in test_export_registry."""
+"""The blessing gate's comparison with the champion (imgpipe.evaluation.gate), on made-up
+predictions with known answers: paired bootstrap intervals, non-inferiority, the minimum of
+comparable images and the labels the champion learnt from. No TensorFlow; evaluate's use of it
+against a real registry is in test_export_registry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import params
 
-from imgpipe import gate
+from imgpipe.evaluation import gate
 
 CLASSES = 4
 N = 400

@@ -9,8 +9,8 @@ import hashlib
 import pytest
 from conftest import make_class_folders
 
-from imgpipe.params import ParamsError, load_params, with_sets
-from imgpipe.splits import stratified_split
+from imgpipe.core.params import ParamsError, load_params, with_sets
+from imgpipe.data.splits import stratified_split
 from pipelines import growing
 
 

@@ -200,7 +200,7 @@ def test_serving_reads_the_volume_the_kubeflow_push_writes(overlay):
     claim that the Kubeflow pipeline mounts by default (pipelines.kubeflow.SHARED_VOLUME), a
     ReadWriteMany claim since the pipeline's steps and every replica share it (ReadWriteOnce
     on a one-node laptop cluster)."""
-    from imgpipe.params import load_params
+    from imgpipe.core.params import load_params
     from pipelines.kubeflow import SHARED_VOLUME
 
     docs = build(overlay)
@@ -402,11 +402,11 @@ def test_trainer_manifests_validate_strictly():
     """Guards infra/k8s/trainer: the ClusterTrainingRuntime and the example TrainJob validate
     strictly against Trainer's API (v1alpha1), the runtime's Job template as a batch/v1 Job and
     the RBAC with kubernetes-validate --strict (1.33); the runtime runs the components image on
-    one GPU per node with the port and the JobSet env that imgpipe.trainjob reads, under the
+    one GPU per node with the port and the JobSet env that imgpipe.model.trainjob reads, under the
     name and replicated job that pipelines.trainjob refers to."""
     import kubernetes_validate
 
-    from imgpipe.trainjob import JOBSET_ENV, TF_PORT
+    from imgpipe.model.trainjob import JOBSET_ENV, TF_PORT
     from pipelines.trainjob import NODE, RUNTIME
 
     docs = build_trainer()

@@ -31,7 +31,7 @@ from conftest import (
 from PIL import Image
 
 from components import ingest
-from imgpipe.params import IngestParams, ParamsError
+from imgpipe.core.params import IngestParams, ParamsError
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +126,7 @@ def decode_shards(out: Path) -> dict[str, dict]:
     """filepath -> the parsed record plus ``pixels``, decoded like training does."""
     import tensorflow as tf
 
-    from imgpipe.tfrecords import read_records
+    from imgpipe.data.tfrecords import read_records
 
     records = {}
     for split in ("train", "val", "test"):

@@ -16,10 +16,10 @@ import pytest
 from conftest import PROJECT, jpeg_with_orientation, make_class_folders, params, write_image
 
 from components.ingest import discover_folder, remove_duplicates
-from imgpipe import fileio
-from imgpipe.images import ImageRejected, check_image
-from imgpipe.params import DataParams, IngestParams, ParamsError, load_params, section
-from imgpipe.splits import assign_splits, grouped_split, stratified_split
+from imgpipe.core import fileio
+from imgpipe.core.params import DataParams, IngestParams, ParamsError, load_params, section
+from imgpipe.data.images import ImageRejected, check_image
+from imgpipe.data.splits import assign_splits, grouped_split, stratified_split
 
 
 def _ids(prefix: str, n: int) -> list[str]:
@@ -725,8 +725,8 @@ def test_grouped_methods_on_heavy_tailed_multiclass_groups():
 
 
 def test_a_grouped_split_that_starves_a_class_is_refused_naming_it_and_the_ways_forward():
-    from imgpipe.errors import InputError
-    from imgpipe.splits import require_grouped_classes
+    from imgpipe.core.errors import InputError
+    from imgpipe.data.splits import require_grouped_classes
 
     rows = [
         {"label": "common", "patient": f"p{i % 40}", "split": s, "sha256": f"{i:064d}"}
@@ -750,7 +750,7 @@ def test_balanced_folds_keep_groups_whole_and_spread_classes():
     """``group_method: balanced`` folds (imgpipe crossval): no group in two folds, and each
     class's non-test images spread over the 5 folds near a fifth each: off by no more than
     its largest group's share of it (which must sit in one fold) and 0.05."""
-    from imgpipe.splits import cross_validation_fold
+    from imgpipe.data.splits import cross_validation_fold
 
     data = _heavy_tailed(groups=200, images=3000)
     rows = [
@@ -781,7 +781,7 @@ def test_balanced_folds_keep_groups_whole_and_spread_classes():
 
 
 def test_a_predefined_split_with_a_group_in_two_splits_is_reported_as_a_leak(tmp_path):
-    from imgpipe.splits import split_report
+    from imgpipe.data.splits import split_report
 
     rows = [
         {"label": "a", "patient": "p1", "split": "train"},

@@ -1,5 +1,5 @@
-"""imgpipe.metrics against a small example worked out by hand: four classes, one (c) never
-predicted, one (d) absent from the labels and the predictions, a confidence on a bin edge.
+"""imgpipe.evaluation.metrics against a small example worked out by hand: four classes, one (c)
+never predicted, one (d) absent from the labels and the predictions, a confidence on a bin edge.
 
     actual  predicted  top-1 confidence  correct
     a       a          0.9               yes
@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import pytest
 
-from imgpipe.metrics import (
+from imgpipe.evaluation.metrics import (
     calibration_bins,
     classification_metrics,
     confusion_matrix,
@@ -184,7 +184,11 @@ def test_prior_correction_that_cannot_help_is_none():
 def test_fitted_temperature_calibrates_an_overconfident_model():
     """Scores built to be overconfident (calibrated logits tripled): the temperature fitted on
     them is near 3, lowers the ECE several-fold and keeps every decision."""
-    from imgpipe.metrics import expected_calibration_error, fit_temperature, shift_probabilities
+    from imgpipe.evaluation.metrics import (
+        expected_calibration_error,
+        fit_temperature,
+        shift_probabilities,
+    )
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4000, 4)) * 1.5
@@ -222,7 +226,7 @@ def test_group_metrics_score_the_groups_of_the_actual_and_predicted_classes():
     ],
 )
 def test_class_groups_that_do_not_partition_the_classes_are_refused_by_name(groups, message):
-    from imgpipe.errors import InputError
+    from imgpipe.core.errors import InputError
 
     with pytest.raises(InputError, match=message):
         group_index(groups, LABELS, "evaluate.class_groups")
@@ -233,7 +237,7 @@ def test_the_decision_objective_is_accuracy_by_default_and_a_weight_otherwise():
     weighted objective fits one; a weight outside (0, 1] or an unknown name is refused."""
     from conftest import params
 
-    from imgpipe.params import ParamsError
+    from imgpipe.core.params import ParamsError
 
     assert params("finetune").objective == "accuracy" and params("finetune").balance is None
     assert params("finetune", objective="balanced_accuracy").balance == 1.0

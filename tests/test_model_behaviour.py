@@ -97,7 +97,7 @@ def _moved(encoded: bytes, transposes: list[Image.Transpose]) -> bytes:
 def trained(tmp_path_factory):
     import keras
 
-    from imgpipe.tfrecords import read_split
+    from imgpipe.data.tfrecords import read_split
 
     root = tmp_path_factory.mktemp("behaviour")
     project = build_tiny_project(

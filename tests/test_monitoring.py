@@ -1,5 +1,5 @@
-"""What ``imgpipe monitor`` reads from the request log (imgpipe.monitoring.read_traffic): every
-request counted, a bounded uniform sample compared, and a corrupt file quarantined instead of
+"""What ``imgpipe monitor`` reads from the request log (imgpipe.monitoring.traffic.read_traffic):
+every request counted, a bounded uniform sample compared, and a corrupt file quarantined instead of
 failing every later check."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from test_request_log import call, settings
 
-from imgpipe.monitoring import TESTS, read_traffic
+from imgpipe.monitoring.traffic import TESTS, read_traffic
 from serving.request_log import RequestLog, closed_logs, tfrecord_frame
 
 

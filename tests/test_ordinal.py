@@ -1,4 +1,4 @@
-"""The ordinal head (imgpipe.ordinal): the layer's probabilities and its NumPy twin, the
+"""The ordinal head (imgpipe.model.ordinal): the layer's probabilities and its NumPy twin, the
 cut-points refitted on validation, and the whole path on tiny ordered classes: train with
 ``train.head: ordinal``, fine-tune, evaluate, export, serve; every artifact gives evaluate's
 class."""
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import build_tiny_project, params
 
-from imgpipe.ordinal import OrdinalProbabilities, fit_cutpoints, probabilities
+from imgpipe.model.ordinal import OrdinalProbabilities, fit_cutpoints, probabilities
 
 
 def test_layer_gives_class_probabilities_that_its_numpy_twin_reproduces():
@@ -64,7 +64,7 @@ def test_ordinal_head_through_finetune_evaluate_export_and_serving(tmp_path):
     stand-in and the TFLite float model give the same class on every test image, and the same
     probabilities within 1e-4."""
     from components import evaluate, export, finetune
-    from imgpipe.savedmodel import saved_model_dir
+    from imgpipe.export.savedmodel import saved_model_dir
     from serving.client import ServingClient
     from serving.process import ServerProcess, model_config
 

@@ -533,8 +533,8 @@ def test_grown_and_relabelled_data_moves_few_images_and_the_gate_refuses_it(repo
     metrics and outputs are put back."""
     from mlflow.tracking import MlflowClient
 
-    from imgpipe.lineage import TRAINED_ON, read_trained_on
-    from imgpipe.registry import ARTIFACT_PATH
+    from imgpipe.data.lineage import TRAINED_ON, read_trained_on
+    from imgpipe.tracking.registry import ARTIFACT_PATH
     from pipelines.growing import split_moves
 
     root = repo.root

@@ -36,7 +36,7 @@ CACHED = {"ingest", "validate", "augment", "train", "finetune"}
 
 
 def _params() -> dict[str, Any]:
-    from imgpipe.params import load_params
+    from imgpipe.core.params import load_params
 
     return load_params(PROJECT / "params.yaml")
 
@@ -152,7 +152,7 @@ def test_compiled_pipeline_loads_back_in_order_with_gpus_requests_and_retries(tm
 def test_a_kubeflow_overlay_changes_only_the_keys_it_names():
     """A run given finetune_params={"learning_rate": 3e-4} fine-tunes with every other key
     of params.yaml; an unknown key is an error that names it."""
-    from imgpipe.params import SECTIONS, ParamsError, section
+    from imgpipe.core.params import SECTIONS, ParamsError, section
     from pipelines.kubeflow_step import overlaid
     from pipelines.stages import STAGES
 
@@ -177,7 +177,7 @@ def test_pipeline_compile_with_a_profile_compiles_its_params_in(tmp_path):
     import subprocess
     import sys
 
-    from imgpipe.params import load_params, with_profile
+    from imgpipe.core.params import load_params, with_profile
 
     out = tmp_path / "imgpipe.yaml"
     imgpipe = str(Path(sys.executable).with_name("imgpipe"))
@@ -301,7 +301,7 @@ def test_kfp_local_runs_every_stage_then_the_monitor_retrains_and_serves_the_nex
     from mlflow.tracking import MlflowClient
 
     from components.push import serving_versions
-    from imgpipe.tracking import flatten
+    from imgpipe.tracking.runs import flatten
     from pipelines.kubeflow import run_local
 
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,4 @@
-"""Grad-CAM (imgpipe.saliency) on a classifier whose answer depends on one region only."""
+"""Grad-CAM (imgpipe.model.saliency) on a classifier whose answer depends on one region only."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ def test_grad_cam_lights_up_the_region_that_decides_the_class():
     [0, 1], at the image's size."""
     import keras
 
-    from imgpipe.backbones import BASE_NAME
-    from imgpipe.saliency import grad_cam
-    from imgpipe.training import assemble, build_head
+    from imgpipe.model.backbones import BASE_NAME
+    from imgpipe.model.saliency import grad_cam
+    from imgpipe.model.training import assemble, build_head
 
     inputs = keras.Input((32, 32, 3))
     base = keras.Model(inputs, keras.layers.AveragePooling2D(8)(inputs), name=BASE_NAME)

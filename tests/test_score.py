@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from conftest import export_classifier, make_class_folders
 
-from imgpipe import scoring
-from imgpipe.images import check_image
-from imgpipe.savedmodel import SavedModelClassifier
+from imgpipe.data.images import check_image
+from imgpipe.export.savedmodel import SavedModelClassifier
+from imgpipe.monitoring import scoring
 from pipelines.cli import main
 
 pytestmark = pytest.mark.slow

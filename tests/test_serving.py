@@ -332,8 +332,8 @@ class TestContract:
 def test_score_through_the_server_gives_the_saved_models_answers(local, client, tmp_path):
     """``imgpipe score --server``: a folder of new images, one not an image, through the
     server, with the probabilities of the SavedModel the server serves as its latest."""
-    from imgpipe import scoring
-    from imgpipe.savedmodel import SavedModelClassifier
+    from imgpipe.export.savedmodel import SavedModelClassifier
+    from imgpipe.monitoring import scoring
 
     folder = tmp_path / "new"
     folder.mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgpipe.params import SECTIONS, ParamsError, load_params, section
+from imgpipe.core.params import SECTIONS, ParamsError, load_params, section
 from pipelines import dvc
 from pipelines.stages import STAGES
 
@@ -39,7 +39,11 @@ def test_dvc_yaml_is_what_the_declarations_render():
 def test_code_deps_follow_imports_including_lazy_ones(tmp_path):
     deps = dvc.code_deps("components.evaluate")
     # evaluate imports registry at module level and the champion's SavedModel code lazily
-    for expected in ("components/evaluate.py", "imgpipe/registry.py", "imgpipe/savedmodel.py"):
+    for expected in (
+        "components/evaluate.py",
+        "imgpipe/tracking/registry.py",
+        "imgpipe/export/savedmodel.py",
+    ):
         assert expected in deps
     assert not any(d.startswith("pipelines/") for d in deps)
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
@@ -151,6 +155,25 @@ def test_no_import_cycle_and_layers_import_only_downwards():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def test_the_library_rooms_import_in_one_order():
+    """A room of ``imgpipe`` imports only from the rooms before it in ``imgpipe.ROOMS`` (lazy
+    imports count), every module lives in a room, and no room holds more than a dozen modules
+    side by side."""
+    from imgpipe import ROOMS
+
+    modules = _project_modules()
+    library = {name: path for name, path in modules.items() if name.startswith("imgpipe.")}
+    assert {name.split(".")[1] for name in library} == set(ROOMS)
+    for name, path in library.items():
+        room = ROOMS.index(name.split(".")[1])
+        for imported in _imported(path, modules):
+            if imported.startswith("imgpipe."):
+                other = imported.split(".")[1]
+                assert ROOMS.index(other) <= room, f"{name} imports {imported}: {other} is above"
+    for room in ROOMS:
+        assert len(list((PROJECT / "imgpipe" / room).glob("*.py"))) <= 13, room  # + __init__
 
 
 def test_components_holds_only_the_declared_stages():

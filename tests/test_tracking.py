@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from imgpipe.tracking import changed_params, flatten, git_state, run_identity
+from imgpipe.tracking.runs import changed_params, flatten, git_state, run_identity
 
 
 def _git(root: Path, *args: str) -> str:

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from conftest import PROJECT, TinyProject, build_tiny_project, class_pattern, params, read_csv_rows
 
-from imgpipe.params import load_params
+from imgpipe.core.params import load_params
 
 pytestmark = pytest.mark.slow
 
@@ -99,8 +99,8 @@ def _assert_reports_best_epoch(metrics: dict, history: Path, monitor: str = "val
 def _weights_by_layer(model) -> dict[str, list[np.ndarray]]:
     """Every layer of the classifier's base, by name, with all its variables (BatchNorm moving
     mean and variance included)."""
-    from imgpipe import backbones
-    from imgpipe.training import base_of
+    from imgpipe.model import backbones
+    from imgpipe.model.training import base_of
 
     inner = backbones.inner_base(base_of(model))
     return {layer.name: [np.asarray(v) for v in layer.weights] for layer in inner.layers}
@@ -127,10 +127,10 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     import keras
 
     from components import finetune
-    from imgpipe import backbones
-    from imgpipe.manifest import SHARDS
-    from imgpipe.tfrecords import split_files
-    from imgpipe.training import HEAD_NAME, base_of
+    from imgpipe.data.manifest import SHARDS
+    from imgpipe.data.tfrecords import split_files
+    from imgpipe.model import backbones
+    from imgpipe.model.training import HEAD_NAME, base_of
 
     frozen = json.loads(project.train_metrics.read_text())["frozen"]
     assert frozen["val_accuracy"] >= 0.8, frozen
@@ -290,11 +290,11 @@ def test_the_production_run_trains_on_train_and_val_with_the_out_of_fold_decisio
     import keras
 
     from components import finetune
-    from imgpipe.errors import InputError
-    from imgpipe.lineage import TRAINING_SPLITS, manifest_labels, training_digest
-    from imgpipe.metrics import class_log_prior
-    from imgpipe.params import FittedDecision
-    from imgpipe.training import HEAD_NAME
+    from imgpipe.core.errors import InputError
+    from imgpipe.core.params import FittedDecision
+    from imgpipe.data.lineage import TRAINING_SPLITS, manifest_labels, training_digest
+    from imgpipe.evaluation.metrics import class_log_prior
+    from imgpipe.model.training import HEAD_NAME
 
     model, views, frozen = params("model", **MODEL), params("augment"), params("train", **TRAIN)
     base = params(
@@ -362,13 +362,13 @@ def test_quantization_aware_finetuning_serves_what_the_int8_model_computes(proje
     gives the same class as the Keras model on every validation image."""
     import keras
 
-    from imgpipe import quantization
-    from imgpipe.backbones import BackboneError
-    from imgpipe.datasets import image_dataset
-    from imgpipe.manifest import SHARDS
-    from imgpipe.tflite import TFLiteClassifier, write_tflite
-    from imgpipe.tfrecords import split_files
-    from imgpipe.training import quantization_aware, require_quantizable
+    from imgpipe.data.datasets import image_dataset
+    from imgpipe.data.manifest import SHARDS
+    from imgpipe.data.tfrecords import split_files
+    from imgpipe.export.tflite import TFLiteClassifier, write_tflite
+    from imgpipe.model import quantization
+    from imgpipe.model.backbones import BackboneError
+    from imgpipe.model.training import quantization_aware, require_quantizable
 
     val = split_files(project.ingest / SHARDS, "val")
     images = np.concatenate([x.numpy() for x, _ in image_dataset(val, IMAGE_SIZE, 64)])
@@ -420,7 +420,7 @@ def test_head_on_cached_features_equals_frozen_model_on_images():
     import tensorflow as tf
 
     from components import train
-    from imgpipe import backbones, training
+    from imgpipe.model import backbones, training
 
     size, per_class = 48, 12
 
@@ -564,8 +564,8 @@ def test_train_is_deterministic_by_seed(project, tmp_path):
     import keras
 
     from components import train
-    from imgpipe.training import HEAD_NAME
-    from imgpipe.training import MODEL as MODEL_FILE
+    from imgpipe.model.training import HEAD_NAME
+    from imgpipe.model.training import MODEL as MODEL_FILE
 
     heads = []
     for run in ("a", "b"):
@@ -592,7 +592,7 @@ def test_full_profile_loads_and_its_first_epoch_runs(tmp_path):
     validates, ``imgpipe profile full`` turns it into ``dvc exp run -S`` flags, and its model,
     training and fine-tuning settings run a first epoch each on tiny data (the whole base
     unfrozen)."""
-    from imgpipe.params import FinetuneParams, load_params, section, set_flags, with_profile
+    from imgpipe.core.params import FinetuneParams, load_params, section, set_flags, with_profile
 
     full = with_profile(load_params(PROJECT / "params.yaml"), str(PROJECT / "profiles/full.yaml"))
     flags = set_flags(str(PROJECT / "profiles/full.yaml"))
@@ -614,8 +614,8 @@ def test_full_profile_loads_and_its_first_epoch_runs(tmp_path):
     )
     import keras
 
-    from imgpipe import backbones
-    from imgpipe.training import base_of
+    from imgpipe.model import backbones
+    from imgpipe.model.training import base_of
 
     inner = backbones.inner_base(base_of(keras.models.load_model(p.model, compile=False)))
     weighted = [
@@ -628,7 +628,7 @@ def test_full_profile_loads_and_its_first_epoch_runs(tmp_path):
 
 
 def test_a_profile_with_an_unknown_key_is_an_error_naming_it(tmp_path):
-    from imgpipe.params import ParamsError, load_params, with_profile
+    from imgpipe.core.params import ParamsError, load_params, with_profile
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("finetune:\n  learning_rte: 0.001\n")

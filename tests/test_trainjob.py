@@ -1,5 +1,5 @@
 """Multi-worker fine-tuning on Kubeflow Trainer: TF_CONFIG from a pod's JobSet environment
-(imgpipe.trainjob), and the finetune step's launcher (pipelines.trainjob) against a local HTTP
+(imgpipe.model.trainjob), and the finetune step's launcher (pipelines.trainjob) against a local HTTP
 stub of the Kubernetes API that records what the real ``kubernetes`` client sends."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from imgpipe.params import ParamsError, load_params
-from imgpipe.trainjob import TrainJobEnvError, set_tf_config, tf_config_from_jobset
+from imgpipe.core.params import ParamsError, load_params
+from imgpipe.model.trainjob import TrainJobEnvError, set_tf_config, tf_config_from_jobset
 
 PROJECT = Path(__file__).resolve().parents[1]
 TRAINJOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs"
@@ -69,7 +69,7 @@ def test_set_tf_config_only_in_a_trainjob_pod_and_never_over_an_explicit_one():
 
 
 def test_finetune_workers_defaults_to_one_pod_and_must_be_positive():
-    from imgpipe.params import FinetuneParams, section
+    from imgpipe.core.params import FinetuneParams, section
 
     params = load_params(PROJECT / "params.yaml")
     assert section(FinetuneParams, "finetune", params).workers == 1

@@ -17,9 +17,9 @@ import yaml
 from conftest import PROJECT, params
 
 from components import validate
-from imgpipe.manifest import MANIFEST_COLUMNS
-from imgpipe.params import ValidateParams, load_params
-from imgpipe.tfrecords import SPLITS
+from imgpipe.core.params import ValidateParams, load_params
+from imgpipe.data.manifest import MANIFEST_COLUMNS
+from imgpipe.data.tfrecords import SPLITS
 
 # Three classes, enough images in every split for min_images_per_class=2.
 BALANCED = {label: {"train": 6, "val": 3, "test": 3} for label in ("cat", "dog", "owl")}
@@ -374,8 +374,8 @@ def test_validate_passes_the_sample_data(tmp_path):
     """Guards the shipped defaults: the ELPV sample data, ingested with the project's
     params.yaml, passes the suite with those params and nothing is quarantined."""
     from components import ingest
-    from imgpipe import sample_data
-    from imgpipe.params import DataParams, IngestParams, ValidateParams, section
+    from imgpipe.core.params import DataParams, IngestParams, ValidateParams, section
+    from imgpipe.data import sample_data
 
     data = tmp_path / "data"
     assert sample_data.run(data, progress=False) == 2624
