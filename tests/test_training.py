@@ -634,3 +634,62 @@ def test_a_profile_with_an_unknown_key_is_an_error_naming_it(tmp_path):
     bad.write_text("finetune:\n  learning_rte: 0.001\n")
     with pytest.raises(ParamsError, match=r"bad\.yaml: unknown key finetune\.learning_rte"):
         with_profile(load_params(PROJECT / "params.yaml"), str(bad))
+
+
+def test_the_averaged_weights_shim_resumes_with_the_average_in_the_model(tmp_path):
+    """A checkpoint written at an epoch's end holds the average in the model and the trained
+    weights in the optimizer. AveragedWeights tells Keras's SwapEMAWeights so, through its one
+    private attribute, when a run resumes from one: the first epoch then trains from the
+    trained weights, not from the average. Fails when a Keras upgrade renames or changes it."""
+    import keras
+    import numpy as np
+
+    from imgpipe.model.checkpoints import AveragedWeights
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5), "mse")
+    x, y = np.random.rand(32, 2).astype("float32"), np.random.rand(32, 1).astype("float32")
+    checkpoint = tmp_path / "epoch.keras"
+    seen: dict[str, list[np.ndarray]] = {}
+
+    class Checkpoint(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                seen["average"] = [w.copy() for w in self.model.get_weights()]
+                self.model.save(checkpoint)
+                self.model.stop_training = True
+
+    model.fit(
+        x, y, epochs=4, batch_size=8, verbose=0, callbacks=[AveragedWeights(False), Checkpoint()]
+    )
+
+    def first_epoch_starts_from(resumed: bool) -> list[np.ndarray]:
+        loaded = keras.models.load_model(checkpoint, compile=True)
+        callback = AveragedWeights(resumed)
+        callback.set_model(loaded)
+        callback.set_params({"epochs": 4})
+        callback.on_epoch_begin(2)
+        return loaded.get_weights()
+
+    def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+        return all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+
+    assert same(first_epoch_starts_from(False), seen["average"])
+    assert not same(first_epoch_starts_from(True), seen["average"])
+
+
+def test_every_fake_quant_is_found_inside_nested_models():
+    """quantization.all_layers walks nested models through Keras's public ``layers``."""
+    import keras
+
+    from imgpipe.model.quantization import FakeQuant, all_layers, is_quantized
+
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, FakeQuant(name="q")(keras.layers.Dense(4)(inner_in)))
+    outer_in = keras.Input((4,))
+    outer = keras.Model(outer_in, keras.layers.Dense(2)(inner(outer_in)))
+    assert is_quantized(outer)
+    assert [layer.name for layer in all_layers(outer) if isinstance(layer, FakeQuant)] == ["q"]
+    plain_in = keras.Input((4,))
+    assert not is_quantized(keras.Model(plain_in, keras.layers.Dense(2)(plain_in)))

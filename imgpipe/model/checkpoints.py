@@ -73,11 +73,23 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
     """Validation and the epoch's checkpoint see the optimizer's moving average of the
     weights; training goes on from the trained weights. Between ``on_epoch_end`` and the next
     ``on_epoch_begin`` the model holds the average and the optimizer the trained weights, and
-    that is how checkpoints store them: a run ``resumed`` from one starts in that state."""
+    that is how checkpoints store them: a run ``resumed`` from one starts in that state.
+
+    Keras has no public way to say that state: ``SwapEMAWeights`` keeps it in the attribute
+    ``EMA_IN_MODEL`` names, and its next ``on_epoch_begin`` swaps back when it is set. This is
+    the one place that sets it; ``tests/model/test_training.py``'s shim test fails when a Keras
+    upgrade renames the attribute or changes what it means."""
+
+    EMA_IN_MODEL = "_ema_weights_in_model"
 
     def __init__(self, resumed: bool) -> None:
         super().__init__(swap_on_epoch=True)
-        self._ema_weights_in_model = resumed
+        if not hasattr(self, self.EMA_IN_MODEL):
+            raise RuntimeError(
+                f"keras {keras.__version__}: SwapEMAWeights has no {self.EMA_IN_MODEL}; "
+                "AveragedWeights cannot resume a checkpoint (imgpipe.model.checkpoints)"
+            )
+        setattr(self, self.EMA_IN_MODEL, resumed)
 
 
 class ResumableCheckpoint(keras.callbacks.Callback):

@@ -22,7 +22,7 @@ each backbone's folded, quantized form lives with the backbone (``efficientnet_l
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import keras
@@ -211,10 +211,19 @@ class QuantizedDense(_RoundedKernel, keras.layers.Dense):
         return self._finish(outputs)
 
 
+def all_layers(model: Any) -> Iterator[Any]:
+    """``model`` and every layer inside it, through nested models (Keras's public ``layers``;
+    every quantized layer here is a node of a functional graph, never a custom layer's
+    attribute)."""
+    yield model
+    for layer in getattr(model, "layers", ()):
+        yield from all_layers(layer)
+
+
 def refresh_bounds(model: Any) -> int:
     """Measure every rounded kernel's per-channel bound again (after weight averaging swapped
     the kernels, or a temperature was folded into one). Returns the kernels measured."""
-    layers = [layer for layer in model._flatten_layers() if isinstance(layer, _RoundedKernel)]
+    layers = [layer for layer in all_layers(model) if isinstance(layer, _RoundedKernel)]
     for layer in layers:
         layer.refresh_bound()
     return len(layers)
@@ -222,7 +231,7 @@ def refresh_bounds(model: Any) -> int:
 
 def is_quantized(model: Any) -> bool:
     """Whether ``model`` (or a model inside it) carries fake quantization."""
-    return any(isinstance(layer, FakeQuant) for layer in model._flatten_layers())
+    return any(isinstance(layer, FakeQuant) for layer in all_layers(model))
 
 
 def measure(model: Any, batches: Iterable[Any]) -> int:
@@ -232,7 +241,7 @@ def measure(model: Any, batches: Iterable[Any]) -> int:
     refresh_bounds(model)
     layers = [
         layer
-        for layer in model._flatten_layers()
+        for layer in all_layers(model)
         if isinstance(layer, FakeQuant) and not layer.fixed
     ]
     for layer in layers:
