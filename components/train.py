@@ -151,6 +151,7 @@ reductions. With params.yaml's defaults it is never reached: from 0.001 at a fac
 takes six reductions, each after 3 epochs without progress, and early stopping ends the run
 after 6 such epochs."""
 
+
 def standard_callbacks(params: TrainParams, checkpoint: Path) -> list[Any]:
     return [
         keras.callbacks.EarlyStopping(

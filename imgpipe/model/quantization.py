@@ -240,9 +240,7 @@ def measure(model: Any, batches: Iterable[Any]) -> int:
     inference mode (no dropout), the ranges starting over. Returns the batches run."""
     refresh_bounds(model)
     layers = [
-        layer
-        for layer in all_layers(model)
-        if isinstance(layer, FakeQuant) and not layer.fixed
+        layer for layer in all_layers(model) if isinstance(layer, FakeQuant) and not layer.fixed
     ]
     for layer in layers:
         layer.batches.assign(0.0)
