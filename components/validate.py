@@ -17,13 +17,12 @@ import pandas as pd
 from imgpipe.core.fileio import atomic_path, write_json_atomic
 from imgpipe.core.params import ValidateParams
 from imgpipe.data.expectations import describe_outcome, run_suites
-from imgpipe.data.manifest import MANIFEST_COLUMNS
+from imgpipe.data.manifest import MANIFEST_COLUMNS, read_manifest_frame
 from imgpipe.data.tfrecords import SPLITS
 
 log = logging.getLogger(__name__)
 
 SHA256_REGEX = r"^[0-9a-f]{64}$"
-TEXT_COLUMNS = ("filepath", "label", "split", "sha256", "mode", "format")
 
 
 class DataValidationError(RuntimeError):
@@ -122,11 +121,7 @@ def run(*, manifest: Path, out: Path, summary: Path, validate: ValidateParams) -
     """Validate the manifest; write Data Docs and every outcome to ``out``, the counts to
     ``summary``; raise ``DataValidationError`` on error-level failures."""
     params, manifest_csv = validate, manifest
-    # Text columns stay text (class folders "0", "1" or "NA" are labels, not numbers or nulls);
-    # only empty cells are missing values.
-    manifest = pd.read_csv(
-        manifest_csv, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False, na_values=[""]
-    )
+    manifest = read_manifest_frame(manifest_csv)
     batches = {
         "manifest": (manifest_frame(manifest), manifest_expectations(params), ["filepath"]),
         "classes": (class_table(manifest), class_expectations(params), ["key"]),

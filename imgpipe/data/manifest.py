@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from imgpipe.core.errors import InputError
 
@@ -44,3 +45,21 @@ def read_manifest(
         if missing:
             raise InputError(f"{path} has no column(s) {missing}; its columns are {found}")
         return [row for row in reader if wanted is None or row["split"] in wanted]
+
+
+TEXT_COLUMNS = ("filepath", "label", "split", "sha256", "mode", "format")
+"""Columns that stay text in a frame: class folders "0", "1" or "NA" are labels, not numbers
+or nulls."""
+
+
+def read_manifest_frame(path: Path, *, all_text: bool = False) -> Any:
+    """The manifest as a pandas DataFrame, for what works on frames (validate's expectations,
+    MLflow's datasets): the text columns stay text and only empty cells are missing; with
+    ``all_text`` every column is text and nothing is missing."""
+    import pandas as pd
+
+    if all_text:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    return pd.read_csv(
+        path, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False, na_values=[""]
+    )

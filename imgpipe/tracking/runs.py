@@ -335,10 +335,11 @@ def log_datasets(manifest: Path, source: str, version: str) -> None:
     import warnings
 
     import mlflow
-    import pandas as pd
     from mlflow.data.pandas_dataset import from_pandas
 
-    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    from imgpipe.data.manifest import read_manifest_frame
+
+    frame = read_manifest_frame(manifest, all_text=True)
     inputs = []
     for split, context in SPLIT_CONTEXTS.items():
         rows = frame[frame["split"] == split].reset_index(drop=True)
