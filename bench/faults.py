@@ -442,7 +442,7 @@ def group_monitor(work: Path, _: Path | None) -> list[Row]:
     # two monitors at once: the second is refused before it reads or writes anything
     import yaml
 
-    from pipelines.monitor_command import one_check_at_a_time
+    from imgpipe.monitoring.check import one_check_at_a_time
 
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["monitor"]["directory"] = str(work / "monitor")

@@ -25,7 +25,7 @@ PACKAGES = ("components", "imgpipe", "serving", "pipelines")
 HEADER = """\
 # The pipeline DAG, rendered from pipelines/stages.py by `python -m pipelines.dvc`: edit the
 # declarations there, not this file (tests/test_stages.py checks that the two agree).
-# Each stage is `imgpipe <stage>` (pipelines/cli.py) running components/<stage>.py.
+# Each stage is `imgpipe <stage>` (commands/stages.py) running components/<stage>.py.
 """
 
 PLOTS = [

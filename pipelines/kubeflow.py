@@ -10,8 +10,8 @@ runs the stage (``pipelines.kubeflow_step``). The DAG is wired from the declared
 Pipeline parameters are overlays: params.yaml is compiled in, and ``<section>_params`` (JSON,
 default ``{}``) overrides keys of that section. train and finetune ask for an NVIDIA GPU
 (accelerator, limit, node selector, toleration), finetune not when compiled with
-``finetune.workers`` > 1 (it launches a TrainJob, ``pipelines.trainjob``); every step has CPU
-and memory requests and retries transient failures (push excepted); ingest and augment ask for
+``finetune.workers`` > 1 (it launches a TrainJob, ``pipelines.kubeflow_trainer``); every step has
+CPU and memory requests and retries transient failures (push excepted); ingest and augment ask for
 as many CPUs as their ``workers`` param (``PARALLEL``).
 
 Caching is on for the steps from ingest to finetune (``CACHED``). They log into an MLflow store

@@ -19,7 +19,7 @@ from typing import Any
 
 from imgpipe.core.errors import InputError
 from imgpipe.tracking.access import needs, on_experiment, on_run
-from pipelines.trainjob import SHARED
+from pipelines.kubeflow_trainer import SHARED
 
 
 def run(name: str, arguments: dict[str, Any]) -> None:
@@ -68,7 +68,7 @@ def run(name: str, arguments: dict[str, Any]) -> None:
                 "takes a GPU or launches a TrainJob, so compile with the workers you want"
             )
         if workers > 1:
-            from pipelines.trainjob import run_finetune  # a Kubeflow Trainer TrainJob
+            from pipelines.kubeflow_trainer import run_finetune  # a Kubeflow Trainer TrainJob
 
             assert shared is not None
             run_finetune(

@@ -3,7 +3,7 @@
 Like TFX's ``ComponentSpec`` (``PusherSpec``: PARAMETERS, INPUTS, OUTPUTS), in plain Python.
 Everything that runs a stage is derived from these declarations, never written a second time:
 
-- the ``imgpipe <stage>`` subcommand (``pipelines.cli``): one ``--<name> PATH`` per input and
+- the ``imgpipe <stage>`` subcommand (``commands.stages``): one ``--<name> PATH`` per input and
   output, defaulting to the DVC paths below, and ``--params``;
 - the Kubeflow component (``pipelines.kubeflow``): one typed artifact per input and output, one
   JSON parameter per params section, wired to the producing stages;
@@ -103,6 +103,12 @@ def _stage(stage: Stage) -> tuple[str, Stage]:
 
 
 SUMMARY = "summary"
+
+LOCAL_PIPELINE_ROOT = "outputs/kfp"
+"""kfp.local's artifacts (``imgpipe pipeline run-local``, a retraining ``kfp-local``)."""
+LOCAL_SHARED = "outputs/kfp-shared"
+"""The folder standing in for the shared claim under kfp.local: serving versions (models/),
+feature cache, checkpoints, kept across runs."""
 """Every stage's summary metrics: a small JSON that DVC tracks as metrics and MLflow logs."""
 
 _INGEST = "outputs/ingest"

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from commands import main, tracking
 from imgpipe.core.errors import InputError
-from pipelines import cli
 
 
 def _failing(exc: Exception):
@@ -18,8 +18,10 @@ def _failing(exc: Exception):
 
 
 def test_an_input_error_is_one_line_and_exit_1(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "cmd_summary", _failing(InputError("params.yaml: train.epochs 0")))
-    assert cli.main(["summary"]) == 1
+    monkeypatch.setattr(
+        tracking, "cmd_summary", _failing(InputError("params.yaml: train.epochs 0"))
+    )
+    assert main(["summary"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "imgpipe summary: error: params.yaml: train.epochs 0"
     assert "Traceback" not in err
@@ -29,7 +31,7 @@ def test_any_other_value_error_keeps_its_traceback(monkeypatch):
     """A ValueError that is not ours (Keras raises them for bugs) is not swallowed into a line:
     it propagates, so the interpreter prints where it came from."""
     bug = ValueError("Input 0 of layer dense is incompatible with the layer")
-    monkeypatch.setattr(cli, "cmd_summary", _failing(bug))
+    monkeypatch.setattr(tracking, "cmd_summary", _failing(bug))
     with pytest.raises(ValueError, match="incompatible") as raised:
-        cli.main(["summary"])
+        main(["summary"])
     assert raised.value is bug

@@ -168,13 +168,19 @@ def test_named_modules_exist() -> None:
     missing = []
     for page in doc_files():
         for name in named_modules(page):
-            package, first, *rest = name.split(".")
+            package, first, *_ = parts = name.split(".")
             if isinstance(params.get(package), dict) and first in params[package]:
                 continue
-            module = PROJECT / package / f"{first}.py"
-            if (PROJECT / package / first / "__init__.py").exists():
-                module = PROJECT / package / first / "__init__.py"
-            defined = module.exists() and (
+            module, rest = None, parts
+            for depth in range(1, len(parts) + 1):  # the deepest module the name goes through
+                base = PROJECT.joinpath(*parts[:depth])
+                if base.with_suffix(".py").is_file():
+                    module, rest = base.with_suffix(".py"), parts[depth:]
+                elif (base / "__init__.py").is_file():
+                    module, rest = base / "__init__.py", parts[depth:]
+                else:
+                    break
+            defined = module is not None and (
                 not rest
                 or re.search(
                     rf"^\s*(?:def|class)\s+{rest[0]}\b|^{rest[0]}\s*[:=]",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from imgpipe.monitoring.check import decide
 from imgpipe.monitoring.drift import class_test, confidence_test, mmd_test
-from pipelines.monitor_command import decide
 
 
 def test_mmd_rarely_alarms_on_the_reference_distribution_and_sees_a_small_shift():

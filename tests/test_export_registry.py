@@ -622,11 +622,11 @@ def _promotions(
     from mlflow.server import get_app_client
     from mlflow.tracking import MlflowClient
 
+    from commands import main
     from components import push
     from imgpipe.tracking import registry
     from imgpipe.tracking.access import AccessError
     from imgpipe.tracking.runs import stage_run
-    from pipelines.cli import main
 
     users = tuple(passwords)
     config = tmp_path / "auth.ini"
@@ -819,10 +819,10 @@ def test_monitor_sees_no_drift_in_like_traffic_and_starts_a_retraining_on_darken
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
+    from commands import main
     from imgpipe.data.tfrecords import read_split
     from imgpipe.export.savedmodel import SavedModelClassifier
     from imgpipe.monitoring.reference import build_reference, write_reference
-    from pipelines.cli import main
     from serving.request_log import LogSettings, RequestLog
     from serving.tensors import apis, to_proto
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from commands import main
 from imgpipe.data import fashion_mnist_data as fm
-from pipelines.cli import main
 
 
 def _write_idx(path: Path, array: np.ndarray, *, compress: bool = True) -> None:

@@ -403,11 +403,11 @@ def test_trainer_manifests_validate_strictly():
     strictly against Trainer's API (v1alpha1), the runtime's Job template as a batch/v1 Job and
     the RBAC with kubernetes-validate --strict (1.33); the runtime runs the components image on
     one GPU per node with the port and the JobSet env that imgpipe.model.trainjob reads, under the
-    name and replicated job that pipelines.trainjob refers to."""
+    name and replicated job that pipelines.kubeflow_trainer refers to."""
     import kubernetes_validate
 
     from imgpipe.model.trainjob import JOBSET_ENV, TF_PORT
-    from pipelines.trainjob import NODE, RUNTIME
+    from pipelines.kubeflow_trainer import NODE, RUNTIME
 
     docs = build_trainer()
     assert sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs) == [
@@ -469,8 +469,8 @@ def test_trainer_strict_check_catches_a_misspelt_field():
 
 def test_trainjob_example_is_what_the_finetune_step_renders():
     """Guards the example against the launcher: infra/k8s/trainer/trainjob-example.yaml is
-    pipelines.trainjob.render's TrainJob for its name, 2 workers and the claim it names."""
-    from pipelines.trainjob import SHARED, render
+    pipelines.kubeflow_trainer.render's TrainJob for its name, 2 workers and the claim it names."""
+    from pipelines.kubeflow_trainer import SHARED, render
 
     example = yaml.safe_load(TRAINJOB_EXAMPLE.read_text())
     name = example["metadata"]["name"]

@@ -57,7 +57,7 @@ def _topological(tasks: dict[str, Any]) -> list[str]:
 
 def test_compiled_with_several_workers_the_finetune_step_takes_no_gpu(tmp_path):
     """With finetune.workers > 1 compiled in, the finetune step only launches its TrainJob and
-    waits (pipelines.trainjob): it requests no GPU, while train still does."""
+    waits (pipelines.kubeflow_trainer): it requests no GPU, while train still does."""
     from pipelines.kubeflow import compile_to
 
     params = _params()
@@ -400,8 +400,8 @@ def _closed_loop(tmp_path: Path, params: dict[str, Any], shared: Path, client: A
     plus that feedback (a new data version); the gate blesses the candidate, push puts version 2
     beside version 1, and the server, called all along, answers with version 2 without a failed
     request. The monitor's MLflow run links the training run it started."""
+    from commands import main
     from components.push import serving_versions
-    from pipelines.cli import main
     from serving.client import ServingClient, ServingClientError
     from serving.config import MODEL_CONFIG, model_config_for, read_model_config, write_config
     from serving.process import ServerProcess
@@ -590,7 +590,7 @@ def test_schedule_list_disable_delete_send_the_right_requests(kfp_stub, capsys):
     experiment is looked up then created; the recurring run carries the 6-field cron, the
     compiled pipeline spec with every stage (caching off, the source being a folder) and the
     parameters; list, disable and delete hit their endpoints."""
-    from pipelines.cli import main
+    from commands import main
 
     host, calls = kfp_stub
     assert (
@@ -654,20 +654,12 @@ def test_monitor_retrain_kfp_creates_a_cluster_run_that_stays_open_until_it_ends
     through the real kfp.Client: caching off, the data version named after the check, the
     pipeline's own claim unless ``--shared-volume`` names one. The retraining stays open while
     the run is RUNNING and closes when it has SUCCEEDED."""
-    from pipelines.cli import build_parser
-    from pipelines.monitor_command import _retrain, _still_open
+    from pipelines.retrain import Retraining
 
     host, calls = kfp_stub
     monkeypatch.chdir(tmp_path)
-    args = build_parser().parse_args(
-        [
-            "monitor",
-            "--retrain=kfp",
-            f"--kfp-host={host}",
-            "--mlflow-tracking-uri=http://mlflow:5000",
-        ]
-    )
-    retraining = _retrain(args, _params(), None, "20261205T000000")
+    cluster = Retraining("kfp", kfp_host=host, mlflow_tracking_uri="http://mlflow:5000")
+    retraining = cluster.start(_params(), None, "20261205T000000")
     assert retraining == {"how": "kfp", "feedback_images": 0, "run": "run-1"}
     (run,) = [b for m, p, b in calls if (m, p) == ("POST", "/apis/v2beta1/runs")]
     assert run["display_name"] == "retrain-20261205T000000"
@@ -679,15 +671,15 @@ def test_monitor_retrain_kfp_creates_a_cluster_run_that_stays_open_until_it_ends
     tasks = spec.get("pipeline_spec", spec)["root"]["dag"]["tasks"]  # with a platform_spec
     assert not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks.values())
 
-    _still_open(args, retraining)
+    cluster.close_if_done(retraining)
     assert not retraining.get("finished")
     _KfpStub.run_state = "SUCCEEDED"
-    _still_open(args, retraining)
+    cluster.close_if_done(retraining)
     assert (retraining["finished"], retraining["state"]) == (True, "SUCCEEDED")
 
 
 def test_a_five_field_cron_is_refused_before_any_request(kfp_stub, capsys):
-    from pipelines.cli import main
+    from commands import main
 
     host, calls = kfp_stub
     code = main(["pipeline", "schedule", "--host", host, "--cron", "0 2 * * *"])

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from conftest import export_classifier, make_class_folders
 
+from commands import main
 from imgpipe.data.images import check_image
 from imgpipe.export.savedmodel import SavedModelClassifier
 from imgpipe.monitoring import scoring
-from pipelines.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -165,7 +165,7 @@ def image(tmp_path_factory) -> Path:
 
 def _predict(capsys, image: Path, address: str, *flags: object) -> tuple[int, str, str]:
     """``imgpipe predict`` in this process: exit status, stdout, stderr."""
-    from pipelines.cli import main
+    from commands import main
 
     capsys.readouterr()
     argv = ["predict", str(image), "--server", address, "--model", MODEL, "--retries", "0"]

@@ -1,6 +1,6 @@
 """Multi-worker fine-tuning on Kubeflow Trainer: TF_CONFIG from a pod's JobSet environment
-(imgpipe.model.trainjob), and the finetune step's launcher (pipelines.trainjob) against a local HTTP
-stub of the Kubernetes API that records what the real ``kubernetes`` client sends."""
+(imgpipe.model.trainjob), and the finetune step's launcher (pipelines.kubeflow_trainer) against a
+local HTTP stub of the Kubernetes API that records what the real ``kubernetes`` client sends."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ FAILED = {"type": "Failed", "status": "True", "reason": "JobsFailed", "message":
 def test_submit_then_wait_until_complete(kube_stub):
     """Guards the launch: the rendered TrainJob is POSTed to trainer.kubeflow.org/v1alpha1 in
     the namespace, then polled until its Complete condition is true."""
-    from pipelines.trainjob import SHARED, render, submit, wait
+    from pipelines.kubeflow_trainer import SHARED, render, submit, wait
 
     _KubeStub.conditions = [[], RUNNING, COMPLETE]
     trainjob = render("ft-1", workers=2, claim="shared", job_dir=SHARED / "trainjobs" / "ft-1")
@@ -156,7 +156,7 @@ def test_submit_then_wait_until_complete(kube_stub):
 
 
 def test_a_failed_or_refused_trainjob_is_an_error_naming_it(kube_stub):
-    from pipelines.trainjob import SHARED, TrainJobError, render, submit, wait
+    from pipelines.kubeflow_trainer import SHARED, TrainJobError, render, submit, wait
 
     _KubeStub.conditions = [
         [*RUNNING, {"type": "Failed", "status": "True", "reason": "JobsFailed", "message": "x"}]
@@ -175,7 +175,7 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
     """Guards the step's side of the data exchange: the inputs land on the shared volume at
     the paths the TrainJob's command names, params.yaml beside them; what the pods write there
     (outputs, the stage's MLflow log) comes back to the step's paths; the checkpoints stay."""
-    from pipelines.trainjob import SHARED, TrainJobError, run_finetune
+    from pipelines.kubeflow_trainer import SHARED, TrainJobError, run_finetune
 
     shared = tmp_path / "shared"
     step = tmp_path / "step"
@@ -247,7 +247,7 @@ def test_run_finetune_stages_inputs_and_brings_back_outputs(kube_stub, tmp_path)
 
 
 def test_more_workers_without_a_shared_claim_say_what_is_missing(tmp_path):
-    from pipelines.trainjob import TrainJobError, run_finetune
+    from pipelines.kubeflow_trainer import TrainJobError, run_finetune
 
     params = load_params(PROJECT / "params.yaml")
     params["finetune"]["workers"] = 2

@@ -330,7 +330,7 @@ def test_cli_validate_failure_exits_1_and_logs_failed_run(
 ):
     """Guards the CLI adapter: a failed expectation exits with status 1 and one clear message
     (no traceback), and the MLflow run is marked failed with the Data Docs still logged."""
-    from pipelines import cli
+    from commands import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-validate-cli")
@@ -341,7 +341,7 @@ def test_cli_validate_failure_exits_1_and_logs_failed_run(
     raw["validate"] = {**raw["validate"], "labels": [], "min_images_per_class": 2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    status = cli.main(["validate", "--manifest", str(manifest)])
+    status = main(["validate", "--manifest", str(manifest)])
 
     err = capsys.readouterr().err
     assert status == 1

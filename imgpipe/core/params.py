@@ -261,7 +261,7 @@ class FinetuneParams:
     workers: int
     """Machines that fine-tune together. 1: one pod, as DVC and kfp.local run it. More: the
     Kubeflow step launches a Kubeflow Trainer TrainJob of that many nodes
-    (MultiWorkerMirroredStrategy; ``pipelines/trainjob.py``, ``infra/k8s/trainer``)."""
+    (MultiWorkerMirroredStrategy; ``pipelines/kubeflow_trainer.py``, ``infra/k8s/trainer``)."""
     train_on: Literal["auto", "train", "train+val"]
     """``train``: the val split is held out, the decision and temperature are fitted on it
     (recipe runs, cross-validation folds). ``train+val``: every non-test image trains the served

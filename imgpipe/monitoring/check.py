@@ -1,43 +1,59 @@
-"""``imgpipe monitor``: the served champion's logged traffic since the last check, against its
-reference profile; labelled feedback against its test accuracy; and, when a threshold is
-crossed, a retraining run that the blessing gate judges as always.
+"""One ``imgpipe monitor`` check: the served champion's logged traffic since the last check,
+against its reference profile; labelled feedback against its test accuracy; and, when a
+threshold is crossed, a retraining through the orchestrator the caller hands in (a
+``Retrainer``: ``pipelines.retrain.Retraining`` for DVC and Kubeflow), which the blessing gate
+judges as always.
 
 Each check reads the closed request-log files it has not read before (``monitor.directory``
-keeps which), writes an HTML report and logs its figures into the MLflow experiment
-``monitoring``, one run per served version, one step per check: drift over time is one chart
-there. Below ``monitor.min_requests`` logged images nothing is decided and the files stay
-unread. A retraining starts at most once while one is open:
+keeps which), writes an HTML report (``report``) and logs its figures into the MLflow
+experiment ``monitoring``, one run per served version, one step per check: drift over time is
+one chart there. Below ``monitor.min_requests`` logged images nothing is decided and the files
+stay unread. A retraining starts at most once while one is open. Feedback is appended to the
+data by ``imgpipe.data.feedback``: labels checked against the champion's classes, nothing
+written outside the data folder, duplicates skipped or held for review, all or nothing.
 
-- ``--retrain none`` (the default) prints the commands;
-- ``--retrain dvc`` appends the labelled feedback to the data folder as a new version
-  (imgpipe.data.feedback: labels checked against the champion's classes, nothing written outside the
-  data folder, duplicates skipped or held for review, all or nothing) and runs ``dvc add`` and
-  ``dvc repro``;
-- ``--retrain kfp-local`` runs the Kubeflow pipeline with kfp.local on that data version;
-- ``--retrain kfp`` creates a run of the Kubeflow pipeline on a cluster (``--kfp-host``); the
-  retraining stays open until that run ends (the monitoring CronJob in infra/k8s runs this).
+    with one_check_at_a_time(directory):
+        outcome = run_check(params, Retraining("dvc"), feedback_source=Path("labelled/"))
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import json
 import os
-import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from imgpipe.core.errors import InputError
 from imgpipe.core.fileio import atomic_path, write_json_atomic
-from pipelines.cli_common import LOCAL_SHARED
-from pipelines.cli_common import params_of as _params
 
 EXPERIMENT = "monitoring"
 STATE = "state.json"
-KFP_DONE = {"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED"}
+
+
+class Retrainer(Protocol):
+    """How a retraining starts: ``how`` names it (``none`` only says what to run)."""
+
+    @property
+    def how(self) -> str: ...
+
+    def start(self, params: dict[str, Any], planned: Any, stamp: str) -> dict[str, Any]: ...
+
+    def close_if_done(self, retraining: dict[str, Any] | None) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a check found, for the person who ran it: the verdict line, the report, the
+    check's summary (as written to ``summary.json``) and the lines that need a look."""
+
+    verdict: str
+    report: Path
+    summary: dict[str, Any]
+    notices: list[str]
 
 
 def read_state(directory: Path) -> dict[str, Any]:
@@ -47,8 +63,6 @@ def read_state(directory: Path) -> dict[str, Any]:
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:
-    from imgpipe.core.fileio import write_json_atomic
-
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(directory / STATE, state)
 
@@ -73,15 +87,18 @@ def decide(
     return "retraining: " + "; ".join(reasons), True
 
 
-def _champion(args: argparse.Namespace, params: dict[str, Any]) -> tuple[Path, int, float | None]:
-    """The served champion's SavedModel, its serving version and its test accuracy."""
+def champion(
+    params: dict[str, Any], saved_model: Path | None = None
+) -> tuple[Path, int, float | None]:
+    """The served champion's SavedModel, its serving version and its test accuracy; or
+    ``saved_model`` (a ``<model>/<version>/`` folder) and its version, without an accuracy."""
     from imgpipe.core.params import ServingParams, section
     from imgpipe.tracking import registry
 
-    if args.saved_model:
-        if not args.saved_model.name.isdigit():
-            raise InputError(f"--saved-model {args.saved_model}: give a <model>/<version>/ folder")
-        return args.saved_model, int(args.saved_model.name), None
+    if saved_model:
+        if not saved_model.name.isdigit():
+            raise InputError(f"{saved_model}: give a <model>/<version>/ folder as the served model")
+        return saved_model, int(saved_model.name), None
     serving = section(ServingParams, "serving", params)
     holder = registry.champion(serving.model_name)
     if holder is None:
@@ -93,7 +110,7 @@ def _champion(args: argparse.Namespace, params: dict[str, Any]) -> tuple[Path, i
     return saved_model, int(saved_model.name), accuracy
 
 
-def _feedback(
+def score_feedback(
     source: Path, served: Any, classes: list[str], new_classes: list[str], max_pixels: int
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The labelled feedback scored by ``served`` (the loaded SavedModel), and its summary:
@@ -104,7 +121,7 @@ def _feedback(
 
     items = scoring.discover(source, labels_from_folders=source.is_dir())
     if not any(item.label for item in items):
-        raise InputError(f"--feedback {source}: no labels (class folders, or a label column)")
+        raise InputError(f"feedback {source}: no labels (class folders, or a label column)")
     feedback.check_labels((item.label for item in items), classes, new_classes)
     rows = scoring.score(
         items, scoring.saved_model_predictor(served, 32), max_pixels=max_pixels, batch_size=32
@@ -117,7 +134,7 @@ def _feedback(
     return rows, summary
 
 
-def _feedback_plan(rows: list[dict[str, Any]], source: Path) -> dict[str, Any]:
+def feedback_plan(rows: list[dict[str, Any]], source: Path) -> dict[str, Any]:
     """What appending ``rows`` to ``source`` would do, counted and named for the report."""
     from imgpipe.data import feedback
 
@@ -135,102 +152,7 @@ def _feedback_plan(rows: list[dict[str, Any]], source: Path) -> dict[str, Any]:
     }
 
 
-def _retrain(
-    args: argparse.Namespace, params: dict[str, Any], planned: Any, stamp: str
-) -> dict[str, Any]:
-    """Start the retraining ``args.retrain`` names, after appending ``planned`` feedback
-    (imgpipe.data.feedback.FeedbackPlan, or None); what started (and, when it ran here, how it
-    ended)."""
-    from imgpipe.core.params import DataParams, ServingParams, section
-    from imgpipe.data import feedback
-
-    source = Path(section(DataParams, "data", params).source)
-    name = section(ServingParams, "serving", params).model_name
-    commands = [["dvc", "add", str(source)], ["dvc", "repro"]]
-    if args.retrain == "none":
-        steps = [" ".join(c) for c in commands]
-        if planned is not None and planned.copies:
-            steps.insert(
-                0,
-                f"imgpipe monitor --feedback ... --retrain dvc appends {len(planned.copies)} "
-                f"images into {source}/<label>/feedback-{stamp}/",
-            )
-        return {"how": "commands", "commands": steps}
-    copied = len(feedback.append(planned, source, stamp)) if planned is not None else 0
-    started: dict[str, Any] = {"how": args.retrain, "feedback_images": copied}
-    if args.retrain == "dvc":
-        for command in commands:
-            if command[1] == "add" and not Path(f"{source}.dvc").is_file():
-                continue
-            done = subprocess.run(command, check=False)
-            if done.returncode:
-                return {**started, "finished": True, "failed": " ".join(command)}
-        pushed = json.loads(Path("metrics/push.json").read_text())
-        return {**started, "finished": True, **_registered(name, pushed["version"], pushed)}
-    from imgpipe.tracking.runs import tracking_uri
-    from pipelines.kubeflow import compile_to, run_local
-
-    arguments: dict[str, str] = {
-        "source": str(source.resolve()),
-        "data_version": f"feedback-{stamp}",
-        "mlflow_tracking_uri": args.mlflow_tracking_uri or tracking_uri(),
-    }
-    if args.retrain == "kfp-local":
-        run_local(
-            params,
-            Path(args.pipeline_root).resolve() / stamp,
-            shared_volume=str(Path(args.shared_volume or LOCAL_SHARED).resolve()),
-            reused_from=None,
-            **arguments,
-        )
-        latest = max(int(v.version) for v in _client().search_model_versions(f"name = '{name}'"))
-        return {**started, "finished": True, **_registered(name, latest, None)}
-    import tempfile
-
-    import kfp
-
-    if args.shared_volume:
-        arguments["shared_volume"] = args.shared_volume
-    client = kfp.Client(host=args.kfp_host)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = client.create_run_from_pipeline_package(
-            str(compile_to(params, Path(tmp) / "pipeline.yaml")),
-            arguments=arguments,
-            run_name=f"retrain-{stamp}",
-            experiment_name=args.kfp_experiment,
-            enable_caching=False,
-        )
-    return {**started, "run": run.run_id}
-
-
-def _client() -> Any:
-    from imgpipe.tracking import registry
-
-    return registry.client()
-
-
-def _registered(name: str, version: int, pushed: dict[str, Any] | None) -> dict[str, Any]:
-    model = _client().get_model_version(name, str(version))
-    result = {"run": model.run_id, "registered_version": int(version)}
-    if pushed is not None:
-        result["blessed"] = bool(pushed.get("blessed"))
-    else:
-        result["blessed"] = "champion" in (model.aliases or [])
-    return result
-
-
-def _still_open(args: argparse.Namespace, retraining: dict[str, Any] | None) -> None:
-    """Close a cluster retraining whose run has ended."""
-    if not retraining or retraining.get("finished") or retraining.get("how") != "kfp":
-        return
-    import kfp
-
-    state = kfp.Client(host=args.kfp_host).get_run(retraining["run"]).state
-    if str(state).upper() in KFP_DONE:
-        retraining.update(finished=True, state=str(state))
-
-
-def _history(checks: Path, key: str) -> list[dict[str, Any]]:
+def history(checks: Path, key: str) -> list[dict[str, Any]]:
     """The earlier checks of model version ``key``, oldest first (their summary.json)."""
     found = []
     for path in sorted(checks.glob("*/summary.json")):
@@ -243,13 +165,15 @@ def _history(checks: Path, key: str) -> list[dict[str, Any]]:
     return found
 
 
-def _training_note(retraining: dict[str, Any] | None) -> str | None:
+def training_note(retraining: dict[str, Any] | None) -> str | None:
     """The monitoring run's description (markdown, shown by MLflow's UI): a link to the
     training run each retraining registered, where MLflow knows it."""
+    from imgpipe.tracking import registry
+
     if not retraining or not retraining.get("registered_version") or not retraining.get("run"):
         return None
     try:
-        run = _client().get_run(str(retraining["run"]))
+        run = registry.client().get_run(str(retraining["run"]))
     except Exception:  # a Kubeflow run id, or a run this server does not hold
         return None
     link = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
@@ -259,7 +183,7 @@ def _training_note(retraining: dict[str, Any] | None) -> str | None:
     )
 
 
-def _log_check(
+def log_check(
     state: dict[str, Any],
     key: str,
     step: int,
@@ -279,7 +203,7 @@ def _log_check(
     experiment = mlflow.set_experiment(EXPERIMENT)
     if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
-    note = _training_note(retraining)
+    note = training_note(retraining)
     if note:
         previous = state.setdefault("notes", {}).get(key, "")
         tags["mlflow.note.content"] = f"{previous}\n\n{note}".strip()
@@ -321,15 +245,18 @@ def one_check_at_a_time(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def cmd_monitor(args: argparse.Namespace) -> None:
-    from imgpipe.core.params import MonitorParams, section
-
-    directory = Path(section(MonitorParams, "monitor", _params(args)).directory)
-    with one_check_at_a_time(directory):
-        _check(args)
-
-
-def _check(args: argparse.Namespace) -> None:
+def run_check(
+    params: dict[str, Any],
+    retraining: Retrainer,
+    *,
+    log_dir: Path | None = None,
+    saved_model: Path | None = None,
+    feedback_source: Path | None = None,
+    new_classes: Sequence[str] = (),
+) -> Outcome:
+    """One check (hold ``one_check_at_a_time`` around it): read the traffic logged since the
+    last check, check it and any labelled feedback, start a retraining through ``retraining``
+    when a threshold is crossed, write the report and the state, log the figures to MLflow."""
     import numpy as np
 
     from imgpipe.core.params import (
@@ -349,13 +276,12 @@ def _check(args: argparse.Namespace) -> None:
         reasons_to_retrain,
     )
 
-    params = _params(args)
     monitor = section(MonitorParams, "monitor", params)
     name = section(ServingParams, "serving", params).model_name
-    log_dir = Path(args.log_dir or section(RequestLogParams, "request_log", params).directory)
+    log_dir = Path(log_dir or section(RequestLogParams, "request_log", params).directory)
     directory = Path(monitor.directory)
     state = read_state(directory)
-    saved_model, version, champion_accuracy = _champion(args, params)
+    saved_model, version, champion_accuracy = champion(params, saved_model)
     served = SavedModelClassifier(saved_model)
     reference = read_reference(saved_model)
     step = state["checks"] + 1
@@ -376,24 +302,24 @@ def _check(args: argparse.Namespace) -> None:
     )
     feedback: dict[str, Any] = {}
     planned = None
-    if args.feedback:
+    if feedback_source is not None:
         from imgpipe.core.params import DataParams, IngestParams
 
-        rows, summary = _feedback(
-            Path(args.feedback),
+        rows, summary = score_feedback(
+            Path(feedback_source),
             served,
             [str(c) for c in reference.class_names],
-            args.new_class or [],
+            list(new_classes),
             section(IngestParams, "ingest", params).max_pixels,
         )
         feedback = feedback_check(summary, champion_accuracy, monitor)
         feedback["new_class_images"] = summary["new_class_images"]
         source = Path(section(DataParams, "data", params).source)
         if rows and source.is_dir():
-            feedback.update(_feedback_plan(rows, source))
+            feedback.update(feedback_plan(rows, source))
             planned = feedback.pop("plan")
     reasons = reasons_to_retrain(check, feedback)
-    _still_open(args, state["retraining"])
+    retraining.close_if_done(state["retraining"])
     decision, start = decide(
         state,
         check["enough"] or bool(feedback.get("accuracy_drop")),
@@ -401,22 +327,22 @@ def _check(args: argparse.Namespace) -> None:
         version,
         monitor.min_requests,
     )
-    retraining = None
+    started = None
     if start:
-        retraining = {
+        started = {
             "started": stamp,
             "against_version": version,
             "check": step,
             "reasons": reasons,
-            "how": args.retrain,
+            "how": retraining.how,
         }
-        if args.retrain != "none":
-            state["retraining"] = retraining
+        if retraining.how != "none":
+            state["retraining"] = started
             write_state(directory, state)  # open before it runs: a crash leaves it open
-        retraining.update(_retrain(args, params, planned, stamp))
-        if args.retrain != "none":
-            state["retraining"] = retraining
-        decision += f" -> started: {report_page.started_text(retraining)}"
+        started.update(retraining.start(params, planned, stamp))
+        if retraining.how != "none":
+            state["retraining"] = started
+        decision += f" -> started: {report_page.started_text(started)}"
 
     key = f"{name}/{version}"
     summary = {
@@ -426,17 +352,17 @@ def _check(args: argparse.Namespace) -> None:
         "check": {k: v for k, v in check.items() if k != "embeddings"},
         "feedback": feedback,
         "decision": decision,
-        "retraining": retraining,
+        "retraining": started,
     }
-    history = [*_history(directory / "checks", key), summary]
+    checks = [*history(directory / "checks", key), summary]
     page = report_page.render(
         f"{name} v{version}: check {step}",
         reference,
         check,
         feedback,
         reasons,
-        retraining,
-        history,
+        started,
+        checks,
         traffic.encoded,
         np.stack(traffic.probabilities) if traffic.probabilities else np.zeros((0, 0)),
     )
@@ -452,29 +378,36 @@ def _check(args: argparse.Namespace) -> None:
         embedding_drift=float(bool(check.get("embedding_drift"))),
         prediction_drift=float(bool(check.get("prediction_drift"))),
         input_failures=float(len(check.get("input_failures", []))),
-        retraining_started=float(start and args.retrain != "none"),
+        retraining_started=float(start and retraining.how != "none"),
     )
     tags = {"model": name, "version": str(version), f"decision.{step}": decision[:5000]}
-    if retraining and retraining.get("run"):
-        tags[f"retraining.{step}"] = str(retraining["run"])
-    state["runs"][key] = _log_check(state, key, step, figures, report, tags, retraining)
+    if started and started.get("run"):
+        tags[f"retraining.{step}"] = str(started["run"])
+    state["runs"][key] = log_check(state, key, step, figures, report, tags, started)
     done = set(traffic.files) if check["enough"] else set(traffic.quarantined)
     state["read"] = sorted(set(state["read"]) | done)  # a corrupt file is never read again
     state.setdefault("quarantined", {}).update(traffic.quarantined)
     state["checks"] = step
     write_state(directory, state)
     write_json_atomic(out / "summary.json", summary)
-    print(f"monitor: {name} v{version}, {check['requests']} logged images; {decision}")
-    for command in (retraining or {}).get("commands", []):
-        print(f"monitor: to retrain: {command}")
-    for reason in check.get("input_failures", []):
-        print(f"monitor: input check failed: {reason}")
-    for path, why in traffic.quarantined.items():
-        print(
-            f"monitor: log file quarantined (read up to its bad record, never again): {path}: {why}"
-        )
-    for line in feedback.get("feedback_skipped_files", []):
-        print(f"monitor: feedback not appended: {line}")
-    for line in feedback.get("feedback_for_review", []):
-        print(f"monitor: feedback held for review: {line}")
-    print(f"monitor: report {report}; MLflow experiment {EXPERIMENT!r}, run {state['runs'][key]}")
+    return Outcome(
+        f"{name} v{version}, {check['requests']} logged images; {decision}",
+        report,
+        summary,
+        [
+            *(f"to retrain: {c}" for c in (started or {}).get("commands", [])),
+            *(f"input check failed: {reason}" for reason in check.get("input_failures", [])),
+            *(
+                f"log file quarantined (read up to its bad record, never again): {path}: {why}"
+                for path, why in traffic.quarantined.items()
+            ),
+            *(
+                f"feedback not appended: {line}"
+                for line in feedback.get("feedback_skipped_files", [])
+            ),
+            *(
+                f"feedback held for review: {line}"
+                for line in feedback.get("feedback_for_review", [])
+            ),
+        ],
+    )

@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from commands.common import Command, Subcommands
+from commands.common import params_of as _params
 from imgpipe.core.errors import InputError
-from pipelines.cli_common import params_of as _params
+from pipelines.stages import LOCAL_PIPELINE_ROOT, LOCAL_SHARED
 
 
 def _pipeline_arguments(args: argparse.Namespace, tracking_uri: str) -> dict[str, Any]:
@@ -107,3 +109,57 @@ def cmd_pipeline_disable(args: argparse.Namespace) -> None:
 def cmd_pipeline_delete(args: argparse.Namespace) -> None:
     _kfp_client(args).delete_recurring_run(args.id)
     print(f"pipeline: deleted recurring run {args.id}")
+
+
+def register(sub: Subcommands) -> None:
+    pipeline = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run, schedule")
+    psub = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+
+    def padd(name: str, func: Command, help: str) -> argparse.ArgumentParser:
+        q = psub.add_parser(name, help=help, description=help)
+        q.set_defaults(func=func)
+        q.add_argument("--params", default="params.yaml", help="pipeline parameter defaults")
+        q.add_argument("--profile", help="apply a profile (profiles/<name>.yaml), e.g. full")
+        return q
+
+    q = padd("compile", cmd_pipeline_compile, "write the pipeline YAML (IMGPIPE_IMAGE: image)")
+    q.add_argument("--out", default="outputs/pipeline/imgpipe.yaml")
+    q = padd("run-local", cmd_pipeline_run_local, "run every stage for real with kfp.local")
+    q.add_argument("--source", help="'sample' (default) or a folder of class folders")
+    q.add_argument("--data-version", help="the data's version, part of the cache key")
+    q.add_argument("--pipeline-root", default=LOCAL_PIPELINE_ROOT)
+    q.add_argument(
+        "--shared-volume",
+        default=LOCAL_SHARED,
+        help="folder standing in for the shared claim: serving versions (models/), feature "
+        "cache, checkpoints, kept across runs",
+    )
+    q.add_argument("--mlflow-tracking-uri", help="default: as the DVC pipeline (mlflow.db)")
+    q = padd("schedule", cmd_pipeline_schedule, "create a recurring run on a Kubeflow host")
+    q.add_argument(
+        "--host", required=True, help="Kubeflow Pipelines API, e.g. http://ml-pipeline-ui"
+    )
+    q.add_argument("--cron", default="0 0 2 * * *", help="6 fields, seconds first")
+    q.add_argument("--experiment", default="imgpipe")
+    q.add_argument("--name", default="imgpipe-nightly")
+    q.add_argument(
+        "--source",
+        help="data folder the pods can read (default: sample); caching is then off, since the "
+        "folder's content changes between runs while the parameters do not",
+    )
+    q.add_argument("--data-version", help="the data's version, part of the cache key")
+    q.add_argument("--mlflow-tracking-uri", default="http://mlflow.imgpipe.svc.cluster.local:5000")
+    q.add_argument(
+        "--shared-volume",
+        help="PersistentVolumeClaim for serving versions, feature cache and checkpoints "
+        "(default: the pipeline's, the claim infra/k8s creates)",
+    )
+    for name, func, text in (
+        ("schedules", cmd_pipeline_schedules, "list recurring runs"),
+        ("disable-schedule", cmd_pipeline_disable, "disable a recurring run"),
+        ("delete-schedule", cmd_pipeline_delete, "delete a recurring run"),
+    ):
+        q = padd(name, func, text)
+        q.add_argument("--host", required=True)
+        if name != "schedules":
+            q.add_argument("id", help="recurring run id")

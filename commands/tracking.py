@@ -9,8 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+from commands.common import Subcommands, add_command
+from commands.common import params_of as _params
 from imgpipe.core.errors import InputError
-from pipelines.cli_common import params_of as _params
 
 
 def cmd_mlflow_access(args: argparse.Namespace) -> None:
@@ -192,3 +193,43 @@ def cmd_summary(args: argparse.Namespace) -> None:
     experiment = experiment_name()
     print(f"MLflow:    experiment '{experiment}' at {tracking_uri()}; `make ui` to browse")
     print("compare:   dvc metrics show; dvc plots show; dvc exp run -S train.learning_rate=3e-4")
+
+
+def register(sub: Subcommands) -> None:
+    p = add_command(
+        sub,
+        "runs",
+        cmd_runs,
+        "the MLflow runs as an ablation table (validation figures)",
+        params=False,
+    )
+    p.add_argument("--experiment", help="MLflow experiment (default: the pipeline's)")
+
+    p = add_command(
+        sub, "ui", cmd_ui, "MLflow's UI on 127.0.0.1, opened on the headline view", params=False
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+
+    p = add_command(
+        sub,
+        "mlflow-access",
+        cmd_mlflow_access,
+        "as MLflow's admin (MLFLOW_TRACKING_USERNAME/PASSWORD): create or update the pipeline's "
+        "account and the read-only users, give the pipeline EDIT on its experiment and model",
+    )
+    p.add_argument(
+        "--pipeline-account",
+        required=True,
+        metavar="DIR",
+        help="folder with the files username and password (the mounted Secret mlflow-pipeline)",
+    )
+    p.add_argument(
+        "--readers",
+        metavar="DIR",
+        help="folder with a file per read-only user (its password)",
+    )
+    p.add_argument("--model", help="registered model (default: serving.model_name)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the pipeline's)")
+
+    add_command(sub, "summary", cmd_summary, "print the pipeline's metrics and where MLflow is")

@@ -8,8 +8,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from commands.common import Subcommands, add_command
+from commands.common import params_of as _params
 from imgpipe.core.errors import InputError
-from pipelines.cli_common import params_of as _params
 
 
 def _tls(args: argparse.Namespace) -> Any:
@@ -144,3 +145,93 @@ def cmd_sidecar(args: argparse.Namespace) -> None:
     )
     if code:
         raise SystemExit(code)
+
+
+def register(sub: Subcommands) -> None:
+    p = add_command(
+        sub, "predict", cmd_predict, "classify image files on a TF Serving (or local) server"
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--server", default="127.0.0.1:8500", help="gRPC HOST:PORT")
+    p.add_argument("--model", help="served model name (default: serving.model_name)")
+    p.add_argument("--version", type=int, help="pin a model version (default: latest)")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    p.add_argument("--retries", type=int, default=3, help="retries on UNAVAILABLE, with backoff")
+    p.add_argument("--batch-size", type=int, default=16, help="images per request")
+    tls = p.add_argument_group(
+        "TLS", "for a server with --ssl_config_file; any of these implies TLS (default: plaintext)"
+    )
+    tls.add_argument("--tls", action="store_true", help="TLS with gRPC's default trust roots")
+    tls.add_argument(
+        "--ca-cert", type=Path, metavar="FILE", help="CA bundle (PEM) that signed the server's"
+    )
+    tls.add_argument(
+        "--client-cert", type=Path, metavar="FILE", help="client certificate (PEM), for mTLS"
+    )
+    tls.add_argument("--client-key", type=Path, metavar="FILE", help="its private key (PEM)")
+    tls.add_argument(
+        "--tls-server-name", metavar="NAME", help="the name to verify in the server's certificate"
+    )
+
+    p = add_command(
+        sub,
+        "score",
+        cmd_score,
+        "score a folder or CSV of new images with the champion (or a SavedModel, or a server) "
+        "into a CSV or Parquet file",
+    )
+    p.add_argument("source", help="a folder of images, or a CSV with filepath[,label] columns")
+    p.add_argument("--out", required=True, help="predictions.csv or predictions.parquet")
+    p.add_argument(
+        "--labels-from-folders",
+        action="store_true",
+        help="the folder of each image below SOURCE is its label (labelled feedback)",
+    )
+    p.add_argument(
+        "--saved-model", type=Path, metavar="DIR", help="default: the registry's champion"
+    )
+    p.add_argument("--server", metavar="HOST:PORT", help="score through a TF Serving server")
+    p.add_argument("--model", help="served model name (default: serving.model_name)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per call")
+    p.add_argument("--timeout", type=float, default=30.0, help="deadline per server call, seconds")
+
+    p = add_command(
+        sub,
+        "sidecar",
+        cmd_sidecar,
+        "the logging sidecar: a gRPC pass-through in front of TF Serving that logs sampled "
+        "Predict/Classify calls (params.yaml's request_log) until SIGTERM",
+    )
+    p.add_argument("--upstream", required=True, metavar="HOST:PORT", help="TF Serving's gRPC")
+    p.add_argument("--port", type=int, required=True, help="gRPC port to serve (0: any free)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (beyond loopback: TLS only)"
+    )
+    p.add_argument(
+        "--log-dir",
+        "--log_dir",
+        type=Path,
+        help="replaces request_log.directory, the log root (retention and the bound cover it all)",
+    )
+    p.add_argument(
+        "--log-folder",
+        default="",
+        help="this sidecar's folder under the log root (a pod's name); default: the root",
+    )
+    p.add_argument(
+        "--ssl-config-file",
+        "--ssl_config_file",
+        type=Path,
+        help="TF Serving's SSLConfig: serve gRPC over TLS",
+    )
+    p.add_argument(
+        "--port-file", "--port_file", type=Path, help="write the bound port here when ready"
+    )
+
+    p = add_command(
+        sub, "fetch-model", cmd_fetch_model, "copy a registry alias's SavedModel to a base path"
+    )
+    p.add_argument("--model", required=True, help="registered model = served model name")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--base", default="models", help="TF Serving base path root")

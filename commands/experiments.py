@@ -1,0 +1,148 @@
+"""Recipes compared as DVC experiments: ``imgpipe seeds`` (``pipelines.seeds``), ``imgpipe
+crossval`` (``pipelines.crossval``) and ``imgpipe growing-data`` (``pipelines.growing``). Each
+command parses and prints; the runs are the library's."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from commands.common import Subcommands, add_command, params_of
+
+
+def cmd_seeds(args: argparse.Namespace) -> None:
+    """Run the recipe over several training seeds (DVC experiments), record the parent MLflow
+    run with each figure's mean, sd, min and max, and print them."""
+    from pipelines import seeds
+
+    summary = seeds.run_recipe(
+        args.seeds,
+        through=args.through,
+        overrides=args.set or [],
+        name=args.name,
+        out=args.out,
+        seed_keys=args.seed_keys or seeds.SEED_KEYS,
+    )
+    print(seeds.describe(summary))
+    if args.out:
+        print(f"summary: {args.out}; MLflow parent run {summary['parent_run']}")
+
+
+def cmd_crossval(args: argparse.Namespace) -> None:
+    """Cross-validate the recipe over the non-test images (DVC experiments through finetune),
+    record the parent MLflow run and the out-of-fold predictions, and print the figures."""
+    from pipelines import crossval, seeds
+
+    summary = crossval.run_crossval(
+        args.folds,
+        args.seeds,
+        overrides=args.set or [],
+        name=args.name,
+        out=args.out,
+        seed_keys=args.seed_keys or seeds.SEED_KEYS,
+        apply=args.apply,
+    )
+    print(crossval.describe(summary))
+    print(f"out-of-fold predictions: {summary['predictions']}")
+    if args.out:
+        print(f"summary: {args.out}; MLflow parent run {summary['parent_run']}")
+    if args.apply:
+        print(
+            "params.yaml: finetune.decision set; `dvc repro` now trains the served model on "
+            "every non-test image with it (finetune.train_on)"
+        )
+
+
+def cmd_growing_data(args: argparse.Namespace) -> None:
+    """The growing-data scenario through DVC or kfp.local; print its claims."""
+    from imgpipe.core.params import with_sets
+    from pipelines import growing
+
+    report = growing.run(
+        Path(args.source),
+        Path(args.work),
+        orchestrator=args.orchestrator,
+        params=with_sets(params_of(args), args.set or []),
+        new_fraction=args.new_fraction,
+        corrupt_fraction=args.corrupt_fraction,
+        seed=args.seed,
+        out=args.out,
+    )
+    for version, record in report["versions"].items():
+        print(f"{version}: {record['images']} images {record['splits']} in {record['seconds']} s")
+    for claim in report["claims"]:
+        print(f"- {claim}")
+
+
+def register(sub: Subcommands) -> None:
+    p = add_command(
+        sub,
+        "seeds",
+        cmd_seeds,
+        "run a recipe over several training seeds: mean ± sd of its figures, in MLflow",
+        params=False,
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2], metavar="N")
+    p.add_argument(
+        "--through",
+        default="finetune",
+        help="last stage each seed runs: finetune (validation only, for choosing a recipe) or "
+        "evaluate (test figures too, for the final one)",
+    )
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="as dvc exp run -S")
+    p.add_argument("--name", help="the recipe's name (default: recipe-<time>)")
+    p.add_argument("--out", type=Path, help="write the summary as JSON (e.g. metrics/seeds.json)")
+    p.add_argument(
+        "--seed-keys",
+        nargs="+",
+        metavar="SECTION.KEY",
+        help="the params each seed sets (default: train.seed finetune.seed); finetune.seed "
+        "alone keeps the frozen phase and varies only fine-tuning",
+    )
+
+    p = add_command(
+        sub,
+        "crossval",
+        cmd_crossval,
+        "compare a recipe by k-fold cross-validation over the non-test images: mean ± sd over "
+        "folds and seeds, out-of-fold predictions, the decision fitted on them",
+        params=False,
+    )
+    p.add_argument("--folds", type=int, default=5, metavar="K")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42], metavar="N")
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="as dvc exp run -S")
+    p.add_argument("--name", default="crossval", help="the recipe's name (default: crossval)")
+    p.add_argument(
+        "--out", type=Path, help="write the summary as JSON (e.g. metrics/crossval.json)"
+    )
+    p.add_argument(
+        "--seed-keys",
+        nargs="+",
+        metavar="SECTION.KEY",
+        help="the params each seed sets (default: train.seed finetune.seed)",
+    )
+    p.add_argument(
+        "--apply",
+        action="store_true",
+        help="set params.yaml's finetune.decision to the decision fitted out-of-fold, for the "
+        "production run on every non-test image",
+    )
+
+    p = add_command(
+        sub,
+        "growing-data",
+        cmd_growing_data,
+        "run the pipeline on three versions of a data set (v1; v2 = v1 + new images; v3 = v2 "
+        "with a class partly relabelled) and check what the split and the gate do",
+    )
+    p.add_argument("source", help="a folder of class folders (e.g. data)")
+    p.add_argument("work", help="a new folder for the versions, the runs and their registry")
+    p.add_argument("--orchestrator", choices=["dvc", "kfp"], default="dvc")
+    p.add_argument("--profile", help="profiles/<name>.yaml overrides, e.g. quick")
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="as dvc exp run -S")
+    p.add_argument("--new-fraction", type=float, default=0.1, help="v2's new images, of v1's")
+    p.add_argument(
+        "--corrupt-fraction", type=float, default=0.25, help="of the largest class, in v3"
+    )
+    p.add_argument("--seed", type=int, default=0, help="draws the new and relabelled images")
+    p.add_argument("--out", type=Path, help="write the report as JSON")
