@@ -23,6 +23,7 @@ COPY pyproject.toml requirements.lock ./
 COPY components/ components/
 COPY imgpipe/ imgpipe/
 COPY pipelines/ pipelines/
+COPY commands/ commands/
 COPY serving/ serving/
 COPY params.yaml dvc.yaml ./
 # A venv that sees the base's site-packages (on the TensorFlow images the preinstalled
@@ -31,7 +32,7 @@ RUN python3 -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/python -m pip install "uv==0.13.8" \
     && /opt/venv/bin/uv pip install --python /opt/venv/bin/python -c requirements.lock . \
     && /opt/venv/bin/python -m pip uninstall -y uv \
-    && /opt/venv/bin/python -c "import components, imgpipe, pipelines, serving"
+    && /opt/venv/bin/python -c "import commands, components, imgpipe, pipelines, serving"
 ENV PATH=/opt/venv/bin:$PATH
 
 # Run as an unprivileged user; the working directory is the only writable place it needs.
