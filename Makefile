@@ -38,8 +38,8 @@ PYTEST_WORKERS ?= --numprocesses logical --maxprocesses 4 --dist loadfile
 test: setup  ## the whole test suite, offline, a module per core (up to 4)
 	$(BIN)/pytest $(PYTEST_WORKERS)
 
-test-fast: setup  ## the inner loop: every test but the slow ones (real stages, servers, e2e)
-	$(BIN)/pytest $(PYTEST_WORKERS) -m "not slow"
+test-fast: setup  ## the inner loop: the code and data tests (tests/code, tests/data) but the slow ones
+	$(BIN)/pytest $(PYTEST_WORKERS) -m "(code or data) and not slow"
 
 bench: demo  ## every benchmark on the demo's outputs: JSON and summary.md in bench/results/
 	$(BIN)/python -m bench

@@ -8,7 +8,7 @@ questions go to DVC without running anything: which stages the change invalidate
 (``dvc status``: finetune only, nothing upstream), and which stages a repro would then run
 (``dvc repro --dry --force-downstream``: a dry run cannot see that finetune's new model will
 change evaluate's inputs, so downstream stages are counted as they will be). The file's exact
-text is put back afterwards, also on error or interrupt. (tests/test_pipeline_dvc.py runs the
+text is put back afterwards, also on error or interrupt. (tests/e2e/test_pipeline_dvc.py runs the
 same change for real on a tiny project.) Writes JSON (``--out``).
 """
 

@@ -8,7 +8,7 @@ Each group of cases runs in a fresh process of its own (``--group NAME``), in a 
 own, so that its peak memory is its own. For every case the JSON says its outcome (the answer
 or error), whether the process under test stayed up, how many records were lost (and the
 documented bound), how many files were written outside the folders the component may write
-(must be 0) and the group's peak resident memory. ``tests/test_faults.py`` runs the same groups
+(must be 0) and the group's peak resident memory. ``tests/code/test_faults.py`` runs the same groups
 and fails on any case whose outcome is not the expected one. The server and sidecar groups need
 an exported SavedModel (default: the newest in ``models/``, from ``make demo``).
 """

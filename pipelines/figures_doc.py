@@ -1,6 +1,6 @@
 """The figure tables of the README and docs/accuracy.md, rendered from the committed files that
 hold the figures (``metrics/*.json``, ``docs/accuracy.yaml``), so that a quoted figure cannot
-drift from its source: ``make docs`` rewrites them, and tests/test_docs.py fails when a page
+drift from its source: ``make docs`` rewrites them, and tests/code/test_docs.py fails when a page
 differs from what its sources render or quotes a figure outside a rendered block.
 
 A rendered block sits between ``<!-- render: NAME -->`` and ``<!-- end render -->``; NAME is a

@@ -7,7 +7,7 @@ Everything that runs a stage is derived from these declarations, never written a
   output, defaulting to the DVC paths below, and ``--params``;
 - the Kubeflow component (``pipelines.kubeflow``): one typed artifact per input and output, one
   JSON parameter per params section, wired to the producing stages;
-- ``dvc.yaml`` stays a readable checked-in file; ``tests/test_stages.py`` fails when it
+- ``dvc.yaml`` stays a readable checked-in file; ``tests/code/test_stages.py`` fails when it
   disagrees with these declarations, code deps included (found from the stage's imports).
 
 The executor of stage ``<name>`` is ``components.<name>.run``: a plain function whose keyword

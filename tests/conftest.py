@@ -23,6 +23,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+GROUPS = ("code", "data", "model", "e2e")
+"""The test folders, marked alike (``pytest -m model``): what a failing test says broke. code:
+the logic, on made-up inputs (servers included); data: reading, checking, splitting and
+augmenting images; model: a tiny model that really trains, and what it learnt; e2e: the whole
+pipeline through each orchestrator."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = Path(str(item.fspath)).parent.name
+        if group not in GROUPS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in tests/{{{','.join(GROUPS)}}}/")
+        item.add_marker(getattr(pytest.mark, group))
+
 # Keep TensorFlow's start-up chatter out of the test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -1,6 +1,6 @@
 """Cross-validation's out-of-fold predictions and the decision fitted on them
 (pipelines/crossval.py), on predictions written as finetune writes them. The fold runs
-themselves are DVC experiments run like `imgpipe seeds`' (tests/test_pipeline_dvc.py)."""
+themselves are DVC experiments run like `imgpipe seeds`' (tests/e2e/test_pipeline_dvc.py)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import pytest
 from imgpipe.core.params import ParamsError, load_params
 from imgpipe.model.trainjob import TrainJobEnvError, set_tf_config, tf_config_from_jobset
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 TRAINJOBS = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/ml/trainjobs"
 POD_ENV = {
     "JOBSET_NAME": "imgpipe-finetune-1a2b",

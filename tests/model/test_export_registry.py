@@ -41,7 +41,7 @@ from imgpipe.data.lineage import read_trained_on
 
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 64
 CLASSES = {"a": 40, "b": 40, "c": 40}  # ingest 20% val, 40% test: 48 test images
 MODEL = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": IMAGE_SIZE}

@@ -26,7 +26,7 @@ from pipelines.growing import dvc_env, dvc_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 CLASSES = ("circle", "square", "triangle")
 IMAGES_PER_CLASS = 16  # ingest's 75/10/15 rounding gives 10 train, 2 val, 4 test per class
 EXPERIMENT = "imgpipe-e2e"

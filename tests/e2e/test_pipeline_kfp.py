@@ -17,7 +17,7 @@ import yaml
 from conftest import encode_image, make_class_folders
 from PIL import Image
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 CLASSES = {"a": 16, "b": 16, "c": 16}
 STAGES = ("ingest", "validate", "augment", "train", "finetune", "evaluate", "export", "push")
 ORDER = (  # dependency order, ties by name: the cached steps wait for start-run

@@ -1,7 +1,7 @@
 """The hostile-input and failure cases of ``python -m bench.faults``, as tests: each group runs
 in a process of its own, and every case must end as expected with no file written outside the
 folders its component may write. (The gRPC server's cases are its contract tests in
-tests/test_serving.py; the bench runs them against the demo's model too.)"""
+tests/code/test_serving.py; the bench runs them against the demo's model too.)"""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The contract tests take the server from the environment, so the same suite check
 stand-in in CI and a real ``tensorflow/serving`` wherever one is reachable:
 
     IMGPIPE_SERVING_ADDRESS=host:8500 IMGPIPE_SERVING_MODEL=elpv_defects \
-        pytest tests/test_serving.py -k Contract
+        pytest tests/code/test_serving.py -k Contract
 
 Without ``IMGPIPE_SERVING_ADDRESS`` a local server is started here (127.0.0.1, a free port) on two
 versions of a small exported classifier, with batching on, and stopped by its PID with SIGTERM;
@@ -32,7 +32,7 @@ from serving.process import ServerProcess, model_config
 
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 LABELS = ("crack", "finger", "intact")
 LOCAL_MODEL = "contract"
 EXTERNAL = os.environ.get("IMGPIPE_SERVING_ADDRESS")

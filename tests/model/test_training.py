@@ -117,7 +117,7 @@ def test_learns_and_finetune_changes_only_the_unfrozen_layers(project, tmp_path)
     without the test split: its shards are deleted from the copy of ingest's output that
     finetune reads. The saved model's output bias is the best epoch's plus tau * log(training
     prior) (on these balanced classes that offset shifts every logit alike, so tau is 0;
-    tests/test_metrics.py fits non-zero ones), and decision.json says what was folded in.
+    tests/code/test_metrics.py fits non-zero ones), and decision.json says what was folded in.
 
     It fine-tunes in mixed precision, forced on this CPU: the epochs ran with the base in
     float16 and the head in float32 under dynamic loss scaling (the checkpoints record it),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 KUBECTL = Path(sys.executable).parent / "kubectl"
 KUBERNETES = "1.33"
 DOCKERFILES = sorted((PROJECT / "infra" / "docker").glob("*.Dockerfile"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 README = PROJECT / "README.md"
 README_MAX_LINES = 250
 # Where the README's details live, beside what they describe.
@@ -143,7 +143,7 @@ def test_link_anchors_name_a_heading() -> None:
 
 def test_named_paths_exist() -> None:
     """A project path the docs name in backticks (`imgpipe/evaluation/gate.py`,
-    `tests/test_infra.py`) exists, so a renamed or removed file cannot leave the docs pointing at
+    `tests/code/test_infra.py`) exists, so a renamed or removed file cannot leave the docs pointing at
     nothing."""
     missing = []
     for page in doc_files():

@@ -41,7 +41,7 @@ def main(root: Path, out: Path, replicas: int, scale: int) -> None:
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)]
         )
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: conftest
     from conftest import params
 
     from components import finetune, train

@@ -276,7 +276,7 @@ def test_finetune_views_are_fresh_each_epoch_and_fixed_by_the_seed(augmented):
     """The views fine-tuning trains on: every epoch holds every training image once, each
     epoch draws another view of (nearly) every image, the same seed gives the same views bit
     for bit, and another seed other views. (Replicas and resumed runs see what one device sees:
-    tests/test_distribute.py, tests/test_training.py.)"""
+    tests/model/test_distribute.py, tests/model/test_training.py.)"""
     root, _ = augmented
     shards = root / "ingest" / "shards"
     first, again, other = (

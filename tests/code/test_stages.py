@@ -17,7 +17,7 @@ from imgpipe.core.params import SECTIONS, ParamsError, load_params, section
 from pipelines import dvc
 from pipelines.stages import STAGES
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 PACKAGES = ("imgpipe", "components", "pipelines", "commands", "serving", "bench")
 LAYERS = {  # a package may import only from those listed for it
     "imgpipe": {"imgpipe", "serving"},  # serving.warmup: the warmup file's one home

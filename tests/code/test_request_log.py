@@ -1,6 +1,6 @@
 """The request log's writer, without a server: records, rotation, the size bound, retention,
 sampling, and drops that never reach the caller. (Through the sidecar in front of a real
-server: tests/test_serving.py.)"""
+server: tests/code/test_serving.py.)"""
 
 from __future__ import annotations
 
