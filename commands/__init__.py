@@ -1,4 +1,6 @@
-"""The ``imgpipe`` command: a thin command per module, each registering its own subcommands.
+"""imgpipe: the pipeline's stages, experiments, MLflow, serving, monitoring and Kubeflow.
+
+A thin command per module, each registering its own subcommands:
 
 - ``commands.stages``: every declared stage (``pipelines.stages``) and ``profile``;
 - ``commands.data``: ``sample-data``, ``fashion-mnist-data``;
