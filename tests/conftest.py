@@ -37,6 +37,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             raise pytest.UsageError(f"{item.nodeid}: a test lives in tests/{{{','.join(GROUPS)}}}/")
         item.add_marker(getattr(pytest.mark, group))
 
+
 # Keep TensorFlow's start-up chatter out of the test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -143,8 +143,8 @@ def test_link_anchors_name_a_heading() -> None:
 
 def test_named_paths_exist() -> None:
     """A project path the docs name in backticks (`imgpipe/evaluation/gate.py`,
-    `tests/code/test_infra.py`) exists, so a renamed or removed file cannot leave the docs pointing at
-    nothing."""
+    `tests/code/test_infra.py`) exists, so a renamed or removed file cannot leave the docs
+    pointing at nothing."""
     missing = []
     for page in doc_files():
         for path in named_paths(page):

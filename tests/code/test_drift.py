@@ -36,6 +36,7 @@ def test_class_and_confidence_tests_see_a_changed_mix_and_overconfidence():
     assert class_test(reference, probs(300, [0.6, 0.3, 0.1], 0.7), 3).p_value > 0.01
     assert class_test(reference, probs(300, [0.3, 0.3, 0.4], 0.7), 3).p_value < 1e-6
     assert confidence_test(reference, probs(300, [0.6, 0.3, 0.1], 0.95)).p_value < 1e-6
+    assert confidence_test(reference, probs(300, [0.6, 0.3, 0.1], 0.7)).p_value > 0.01
 
 
 def test_a_retraining_starts_once_not_twice_and_not_below_the_minimum():
