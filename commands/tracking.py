@@ -147,9 +147,15 @@ def cmd_summary(args: argparse.Namespace) -> None:
         if metrics:
             corrected = correction_text(metrics)
             corrected = f", fitted decision {corrected}" if corrected else ""
+            if "val_accuracy" in metrics:
+                seen = f"val accuracy {metrics['val_accuracy']:.4f}"
+            else:  # the production run: nothing held out (its recipe was cross-validated)
+                seen = (
+                    f"trained on {metrics['trained_on']} ({metrics['training_images']} images, "
+                    "none held out; cross-validated in metrics/crossval.json)"
+                )
             print(
-                f"{name + ':':<10} val accuracy {metrics['val_accuracy']:.4f} "
-                f"({metrics['epochs']} epochs){corrected} -> "
+                f"{name + ':':<10} {seen} ({metrics['epochs']} epochs){corrected} -> "
                 f"outputs/{'train' if name == 'frozen' else name}/model.keras"
             )
 
@@ -178,7 +184,12 @@ def cmd_summary(args: argparse.Namespace) -> None:
         )
     if pushed:
         name, version = pushed["registered_model"], pushed["version"]
-        if pushed["blessed"]:
+        if pushed.get("same_as_champion"):
+            print(
+                f"registry:  {name} v{version} is champion and has these very weights: not "
+                "registered again, no decision counted on the test set"
+            )
+        elif pushed["blessed"]:
             print(
                 f"registry:  {name} v{version} is champion; TF Serving version "
                 f"{pushed['serving_version']} at {pushed['pushed_to']}"

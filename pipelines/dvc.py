@@ -1,7 +1,7 @@
 """``dvc.yaml``, rendered from the stage declarations (``pipelines.stages``).
 
 The file stays checked in and readable; ``python -m pipelines.dvc`` rewrites it, and
-``tests/test_stages.py`` fails when the checked-in file differs from what this renders. Each
+``tests/code/test_stages.py`` fails when the checked-in file differs from what this renders. Each
 stage's code deps are the project files its executor (``components/<stage>.py``) imports,
 found by reading the imports (lazy ones inside functions too), so a change to any of them
 reruns the stage; the runner that hands it its params and MLflow run is not among them.
@@ -24,7 +24,7 @@ PACKAGES = ("components", "imgpipe", "serving", "pipelines")
 
 HEADER = """\
 # The pipeline DAG, rendered from pipelines/stages.py by `python -m pipelines.dvc`: edit the
-# declarations there, not this file (tests/test_stages.py checks that the two agree).
+# declarations there, not this file (tests/code/test_stages.py checks that the two agree).
 # Each stage is `imgpipe <stage>` (commands/stages.py) running components/<stage>.py.
 """
 

@@ -207,3 +207,17 @@ def test_upstream_follows_inputs_and_ordering_gates():
     assert upstream("ingest") == []
     assert upstream("train") == ["ingest", "validate", "augment"]  # validate gates augment
     assert upstream("push") == [s for s in STAGES if s != "push"]
+
+
+def test_summary_prints_the_committed_run(monkeypatch, capsys):
+    """``make demo`` ends with ``imgpipe summary`` on the metrics it just wrote: on the committed
+    ones (the production run, trained on train + val with nothing held out) it prints every
+    phase and the test figures."""
+    from commands import main
+
+    monkeypatch.chdir(PROJECT)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///nowhere.db")  # printed, not opened
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
+    for line in ("data:", "frozen:", "finetune:", "test:", "gate:", "export:", "registry:"):
+        assert f"\n{line}" in f"\n{out}", (line, out)
