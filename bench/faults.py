@@ -456,7 +456,7 @@ def group_monitor(work: Path, _: Path | None) -> list[Row]:
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     with one_check_at_a_time(work / "monitor"):
         second = subprocess.run(
-            [sys.executable, "-m", "pipelines", "monitor", "--params", str(work / "params.yaml"),
+            [sys.executable, "-m", "commands", "monitor", "--params", str(work / "params.yaml"),
              "--saved-model", str(work / "m" / "1"), "--log-dir", str(logs)],
             cwd=PROJECT, capture_output=True, text=True,
         )  # fmt: skip

@@ -25,6 +25,7 @@ PROJECT_FOLDERS = (
     "components",
     "imgpipe",
     "pipelines",
+    "commands",
     "serving",
     "infra",
     "bench",
@@ -33,7 +34,7 @@ PROJECT_FOLDERS = (
     "profiles",
 )
 # The Python packages a dotted name such as `imgpipe.data.datasets.decode_and_resize` may name.
-PACKAGES = ("components", "imgpipe", "pipelines", "serving", "bench")
+PACKAGES = ("components", "imgpipe", "pipelines", "commands", "serving", "bench")
 # Named by the docs, written by `make bench`, ignored by git (.gitignore): absent from a clone.
 GENERATED = ("bench/results/", "bench/data/")
 
