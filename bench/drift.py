@@ -176,7 +176,7 @@ def main() -> None:
                 sidecar = ServerProcess(
                     ["sidecar", "--upstream", server.address, "--params", str(params_file)],
                     root / "sidecar",
-                    module="pipelines",
+                    module="commands",
                 )
                 try:
                     failed = send(sidecar.address, model, images, args.clients)

@@ -589,7 +589,7 @@ def group_sidecar(work: Path, saved_model: Path | None) -> list[Row]:
         sidecar = ServerProcess(
             ["sidecar", "--upstream", server.address, "--params", str(params_file),
              "--log-folder", "pod-a"],
-            work / "sidecar", module="pipelines",
+            work / "sidecar", module="commands",
         )  # fmt: skip
         images = [_png(seed=i) for i in range(40)]
         with ServingClient(sidecar.address, timeout=120) as client:
@@ -618,7 +618,7 @@ def group_sidecar(work: Path, saved_model: Path | None) -> list[Row]:
         again = ServerProcess(
             ["sidecar", "--upstream", server.address, "--params", str(params_file),
              "--log-folder", "pod-b"],
-            work / "sidecar2", module="pipelines",
+            work / "sidecar2", module="commands",
         )  # fmt: skip
         again.stop()
         records = sum(1 for _ in read_logs(logs))

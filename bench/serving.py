@@ -239,7 +239,7 @@ def main() -> None:
         servers["sidecar"] = ServerProcess(
             ["sidecar", "--upstream", servers["unbatched"].address, "--params", str(logged)],
             root / "sidecar",
-            module="pipelines",
+            module="commands",
         )
         try:
             rounds: dict[str, list[dict[str, float]]] = {}

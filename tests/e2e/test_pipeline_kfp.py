@@ -435,7 +435,7 @@ def _closed_loop(tmp_path: Path, params: dict[str, Any], shared: Path, client: A
         ServerProcess(
             ["sidecar", "--upstream", server.address, "--params", str(tmp_path / "params.yaml")],
             tmp_path / "sidecar",
-            module="pipelines",
+            module="commands",
             timeout=60,
         ) as sidecar,
         ServingClient(sidecar.address, timeout=30) as serving,
