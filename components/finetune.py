@@ -513,12 +513,15 @@ def quantization_aware_phase(
         verbose=0,
     )
     quantization.refresh_bounds(quantized)
-    log.info(
-        "finetune: quantization-aware, val accuracy float %.4f, quantized %.4f -> %.4f",
-        float_accuracy,
-        start_accuracy,
-        logger.rows[-1].get("val_accuracy", float("nan")),
-    )
+    if val_batches is None:  # every non-test image trained: none is left to score
+        log.info("finetune: quantization-aware, %d epoch(s) on every non-test image", epochs)
+    else:
+        log.info(
+            "finetune: quantization-aware, val accuracy float %.4f, quantized %.4f -> %.4f",
+            float_accuracy,
+            start_accuracy,
+            logger.rows[-1].get("val_accuracy", float("nan")),
+        )
     figures = {"float_val_accuracy": float_accuracy, "quantized_start_val_accuracy": start_accuracy}
     return quantized, {
         "quantization_aware_epochs": epochs,

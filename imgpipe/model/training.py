@@ -207,7 +207,13 @@ class EpochLogger(keras.callbacks.Callback):
         }
         self.rows.append(row)
         log_epoch(row)
-        self.bar.set_postfix(val_acc=f"{row.get('val_accuracy', float('nan')):.3f}")
+        # val accuracy where images are held out; the training accuracy where every non-test
+        # image trains (the production run)
+        shown = "val_accuracy" if "val_accuracy" in row else "accuracy"
+        if shown in row:
+            self.bar.set_postfix(
+                {"val_acc" if shown == "val_accuracy" else "acc": f"{row[shown]:.3f}"}
+            )
         self.bar.update(1)
 
     def on_train_end(self, logs: dict | None = None) -> None:
