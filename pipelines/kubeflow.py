@@ -61,11 +61,14 @@ IMAGE = os.environ.get(
 )
 """The components image (``infra/docker/components.Dockerfile``), by default tagged with this
 package's version (pyproject.toml), never ``latest``; ignored by kfp.local."""
+COMPONENT = {"base_image": IMAGE, "install_kfp_package": False}
+"""How every step is declared: the image already holds kfp at the project's pin
+(requirements.lock); KFP's default would ``pip install kfp`` again at the start of every step."""
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA's GPU feature discovery
 
 
-@dsl.component(base_image=IMAGE)
+@dsl.component(**COMPONENT)
 def import_logs(
     ingest: Input[Artifact],
     validate: Input[Artifact],
@@ -236,7 +239,7 @@ def _compiled(name: str, source: str) -> Any:
         **{kind.__name__: kind for kind in ARTIFACT_TYPES},
     }
     exec(compile(source, filename, "exec"), namespace)
-    return dsl.component(base_image=IMAGE)(namespace[name])
+    return dsl.component(**COMPONENT)(namespace[name])
 
 
 def build(params: dict[str, Any], imported: dict[str, dict[str, str]] | None = None) -> Any:

@@ -27,10 +27,11 @@ COPY commands/ commands/
 COPY serving/ serving/
 COPY params.yaml dvc.yaml ./
 # A venv that sees the base's site-packages (on the TensorFlow images the preinstalled
-# tensorflow satisfies the pin), filled by the same pinned uv as `make setup`, from the lock.
+# tensorflow satisfies the pin), filled by the same pinned uv as `make setup`, from the lock;
+# compiled to bytecode, which PYTHONDONTWRITEBYTECODE would otherwise make every step redo.
 RUN python3 -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/python -m pip install "uv==0.13.8" \
-    && /opt/venv/bin/uv pip install --python /opt/venv/bin/python -c requirements.lock . \
+    && /opt/venv/bin/uv pip install --compile-bytecode --python /opt/venv/bin/python -c requirements.lock . \
     && /opt/venv/bin/python -m pip uninstall -y uv \
     && /opt/venv/bin/python -c "import commands, components, imgpipe, pipelines, serving"
 ENV PATH=/opt/venv/bin:$PATH

@@ -416,11 +416,16 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     client = MlflowClient(tmp_mlflow)
     project = exported.project
 
-    def candidate(name: str, edit: Callable) -> tuple[dict, dict]:
+    def candidate(name: str, edit: Callable | None) -> tuple[dict, dict]:
+        """Evaluate, export and push a variant of the module's model (``edit`` None: the
+        model itself, already exported by the fixture)."""
         root = tmp_path / name
-        model = _variant(project.model, root / "model", edit)
+        model = _variant(project.model, root / "model", edit) if edit else project.model
         result = _evaluate(project, model, root, registry.champion(MODEL_NAME), **gate)
-        export_dir, _ = _export(project, model, root, int8=False)
+        if edit:  # float32 TFLite only: the int8 files are the fixture's tests'
+            export_dir, _ = _export(project, model, root, int8=False, int8_weights=False)
+        else:
+            export_dir = exported.out
         with stage_run("push"):
             pushed = push.run(
                 exported=export_dir,
@@ -460,14 +465,14 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert client.get_model_version(MODEL_NAME, "2").tags["blessed"] == "false"
     assert push.serving_versions(tmp_path / "models", MODEL_NAME) == [1]
 
-    third, pushed = candidate("better", lambda kernel, bias: (kernel, bias))
+    third, pushed = candidate("better", None)
     assert third["blessed"], third["blessing"]
     assert third["test"]["accuracy"] > first["test"]["accuracy"]
     assert pushed["version"] == 3 and pushed["serving_version"] == 2
     assert registry.champion(MODEL_NAME).version == 3
     assert push.serving_versions(tmp_path / "models", MODEL_NAME) == [1, 2]
     decisions = client.get_registered_model(MODEL_NAME).tags
-    # The champion's weights exported and pushed again (a forced rerun): nothing is registered
+    # The champion's weights exported again and pushed (a forced rerun): nothing is registered
     # again, nothing pushed, no decision counted on the test set.
     _, again = candidate("again", lambda kernel, bias: (kernel, bias))
     assert again["same_as_champion"] and again["version"] == 3 and again["pushed_to"] is None
@@ -481,7 +486,7 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     test_set = third["test_set"]["sha256"][:16]
     assert client.get_registered_model(MODEL_NAME).tags[f"gate.decisions.{test_set}"] == "3"
     assert pushed["test_set_decisions"] == 3
-    trained_on = read_trained_on(tmp_path / "better" / "export" / "trained_on.txt")
+    trained_on = read_trained_on(exported.out / "trained_on.txt")
     assert len(trained_on) == 120 - 48 and registry.champion(MODEL_NAME).trained_on() == trained_on
     rows = read_csv_rows(project.ingest / "manifest.csv")
     assert trained_on == {r["sha256"]: r["label"] for r in rows if r["split"] in ("train", "val")}
@@ -504,7 +509,7 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     # 4. A blessing decided before the champion moved is stale.
     with stage_run("push"), pytest.raises(registry.PushError, match="rerun evaluate"):
         push.run(
-            exported=tmp_path / "better" / "export",
+            exported=exported.out,
             blessing=tmp_path / "champion" / "evaluate" / "blessing.json",
             summary=tmp_path / "stale.json",
             serving=serving,
@@ -708,7 +713,7 @@ def _promotions(
             nudged = _variant(
                 exported.project.model, tmp_path / "nudged", lambda k, b: (k, b + 0.1)
             )
-            other, _ = _export(exported.project, nudged, tmp_path, int8=False)
+            other, _ = _export(exported.project, nudged, tmp_path, int8=False, int8_weights=False)
             with pytest.raises(AccessError) as refused, stage_run("push"):
                 push.run(
                     exported=other,
