@@ -226,7 +226,7 @@ class RequestLog:
                 continue
             try:
                 if item is _STOP:
-                    self._close_file()
+                    self._close_file(last=True)
                     return
                 self._write(*item)
             finally:
@@ -276,17 +276,26 @@ class RequestLog:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock()))
         name = f"requests-{stamp}-{self._writer_id}-{self._sequence:06d}{OPEN_SUFFIX}"
         self._path = directory / name
+        # Created under a name no other writer looks at, locked, then renamed: a file that is
+        # seen as open is already held (else another writer's bound pass could find it free in
+        # between, take it for a dead writer's and close it under this writer's hands).
+        fresh = directory / f".{name}.new"
         try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         except FileNotFoundError:  # another writer removed the folder while it was empty
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while open: a free lock means its writer died
+        os.rename(fresh, self._path)  # the folder is not empty now: no writer removes it
         self._file = os.fdopen(fd, "ab")
         self._opened = self.clock()
 
-    def _close_file(self) -> None:
+    def _close_file(self, last: bool = False) -> None:
+        """Close the open file (readable from now on) and apply the bound; ``last``: this
+        writer stops, so its pass waits for another writer's instead of leaving it undone."""
         if self._file is None or self._path is None:
+            if last:
+                self._bound(wait=True)
             return
         try:
             self._file.close()
@@ -295,7 +304,7 @@ class RequestLog:
         except OSError as error:
             log.warning("request log: could not close %s: %s", self._path, error)
         self._file = self._path = None
-        self._bound()
+        self._bound(wait=last)
 
     def _discard_file(self) -> None:
         """After a failed write the open file may end in a partial record: close it, cut it
@@ -322,11 +331,13 @@ class RequestLog:
         else:
             self._bound()
 
-    def _bound(self) -> None:
-        """Over the whole log root, by one writer at a time (others skip this pass): salvage
-        open files no writer holds, delete closed files past retention, then the oldest closed
-        files until everything (open files included) fits ``max_total_bytes``; remove emptied
-        folders of other writers."""
+    def _bound(self, wait: bool = False) -> None:
+        """Over the whole log root, by one writer at a time (others skip this pass, and make
+        it at their next file or idle second; a writer that stops ``wait``s its turn, as no
+        later pass of its own would count its last file): salvage open files no writer holds,
+        delete closed files past retention, then the oldest closed files until everything
+        (open files included) fits ``max_total_bytes``; remove emptied folders of other
+        writers."""
         root = self.settings.directory
         try:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -336,7 +347,7 @@ class RequestLog:
             return
         try:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return  # another writer is at it
             self._bound_locked(root)

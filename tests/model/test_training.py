@@ -611,7 +611,13 @@ def test_full_profile_loads_and_its_first_epoch_runs(tmp_path):
         p,
         tmp_path,
         params("model", **full["model"]),
-        section(FinetuneParams, "finetune", {"finetune": {**full["finetune"], "epochs": 1}}),
+        # the profile's own settings; the quantization-aware epoch (not the profile's) has
+        # its own test, test_quantization_aware_finetuning_serves_what_the_int8_model_computes
+        section(
+            FinetuneParams,
+            "finetune",
+            {"finetune": {**full["finetune"], "epochs": 1, "quantization_aware_epochs": 0}},
+        ),
     )
     import keras
 
