@@ -23,18 +23,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-GROUPS = ("code", "data", "model", "e2e")
-"""The test folders, marked alike (``pytest -m model``): what a failing test says broke. code:
-the logic, on made-up inputs (servers included); data: reading, checking, splitting and
-augmenting images; model: a tiny model that really trains, and what it learnt; e2e: the whole
-pipeline through each orchestrator."""
+GROUPS = ("e2e", "model", "data", "code")
+"""The test folders, marked alike (``pytest -m model``): what a failing test says broke. e2e:
+the whole pipeline through each orchestrator; model: a tiny model that really trains, and what
+it learnt; data: reading, checking, splitting and augmenting images; code: the logic, on
+made-up inputs (servers included).
 
-
-LONGEST_FIRST = ("e2e", "model", "data", "code")
-"""The order the folders run in: each end-to-end module takes minutes of one worker, so they
-start first and the short modules fill the other workers around them (``make test`` hands out
-whole modules in collection order: ``--dist loadfile --no-loadscope-reorder``). Started last,
-as xdist's default order (most tests first) would, one of them alone made the run's tail."""
+Also the order they run in, longest first: each end-to-end module takes minutes of one worker,
+so they start first and the short modules fill the other workers around them (``make test``
+hands out whole modules in collection order: ``--dist loadfile --no-loadscope-reorder``).
+Started last, as xdist's default order (most tests first) would, one of them alone made the
+run's tail."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -43,7 +42,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if group not in GROUPS:
             raise pytest.UsageError(f"{item.nodeid}: a test lives in tests/{{{','.join(GROUPS)}}}/")
         item.add_marker(getattr(pytest.mark, group))
-    items.sort(key=lambda item: LONGEST_FIRST.index(Path(str(item.fspath)).parent.name))
+    items.sort(key=lambda item: GROUPS.index(Path(str(item.fspath)).parent.name))
 
 
 # Keep TensorFlow's start-up chatter out of the test output.
