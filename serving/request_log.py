@@ -285,8 +285,14 @@ class RequestLog:
         except FileNotFoundError:  # another writer removed the folder while it was empty
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held while open: a free lock means its writer died
-        os.rename(fresh, self._path)  # the folder is not empty now: no writer removes it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held while open: a free lock means its writer died
+            os.rename(fresh, self._path)  # the folder is not empty now: no writer removes it
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+            raise
         self._file = os.fdopen(fd, "ab")
         self._opened = self.clock()
 
