@@ -124,7 +124,7 @@ def main() -> None:
     from imgpipe.monitoring.reference import read_reference
     from imgpipe.monitoring.traffic import check_traffic, read_traffic, reasons_to_retrain
     from serving.config import served_model_name
-    from serving.process import ServerProcess, model_config
+    from serving.process import SIDECAR, ServerProcess, model_config
 
     started = time.perf_counter()
     params = load_params(args.params)
@@ -176,7 +176,7 @@ def main() -> None:
                 sidecar = ServerProcess(
                     ["sidecar", "--upstream", server.address, "--params", str(params_file)],
                     root / "sidecar",
-                    module="commands",
+                    module=SIDECAR,
                 )
                 try:
                     failed = send(sidecar.address, model, images, args.clients)

@@ -573,7 +573,7 @@ def group_sidecar(work: Path, saved_model: Path | None) -> list[Row]:
     import yaml
 
     from serving.client import ServingClient
-    from serving.process import ServerProcess
+    from serving.process import SIDECAR, ServerProcess
     from serving.request_log import OPEN_SUFFIX, read_logs
 
     if saved_model is None:
@@ -589,7 +589,7 @@ def group_sidecar(work: Path, saved_model: Path | None) -> list[Row]:
         sidecar = ServerProcess(
             ["sidecar", "--upstream", server.address, "--params", str(params_file),
              "--log-folder", "pod-a"],
-            work / "sidecar", module="commands",
+            work / "sidecar", module=SIDECAR,
         )  # fmt: skip
         images = [_png(seed=i) for i in range(40)]
         with ServingClient(sidecar.address, timeout=120) as client:
@@ -618,7 +618,7 @@ def group_sidecar(work: Path, saved_model: Path | None) -> list[Row]:
         again = ServerProcess(
             ["sidecar", "--upstream", server.address, "--params", str(params_file),
              "--log-folder", "pod-b"],
-            work / "sidecar2", module="commands",
+            work / "sidecar2", module=SIDECAR,
         )  # fmt: skip
         again.stop()
         records = sum(1 for _ in read_logs(logs))

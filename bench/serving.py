@@ -195,7 +195,7 @@ def main() -> None:
     from imgpipe.export.savedmodel import TFLITE_FILES
     from imgpipe.model import backbones
     from serving.config import served_model_name
-    from serving.process import ServerProcess, model_config
+    from serving.process import SIDECAR, ServerProcess, model_config
 
     args.model = args.model or served_model_name(args.params)
     base = args.base or PROJECT / "outputs" / "export" / "serving" / args.model
@@ -239,7 +239,7 @@ def main() -> None:
         servers["sidecar"] = ServerProcess(
             ["sidecar", "--upstream", servers["unbatched"].address, "--params", str(logged)],
             root / "sidecar",
-            module="commands",
+            module=SIDECAR,
         )
         try:
             rounds: dict[str, list[dict[str, float]]] = {}

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
+SIDECAR = "commands"
+"""The ``module`` that runs the logging sidecar: ``python -m commands sidecar ...``."""
 
 
 def free_port() -> int:

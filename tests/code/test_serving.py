@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from conftest import class_pattern, encode_image, export_classifier
 
-from serving.process import ServerProcess, model_config
+from serving.process import SIDECAR, ServerProcess, model_config
 
 pytestmark = pytest.mark.slow
 
@@ -365,7 +365,7 @@ def _sidecar(upstream: str, root: Path, log_dir: Path) -> ServerProcess:
     root.mkdir(parents=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     args = ["sidecar", "--upstream", upstream, "--params", str(root / "params.yaml")]
-    return ServerProcess(args, root, module="commands", timeout=60)
+    return ServerProcess(args, root, module=SIDECAR, timeout=60)
 
 
 @pytest.mark.skipif(bool(EXTERNAL), reason="starts a local server")

@@ -404,7 +404,7 @@ def _closed_loop(tmp_path: Path, params: dict[str, Any], shared: Path, client: A
     from components.push import serving_versions
     from serving.client import ServingClient, ServingClientError
     from serving.config import MODEL_CONFIG, model_config_for, read_model_config, write_config
-    from serving.process import ServerProcess
+    from serving.process import SIDECAR, ServerProcess
     from serving.request_log import read_logs
 
     models = shared / params["serving"]["model_base_path"]
@@ -435,7 +435,7 @@ def _closed_loop(tmp_path: Path, params: dict[str, Any], shared: Path, client: A
         ServerProcess(
             ["sidecar", "--upstream", server.address, "--params", str(tmp_path / "params.yaml")],
             tmp_path / "sidecar",
-            module="commands",
+            module=SIDECAR,
             timeout=60,
         ) as sidecar,
         ServingClient(sidecar.address, timeout=30) as serving,
