@@ -502,23 +502,15 @@ def build_tiny_project(
     return p
 
 
-def export_classifier(
-    path: Path,
-    model_name: str,
-    labels: Sequence[str],
-    seed: int,
-    image_size: int = 32,
-    warmup: Sequence[bytes] = (),
-) -> Path:
+def build_classifier(path: Path, labels: Sequence[str], seed: int, image_size: int = 32) -> Path:
     """A Lite0 classifier (ImageNet base, untrained head seeded by ``seed``) exported exactly
-    as the export stage exports a trained one: the serving signatures and a warmup file. For
-    serving tests, where what matters is the API, not the accuracy."""
+    as the export stage exports a trained one: the serving signatures. For serving tests, where
+    what matters is the API, not the accuracy. Tests take it through ``export_classifier``."""
     import keras
 
     from imgpipe.export.savedmodel import write_saved_model
     from imgpipe.model import backbones
     from imgpipe.model.training import assemble, build_head
-    from serving.warmup import write_warmup
 
     keras.utils.set_random_seed(seed)
     base = backbones.create(
@@ -526,6 +518,53 @@ def export_classifier(
     )
     model = assemble(base, build_head(1280, len(labels), 0.0, 0, seed))
     write_saved_model(model, labels, image_size, path, params("serving").max_image_pixels)
-    if warmup:
-        write_warmup(path, model_name, warmup)
     return path
+
+
+ExportClassifier = Callable[..., Path]
+"""``export_classifier(path, model_name, labels, seed, image_size=32, warmup=())``: the
+SavedModel of ``build_classifier`` at ``path``, with a warmup file of ``warmup`` requests to
+``model_name``; returns ``path``."""
+
+
+@pytest.fixture(scope="session")
+def export_classifier(tmp_path_factory: pytest.TempPathFactory) -> ExportClassifier:
+    """``build_classifier`` once per (labels, seed, image size) in the whole run, copied where
+    a test asks. Writing the signatures takes about 15 s; the serving, scoring, TLS and fault
+    tests ask for the same few models eight times. The workers of one xdist run share the
+    built ones through their common temp folder, one build at a time under a file lock."""
+    import fcntl
+    import json
+    import shutil
+
+    from serving.warmup import write_warmup
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this run's folder, above each worker's own
+    cache = shared / "classifiers"
+    cache.mkdir(exist_ok=True)
+
+    def export(
+        path: Path,
+        model_name: str,
+        labels: Sequence[str],
+        seed: int,
+        image_size: int = 32,
+        warmup: Sequence[bytes] = (),
+    ) -> Path:
+        key = hashlib.sha256(json.dumps([list(labels), seed, image_size]).encode()).hexdigest()
+        built = cache / key[:16]
+        with open(cache / f"{built.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not built.is_dir():
+                staging = cache / f".{built.name}.building"
+                shutil.rmtree(staging, ignore_errors=True)
+                build_classifier(staging, labels, seed, image_size)
+                staging.rename(built)
+        shutil.copytree(built, path)
+        if warmup:
+            write_warmup(path, model_name, warmup)
+        return path
+
+    return export

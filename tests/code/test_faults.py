@@ -6,7 +6,6 @@ tests/code/test_serving.py; the bench runs them against the demo's model too.)""
 from __future__ import annotations
 
 import pytest
-from conftest import export_classifier
 
 from bench.faults import run_group
 
@@ -14,10 +13,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("group", ["feedback", "images", "request_log", "monitor", "sidecar"])
-def test_each_fault_case_ends_as_expected_and_writes_nothing_outside(group, tmp_path):
+def test_each_fault_case_ends_as_expected_and_writes_nothing_outside(
+    group, tmp_path, export_classifier
+):
     saved_model = None
     if group == "sidecar":
-        saved_model = export_classifier(tmp_path / "models" / "tiny" / "1", "tiny", "abc", seed=0)
+        saved_model = export_classifier(
+            tmp_path / "models" / "tiny" / "1", "tiny", ("crack", "finger", "intact"), seed=1
+        )
     rows = run_group(group, tmp_path / group, saved_model)
     assert rows, group
     failed = [

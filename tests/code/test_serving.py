@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import class_pattern, encode_image, export_classifier
+from conftest import ExportClassifier, class_pattern, encode_image
 
 from serving.process import SIDECAR, ServerProcess, model_config
 
@@ -77,17 +77,17 @@ class LocalServer(ServerProcess):
         )
 
 
-def _export_version(base: Path, version: int) -> Path:
+def _export_version(export_classifier: ExportClassifier, base: Path, version: int) -> Path:
     return export_classifier(
         base / str(version), LOCAL_MODEL, LABELS, seed=version, warmup=_images(2)
     )
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory) -> LocalServer:
+def local(tmp_path_factory, export_classifier) -> LocalServer:
     root = tmp_path_factory.mktemp("serving")
     for version in (1, 2):
-        _export_version(root / "models" / LOCAL_MODEL, version)
+        _export_version(export_classifier, root / "models" / LOCAL_MODEL, version)
     server = LocalServer(root)
     yield server
     code = server.stop()
@@ -442,7 +442,7 @@ def _wait_for(condition, what: str, seconds: float = 120):
 
 
 @pytest.mark.skipif(bool(EXTERNAL), reason="needs the local server's base path")
-def test_hot_swap_fails_no_request_and_serves_the_new_version(local, tmp_path):
+def test_hot_swap_fails_no_request_and_serves_the_new_version(local, tmp_path, export_classifier):
     """Guards the hot swap: while client loops keep predicting, a new version is pushed into
     the base path (one rename, like the push stage); no request fails, every request sent once
     the server reports the new version AVAILABLE is answered by it, and the oldest version is
@@ -455,7 +455,7 @@ def test_hot_swap_fails_no_request_and_serves_the_new_version(local, tmp_path):
 
     with ServingClient(local.address, timeout=60) as status_client:
         before = _available(status_client)
-        staged = _export_version(tmp_path / "staging", before[-1] + 1)
+        staged = _export_version(export_classifier, tmp_path / "staging", before[-1] + 1)
         stop = threading.Event()
         answers: list[list[tuple[float, int]]] = [[] for _ in range(3)]  # (sent at, version)
         failures: list[str] = []
@@ -646,7 +646,7 @@ def test_make_serve_config_serves_the_params_model_name(local, tmp_path):
         assert int(out["model_version"]) == 1 and out["probabilities"].shape == (2, len(LABELS))
 
 
-def test_a_version_whose_warmup_fails_never_becomes_available(tmp_path):
+def test_a_version_whose_warmup_fails_never_becomes_available(tmp_path, export_classifier):
     """Guards warmup-before-AVAILABLE and availability: under the default policy (latest 1)
     a new version whose warmup request cannot run is reported END with the reason, and the
     previous version keeps serving instead of being unloaded for it."""
@@ -656,7 +656,7 @@ def test_a_version_whose_warmup_fails_never_becomes_available(tmp_path):
     from serving.warmup import write_warmup
 
     base = tmp_path / LOCAL_MODEL
-    _export_version(base, 1)
+    _export_version(export_classifier, base, 1)
     config = model_server_config_pb2.ModelServerConfig()
     config.model_config_list.config.add(name=LOCAL_MODEL, base_path=str(base))
     manager = ModelManager(config, poll_seconds=0)

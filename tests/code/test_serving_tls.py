@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import class_pattern, encode_image, export_classifier
+from conftest import class_pattern, encode_image
 
 from serving import config
 from serving.process import ServerProcess, model_config
@@ -109,7 +109,7 @@ def _write_ssl_config(pki: PKI, out: Path, *, client_verify: bool = False) -> Pa
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
+def models(tmp_path_factory, export_classifier) -> Path:
     """One exported version, ``models/tls/1``, shared by both servers."""
     root = tmp_path_factory.mktemp("tls-models")
     export_classifier(root / MODEL / "1", MODEL, LABELS, seed=1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import export_classifier, make_class_folders
+from conftest import make_class_folders
 
 from commands import main
 from imgpipe.data.images import check_image
@@ -16,20 +16,20 @@ from imgpipe.monitoring import scoring
 
 pytestmark = pytest.mark.slow
 
-LABELS = ("a", "b")
+LABELS = ("crack", "finger", "intact")
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    return export_classifier(tmp_path_factory.mktemp("model") / "1", "scored", LABELS, seed=3)
+def saved_model(tmp_path_factory, export_classifier):
+    return export_classifier(tmp_path_factory.mktemp("model") / "1", "scored", LABELS, seed=1)
 
 
 def test_a_folder_is_scored_like_the_saved_model_and_bad_files_keep_their_rows(
     saved_model, tmp_path
 ):
-    written = make_class_folders(tmp_path / "new", {"a": 5, "b": 4}, size=40, ext="jpg")
-    (tmp_path / "new" / "b" / "broken.png").write_text("not an image")
-    (tmp_path / "new" / "a" / ".hidden.png").write_bytes(b"")  # skipped, like ingest
+    written = make_class_folders(tmp_path / "new", {"crack": 5, "finger": 4}, size=40, ext="jpg")
+    (tmp_path / "new" / "finger" / "broken.png").write_text("not an image")
+    (tmp_path / "new" / "crack" / ".hidden.png").write_bytes(b"")  # skipped, like ingest
     out = tmp_path / "predictions.csv"
 
     assert main(["score", str(tmp_path / "new"), "--labels-from-folders", "--saved-model",
@@ -39,10 +39,10 @@ def test_a_folder_is_scored_like_the_saved_model_and_bad_files_keep_their_rows(
     assert len(table) == 10 and list(table.columns[:6]) == [
         "filepath", "sha256", "label", "predicted", "confidence", "correct",
     ]  # fmt: skip
-    broken = table[table.filepath == "b/broken.png"].iloc[0]
+    broken = table[table.filepath == "finger/broken.png"].iloc[0]
     assert broken.error == "not_an_image" and pd.isna(broken.predicted)
     scored = table[table.error.isna()]
-    paths = [p for name in LABELS for p in written[name]]
+    paths = [p for name in written for p in written[name]]
     encoded = [check_image(p.read_bytes(), max_pixels=10**8).encoded for p in paths]
     expected = SavedModelClassifier(saved_model).predict_bytes(encoded)
     by_path = {f"{p.parent.name}/{p.name}": i for i, p in enumerate(paths)}
