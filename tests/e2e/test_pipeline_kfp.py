@@ -321,7 +321,7 @@ def test_kfp_local_runs_every_stage_then_the_monitor_retrains_and_serves_the_nex
         non_inferiority_margin=1.0,
         min_compared_images=1,
     )
-    # The int8-weights model is tested by test_export_registry and the DVC e2e run: skip it here.
+    # The int8-weights model is test_export_registry's: skip it here.
     params["export"].update(warmup_images=2, representative_images=8, int8_weights=False)
     params["serving"].update(model_name="tiny")  # model_base_path: params.yaml's, relative
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -411,6 +411,10 @@ def _closed_loop(tmp_path: Path, params: dict[str, Any], shared: Path, client: A
     params = copy.deepcopy(params)
     params["request_log"].update(directory=str(tmp_path / "logs"), rotate_seconds=1)
     params["monitor"].update(min_requests=24, permutations=200, directory="monitor")
+    # The retraining is what the loop proves: a float model and its float32 file (the first run
+    # had the quantization-aware epoch and the int8 file).
+    params["finetune"].update(quantization_aware_epochs=0)
+    params["export"].update(int8=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     darkened: list[bytes] = []  # each also written as labelled feedback
     for label, paths in make_class_folders(

@@ -148,6 +148,25 @@ def exported(tmp_path_factory) -> Exported:
     return Exported(project, out, report, read_labels(project.ingest / "labels.txt"))
 
 
+def _shuffle(kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The output layer with its classes rotated: no class keeps its own output."""
+    order = [1, 2, 0]
+    return kernel[:, order], bias[order]
+
+
+@pytest.fixture(scope="module")
+def sabotaged(exported, tmp_path_factory) -> tuple[Path, Path]:
+    """The module's model with its classes shuffled (other weights, far worse) and its
+    export (float32 TFLite only: the int8 files are the fixture's tests'): the gate's sabotaged
+    candidate and the other weights the accounts test tries to register. Returns the model
+    file and the export folder."""
+    root = tmp_path_factory.mktemp("sabotaged")
+    model = _variant(exported.project.model, root / "model", _shuffle)
+    _evaluate(exported.project, model, root)
+    out, _ = _export(exported.project, model, root, int8=False, int8_weights=False)
+    return model, out
+
+
 def test_bytes_signature_gives_the_keras_probabilities_on_png_and_jpeg(exported):
     """Guards train/serve skew: decoding and resizing inside the graph is the training path,
     so the served probabilities equal the Keras model's on the decoded image (within
@@ -383,7 +402,7 @@ def test_evaluate_scores_the_networks_own_decision_beside_the_served_one(exporte
 
 
 def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
-    exported, tmp_path, monkeypatch, tmp_mlflow
+    exported, sabotaged, tmp_path, monkeypatch, tmp_mlflow
 ):
     """Guards the promotion gate, end to end against a real MLflow registry and serving folder:
 
@@ -418,14 +437,17 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
 
     def candidate(name: str, edit: Callable | None) -> tuple[dict, dict]:
         """Evaluate, export and push a variant of the module's model (``edit`` None: the
-        model itself, already exported by the fixture)."""
+        model itself, already exported by the fixture; ``_shuffle``: the sabotaged fixture's)."""
         root = tmp_path / name
-        model = _variant(project.model, root / "model", edit) if edit else project.model
-        result = _evaluate(project, model, root, registry.champion(MODEL_NAME), **gate)
-        if edit:  # float32 TFLite only: the int8 files are the fixture's tests'
-            export_dir, _ = _export(project, model, root, int8=False, int8_weights=False)
+        if edit is None:
+            model, export_dir = project.model, exported.out
+        elif edit is _shuffle:
+            model, export_dir = sabotaged
         else:
-            export_dir = exported.out
+            model = _variant(project.model, root / "model", edit)
+        result = _evaluate(project, model, root, registry.champion(MODEL_NAME), **gate)
+        if edit not in (None, _shuffle):  # float32 TFLite only: the int8 files are the fixture's
+            export_dir, _ = _export(project, model, root, int8=False, int8_weights=False)
         with stage_run("push"):
             pushed = push.run(
                 exported=export_dir,
@@ -446,11 +468,7 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert registry.champion(MODEL_NAME).version == 1
     assert push.serving_versions(tmp_path / "models", MODEL_NAME) == [1]
 
-    def shuffled(kernel, bias):
-        order = [1, 2, 0]  # no class keeps its own output
-        return kernel[:, order], bias[order]
-
-    second, pushed = candidate("sabotaged", shuffled)
+    second, pushed = candidate("sabotaged", _shuffle)
     assert not second["blessed"]
     failed = {c["check"] for c in second["blessing"]["checks"] if not c["passed"]}
     assert {"min_accuracy", "non_inferior_accuracy"} <= failed, second["blessing"]
@@ -578,7 +596,7 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
 
 
 def test_only_the_pipeline_account_registers_and_moves_champion(
-    exported, tmp_path, monkeypatch, capsys
+    exported, sabotaged, tmp_path, monkeypatch, capsys
 ):
     """Guards who may promote a model, against MLflow's own basic-auth server started here on
     127.0.0.1, on the deployment's backend: runs, registry and permissions in PostgreSQL
@@ -606,11 +624,14 @@ def test_only_the_pipeline_account_registers_and_moves_champion(
             store, auth_store = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path}/a.db"
         else:
             store = auth_store = stack.enter_context(postgres_server())
-        _promotions(exported, tmp_path, monkeypatch, capsys, store, auth_store, passwords)
+        _promotions(
+            exported, sabotaged[1], tmp_path, monkeypatch, capsys, store, auth_store, passwords
+        )
 
 
 def _promotions(
     exported: Any,
+    other: Path,
     tmp_path: Path,
     monkeypatch: Any,
     capsys: Any,
@@ -619,7 +640,8 @@ def _promotions(
     passwords: dict[str, str],
 ) -> None:
     """The body of test_only_the_pipeline_account_registers_and_moves_champion on the
-    tracking ``store`` and the permissions' ``auth_store``."""
+    tracking ``store`` and the permissions' ``auth_store``; ``other``: an export of other
+    weights than the champion's."""
     import secrets
 
     import mlflow
@@ -710,10 +732,6 @@ def _promotions(
             unblessed["blessed"] = False  # a challenger: registered, never promoted
             (tmp_path / "unblessed.json").write_text(json.dumps(unblessed))
             # other weights than the champion's (the champion's own are not registered again)
-            nudged = _variant(
-                exported.project.model, tmp_path / "nudged", lambda k, b: (k, b + 0.1)
-            )
-            other, _ = _export(exported.project, nudged, tmp_path, int8=False, int8_weights=False)
             with pytest.raises(AccessError) as refused, stage_run("push"):
                 push.run(
                     exported=other,
