@@ -435,18 +435,15 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     client = MlflowClient(tmp_mlflow)
     project = exported.project
 
-    def candidate(name: str, edit: Callable | None) -> tuple[dict, dict]:
-        """Evaluate, export and push a variant of the module's model (``edit`` None: the
-        model itself, already exported by the fixture; ``_shuffle``: the sabotaged fixture's)."""
+    def variant(name: str, edit: Callable[[np.ndarray, np.ndarray], tuple]) -> Path:
+        return _variant(project.model, tmp_path / name / "model", edit)
+
+    def candidate(name: str, model: Path, export_dir: Path | None = None) -> tuple[dict, dict]:
+        """Evaluate ``model`` against the current champion and push its export (None: export
+        it here, float32 TFLite only: the int8 files are the fixture's tests')."""
         root = tmp_path / name
-        if edit is None:
-            model, export_dir = project.model, exported.out
-        elif edit is _shuffle:
-            model, export_dir = sabotaged
-        else:
-            model = _variant(project.model, root / "model", edit)
         result = _evaluate(project, model, root, registry.champion(MODEL_NAME), **gate)
-        if edit not in (None, _shuffle):  # float32 TFLite only: the int8 files are the fixture's
+        if export_dir is None:
             export_dir, _ = _export(project, model, root, int8=False, int8_weights=False)
         with stage_run("push"):
             pushed = push.run(
@@ -461,14 +458,14 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     def never_c(kernel, bias):
         return kernel, np.where(np.arange(len(bias)) == 2, -100.0, bias)
 
-    first, pushed = candidate("champion", never_c)
+    first, pushed = candidate("champion", variant("champion", never_c))
     assert first["blessed"] and first["champion"] is None
     assert 0.5 <= first["test"]["accuracy"] < 0.8, first["test"]
     assert pushed["version"] == 1 and pushed["serving_version"] == 1
     assert registry.champion(MODEL_NAME).version == 1
     assert push.serving_versions(tmp_path / "models", MODEL_NAME) == [1]
 
-    second, pushed = candidate("sabotaged", _shuffle)
+    second, pushed = candidate("sabotaged", *sabotaged)
     assert not second["blessed"]
     failed = {c["check"] for c in second["blessing"]["checks"] if not c["passed"]}
     assert {"min_accuracy", "non_inferior_accuracy"} <= failed, second["blessing"]
@@ -483,7 +480,7 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     assert client.get_model_version(MODEL_NAME, "2").tags["blessed"] == "false"
     assert push.serving_versions(tmp_path / "models", MODEL_NAME) == [1]
 
-    third, pushed = candidate("better", None)
+    third, pushed = candidate("better", project.model, exported.out)
     assert third["blessed"], third["blessing"]
     assert third["test"]["accuracy"] > first["test"]["accuracy"]
     assert pushed["version"] == 3 and pushed["serving_version"] == 2
@@ -492,7 +489,7 @@ def test_gate_refuses_a_sabotaged_candidate_and_promotes_a_better_one(
     decisions = client.get_registered_model(MODEL_NAME).tags
     # The champion's weights exported again and pushed (a forced rerun): nothing is registered
     # again, nothing pushed, no decision counted on the test set.
-    _, again = candidate("again", lambda kernel, bias: (kernel, bias))
+    _, again = candidate("again", variant("again", lambda kernel, bias: (kernel, bias)))
     assert again["same_as_champion"] and again["version"] == 3 and again["pushed_to"] is None
     assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 3
     assert client.get_registered_model(MODEL_NAME).tags == decisions
