@@ -1,6 +1,7 @@
 """Recipes compared as DVC experiments: ``imgpipe seeds`` (``pipelines.seeds``), ``imgpipe
-crossval`` (``pipelines.crossval``) and ``imgpipe growing-data`` (``pipelines.growing``). Each
-command parses and prints; the runs are the library's."""
+crossval`` (``pipelines.crossval``) and ``imgpipe growing-data`` (``pipelines.growing``); and
+``imgpipe ensemble`` (``imgpipe.model.ensemble``), their models averaged in one. Each command
+parses and prints; the work is the library's."""
 
 from __future__ import annotations
 
@@ -72,6 +73,19 @@ def cmd_growing_data(args: argparse.Namespace) -> None:
         print(f"{version}: {record['images']} images {record['splits']} in {record['seconds']} s")
     for claim in report["claims"]:
         print(f"- {claim}")
+
+
+def cmd_ensemble(args: argparse.Namespace) -> None:
+    """Average the members' probabilities in one model folder that evaluate and export take
+    like finetune's."""
+    from imgpipe.model.ensemble import write_ensemble
+
+    decision = write_ensemble([Path(m) for m in args.members], Path(args.out))
+    print(
+        f"{args.out}: the mean of {len(args.members)} models' probabilities (objective "
+        f"{decision['objective']}); evaluate it with `imgpipe evaluate --tuned "
+        f"{Path(args.out) / 'model.keras'} --decision {Path(args.out) / 'decision.json'}`"
+    )
 
 
 def register(sub: Subcommands) -> None:
@@ -146,3 +160,14 @@ def register(sub: Subcommands) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="draws the new and relabelled images")
     p.add_argument("--out", type=Path, help="write the report as JSON")
+
+    p = add_command(
+        sub,
+        "ensemble",
+        cmd_ensemble,
+        "average several fine-tuned models (seeds, folds) in one model folder (model.keras and "
+        "decision.json), served and evaluated like one",
+        params=False,
+    )
+    p.add_argument("members", nargs="+", help="model.keras files (each with its decision.json)")
+    p.add_argument("--out", required=True, help="the new folder, e.g. outputs/ensemble")

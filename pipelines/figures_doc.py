@@ -26,6 +26,7 @@ import yaml
 PAGES = ("README.md", "docs/accuracy.md")
 BLOCK = re.compile(r"(<!-- render: ([\w-]+) -->\n)(.*?)(<!-- end render -->)", re.DOTALL)
 SEEDS = "metrics/seeds.json"
+ENSEMBLE = "metrics/ensemble.json"
 SOURCES = "docs/accuracy.yaml"
 """Published figures on ELPV (each with its classes, split, hardware and citation) and the
 targets set for this pipeline."""
@@ -115,6 +116,28 @@ def render_seeds(root: Path) -> str:
         f"(recipe `{summary['recipe']}`, overrides: {overrides}; `{SEEDS}`, MLflow parent run "
         f"`{summary['parent_run']}`):\n\n"
         + _table(["figure", "mean ± sd", "min .. max", *(f"seed {s}" for s in seeds)], rows)
+    )
+
+
+def render_ensemble(root: Path) -> str:
+    """The default recipe's seed models averaged in one (``imgpipe ensemble``), evaluated on
+    the test split (metrics/ensemble.json, evaluate's summary), beside the seeds' mean ± sd
+    (metrics/seeds.json)."""
+    from pipelines.seeds import test_figures
+
+    ensemble = test_figures(_json(root, ENSEMBLE))
+    summary = _json(root, SEEDS)
+    stats = summary["summary"]
+    rows = [
+        [what, f"**{ensemble[key]:.4f}**", spread_text(stats[key], 4)]
+        for key, what in _seed_figures(root)
+        if key in ensemble and key in stats
+    ]
+    seeds = " ".join(str(s) for s in summary["seeds"])
+    return (
+        f"`imgpipe ensemble` of the models of seeds {seeds} of `{SEEDS}`, then `imgpipe "
+        f"evaluate` (`{ENSEMBLE}`):\n\n"
+        + _table(["figure", "the ensemble", f"one model, mean ± sd of seeds {seeds}"], rows)
     )
 
 
@@ -349,6 +372,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "crossval": render_crossval,
     "headline": render_headline,
     "seeds": render_seeds,
+    "ensemble": render_ensemble,
     "release": render_release,
     "recipes": render_recipes,
     "published": render_published,

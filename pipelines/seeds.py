@@ -84,7 +84,21 @@ def headline(metrics_dir: Path, with_test: bool, with_export: bool = False) -> d
     for key in ("seconds", "training_images"):  # what a run costs and what it trained on
         if key in tuned:
             figures[f"finetune.{key}"] = float(tuned[key])
-    evaluation = _read(metrics_dir / "evaluate.json") if with_test else {}
+    if with_test:
+        figures.update(test_figures(_read(metrics_dir / "evaluate.json")))
+    exported = _read(metrics_dir / "export.json") if with_export else {}
+    for kind, row in exported.get("parity_validation", {}).items():
+        if isinstance(row, dict) and "top1_agreement" in row:
+            figures[f"export.val_agreement.{kind}"] = float(row["top1_agreement"])
+    return figures
+
+
+def test_figures(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """The test split's figures of one evaluate summary (metrics/evaluate.json), under the
+    names a recipe's summary gives them: ``test.*`` (the served decision: accuracy, balanced
+    accuracy, ECE, per-class recall), ``test.argmax.*`` (the network's own) and the class
+    groups' (``test.groups.*``, ``test.argmax.groups.*``)."""
+    figures: dict[str, float] = {}
     test = evaluation.get("test", {})
     for key in ("accuracy", "balanced_accuracy", "ece"):
         if key in test:
@@ -99,10 +113,6 @@ def headline(metrics_dir: Path, with_test: bool, with_export: bool = False) -> d
         prefix = "test.groups" if decided == "served" else f"test.{decided}.groups"
         for key in ("accuracy", "balanced_accuracy"):
             figures[f"{prefix}.{key}"] = float(grouped[key])
-    exported = _read(metrics_dir / "export.json") if with_export else {}
-    for kind, row in exported.get("parity_validation", {}).items():
-        if isinstance(row, dict) and "top1_agreement" in row:
-            figures[f"export.val_agreement.{kind}"] = float(row["top1_agreement"])
     return figures
 
 
