@@ -27,6 +27,7 @@ PAGES = ("README.md", "docs/accuracy.md")
 BLOCK = re.compile(r"(<!-- render: ([\w-]+) -->\n)(.*?)(<!-- end render -->)", re.DOTALL)
 SEEDS = "metrics/seeds.json"
 ENSEMBLE = "metrics/ensemble.json"
+ENSEMBLE_EXPORT = "metrics/ensemble_export.json"
 SOURCES = "docs/accuracy.yaml"
 """Published figures on ELPV (each with its classes, split, hardware and citation) and the
 targets set for this pipeline."""
@@ -134,10 +135,28 @@ def render_ensemble(root: Path) -> str:
         if key in ensemble and key in stats
     ]
     seeds = " ".join(str(s) for s in summary["seeds"])
+    exports = []
+    for what, path in (
+        ("the ensemble", ENSEMBLE_EXPORT),
+        ("the default model", "metrics/export.json"),
+    ):
+        report = _json(root, path)
+        int8 = report["parity"].get("tflite_int8", {})
+        exports.append(
+            [
+                f"{what} (`{path}`)",
+                f"{int8['top1_agreement']:.4f}" if int8 else "no int8 file",
+                f"{report['sizes_mb']['saved_model']:.1f}",
+                f"{report['sizes_mb']['tflite_int8']:.1f}" if int8 else "",
+            ]
+        )
     return (
         f"`imgpipe ensemble` of the models of seeds {seeds} of `{SEEDS}`, then `imgpipe "
         f"evaluate` (`{ENSEMBLE}`):\n\n"
         + _table(["figure", "the ensemble", f"one model, mean ± sd of seeds {seeds}"], rows)
+        + "\nExported by `imgpipe export`, its full-integer int8 file against its SavedModel "
+        "on the test split:\n\n"
+        + _table(["model", "int8 top-1 agreement", "SavedModel MB", "int8 TFLite MB"], exports)
     )
 
 
