@@ -78,13 +78,15 @@ def cmd_growing_data(args: argparse.Namespace) -> None:
 def cmd_ensemble(args: argparse.Namespace) -> None:
     """Average the members' probabilities in one model folder that evaluate and export take
     like finetune's."""
-    from imgpipe.model.ensemble import write_ensemble
+    from imgpipe.model.ensemble import DECISION, write_ensemble
+    from imgpipe.model.training import MODEL
 
-    decision = write_ensemble([Path(m) for m in args.members], Path(args.out))
+    out = Path(args.out)
+    decision = write_ensemble([Path(m) for m in args.members], out)
     print(
-        f"{args.out}: the mean of {len(args.members)} models' probabilities (objective "
-        f"{decision['objective']}); evaluate it with `imgpipe evaluate --tuned "
-        f"{Path(args.out) / 'model.keras'} --decision {Path(args.out) / 'decision.json'}`"
+        f"{out}: the mean of {len(args.members)} models' probabilities (objective "
+        f"{decision['objective']}); evaluate it with `imgpipe evaluate --tuned {out / MODEL} "
+        f"--decision {out / DECISION}`"
     )
 
 

@@ -124,9 +124,9 @@ def render_ensemble(root: Path) -> str:
     """The default recipe's seed models averaged in one (``imgpipe ensemble``), evaluated on
     the test split (metrics/ensemble.json, evaluate's summary), beside the seeds' mean ± sd
     (metrics/seeds.json)."""
-    from pipelines.seeds import test_figures
+    from pipelines.seeds import evaluation_figures
 
-    ensemble = test_figures(_json(root, ENSEMBLE))
+    ensemble = evaluation_figures(_json(root, ENSEMBLE))
     summary = _json(root, SEEDS)
     stats = summary["summary"]
     rows = [

@@ -85,7 +85,7 @@ def headline(metrics_dir: Path, with_test: bool, with_export: bool = False) -> d
         if key in tuned:
             figures[f"finetune.{key}"] = float(tuned[key])
     if with_test:
-        figures.update(test_figures(_read(metrics_dir / "evaluate.json")))
+        figures.update(evaluation_figures(_read(metrics_dir / "evaluate.json")))
     exported = _read(metrics_dir / "export.json") if with_export else {}
     for kind, row in exported.get("parity_validation", {}).items():
         if isinstance(row, dict) and "top1_agreement" in row:
@@ -93,7 +93,7 @@ def headline(metrics_dir: Path, with_test: bool, with_export: bool = False) -> d
     return figures
 
 
-def test_figures(evaluation: Mapping[str, Any]) -> dict[str, float]:
+def evaluation_figures(evaluation: Mapping[str, Any]) -> dict[str, float]:
     """The test split's figures of one evaluate summary (metrics/evaluate.json), under the
     names a recipe's summary gives them: ``test.*`` (the served decision: accuracy, balanced
     accuracy, ECE, per-class recall), ``test.argmax.*`` (the network's own) and the class

@@ -23,7 +23,7 @@ import keras
 from imgpipe.core.errors import InputError
 from imgpipe.core.fileio import atomic_path
 from imgpipe.model.backbones import BASE_NAME
-from imgpipe.model.training import HEAD_NAME, MODEL, assemble, base_of
+from imgpipe.model.training import HEAD_NAME, MODEL, POOLED_LAYER, assemble, base_of
 
 DECISION = "decision.json"
 """What finetune folded into a model's output layer, beside its model file (finetune's
@@ -43,6 +43,12 @@ def average(members: Sequence[keras.Model], names: Sequence[str] | None = None) 
 
     shape, classes = members[0].input_shape[1:], members[0].output_shape[-1]
     for name, member in zip(names, members, strict=True):
+        layers = {layer.name for layer in member.layers}
+        if not {BASE_NAME, POOLED_LAYER, HEAD_NAME} <= layers:
+            raise InputError(
+                f"{name}: not a classifier as train and finetune write one (its layers "
+                f"{sorted(layers)} lack {BASE_NAME!r}, {POOLED_LAYER!r} or {HEAD_NAME!r})"
+            )
         head = member.get_layer(HEAD_NAME)
         if isinstance(head.get_layer(ordinal.NAME), ordinal.OrdinalProbabilities):
             raise InputError(f"{name}: an ordinal head; an ensemble averages softmax classifiers")
