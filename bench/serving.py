@@ -200,7 +200,7 @@ def main() -> None:
     args.model = args.model or served_model_name(args.params)
     base = args.base or PROJECT / "outputs" / "export" / "serving" / args.model
     version = latest_version(require(base))
-    image = args.image.read_bytes() if args.image else _test_image()
+    image = args.image.read_bytes() if args.image else sample_image()
     clients = [int(c) for c in args.clients.split(",")]
     size = backbones.image_size(section(ModelParams, "model", load_params(args.params)))
     requests = requests_for(image, size)
@@ -313,7 +313,8 @@ def main() -> None:
     print(f"-> {args.out}")
 
 
-def _test_image() -> bytes:
+def sample_image() -> bytes:
+    """The first test image of the demo's ingest output, as its encoded file."""
     from imgpipe.data.tfrecords import read_split
 
     return read_split(PROJECT / "outputs" / "ingest" / "shards", limit=1).encoded[0]

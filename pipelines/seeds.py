@@ -208,8 +208,13 @@ def run_recipe(
     default = {_current(params, key) for key in seed_keys}
     ordered = sorted(seeds, key=lambda s: (s in default, seeds.index(s)))
     order = list(STAGES)
-    if through not in order:
-        raise InputError(f"seeds: --through must be a stage, one of {order}; got {through!r}")
+    if through not in order[order.index("finetune") :]:
+        # a recipe's figures are finetune's (and evaluate's, export's): through an earlier
+        # stage, metrics/finetune.json would be an older run's, the same for every seed
+        raise InputError(
+            f"seeds: --through must be finetune or a later stage, one of "
+            f"{order[order.index('finetune') :]}; got {through!r}"
+        )
     reaches_evaluate = order.index(through) >= order.index("evaluate")
     reaches_export = order.index(through) >= order.index("export")
     experiment = {seed: f"{name}-seed{seed}" for seed in ordered}

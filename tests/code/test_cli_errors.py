@@ -35,3 +35,16 @@ def test_any_other_value_error_keeps_its_traceback(monkeypatch):
     with pytest.raises(ValueError, match="incompatible") as raised:
         main(["summary"])
     assert raised.value is bug
+
+
+@pytest.mark.parametrize("through", ["train", "fine-tune"])
+def test_seeds_refuses_a_stage_before_finetune_whose_figures_would_be_stale(
+    tmp_path, monkeypatch, capsys, through
+):
+    """A recipe's figures are fine-tuning's: through train they would be the workspace's older
+    metrics/finetune.json, the same for every seed. Refused before any experiment runs."""
+    (tmp_path / "params.yaml").write_text("train: {seed: 42}\nfinetune: {seed: 42}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["seeds", "--seeds", "1", "2", "--through", through]) == 1
+    err = capsys.readouterr().err
+    assert "--through must be finetune or a later stage" in err and repr(through) in err, err
