@@ -64,13 +64,14 @@ def average(members: Sequence[keras.Model], names: Sequence[str] | None = None) 
         keras.Model(b.input, b.output, name=f"{BASE_NAME}_{i}")(image) for i, b in enumerate(bases)
     ]
     base = keras.Model(image, keras.layers.Concatenate(name="maps")(maps), name=BASE_NAME)
-    width = int(maps[0].shape[-1])
-    pooled = keras.Input((width * len(members),), name="pooled")
+    widths = [int(m.shape[-1]) for m in maps]  # members of other backbones differ
+    pooled = keras.Input((sum(widths),), name="pooled")
     probabilities = []
     for i, member in enumerate(members):
         head = member.get_layer(HEAD_NAME)
         own = keras.Model(head.input, head.output, name=f"{HEAD_NAME}_{i}")
-        probabilities.append(own(pooled[:, i * width : (i + 1) * width]))
+        start = sum(widths[:i])
+        probabilities.append(own(pooled[:, start : start + widths[i]]))
     mean = keras.layers.Average(name=ordinal.NAME)(probabilities)
     return assemble(base, keras.Model(pooled, mean, name=HEAD_NAME))
 
