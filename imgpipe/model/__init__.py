@@ -3,7 +3,8 @@ EfficientNet-Lite built in Keras (``efficientnet_lite``, from a PyTorch pickle r
 torch: ``torch_pickle``), the head and its training helpers (``training``), the ordinal head
 (``ordinal``), quantization-aware training (``quantization``), resumable fine-tuning
 (``checkpoints``), tf.distribute strategies and the multi-worker epoch loop (``distribute``,
-with ``trainjob``: TF_CONFIG from a Kubeflow Trainer pod) and Grad-CAM (``saliency``).
+with ``trainjob``: TF_CONFIG from a Kubeflow Trainer pod), Grad-CAM (``saliency``) and
+models averaged in one (``ensemble``).
 
 May import ``core`` and ``data``.
 """
