@@ -96,7 +96,8 @@ def write_ensemble(paths: Sequence[Path], out: Path) -> dict[str, Any]:
     ``model.keras`` and ``decision.json`` (the members' objective, nothing folded in beyond
     theirs; their files). Each member's objective is read from the decision file beside it;
     members fitted for different objectives are refused. Returns the decision."""
-    members = load_members(paths)
+    if len(paths) < 2:
+        raise InputError(f"an ensemble needs at least two models; got {len(paths)}")
     objectives = set()
     for path in paths:
         beside = Path(path).with_name(DECISION)
@@ -107,7 +108,7 @@ def write_ensemble(paths: Sequence[Path], out: Path) -> dict[str, Any]:
             f"the members' decisions serve different objectives ({', '.join(sorted(objectives))}): "
             "an ensemble averages models fitted for one"
         )
-    model = average(members, [str(p) for p in paths])
+    model = average(load_members(paths), [str(p) for p in paths])
     decision = {
         "objective": json.loads(objectives.pop()),
         "temperature": 1.0,
