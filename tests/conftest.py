@@ -530,9 +530,10 @@ SavedModel of ``build_classifier`` at ``path``, with a warmup file of ``warmup``
 @pytest.fixture(scope="session")
 def export_classifier(tmp_path_factory: pytest.TempPathFactory) -> ExportClassifier:
     """``build_classifier`` once per (labels, seed, image size) in the whole run, copied where
-    a test asks. Writing the signatures takes about 15 s; the serving, scoring, TLS and fault
-    tests ask for the same few models eight times. The workers of one xdist run share the
-    built ones through their common temp folder, one build at a time under a file lock."""
+    a test asks. Building the model and writing its signatures takes about 11 s here; the
+    serving, scoring, TLS and fault tests ask for the same three models eight times. The
+    workers of one xdist run share the built ones through their common temp folder, one build
+    at a time under a file lock."""
     import fcntl
     import json
     import shutil
