@@ -156,11 +156,24 @@ def image_dataset(
 
 def epoch_batches(shuffled: Any, seed: int, epochs: int, first_epoch: int = 0) -> Any:
     """The batches of epochs ``first_epoch`` .. ``epochs - 1`` in a row, epoch e being
-    ``shuffled(seed * 1_000_003 + e)`` (a dataset of batches for that int64 seed tensor)."""
+    ``shuffled(seed * 1_000_003 + e)`` (a dataset of batches for that int64 seed tensor).
+
+    Each epoch's dataset is made here, eagerly, then they are chained: made inside a traced
+    ``flat_map``, a shuffle seeded by a tensor cannot be built under a global seed of 0
+    (``keras.utils.set_random_seed(0)``: ``train.seed`` or ``finetune.seed`` 0), where
+    TensorFlow compares the op seed with 0 as a Python bool."""
+    import functools
+
     import tensorflow as tf
 
-    return tf.data.Dataset.range(first_epoch, epochs).flat_map(
-        lambda epoch: shuffled(seed * 1_000_003 + epoch)
+    def epoch(e: int) -> Any:
+        return shuffled(tf.constant(seed * 1_000_003 + e, tf.int64))
+
+    if first_epoch >= epochs:
+        return epoch(first_epoch).take(0)
+    return functools.reduce(
+        lambda chained, following: chained.concatenate(following),
+        (epoch(e) for e in range(first_epoch, epochs)),
     )
 
 

@@ -292,3 +292,29 @@ def test_finetune_views_are_fresh_each_epoch_and_fixed_by_the_seed(augmented):
         for key, image in first[epoch].items():
             np.testing.assert_array_equal(image, again[epoch][key])
     assert sum(not np.array_equal(first[0][k], other[0][k]) for k in first[0]) >= len(first[0]) - 1
+
+
+def test_epoch_batches_build_under_a_global_seed_of_zero():
+    """``train.seed: 0`` sets TensorFlow's global seed to 0, under which a shuffle seeded by a
+    traced tensor cannot be built: each epoch is still a seeded permutation, the same as under
+    another global seed, and epochs differ."""
+    import tensorflow as tf
+
+    from imgpipe.data.datasets import epoch_batches
+
+    def shuffled(seed):
+        return tf.data.Dataset.range(10).shuffle(10, seed=seed, reshuffle_each_iteration=False)
+
+    def epochs(global_seed: int) -> list[list[int]]:
+        tf.random.set_seed(global_seed)
+        try:
+            ds = epoch_batches(lambda s: shuffled(s).batch(10), 42, 3, first_epoch=1)
+            return [batch.numpy().tolist() for batch in ds]
+        finally:
+            tf.random.set_seed(None)  # no global seed left behind for the next test
+
+    zero = epochs(0)
+    assert len(zero) == 2 and all(sorted(e) == list(range(10)) for e in zero), zero
+    assert zero[0] != zero[1]
+    assert epochs(0) == zero  # seeded
+    assert len(epochs(7)) == 2
