@@ -1,7 +1,8 @@
 """Recipes compared as DVC experiments: ``imgpipe seeds`` (``pipelines.seeds``), ``imgpipe
 crossval`` (``pipelines.crossval``) and ``imgpipe growing-data`` (``pipelines.growing``); and
-``imgpipe ensemble`` (``imgpipe.model.ensemble``), their models averaged in one. Each command
-parses and prints; the work is the library's."""
+``imgpipe ensemble`` (``imgpipe.model.ensemble``), their models averaged in one, and ``imgpipe
+distill`` (``pipelines.distill``), an ensemble learnt by one student. Each command parses and
+prints; the work is the library's."""
 
 from __future__ import annotations
 
@@ -90,6 +91,23 @@ def cmd_ensemble(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    """Train one student on the teacher's probabilities, in a model folder that evaluate and
+    export take like finetune's."""
+    from imgpipe.core.params import with_sets
+    from imgpipe.model.ensemble import DECISION
+    from imgpipe.model.training import MODEL
+    from pipelines import distill
+
+    out = Path(args.out)
+    summary = distill.run(Path(args.teacher), out, with_sets(params_of(args), args.set or []))
+    print(distill.describe(summary, out))
+    print(
+        f"evaluate it with `imgpipe evaluate --tuned {out / MODEL} --decision "
+        f"{out / DECISION}`, export it with `imgpipe export --tuned {out / MODEL}`"
+    )
+
+
 def register(sub: Subcommands) -> None:
     p = add_command(
         sub,
@@ -173,3 +191,14 @@ def register(sub: Subcommands) -> None:
     )
     p.add_argument("members", nargs="+", help="model.keras files (each with its decision.json)")
     p.add_argument("--out", required=True, help="the new folder, e.g. outputs/ensemble")
+
+    p = add_command(
+        sub,
+        "distill",
+        cmd_distill,
+        "train one student model on a teacher's (an ensemble's) probabilities of every view of "
+        "every non-test image, with finetune's recipe and quantization-aware epochs",
+    )
+    p.add_argument("teacher", help="a model folder with model.keras, e.g. outputs/ensemble")
+    p.add_argument("--out", required=True, help="the new folder, e.g. outputs/student")
+    p.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="as dvc exp run -S")

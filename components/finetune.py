@@ -464,17 +464,23 @@ def quantization_aware_phase(
     shape: tuple[int, int, int, int, int],
     learning_rate: float,
     logger: EpochLogger,
+    teacher: keras.Model | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
     """Quantization-aware fine-tuning (imgpipe.model.quantization): ``model`` folded into the form
     that computes what the full-integer TFLite model will, its ranges measured on training
     images, then ``params.quantization_aware_epochs`` more epochs of fresh views at the
     schedule's final rate, so the weights settle where int8 rounding leaves the decisions
     alone. Returns the quantized model and its figures (validation accuracy of the float
-    model, of the quantized one before and after these epochs; none without ``val_files``)."""
-    from imgpipe.model import quantization
+    model, of the quantized one before and after these epochs; none without ``val_files``).
+    With a ``teacher`` (a distilled student's: imgpipe.model.distill), the epochs learn the
+    teacher's probabilities of each view instead of its label; the teacher trained on every
+    non-test image, so none is held out."""
+    from imgpipe.model import distill, quantization
     from imgpipe.model.training import quantization_aware
 
     size, batch_size, steps, n_train, n_val = shape
+    if teacher is not None and val_files:
+        raise ValueError("a teacher's student holds no image out: val_files must be empty")
     started = time.perf_counter()
     val_batches = image_dataset(val_files, size, batch_size, count=n_val) if n_val else None
 
@@ -489,22 +495,23 @@ def quantization_aware_phase(
     remeasure(quantized, train_files, size, batch_size, params.seed)
     quantized.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
+        loss="sparse_categorical_crossentropy" if teacher is None else distill.LOSS,
         metrics=["accuracy"],
     )
     start_accuracy = accuracy(quantized)
     epochs = params.quantization_aware_epochs
+    batches = image_dataset(
+        train_files,
+        size,
+        batch_size,
+        shuffle_seed=params.seed,
+        epochs=params.epochs + epochs,
+        first_epoch=params.epochs,  # views no fine-tuning epoch drew
+        count=n_train,
+        views=views,
+    )
     quantized.fit(
-        image_dataset(
-            train_files,
-            size,
-            batch_size,
-            shuffle_seed=params.seed,
-            epochs=params.epochs + epochs,
-            first_epoch=params.epochs,  # views no fine-tuning epoch drew
-            count=n_train,
-            views=views,
-        ),
+        batches if teacher is None else distill.soft_targets(batches, teacher),
         steps_per_epoch=steps,
         validation_data=val_batches,
         epochs=epochs,
