@@ -8,14 +8,15 @@ pixels as the SavedModel.
 
 A quantization-aware model (imgpipe.model.quantization) already computes what the integer model
 will: its full-integer model takes its quantization from the model's own roundings, with no
-calibration images, and it has no float32 or int8-weights form.
+calibration images, and it has no float32 or int8-weights form. Every file is converted from the
+model's frozen graph, so none has a signature: its one input is the image, its one output the
+probabilities.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,70 +36,70 @@ def write_tflite(
     int8_weights: bool,
 ) -> dict[str, Path]:
     """float32 and (optionally) a full-integer int8 model with uint8 input and output, and a
-    model with int8 weights and float activations (dynamic-range quantization)."""
-    import keras
+    model with int8 weights and float activations (dynamic-range quantization). Each is
+    converted from the model's frozen graph, as a quantization-aware model's must be: one input
+    (the image), one output (the probabilities), no signature."""
     import tensorflow as tf
 
     from imgpipe.model.quantization import is_quantized
 
     paths: dict[str, Path] = {}
+    converter = _converter(model, image_size)
     if is_quantized(model):
         if int8:
             paths["int8"] = directory / TFLITE_FILES["int8"]
-            paths["int8"].write_bytes(_quantization_aware_int8(model, image_size))
+            paths["int8"].write_bytes(_quantization_aware_int8(converter()))
         return paths
-    with tempfile.TemporaryDirectory(prefix="imgpipe-tflite-") as tmp:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint(
-            "serving_default",
-            lambda image: {"probabilities": model(image, training=False)},
-            [tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="image")],
-        )
-        archive.write_out(tmp, verbose=False)
+    paths["float32"] = directory / TFLITE_FILES["float32"]
+    paths["float32"].write_bytes(converter().convert())
+    if int8:
+        samples = list(representative)
 
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-        paths["float32"] = directory / TFLITE_FILES["float32"]
-        paths["float32"].write_bytes(converter.convert())
-        if int8:
-            samples = list(representative)
+        def dataset() -> Iterator[list[np.ndarray]]:
+            for image in samples:
+                yield [image[None].astype(np.float32)]
 
-            def dataset() -> Iterator[dict[str, np.ndarray]]:
-                for image in samples:
-                    yield {"image": image[None].astype(np.float32)}
-
-            converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = dataset
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = tf.uint8
-            converter.inference_output_type = tf.uint8
-            paths["int8"] = directory / TFLITE_FILES["int8"]
-            paths["int8"].write_bytes(converter.convert())
-        if int8_weights:
-            converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data
-            paths["int8_weights"] = directory / TFLITE_FILES["int8_weights"]
-            paths["int8_weights"].write_bytes(converter.convert())
+        calibrated = converter()
+        calibrated.optimizations = [tf.lite.Optimize.DEFAULT]
+        calibrated.representative_dataset = dataset
+        calibrated.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        calibrated.inference_input_type = tf.uint8
+        calibrated.inference_output_type = tf.uint8
+        paths["int8"] = directory / TFLITE_FILES["int8"]
+        paths["int8"].write_bytes(calibrated.convert())
+    if int8_weights:
+        weights = converter()
+        weights.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data
+        paths["int8_weights"] = directory / TFLITE_FILES["int8_weights"]
+        paths["int8_weights"].write_bytes(weights.convert())
     return paths
 
 
-def _quantization_aware_int8(model: Any, image_size: int) -> bytes:
-    """The full-integer model of a quantization-aware ``model``: uint8 in and out, every
-    tensor quantized as the model's roundings say. The converter reads those roundings as
-    quantization only from a frozen graph (not from a SavedModel), so the model is converted
-    from its concrete function; the file then has no signature (TFLiteClassifier runs its one
-    input and output)."""
+def _converter(model: Any, image_size: int) -> Callable[[], Any]:
+    """New TFLite converters of ``model``'s graph for one image, traced once. The converter
+    reads a quantization-aware model's roundings as quantization only from a frozen graph (not
+    from a SavedModel), so every model is converted from its concrete function, without the
+    SavedModel a converter would otherwise write and read back (several seconds a file)."""
     import tensorflow as tf
 
     function = tf.function(
         lambda image: {"probabilities": model(image, training=False)},
         input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="image")],
-    )
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [function.get_concrete_function()], model
-    )
-    converter.experimental_lower_to_saved_model = False
+    ).get_concrete_function()
+
+    def converter() -> Any:
+        made = tf.lite.TFLiteConverter.from_concrete_functions([function], model)
+        made.experimental_lower_to_saved_model = False
+        return made
+
+    return converter
+
+
+def _quantization_aware_int8(converter: Any) -> bytes:
+    """The full-integer model of a quantization-aware model: uint8 in and out, every tensor
+    quantized as the model's roundings say (``converter``: one of ``_converter``'s)."""
+    import tensorflow as tf
+
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.uint8
@@ -114,11 +115,11 @@ class TFLiteClassifier:
 
         self.interpreter = Interpreter(model_path=str(path))
         self.runner: Any = None
-        if "serving_default" in self.interpreter.get_signature_list():
+        if "serving_default" in self.interpreter.get_signature_list():  # earlier releases' files
             self.runner = self.interpreter.get_signature_runner("serving_default")
             self.input = self.runner.get_input_details()["image"]
             self.output = self.runner.get_output_details()["probabilities"]
-        else:  # a quantization-aware model's: one input, one output, no signature
+        else:  # export's: one input, one output, no signature
             self.interpreter.allocate_tensors()
             self.input = self.interpreter.get_input_details()[0]
             self.output = self.interpreter.get_output_details()[0]
