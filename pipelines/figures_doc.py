@@ -28,6 +28,8 @@ BLOCK = re.compile(r"(<!-- render: ([\w-]+) -->\n)(.*?)(<!-- end render -->)", r
 SEEDS = "metrics/seeds.json"
 ENSEMBLE = "metrics/ensemble.json"
 ENSEMBLE_EXPORT = "metrics/ensemble_export.json"
+STUDENT = "metrics/student.json"
+STUDENT_EXPORT = "metrics/student_export.json"
 SOURCES = "docs/accuracy.yaml"
 """Published figures on ELPV (each with its classes, split, hardware and citation) and the
 targets set for this pipeline."""
@@ -121,42 +123,73 @@ def render_seeds(root: Path) -> str:
 
 
 def render_ensemble(root: Path) -> str:
-    """The default recipe's seed models averaged in one (``imgpipe ensemble``), evaluated on
-    the test split (metrics/ensemble.json, evaluate's summary), beside the seeds' mean ± sd
-    (metrics/seeds.json)."""
+    """The default recipe's seed models averaged in one (``imgpipe ensemble``) and, once
+    distilled (``imgpipe distill``), its student, evaluated on the test split
+    (metrics/ensemble.json, metrics/student.json: evaluate's summaries), beside the seeds' mean
+    ± sd (metrics/seeds.json); and their exports' int8 files."""
     from pipelines.seeds import evaluation_figures
 
     ensemble = evaluation_figures(_json(root, ENSEMBLE))
+    distilled = (root / STUDENT).is_file()
+    student = evaluation_figures(_json(root, STUDENT)) if distilled else {}
     summary = _json(root, SEEDS)
     stats = summary["summary"]
     rows = [
-        [what, f"**{ensemble[key]:.4f}**", spread_text(stats[key], 4)]
+        [
+            what,
+            f"**{ensemble[key]:.4f}**",
+            *([f"{student[key]:.4f}" if key in student else ""] if distilled else []),
+            spread_text(stats[key], 4),
+        ]
         for key, what in _seed_figures(root)
         if key in ensemble and key in stats
     ]
     seeds = " ".join(str(s) for s in summary["seeds"])
     exports = []
-    for what, path in (
-        ("the ensemble", ENSEMBLE_EXPORT),
-        ("the default model", "metrics/export.json"),
-    ):
+    models = [("the ensemble", ENSEMBLE_EXPORT), ("the default model", "metrics/export.json")]
+    if distilled:
+        models.insert(1, ("the student", STUDENT_EXPORT))
+    for what, path in models:
         report = _json(root, path)
         int8 = report["parity"].get("tflite_int8", {})
         exports.append(
             [
                 f"{what} (`{path}`)",
-                f"{int8['top1_agreement']:.4f}" if int8 else "no int8 file",
+                f"{int8['accuracy']:.4f}" if int8 else "no int8 file",
+                f"{int8['top1_agreement']:.4f}" if int8 else "",
                 f"{report['sizes_mb']['saved_model']:.1f}",
                 f"{report['sizes_mb']['tflite_int8']:.1f}" if int8 else "",
             ]
         )
+    student_text = (
+        f", and its student (`imgpipe distill`, then `imgpipe evaluate`: `{STUDENT}`)"
+        if distilled
+        else ""
+    )
     return (
         f"`imgpipe ensemble` of the models of seeds {seeds} of `{SEEDS}`, then `imgpipe "
-        f"evaluate` (`{ENSEMBLE}`):\n\n"
-        + _table(["figure", "the ensemble", f"one model, mean ± sd of seeds {seeds}"], rows)
-        + "\nExported by `imgpipe export`, its full-integer int8 file against its SavedModel "
-        "on the test split:\n\n"
-        + _table(["model", "int8 top-1 agreement", "SavedModel MB", "int8 TFLite MB"], exports)
+        f"evaluate` (`{ENSEMBLE}`){student_text}:\n\n"
+        + _table(
+            [
+                "figure",
+                "the ensemble",
+                *(["the student"] if distilled else []),
+                f"one model, mean ± sd of seeds {seeds}",
+            ],
+            rows,
+        )
+        + "\nExported by `imgpipe export`, the full-integer int8 file on the test split, and "
+        "its agreement with the SavedModel:\n\n"
+        + _table(
+            [
+                "model",
+                "int8 test accuracy",
+                "int8 top-1 agreement",
+                "SavedModel MB",
+                "int8 TFLite MB",
+            ],
+            exports,
+        )
     )
 
 
@@ -258,22 +291,44 @@ def render_published(root: Path) -> str:
 
 
 def render_targets(root: Path) -> str:
-    """The targets of docs/accuracy.yaml beside the figure measured for each (from the seeds
-    file it names), and whether it is met."""
+    """The targets of docs/accuracy.yaml beside the figure measured for each (from the file it
+    names: a seeds summary's mean ± sd, or one figure of another metrics file, less the
+    figure ``minus`` names), and whether it is met."""
     sources = yaml.safe_load((root / SOURCES).read_text())
     rows = []
     for target in sources["targets"]:
         measured, met = "not measured yet", ""
         source = target.get("source")
         if source and (root / source).is_file():
-            stats = json.loads((root / source).read_text())["summary"].get(target["figure"])
-            if stats and "value" in target:
-                measured = f"{spread_text(stats)} (`{source}`)"
-                value = stats[target.get("statistic", "mean")]
+            found = json.loads((root / source).read_text())
+            if "summary" in found:  # a seeds summary: mean ± sd
+                stats = found["summary"].get(target["figure"])
+                if stats and "value" in target:
+                    measured = f"{spread_text(stats)} (`{source}`)"
+                    value = stats[target.get("statistic", "mean")]
+                    met = "yes" if _meets(value, target["op"], target["value"]) else "no"
+            else:
+                value = _figure(found, target["figure"], source)
+                measured = f"{value:.4g} (`{source}`)"
+                if "minus" in target:
+                    less = target["minus"]
+                    other = _figure(_json(root, less["source"]), less["figure"], less["source"])
+                    measured = f"{value:.4f} - {other:.4f} = {value - other:+.4f} (`{source}`)"
+                    value -= other
                 met = "yes" if _meets(value, target["op"], target["value"]) else "no"
         wanted = target.get("target") or f"{target['op']} {target['value']}"
         rows.append([target["model"], target["what"], wanted, measured, met])
     return _table(["model", "figure", "target", "measured", "met"], rows)
+
+
+def _figure(found: Mapping[str, Any], path: str, source: str) -> float:
+    """The figure at the dotted ``path`` of a metrics file (keys may hold ``/``)."""
+    value: Any = found
+    for key in path.split("."):
+        if not isinstance(value, Mapping) or key not in value:
+            raise RenderError(f"{source}: no figure {path}")
+        value = value[key]
+    return float(value)
 
 
 def _meets(value: float, op: str, target: float) -> bool:
