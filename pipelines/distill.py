@@ -143,7 +143,7 @@ def run(
                 ),
                 teacher=teacher_model,
             )
-            student.save(staged / MODEL)
+        student.save(staged / MODEL)  # without the optimizer's state
         write_json_atomic(
             staged / distill.DECISION, distill.student_decision(teacher_file, classes)
         )
