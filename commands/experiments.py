@@ -1,8 +1,9 @@
 """Recipes compared as DVC experiments: ``imgpipe seeds`` (``pipelines.seeds``), ``imgpipe
-crossval`` (``pipelines.crossval``) and ``imgpipe growing-data`` (``pipelines.growing``); and
-``imgpipe ensemble`` (``imgpipe.model.ensemble``), their models averaged in one, and ``imgpipe
-distill`` (``pipelines.distill``), an ensemble learnt by one student. Each command parses and
-prints; the work is the library's."""
+crossval`` (``pipelines.crossval``) with ``imgpipe decisions`` on its out-of-fold predictions,
+and ``imgpipe growing-data`` (``pipelines.growing``); and ``imgpipe ensemble``
+(``imgpipe.model.ensemble``), their models averaged in one, and ``imgpipe distill``
+(``pipelines.distill``), an ensemble learnt by one student. Each command parses and prints; the
+work is the library's."""
 
 from __future__ import annotations
 
@@ -53,6 +54,35 @@ def cmd_crossval(args: argparse.Namespace) -> None:
             "params.yaml: finetune.decision set; `dvc repro` now trains the served model on "
             "every non-test image with it (finetune.train_on)"
         )
+
+
+def cmd_decisions(args: argparse.Namespace) -> None:
+    """Compare decision rules for an objective on crossval's out-of-fold predictions, each
+    fitted on all folds but one and scored on the fold left out."""
+    from imgpipe.core.errors import InputError
+    from imgpipe.core.params import FinetuneParams, section, with_sets
+    from pipelines import crossval
+
+    params = params_of(args)
+    if args.objective is not None:
+        params = with_sets(params, [f"finetune.objective={args.objective}"])
+    tuning = section(FinetuneParams, "finetune", params)
+    if tuning.balance is None:
+        raise InputError(
+            "decisions: the accuracy objective is the network's argmax, nothing to fit; pass "
+            "--objective balanced_accuracy or a weight in (0, 1]"
+        )
+    summary = crossval.compare_decisions(
+        args.predictions,
+        tuning.objective,
+        tuning.balance,
+        by=args.by,
+        manifest=args.manifest,
+        out=args.out,
+    )
+    print(crossval.describe_decisions(summary))
+    if args.out:
+        print(f"summary: {args.out}")
 
 
 def cmd_growing_data(args: argparse.Namespace) -> None:
@@ -160,6 +190,33 @@ def register(sub: Subcommands) -> None:
         action="store_true",
         help="set params.yaml's finetune.decision to the decision fitted out-of-fold, for the "
         "production run on every non-test image",
+    )
+
+    p = add_command(
+        sub,
+        "decisions",
+        cmd_decisions,
+        "compare decision rules (prior correction, per metadata value, per-class offsets, "
+        "cut-points on the expected class) for an objective on crossval's out-of-fold "
+        "predictions, each scored on the fold it was not fitted on",
+    )
+    p.add_argument("predictions", type=Path, help="imgpipe crossval's oof_predictions.csv")
+    p.add_argument(
+        "--objective",
+        help="accuracy's trade for the rare classes: balanced_accuracy or a weight in (0, 1] "
+        "(default: params.yaml's finetune.objective)",
+    )
+    p.add_argument(
+        "--by", metavar="COLUMN", help="a manifest metadata column: one correction per value"
+    )
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        default=Path("outputs/ingest/manifest.csv"),
+        help="ingest's manifest, for --by (default: outputs/ingest/manifest.csv)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="write the summary as JSON (e.g. metrics/decisions.json)"
     )
 
     p = add_command(

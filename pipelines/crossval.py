@@ -117,15 +117,9 @@ def nested_decision(oof: OutOfFold, balance: float) -> np.ndarray:
     """Each image's class under the prior correction for ``balance``
     (imgpipe.evaluation.metrics.prior_correction) fitted on the other folds' predictions and labels
     alone: a fitted decision scored on images it was not fitted on."""
-    from imgpipe.evaluation.metrics import prior_correction, shift_probabilities
+    from imgpipe.evaluation.decisions import nested
 
-    decided = np.empty(len(oof.labels), np.int64)
-    for fold in np.unique(oof.folds):
-        fitted_on, held = oof.folds != fold, oof.folds == fold
-        counts = np.bincount(oof.labels[fitted_on], minlength=len(oof.classes))
-        _, shift = prior_correction(oof.labels[fitted_on], oof.probs[fitted_on], counts, balance)
-        decided[held] = shift_probabilities(oof.probs[held], shift).argmax(axis=1)
-    return decided
+    return nested("prior", oof.labels, oof.probs, oof.folds, balance)
 
 
 def oof_figures(
@@ -187,6 +181,122 @@ def write_oof(path: Path, oofs: Mapping[int, OutOfFold]) -> None:
                 oof.sha256, oof.labels, oof.folds, oof.probs, strict=True
             ):
                 writer.writerow([digest, classes[label], seed, fold, *(f"{p:.6f}" for p in row)])
+
+
+def read_oof(path: Path) -> dict[int, OutOfFold]:
+    """:func:`write_oof`'s CSV read back: each seed's out-of-fold predictions."""
+    if not path.is_file():
+        raise InputError(f"{path}: no out-of-fold predictions there (imgpipe crossval writes them)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = [c for c in reader.fieldnames or [] if c.startswith("p_")]
+        missing = {"sha256", "label", "seed", "fold"} - set(reader.fieldnames or [])
+        if missing or not columns:
+            raise InputError(
+                f"{path}: not imgpipe crossval's predictions (lacks {sorted(missing)})"
+            )
+        rows = list(reader)
+    classes = [c[2:] for c in columns]
+    index = {name: i for i, name in enumerate(classes)}
+    oofs: dict[int, OutOfFold] = {}
+    for seed in sorted({int(r["seed"]) for r in rows}):
+        mine = [r for r in rows if int(r["seed"]) == seed]
+        unknown = sorted({r["label"] for r in mine} - set(index))
+        if unknown:
+            raise InputError(f"{path}: labels {unknown} have no probability column")
+        oofs[seed] = OutOfFold(
+            [r["sha256"] for r in mine],
+            np.array([index[r["label"]] for r in mine], np.int64),
+            np.array([int(r["fold"]) for r in mine], np.int64),
+            np.array([[float(r[c]) for c in columns] for r in mine], np.float64),
+            classes,
+        )
+    return oofs
+
+
+def compare_decisions(
+    predictions: Path,
+    objective: str | float,
+    balance: float,
+    *,
+    by: str | None = None,
+    manifest: Path = Path("outputs/ingest/manifest.csv"),
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """The decision rules of :mod:`imgpipe.evaluation.decisions` for an objective (``balance``:
+    the weight of balanced accuracy), each fitted on all folds but one of a crossval's
+    out-of-fold predictions and scored on the fold left out, per seed; ``by``: the manifest's
+    metadata column whose values ``prior_by`` fits one correction each for (without it, that
+    rule is left out). Mean ± sd over every fold of every seed; ``out``: the summary as JSON."""
+    from imgpipe.evaluation.decisions import RULES, compare
+
+    oofs = read_oof(predictions)
+    rules = [rule for rule in RULES if by is not None or rule != "prior_by"]
+    strata: dict[str, str] = {}
+    if by is not None:
+        rows = read_manifest(manifest, ("train", "val"), columns=(by,))
+        strata = {row["sha256"]: row[by] for row in rows}
+    per_seed: dict[str, dict[str, Any]] = {}
+    for seed, oof in oofs.items():
+        values = None
+        if by is not None:
+            unknown = [d for d in oof.sha256 if d not in strata]
+            if unknown:
+                raise InputError(
+                    f"{predictions}: {len(unknown)} images of seed {seed} are not non-test images "
+                    f"of {manifest} (e.g. {unknown[0][:12]}): the predictions are of other data"
+                )
+            values = np.array([strata[d] for d in oof.sha256])
+        per_seed[str(seed)] = compare(
+            oof.labels, oof.probs, oof.folds, oof.classes, balance, values, rules
+        )
+    first = next(iter(per_seed.values()))
+    summary = {
+        "predictions": str(predictions),
+        "objective": objective,
+        "balance": balance,
+        "by": by,
+        "seeds": [int(s) for s in per_seed],
+        "folds": len(first["argmax"]["folds"]["accuracy"]),
+        "images": len(next(iter(oofs.values())).labels),
+        "classes": next(iter(oofs.values())).classes,
+        "rules": {
+            rule: {
+                **{
+                    key: spread([v for s in per_seed.values() for v in s[rule]["folds"][key]])
+                    for key in ("accuracy", "balanced_accuracy", "objective")
+                },
+                "recall": {
+                    name: spread([s[rule]["recall"][name] for s in per_seed.values()])
+                    for name in first[rule]["recall"]
+                },
+            }
+            for rule in rules
+        },
+        "per_seed": per_seed,
+    }
+    if out is not None:
+        write_json_atomic(out, summary)
+    return summary
+
+
+def describe_decisions(summary: Mapping[str, Any]) -> str:
+    """One line per rule: the objective, accuracy and balanced accuracy over folds, and each
+    class's out-of-fold recall."""
+    lines = [
+        f"decision rules for objective {summary['objective']} (balance {summary['balance']}), "
+        f"fitted on {summary['folds'] - 1} folds and scored on the fold left out, mean ± sd over "
+        f"{summary['folds']} folds x seeds {summary['seeds']} ({summary['images']} images):"
+    ]
+    for rule, figures in summary["rules"].items():
+        recalls = ", ".join(f"{c} {s['mean']:.3f}" for c, s in figures["recall"].items())
+        lines.append(
+            f"  {rule:10s} objective {figures['objective']['mean']:.4f} ± "
+            f"{figures['objective']['sd']:.4f}  accuracy {figures['accuracy']['mean']:.4f} ± "
+            f"{figures['accuracy']['sd']:.4f}  balanced {figures['balanced_accuracy']['mean']:.4f}"
+            f" ± {figures['balanced_accuracy']['sd']:.4f}  recall: {recalls}"
+        )
+    return "\n".join(lines)
 
 
 def run_crossval(

@@ -442,8 +442,53 @@ def render_crossval(root: Path) -> str:
     )
 
 
+DECISIONS = "metrics/decisions.json"
+DECISION_RULES = {
+    "argmax": "the network's argmax (nothing fitted)",
+    "prior": "one prior correction (what finetune serves)",
+    "prior_by": "a prior correction per value of `{by}`",
+    "offsets": "a logit offset per class",
+    "cutpoints": "cut-points on the expected class (a regression read-out)",
+}
+
+
+def render_decisions(root: Path) -> str:
+    """``imgpipe decisions``' summary (metrics/decisions.json): each decision rule's figures
+    out-of-fold, mean ± sd over folds and seeds, and each class's recall."""
+    if not (root / DECISIONS).is_file():
+        return f"`{DECISIONS}` is not there yet: no decision rules compared.\n"
+    summary = _json(root, DECISIONS)
+    classes, order = summary["classes"], list(DECISION_RULES)
+    rows = [
+        [
+            DECISION_RULES[rule].format(by=summary["by"]),
+            f"**{spread_text(figures['objective'])}**",
+            spread_text(figures["accuracy"]),
+            *(f"{figures['recall'][c]['mean']:.3f}" for c in classes),
+        ]
+        for rule, figures in sorted(summary["rules"].items(), key=lambda r: order.index(r[0]))
+    ]
+    by = f" --by {summary['by']}" if summary["by"] else ""
+    seeds = " ".join(str(s) for s in summary["seeds"])
+    return (
+        f"`imgpipe decisions {summary['predictions']} --objective {summary['objective']}{by}` "
+        f"(`{DECISIONS}`; {summary['folds']} folds x seeds {seeds}, {summary['images']} "
+        "images; each rule fitted on the other folds):\n\n"
+        + _table(
+            [
+                "decision rule",
+                f"{summary['objective']}, mean ± sd over folds",
+                "accuracy",
+                *(f"recall of {c}" for c in classes),
+            ],
+            rows,
+        )
+    )
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "crossval": render_crossval,
+    "decisions": render_decisions,
     "headline": render_headline,
     "seeds": render_seeds,
     "ensemble": render_ensemble,

@@ -1,5 +1,6 @@
-"""Cross-validation's out-of-fold predictions and the decision fitted on them
-(pipelines/crossval.py), on predictions written as finetune writes them. The fold runs
+"""Cross-validation's out-of-fold predictions, the decision fitted on them and the decision
+rules compared on them (pipelines/crossval.py, imgpipe/evaluation/decisions.py), on predictions
+written as finetune writes them. The fold runs
 themselves are DVC experiments run like `imgpipe seeds`' (tests/e2e/test_pipeline_dvc.py)."""
 
 from __future__ import annotations
@@ -11,7 +12,16 @@ import numpy as np
 import pytest
 
 from imgpipe.core.errors import InputError
-from pipelines.crossval import OutOfFold, nested_decision, oof_figures, out_of_fold
+from imgpipe.data.manifest import MANIFEST_COLUMNS
+from imgpipe.evaluation.decisions import RULES, compare, nested
+from pipelines.crossval import (
+    OutOfFold,
+    compare_decisions,
+    nested_decision,
+    oof_figures,
+    out_of_fold,
+    write_oof,
+)
 
 CLASSES = ["ok", "minor", "broken"]
 
@@ -117,3 +127,87 @@ def test_apply_sets_the_fitted_decision_in_params_and_keeps_every_other_line(tmp
         set_value(path, "finetune", "nope", 1)
     with pytest.raises(InputError, match="--apply sets the decision of params"):
         run_crossval(3, [1], overrides=["finetune.epochs=2"], apply=True, root=tmp_path)
+
+
+def _strata_data(seed: int = 0, n: int = 600) -> tuple[np.ndarray, ...]:
+    """Two strata whose classes are skewed opposite ways, each over-trusted by the model (its
+    logits carry 2.5 times the stratum's log prior): one correction cannot fit both."""
+    rng = np.random.default_rng(seed)
+    strata = np.repeat(["mono", "poly"], n // 2)
+    priors = {"mono": np.array([0.6, 0.2, 0.2]), "poly": np.array([0.2, 0.2, 0.6])}
+    labels = np.concatenate([rng.choice(3, n // 2, p=priors[s]) for s in ("mono", "poly")])
+    bias = np.stack([2.5 * np.log(priors[s]) for s in strata])
+    logits = rng.normal(size=(n, 3)) + 2.0 * np.eye(3)[labels] + bias
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return labels, probs, np.arange(n) % 4, strata
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_every_decision_rule_decides_a_fold_from_the_other_folds_alone(rule):
+    """Shuffling fold 0's labels leaves fold 0's decisions as they were, for every rule."""
+    labels, probs, folds, strata = _strata_data()
+    decided = nested(rule, labels, probs, folds, 1.0, strata)
+    shuffled = labels.copy()
+    held = folds == 0
+    shuffled[held] = np.random.default_rng(1).permutation(labels[held])
+    assert np.array_equal(nested(rule, shuffled, probs, folds, 1.0, strata)[held], decided[held])
+
+
+def test_a_per_stratum_correction_wins_where_the_strata_need_different_ones():
+    """Out of fold, every fitted rule beats the argmax on balanced accuracy; a correction per
+    stratum beats the one pooled correction by more than the folds' spread when the strata are
+    skewed opposite ways; an unknown rule, or prior_by without strata, is an error."""
+    labels, probs, folds, strata = _strata_data()
+    figures = compare(labels, probs, folds, CLASSES, 1.0, strata)
+    balanced = {rule: f["balanced_accuracy"] for rule, f in figures.items()}
+    assert all(balanced[rule] > balanced["argmax"] for rule in RULES if rule != "argmax")
+    assert balanced["prior_by"] - balanced["prior"] > 2 * np.std(
+        figures["prior"]["folds"]["balanced_accuracy"], ddof=1
+    )
+    assert set(figures["prior"]["recall"]) == set(CLASSES)
+    with pytest.raises(ValueError, match="unknown decision rules"):
+        compare(labels, probs, folds, CLASSES, 1.0, strata, rules=["argmax", "oracle"])
+    with pytest.raises(ValueError, match="needs strata"):
+        compare(labels, probs, folds, CLASSES, 1.0, None)
+
+
+def test_decisions_compares_rules_on_crossvals_file_by_a_manifest_column(tmp_path):
+    """``compare_decisions`` reads crossval's out-of-fold file and the manifest's metadata
+    column: a summary of every rule's mean ± sd over folds and seeds; a missing column, or
+    predictions of images the manifest does not hold, is an error naming it."""
+    labels, probs, folds, strata = _strata_data()
+    digests = [f"{i:064x}" for i in range(len(labels))]
+    oof = OutOfFold(digests, labels, folds, probs, CLASSES)
+    predictions = tmp_path / "oof_predictions.csv"
+    write_oof(predictions, {1: oof, 42: oof})
+    manifest = tmp_path / "manifest.csv"
+    columns = [*MANIFEST_COLUMNS, "module_type"]
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns, restval="")
+        writer.writeheader()
+        for digest, label, stratum in zip(digests, labels, strata, strict=True):
+            writer.writerow(
+                {
+                    "sha256": digest,
+                    "label": CLASSES[label],
+                    "split": "train",
+                    "module_type": stratum,
+                }
+            )
+    out = tmp_path / "decisions.json"
+    summary = compare_decisions(
+        predictions, "balanced_accuracy", 1.0, by="module_type", manifest=manifest, out=out
+    )
+    assert summary["seeds"] == [1, 42] and summary["folds"] == 4 and out.is_file()
+    assert list(summary["rules"]) == list(RULES)
+    assert (
+        summary["rules"]["prior_by"]["balanced_accuracy"]["mean"]
+        > (summary["rules"]["prior"]["balanced_accuracy"]["mean"])
+    )
+    assert "prior_by" not in compare_decisions(predictions, 0.5, 0.5, manifest=manifest)["rules"]
+    with pytest.raises(InputError, match="module"):
+        compare_decisions(predictions, 1.0, 1.0, by="module", manifest=manifest)
+    other = tmp_path / "other.csv"
+    write_oof(other, {7: OutOfFold(["f" * 64] * 3, labels[:3], folds[:3], probs[:3], CLASSES)})
+    with pytest.raises(InputError, match="other data"):
+        compare_decisions(other, 1.0, 1.0, by="module_type", manifest=manifest)
