@@ -36,19 +36,27 @@ def cmd_crossval(args: argparse.Namespace) -> None:
     record the parent MLflow run and the out-of-fold predictions, and print the figures."""
     from pipelines import crossval, seeds
 
-    summary = crossval.run_crossval(
-        args.folds,
-        args.seeds,
-        overrides=args.set or [],
-        name=args.name,
-        out=args.out,
-        seed_keys=args.seed_keys or seeds.SEED_KEYS,
-        apply=args.apply,
-    )
+    if args.refit:
+        summary = crossval.refit(args.refit, args.set or [], out=args.out, apply=args.apply)
+    else:
+        summary = crossval.run_crossval(
+            args.folds,
+            args.seeds,
+            overrides=args.set or [],
+            name=args.name,
+            out=args.out,
+            seed_keys=args.seed_keys or seeds.SEED_KEYS,
+            apply=args.apply,
+        )
     print(crossval.describe(summary))
     print(f"out-of-fold predictions: {summary['predictions']}")
     if args.out:
         print(f"summary: {args.out}; MLflow parent run {summary['parent_run']}")
+    if summary["overrides"] and not args.apply:
+        print(
+            "a production run of this recipe on every non-test image, with this decision: "
+            f"dvc exp run {crossval.decision_flag(summary)}"
+        )
     if args.apply:
         print(
             "params.yaml: finetune.decision set; `dvc repro` now trains the served model on "
@@ -190,6 +198,14 @@ def register(sub: Subcommands) -> None:
         action="store_true",
         help="set params.yaml's finetune.decision to the decision fitted out-of-fold, for the "
         "production run on every non-test image",
+    )
+    p.add_argument(
+        "--refit",
+        type=Path,
+        metavar="SUMMARY",
+        help="an earlier crossval's summary (e.g. metrics/crossval.json): fit the decision of "
+        "another objective (-S finetune.objective=...) on its out-of-fold predictions, "
+        "without a fold run",
     )
 
     p = add_command(

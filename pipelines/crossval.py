@@ -299,6 +299,52 @@ def describe_decisions(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+AFTER_TRAINING = ("objective", "calibrate")
+"""finetune params that act after training (imgpipe.core.params.RESUME_IGNORES): the fold runs'
+predictions serve any value of them, so a change needs no fold run again (``refit``)."""
+
+
+def fit_out_of_fold(
+    oofs: Mapping[int, OutOfFold],
+    groups: Mapping[str, Sequence[str]],
+    tuning: Any,
+    recipe: Mapping[str, Any],
+    name: str,
+) -> tuple[dict[int, dict[str, float]], dict[str, Any]]:
+    """Each seed's out-of-fold figures, and the decision for ``tuning.objective`` fitted on
+    every seed's predictions together, marked with the images and ``recipe`` it is valid for
+    (what params.yaml's ``finetune.decision`` holds)."""
+    seeds = list(oofs)
+    per_seed = {seed: oof_figures(oofs[seed], groups, tuning.balance) for seed in seeds}
+    pooled = OutOfFold(
+        [d for o in oofs.values() for d in o.sha256],
+        np.concatenate([o.labels for o in oofs.values()]),
+        np.concatenate([o.folds for o in oofs.values()]),
+        np.concatenate([o.probs for o in oofs.values()]),
+        oofs[seeds[0]].classes,
+    )
+    decision = oof_figures(pooled, groups, tuning.balance)
+    folds = len(np.unique(pooled.folds))
+    fitted = {
+        "objective": tuning.objective,
+        "temperature": decision["oof.temperature"],
+        "tau": decision.get("oof.fitted.tau"),
+        "fitted_on": training_digest(oof_images(oofs), recipe),
+        "source": f"imgpipe crossval {name}: {folds} folds x seeds "
+        f"{', '.join(map(str, seeds))}, {len(pooled.sha256)} out-of-fold predictions",
+    }
+    return per_seed, fitted
+
+
+def oof_images(oofs: Mapping[int, OutOfFold]) -> dict[str, str]:
+    """sha256 -> label of the images the out-of-fold predictions cover."""
+    return {
+        d: o.classes[label]
+        for o in oofs.values()
+        for d, label in zip(o.sha256, o.labels, strict=True)
+    }
+
+
 def run_crossval(
     folds: int,
     seeds: Sequence[int],
@@ -390,27 +436,8 @@ def run_crossval(
         seed: out_of_fold({f: saved / f"{experiment[seed, f]}.csv" for f in range(folds)}, non_test)
         for seed in seeds
     }
-    per_seed = {seed: oof_figures(oofs[seed], groups, tuning.balance) for seed in seeds}
     write_oof(saved / "oof_predictions.csv", oofs)
-    pooled = OutOfFold(
-        [d for o in oofs.values() for d in o.sha256],
-        np.concatenate([o.labels for o in oofs.values()]),
-        np.concatenate([o.folds for o in oofs.values()]),
-        np.concatenate([o.probs for o in oofs.values()]),
-        oofs[seeds[0]].classes,
-    )
-    decision = oof_figures(pooled, groups, tuning.balance)
-    images = {
-        d: pooled.classes[label] for d, label in zip(pooled.sha256, pooled.labels, strict=True)
-    }
-    fitted = {
-        "objective": tuning.objective,
-        "temperature": decision["oof.temperature"],
-        "tau": decision.get("oof.fitted.tau"),
-        "fitted_on": training_digest(images, recipe),
-        "source": f"imgpipe crossval {name}: {folds} folds x seeds "
-        f"{', '.join(map(str, seeds))}, {len(pooled.sha256)} out-of-fold predictions",
-    }
+    per_seed, fitted = fit_out_of_fold(oofs, groups, tuning, recipe, name)
     summary: dict[str, Any] = {
         "recipe": name,
         "overrides": list(overrides),
@@ -442,6 +469,112 @@ def run_crossval(
     if apply:
         set_value(root / "params.yaml", "finetune", "decision", fitted)
     return summary
+
+
+def refit(
+    previous: Path,
+    overrides: Sequence[str],
+    *,
+    root: Path | None = None,
+    out: Path | None = None,
+    apply: bool = False,
+) -> dict[str, Any]:
+    """The decision of params.yaml's objective, or of another (``overrides``), fitted on the
+    out-of-fold predictions of an earlier ``imgpipe crossval`` (its summary, ``previous``)
+    without a fold run: ``overrides`` may set only finetune params that act after training
+    (``AFTER_TRAINING``). Refused when the predictions are not of params.yaml's recipe any more
+    (the earlier decision's images and recipe no longer match). A parent MLflow run records it,
+    tagged with the earlier one. ``apply``: as :func:`run_crossval`'s."""
+    import mlflow
+
+    from imgpipe.core.params import (
+        EvaluateParams,
+        FinetuneParams,
+        load_params,
+        section,
+        sections,
+        set_value,
+        with_sets,
+    )
+    from imgpipe.tracking.runs import ensure_experiment
+
+    root = (root or Path.cwd()).resolve()
+    if apply and overrides:
+        raise InputError(
+            "crossval: --apply sets the decision of params.yaml's own recipe; make the -S "
+            f"values {list(overrides)} params.yaml's first, then refit"
+        )
+    earlier = json.loads(previous.read_text())
+    allowed = tuple(f"finetune.{key}=" for key in AFTER_TRAINING)
+    training = [o for o in overrides if not o.startswith(allowed)]
+    if training:
+        raise InputError(
+            f"crossval --refit: {training} change how the folds train; only "
+            f"{', '.join(f'finetune.{k}' for k in AFTER_TRAINING)} act after training: run "
+            "imgpipe crossval again for the others"
+        )
+    ran = with_sets(
+        load_params(root / "params.yaml"),
+        [*earlier["overrides"], f"finetune.objective={earlier['objective']}"],
+    )
+    oofs = read_oof(root / earlier["predictions"])
+    if training_digest(oof_images(oofs), sections(RECIPE, ran)) != earlier["decision"]["fitted_on"]:
+        raise InputError(
+            f"crossval --refit: the predictions of {previous} were made under another recipe "
+            "or other images than params.yaml's now: run imgpipe crossval again"
+        )
+    raw = with_sets(load_params(root / "params.yaml"), [*earlier["overrides"], *overrides])
+    tuning = section(FinetuneParams, "finetune", raw)
+    groups = dict(section(EvaluateParams, "evaluate", raw).class_groups)
+    per_seed, fitted = fit_out_of_fold(
+        oofs, groups, tuning, sections(RECIPE, raw), f"{earlier['recipe']}, refit"
+    )
+    seeds = list(per_seed)
+    summary = {
+        **earlier,
+        "overrides": [*earlier["overrides"], *overrides],
+        "objective": tuning.objective,
+        "out_of_fold": {str(seed): per_seed[seed] for seed in seeds},
+        "out_of_fold_summary": {
+            key: spread([per_seed[s][key] for s in seeds]) for key in per_seed[seeds[0]]
+        },
+        "decision": fitted,
+        "refit_of": earlier["parent_run"],
+    }
+    parent = {
+        **summary,
+        "recipe": f"{earlier['recipe']} refit",
+        "summary": {**summary["summary"], **summary["out_of_fold_summary"]},
+        "mlflow_runs": {},  # the fold runs stay nested under the run that made them
+    }
+    summary["parent_run"] = log_parent(
+        parent, ensure_experiment(mlflow, root), label=f"{summary['folds']} folds refit"
+    )
+    client = mlflow.MlflowClient()
+    client.set_tag(summary["parent_run"], FOLDS_TAG, str(summary["folds"]))
+    client.set_tag(summary["parent_run"], "refit_of", earlier["parent_run"])
+    if out is not None:
+        write_json_atomic(out, summary)
+    if apply:
+        set_value(root / "params.yaml", "finetune", "decision", fitted)
+    return summary
+
+
+def _flow(value: Any) -> str:
+    """A value in the flow style that both DVC's ``-S`` (Hydra's grammar) and YAML read back as
+    it is: strings single-quoted, numbers and null bare."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key}: {_flow(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return "null" if value is None else json.dumps(value)
+
+
+def decision_flag(summary: Mapping[str, Any]) -> str:
+    """The ``-S`` flags that give a run the summary's recipe and its fitted decision (``dvc exp
+    run`` and ``imgpipe seeds`` take them), so that it trains on every non-test image."""
+    sets = [*summary["overrides"], f"finetune.decision={_flow(summary['decision'])}"]
+    return " ".join('-S "' + s.replace('"', '\\"') + '"' for s in sets)
 
 
 def describe(summary: Mapping[str, Any]) -> str:

@@ -52,13 +52,6 @@ def _groups(root: Path) -> str:
     return "/".join(params["evaluate"].get("class_groups") or {}) or "class groups"
 
 
-def _seed(root: Path) -> str:
-    """params.yaml's training seeds, as the run in the workspace used them (``42``)."""
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    seeds = {params["train"]["seed"], params["finetune"]["seed"]}
-    return " / ".join(str(s) for s in sorted(seeds))
-
-
 def spread_text(stats: Mapping[str, float], places: int = 3) -> str:
     """``0.737 ± 0.032``: a mean ± sd of ``imgpipe seeds``."""
     return f"{stats['mean']:.{places}f} ± {stats['sd']:.{places}f}"
@@ -193,10 +186,18 @@ def render_ensemble(root: Path) -> str:
     )
 
 
-def render_release(root: Path) -> str:
-    """This release's run (metrics/evaluate.json, export.json): the served decision, the
-    network's own and the class groups, per class recall, and the int8 file's agreement."""
-    evaluation = _json(root, "metrics/evaluate.json")
+def _seed(root: Path, params_file: str = "params.yaml") -> str:
+    """A params file's training seeds, as the run in the workspace used them (``42``)."""
+    params = yaml.safe_load((root / params_file).read_text())
+    seeds = {params["train"]["seed"], params["finetune"]["seed"]}
+    return " / ".join(str(s) for s in sorted(seeds))
+
+
+def _run_table(root: Path, folder: str) -> tuple[str, dict[str, Any]]:
+    """One pipeline run's test figures (``folder``'s evaluate.json and export.json): the served
+    decision, the network's own and the class groups, per class recall, the calibration error
+    and the int8 file's agreement; and its evaluate summary."""
+    evaluation = _json(root, f"{folder}/evaluate.json")
     served, own = evaluation["test"], evaluation.get("argmax")
     groups = evaluation.get("groups", {})
     objective = served.get("objective", "not recorded")
@@ -220,7 +221,7 @@ def render_release(root: Path) -> str:
             [f"test recall of {label} ({row['support']} images)", f"{row['recall']:.4f}", theirs]
         )
     rows.append(["test expected calibration error", f"{served['ece']:.4f}", ""])
-    exported = _json(root, "metrics/export.json")
+    exported = _json(root, f"{folder}/export.json")
     for split, key in (("test", "parity"), ("validation", "parity_validation")):
         for kind, parity in sorted(exported.get(key, {}).items()):
             if isinstance(parity, dict) and "top1_agreement" in parity:
@@ -231,10 +232,53 @@ def render_release(root: Path) -> str:
                         "",
                     ]
                 )
+    return _table(header, rows), evaluation
+
+
+def render_release(root: Path) -> str:
+    """This release's run (metrics/evaluate.json, export.json)."""
+    table, evaluation = _run_table(root, "metrics")
     return (
         f"Seed {_seed(root)}, `metrics/evaluate.json` and `metrics/export.json` "
-        f"({served['images']} test "
-        "images):\n\n" + _table(header, rows)
+        f"({evaluation['test']['images']} test images):\n\n" + table
+    )
+
+
+FASHION = "metrics/fashion_mnist"
+"""A run of the pipeline on Fashion-MNIST: its own metrics files and the params it ran with."""
+
+
+def _changed(ours: Mapping[str, Any], theirs: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``section.key=value`` for every leaf of ``theirs`` that differs from ``ours``."""
+    changed = []
+    for key, value in theirs.items():
+        mine = ours.get(key) if isinstance(ours, Mapping) else None
+        if isinstance(value, Mapping) and value and isinstance(mine, Mapping):
+            changed += _changed(mine, value, f"{prefix}{key}.")
+        elif mine != value:
+            changed.append(f"{prefix}{key}={json.dumps(value)}")
+    return changed
+
+
+def render_fashion(root: Path) -> str:
+    """The pipeline's run on Fashion-MNIST (``metrics/fashion_mnist/``): what it ran with, its
+    split, and the same figures as this release's run."""
+    if not (root / FASHION / "evaluate.json").is_file():
+        return f"`{FASHION}/` is not there yet: no Fashion-MNIST run of this release.\n"
+    table, _ = _run_table(root, FASHION)
+    ours = yaml.safe_load((root / "params.yaml").read_text())
+    theirs = yaml.safe_load((root / FASHION / "params.yaml").read_text())
+    changed = ", ".join(f"`{c}`" for c in _changed(ours, theirs)) or "none"
+    splits = _json(root, f"{FASHION}/ingest.json")["split_method"]["achieved_fractions"]
+    images = _json(root, f"{FASHION}/ingest.json")["images"]
+    tuned = _json(root, f"{FASHION}/finetune.json")["finetune"]
+    shares = ", ".join(f"{name} {share:.0%}" for name, share in sorted(splits.items()))
+    return (
+        f"`imgpipe fashion-mnist-data data --sets train,t10k --per-class 600`, then `dvc repro "
+        f"export` with params.yaml's values but {changed} (`{FASHION}/params.yaml`); "
+        f"{images} images ({shares}); seed {_seed(root, f'{FASHION}/params.yaml')}; "
+        f"fine-tuning {tuned['seconds']:.0f} s + {tuned['quantization_aware_seconds']:.0f} s "
+        f"quantization-aware on {tuned['training_images']} images (`{FASHION}/`):\n\n" + table
     )
 
 
@@ -489,6 +533,7 @@ def render_decisions(root: Path) -> str:
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "crossval": render_crossval,
     "decisions": render_decisions,
+    "fashion": render_fashion,
     "headline": render_headline,
     "seeds": render_seeds,
     "ensemble": render_ensemble,

@@ -6,6 +6,8 @@ themselves are DVC experiments run like `imgpipe seeds`' (tests/e2e/test_pipelin
 from __future__ import annotations
 
 import csv
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +213,78 @@ def test_decisions_compares_rules_on_crossvals_file_by_a_manifest_column(tmp_pat
     write_oof(other, {7: OutOfFold(["f" * 64] * 3, labels[:3], folds[:3], probs[:3], CLASSES)})
     with pytest.raises(InputError, match="other data"):
         compare_decisions(other, 1.0, 1.0, by="module_type", manifest=manifest)
+
+
+def test_refit_fits_another_objective_on_the_same_predictions_and_nothing_else(
+    tmp_path, tmp_mlflow
+):
+    """``imgpipe crossval --refit``: the balanced objective's decision fitted on an earlier
+    crossval's out-of-fold predictions, without a fold run, marked with the recipe it is for
+    (the objective is part of it); its ``-S`` flags give that decision back through YAML and
+    DVC's Hydra grammar alike. Refused: an override that changes training, predictions of
+    another recipe than params.yaml's now, and --apply with overrides."""
+    import shutil
+
+    import yaml
+    from conftest import PROJECT
+    from dvc.utils.hydra import apply_overrides
+
+    from imgpipe.core.params import load_params, sections, with_sets
+    from imgpipe.data.lineage import training_digest
+    from pipelines.crossval import RECIPE, decision_flag, oof_images, refit
+
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    raw["evaluate"]["class_groups"] = {}  # ELPV's
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    labels, probs, folds, _ = _strata_data()
+    oof = OutOfFold([f"{i:064x}" for i in range(len(labels))], labels, folds, probs, CLASSES)
+    write_oof(tmp_path / "oof.csv", {42: oof})
+    params = load_params(tmp_path / "params.yaml")
+    earlier = {
+        "recipe": "tiny",
+        "through": "finetune",
+        "mlflow_runs": {},
+        "overrides": [],
+        "objective": "accuracy",
+        "folds": 4,
+        "seeds": [42],
+        "summary": {},
+        "predictions": "oof.csv",
+        "parent_run": "earlier-run",
+        "decision": {
+            "fitted_on": training_digest(
+                oof_images({42: oof}),
+                sections(RECIPE, with_sets(params, ["finetune.objective=accuracy"])),
+            )
+        },
+    }
+    (tmp_path / "crossval.json").write_text(json.dumps(earlier))
+    balanced = ["finetune.objective=balanced_accuracy"]
+    summary = refit(tmp_path / "crossval.json", balanced, root=tmp_path)
+    decision = summary["decision"]
+    assert decision["objective"] == "balanced_accuracy" and decision["tau"] is not None
+    assert decision["fitted_on"] == training_digest(
+        oof_images({42: oof}), sections(RECIPE, with_sets(params, balanced))
+    )
+    assert (
+        summary["out_of_fold"]["42"]["oof.fitted.balanced_accuracy"]
+        > (summary["out_of_fold"]["42"]["oof.balanced_accuracy"])
+    )
+    assert summary["refit_of"] == "earlier-run" and summary["parent_run"] != "earlier-run"
+
+    sets = re.findall(r'-S "((?:[^"\\]|\\.)*)"', decision_flag(summary))
+    assert with_sets(params, sets)["finetune"]["decision"] == decision
+    shutil.copyfile(tmp_path / "params.yaml", tmp_path / "hydra.yaml")
+    apply_overrides(str(tmp_path / "hydra.yaml"), sets)
+    assert yaml.safe_load((tmp_path / "hydra.yaml").read_text())["finetune"]["decision"] == (
+        decision
+    )
+
+    with pytest.raises(InputError, match="change how the folds train"):
+        refit(tmp_path / "crossval.json", ["finetune.epochs=3"], root=tmp_path)
+    with pytest.raises(InputError, match="--apply"):
+        refit(tmp_path / "crossval.json", balanced, root=tmp_path, apply=True)
+    raw["model"]["image_size"] = 96
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(InputError, match="another recipe"):
+        refit(tmp_path / "crossval.json", balanced, root=tmp_path)
