@@ -26,6 +26,7 @@ import yaml
 PAGES = ("README.md", "docs/accuracy.md")
 BLOCK = re.compile(r"(<!-- render: ([\w-]+) -->\n)(.*?)(<!-- end render -->)", re.DOTALL)
 SEEDS = "metrics/seeds.json"
+SEEDS_BALANCED = "metrics/seeds_balanced.json"
 ENSEMBLE = "metrics/ensemble.json"
 ENSEMBLE_EXPORT = "metrics/ensemble_export.json"
 STUDENT = "metrics/student.json"
@@ -84,10 +85,19 @@ def _seed_figures(root: Path) -> list[tuple[str, str]]:
     ]
 
 
-def render_seeds(root: Path) -> str:
-    """The default recipe over training seeds (metrics/seeds.json): each figure's mean ± sd,
-    range and per-seed values."""
-    summary = _json(root, SEEDS)
+def _override_text(override: str) -> str:
+    """``-S key=value`` as a reader wants it: a fitted decision by where it was fitted."""
+    key, _, value = override.partition("=")
+    if key == "finetune.decision":
+        source = yaml.safe_load(value).get("source", "?")
+        return f"`-S finetune.decision=...` (fitted by {source})"
+    return f"`-S {override}`"
+
+
+def render_seeds(root: Path, source: str = SEEDS) -> str:
+    """A recipe over training seeds (default: the default recipe's, metrics/seeds.json): each
+    figure's mean ± sd, range and per-seed values."""
+    summary = _json(root, source)
     stats, per_seed = summary["summary"], summary["per_seed"]
     seeds = [str(s) for s in summary["seeds"]]
     known = _seed_figures(root)
@@ -106,10 +116,10 @@ def render_seeds(root: Path) -> str:
                 *(f"{per_seed[s][key]:.{places}f}" for s in seeds),
             ]
         )
-    overrides = ", ".join(f"`-S {o}`" for o in summary["overrides"]) or "none"
+    overrides = ", ".join(_override_text(o) for o in summary["overrides"]) or "none"
     return (
         f"`imgpipe seeds --seeds {' '.join(seeds)} --through {summary['through']}` "
-        f"(recipe `{summary['recipe']}`, overrides: {overrides}; `{SEEDS}`, MLflow parent run "
+        f"(recipe `{summary['recipe']}`, overrides: {overrides}; `{source}`, MLflow parent run "
         f"`{summary['parent_run']}`):\n\n"
         + _table(["figure", "mean ± sd", "min .. max", *(f"seed {s}" for s in seeds)], rows)
     )
@@ -536,6 +546,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "fashion": render_fashion,
     "headline": render_headline,
     "seeds": render_seeds,
+    "seeds_balanced": lambda root: render_seeds(root, SEEDS_BALANCED),
     "ensemble": render_ensemble,
     "release": render_release,
     "recipes": render_recipes,
