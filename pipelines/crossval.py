@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from pipelines.seeds import (
     run_experiments,
     spread,
     summarise,
+    workspace_kept,
 )
 
 RECIPE = ("model", "augment", "train", "finetune")
@@ -389,11 +389,6 @@ def run_crossval(
     tuning = section(FinetuneParams, "finetune", raw)
     recipe = sections(RECIPE, raw)
     groups = dict(section(EvaluateParams, "evaluate", raw).class_groups)
-    kept = {  # DVC's -S leaves the last fold's params in params.yaml: put all of it back
-        path: path.read_bytes()
-        for path in [root / "params.yaml", root / "dvc.lock", *(root / "metrics").glob("*")]
-        if path.is_file()
-    }
     saved = root / OUT_DIR / name
     if saved.exists():
         shutil.rmtree(saved)
@@ -422,16 +417,8 @@ def run_crossval(
         non_test.update(_non_test(root / "outputs/ingest/manifest.csv"))
         return headline(root / "metrics", with_test=False)
 
-    try:
+    with workspace_kept(root, "crossval"):  # DVC's -S leaves the last fold's params behind
         figures, runs = run_experiments(variants, through=THROUGH, root=root, after=collect)
-    finally:
-        for path, content in kept.items():
-            path.write_bytes(content)
-        restored = subprocess.run(
-            ["dvc", "checkout", "--force", "-q"], cwd=root, capture_output=True, text=True
-        )
-        if restored.returncode != 0:
-            print(f"crossval: dvc checkout could not restore the outputs: {restored.stderr}")
     oofs = {
         seed: out_of_fold({f: saved / f"{experiment[seed, f]}.csv" for f in range(folds)}, non_test)
         for seed in seeds

@@ -10,12 +10,15 @@ is compared with another by its mean and spread, not by one run (``imgpipe runs`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +134,43 @@ def _current(params: Mapping[str, Any], key: str) -> Any:
     return params[section][name]
 
 
+@contextlib.contextmanager
+def workspace_kept(root: Path, what: str) -> Iterator[None]:
+    """The workspace as it was, put back afterwards: params.yaml, dvc.lock and the metrics files
+    byte for byte (DVC's -S leaves the last run's), the persisted folders (fine-tuning's
+    checkpoints, which DVC does not cache) from a copy, and the other outputs checked out of
+    DVC's cache as dvc.lock names them, so that ``dvc status`` is as clean as before."""
+    persisted = [
+        root / out.path for stage in STAGES.values() for out in stage.outputs.values()
+        if out.dvc == "persist" and (root / out.path).is_dir()
+    ]  # fmt: skip
+    kept = {
+        path: path.read_bytes()
+        for path in [root / "params.yaml", root / "dvc.lock", *(root / "metrics").glob("*")]
+        if path.is_file()
+    }
+    with tempfile.TemporaryDirectory(prefix="imgpipe-kept-") as copies:
+        for index, folder in enumerate(persisted):
+            shutil.copytree(folder, Path(copies) / str(index), symlinks=True)
+        try:
+            yield
+        finally:
+            for path, content in kept.items():
+                path.write_bytes(content)
+            for index, folder in enumerate(persisted):
+                shutil.rmtree(folder, ignore_errors=True)
+                shutil.copytree(Path(copies) / str(index), folder, symlinks=True)
+            restored = subprocess.run(
+                ["dvc", "checkout", "--force", "-q"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+            )
+            if restored.returncode != 0:
+                print(f"{what}: dvc checkout could not restore the outputs: {restored.stderr}")
+
+
 def run_experiments(
     variants: Sequence[tuple[str, Sequence[str]]],
     *,
@@ -196,7 +236,8 @@ def run_recipe(
     takes them) once per seed, up to stage ``through``, each a DVC experiment named
     ``<name>-seed<N>``; then record the parent MLflow run and write ``out``. A seed equal to
     params.yaml's runs last, so that afterwards the workspace holds that run's outputs (the
-    others stay in DVC's experiments: ``dvc exp show``)."""
+    others stay in DVC's experiments: ``dvc exp show``); with ``overrides``, the workspace is
+    put back as it was instead (:func:`workspace_kept`)."""
     import mlflow
     import yaml
 
@@ -222,14 +263,17 @@ def run_recipe(
         (experiment[seed], [*overrides, *(f"{key}={seed}" for key in seed_keys)])
         for seed in ordered
     ]
-    figures, runs = run_experiments(
-        variants,
-        through=through,
-        root=root,
-        after=lambda _: headline(
-            root / "metrics", with_test=reaches_evaluate, with_export=reaches_export
-        ),
-    )
+    # params.yaml's own recipe leaves its last run (params.yaml's seed) in the workspace;
+    # another recipe (overrides) leaves the workspace as it was
+    with workspace_kept(root, "seeds") if overrides else contextlib.nullcontext():
+        figures, runs = run_experiments(
+            variants,
+            through=through,
+            root=root,
+            after=lambda _: headline(
+                root / "metrics", with_test=reaches_evaluate, with_export=reaches_export
+            ),
+        )
     per_seed = {seed: figures[experiment[seed]] for seed in ordered}
     summary = {
         "recipe": name,

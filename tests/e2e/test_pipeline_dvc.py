@@ -71,6 +71,11 @@ class Repo:
             )
         return result
 
+    def metrics(self) -> list[Path]:
+        """The metrics and plots files git keeps (``cache: false``), which ``dvc checkout``
+        cannot restore."""
+        return sorted((self.root / "metrics").iterdir())
+
     def mlflow_runs(self) -> list:
         from mlflow.tracking import MlflowClient
 
@@ -403,16 +408,22 @@ def test_failed_expectation_stops_repro_naming_expectation_and_row(repo, first_r
     back afterwards."""
     earlier = len(repo.mlflow_runs())
     assert earlier >= 1
-    original = (repo.root / "params.yaml").read_bytes()
+    kept = {
+        path: path.read_bytes()
+        for path in [repo.root / "params.yaml", repo.root / "dvc.lock", *repo.metrics()]
+    }
     edit_params(repo.root / "params.yaml", min_images_per_class=1000)
     try:
         failed = repo.run("dvc", "repro", check=False)
         runs = repo.mlflow_runs()
     finally:
         # DVC removed validate's outputs before running it, its metrics file (kept in git, not
-        # in DVC's cache) with them: rerun it with the original params to leave the repo whole.
-        (repo.root / "params.yaml").write_bytes(original)
-        repo.run("dvc", "repro", "validate")
+        # in DVC's cache) with them: put the files git keeps back, and DVC checks out the rest.
+        for path, content in kept.items():
+            path.write_bytes(content)
+        repo.run("dvc", "checkout", "-q", "--force")
+    status = repo.run("dvc", "status", "--json")
+    assert json.loads(status.stdout or "{}") == {}, status.stdout
 
     out = failed.stdout + failed.stderr
     assert failed.returncode != 0, out
@@ -469,38 +480,24 @@ def test_seeds_runs_a_recipe_over_seeds_under_a_parent_mlflow_run(
     finetune.learning_rate=...``: one DVC experiment per seed (DVC reuses the frozen phase: only
     finetune's params change), each its own MLflow run, nested under a parent
     run whose mean/sd/min/max are those of the seeds' validation figures; the JSON summary
-    says the same and ``imgpipe runs`` shows the recipe as mean ± sd. The workspace is put
-    back afterwards (params, lock and metrics as they were, outputs from DVC's cache, the
-    persist checkpoints from a copy)."""
+    says the same and ``imgpipe runs`` shows the recipe as mean ± sd. The command puts the
+    workspace back (params, lock and metrics as they were, outputs from DVC's cache, the
+    persist checkpoints from a copy): dvc status is clean."""
     import statistics
 
     from mlflow.tracking import MlflowClient
 
-    kept = {
-        name: (repo.root / name).read_bytes()
-        for name in (
-            "params.yaml",
-            "dvc.lock",
-            *(f"metrics/{p.name}" for p in (repo.root / "metrics").iterdir()),
-        )
-    }
-    checkpoints = repo.root / "outputs" / "finetune_checkpoints"  # persist, not in DVC's cache
-    shutil.copytree(checkpoints, tmp_path / "checkpoints")
+    before = {path: path.read_bytes() for path in [repo.root / "params.yaml", *repo.metrics()]}
     out = tmp_path / "seeds.json"
-    try:
-        done = repo.run(
-            "imgpipe", "seeds", "--seeds", "1", "2", "--through", "finetune",
-            "--name", "tiny-recipe", "--out", str(out), "--seed-keys", "finetune.seed",
-            "-S", f"finetune.learning_rate={NEW_LR}",  # the recipe: the experiment's rate
-        )  # fmt: skip
-        summary = json.loads(out.read_text())
-        table = repo.run("imgpipe", "runs").stdout
-    finally:
-        for name, content in kept.items():
-            (repo.root / name).write_bytes(content)
-        shutil.rmtree(checkpoints)
-        shutil.copytree(tmp_path / "checkpoints", checkpoints)
-        repo.run("dvc", "checkout", "-q")
+    done = repo.run(
+        "imgpipe", "seeds", "--seeds", "1", "2", "--through", "finetune",
+        "--name", "tiny-recipe", "--out", str(out), "--seed-keys", "finetune.seed",
+        "-S", f"finetune.learning_rate={NEW_LR}",  # the recipe: the experiment's rate
+    )  # fmt: skip
+    summary = json.loads(out.read_text())
+    table = repo.run("imgpipe", "runs").stdout
+    # another recipe than params.yaml's: the workspace is put back as it was
+    assert {path: path.read_bytes() for path in before} == before
     assert "finetune.val_accuracy" in done.stdout, done.stdout
     assert summary["seeds"] == [1, 2] and set(summary["mlflow_runs"]) == {"1", "2"}, summary
     client = MlflowClient(tracking_uri=repo.env["MLFLOW_TRACKING_URI"])
@@ -545,7 +542,7 @@ def test_grown_and_relabelled_data_moves_few_images_and_the_gate_refuses_it(repo
 
     root = repo.root
     kept = {name: (root / name).read_bytes() for name in ("data.dvc", "dvc.lock")}
-    kept |= {f"metrics/{p.name}": p.read_bytes() for p in (root / "metrics").iterdir()}
+    kept |= {f"metrics/{p.name}": p.read_bytes() for p in repo.metrics()}
     checkpoints = root / "outputs" / "finetune_checkpoints"  # persist, not in DVC's cache
     shutil.copytree(checkpoints, root.parent / "grown-checkpoints")
     before = {r["sha256"]: r for r in read_csv_rows(root / "outputs/ingest/manifest.csv")}
