@@ -117,8 +117,8 @@ def cmd_growing_data(args: argparse.Namespace) -> None:
 def cmd_ensemble(args: argparse.Namespace) -> None:
     """Average the members' probabilities in one model folder that evaluate and export take
     like finetune's."""
-    from imgpipe.model.ensemble import DECISION, write_ensemble
-    from imgpipe.model.training import MODEL
+    from imgpipe.model.ensemble import write_ensemble
+    from imgpipe.model.training import DECISION, MODEL
 
     out = Path(args.out)
     decision = write_ensemble([Path(m) for m in args.members], out)
@@ -133,8 +133,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     """Train one student on the teacher's probabilities, in a model folder that evaluate and
     export take like finetune's."""
     from imgpipe.core.params import with_sets
-    from imgpipe.model.ensemble import DECISION
-    from imgpipe.model.training import MODEL
+    from imgpipe.model.training import DECISION, MODEL
     from pipelines import distill
 
     out = Path(args.out)

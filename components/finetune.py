@@ -69,6 +69,7 @@ from imgpipe.model.distribute import (
 )
 from imgpipe.model.training import (
     CURVES,
+    DECISION,
     HEAD_NAME,
     MODEL,
     POOLED_LAYER,
@@ -87,10 +88,6 @@ VAL_PREDICTIONS = "val_predictions.csv"
 """Beside the model: the network's own probabilities (before any fitted decision or
 temperature) of every validation image, by sha256: a cross-validation fold's out-of-fold
 predictions (``imgpipe crossval``)."""
-DECISION = "decision.json"
-"""Beside the model: the objective, and the temperature and decision folded into its output
-layer (imgpipe.evaluation.calibration.Decision): evaluate scores the network's own decision beside
-the served one, and the test ECE the scores had without the temperature."""
 
 
 HELD_OUT, ALL_NON_TEST = "train", "train+val"
@@ -343,14 +340,7 @@ def run(
             val_files,
             (size, batch_size, steps, n_train, n_val),
             learning_rate * params.final_lr_fraction,
-            EpochLogger(
-                "quantize",
-                offset + len(rows),
-                params.quantization_aware_epochs,
-                quantize_rows,
-                progress,
-                steps,
-            ),
+            (offset + len(rows), quantize_rows, progress),
         )
     output = best.get_layer(HEAD_NAME).get_layer("probabilities")
     classes = len(read_labels(dataset / LABELS))
@@ -463,7 +453,7 @@ def quantization_aware_phase(
     val_files: list[str],
     shape: tuple[int, int, int, int, int],
     learning_rate: float,
-    logger: EpochLogger,
+    logged: tuple[int, list[dict[str, Any]], Any],
     teacher: keras.Model | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
     """Quantization-aware fine-tuning (imgpipe.model.quantization): ``model`` folded into the form
@@ -474,7 +464,8 @@ def quantization_aware_phase(
     model, of the quantized one before and after these epochs; none without ``val_files``).
     With a ``teacher`` (a distilled student's: imgpipe.model.distill), the epochs learn the
     teacher's probabilities of each view instead of its label; the teacher trained on every
-    non-test image, so none is held out."""
+    non-test image, so none is held out. ``logged``: the first epoch's number in the history,
+    the history's rows to append to, and the progress bar (an EpochLogger's)."""
     from imgpipe.model import distill, quantization
     from imgpipe.model.training import quantization_aware
 
@@ -482,6 +473,9 @@ def quantization_aware_phase(
     if teacher is not None and val_files:
         raise ValueError("a teacher's student holds no image out: val_files must be empty")
     started = time.perf_counter()
+    first_epoch, rows, progress = logged
+    epochs = params.quantization_aware_epochs
+    logger = EpochLogger("quantize", first_epoch, epochs, rows, progress, steps)
     val_batches = image_dataset(val_files, size, batch_size, count=n_val) if n_val else None
 
     def accuracy(network: keras.Model) -> float:
@@ -499,7 +493,6 @@ def quantization_aware_phase(
         metrics=["accuracy"],
     )
     start_accuracy = accuracy(quantized)
-    epochs = params.quantization_aware_epochs
     batches = image_dataset(
         train_files,
         size,

@@ -29,7 +29,7 @@ from imgpipe.core.params import sections
 from imgpipe.data.labels import read_labels
 from imgpipe.data.manifest import LABELS, SHARDS
 from imgpipe.data.tfrecords import count_records, split_files
-from imgpipe.model.training import CURVES, MODEL
+from imgpipe.model.training import CURVES, DECISION, MODEL
 from pipelines.runner import default_paths
 from pipelines.stages import STAGES
 
@@ -133,20 +133,11 @@ def run(
                 [],
                 (size, tuning.batch_size, steps, images, 0),
                 tuning.learning_rate * tuning.final_lr_fraction,
-                EpochLogger(
-                    "quantize",
-                    len(rows),
-                    tuning.quantization_aware_epochs,
-                    quantize_rows,
-                    progress,
-                    steps,
-                ),
+                (len(rows), quantize_rows, progress),
                 teacher=teacher_model,
             )
         student.save(staged / MODEL)  # without the optimizer's state
-        write_json_atomic(
-            staged / distill.DECISION, distill.student_decision(teacher_file, classes)
-        )
+        write_json_atomic(staged / DECISION, distill.student_decision(teacher_file, classes))
         write_history(staged / HISTORY, [*rows, *quantize_rows])
         plot_curves(
             [*rows, *quantize_rows],

@@ -15,13 +15,14 @@ network's own decision, the calibrated argmax.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypedDict
 
 import numpy as np
 
 from imgpipe.evaluation.metrics import (
     class_log_prior,
+    decision_score,
     expected_calibration_error,
     fit_temperature,
     prior_correction,
@@ -133,6 +134,46 @@ def fold_fitted(
     return _fold_softmax(output, shift, temperature)
 
 
+CUT_MARGIN = 1e-4
+"""The least gap between refitted cut-points, so that their order stays strict."""
+
+
+def fit_cutpoints(
+    y_true: Sequence[int] | np.ndarray,
+    scores: np.ndarray,
+    start: np.ndarray,
+    balance: float,
+    temperature: float = 1.0,
+    passes: int = 4,
+) -> np.ndarray:
+    """Increasing cut-points of the ordinal head (imgpipe.model.ordinal) whose argmax decision
+    maximises ``(1 - balance) * accuracy + balance * balanced accuracy`` on these validation
+    labels and scores: coordinate ascent from ``start`` (the trained ones), each cut-point in
+    turn tried at every midpoint between neighbouring validation scores that keeps the order.
+    Among equal scores the trained value's neighbourhood wins (ties keep the current
+    cut-point)."""
+    from imgpipe.evaluation.decisions import coordinate_ascent
+    from imgpipe.model.ordinal import probabilities
+
+    actual = np.asarray(y_true, np.int64)
+    ordered = np.sort(np.asarray(scores, np.float64))
+    midpoints = np.unique((ordered[1:] + ordered[:-1]) / 2)
+
+    def between(cut: np.ndarray, k: int) -> np.ndarray:
+        low = cut[k - 1] + CUT_MARGIN if k else -np.inf
+        high = cut[k + 1] - CUT_MARGIN if k + 1 < len(cut) else np.inf
+        return midpoints[(midpoints > low) & (midpoints < high)]
+
+    return coordinate_ascent(
+        lambda cut: decision_score(
+            actual, probabilities(scores, cut, temperature).argmax(axis=1), balance
+        ),
+        start,
+        between,
+        passes,
+    )
+
+
 def _fit_ordinal(
     output: Any,
     labels: np.ndarray,
@@ -152,7 +193,7 @@ def _fit_ordinal(
     cut = trained
     figures: dict[str, Any] = {}
     if balance is not None:
-        cut = ordinal.fit_cutpoints(labels, scores, trained, balance, temperature)
+        cut = fit_cutpoints(labels, scores, trained, balance, temperature)
         figures = _corrected(labels, ordinal.probabilities(scores, cut, temperature))
     output.set_decision(cut, temperature)
     figures["cutpoints"] = [round(float(c), 6) for c in cut]

@@ -29,6 +29,7 @@ import numpy as np
 from imgpipe.evaluation.metrics import (
     PRIOR_SCALES,
     class_log_prior,
+    decision_score,
     prior_correction,
     shift_probabilities,
 )
@@ -49,23 +50,21 @@ Rule = Callable[[np.ndarray, np.ndarray, np.ndarray, float], Decider]
 """(labels, probabilities, strata, balance) -> a decider fitted on them."""
 
 
-def objective(actual: np.ndarray, predicted: np.ndarray, balance: float) -> float:
-    """``(1 - balance) * accuracy + balance * balanced accuracy`` (over the classes present)."""
-    accuracy = float((predicted == actual).mean())
-    recalls = [(predicted[actual == c] == c).mean() for c in np.unique(actual)]
-    return (1.0 - balance) * accuracy + balance * float(np.mean(recalls))
-
-
-def _ascend(
-    score: Callable[[np.ndarray], float], start: np.ndarray, grids: Sequence[np.ndarray]
+def coordinate_ascent(
+    score: Callable[[np.ndarray], float],
+    start: np.ndarray,
+    candidates: Callable[[np.ndarray, int], np.ndarray],
+    rounds: int = ROUNDS,
 ) -> np.ndarray:
-    """Coordinate ascent: each coordinate in turn set to its best grid value (ties keep the
-    current value), until a round changes nothing."""
-    best, current = score(start), start.copy()
-    for _ in range(ROUNDS):
+    """Coordinate ascent from ``start``: each coordinate ``i`` in turn set to the best of
+    ``candidates(current, i)`` (ties keep the current value), until a round changes nothing or
+    ``rounds`` have run."""
+    current = np.asarray(start, np.float64).copy()
+    best = score(current)
+    for _ in range(rounds):
         moved = False
-        for i, grid in enumerate(grids):
-            for value in grid:
+        for i in range(len(current)):
+            for value in candidates(current, i):
                 trial = current.copy()
                 trial[i] = value
                 trial_score = score(trial)
@@ -103,10 +102,10 @@ def _prior_by(labels: np.ndarray, probs: np.ndarray, strata: np.ndarray, balance
     def decide_with(taus: np.ndarray, lp: np.ndarray, at: np.ndarray) -> np.ndarray:
         return (lp + taus[at, None] * priors[at]).argmax(axis=1)
 
-    taus = _ascend(
-        lambda t: objective(labels, decide_with(t, log_probs, where), balance),
+    taus = coordinate_ascent(
+        lambda t: decision_score(labels, decide_with(t, log_probs, where), balance),
         np.full(len(values), pooled_tau),
-        [PRIOR_SCALES] * len(values),
+        lambda current, i: PRIOR_SCALES,
     )
 
     def decide(p: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -128,10 +127,10 @@ def _offsets(labels: np.ndarray, probs: np.ndarray, strata: np.ndarray, balance:
     tau, _ = prior_correction(labels, probs, counts, balance)
     start = tau * class_log_prior(counts)
     start = np.clip(start - start[0], OFFSET_GRID[0], OFFSET_GRID[-1])
-    offset = _ascend(
-        lambda o: objective(labels, (log_probs + o).argmax(axis=1), balance),
+    offset = coordinate_ascent(  # the first class's offset stays 0: the reference
+        lambda o: decision_score(labels, (log_probs + o).argmax(axis=1), balance),
         start,
-        [np.array([0.0]), *[OFFSET_GRID] * (probs.shape[1] - 1)],
+        lambda current, i: OFFSET_GRID if i else np.zeros(0),
     )
     return lambda p, s: (np.log(np.clip(p, 1e-12, 1.0)) + offset).argmax(axis=1)
 
@@ -150,10 +149,10 @@ def _cutpoints(
     position = expected_position(probs)
     k = probs.shape[1]
     grid = np.quantile(position, CUT_QUANTILES)
-    cuts = _ascend(
-        lambda c: objective(labels, np.searchsorted(np.sort(c), position), balance),
+    cuts = coordinate_ascent(
+        lambda c: decision_score(labels, np.searchsorted(np.sort(c), position), balance),
         (np.arange(k - 1) + 0.5) / (k - 1),
-        [grid] * (k - 1),
+        lambda current, i: grid,
     )
     return lambda p, s: np.searchsorted(np.sort(cuts), expected_position(p))
 
@@ -209,15 +208,15 @@ def compare(
         per_fold = [
             (
                 float((predicted[f] == labels[f]).mean()),
-                objective(labels[f], predicted[f], 1.0),
-                objective(labels[f], predicted[f], balance),
+                decision_score(labels[f], predicted[f], 1.0),
+                decision_score(labels[f], predicted[f], balance),
             )
             for f in (folds == fold for fold in np.unique(folds))
         ]
         figures[rule] = {
             "accuracy": float((predicted == labels).mean()),
-            "balanced_accuracy": objective(labels, predicted, 1.0),
-            "objective": objective(labels, predicted, balance),
+            "balanced_accuracy": decision_score(labels, predicted, 1.0),
+            "objective": decision_score(labels, predicted, balance),
             "recall": {
                 name: float((predicted[labels == c] == c).mean())
                 for c, name in enumerate(classes)

@@ -201,6 +201,14 @@ def class_log_prior(class_counts: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.where(counts > 0, np.log(np.maximum(counts, 1) / counts.sum()), 0.0)
 
 
+def decision_score(actual: np.ndarray, predicted: np.ndarray, balance: float) -> float:
+    """``(1 - balance) * accuracy + balance * balanced accuracy`` (the mean recall over the
+    classes present): what a decision fitted for ``finetune.objective`` maximises."""
+    accuracy = float((predicted == actual).mean())
+    recalls = [(predicted[actual == c] == c).mean() for c in np.unique(actual)]
+    return (1.0 - balance) * accuracy + balance * float(np.mean(recalls))
+
+
 def prior_correction(
     y_true: Sequence[int] | np.ndarray,
     probs: np.ndarray,
@@ -217,14 +225,10 @@ def prior_correction(
     actual = np.asarray(y_true, np.int64)
     log_prior = class_log_prior(class_counts)
     log_probs = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, 1.0))
-    classes = np.unique(actual)
     best: tuple[float, float, np.ndarray] = (-np.inf, 0.0, np.zeros_like(log_prior))
     for tau in sorted(PRIOR_SCALES, key=abs):
         offset = tau * log_prior
-        predicted = (log_probs + offset).argmax(axis=1)
-        accuracy = float((predicted == actual).mean())
-        balanced = float(np.mean([(predicted[actual == c] == c).mean() for c in classes]))
-        score = (1.0 - balance) * accuracy + balance * balanced
+        score = decision_score(actual, (log_probs + offset).argmax(axis=1), balance)
         if score > best[0] + 1e-12:
             best = (score, float(tau), offset)
     return best[1], best[2]

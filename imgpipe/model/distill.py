@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.core.errors import InputError
-from imgpipe.model.ensemble import DECISION
+from imgpipe.model.training import DECISION
 
 LOSS = "categorical_crossentropy"
 """The student's loss: the cross-entropy of its probabilities against the teacher's."""

@@ -23,11 +23,7 @@ import keras
 from imgpipe.core.errors import InputError
 from imgpipe.core.fileio import atomic_path
 from imgpipe.model.backbones import BASE_NAME
-from imgpipe.model.training import HEAD_NAME, MODEL, POOLED_LAYER, assemble, base_of
-
-DECISION = "decision.json"
-"""What finetune folded into a model's output layer, beside its model file (finetune's
-output folder); an ensemble writes its own beside its model."""
+from imgpipe.model.training import DECISION, HEAD_NAME, MODEL, POOLED_LAYER, assemble, base_of
 
 
 def average(members: Sequence[keras.Model], names: Sequence[str] | None = None) -> keras.Model:

@@ -7,7 +7,8 @@ class probabilities (the cumulative model's likelihood), it knows that confusing
 costs less than 0 with 1: neighbours share the score axis. The layer returns K class
 probabilities like a softmax, so evaluation, export, TF Serving and TFLite are unchanged.
 
-After training the cut-points are refitted on validation (``fit_cutpoints``), the decision rule
+After training the cut-points are refitted on validation
+(``imgpipe.evaluation.calibration.fit_cutpoints``), the decision rule
 the published ELPV results tune too, and a temperature ``T`` may be fitted for calibration.
 """
 
@@ -110,46 +111,3 @@ def probabilities(
     return np.maximum(
         np.concatenate([ones, above], axis=1) - np.concatenate([above, 0 * ones], axis=1), 0.0
     )
-
-
-def fit_cutpoints(
-    y_true: Sequence[int] | np.ndarray,
-    scores: np.ndarray,
-    start: np.ndarray,
-    balance: float,
-    temperature: float = 1.0,
-    passes: int = 4,
-) -> np.ndarray:
-    """Increasing cut-points whose argmax decision maximises ``(1 - balance) * accuracy +
-    balance * balanced accuracy`` on these validation labels and scores: coordinate ascent
-    from ``start`` (the trained ones), each cut-point in turn tried at every midpoint between
-    neighbouring validation scores that keeps the order. Among equal scores the trained
-    value's neighbourhood wins (ties keep the current cut-point)."""
-    actual = np.asarray(y_true, np.int64)
-    classes = np.unique(actual)
-    ordered = np.sort(np.asarray(scores, np.float64))
-    candidates = np.unique((ordered[1:] + ordered[:-1]) / 2)
-
-    def objective(cut: np.ndarray) -> float:
-        predicted = probabilities(scores, cut, temperature).argmax(axis=1)
-        accuracy = float((predicted == actual).mean())
-        balanced = float(np.mean([(predicted[actual == c] == c).mean() for c in classes]))
-        return (1.0 - balance) * accuracy + balance * balanced
-
-    cut = np.asarray(start, np.float64).copy()
-    best = objective(cut)
-    margin = 1e-4
-    for _ in range(passes):
-        improved = False
-        for k in range(len(cut)):
-            low = cut[k - 1] + margin if k else -np.inf
-            high = cut[k + 1] - margin if k + 1 < len(cut) else np.inf
-            for value in candidates[(candidates > low) & (candidates < high)]:
-                trial = cut.copy()
-                trial[k] = value
-                score = objective(trial)
-                if score > best + 1e-12:
-                    best, cut, improved = score, trial, True
-        if not improved:
-            break
-    return cut

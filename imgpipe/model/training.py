@@ -35,6 +35,11 @@ POOLED_LAYER = "gap"
 """The layer whose output is the backbone's pooled features (the head's input, the embedding)."""
 MODEL, CURVES = "model.keras", "curves.png"
 """What train and finetune write into their output folder (the model, both phases' curves)."""
+DECISION = "decision.json"
+"""Beside finetune's model (and an ensemble's or a student's): the objective, and the
+temperature and decision folded into its output layer (imgpipe.evaluation.calibration.Decision):
+evaluate scores the network's own decision beside the served one, and the test ECE the scores
+had without the temperature."""
 
 
 def build_head(

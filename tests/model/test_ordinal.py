@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import build_tiny_project, params
 
-from imgpipe.model.ordinal import OrdinalProbabilities, fit_cutpoints, probabilities
+from imgpipe.evaluation.calibration import fit_cutpoints
+from imgpipe.model.ordinal import OrdinalProbabilities, probabilities
 
 
 def test_layer_gives_class_probabilities_that_its_numpy_twin_reproduces():
