@@ -37,8 +37,9 @@ from imgpipe.evaluation.metrics import (
 RULES = ("argmax", "prior", "prior_by", "offsets", "cutpoints")
 """Every rule :func:`compare` knows; ``argmax`` fits nothing and is the yardstick."""
 OFFSET_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 2)
-"""Per-class logit offsets tried: the range of :data:`metrics.PRIOR_SCALES` times the largest
-ELPV log prior ratio, finer than any difference a few hundred images can resolve."""
+"""Per-class logit offsets tried, relative to the first class's: ±3 holds every offset ELPV's
+fitted prior correction makes (at most 2.5), in steps finer than a few hundred images can
+tell apart."""
 CUT_QUANTILES = np.linspace(0.01, 0.99, 99)
 """Cut-points tried: these quantiles of the fitted images' expected positions."""
 ROUNDS = 5
