@@ -310,10 +310,12 @@ def fit_out_of_fold(
     tuning: Any,
     recipe: Mapping[str, Any],
     name: str,
-) -> tuple[dict[int, dict[str, float]], dict[str, Any]]:
-    """Each seed's out-of-fold figures, and the decision for ``tuning.objective`` fitted on
-    every seed's predictions together, marked with the images and ``recipe`` it is valid for
-    (what params.yaml's ``finetune.decision`` holds)."""
+) -> dict[str, Any]:
+    """A crossval summary's out-of-fold entries: each seed's out-of-fold figures
+    (``out_of_fold``), their mean ± sd over seeds (``out_of_fold_summary``), and the decision
+    for ``tuning.objective`` fitted on every seed's predictions together, marked with the images
+    and ``recipe`` it is valid for (``decision``: what params.yaml's ``finetune.decision``
+    holds)."""
     seeds = list(oofs)
     per_seed = {seed: oof_figures(oofs[seed], groups, tuning.balance) for seed in seeds}
     pooled = OutOfFold(
@@ -333,7 +335,13 @@ def fit_out_of_fold(
         "source": f"imgpipe crossval {name}: {folds} folds x seeds "
         f"{', '.join(map(str, seeds))}, {len(pooled.sha256)} out-of-fold predictions",
     }
-    return per_seed, fitted
+    return {
+        "out_of_fold": {str(seed): per_seed[seed] for seed in seeds},
+        "out_of_fold_summary": {
+            key: spread([per_seed[s][key] for s in seeds]) for key in per_seed[seeds[0]]
+        },
+        "decision": fitted,
+    }
 
 
 def oof_images(oofs: Mapping[int, OutOfFold]) -> dict[str, str]:
@@ -424,7 +432,7 @@ def run_crossval(
         for seed in seeds
     }
     write_oof(saved / "oof_predictions.csv", oofs)
-    per_seed, fitted = fit_out_of_fold(oofs, groups, tuning, recipe, name)
+    out_of_fold = fit_out_of_fold(oofs, groups, tuning, recipe, name)
     summary: dict[str, Any] = {
         "recipe": name,
         "overrides": list(overrides),
@@ -435,11 +443,7 @@ def run_crossval(
         "objective": tuning.objective,
         "per_run": figures,
         "summary": summarise(figures),
-        "out_of_fold": {str(seed): per_seed[seed] for seed in seeds},
-        "out_of_fold_summary": {
-            key: spread([per_seed[s][key] for s in seeds]) for key in per_seed[seeds[0]]
-        },
-        "decision": fitted,
+        **out_of_fold,
         "predictions": str((saved / "oof_predictions.csv").relative_to(root)),
         "mlflow_runs": dict(runs),
     }
@@ -454,7 +458,7 @@ def run_crossval(
     if out is not None:
         write_json_atomic(out, summary)
     if apply:
-        set_value(root / "params.yaml", "finetune", "decision", fitted)
+        set_value(root / "params.yaml", "finetune", "decision", summary["decision"])
     return summary
 
 
@@ -513,19 +517,13 @@ def refit(
     raw = with_sets(load_params(root / "params.yaml"), [*earlier["overrides"], *overrides])
     tuning = section(FinetuneParams, "finetune", raw)
     groups = dict(section(EvaluateParams, "evaluate", raw).class_groups)
-    per_seed, fitted = fit_out_of_fold(
-        oofs, groups, tuning, sections(RECIPE, raw), f"{earlier['recipe']}, refit"
-    )
-    seeds = list(per_seed)
     summary = {
         **earlier,
         "overrides": [*earlier["overrides"], *overrides],
         "objective": tuning.objective,
-        "out_of_fold": {str(seed): per_seed[seed] for seed in seeds},
-        "out_of_fold_summary": {
-            key: spread([per_seed[s][key] for s in seeds]) for key in per_seed[seeds[0]]
-        },
-        "decision": fitted,
+        **fit_out_of_fold(
+            oofs, groups, tuning, sections(RECIPE, raw), f"{earlier['recipe']}, refit"
+        ),
         "refit_of": earlier["parent_run"],
     }
     parent = {
@@ -543,7 +541,7 @@ def refit(
     if out is not None:
         write_json_atomic(out, summary)
     if apply:
-        set_value(root / "params.yaml", "finetune", "decision", fitted)
+        set_value(root / "params.yaml", "finetune", "decision", summary["decision"])
     return summary
 
 
