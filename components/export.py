@@ -14,7 +14,9 @@ clients can name the top k). A third signature, ``classify`` (method
 ``tensorflow/serving/classify``), serves TF Serving's Classify API: serialized ``tf.Example``
 protos with the encoded image under ``image/encoded`` in, ``classes`` and ``scores`` out.
 ``assets.extra/tf_serving_warmup_requests`` holds real validation images as TF Serving
-``PredictionLog`` records, so a server can warm the model before it reports AVAILABLE. An
+``PredictionLog`` records, so a server can warm the model before it reports AVAILABLE; export
+replays them against the SavedModel it wrote and fails on any error, so that push, which
+trusts its input folder, never registers a version a server would refuse. An
 ``embedding`` signature (encoded images in, the backbone's pooled features out) and
 ``assets.extra/reference_profile.npz`` (``imgpipe.monitoring.reference``: a sample of validation
 images as this version sees them) are what ``imgpipe monitor`` compares served traffic with.
@@ -47,9 +49,11 @@ from imgpipe.export.savedmodel import (
     CARD,
     TFLITE,
     TFLITE_FILES,
+    WEIGHTS,
     SavedModelClassifier,
     run_warmup,
     saved_model_dir,
+    weights_digest,
     write_saved_model,
 )
 from imgpipe.export.tflite import parity, write_tflite
@@ -79,7 +83,8 @@ def run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export the ``tuned`` model into ``out``: serving/<model_name>/1/ (SavedModel), tflite/
-    (models + labels.txt), trained_on.txt (the images it trained and was tuned on), the
+    (models + labels.txt), trained_on.txt (the images it trained and was tuned on),
+    weights.sha256 (what push registers the weights by), the
     reference profile of ``monitor.reference_images`` validation images, and model_card.md
     (with the test metrics of ``evaluation``). Returns
     the parity and sizes report also written to ``summary``."""
@@ -99,6 +104,7 @@ def run(
         saved_model = saved_model_dir(staged, serving.model_name)
         saved_model.parent.mkdir(parents=True)
         write_saved_model(network, labels, size, saved_model, serving.max_image_pixels)
+        (staged / WEIGHTS).write_text(weights_digest(saved_model) + "\n", encoding="utf-8")
         validation = read_split(shards, "val")  # the warmup, the reference profile, parity
         warmups = write_warmup(
             saved_model, serving.model_name, validation.encoded[: params.warmup_images]

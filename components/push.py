@@ -16,13 +16,7 @@ from imgpipe.core.errors import InputError
 from imgpipe.core.fileio import write_json_atomic
 from imgpipe.core.params import ServingParams
 from imgpipe.data.lineage import TRAINED_ON, lineage_digest, read_trained_on
-from imgpipe.export.savedmodel import (
-    CARD,
-    TFLITE,
-    SavedModelClassifier,
-    run_warmup,
-    saved_model_dir,
-)
+from imgpipe.export.savedmodel import CARD, TFLITE, read_weights_digest, saved_model_dir
 from imgpipe.tracking.access import USER_ENV, needs, on_model, on_run
 from imgpipe.tracking.registry import (
     ARTIFACT_PATH,
@@ -129,9 +123,9 @@ def register(
             f"but the candidate was compared with version {evaluated_against}: rerun evaluate "
             "(`dvc repro -f evaluate`) so the gate compares with the current champion"
         )
-    # A server would fail on what the warmup requests fail on: probe before anything is recorded.
-    warmups = run_warmup(SavedModelClassifier(saved_model))
-    weights = weights_digest(saved_model)
+    # export replayed the warmup requests against this SavedModel and digested its weights: push
+    # needs no TensorFlow.
+    weights = read_weights_digest(export_dir)
     if current is not None and current.tags.get(WEIGHTS_TAG) == weights:
         # the champion itself, exported again (a forced rerun): nothing new to register, and
         # no decision to count on the test set
@@ -147,7 +141,6 @@ def register(
             "blessed": bool(blessing["blessed"]),
             "aliases": [CHAMPION],
             "previous_champion": current.version,
-            "warmup_requests": warmups,
             "pushed_to": None,
             "serving_version": None,
             "test_set_decisions": None,
@@ -202,7 +195,6 @@ def register(
         "blessed": bool(blessing["blessed"]),
         "aliases": [CHALLENGER],
         "previous_champion": current.version if current else None,
-        "warmup_requests": warmups,
         "pushed_to": None,
         "serving_version": None,
         "test_set_decisions": decisions,
@@ -234,27 +226,8 @@ def register(
 
 
 WEIGHTS_TAG = "weights.sha256"
-"""Version tag: ``weights_digest`` of its SavedModel, to know the same model again."""
-
-
-def weights_digest(saved_model: Path) -> str:
-    """One sha256 of a SavedModel's weights: of each floating-point variable's dtype, shape
-    and values, sorted, so that the same trained weights exported twice give the same digest (the
-    checkpoint's own bytes differ from one export to the next)."""
-    import hashlib
-
-    import numpy as np
-    import tensorflow as tf
-
-    reader = tf.train.load_checkpoint(str(saved_model / "variables" / "variables"))
-    parts = []
-    for name in reader.get_variable_to_shape_map():
-        value = np.asarray(reader.get_tensor(name))
-        if value.dtype.kind != "f":  # counters, seed generators' states, the checkpoint's own
-            continue
-        meta = f"{value.dtype}{value.shape}".encode()
-        parts.append(hashlib.sha256(meta + np.ascontiguousarray(value).tobytes()).hexdigest())
-    return hashlib.sha256("".join(sorted(parts)).encode()).hexdigest()
+"""Version tag: the export's ``weights_digest`` of its SavedModel, to know the same model
+again."""
 
 
 DECISIONS_TAG = "gate.decisions."
