@@ -197,7 +197,8 @@ def plan_shards(
                 kept.sort(key=lambda s: s.sha256)
                 del kept[params.preview_images :]
     by_sha = sorted(labels)
-    plan = plan_views([labels[s] for s in by_sha], params.views_per_image, params.balance_classes)
+    oversample = params.balance_classes is True  # per_epoch: finetune balances each epoch
+    plan = plan_views([labels[s] for s in by_sha], params.views_per_image, oversample)
     views = dict(zip(by_sha, plan, strict=True))
     counts = [tuple(views[s] for s in shas) for shas in index]
     parts = [max(1, -(-sum(c) // params.images_per_shard)) for c in counts]

@@ -39,7 +39,13 @@ import numpy as np
 
 from imgpipe.core.errors import InputError
 from imgpipe.core.fileio import atomic_path, write_json_atomic
-from imgpipe.core.params import AugmentParams, FinetuneParams, ModelParams, TrainParams
+from imgpipe.core.params import (
+    PER_EPOCH,
+    AugmentParams,
+    FinetuneParams,
+    ModelParams,
+    TrainParams,
+)
 from imgpipe.data.datasets import image_dataset
 from imgpipe.data.labels import read_labels
 from imgpipe.data.lineage import TRAINING_SPLITS, manifest_labels, training_digest
@@ -291,6 +297,10 @@ def run(
             first_epoch=initial_epoch,
             count=n_train,
             views=views,
+            # augment.balance_classes: per_epoch: each epoch a class-balanced draw
+            balanced=len(read_labels(dataset / LABELS))
+            if views.balance_classes == PER_EPOCH
+            else None,
         )
         val_batches = image_dataset(val_files, size, batch_size, count=n_val) if n_val else None
         try:
@@ -556,24 +566,28 @@ def metrics(summary: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def log_to_mlflow(out: Path, history: Path, dataset: Path, model: ModelParams) -> None:
-    """Final metrics, the curves of both phases and the model with its signature (inferred
-    from two validation images)."""
+def log_to_mlflow(out: Path, history: Path, model: ModelParams) -> None:
+    """Final metrics, the curves of both phases and the model with its signature: a batch of
+    float32 RGB images at the model's size (0-255, preprocessing inside) in, float32 class
+    probabilities out. No input example: for images it is a megabyte of float pixels as JSON,
+    which MLflow then reloads the model to try (4 s a run); the signature says what goes in."""
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
     mlflow.set_tag("backbone", model.backbone)
     mlflow.log_artifact(str(out / CURVES), "finetune")
     mlflow.log_artifact(str(history), "finetune")
-    val = split_files(dataset / SHARDS, "val")
-    example = next(iter(image_dataset(val, backbones.image_size(model), 2)))[0].numpy()
     network = keras.models.load_model(out / MODEL)
-    signature = infer_signature(example, network.predict(example, verbose=0))
+    size = backbones.image_size(model)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, size, size, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, network.output_shape[-1]))]),
+    )
     mlflow.tensorflow.log_model(
         network,
         name="model",
         signature=signature,
-        input_example=example,
         pip_requirements=[f"tensorflow=={_version('tensorflow')}", f"keras=={keras.__version__}"],
     )
 

@@ -67,13 +67,31 @@ class OutOfFold:
     classes: list[str]
 
 
-def read_predictions(path: Path) -> tuple[list[str], list[str], np.ndarray, list[str]]:
-    """finetune's val_predictions.csv: sha256s, labels, probabilities, class names."""
+def _probability_rows(
+    path: Path, required: set[str], what: str
+) -> tuple[list[dict[str, str]], list[str]]:
+    """A predictions CSV's rows and its probability columns (``p_<class>``, in order), checked
+    to hold the ``required`` columns too; ``what`` names the file an error speaks of."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file ({what})")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        columns = [c for c in reader.fieldnames or [] if c.startswith("p_")]
-        rows = list(reader)
-    probs = np.array([[float(r[c]) for c in columns] for r in rows], np.float64)
+        fields = reader.fieldnames or []
+        columns = [c for c in fields if c.startswith("p_")]
+        missing = sorted(required - set(fields)) + ([] if columns else ["p_<class>"])
+        if missing:
+            raise InputError(f"{path}: not {what} (lacks {missing})")
+        return list(reader), columns
+
+
+def _probabilities(rows: Sequence[Mapping[str, str]], columns: Sequence[str]) -> np.ndarray:
+    return np.array([[float(r[c]) for c in columns] for r in rows], np.float64)
+
+
+def read_predictions(path: Path) -> tuple[list[str], list[str], np.ndarray, list[str]]:
+    """finetune's val_predictions.csv: sha256s, labels, probabilities, class names."""
+    rows, columns = _probability_rows(path, {"sha256", "label"}, "finetune's val predictions")
+    probs = _probabilities(rows, columns)
     return [r["sha256"] for r in rows], [r["label"] for r in rows], probs, [c[2:] for c in columns]
 
 
@@ -185,17 +203,9 @@ def write_oof(path: Path, oofs: Mapping[int, OutOfFold]) -> None:
 
 def read_oof(path: Path) -> dict[int, OutOfFold]:
     """:func:`write_oof`'s CSV read back: each seed's out-of-fold predictions."""
-    if not path.is_file():
-        raise InputError(f"{path}: no out-of-fold predictions there (imgpipe crossval writes them)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = [c for c in reader.fieldnames or [] if c.startswith("p_")]
-        missing = {"sha256", "label", "seed", "fold"} - set(reader.fieldnames or [])
-        if missing or not columns:
-            raise InputError(
-                f"{path}: not imgpipe crossval's predictions (lacks {sorted(missing)})"
-            )
-        rows = list(reader)
+    rows, columns = _probability_rows(
+        path, {"sha256", "label", "seed", "fold"}, "imgpipe crossval's out-of-fold predictions"
+    )
     classes = [c[2:] for c in columns]
     index = {name: i for i, name in enumerate(classes)}
     oofs: dict[int, OutOfFold] = {}
@@ -208,7 +218,7 @@ def read_oof(path: Path) -> dict[int, OutOfFold]:
             [r["sha256"] for r in mine],
             np.array([index[r["label"]] for r in mine], np.int64),
             np.array([int(r["fold"]) for r in mine], np.int64),
-            np.array([[float(r[c]) for c in columns] for r in mine], np.float64),
+            _probabilities(mine, columns),
             classes,
         )
     return oofs

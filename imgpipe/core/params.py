@@ -126,13 +126,20 @@ class ModelParams:
     """Square input size in pixels; null takes the backbone's native size."""
 
 
+PER_EPOCH = "per_epoch"
+"""``augment.balance_classes``'s value for a class-balanced draw in every fine-tuning epoch."""
+
+
 @pydantic.dataclasses.dataclass(frozen=True, config=_STRICT)
 class AugmentParams:
     seed: int
     views_per_image: int
     """K augmented views per training image, beside the original."""
-    balance_classes: bool
-    """Oversample smaller classes (each copy freshly augmented) up to the largest class."""
+    balance_classes: bool | Literal["per_epoch"]
+    """true: augment oversamples smaller classes (each copy freshly augmented) up to the largest
+    class, once, in the shards the frozen phase trains on. ``per_epoch``: the shards stay as the
+    data is, and each fine-tuning epoch draws its images class-balanced instead
+    (``imgpipe.data.datasets.image_dataset``'s ``balanced``)."""
     flip_horizontal: bool
     flip_vertical: bool
     rotate_90: bool

@@ -79,6 +79,12 @@ SHUFFLE_BUFFER = 4096
 (image_dataset's callers that shuffle pass ``count``, so the whole epoch is permuted)."""
 
 
+VIEWS_PER_EPOCH = 1 << 20
+"""In a class-balanced epoch, the view key of a class's i-th draw is the epoch's seed times this
+plus i: distinct for every draw of an epoch (a class has fewer draws than this) and for every
+epoch."""
+
+
 def parse_example(serialized: Any) -> dict[str, Any]:
     import tensorflow as tf
 
@@ -96,6 +102,7 @@ def image_dataset(
     with_ids: bool = False,
     count: int | None = None,
     views: AugmentParams | None = None,
+    balanced: int | None = None,
 ) -> Any:
     """(image, label) batches from TFRecord shards, in file order, or shuffled when a seed is
     given: then epochs ``first_epoch`` to ``epochs - 1`` follow one another (fit with
@@ -106,7 +113,14 @@ def image_dataset(
     dataset draws other orders). ``count``, when known, tells Keras how many examples there
     are (no "ran out of data"). With ``views`` (and a seed), every epoch sees a fresh random
     view of each image (imgpipe.data.augmentation), drawn from the epoch's seed and the image's
-    sha256: reproducible, and the same for one device, replicas or a resumed run."""
+    sha256: reproducible, and the same for one device, replicas or a resumed run.
+
+    ``balanced`` (the number of classes; with a seed and ``count``): each epoch is instead a
+    class-balanced draw of ``count`` images. Every draw picks a class, each as likely as the
+    others, then that class's next image in an order seeded by the epoch, starting the class
+    over in a new order when it runs out: a rare class's images recur within an epoch, a common
+    class's are not all seen, and with ``views`` each draw is a view of its own (the epoch's
+    seed, the draw's number within its class and the image's sha256)."""
     import tensorflow as tf
 
     from imgpipe.data.augmentation import tf_random_view
@@ -134,8 +148,37 @@ def image_dataset(
             deterministic=True,
         ).batch(batch_size)
 
+    def balanced_draw(seed: Any, classes: int, count: int) -> Any:
+        """One epoch of ``count`` draws over ``classes`` classes, batched (``balanced``)."""
+
+        def of_class(k: int) -> Any:
+            return (
+                records.filter(lambda s: tf.equal(parse_example(s)["image/class/label"], k))
+                .shuffle(count, seed=seed + k, reshuffle_each_iteration=True)
+                .repeat()
+                .enumerate()
+            )
+
+        drawn = tf.data.Dataset.sample_from_datasets(
+            [of_class(k) for k in range(classes)], seed=seed, stop_on_empty_dataset=False
+        ).take(count)
+        return drawn.map(
+            lambda i, serialized: to_pair(serialized, seed * VIEWS_PER_EPOCH + i),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        ).batch(batch_size)
+
     if shuffle_seed is None:
+        if balanced is not None:
+            raise ValueError("a class-balanced draw needs a shuffle seed")
         ds = batches(records)
+    elif balanced is not None:
+        if count is None:
+            raise ValueError("a class-balanced draw needs the number of records")
+        classes, total = balanced, count
+        ds = epoch_batches(
+            lambda seed: balanced_draw(seed, classes, total), shuffle_seed, epochs, first_epoch
+        )
     else:
         # A buffer as large as the data, so every epoch is a full, seeded permutation.
         buffer = count if count is not None else SHUFFLE_BUFFER

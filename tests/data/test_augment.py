@@ -318,3 +318,65 @@ def test_epoch_batches_build_under_a_global_seed_of_zero():
     assert zero[0] != zero[1]
     assert epochs(0) == zero  # seeded
     assert len(epochs(7)) == 2
+
+
+def _balanced_epochs(shards: Path, epochs: int, first_epoch: int = 0) -> list[list[tuple]]:
+    """Each fine-tuning epoch under ``augment.balance_classes: per_epoch``, as (label, sha256,
+    pixels) in draw order."""
+    from imgpipe.data.datasets import image_dataset
+    from imgpipe.data.tfrecords import count_records, split_files
+
+    files = split_files(shards, "train")
+    n = count_records(files)
+    batches = image_dataset(
+        files,
+        IMAGE_SIZE,
+        n,  # one batch per epoch
+        shuffle_seed=42,
+        epochs=epochs,
+        first_epoch=first_epoch,
+        with_ids=True,
+        count=n,
+        views=params("augment"),
+        balanced=len(CLASSES),
+    )
+    return [
+        list(
+            zip(
+                labels.numpy().tolist(),
+                [s.decode() for s in ids.numpy()],
+                images.numpy(),
+                strict=True,
+            )
+        )
+        for images, labels, ids in batches
+    ]
+
+
+@pytest.mark.slow
+def test_a_class_balanced_epoch_draws_each_class_alike_and_resumes_the_same(augmented):
+    """``augment.balance_classes: per_epoch``: every fine-tuning epoch draws as many images as
+    the train split holds (10 of class a, 5 of b), each class about as often as the other (the
+    split's own order gives b a third); a class's image drawn twice in an epoch is another view
+    the second time; the epochs are fixed by the seed, and a run resumed at epoch 12 sees what
+    the uninterrupted run saw from there."""
+    root, _ = augmented
+    shards = root / "ingest" / "shards"
+    epochs = _balanced_epochs(shards, 20)
+    assert [len(epoch) for epoch in epochs] == [15] * 20
+    drawn = Counter(label for epoch in epochs for label, _, _ in epoch)
+    assert 120 <= drawn[1] <= 180, drawn  # b: half of 300 draws (sd 9); as the data is: 100
+    repeats = [
+        (first, second)
+        for epoch in epochs
+        for i, (_, sha, first) in enumerate(epoch)
+        for _, again, second in epoch[i + 1 :]
+        if again == sha
+    ]
+    assert repeats and all(not np.array_equal(a, b) for a, b in repeats), len(repeats)
+    resumed = _balanced_epochs(shards, 20, first_epoch=12)
+    assert len(resumed) == 8
+    for ours, theirs in zip(resumed, epochs[12:], strict=True):
+        assert [sha for _, sha, _ in ours] == [sha for _, sha, _ in theirs]
+        for (_, _, a), (_, _, b) in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(a, b)
