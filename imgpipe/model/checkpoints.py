@@ -20,7 +20,13 @@ import keras
 import numpy as np
 
 from imgpipe.core.fileio import atomic_path, sha256_file, write_json_atomic
-from imgpipe.core.params import RESUME_IGNORES, AugmentParams, FinetuneParams, ModelParams
+from imgpipe.core.params import (
+    PER_EPOCH,
+    RESUME_IGNORES,
+    AugmentParams,
+    FinetuneParams,
+    ModelParams,
+)
 from imgpipe.model.distribute import FLOAT32
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,8 @@ def fingerprint(
     training["replicas"] = replicas
     training["precision"] = policy
     drawn = {k: v for k, v in dataclasses.asdict(views).items() if k in VIEW_PARAMS}
+    if views.balance_classes == PER_EPOCH:  # which images each epoch draws
+        drawn["balance_classes"] = PER_EPOCH
     digest = hashlib.sha256(
         json.dumps([dataclasses.asdict(model), training, drawn], sort_keys=True).encode()
     )
@@ -66,7 +74,8 @@ VIEW_PARAMS = (
     "contrast",
 )
 """The augment params that shape fine-tuning's per-epoch views (the others, such as augment's
-own seed and view count, concern only the materialised set of the frozen phase)."""
+own seed and view count, concern only the materialised set of the frozen phase; of
+``balance_classes`` only ``per_epoch``, which decides the images each epoch draws)."""
 
 
 class AveragedWeights(keras.callbacks.SwapEMAWeights):

@@ -380,3 +380,23 @@ def test_a_class_balanced_epoch_draws_each_class_alike_and_resumes_the_same(augm
         assert [sha for _, sha, _ in ours] == [sha for _, sha, _ in theirs]
         for (_, _, a), (_, _, b) in zip(ours, theirs, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_per_epoch_draw_resumes_only_its_own_checkpoints(tmp_path):
+    """Fine-tuning's checkpoints are resumed only by a run that draws the same images: a
+    per-epoch class-balanced run is another run than one in the data's own order, while
+    augment's one-off oversampling (the frozen phase's shards) changes nothing fine-tuning
+    draws."""
+    from imgpipe.model.checkpoints import fingerprint
+
+    (tmp_path / "model.keras").write_bytes(b"frozen")
+    (tmp_path / "train.tfrecord").write_bytes(b"records")
+
+    def key(balance: bool | str) -> str:
+        views = params("augment", balance_classes=balance)
+        files = [str(tmp_path / "train.tfrecord")]
+        return fingerprint(
+            tmp_path / "model.keras", files, params("model"), params("finetune"), views, 1
+        )
+
+    assert key(False) == key(True) != key("per_epoch")
