@@ -248,8 +248,11 @@ def test_summary_is_balanced_and_preview_is_a_png(augmented):
 # ---------------------------------------------------------------- fine-tuning's per-epoch views
 
 
-def _epoch_views(shards: Path, seed: int, epochs: int) -> list[dict[str, np.ndarray]]:
-    """Each epoch's images of the train split, by sha256, as fine-tuning reads them."""
+def _epochs(
+    shards: Path, seed: int, epochs: int, *, first_epoch: int = 0, balanced: int | None = None
+) -> list[list[tuple[int, str, np.ndarray]]]:
+    """Each fine-tuning epoch of the train split as fine-tuning reads it (``balanced``: the
+    class-balanced draw), as (label, sha256, pixels) in order."""
     from imgpipe.data.datasets import image_dataset
     from imgpipe.data.tfrecords import count_records, split_files
 
@@ -261,14 +264,28 @@ def _epoch_views(shards: Path, seed: int, epochs: int) -> list[dict[str, np.ndar
         n,  # one batch per epoch
         shuffle_seed=seed,
         epochs=epochs,
+        first_epoch=first_epoch,
         with_ids=True,
         count=n,
         views=params("augment"),
+        balanced=balanced,
     )
     return [
-        {sha.decode(): image for image, sha in zip(images.numpy(), ids.numpy(), strict=True)}
-        for images, _, ids in batches
+        list(
+            zip(
+                labels.numpy().tolist(),
+                [s.decode() for s in ids.numpy()],
+                images.numpy(),
+                strict=True,
+            )
+        )
+        for images, labels, ids in batches
     ]
+
+
+def _epoch_views(shards: Path, seed: int, epochs: int) -> list[dict[str, np.ndarray]]:
+    """Each epoch's images of the train split, by sha256, in the data's own order."""
+    return [{sha: image for _, sha, image in epoch} for epoch in _epochs(shards, seed, epochs)]
 
 
 @pytest.mark.slow
@@ -320,39 +337,6 @@ def test_epoch_batches_build_under_a_global_seed_of_zero():
     assert len(epochs(7)) == 2
 
 
-def _balanced_epochs(shards: Path, epochs: int, first_epoch: int = 0) -> list[list[tuple]]:
-    """Each fine-tuning epoch under ``augment.balance_classes: per_epoch``, as (label, sha256,
-    pixels) in draw order."""
-    from imgpipe.data.datasets import image_dataset
-    from imgpipe.data.tfrecords import count_records, split_files
-
-    files = split_files(shards, "train")
-    n = count_records(files)
-    batches = image_dataset(
-        files,
-        IMAGE_SIZE,
-        n,  # one batch per epoch
-        shuffle_seed=42,
-        epochs=epochs,
-        first_epoch=first_epoch,
-        with_ids=True,
-        count=n,
-        views=params("augment"),
-        balanced=len(CLASSES),
-    )
-    return [
-        list(
-            zip(
-                labels.numpy().tolist(),
-                [s.decode() for s in ids.numpy()],
-                images.numpy(),
-                strict=True,
-            )
-        )
-        for images, labels, ids in batches
-    ]
-
-
 @pytest.mark.slow
 def test_a_class_balanced_epoch_draws_each_class_alike_and_resumes_the_same(augmented):
     """``augment.balance_classes: per_epoch``: every fine-tuning epoch draws as many images as
@@ -362,7 +346,7 @@ def test_a_class_balanced_epoch_draws_each_class_alike_and_resumes_the_same(augm
     the uninterrupted run saw from there."""
     root, _ = augmented
     shards = root / "ingest" / "shards"
-    epochs = _balanced_epochs(shards, 20)
+    epochs = _epochs(shards, 42, 20, balanced=len(CLASSES))
     assert [len(epoch) for epoch in epochs] == [15] * 20
     drawn = Counter(label for epoch in epochs for label, _, _ in epoch)
     assert 120 <= drawn[1] <= 180, drawn  # b: half of 300 draws (sd 9); as the data is: 100
@@ -374,7 +358,7 @@ def test_a_class_balanced_epoch_draws_each_class_alike_and_resumes_the_same(augm
         if again == sha
     ]
     assert repeats and all(not np.array_equal(a, b) for a, b in repeats), len(repeats)
-    resumed = _balanced_epochs(shards, 20, first_epoch=12)
+    resumed = _epochs(shards, 42, 20, first_epoch=12, balanced=len(CLASSES))
     assert len(resumed) == 8
     for ours, theirs in zip(resumed, epochs[12:], strict=True):
         assert [sha for _, sha, _ in ours] == [sha for _, sha, _ in theirs]
