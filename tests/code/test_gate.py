@@ -159,3 +159,19 @@ def test_without_the_champions_lineage_the_reason_says_the_whole_test_split():
     reasons = " ".join(c["reason"] for c in blessing["checks"])
     assert "training images are unknown" in reasons and "neither trained on" not in reasons
     assert "labels_kept" not in {c["check"] for c in blessing["checks"]}
+
+
+def test_push_reads_the_exports_weights_digest_and_names_a_missing_or_garbled_one(tmp_path):
+    """push registers a candidate by the ``weights.sha256`` export wrote beside its SavedModel
+    (the champion exported again is not registered again): an export folder without it, or
+    with something else in it, is an error naming the file, before anything is recorded."""
+    from imgpipe.core.errors import InputError
+    from imgpipe.export.savedmodel import WEIGHTS, read_weights_digest
+
+    with pytest.raises(InputError, match=f"{WEIGHTS}: no such file .*export again"):
+        read_weights_digest(tmp_path)
+    (tmp_path / WEIGHTS).write_text("not a digest\n")
+    with pytest.raises(InputError, match=f"{WEIGHTS}: not a sha256 hex digest"):
+        read_weights_digest(tmp_path)
+    (tmp_path / WEIGHTS).write_text("ab" * 32 + "\n")
+    assert read_weights_digest(tmp_path) == "ab" * 32
