@@ -17,7 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from kfp.dsl.component_factory import EXECUTOR_MODULE
+
 from imgpipe.core.errors import InputError
+from imgpipe.core.process import end_at_exit_without_teardown
 from imgpipe.tracking.access import needs, on_experiment, on_run
 from pipelines.kubeflow_trainer import SHARED
 
@@ -87,7 +90,14 @@ def run(name: str, arguments: dict[str, Any]) -> None:
             log_confusion(arguments[output_name], paths[output_name])
     for view_name, view in stage.views.items():
         shutil.copyfile(paths[view.output] / view.subpath, arguments[view_name].path)
+    end_at_exit_without_teardown(EXECUTOR)
 
+
+EXECUTOR = EXECUTOR_MODULE
+"""``kfp.dsl.executor_main``, the main module of every step's process (KFP's lightweight
+components): once a step's work has succeeded, its process ends without the interpreter's
+teardown (about 2 s with TensorFlow loaded; ``imgpipe.core.process``) after the executor has
+written the step's outputs."""
 
 SHARED_MOUNT = str(SHARED)
 """Where the claim ``shared_volume`` names is mounted in the steps that keep files across runs
@@ -209,7 +219,9 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
 
     target = MlflowClient(tracking_uri)
     with needs(on_run(run_id), f"import the stage logs into run {run_id}", tracking_uri):
-        return _import_stage_logs(target, folders, run_id)
+        imported = _import_stage_logs(target, folders, run_id)
+    end_at_exit_without_teardown(EXECUTOR)
+    return imported
 
 
 def _import_stage_logs(target: Any, folders: list[str], run_id: str) -> list[str]:
@@ -289,7 +301,8 @@ def start_run(arguments: dict[str, Any]) -> str:
         ) as run,
     ):
         log_params(flatten(params))
-        return str(run.info.run_id)
+    end_at_exit_without_teardown(EXECUTOR)
+    return str(run.info.run_id)
 
 
 def source_folder(source: str, workdir: Path, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
