@@ -260,6 +260,7 @@ def run(
     keras.utils.set_random_seed(params.seed)
     deterministic()
     n_train, n_val = count_records(train_files), count_records(val_files)
+    classes = len(read_labels(dataset / LABELS))
     steps = math.ceil(n_train / batch_size)
     with distribution.scope():
         if state:
@@ -298,9 +299,7 @@ def run(
             count=n_train,
             views=views,
             # augment.balance_classes: per_epoch: each epoch a class-balanced draw
-            balanced=len(read_labels(dataset / LABELS))
-            if views.balance_classes == PER_EPOCH
-            else None,
+            balanced=classes if views.balance_classes == PER_EPOCH else None,
         )
         val_batches = image_dataset(val_files, size, batch_size, count=n_val) if n_val else None
         try:
@@ -353,7 +352,6 @@ def run(
             (offset + len(rows), quantize_rows, progress),
         )
     output = best.get_layer(HEAD_NAME).get_layer("probabilities")
-    classes = len(read_labels(dataset / LABELS))
     if held_out:
         scores, fitted, decision, predictions = fit_on_validation(
             best, dataset, val_files, size, params

@@ -141,12 +141,19 @@ def image_dataset(
         label = tf.cast(ex["image/class/label"], tf.int32)
         return (image, label, ex["image/sha256"]) if with_ids else (image, label)
 
-    def batches(ds: Any, view_key: Any = None) -> Any:
-        return ds.map(
-            lambda serialized: to_pair(serialized, view_key),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        ).batch(batch_size)
+    def batches(ds: Any, view_key: Any = None, numbered: bool = False) -> Any:
+        """``ds``'s records as batched pairs, views drawn with ``view_key`` (the epoch's seed);
+        ``numbered``: ``ds`` holds (number, record), each draw its own view key (``balanced``)."""
+
+        def pair(*element: Any) -> Any:
+            if not numbered:
+                return to_pair(element[0], view_key)
+            number, serialized = element
+            return to_pair(serialized, view_key * VIEWS_PER_EPOCH + number)
+
+        return ds.map(pair, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(
+            batch_size
+        )
 
     def balanced_draw(seed: Any, classes: int, count: int) -> Any:
         """One epoch of ``count`` draws over ``classes`` classes, batched (``balanced``)."""
@@ -162,11 +169,7 @@ def image_dataset(
         drawn = tf.data.Dataset.sample_from_datasets(
             [of_class(k) for k in range(classes)], seed=seed, stop_on_empty_dataset=False
         ).take(count)
-        return drawn.map(
-            lambda i, serialized: to_pair(serialized, seed * VIEWS_PER_EPOCH + i),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        ).batch(batch_size)
+        return batches(drawn, seed, numbered=True)
 
     if shuffle_seed is None:
         if balanced is not None:
