@@ -261,6 +261,9 @@ def run(
     deterministic()
     n_train, n_val = count_records(train_files), count_records(val_files)
     classes = len(read_labels(dataset / LABELS))
+    # augment.balance_classes: per_epoch: each epoch a class-balanced draw, the
+    # quantization-aware epochs' too (else their natural order pulls the head back to the prior)
+    balanced = classes if views.balance_classes == PER_EPOCH else None
     steps = math.ceil(n_train / batch_size)
     with distribution.scope():
         if state:
@@ -298,8 +301,7 @@ def run(
             first_epoch=initial_epoch,
             count=n_train,
             views=views,
-            # augment.balance_classes: per_epoch: each epoch a class-balanced draw
-            balanced=classes if views.balance_classes == PER_EPOCH else None,
+            balanced=balanced,
         )
         val_batches = image_dataset(val_files, size, batch_size, count=n_val) if n_val else None
         try:
@@ -350,6 +352,7 @@ def run(
             (size, batch_size, steps, n_train, n_val),
             learning_rate * params.final_lr_fraction,
             (offset + len(rows), quantize_rows, progress),
+            balanced=balanced,
         )
     output = best.get_layer(HEAD_NAME).get_layer("probabilities")
     if held_out:
@@ -463,6 +466,7 @@ def quantization_aware_phase(
     learning_rate: float,
     logged: tuple[int, list[dict[str, Any]], Any],
     teacher: keras.Model | None = None,
+    balanced: int | None = None,
 ) -> tuple[keras.Model, dict[str, Any]]:
     """Quantization-aware fine-tuning (imgpipe.model.quantization): ``model`` folded into the form
     that computes what the full-integer TFLite model will, its ranges measured on training
@@ -473,7 +477,9 @@ def quantization_aware_phase(
     With a ``teacher`` (a distilled student's: imgpipe.model.distill), the epochs learn the
     teacher's probabilities of each view instead of its label; the teacher trained on every
     non-test image, so none is held out. ``logged``: the first epoch's number in the history,
-    the history's rows to append to, and the progress bar (an EpochLogger's)."""
+    the history's rows to append to, and the progress bar (an EpochLogger's). ``balanced``:
+    each epoch a class-balanced draw over that many classes, as fine-tuning's
+    (``image_dataset``)."""
     from imgpipe.model import distill, quantization
     from imgpipe.model.training import quantization_aware
 
@@ -510,6 +516,7 @@ def quantization_aware_phase(
         first_epoch=params.epochs,  # views no fine-tuning epoch drew
         count=n_train,
         views=views,
+        balanced=balanced,
     )
     quantized.fit(
         batches if teacher is None else distill.soft_targets(batches, teacher),

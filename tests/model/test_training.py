@@ -65,10 +65,16 @@ def project(tmp_path_factory) -> TinyProject:
 
 
 def _finetune(
-    project: TinyProject, out: Path, model: Any, tuning: Any, dataset: Path | None = None
+    project: TinyProject,
+    out: Path,
+    model: Any,
+    tuning: Any,
+    dataset: Path | None = None,
+    augment: Any = None,
 ) -> dict:
     """The finetune stage on ``project``'s frozen model (and ``dataset``, else its ingest
-    output), writing under ``out``; its summary."""
+    output; ``augment``, else the default augment params), writing under ``out``; its
+    summary."""
     from components import finetune
 
     return finetune.run(
@@ -81,7 +87,7 @@ def _finetune(
         checkpoints=out / "checkpoints",
         model=model,
         finetune=tuning,
-        augment=params("augment"),
+        augment=augment or params("augment"),
         train=params("train", **TRAIN),
         progress=False,
     )["finetune"]
@@ -355,14 +361,19 @@ def test_the_production_run_trains_on_train_and_val_with_the_out_of_fold_decisio
     assert len(digests) == 3  # another schedule, another label: each its own recipe
 
 
-def test_quantization_aware_finetuning_serves_what_the_int8_model_computes(project, tmp_path):
+def test_quantization_aware_finetuning_serves_what_the_int8_model_computes(
+    project, tmp_path, monkeypatch
+):
     """With ``quantization_aware_epochs`` the kept model is the folded, int8-simulating form:
     right after folding it decides like the float model; it trains one more epoch (logged as
     the quantize phase), takes the prior correction and temperature, and the full-integer
     TFLite model converted from it (uint8 in and out, no float tensor, no calibration images)
-    gives the same class as the Keras model on every validation image."""
+    gives the same class as the Keras model on every validation image. With
+    ``augment.balance_classes: per_epoch`` the quantize epoch draws class-balanced like the
+    fine-tuning epochs: in the data's own order it would pull the head back to the prior."""
     import keras
 
+    from components import finetune
     from imgpipe.data.datasets import image_dataset
     from imgpipe.data.manifest import SHARDS
     from imgpipe.data.tfrecords import split_files
@@ -392,7 +403,17 @@ def test_quantization_aware_finetuning_serves_what_the_int8_model_computes(proje
             "quantization_aware_epochs": 1,
         },
     )
-    summary = _finetune(project, tmp_path, params("model", **MODEL), tuning)
+    drawn: list[tuple[int, int | None]] = []  # the training epochs' draws: (first, balanced)
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        if "epochs" in kwargs:  # not the batches that measure the int8 ranges
+            drawn.append((kwargs.get("first_epoch", 0), kwargs.get("balanced")))
+        return image_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "image_dataset", recorded)
+    per_epoch = params("augment", balance_classes="per_epoch")
+    summary = _finetune(project, tmp_path, params("model", **MODEL), tuning, augment=per_epoch)
+    assert drawn == [(0, len(CLASSES)), (1, len(CLASSES))], drawn
     assert summary["quantization_aware_epochs"] == 1 and "float_val_accuracy" in summary
     phases = [r["phase"] for r in read_csv_rows(tmp_path / "finetune_history.csv")]
     assert phases == ["finetune", "quantize"], phases
