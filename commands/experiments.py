@@ -47,6 +47,7 @@ def cmd_crossval(args: argparse.Namespace) -> None:
             out=args.out,
             seed_keys=args.seed_keys or seeds.SEED_KEYS,
             apply=args.apply,
+            resume=args.resume,
         )
     print(crossval.describe(summary))
     print(f"out-of-fold predictions: {summary['predictions']}")
@@ -205,6 +206,12 @@ def register(sub: Subcommands) -> None:
         help="an earlier crossval's summary (e.g. metrics/crossval.json): fit the decision of "
         "another objective (-S finetune.objective=...) on its out-of-fold predictions, "
         "without a fold run",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="after an interrupted crossval of this --name: keep the fold runs it finished "
+        "(the same params, their predictions kept), run the others",
     )
 
     p = add_command(

@@ -40,6 +40,7 @@ from imgpipe.data.manifest import read_manifest
 from pipelines.seeds import (
     FOLDS_TAG,
     SEED_KEYS,
+    experiment_run,
     headline,
     log_parent,
     run_experiments,
@@ -373,6 +374,7 @@ def run_crossval(
     out: Path | None = None,
     seed_keys: Sequence[str] = SEED_KEYS,
     apply: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Cross-validate the recipe (params.yaml with ``overrides``, as ``dvc exp run -S`` takes
     them) over ``folds`` folds and ``seeds``: ``folds * len(seeds)`` DVC experiments
@@ -381,7 +383,9 @@ def run_crossval(
     Afterwards the workspace's params.yaml, dvc.lock and metrics are put back and DVC checks
     out the outputs they name (the fold runs stay in ``dvc exp show``). ``apply``: then set
     params.yaml's ``finetune.decision`` to the decision fitted here (params.yaml's own recipe
-    only: not with ``overrides``)."""
+    only: not with ``overrides``). ``resume``: a fold run that an earlier, interrupted
+    crossval of this name finished (:func:`kept_fold_run`) is not run again; the summary names
+    the commit each such run ran on (``resumed``)."""
     import mlflow
 
     from imgpipe.core.params import (
@@ -393,7 +397,7 @@ def run_crossval(
         set_value,
         with_sets,
     )
-    from imgpipe.tracking.runs import ensure_experiment
+    from imgpipe.tracking.runs import ensure_experiment, tracking_uri
 
     root = (root or Path.cwd()).resolve()
     if folds < 2:
@@ -403,14 +407,15 @@ def run_crossval(
             "crossval: --apply sets the decision of params.yaml's own recipe; make the -S "
             f"values {list(overrides)} params.yaml's first, then cross-validate it"
         )
-    raw = with_sets(load_params(root / "params.yaml"), list(overrides))
+    base = load_params(root / "params.yaml")
+    raw = with_sets(base, list(overrides))
     tuning = section(FinetuneParams, "finetune", raw)
     recipe = sections(RECIPE, raw)
     groups = dict(section(EvaluateParams, "evaluate", raw).class_groups)
     saved = root / OUT_DIR / name
-    if saved.exists():
+    if saved.exists() and not resume:
         shutil.rmtree(saved)
-    saved.mkdir(parents=True)
+    saved.mkdir(parents=True, exist_ok=True)
     experiment = {
         (seed, fold): f"{name}-seed{seed}-fold{fold}" for seed in seeds for fold in range(folds)
     }
@@ -428,6 +433,12 @@ def run_crossval(
         for seed in seeds
         for fold in range(folds)
     ]
+    mlflow.set_tracking_uri(tracking_uri(root))
+    kept = {
+        run: found
+        for run, sets in (variants if resume else [])
+        if (found := kept_fold_run(root, saved, run, with_sets(base, list(sets)))) is not None
+    }
     non_test: set[str] = set()
 
     def collect(run: str) -> Mapping[str, float]:
@@ -435,14 +446,13 @@ def run_crossval(
         non_test.update(_non_test(root / "outputs/ingest/manifest.csv"))
         return headline(root / "metrics", with_test=False)
 
+    to_run = [variant for variant in variants if variant[0] not in kept]
     with workspace_kept(root, "crossval"):  # DVC's -S leaves the last fold's params behind
-        figures, runs = run_experiments(variants, through=THROUGH, root=root, after=collect)
-    oofs = {
-        seed: out_of_fold({f: saved / f"{experiment[seed, f]}.csv" for f in range(folds)}, non_test)
-        for seed in seeds
-    }
-    write_oof(saved / "oof_predictions.csv", oofs)
-    out_of_fold = fit_out_of_fold(oofs, groups, tuning, recipe, name)
+        ran, runs = run_experiments(to_run, through=THROUGH, root=root, after=collect)
+    if kept:  # the test split is sealed: every fold's non-test images are the workspace's
+        non_test.update(_non_test(root / "outputs/ingest/manifest.csv"))
+        runs.update({run: found.mlflow_run for run, found in kept.items() if found.mlflow_run})
+    figures = {run: dict(kept[run].figures) if run in kept else ran[run] for run, _ in variants}
     summary: dict[str, Any] = {
         "recipe": name,
         "overrides": list(overrides),
@@ -453,10 +463,12 @@ def run_crossval(
         "objective": tuning.objective,
         "per_run": figures,
         "summary": summarise(figures),
-        **out_of_fold,
+        **conclude(saved, experiment, non_test, groups, tuning, recipe, name),
         "predictions": str((saved / "oof_predictions.csv").relative_to(root)),
         "mlflow_runs": dict(runs),
     }
+    if kept:
+        summary["resumed"] = {run: found.commit for run, found in kept.items()}
     parent = {
         **summary,
         "summary": {**summary["summary"], **summary["out_of_fold_summary"]},
@@ -470,6 +482,85 @@ def run_crossval(
     if apply:
         set_value(root / "params.yaml", "finetune", "decision", summary["decision"])
     return summary
+
+
+def conclude(
+    saved: Path,
+    experiment: Mapping[tuple[int, int], str],
+    non_test: set[str],
+    groups: Mapping[str, Sequence[str]],
+    tuning: Any,
+    recipe: Mapping[str, Any],
+    name: str,
+) -> dict[str, Any]:
+    """What the fold runs' predictions (``saved/<experiment>.csv``, ``experiment``: (seed,
+    fold) -> its run) come to: each seed's out-of-fold predictions over ``non_test``, written
+    to ``saved/oof_predictions.csv``, and :func:`fit_out_of_fold`'s entries of the summary."""
+    seeds = sorted({seed for seed, _ in experiment})
+    oofs = {
+        seed: out_of_fold(
+            {fold: saved / f"{run}.csv" for (s, fold), run in experiment.items() if s == seed},
+            non_test,
+        )
+        for seed in seeds
+    }
+    write_oof(saved / "oof_predictions.csv", oofs)
+    return fit_out_of_fold(oofs, groups, tuning, recipe, name)
+
+
+@dataclass(frozen=True)
+class KeptRun:
+    """A fold run that an earlier, interrupted crossval finished (:func:`kept_fold_run`)."""
+
+    figures: Mapping[str, float]
+    mlflow_run: str | None
+    commit: str
+
+
+def kept_fold_run(root: Path, saved: Path, run: str, params: Mapping[str, Any]) -> KeptRun | None:
+    """The DVC experiment ``run`` as an earlier crossval of this name left it, when it is the
+    same run: the newest experiment of that name ran on ``params`` (its params.yaml), and the
+    copy of its predictions in ``saved`` is its finetune output byte for byte (the md5 its
+    dvc.lock gives, from DVC's cache). Then its figures (its metrics), its MLflow run and the
+    commit it ran on; else None (run it again)."""
+    import hashlib
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else ""
+
+    refs = git("for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps")
+    ref = next((r for r in refs.split() if r.rsplit("/", 1)[-1] == run), None)
+    copy = saved / f"{run}.csv"
+    if (
+        ref is None
+        or not copy.is_file()
+        or yaml.safe_load(git("show", f"{ref}:params.yaml")) != params
+    ):
+        return None
+    lock = yaml.safe_load(git("show", f"{ref}:dvc.lock")) or {}
+    folder, file = str(Path(PREDICTIONS).parent), Path(PREDICTIONS).name
+    outs = lock.get("stages", {}).get(THROUGH, {}).get("outs", [])
+    listing_md5 = next((o.get("md5", "") for o in outs if o["path"] == folder), "")
+    cache = Path(
+        subprocess.run(
+            ["dvc", "cache", "dir"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    listing = cache / "files" / "md5" / listing_md5[:2] / listing_md5[2:]
+    if not listing_md5.endswith(".dir") or not listing.is_file():
+        return None
+    expected = {e["relpath"]: e["md5"] for e in json.loads(listing.read_text())}.get(file)
+    if hashlib.md5(copy.read_bytes()).hexdigest() != expected:
+        return None
+    with tempfile.TemporaryDirectory(prefix="imgpipe-kept-run-") as tmp:
+        (Path(tmp) / "finetune.json").write_text(git("show", f"{ref}:metrics/finetune.json"))
+        figures = headline(Path(tmp), with_test=False)
+    return KeptRun(figures, experiment_run(run), git("rev-parse", f"{ref}^").strip())
 
 
 def refit(

@@ -182,11 +182,13 @@ def run_experiments(
     run <through> --name <name> -S ...``), one after another in the workspace; after each, call
     ``after(name)`` for its figures (it reads the workspace's outputs, which the next run
     replaces). Returns the figures and the MLflow run of each experiment. params.yaml keeps its
-    text (DVC's -S rewrites it without comments)."""
+    text (DVC's -S rewrites it without comments). An experiment of the same name (an earlier
+    run of this recipe) is removed first: DVC refuses to run over it, and forcing the run would
+    also rerun the stages it reuses."""
     import mlflow
     import yaml
 
-    from imgpipe.tracking.runs import EXPERIMENT_TAG, tracking_uri
+    from imgpipe.tracking.runs import tracking_uri
 
     original = (root / "params.yaml").read_text()
     params = yaml.safe_load(original)
@@ -197,6 +199,11 @@ def run_experiments(
     figures: dict[str, dict[str, float]] = {}
     runs: dict[str, str] = {}
     for experiment, overrides in variants:
+        removed = subprocess.run(
+            ["dvc", "exp", "remove", experiment], cwd=root, env=env, capture_output=True
+        )
+        if removed.returncode == 0:  # a rerun of this recipe under its name replaces it
+            print(f"replacing the earlier experiment {experiment}", flush=True)
         command = ["dvc", "exp", "run", through, "--name", experiment]
         for override in overrides:
             command += ["-S", override]
@@ -210,16 +217,25 @@ def run_experiments(
         figures[experiment] = dict(after(experiment))
         if yaml.safe_load((root / "params.yaml").read_text()) == params:
             (root / "params.yaml").write_text(original)  # DVC's -S rewrote it: keep its comments
-        found = mlflow.search_runs(
-            search_all_experiments=True,
-            filter_string=f"tags.`{EXPERIMENT_TAG}` = '{experiment}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-            output_format="list",
-        )
-        if found:
-            runs[experiment] = found[0].info.run_id
+        if (run := experiment_run(experiment)) is not None:
+            runs[experiment] = run
     return figures, runs
+
+
+def experiment_run(experiment: str) -> str | None:
+    """The newest MLflow run of the DVC experiment ``experiment`` (its stages' tag), if any."""
+    import mlflow
+
+    from imgpipe.tracking.runs import EXPERIMENT_TAG
+
+    found = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`{EXPERIMENT_TAG}` = '{experiment}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return found[0].info.run_id if found else None
 
 
 def run_recipe(

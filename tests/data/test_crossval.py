@@ -288,3 +288,119 @@ def test_refit_fits_another_objective_on_the_same_predictions_and_nothing_else(
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(InputError, match="another recipe"):
         refit(tmp_path / "crossval.json", balanced, root=tmp_path)
+
+
+FOLD_STAGE = """
+import csv, json, sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+params = yaml.safe_load(Path("params.yaml").read_text())
+fold, folds = params["ingest"]["fold"], params["ingest"]["folds"]
+with open(sys.argv[1], "a") as log:  # outside the repo: how many fold runs ran
+    log.write(f"{fold}\\n")
+classes = ["ok", "minor", "broken"]
+images = [(f"{i:064x}", classes[i % 3]) for i in range(16)]
+split = ["test" if i >= 12 else "val" if i % folds == fold else "train" for i in range(16)]
+Path("outputs/ingest").mkdir(parents=True, exist_ok=True)
+Path("outputs/finetune").mkdir(parents=True, exist_ok=True)
+with open("outputs/ingest/manifest.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, {columns!r}, restval="")
+    writer.writeheader()
+    for (digest, label), part in zip(images, split):
+        index = classes.index(label)
+        writer.writerow(dict(filepath=f"{digest}.png", label=label, label_index=index,
+                             split=part, sha256=digest, width=8, height=8))
+rng = np.random.default_rng(fold)
+with open("outputs/finetune/val_predictions.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["sha256", "label", *(f"p_{c}" for c in classes)])
+    for (digest, label), part in zip(images, split):
+        if part == "val":
+            p = rng.dirichlet(np.ones(3)) * 0.5 + 0.5 * np.eye(3)[classes.index(label)]
+            writer.writerow([digest, label, *(f"{x:.6f}" for x in p)])
+Path("metrics").mkdir(exist_ok=True)
+figures = {"finetune": {"val_accuracy": 0.5 + fold / 10}}
+Path("metrics/finetune.json").write_text(json.dumps(figures))
+"""
+
+
+@pytest.mark.slow
+def test_crossval_runs_its_folds_then_resumes_only_the_runs_it_lacks(
+    tmp_path, tmp_mlflow, monkeypatch
+):
+    """``imgpipe crossval`` over a made-up fold stage in a real git + DVC repo: the folds run
+    as DVC experiments and come to out-of-fold predictions and a summary. ``--resume`` after
+    that runs no fold again (each run's params, and its kept predictions byte for byte against
+    its dvc.lock, say it is the same run), names the commit each kept run ran on, and gives the
+    same figures; a kept copy that differs from its run's output, or another recipe, runs
+    again (an experiment of the same name is replaced)."""
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import PROJECT
+
+    from pipelines.crossval import run_crossval
+
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    repo, log = tmp_path / "repo", tmp_path / "runs.log"
+    repo.mkdir()
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    raw["evaluate"]["class_groups"] = {}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw))
+    (repo / "stage.py").write_text(FOLD_STAGE.replace("{columns!r}", repr(MANIFEST_COLUMNS)))
+    stage = {
+        "cmd": f"{sys.executable} stage.py {log}",
+        "deps": ["stage.py"],
+        "params": ["ingest.fold", "ingest.folds", "finetune.seed", "finetune.objective"],
+        "outs": ["outputs/ingest", "outputs/finetune"],
+        "metrics": [{"metrics/finetune.json": {"cache": False}}],
+    }
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"finetune": stage}}))
+    (repo / ".gitignore").write_text("/outputs\n")
+
+    def sh(*command: str) -> None:
+        subprocess.run(command, cwd=repo, check=True, capture_output=True)
+
+    sh("git", "init", "-q")
+    sh(
+        "git",
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@t",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "0",
+    )
+    sh("dvc", "init", "-q")
+    sh("git", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "stage")
+    args = dict(name="tiny", root=repo, seed_keys=["finetune.seed"])
+
+    first = run_crossval(2, [42], **args)
+    assert log.read_text().split() == ["0", "1"]
+    assert "resumed" not in first and (repo / first["predictions"]).is_file()
+    resumed = run_crossval(2, [42], resume=True, **args)
+    assert log.read_text().split() == ["0", "1"], "a kept fold ran again"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    assert resumed["resumed"] == dict.fromkeys(
+        ["tiny-seed42-fold0", "tiny-seed42-fold1"], head.stdout.strip()
+    )
+    assert resumed["per_run"] == first["per_run"] and resumed["decision"] == first["decision"]
+
+    kept = repo / "outputs/crossval/tiny/tiny-seed42-fold1.csv"
+    predicted = kept.read_text()
+    kept.write_text(predicted.replace("0.", "0.0", 1))
+    again = run_crossval(2, [42], resume=True, **args)  # DVC's run cache gives the fold back
+    assert list(again["resumed"]) == ["tiny-seed42-fold0"] and kept.read_text() == predicted
+    other = run_crossval(
+        2, [42], resume=True, overrides=["finetune.objective=balanced_accuracy"], **args
+    )
+    assert log.read_text().split() == ["0", "1", "0", "1"] and "resumed" not in other
