@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -540,9 +541,78 @@ def render_decisions(root: Path) -> str:
     )
 
 
+DECISIONS_PER_EPOCH = "metrics/decisions_per_epoch.json"
+CROSSVAL_PER_EPOCH = "metrics/crossval_per_epoch.json"
+
+
+def render_per_epoch(root: Path) -> str:
+    """Class-balanced sampling drawn per epoch against the default recipe, by cross-validation
+    over the same folds (metrics/decisions_per_epoch.json against metrics/decisions.json): each
+    rule's figure per recipe, mean ± sd over folds, and the per-epoch recipe's gain fold by fold
+    (a difference within a fold, where both recipes saw the same images)."""
+    if not (root / DECISIONS_PER_EPOCH).is_file():
+        return f"`{DECISIONS_PER_EPOCH}` is not there yet: the recipe is not cross-validated.\n"
+    base, drawn = _json(root, DECISIONS), _json(root, DECISIONS_PER_EPOCH)
+    if (base["folds"], base["seeds"], base["objective"]) != (
+        drawn["folds"],
+        drawn["seeds"],
+        drawn["objective"],
+    ):
+        raise ValueError(f"{DECISIONS_PER_EPOCH} and {DECISIONS}: other folds, seeds or objective")
+    rows = []
+    for rule in ("argmax", "prior"):
+        for figure in (base["objective"], "accuracy"):
+            gains = [
+                b - a
+                for seed in base["seeds"]
+                for a, b in zip(
+                    base["per_seed"][str(seed)][rule]["folds"][figure],
+                    drawn["per_seed"][str(seed)][rule]["folds"][figure],
+                    strict=True,
+                )
+            ]
+            sd = statistics.stdev(gains) if len(gains) > 1 else 0.0
+            rows.append(
+                [
+                    DECISION_RULES[rule],
+                    figure,
+                    spread_text(base["rules"][rule][figure]),
+                    spread_text(drawn["rules"][rule][figure]),
+                    f"{statistics.fmean(gains):+.3f} ± {sd:.3f}",
+                    f"{sum(g > 0 for g in gains)} of {len(gains)}",
+                ]
+            )
+    cv = _json(root, CROSSVAL_PER_EPOCH)
+    seeds = " ".join(str(s) for s in cv["seeds"])
+    command = " ".join(
+        [
+            f"imgpipe crossval --folds {cv['folds']} --seeds {seeds} --name {cv['recipe']}",
+            *(f"-S {o}" for o in cv["overrides"]),
+        ]
+    )
+    return (
+        f"`{command}` (`{CROSSVAL_PER_EPOCH}`, MLflow parent run `{cv['parent_run']}`), then "
+        f"`imgpipe decisions` on its out-of-fold predictions (`{DECISIONS_PER_EPOCH}`), against "
+        f"the default recipe's (`{DECISIONS}`); {base['folds']} folds x seeds {seeds}, each rule "
+        "fitted on the other folds:\n\n"
+        + _table(
+            [
+                "decision rule",
+                "figure",
+                "default recipe",
+                "per-epoch draw",
+                "gain, mean ± sd over folds",
+                "folds it gains",
+            ],
+            rows,
+        )
+    )
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "crossval": render_crossval,
     "decisions": render_decisions,
+    "per_epoch": render_per_epoch,
     "fashion": render_fashion,
     "headline": render_headline,
     "seeds": render_seeds,
