@@ -496,7 +496,7 @@ def conclude(
     """What the fold runs' predictions (``saved/<experiment>.csv``, ``experiment``: (seed,
     fold) -> its run) come to: each seed's out-of-fold predictions over ``non_test``, written
     to ``saved/oof_predictions.csv``, and :func:`fit_out_of_fold`'s entries of the summary."""
-    seeds = sorted({seed for seed, _ in experiment})
+    seeds = list(dict.fromkeys(seed for seed, _ in experiment))  # in the order asked
     oofs = {
         seed: out_of_fold(
             {fold: saved / f"{run}.csv" for (s, fold), run in experiment.items() if s == seed},
@@ -506,6 +506,12 @@ def conclude(
     }
     write_oof(saved / "oof_predictions.csv", oofs)
     return fit_out_of_fold(oofs, groups, tuning, recipe, name)
+
+
+def _data_read(lock: Mapping[str, Any]) -> list[Any]:
+    """What ingest read in a dvc.lock, its code aside: the data folder (and its md5)."""
+    deps = lock.get("stages", {}).get("ingest", {}).get("deps", [])
+    return [dep for dep in deps if not str(dep.get("path", "")).endswith(".py")]
 
 
 @dataclass(frozen=True)
@@ -521,7 +527,8 @@ def kept_fold_run(root: Path, saved: Path, run: str, params: Mapping[str, Any]) 
     """The DVC experiment ``run`` as an earlier crossval of this name left it, when it is the
     same run: the newest experiment of that name ran on ``params`` (its params.yaml), and the
     copy of its predictions in ``saved`` is its finetune output byte for byte (the md5 its
-    dvc.lock gives, from DVC's cache). Then its figures (its metrics), its MLflow run and the
+    dvc.lock gives, from DVC's cache), and it read the data the workspace's dvc.lock names
+    (ingest's deps other than code). Then its figures (its metrics), its MLflow run and the
     commit it ran on; else None (run it again)."""
     import hashlib
     import subprocess
@@ -543,6 +550,9 @@ def kept_fold_run(root: Path, saved: Path, run: str, params: Mapping[str, Any]) 
     ):
         return None
     lock = yaml.safe_load(git("show", f"{ref}:dvc.lock")) or {}
+    here = yaml.safe_load((root / "dvc.lock").read_text()) if (root / "dvc.lock").is_file() else {}
+    if _data_read(lock) != _data_read(here or {}):  # the data grew or changed since
+        return None
     folder, file = str(Path(PREDICTIONS).parent), Path(PREDICTIONS).name
     outs = lock.get("stages", {}).get(THROUGH, {}).get("outs", [])
     listing_md5 = next((o.get("md5", "") for o in outs if o["path"] == folder), "")
