@@ -182,9 +182,9 @@ def run_experiments(
     run <through> --name <name> -S ...``), one after another in the workspace; after each, call
     ``after(name)`` for its figures (it reads the workspace's outputs, which the next run
     replaces). Returns the figures and the MLflow run of each experiment. params.yaml keeps its
-    text (DVC's -S rewrites it without comments). An experiment of the same name (an earlier
-    run of this recipe) is removed first: DVC refuses to run over it, and forcing the run would
-    also rerun the stages it reuses."""
+    text (DVC's -S rewrites it without comments). An experiment of the same name on this commit
+    (an earlier run of this recipe) is removed first: DVC refuses to run over it, and forcing
+    the run would also rerun the stages it reuses. Those of other commits stay."""
     import mlflow
     import yaml
 
@@ -198,12 +198,18 @@ def run_experiments(
     mlflow.set_tracking_uri(tracking_uri(root))
     figures: dict[str, dict[str, float]] = {}
     runs: dict[str, str] = {}
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
     for experiment, overrides in variants:
-        removed = subprocess.run(
-            ["dvc", "exp", "remove", experiment], cwd=root, env=env, capture_output=True
-        )
-        if removed.returncode == 0:  # a rerun of this recipe under its name replaces it
-            print(f"replacing the earlier experiment {experiment}", flush=True)
+        # DVC keeps an experiment as the ref refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
+        ref = f"refs/exps/{head[:2]}/{head[2:]}/{experiment}"
+        if (
+            subprocess.run(["git", "show-ref", "--verify", "--quiet", ref], cwd=root).returncode
+            == 0
+        ):
+            subprocess.run(["git", "update-ref", "-d", ref], cwd=root, check=True)
+            print(f"replacing the earlier experiment {experiment} of this commit", flush=True)
         command = ["dvc", "exp", "run", through, "--name", experiment]
         for override in overrides:
             command += ["-S", override]
