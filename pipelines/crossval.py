@@ -43,6 +43,7 @@ from pipelines.seeds import (
     experiment_run,
     headline,
     log_parent,
+    newest_experiment_refs,
     run_experiments,
     spread,
     summarise,
@@ -384,7 +385,7 @@ def run_crossval(
     out the outputs they name (the fold runs stay in ``dvc exp show``). ``apply``: then set
     params.yaml's ``finetune.decision`` to the decision fitted here (params.yaml's own recipe
     only: not with ``overrides``). ``resume``: a fold run that an earlier, interrupted
-    crossval of this name finished (:func:`kept_fold_run`) is not run again; the summary names
+    crossval of this name finished (:meth:`Resumable.kept`) is not run again; the summary names
     the commit each such run ran on (``resumed``)."""
     import mlflow
 
@@ -434,11 +435,12 @@ def run_crossval(
         for fold in range(folds)
     ]
     mlflow.set_tracking_uri(tracking_uri(root))
-    kept = {
-        run: found
-        for run, sets in (variants if resume else [])
-        if (found := kept_fold_run(root, saved, run, with_sets(base, list(sets)))) is not None
-    }
+    kept: dict[str, KeptRun] = {}
+    if resume:
+        earlier = Resumable.of(root)
+        for run, sets in variants:
+            if (found := earlier.kept(saved, run, with_sets(base, list(sets)))) is not None:
+                kept[run] = found
     non_test: set[str] = set()
 
     def collect(run: str) -> Mapping[str, float]:
@@ -516,61 +518,80 @@ def _data_read(lock: Mapping[str, Any]) -> list[Any]:
 
 @dataclass(frozen=True)
 class KeptRun:
-    """A fold run that an earlier, interrupted crossval finished (:func:`kept_fold_run`)."""
+    """A fold run that an earlier, interrupted crossval finished (:meth:`Resumable.kept`)."""
 
     figures: Mapping[str, float]
     mlflow_run: str | None
     commit: str
 
 
-def kept_fold_run(root: Path, saved: Path, run: str, params: Mapping[str, Any]) -> KeptRun | None:
-    """The DVC experiment ``run`` as an earlier crossval of this name left it, when it is the
-    same run: the newest experiment of that name ran on ``params`` (its params.yaml), and the
-    copy of its predictions in ``saved`` is its finetune output byte for byte (the md5 its
-    dvc.lock gives, from DVC's cache), and it read the data the workspace's dvc.lock names
-    (ingest's deps other than code). Then its figures (its metrics), its MLflow run and the
-    commit it ran on; else None (run it again)."""
-    import hashlib
-    import subprocess
-    import tempfile
+@dataclass(frozen=True)
+class Resumable:
+    """What a resumed crossval checks each earlier fold run against, read once: the newest
+    experiment ref of each name, the data the workspace's dvc.lock names, DVC's cache."""
 
-    import yaml
+    root: Path
+    refs: Mapping[str, str]
+    data: list[Any]
+    cache: Path
 
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return done.stdout if done.returncode == 0 else ""
+    @classmethod
+    def of(cls, root: Path) -> Resumable:
+        import subprocess
 
-    refs = git("for-each-ref", "--sort=-committerdate", "--format=%(refname)", "refs/exps")
-    ref = next((r for r in refs.split() if r.rsplit("/", 1)[-1] == run), None)
-    copy = saved / f"{run}.csv"
-    if (
-        ref is None
-        or not copy.is_file()
-        or yaml.safe_load(git("show", f"{ref}:params.yaml")) != params
-    ):
-        return None
-    lock = yaml.safe_load(git("show", f"{ref}:dvc.lock")) or {}
-    here = yaml.safe_load((root / "dvc.lock").read_text()) if (root / "dvc.lock").is_file() else {}
-    if _data_read(lock) != _data_read(here or {}):  # the data grew or changed since
-        return None
-    folder, file = str(Path(PREDICTIONS).parent), Path(PREDICTIONS).name
-    outs = lock.get("stages", {}).get(THROUGH, {}).get("outs", [])
-    listing_md5 = next((o.get("md5", "") for o in outs if o["path"] == folder), "")
-    cache = Path(
-        subprocess.run(
+        import yaml
+
+        lock = root / "dvc.lock"
+        here = (yaml.safe_load(lock.read_text()) if lock.is_file() else None) or {}
+        cache = subprocess.run(
             ["dvc", "cache", "dir"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
-    )
-    listing = cache / "files" / "md5" / listing_md5[:2] / listing_md5[2:]
-    if not listing_md5.endswith(".dir") or not listing.is_file():
-        return None
-    expected = {e["relpath"]: e["md5"] for e in json.loads(listing.read_text())}.get(file)
-    if hashlib.md5(copy.read_bytes()).hexdigest() != expected:
-        return None
-    with tempfile.TemporaryDirectory(prefix="imgpipe-kept-run-") as tmp:
-        (Path(tmp) / "finetune.json").write_text(git("show", f"{ref}:metrics/finetune.json"))
-        figures = headline(Path(tmp), with_test=False)
-    return KeptRun(figures, experiment_run(run), git("rev-parse", f"{ref}^").strip())
+        return cls(root, newest_experiment_refs(root), _data_read(here), Path(cache))
+
+    def _git(self, *args: str) -> str:
+        import subprocess
+
+        done = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else ""
+
+    def kept(self, saved: Path, run: str, params: Mapping[str, Any]) -> KeptRun | None:
+        """The DVC experiment ``run`` as an earlier crossval of this name left it, when it is
+        the same run: the newest experiment of that name ran on ``params`` (its params.yaml),
+        the copy of its predictions in ``saved`` is its finetune output byte for byte (the md5
+        its dvc.lock gives, from DVC's cache), and it read the data the workspace's dvc.lock
+        names (ingest's deps other than code). Then its figures (its metrics), its MLflow run
+        and the commit it ran on; else None (run it again)."""
+        import hashlib
+        import tempfile
+
+        import yaml
+
+        ref = self.refs.get(run)
+        copy = saved / f"{run}.csv"
+        if (
+            ref is None
+            or not copy.is_file()
+            or yaml.safe_load(self._git("show", f"{ref}:params.yaml")) != params
+        ):
+            return None
+        lock = yaml.safe_load(self._git("show", f"{ref}:dvc.lock")) or {}
+        if _data_read(lock) != self.data:  # the data grew or changed since
+            return None
+        folder, file = str(Path(PREDICTIONS).parent), Path(PREDICTIONS).name
+        outs = lock.get("stages", {}).get(THROUGH, {}).get("outs", [])
+        listing_md5 = next((o.get("md5", "") for o in outs if o["path"] == folder), "")
+        listing = self.cache / "files" / "md5" / listing_md5[:2] / listing_md5[2:]
+        if not listing_md5.endswith(".dir") or not listing.is_file():
+            return None
+        expected = {e["relpath"]: e["md5"] for e in json.loads(listing.read_text())}.get(file)
+        if hashlib.md5(copy.read_bytes()).hexdigest() != expected:
+            return None
+        with tempfile.TemporaryDirectory(prefix="imgpipe-kept-run-") as tmp:
+            (Path(tmp) / "finetune.json").write_text(
+                self._git("show", f"{ref}:metrics/finetune.json")
+            )
+            figures = headline(Path(tmp), with_test=False)
+        return KeptRun(figures, experiment_run(run), self._git("rev-parse", f"{ref}^").strip())
 
 
 def refit(

@@ -17,6 +17,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+# ``kfp.dsl.executor_main``, the main module of every step's process (KFP's lightweight
+# components): once a step's work has succeeded, its process ends without the interpreter's
+# teardown (about 2 s with TensorFlow loaded; ``imgpipe.core.process``) after the executor has
+# written the step's outputs.
 from kfp.dsl.component_factory import EXECUTOR_MODULE
 
 from imgpipe.core.errors import InputError
@@ -90,14 +94,8 @@ def run(name: str, arguments: dict[str, Any]) -> None:
             log_confusion(arguments[output_name], paths[output_name])
     for view_name, view in stage.views.items():
         shutil.copyfile(paths[view.output] / view.subpath, arguments[view_name].path)
-    end_at_exit_without_teardown(EXECUTOR)
+    end_at_exit_without_teardown(EXECUTOR_MODULE)
 
-
-EXECUTOR = EXECUTOR_MODULE
-"""``kfp.dsl.executor_main``, the main module of every step's process (KFP's lightweight
-components): once a step's work has succeeded, its process ends without the interpreter's
-teardown (about 2 s with TensorFlow loaded; ``imgpipe.core.process``) after the executor has
-written the step's outputs."""
 
 SHARED_MOUNT = str(SHARED)
 """Where the claim ``shared_volume`` names is mounted in the steps that keep files across runs
@@ -220,7 +218,7 @@ def import_stage_logs(folders: list[str], tracking_uri: str, run_id: str) -> lis
     target = MlflowClient(tracking_uri)
     with needs(on_run(run_id), f"import the stage logs into run {run_id}", tracking_uri):
         imported = _import_stage_logs(target, folders, run_id)
-    end_at_exit_without_teardown(EXECUTOR)
+    end_at_exit_without_teardown(EXECUTOR_MODULE)
     return imported
 
 
@@ -301,7 +299,7 @@ def start_run(arguments: dict[str, Any]) -> str:
         ) as run,
     ):
         log_params(flatten(params))
-    end_at_exit_without_teardown(EXECUTOR)
+    end_at_exit_without_teardown(EXECUTOR_MODULE)
     return str(run.info.run_id)
 
 

@@ -32,6 +32,8 @@ fine-tuning order and views); the data's split and augment's materialised views 
 PARENT_TAG = "imgpipe.seeds"
 """Set on a parent run: the number of seeds it summarises."""
 RECIPE_TAG = "imgpipe.recipe"
+EXPERIMENTS_REF = "refs/exps"
+"""Where DVC keeps its experiments in git: ``<ref>/<baseline[:2]>/<baseline[2:]>/<name>``."""
 FOLDS_TAG = "imgpipe.folds"
 """Set on a cross-validation's parent run (``imgpipe crossval``): the number of folds; its
 spread is over folds and seeds, not seeds alone."""
@@ -202,8 +204,7 @@ def run_experiments(
         ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
     ).stdout.strip()
     for experiment, overrides in variants:
-        # DVC keeps an experiment as the ref refs/exps/<baseline[:2]>/<baseline[2:]>/<name>
-        ref = f"refs/exps/{head[:2]}/{head[2:]}/{experiment}"
+        ref = experiment_ref(head, experiment)
         if (
             subprocess.run(["git", "show-ref", "--verify", "--quiet", ref], cwd=root).returncode
             == 0
@@ -226,6 +227,25 @@ def run_experiments(
         if (run := experiment_run(experiment)) is not None:
             runs[experiment] = run
     return figures, runs
+
+
+def experiment_ref(baseline: str, name: str) -> str:
+    """The git ref DVC keeps the experiment ``name`` of the commit ``baseline`` as."""
+    return f"{EXPERIMENTS_REF}/{baseline[:2]}/{baseline[2:]}/{name}"
+
+
+def newest_experiment_refs(root: Path) -> dict[str, str]:
+    """Each DVC experiment name's newest ref in the repo at ``root``, over every baseline."""
+    listing = subprocess.run(
+        ["git", "for-each-ref", "--sort=-committerdate", "--format=%(refname)", EXPERIMENTS_REF],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    ).stdout
+    newest: dict[str, str] = {}
+    for ref in listing.split():
+        newest.setdefault(ref.rsplit("/", 1)[-1], ref)
+    return newest
 
 
 def experiment_run(experiment: str) -> str | None:

@@ -336,7 +336,8 @@ def test_crossval_runs_its_folds_then_resumes_only_the_runs_it_lacks(
     that runs no fold again (each run's params, and its kept predictions byte for byte against
     its dvc.lock, say it is the same run), names the commit each kept run ran on, and gives the
     same figures; a kept copy that differs from its run's output, or another recipe, runs
-    again (an experiment of the same name is replaced)."""
+    again (an experiment of the same name is replaced); and every fold runs again once the
+    data ingest read has changed."""
     import subprocess
     import sys
 
@@ -351,6 +352,7 @@ def test_crossval_runs_its_folds_then_resumes_only_the_runs_it_lacks(
     repo.mkdir()
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     raw["evaluate"]["class_groups"] = {}
+    raw["ingest"]["fold"] = 0  # the workspace's own run, below: a fold like any
     (repo / "params.yaml").write_text(yaml.safe_dump(raw))
     (repo / "stage.py").write_text(FOLD_STAGE.replace("{columns!r}", repr(MANIFEST_COLUMNS)))
     stage = {
@@ -360,8 +362,14 @@ def test_crossval_runs_its_folds_then_resumes_only_the_runs_it_lacks(
         "outs": ["outputs/ingest", "outputs/finetune"],
         "metrics": [{"metrics/finetune.json": {"cache": False}}],
     }
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"finetune": stage}}))
-    (repo / ".gitignore").write_text("/outputs\n")
+    # what ingest read: the data whose change makes a kept run stale
+    ingest = {"cmd": "mkdir -p seen && cp data.txt seen/", "deps": ["data.txt"], "outs": ["seen"]}
+    (repo / "data.txt").write_text("16 images\n")
+    stage["deps"].append("seen")
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"ingest": ingest, "finetune": stage}})
+    )
+    (repo / ".gitignore").write_text("/outputs\n/seen\n")
 
     def sh(*command: str) -> None:
         subprocess.run(command, cwd=repo, check=True, capture_output=True)
@@ -380,6 +388,8 @@ def test_crossval_runs_its_folds_then_resumes_only_the_runs_it_lacks(
         "0",
     )
     sh("dvc", "init", "-q")
+    sh("dvc", "repro", "-q")  # the workspace's dvc.lock names the data and the outputs
+    log.unlink()
     sh("git", "add", "-A")
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "stage")
     args = dict(name="tiny", root=repo, seed_keys=["finetune.seed"])
@@ -404,3 +414,10 @@ def test_crossval_runs_its_folds_then_resumes_only_the_runs_it_lacks(
         2, [42], resume=True, overrides=["finetune.objective=balanced_accuracy"], **args
     )
     assert log.read_text().split() == ["0", "1", "0", "1"] and "resumed" not in other
+    assert run_crossval(2, [42], resume=True, overrides=other["overrides"], **args)["resumed"]
+
+    # The data grew since (the workspace's dvc.lock names the new data): every fold runs again.
+    (repo / "data.txt").write_text("18 images\n")
+    sh("dvc", "repro", "-q", "ingest")
+    grown = run_crossval(2, [42], resume=True, overrides=other["overrides"], **args)
+    assert log.read_text().split() == ["0", "1"] * 3 and "resumed" not in grown
