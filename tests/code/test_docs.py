@@ -215,17 +215,50 @@ FIGURE = re.compile(r"\b0\.\d{3,}\b")
 ANY_DECIMAL = re.compile(r"\b\d+\.\d+\b|\d\s?%")
 
 
-def test_rendered_tables_match_their_sources() -> None:
-    """The figure tables of the README and docs/accuracy.md are what their committed sources
-    render (pipelines.figures_doc; `make docs` rewrites them): a metrics file that changed
-    without its page, or a page edited by hand, fails here."""
+SOURCES = ("metrics", "docs/accuracy.yaml", "params.yaml")
+"""What the rendered tables read (pipelines.figures_doc)."""
+
+
+def _committed_sources(target: Path) -> Path:
+    """The files the rendered tables read, as HEAD holds them, under ``target``."""
+    import io
+    import subprocess
+    import tarfile
+
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", "HEAD", *SOURCES],
+        cwd=PROJECT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def _stale_pages(*sources: Path) -> list[str]:
+    """The pages whose figure tables are not what one of ``sources`` (folders holding the
+    files the tables read) renders."""
     from pipelines.figures_doc import PAGES, render_page
 
-    stale = [
+    return [
         page
         for page in PAGES
-        if render_page((PROJECT / page).read_text(), PROJECT) != (PROJECT / page).read_text()
+        if all(
+            render_page((PROJECT / page).read_text(), root) != (PROJECT / page).read_text()
+            for root in sources
+        )
     ]
+
+
+def test_rendered_tables_match_their_sources(tmp_path) -> None:
+    """The figure tables of the README and docs/accuracy.md are what their sources render
+    (pipelines.figures_doc; `make docs` rewrites them), as committed or as in the working
+    tree: a metrics file committed without its page, or a page edited by hand, fails here.
+    As committed: after `make demo` the working tree's metrics are this machine's run, whose
+    timings and figures differ from the committed run's on another CPU (the same seed trains
+    to other weights there: 0.793 test accuracy on an AMD EPYC VM for the committed 0.7747)."""
+    stale = _stale_pages(PROJECT, _committed_sources(tmp_path))
     assert not stale, f"{stale}: run `make docs`"
 
 
@@ -241,54 +274,51 @@ def test_prose_quotes_no_figure_outside_a_rendered_table() -> None:
     assert not any(found.values()), found
 
 
-def _copy_sources(target: Path) -> Path:
-    """The files the rendered tables read, copied under ``target``."""
-    import shutil
-
-    shutil.copytree(PROJECT / "metrics", target / "metrics")
-    (target / "docs").mkdir()
-    shutil.copy(PROJECT / "docs/accuracy.yaml", target / "docs/accuracy.yaml")
-    shutil.copy(PROJECT / "params.yaml", target / "params.yaml")
-    return target
-
-
 def _rewrite(path: Path, edit: Callable[[dict], None]) -> None:
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data))
 
 
-def test_make_demo_on_a_slower_machine_leaves_the_docs_true(tmp_path) -> None:
-    """After `make demo` on another machine, the metrics it rewrites carry that machine's
-    timings (simulated: every stage's seconds and throughput rewritten): the pages still match
-    what their sources render, so `make test` passes there. A figure of the code that changed
-    (a seed's test accuracy) makes them differ: the check can fail."""
-    from pipelines.figures_doc import PAGES, render_page
-
-    root = _copy_sources(tmp_path)
+def test_make_demo_on_another_machine_leaves_the_docs_true(tmp_path) -> None:
+    """After `make demo` on another machine, the metrics it rewrites carry that machine's run
+    (simulated: every stage's seconds and throughput tripled, and the test figures of the
+    release's run moved): the pages still match what the committed sources render, so `make
+    test` passes there. A committed figure that changed (a seed's test accuracy) makes them
+    differ: the check can fail."""
+    committed = _committed_sources(tmp_path / "committed")
+    demo = _committed_sources(tmp_path / "demo")  # the working tree after another machine's demo
+    assert not _stale_pages(committed)
 
     rewritten = []
 
-    def slower(data: dict) -> None:
+    def another_run(data: dict) -> None:
         for section in data.values():
             if isinstance(section, dict):
                 for key in list(section):
                     if "seconds" in key or key == "images_per_second":
                         section[key] = 3 * (section[key] or 1)
                         rewritten.append(key)
+                    elif key in ("accuracy", "balanced_accuracy") and isinstance(
+                        section[key], float
+                    ):
+                        section[key] = round(section[key] + 0.018, 4)
+                        rewritten.append(key)
 
-    for summary in (root / "metrics").glob("*.json"):
+    for summary in (demo / "metrics").glob("*.json"):
         if not summary.name.startswith(("seeds", "crossval")):  # commands, not make demo
-            _rewrite(summary, slower)
-    assert rewritten  # every stage summary with a time has it tripled
-    pages = {page: (PROJECT / page).read_text() for page in PAGES}
-    assert all(render_page(text, root) == text for text in pages.values())
+            _rewrite(summary, another_run)
+    assert {"accuracy", "images_per_second"} <= set(rewritten)
+    assert _stale_pages(demo), "the simulated run moved no figure the pages quote"
+    assert not _stale_pages(demo, committed)
 
     def other_model(data: dict) -> None:
         data["summary"]["test.accuracy"]["mean"] += 0.01
 
-    _rewrite(root / "metrics/seeds.json", other_model)
-    assert all(render_page(text, root) != text for text in pages.values())
+    _rewrite(committed / "metrics/seeds.json", other_model)
+    from pipelines.figures_doc import PAGES
+
+    assert _stale_pages(committed, demo) == list(PAGES)
 
 
 def test_a_block_no_renderer_knows_is_an_error() -> None:
